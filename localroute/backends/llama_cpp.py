@@ -1,0 +1,592 @@
+"""In-process llama.cpp tier with continuous batching and per-token logprobs at decode speed.
+
+Why not llama-cpp-python's own logprob path: with `logits_all=True` it keeps an n_ctx x n_vocab
+score matrix and runs at about a sixth of decode speed, one request at a time. Here one engine
+thread drives the low-level API (`llama_batch` + `llama_decode`): every step decodes one token for
+each active sequence (each request has its own KV-cache sequence), new requests join between steps
+with their prompt fed in chunks, and only the last row of each sequence produces logits. The
+chosen token's logprob (and top-k when asked) is a log-softmax of that row in numpy.
+
+Logprobs are *raw*: the model's distribution at temperature 1, before temperature and top_p, as
+vLLM's `raw_logprobs` mode. Sampling uses temperature/top_p on the same row with a per-request
+numpy RNG, so a request's tokens depend only on its own seed, never on its batch neighbours.
+
+All llama.cpp calls happen on the engine thread; the asyncio side only submits requests and reads
+events, so one model is never used from two threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from localroute.errors import (
+    BackendUnavailableError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    MissingExtraError,
+    RateLimitError,
+)
+from localroute.types import (
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    SamplingParams,
+    StreamDelta,
+    TokenLogprob,
+    TopLogprob,
+)
+
+if TYPE_CHECKING:
+    from localroute.settings import Settings, TierSettings
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, Any]
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+        import llama_cpp._logger as llama_logger
+    except ImportError as exc:  # pragma: no cover - exercised by the missing-extra test
+        raise MissingExtraError("llama-cpp-python", "cpu") from exc
+    if not os.environ.get("LOCALROUTE_LLAMA_VERBOSE"):
+        llama_logger.logger.setLevel(logging.CRITICAL)
+    return llama_cpp
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request's state inside the engine (touched only by the engine thread after submit)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    sink: Callable[[Event], None]
+    want_tokens: bool
+    rng: np.random.Generator
+    submitted_at: float
+    slot: int = -1
+    pending: list[int] = field(default_factory=list)
+    n_past: int = 0
+    last_token: int = -1
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    token_ends: list[int] = field(default_factory=list)  # byte offset where each token ends
+    out: bytearray = field(default_factory=bytearray)
+    emitted_chars: int = 0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    reserved: int = 0
+
+
+class LlamaEngine:
+    """Owns one llama.cpp model + context and the thread that decodes for every request."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx_seq: int = 2048,
+        n_parallel: int = 4,
+        n_batch: int = 512,
+        n_threads: int = 2,
+        prefill_chunk: int = 256,
+        max_queue: int = 64,
+    ) -> None:
+        self.model_path = model_path
+        self.n_parallel = n_parallel
+        self.n_batch = max(n_batch, n_parallel)
+        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
+        self.max_queue = max_queue
+        self._ll = _import_llama_cpp()
+        ll = self._ll
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = ll.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise BackendUnavailableError(f"llama.cpp could not load {model_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(ll.llama_model_n_ctx_train(self._model))
+        self.n_ctx_seq = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_seq * n_parallel
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = n_parallel
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            ll.llama_model_free(self._model)
+            raise BackendUnavailableError(f"llama.cpp could not create a context for {model_path}")
+        self.n_ctx_total = int(ll.llama_n_ctx(self._ctx))
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        self._b_nseq[:] = 1
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._eog = np.zeros(self.n_vocab, dtype=bool)
+        for t in range(self.n_vocab):
+            self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
+        self._work = np.empty(self.n_vocab, dtype=np.float32)
+        self._free_slots = list(range(n_parallel - 1, -1, -1))
+        self._budget_used = 0
+        self._waiting: deque[_Seq] = deque()
+        self._active: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._running = True
+        self.error: str | None = None
+        self.stats: dict[str, int] = {
+            "requests_total": 0,
+            "tokens_generated_total": 0,
+            "prompt_tokens_total": 0,
+            "decode_steps_total": 0,
+            "cancelled_total": 0,
+            "rejected_total": 0,
+        }
+        self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
+        self._thread.start()
+
+    # ---- tokenizer and template (thread-safe: read-only vocab) ----
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        n_max = len(data) + 8
+        buf = (self._ll.llama_token * n_max)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (self._ll.llama_token * n_max)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        if not special and (cached := self._pieces.get(token)) is not None:
+            return cached
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
+        out = bytes(self._piece_buf.raw[: max(n, 0)])
+        if not special:
+            self._pieces[token] = out
+        return out
+
+    def chat_template(self) -> str | None:
+        raw = self._ll.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def special_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    @property
+    def bos(self) -> int:
+        return int(self._ll.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(self._ll.llama_vocab_eos(self._vocab))
+
+    # ---- submission (called from the asyncio thread) ----
+
+    def submit(self, seq: _Seq) -> None:
+        if not self._running or self.error is not None:
+            raise BackendUnavailableError(f"local engine unavailable: {self.error or 'stopped'}")
+        need = len(seq.prompt) + seq.max_new
+        if need > self.n_ctx_seq:
+            raise ContextLengthExceededError(
+                f"prompt ({len(seq.prompt)} tokens) plus max_tokens exceeds this model's context "
+                f"of {self.n_ctx_seq} tokens",
+                param="messages",
+            )
+        with self._cond:
+            if len(self._waiting) >= self.max_queue and not self._free_slots:
+                self.stats["rejected_total"] += 1
+                raise RateLimitError("local tier queue is full; retry shortly", retry_after_s=1.0)
+            self._waiting.append(seq)
+            self.stats["requests_total"] += 1
+            self._cond.notify()
+
+    def cancel(self, seq: _Seq) -> None:
+        """Mark a request abandoned; the engine drops it before its next decode step."""
+        seq.cancelled = True
+        with self._cond:
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                self.stats["cancelled_total"] += 1
+            self._cond.notify()
+
+    def load(self) -> dict[str, int]:
+        return {"active": len(self._active), "waiting": len(self._waiting), "slots": self.n_parallel}
+
+    # ---- the engine thread ----
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0]
+            need = len(seq.prompt) + seq.max_new
+            if self._budget_used + need > self.n_ctx_total and self._active:
+                return  # wait for a sequence to finish and return its budget
+            self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.reserved = need
+            self._budget_used += need
+            seq.pending = list(seq.prompt)
+            self._active.append(seq)
+            self.stats["prompt_tokens_total"] += len(seq.prompt)
+            seq.sink(("admitted", None))
+
+    def _release(self, seq: _Seq) -> None:
+        self._ll.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+        self._active.remove(seq)
+        self._free_slots.append(seq.slot)
+        self._budget_used -= seq.reserved
+        seq.slot = -1
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    for seq in [s for s in self._active if s.cancelled]:
+                        self._release(seq)
+                        self.stats["cancelled_total"] += 1
+                    self._admit()
+                    while self._running and not self._active and not self._waiting:
+                        self._cond.wait()
+                    if not self._running:
+                        return
+                    if not self._active:
+                        continue
+                    active = list(self._active)
+                self._step(active)
+        except Exception as exc:  # an engine crash must surface as 503s, never a hang
+            log.exception("llama engine crashed")
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            self.error = reason
+            self._running = False
+            doomed = list(self._active) + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        for seq in doomed:
+            seq.sink(("error", BackendUnavailableError(f"local engine failed: {reason}")))
+
+    def _step(self, active: list[_Seq]) -> None:
+        n = 0
+        outputs: list[tuple[_Seq, int]] = []
+        for seq in active:  # decoding sequences first: one token each
+            if not seq.pending:
+                self._put(n, seq.last_token, seq.n_past, seq.slot, True)
+                outputs.append((seq, n))
+                seq.n_past += 1
+                n += 1
+        for seq in active:  # then prompt chunks with what room is left
+            if seq.pending and n < self.n_batch:
+                take = min(len(seq.pending), self.n_batch - n, self.prefill_chunk)
+                chunk, seq.pending = seq.pending[:take], seq.pending[take:]
+                end = n + take
+                self._b_token[n:end] = chunk
+                self._b_pos[n:end] = np.arange(seq.n_past, seq.n_past + take)
+                self._b_logits[n:end] = 0
+                for i in range(n, end):
+                    self._batch.seq_id[i][0] = seq.slot
+                seq.n_past += take
+                n = end
+                if not seq.pending:
+                    self._b_logits[n - 1] = 1
+                    outputs.append((seq, n - 1))
+        self._batch.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.stats["decode_steps_total"] += 1
+        now = time.perf_counter()
+        for seq, row_index in outputs:
+            if seq.cancelled:
+                continue
+            ptr = self._ll.llama_get_logits_ith(self._ctx, row_index)
+            row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            self._advance(seq, row, now)
+        with self._cond:
+            for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
+                self._release(seq)
+
+    def _put(self, i: int, token: int, pos: int, slot: int, logits: bool) -> None:
+        self._b_token[i] = token
+        self._b_pos[i] = pos
+        self._b_logits[i] = 1 if logits else 0
+        self._batch.seq_id[i][0] = slot
+
+    def _pick(self, row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[int, float, float]:
+        """Choose the next token; return (token, its raw logprob, log-sum-exp of the row)."""
+        work = self._work
+        top = float(row.max())
+        np.subtract(row, top, out=work)
+        np.exp(work, out=work)
+        lse = top + float(np.log(work.sum(dtype=np.float64)))
+        if params.temperature <= 0:
+            token = int(row.argmax())
+        else:
+            token = self._sample(row, top, params, rng)
+        return token, float(row[token]) - lse, lse
+
+    def _sample(self, row: np.ndarray, top: float, params: SamplingParams, rng: np.random.Generator) -> int:
+        probs = np.exp((row - top) / params.temperature, dtype=np.float64)
+        probs /= probs.sum()
+        if params.top_p < 1.0:
+            k = min(256, self.n_vocab)
+            while True:
+                idx = np.argpartition(-probs, k - 1)[:k]
+                idx = idx[np.argsort(-probs[idx], kind="stable")]
+                cum = np.cumsum(probs[idx])
+                if cum[-1] >= params.top_p or k == self.n_vocab:
+                    break
+                k = min(k * 8, self.n_vocab)
+            cut = int(np.searchsorted(cum, params.top_p)) + 1
+            idx, cum = idx[:cut], cum[:cut]
+            return int(idx[int(np.searchsorted(cum, rng.random() * cum[-1], side="right").clip(0, cut - 1))])
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), self.n_vocab - 1))
+
+    def _top(self, row: np.ndarray, k: int, lse: float) -> tuple[TopLogprob, ...]:
+        idx = np.argpartition(row, -k)[-k:]
+        idx = idx[np.argsort(-row[idx], kind="stable")]
+        return tuple(
+            TopLogprob(
+                token=self.piece(int(t)).decode("utf-8", errors="replace"),
+                logprob=float(row[t]) - lse,
+                bytes=tuple(self.piece(int(t))),
+            )
+            for t in idx
+        )
+
+    def _advance(self, seq: _Seq, row: np.ndarray, now: float) -> None:
+        params = seq.params
+        token, logprob, lse = self._pick(row, params, seq.rng)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if self._eog[token] and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        raw = self.piece(token)
+        top = self._top(row, params.top_logprobs, lse) if params.top_logprobs > 0 else ()
+        tok = TokenLogprob(
+            token_id=token,
+            token=raw.decode("utf-8", errors="replace"),
+            logprob=logprob,
+            bytes=tuple(raw),
+            top_logprobs=top,
+        )
+        seq.tokens.append(tok)
+        seq.out += raw
+        seq.token_ends.append(len(seq.out))
+        seq.last_token = token
+        self.stats["tokens_generated_total"] += 1
+        if params.stop:
+            text = seq.out.decode("utf-8", errors="ignore")
+            hit = min((i for s in params.stop if (i := text.find(s)) >= 0), default=-1)
+            if hit >= 0:
+                self._finish(seq, "stop", cut_chars=hit)
+                return
+        if len(seq.tokens) >= seq.max_new:
+            self._finish(seq, "length")
+            return
+        if seq.want_tokens:
+            self._emit(seq, tok)
+
+    def _emit(self, seq: _Seq, tok: TokenLogprob) -> None:
+        """Send the text that is safe to show: complete UTF-8 and no possible stop-string start."""
+        text = seq.out.decode("utf-8", errors="ignore")
+        safe = len(text)
+        for s in seq.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece = text[seq.emitted_chars : safe] if safe > seq.emitted_chars else ""
+        seq.emitted_chars = max(seq.emitted_chars, safe)
+        seq.sink(("token", (piece, tok)))
+
+    def _finish(self, seq: _Seq, reason: FinishReason, cut_chars: int | None = None) -> None:
+        text = seq.out.decode("utf-8", errors="replace")
+        tokens = seq.tokens
+        if cut_chars is not None:
+            text = text[:cut_chars]
+            cut_bytes = len(text.encode("utf-8"))
+            keep = sum(1 for end in seq.token_ends if end <= cut_bytes)
+            tokens = tokens[:keep]
+        if seq.want_tokens and len(text) > seq.emitted_chars:
+            seq.sink(("token", (text[seq.emitted_chars :], None)))
+        now = time.perf_counter()
+        gen = Generation(
+            text=text,
+            tokens=list(tokens),
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.tokens),
+            latency_s=now - seq.submitted_at,
+            ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at else None,
+            model=self.model_path.name,
+        )
+        seq.last_token = -2  # released by _step after this round
+        seq.sink(("done", gen))
+
+    def close(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self._ctx)
+            self._ll.llama_model_free(self._model)
+
+
+class LlamaCppBackend:
+    """A local tier: chat template from the GGUF, requests decoded by the shared engine."""
+
+    is_local = True
+
+    def __init__(self, name: str, engine: LlamaEngine, queue_timeout_s: float = 30.0) -> None:
+        self.name = name
+        self.engine = engine
+        self.queue_timeout_s = queue_timeout_s
+        self._formatter = self._make_formatter()
+
+    def _make_formatter(self) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.engine.chat_template()
+        if not template:
+            return None
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.engine.special_text(self.engine.eos),
+            bos_token=self.engine.special_text(self.engine.bos),
+        )
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model sees for this request."""
+        if request.messages is None:
+            return self.engine.tokenize(request.prompt or "", add_special=True, parse_special=False)
+        messages = [dict(m) for m in request.messages]
+        if self._formatter is None:
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
+            return self.engine.tokenize(text, add_special=True, parse_special=False)
+        try:
+            result = self._formatter(messages=messages)
+        except Exception as exc:  # jinja raise_exception(): the template rejects these messages
+            raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
+        return self.engine.tokenize(result.prompt, add_special=not result.added_special, parse_special=True)
+
+    def _seq(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
+        prompt = self.prompt_tokens(request)
+        params = request.params
+        if not prompt:
+            raise InvalidRequestError("empty prompt", param="prompt")
+        room = self.engine.n_ctx_seq - len(prompt)
+        if room < 1:
+            raise ContextLengthExceededError(
+                f"prompt is {len(prompt)} tokens; this model's context is {self.engine.n_ctx_seq} tokens",
+                param="messages",
+            )
+        return _Seq(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt=prompt,
+            params=params,
+            max_new=max(1, min(params.max_tokens, room)),
+            sink=sink,
+            want_tokens=want_tokens,
+            rng=np.random.default_rng(params.seed),
+            submitted_at=time.perf_counter(),
+        )
+
+    async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        seq = self._seq(request, sink, want_tokens)
+        self.engine.submit(seq)
+        finished = False
+        try:
+            try:
+                await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # the "admitted" event
+            except TimeoutError:
+                raise BackendUnavailableError(
+                    f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0
+                ) from None
+            while True:
+                event = await queue.get()
+                kind, payload = event
+                if kind == "error":
+                    finished = True
+                    raise payload
+                if kind == "done":
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(seq)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        async for kind, payload in self._events(request, want_tokens=False):
+            if kind == "done":
+                gen: Generation = payload
+                return gen
+        raise BackendUnavailableError("local engine ended without an answer")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        async for kind, payload in self._events(request, want_tokens=True):
+            if kind == "token":
+                text, tok = payload
+                yield StreamDelta(text=text, token=tok)
+            elif kind == "done":
+                yield StreamDelta(text="", final=payload)
+
+    def health(self) -> dict[str, Any]:
+        ok = self.engine.error is None and self.engine._running
+        return {"ok": ok, "kind": "llama_cpp", "model": self.engine.model_path.name, "error": self.engine.error,
+                **self.engine.load()}
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.engine.close)
+
+
+def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:
+    from localroute.registry import resolve_model_path
+
+    path = resolve_model_path(tier.model, settings.models_dir)
+    engine = LlamaEngine(
+        path,
+        n_ctx_seq=tier.n_ctx or settings.n_ctx,
+        n_parallel=settings.n_parallel,
+        n_batch=settings.n_batch,
+        n_threads=settings.n_threads,
+        max_queue=settings.max_queue,
+    )
+    return LlamaCppBackend(tier.name, engine, queue_timeout_s=settings.queue_timeout_s)

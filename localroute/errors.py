@@ -1,0 +1,92 @@
+"""The exception tree of localroute, mapped to OpenAI error bodies in one place (server/errors.py).
+
+    LocalrouteError
+    ├── ConfigError                 bad settings or calibration file (CLI exits non-zero)
+    ├── InvalidRequestError  400    a client's mistake
+    │   └── ContextLengthExceededError  400 context_length_exceeded
+    ├── AuthenticationError  401
+    ├── ModelNotFoundError   404
+    ├── RateLimitError       429    queue full, budget exhausted (with retry_after_s)
+    ├── UpstreamError        502    the frontier failed
+    └── BackendUnavailableError 503 a local engine is not loaded, crashed or missing its extra
+"""
+
+from __future__ import annotations
+
+
+class LocalrouteError(Exception):
+    """Base of every error localroute raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class ConfigError(LocalrouteError):
+    error_type = "config_error"
+
+
+class InvalidRequestError(LocalrouteError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(LocalrouteError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(LocalrouteError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RateLimitError(LocalrouteError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(LocalrouteError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+
+
+class BackendUnavailableError(LocalrouteError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "backend_unavailable"
+
+
+class MissingExtraError(BackendUnavailableError, ImportError):
+    """An optional engine is not installed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed: install it with pip install 'localroute[{extra}]'",
+            code="missing_extra",
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,89 @@
+"""The router contract and the evidence every routing decision carries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from localroute.backends.base import Backend
+from localroute.types import Generation, GenerationRequest, StreamDelta
+
+
+@dataclass(slots=True)
+class Tier:
+    """A backend on the ladder with the threshold its confidence must reach to answer."""
+
+    name: str
+    backend: Backend
+    threshold: float | None = None
+
+
+@dataclass(slots=True)
+class TierAttempt:
+    tier: str
+    confidence: float | None
+    threshold: float | None
+    accepted: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the router did: tiers tried in order, who answered, on what signal."""
+
+    policy: str
+    signal: str
+    attempts: list[TierAttempt] = field(default_factory=list)
+    answered_by: str = ""
+    degraded: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def escalated(self) -> bool:
+        return len(self.attempts) > 1
+
+    @property
+    def confidence(self) -> float | None:
+        for a in self.attempts:
+            if a.tier == self.answered_by:
+                return a.confidence
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["escalated"] = self.escalated
+        out["confidence"] = self.confidence
+        return out
+
+
+@dataclass(slots=True)
+class Routed:
+    generation: Generation
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedDelta:
+    """A streamed piece. `decision` is live: its answered_by is set before the first piece is
+    yielded, so a server can put it in headers; the last piece carries the finished Routed."""
+
+    delta: StreamDelta
+    decision: Decision
+    routed: Routed | None = None
+
+
+class Router(Protocol):
+    """A routing policy, selectable by model id (e.g. `localroute/cascade`)."""
+
+    policy: str
+
+    async def route(self, request: GenerationRequest) -> Routed:
+        ...
+
+    def route_stream(self, request: GenerationRequest) -> AsyncIterator[RoutedDelta]:
+        ...

@@ -1,0 +1,174 @@
+"""The one settings model. TOML file < LOCALROUTE_* env vars < CLI flags; defaults last of all."""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from localroute.errors import ConfigError
+
+BackendKind = Literal["llama_cpp", "openai", "vllm", "transformers"]
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("localroute_config_file", default=None)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_models_dir() -> Path:
+    bundled = REPO_ROOT / "models"
+    return bundled if bundled.is_dir() else Path.home() / ".cache" / "localroute" / "models"
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class TierSettings(BaseModel):
+    """One rung of the cascade ladder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Tier name: the model id that bypasses routing and answers from this tier.")
+    kind: BackendKind = Field("llama_cpp", description="Engine behind the tier.")
+    model: str = Field(description="Registry name (models/<name>.toml), a GGUF path, or the remote model id.")
+    threshold: float | None = Field(
+        None,
+        description="Escalate when confidence is below this. None: use the aggregator's default. "
+        "Ignored on the last tier, whose answer is always returned.",
+    )
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL (kind=openai).")
+    api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
+    input_usd_per_mtok: float | None = Field(None, description="Price of a million prompt tokens (remote tiers).")
+    output_usd_per_mtok: float | None = Field(None, description="Price of a million completion tokens.")
+    n_ctx: int | None = Field(None, description="Context length per sequence; default from settings.n_ctx.")
+    gpu_memory_utilization: float = Field(0.85, description="vLLM: fraction of GPU memory to use.")
+    max_model_len: int | None = Field(None, description="vLLM/transformers: maximum sequence length.")
+
+
+class Settings(BaseSettings):
+    """Every knob of localroute. Each field is also LOCALROUTE_<FIELD> in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOCALROUTE_", extra="forbid", validate_default=True, env_ignore_empty=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address `serve` binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `serve` binds to (0: any free port).")
+    models_dir: Path = Field(default_factory=_default_models_dir, description="Where registry files and GGUFs live.")
+    tiers: list[TierSettings] = Field(
+        default_factory=list,
+        description="The cascade ladder, cheapest first. Empty: SmolLM2 -> gemma-3-270m (+ frontier if set).",
+    )
+    default_policy: str = Field("localroute/cascade", description="Policy used when a request names none we know.")
+
+    frontier_base_url: str | None = Field(
+        None, description="OpenAI-compatible base URL of the frontier tier (falls back to OPENAI_BASE_URL)."
+    )
+    frontier_model: str = Field("gpt-4o-mini", description="Model id sent to the frontier.")
+    frontier_api_key: SecretStr | None = Field(None, description="Frontier API key (falls back to OPENAI_API_KEY).")
+    frontier_input_usd_per_mtok: float | None = Field(None, description="Frontier prompt price per million tokens.")
+    frontier_output_usd_per_mtok: float | None = Field(None, description="Frontier completion price per million.")
+    frontier_connect_timeout_s: float = Field(5.0, gt=0, description="Frontier TCP/TLS connect deadline.")
+    frontier_timeout_s: float = Field(120.0, gt=0, description="Frontier total deadline per request.")
+
+    confidence_aggregator: str = Field(
+        "mean_logprob", description="Aggregator of token logprobs used as the cascade's confidence."
+    )
+    confidence_quantile_alpha: float = Field(0.1, gt=0, lt=1, description="alpha of the quantile aggregator.")
+    default_threshold: float = Field(
+        -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
+    )
+    calibration_path: Path | None = Field(None, description="Calibration file written by `localroute calibrate`.")
+
+    n_threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for llama.cpp.")
+    n_ctx: int = Field(2048, ge=64, description="Context length per sequence (prompt + answer) for local tiers.")
+    n_batch: int = Field(512, ge=16, description="Max tokens per llama_decode call (prompt chunks + decode rows).")
+    n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a free sequence slot before 429.")
+    queue_timeout_s: float = Field(30.0, gt=0, description="Max wait for a slot before 503.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
+
+    routing_log_path: Path | None = Field(None, description="SQLite routing log; None: no log.")
+    log_prompts: bool = Field(False, description="Store prompt/answer text in the routing log (redacted).")
+    log_level: str = Field("info", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _openai_fallbacks(self) -> Settings:
+        if self.frontier_base_url is None and os.environ.get("OPENAI_BASE_URL"):
+            self.frontier_base_url = os.environ["OPENAI_BASE_URL"]
+        if self.frontier_api_key is None and os.environ.get("OPENAI_API_KEY"):
+            self.frontier_api_key = SecretStr(os.environ["OPENAI_API_KEY"])
+        names = [t.name for t in self.tiers]
+        if len(names) != len(set(names)):
+            raise ValueError(f"tiers: duplicate tier names {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def ladder(self) -> list[TierSettings]:
+        """The tiers in order; the default ladder when none are configured."""
+        if self.tiers:
+            return list(self.tiers)
+        ladder = [
+            TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m"),
+            TierSettings(name="gemma-3-270m", kind="llama_cpp", model="gemma-3-270m"),
+        ]
+        if self.frontier_base_url:
+            ladder.append(self.frontier_tier())
+        return ladder
+
+    def frontier_tier(self) -> TierSettings:
+        return TierSettings(
+            name="frontier",
+            kind="openai",
+            model=self.frontier_model,
+            base_url=self.frontier_base_url,
+            api_key=self.frontier_api_key,
+            input_usd_per_mtok=self.frontier_input_usd_per_mtok,
+            output_usd_per_mtok=self.frontier_output_usd_per_mtok,
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as JSON-able data with secrets masked (for `config show`)."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build Settings from file, env and overrides; a bad value raises ConfigError naming the key."""
+    path = Path(config) if config is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}", param="config")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {key}: {first['msg']}", param=key) from exc
+    except (OSError, ValueError) as exc:  # TOML syntax errors are ValueErrors
+        raise ConfigError(f"cannot read config {path}: {exc}", param="config") from exc
+    finally:
+        _CONFIG_FILE.reset(token)
