@@ -1,0 +1,99 @@
+"""Cascade logic with scripted backends (the real-model cascade is in test_server_escalation)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from localroute.errors import InvalidRequestError, UpstreamError
+from localroute.routing import CascadeRouter, Tier
+from localroute.types import GenerationRequest
+from tests.fakes import ScriptedBackend
+
+REQ = GenerationRequest(messages=({"role": "user", "content": "hi"},))
+
+
+def ladder(conf_a: float, threshold: float = -1.0, frontier_error: Exception | None = None) -> tuple[CascadeRouter, ScriptedBackend, ScriptedBackend]:
+    a = ScriptedBackend("a", "local answer", [conf_a, conf_a])
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False, error=frontier_error)  # type: ignore[arg-type]
+    return CascadeRouter([Tier("a", a, threshold), Tier("f", f, None)]), a, f
+
+
+def test_confident_answer_stays_local() -> None:
+    router, a, f = ladder(-0.2)
+    routed = asyncio.run(router.route(REQ))
+    assert routed.generation.text == "local answer" and routed.decision.answered_by == "a"
+    assert not routed.decision.escalated and f.calls == 0
+    assert routed.decision.confidence == pytest.approx(-0.2)
+
+
+def test_unconfident_answer_escalates_and_records_both_tiers() -> None:
+    router, a, f = ladder(-2.0)
+    routed = asyncio.run(router.route(REQ))
+    d = routed.decision
+    assert routed.generation.text == "frontier answer" and d.answered_by == "f" and d.escalated
+    assert [(x.tier, x.accepted) for x in d.attempts] == [("a", False), ("f", True)]
+    assert d.attempts[0].confidence == pytest.approx(-2.0)
+
+
+def test_threshold_is_inclusive() -> None:
+    router, _, _ = ladder(-1.0, threshold=-1.0)
+    assert asyncio.run(router.route(REQ)).decision.answered_by == "a"
+
+
+def test_frontier_failure_degrades_to_local_answer() -> None:
+    router, _, _ = ladder(-2.0, frontier_error=UpstreamError("down"))
+    routed = asyncio.run(router.route(REQ))
+    assert routed.generation.text == "local answer"
+    assert routed.decision.degraded == "f_upstream_error"
+    assert routed.decision.attempts[-1].error == "down"
+
+
+def test_client_errors_are_not_swallowed() -> None:
+    router, _, _ = ladder(-2.0, frontier_error=InvalidRequestError("bad"))
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(router.route(REQ))
+
+
+def test_three_tier_ladder_stops_at_first_confident_tier() -> None:
+    a = ScriptedBackend("a", "small", [-3.0])
+    b = ScriptedBackend("b", "medium", [-0.3])
+    f = ScriptedBackend("f", "big", [-0.1], local=False)
+    router = CascadeRouter([Tier("a", a, -1.0), Tier("b", b, -0.5), Tier("f", f, None)])
+    routed = asyncio.run(router.route(REQ))
+    assert routed.decision.answered_by == "b" and f.calls == 0 and len(routed.decision.attempts) == 2
+
+
+def test_stream_never_shows_a_replaced_answer() -> None:
+    router, _, _ = ladder(-2.0)
+
+    async def collect() -> tuple[str, str]:
+        text, final = "", None
+        async for item in router.route_stream(REQ):
+            text += item.delta.text
+            if item.routed:
+                final = item.routed.decision.answered_by
+        assert final is not None
+        return text, final
+
+    text, tier = asyncio.run(collect())
+    assert text == "frontier answer" and tier == "f"
+
+
+def test_stream_of_local_answer_replays_it_exactly() -> None:
+    router, _, _ = ladder(-0.1)
+
+    async def collect() -> str:
+        return "".join([item.delta.text async for item in router.route_stream(REQ)])
+
+    assert asyncio.run(collect()) == "local answer"
+
+
+def test_aggregator_is_selectable() -> None:
+    a = ScriptedBackend("a", "xy", [-0.1, -3.0])
+    f = ScriptedBackend("f", "F", [-0.1], local=False)
+    mean = CascadeRouter([Tier("a", a, -1.0), Tier("f", f)], aggregator="mean_logprob")
+    minimum = CascadeRouter([Tier("a", a, -1.0), Tier("f", f)], aggregator="min_logprob")
+    assert asyncio.run(mean.route(REQ)).decision.answered_by == "f"  # mean -1.55
+    assert asyncio.run(minimum.route(REQ)).decision.attempts[0].confidence == pytest.approx(-3.0)
