@@ -49,6 +49,9 @@ class TierSettings(BaseModel):
     api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
     input_usd_per_mtok: float | None = Field(None, description="Price of a million prompt tokens (remote tiers).")
     output_usd_per_mtok: float | None = Field(None, description="Price of a million completion tokens.")
+    cached_input_usd_per_mtok: float | None = Field(
+        None, description="Price of a million cached prompt tokens (providers with prompt caching)."
+    )
     n_ctx: int | None = Field(None, description="Context length per sequence; default from settings.n_ctx.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM: fraction of GPU memory to use.")
     max_model_len: int | None = Field(None, description="vLLM/transformers: maximum sequence length.")
@@ -78,7 +81,31 @@ class Settings(BaseSettings):
     frontier_input_usd_per_mtok: float | None = Field(None, description="Frontier prompt price per million tokens.")
     frontier_output_usd_per_mtok: float | None = Field(None, description="Frontier completion price per million.")
     frontier_connect_timeout_s: float = Field(5.0, gt=0, description="Frontier TCP/TLS connect deadline.")
-    frontier_timeout_s: float = Field(120.0, gt=0, description="Frontier total deadline per request.")
+    frontier_timeout_s: float = Field(
+        120.0, gt=0, description="Frontier total deadline per request, every retry and retry wait included."
+    )
+    frontier_first_token_timeout_s: float = Field(
+        30.0, gt=0, description="Frontier deadline for the first token (streamed) or the response (not streamed)."
+    )
+    frontier_idle_timeout_s: float = Field(
+        30.0, gt=0, description="Frontier deadline between streamed events; keep-alive comments do not reset it."
+    )
+    frontier_max_retries: int = Field(
+        2, ge=0, description="Frontier retries after a retryable failure, only before the first byte is sent."
+    )
+    frontier_retry_base_s: float = Field(0.25, ge=0, description="Backoff base; waits are full-jitter exponential.")
+    frontier_retry_max_wait_s: float = Field(
+        10.0, ge=0, description="Cap on the sum of retry waits of one request (Retry-After included)."
+    )
+    breaker_failure_threshold: int = Field(
+        5, ge=1, description="Consecutive frontier failures that open its circuit breaker (requests then fail fast)."
+    )
+    breaker_reset_s: float = Field(30.0, gt=0, description="Open-circuit time before a half-open probe is let through.")
+    escalation_failure_policy: Literal["degrade", "fail"] = Field(
+        "degrade",
+        description="When the last tier fails: 'degrade' answers with the best earlier answer, flagged by the "
+        "x-localroute-degraded header; 'fail' returns the clean 502/503.",
+    )
 
     confidence_aggregator: str = Field(
         "mean_logprob", description="Aggregator of token logprobs used as the cascade's confidence."
@@ -88,19 +115,104 @@ class Settings(BaseSettings):
         -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
     )
     calibration_path: Path | None = Field(None, description="Calibration file written by `localroute calibrate`.")
+    eval_data_dir: Path = Field(
+        REPO_ROOT.parent / "shared" / "data",
+        description="Staged public evaluation data read by `localroute data convert` (never copied into the repo).",
+    )
 
     n_threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for llama.cpp.")
     n_ctx: int = Field(2048, ge=64, description="Context length per sequence (prompt + answer) for local tiers.")
     n_batch: int = Field(512, ge=16, description="Max tokens per llama_decode call (prompt chunks + decode rows).")
     n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
+    prefill_chunk: int = Field(
+        128, ge=1, description="Max prompt tokens fed per decode step while other streams generate (chunked "
+        "prefill: a newcomer's long prompt delays running streams by short steps, not one long one)."
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a free sequence slot before 429.")
+    backend: Literal["llama_cpp", "vllm", "transformers"] | None = Field(
+        None, description="Engine for every local tier (overrides each tier's kind; remote tiers keep theirs). "
+        "None: each tier's own kind."
+    )
+    torch_device: str = Field("auto", description="transformers tiers: 'auto' (cuda if torch sees a GPU), 'cpu', 'cuda:0'.")
+    torch_dtype: str = Field(
+        "auto", description="transformers tiers: 'auto' (float32 on CPU, bfloat16/float16 on GPU) or a torch dtype name."
+    )
+    vllm_logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs", description="vLLM tiers: logprobs before (raw) or after (processed) temperature/penalties; "
+        "recorded in every answer and in /health so a calibration knows which it was made with."
+    )
     queue_timeout_s: float = Field(30.0, gt=0, description="Max wait for a slot before 503.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys clients must send (Authorization: Bearer); None: no auth."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one per line (or 'sha256:<hex>' digests); '#' starts a comment."
+    )
+    public_paths: list[str] = Field(
+        default_factory=list,
+        description="Paths served without an API key besides /health (e.g. ['/metrics']).",
+    )
+    budget_usd: float | None = Field(None, ge=0, description="Frontier spend cap per budget period; None: no cap.")
+    budget_per_key_usd: float | None = Field(
+        None, ge=0, description="Frontier spend cap per API key per budget period; None: no per-key cap."
+    )
+    budget_period: Literal["hour", "day", "week", "month"] = Field(
+        "day", description="Budget period (UTC calendar hour/day/ISO week/month); spend resets when it rolls over."
+    )
+    budget_exhausted_policy: Literal["degrade", "reject"] = Field(
+        "degrade",
+        description="When the frontier budget is spent: 'degrade' answers locally, flagged; 'reject' returns "
+        "429 budget_exceeded.",
+    )
 
     routing_log_path: Path | None = Field(None, description="SQLite routing log; None: no log.")
     log_prompts: bool = Field(False, description="Store prompt/answer text in the routing log (redacted).")
+    routing_log_retention_days: float | None = Field(
+        30.0, gt=0, description="Routing-log rows older than this are deleted (at start-up and hourly); None: keep all."
+    )
+    price_file: Path | None = Field(
+        None, description="TOML price table merged over the shipped localroute/prices.toml (same format)."
+    )
+    usd_per_core_hour: float = Field(
+        0.045, ge=0, description="What one CPU core costs per hour (local CPU tiers; default ~ a cloud vCPU-hour)."
+    )
+    usd_per_gpu_hour: float = Field(
+        2.0, ge=0, description="Amortised cost of one GPU per hour (local GPU tiers), charged per GPU-second used."
+    )
+    usd_per_kwh: float = Field(0.15, ge=0, description="Electricity price, applied to measured energy (NVML, RAPL).")
+    telemetry_interval_s: float = Field(
+        0.25, gt=0, description="How often the background sampler reads CPU time, engine load and GPU (NVML)."
+    )
     log_level: str = Field("info", description="Python log level.")
+
+    # Routing before inference (localroute/classifier, /embedding, /hybrid) and extra quality signals.
+    router_classifier_path: Path | None = Field(
+        None, description="Classifier router artefact from `localroute train --kind classifier`; enables "
+        "localroute/classifier and localroute/hybrid.")
+    router_embedding_path: Path | None = Field(
+        None, description="Embedding router artefact from `localroute train --kind embedding`; enables "
+        "localroute/embedding and localroute/hybrid.")
+    router_threshold: float = Field(
+        0.5, ge=0, le=1, description="Pre-inference routers: the cheapest tier whose predicted P(good) reaches "
+        "this answers alone.")
+    router_uncertainty_margin: float = Field(
+        0.1, ge=0, le=0.5, description="localroute/hybrid: a P(good) within this of router_threshold is "
+        "uncertain and the query goes to the cascade.")
+    router_novelty_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Embedding router: queries whose nearest indexed neighbour has a lower "
+        "cosine similarity are novel and go to the cascade. None: the value stored in the artefact.")
+    verifier_tier: str | None = Field(
+        None, description="Tier asked whether a cheap answer is correct (AutoMix-style P(Yes)); enables the "
+        "localroute/verified policy.")
+    verifier_mode: Literal["alone", "and"] = Field(
+        "alone", description="localroute/verified: the verifier alone decides, or the answer must also pass "
+        "the logprob threshold.")
+    verifier_threshold: float = Field(0.5, ge=0, le=1, description="Minimum verifier P(Yes) to accept an answer.")
+    review_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of answered requests marked for human review in the routing log "
+        "(their feedback comes back through POST /v1/feedback).")
 
     @model_validator(mode="after")
     def _openai_fallbacks(self) -> Settings:
@@ -129,7 +241,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def ladder(self) -> list[TierSettings]:
-        """The tiers in order; the default ladder when none are configured."""
+        """The tiers in order; the default ladder when none are configured; `backend` applied."""
+        ladder = self._base_ladder()
+        if self.backend is None:
+            return ladder
+        return [t if t.kind == "openai" else t.model_copy(update={"kind": self.backend}) for t in ladder]
+
+    def _base_ladder(self) -> list[TierSettings]:
         if self.tiers:
             return list(self.tiers)
         ladder = [

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localroute.backends.grammar import constraint_for
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -91,6 +92,7 @@ class _Seq:
     first_token_at: float | None = None
     cancelled: bool = False
     reserved: int = 0
+    grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
 
 
 class LlamaEngine:
@@ -103,9 +105,11 @@ class LlamaEngine:
         n_parallel: int = 4,
         n_batch: int = 512,
         n_threads: int = 2,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
         max_queue: int = 64,
     ) -> None:
+        """Each of the `n_parallel` sequences gets `n_ctx_seq` KV cells; a request is admitted only
+        with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells."""
         self.model_path = model_path
         self.n_parallel = n_parallel
         self.n_batch = max(n_batch, n_parallel)
@@ -130,13 +134,19 @@ class LlamaEngine:
         cparams.n_seq_max = n_parallel
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True
+        # One KV stream per sequence. A unified cache would let sequences share cells, but then a
+        # sequence's logits depend on its batch neighbours (measured: up to 0.5 in a logit on
+        # SmolLM2); separate streams give bit-identical results at any batch size.
+        cparams.kv_unified = False
         cparams.no_perf = True
+        cparams.flash_attn_type = 0
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             ll.llama_model_free(self._model)
             raise BackendUnavailableError(f"llama.cpp could not create a context for {model_path}")
         self.n_ctx_total = int(ll.llama_n_ctx(self._ctx))
+        self.n_ctx_seq = min(self.n_ctx_seq, int(ll.llama_n_ctx_seq(self._ctx)))
+        self.ctx_budget = self.n_ctx_total  # cells that admitted sequences may reserve in total
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
@@ -157,13 +167,20 @@ class LlamaEngine:
         self._cond = threading.Condition()
         self._running = True
         self.error: str | None = None
+        # Counters only grow; read them from any thread (ints, updated by the engine thread or under
+        # the lock). `load()` gives the gauges.
         self.stats: dict[str, int] = {
-            "requests_total": 0,
+            "requests_total": 0,  # accepted by submit()
+            "completed_total": 0,  # finished with stop/length
+            "cancelled_total": 0,  # abandoned by the client, waiting or running
+            "rejected_total": 0,  # 429: queue full
+            "failed_total": 0,  # ended by an engine error (KV cache full, decode error)
             "tokens_generated_total": 0,
-            "prompt_tokens_total": 0,
-            "decode_steps_total": 0,
-            "cancelled_total": 0,
-            "rejected_total": 0,
+            "prompt_tokens_total": 0,  # prompt tokens of admitted requests
+            "decode_steps_total": 0,  # successful llama_decode calls
+            "batched_rows_total": 0,  # decode rows over all steps: / decode_steps_total = mean batch
+            "kv_full_total": 0,  # llama_decode returned 1 (no KV slot) and the step was shrunk
+            "decode_errors_total": 0,  # llama_decode returned another non-zero code
         }
         self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
         self._thread.start()
@@ -226,7 +243,8 @@ class LlamaEngine:
             self._cond.notify()
 
     def cancel(self, seq: _Seq) -> None:
-        """Mark a request abandoned; the engine drops it before its next decode step."""
+        """Mark a request abandoned: a waiting one leaves the queue now, a running one is dropped
+        (its slot and KV cells freed) before the next decode step."""
         seq.cancelled = True
         with self._cond:
             if seq in self._waiting:
@@ -235,15 +253,25 @@ class LlamaEngine:
             self._cond.notify()
 
     def load(self) -> dict[str, int]:
-        return {"active": len(self._active), "waiting": len(self._waiting), "slots": self.n_parallel}
+        """Gauges: running and waiting requests, slots, and KV cells reserved."""
+        return {
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "slots": self.n_parallel,
+            "free_slots": len(self._free_slots),
+            "kv_reserved": self._budget_used,
+            "kv_total": self.n_ctx_total,
+        }
 
     # ---- the engine thread ----
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots, first come first served, while their reservation
+        (prompt + max_tokens) fits the context budget. Called with the lock held."""
         while self._waiting and self._free_slots:
             seq = self._waiting[0]
             need = len(seq.prompt) + seq.max_new
-            if self._budget_used + need > self.n_ctx_total and self._active:
+            if self._budget_used + need > self.ctx_budget and self._active:
                 return  # wait for a sequence to finish and return its budget
             self._waiting.popleft()
             seq.slot = self._free_slots.pop()
@@ -255,6 +283,7 @@ class LlamaEngine:
             seq.sink(("admitted", None))
 
     def _release(self, seq: _Seq) -> None:
+        """Free a sequence's KV cells, slot and budget. Called with the lock held."""
         self._ll.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
         self._active.remove(seq)
         self._free_slots.append(seq.slot)
@@ -272,7 +301,7 @@ class LlamaEngine:
                     while self._running and not self._active and not self._waiting:
                         self._cond.wait()
                     if not self._running:
-                        return
+                        break
                     if not self._active:
                         continue
                     active = list(self._active)
@@ -280,46 +309,109 @@ class LlamaEngine:
         except Exception as exc:  # an engine crash must surface as 503s, never a hang
             log.exception("llama engine crashed")
             self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        self._fail("engine stopped")  # close(): whoever still waits gets an answer
 
     def _fail(self, reason: str) -> None:
         with self._cond:
-            self.error = reason
+            if self.error is None:
+                self.error = reason
             self._running = False
             doomed = list(self._active) + list(self._waiting)
             self._active.clear()
             self._waiting.clear()
         for seq in doomed:
-            seq.sink(("error", BackendUnavailableError(f"local engine failed: {reason}")))
+            seq.sink(("error", BackendUnavailableError(f"local engine failed: {reason}", retry_after_s=1.0)))
 
-    def _step(self, active: list[_Seq]) -> None:
+    def _drop(self, seq: _Seq, reason: str) -> None:
+        """End one running request with a retryable error and free its slot; the others go on."""
+        self.stats["failed_total"] += 1
+        seq.last_token = -2
+        seq.sink(("error", BackendUnavailableError(f"local tier: {reason}; retry", retry_after_s=1.0)))
+        with self._cond:
+            if seq.slot >= 0:
+                self._release(seq)
+
+    def _fill(self, decoding: list[_Seq], prefilling: list[_Seq], prefill_budget: int) -> tuple[
+        int, list[tuple[_Seq, int]], list[tuple[_Seq, int]]
+    ]:
+        """Write one step into the batch without touching sequence state (so a refused step can be
+        retried smaller): one row per decoding sequence, then prompt chunks up to `prefill_budget`
+        tokens in all. Returns (rows, (seq, logits row) outputs, (seq, tokens taken) chunks)."""
         n = 0
         outputs: list[tuple[_Seq, int]] = []
-        for seq in active:  # decoding sequences first: one token each
-            if not seq.pending:
-                self._put(n, seq.last_token, seq.n_past, seq.slot, True)
-                outputs.append((seq, n))
-                seq.n_past += 1
-                n += 1
-        for seq in active:  # then prompt chunks with what room is left
-            if seq.pending and n < self.n_batch:
-                take = min(len(seq.pending), self.n_batch - n, self.prefill_chunk)
-                chunk, seq.pending = seq.pending[:take], seq.pending[take:]
-                end = n + take
-                self._b_token[n:end] = chunk
-                self._b_pos[n:end] = np.arange(seq.n_past, seq.n_past + take)
-                self._b_logits[n:end] = 0
-                for i in range(n, end):
-                    self._batch.seq_id[i][0] = seq.slot
-                seq.n_past += take
-                n = end
-                if not seq.pending:
-                    self._b_logits[n - 1] = 1
-                    outputs.append((seq, n - 1))
+        chunks: list[tuple[_Seq, int]] = []
+        for seq in decoding:
+            self._b_token[n] = seq.last_token
+            self._b_pos[n] = seq.n_past
+            self._b_logits[n] = 1
+            self._batch.seq_id[n][0] = seq.slot
+            outputs.append((seq, n))
+            n += 1
+        room = min(prefill_budget, self.n_batch - n)
+        for seq in prefilling:
+            if room <= 0:
+                break
+            take = min(len(seq.pending), room)
+            end = n + take
+            self._b_token[n:end] = seq.pending[:take]
+            self._b_pos[n:end] = np.arange(seq.n_past, seq.n_past + take)
+            self._b_logits[n:end] = 0
+            seq_id = self._batch.seq_id
+            for i in range(n, end):
+                seq_id[i][0] = seq.slot
+            if take == len(seq.pending):
+                self._b_logits[end - 1] = 1
+                outputs.append((seq, end - 1))
+            chunks.append((seq, take))
+            room -= take
+            n = end
         self._batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
+        return n, outputs, chunks
+
+    def _step(self, active: list[_Seq]) -> None:
+        """One llama_decode over every running sequence, then one token for each that has logits.
+
+        Chunked prefill: while some sequences are generating, newcomers' prompts enter at most
+        `prefill_chunk` tokens per step, so a long prompt delays the running streams by one short
+        step at a time instead of one long one. With nobody generating, prompts take the whole batch.
+        """
+        decoding = [s for s in active if not s.pending and not s.cancelled]
+        prefilling = [s for s in active if s.pending and not s.cancelled]
+        budget = self.prefill_chunk if decoding else self.n_batch
+        while True:
+            n, outputs, chunks = self._fill(decoding, prefilling, budget)
+            if n == 0:
+                return
+            rc = self._ll.llama_decode(self._ctx, self._batch)
+            if rc == 0:
+                break
+            if rc == 1:  # no KV slot; the cache is unchanged: retry a smaller step
+                self.stats["kv_full_total"] += 1
+                if chunks and budget > 1:
+                    budget //= 2
+                    continue
+                if chunks and decoding:
+                    budget = 0  # this step decodes only; prompts wait for cells to come back
+                    continue
+                # decode rows alone do not fit: end the newest request, keep the others going
+                victim = (decoding + prefilling)[-1]
+                (decoding if victim in decoding else prefilling).remove(victim)
+                self._drop(victim, "out of KV cache")
+                continue
+            # other failures may leave part of the batch in the cache: end the requests involved
+            self.stats["decode_errors_total"] += 1
+            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+            for seq in {id(s): s for s, _ in outputs + chunks}.values():
+                self._drop(seq, f"decode error {rc}")
+            return
         self.stats["decode_steps_total"] += 1
+        self.stats["batched_rows_total"] += len(decoding)
+        for seq in decoding:
+            seq.n_past += 1
+        for seq, take in chunks:
+            del seq.pending[:take]
+            seq.n_past += take
         now = time.perf_counter()
         for seq, row_index in outputs:
             if seq.cancelled:
@@ -330,12 +422,6 @@ class LlamaEngine:
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)
-
-    def _put(self, i: int, token: int, pos: int, slot: int, logits: bool) -> None:
-        self._b_token[i] = token
-        self._b_pos[i] = pos
-        self._b_logits[i] = 1 if logits else 0
-        self._batch.seq_id[i][0] = slot
 
     def _pick(self, row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[int, float, float]:
         """Choose the next token; return (token, its raw logprob, log-sum-exp of the row)."""
@@ -382,6 +468,8 @@ class LlamaEngine:
 
     def _advance(self, seq: _Seq, row: np.ndarray, now: float) -> None:
         params = seq.params
+        if seq.grammar is not None:
+            row = seq.grammar.mask(row)
         token, logprob, lse = self._pick(row, params, seq.rng)
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -401,6 +489,8 @@ class LlamaEngine:
         seq.out += raw
         seq.token_ends.append(len(seq.out))
         seq.last_token = token
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         self.stats["tokens_generated_total"] += 1
         if params.stop:
             text = seq.out.decode("utf-8", errors="ignore")
@@ -449,17 +539,20 @@ class LlamaEngine:
             model=self.model_path.name,
         )
         seq.last_token = -2  # released by _step after this round
+        self.stats["completed_total"] += 1
         seq.sink(("done", gen))
 
     def close(self) -> None:
+        """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=10)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and self._ctx is not None:
             self._ll.llama_batch_free(self._batch)
             self._ll.llama_free(self._ctx)
             self._ll.llama_model_free(self._model)
+            self._ctx = None
 
 
 class LlamaCppBackend:
@@ -518,6 +611,7 @@ class LlamaCppBackend:
             sink=sink,
             want_tokens=want_tokens,
             rng=np.random.default_rng(params.seed),
+            grammar=constraint_for(self.engine, params.response_format) if params.response_format else None,
             submitted_at=time.perf_counter(),
         )
 
@@ -533,11 +627,14 @@ class LlamaCppBackend:
         finished = False
         try:
             try:
-                await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # the "admitted" event
+                kind, payload = await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # "admitted"
             except TimeoutError:
                 raise BackendUnavailableError(
                     f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0
                 ) from None
+            if kind == "error":  # the engine failed or stopped while this request waited
+                finished = True
+                raise payload
             while True:
                 event = await queue.get()
                 kind, payload = event
@@ -588,5 +685,6 @@ def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:
         n_batch=settings.n_batch,
         n_threads=settings.n_threads,
         max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk,
     )
     return LlamaCppBackend(tier.name, engine, queue_timeout_s=settings.queue_timeout_s)

@@ -1,9 +1,21 @@
 """Frontier backend: any OpenAI-compatible /v1/chat/completions over httpx (OpenAI, vLLM,
-llama.cpp's server, another localroute). The API key is sent as a bearer token and never logged."""
+llama.cpp's server, another localroute). The API key is sent as a bearer token and never logged.
+
+Failure handling (see localroute/resilience.py for why): every call runs under separate connect,
+first-token, idle and total deadlines; it is retried (jitter, Retry-After, capped total wait) only
+while nothing has been handed to the caller, so a stream is never silently restarted; a circuit
+breaker per upstream fails fast once the upstream is presumed down. Every error that leaves this
+module is an UpstreamError (or InvalidRequestError for a 400) whose message is scrubbed of keys
+and URL query strings. With a spend budget attached, the worst-case cost is reserved before the
+call and reconciled with the provider's usage after it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -11,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
+from localroute.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
 from localroute.types import (
     FinishReason,
     Generation,
@@ -21,17 +34,26 @@ from localroute.types import (
 )
 
 if TYPE_CHECKING:
+    from localroute.budget import Reservation, SpendBudget
     from localroute.settings import Settings, TierSettings
+
+log = logging.getLogger(__name__)
+
+_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+_KEYLIKE = re.compile(r"\b(sk|pk|rk|key)-[A-Za-z0-9_-]{8,}")
+_RETRY_STATUSES = {408, 409, 425, 429}
 
 
 def _token_logprob(item: dict[str, Any]) -> TokenLogprob:
     top = tuple(
-        TopLogprob(token=a.get("token", ""), logprob=float(a.get("logprob", 0.0)), bytes=_bytes(a))
+        TopLogprob(token=str(a.get("token", "")), logprob=float(a.get("logprob", 0.0)), bytes=_bytes(a))
         for a in item.get("top_logprobs") or ()
+        if isinstance(a, dict)
     )
     return TokenLogprob(
         token_id=-1,
-        token=item.get("token", ""),
+        token=str(item.get("token", "")),
         logprob=float(item.get("logprob", 0.0)),
         bytes=_bytes(item),
         top_logprobs=top,
@@ -48,11 +70,26 @@ def _finish(reason: str | None) -> FinishReason:
 
 
 def scrub(text: str, secrets: list[str]) -> str:
-    """Remove secrets and URL query strings from upstream text before it reaches logs or clients."""
+    """Remove secrets, bearer tokens, key-like strings and URL query strings from upstream text
+    before it reaches logs or clients."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
-    return text
+    text = _QUERY.sub(r"\1?[redacted]", text)
+    text = _BEARER.sub(r"\1 [redacted]", text)
+    return _KEYLIKE.sub("[redacted]", text)
+
+
+class _Failure(Exception):
+    """One failed attempt: the error to raise if no retry follows, and how to treat it."""
+
+    def __init__(self, error: UpstreamError | InvalidRequestError, retryable: bool, breaker: bool,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retryable = retryable
+        self.breaker = breaker
+        self.retry_after_s = retry_after_s
 
 
 class OpenAIHTTPBackend:
@@ -66,20 +103,39 @@ class OpenAIHTTPBackend:
         base_url: str,
         model: str,
         api_key: str | None = None,
-        connect_timeout_s: float = 5.0,
-        timeout_s: float = 120.0,
+        connect_timeout_s: float | None = None,
+        timeout_s: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        deadlines: Deadlines | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        input_usd_per_mtok: float | None = None,
+        output_usd_per_mtok: float | None = None,
     ) -> None:
         self.name = name
         self.model = model
         self._api_key = api_key
+        d = deadlines or Deadlines()
+        if connect_timeout_s is not None or timeout_s is not None:
+            d = Deadlines(connect_timeout_s or d.connect_s, d.first_token_s, d.idle_s, timeout_s or d.total_s)
+        self.deadlines = d
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker(name)
+        self.input_usd_per_mtok = input_usd_per_mtok
+        self.output_usd_per_mtok = output_usd_per_mtok
+        self.budget: SpendBudget | None = None  # attached by the app when a spend cap is set
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # httpx's own read timeout is only a backstop: keep-alives reset it, our deadlines do not.
+        backstop = max(d.first_token_s, d.idle_s)
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            timeout=httpx.Timeout(backstop, connect=d.connect_s, pool=d.connect_s),
             transport=transport,
         )
+
+    # ---- request and errors ----
 
     def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
         p = request.params
@@ -105,48 +161,211 @@ class OpenAIHTTPBackend:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    def _error(self, message: str) -> UpstreamError:
-        return UpstreamError(f"frontier {self.name}: {scrub(message, [self._api_key or ''])}")
+    def _scrub(self, text: str) -> str:
+        return scrub(text, [self._api_key or ""])
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        start = time.perf_counter()
-        try:
-            resp = await self._client.post("/chat/completions", json=self._body(request, stream=False))
-        except httpx.HTTPError as exc:
-            raise self._error(f"{type(exc).__name__}") from None
-        if resp.status_code >= 400:
-            self._raise_for_status(resp)
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise self._error("malformed response body") from None
-        tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
-        usage = data.get("usage") or {}
-        latency = time.perf_counter() - start
-        return Generation(
-            text=text,
-            tokens=tokens,
-            finish_reason=_finish(choice.get("finish_reason")),
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", len(tokens))),
-            latency_s=latency,
-            ttft_s=latency,
-            model=str(data.get("model", self.model)),
-            extra={"usage": usage, "upstream_id": data.get("id")},
-        )
+    def _fail(self, message: str, code: str, *, retryable: bool = True, breaker: bool = True,
+              retry_after_s: float | None = None) -> _Failure:
+        err = UpstreamError(f"frontier {self.name}: {self._scrub(message)}", code=code,
+                            retry_after_s=retry_after_s)
+        return _Failure(err, retryable, breaker, retry_after_s)
 
-    def _raise_for_status(self, resp: httpx.Response) -> None:
-        if resp.status_code == 400:
+    def _status_failure(self, resp: httpx.Response, body: bytes) -> _Failure:
+        status = resp.status_code
+        retry_after = parse_retry_after(resp.headers.get("retry-after"))
+        if status == 400:
             try:
-                message = resp.json()["error"]["message"]
+                message = str(json.loads(body)["error"]["message"])
             except (ValueError, KeyError, TypeError):
                 message = "bad request"
-            raise InvalidRequestError(scrub(f"frontier rejected the request: {message}", [self._api_key or ""]))
-        raise self._error(f"HTTP {resp.status_code}")
+            err = InvalidRequestError(self._scrub(f"frontier rejected the request: {message}"))
+            return _Failure(err, retryable=False, breaker=False)
+        if status == 429:
+            return self._fail("HTTP 429 rate limited", "upstream_rate_limited", breaker=False,
+                              retry_after_s=retry_after)
+        if status in _RETRY_STATUSES:
+            return self._fail(f"HTTP {status}", "upstream_error", breaker=False, retry_after_s=retry_after)
+        if status >= 500:
+            return self._fail(f"HTTP {status}", "upstream_unavailable", retry_after_s=retry_after)
+        # 401/403 (bad key) and other 4xx: retrying cannot help; a bad key makes the upstream unusable
+        return self._fail(f"HTTP {status}", "upstream_error", retryable=False, breaker=status in (401, 403))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+    def _transport_failure(self, exc: httpx.HTTPError) -> _Failure:
+        if isinstance(exc, httpx.ConnectTimeout):
+            return self._fail("connect deadline exceeded", "upstream_timeout")
+        if isinstance(exc, httpx.TimeoutException):
+            return self._fail(f"{type(exc).__name__}", "upstream_timeout")
+        return self._fail(f"{type(exc).__name__}", "upstream_unavailable")
+
+    # ---- budget ----
+
+    def _worst_cost_usd(self, request: GenerationRequest) -> float:
+        """An upper bound on the call's cost: every prompt byte a token (byte-level BPE never
+        makes more), a few tokens of framing per message, and max_tokens of output."""
+        messages = request.messages or ({"content": request.prompt or ""},)
+        prompt_tokens = sum(len(str(m.get("content") or "").encode("utf-8", "replace")) + 16 for m in messages)
+        return self._cost_usd(prompt_tokens, request.params.max_tokens)
+
+    def _cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * (self.input_usd_per_mtok or 0.0)
+                + completion_tokens * (self.output_usd_per_mtok or 0.0)) / 1e6
+
+    def _reserve(self, request: GenerationRequest) -> Reservation | None:
+        if self.budget is None:
+            return None
+        from localroute.auth import current_key_id
+
+        return self.budget.reserve(self._worst_cost_usd(request), key_id=current_key_id.get())
+
+    def _settle(self, reservation: Reservation | None, usage: dict[str, Any] | None, billed: bool) -> None:
+        """Reconcile: the provider's usage when known; the reservation when the call may have been
+        billed but usage is unknown (a cut stream); nothing when it never reached the model."""
+        if reservation is None:
+            return
+        if usage and "prompt_tokens" in usage:
+            actual = self._cost_usd(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            reservation.settle(actual)
+        elif billed:
+            reservation.settle(reservation.amount_usd)
+        else:
+            reservation.settle(0.0)
+
+    # ---- the retry loop shared by generate and stream ----
+
+    async def _attempts(self, request: GenerationRequest, stream: bool) -> AsyncIterator[StreamDelta]:
+        """Yield deltas (the last carries the Generation). Retries only until the first delta."""
+        loop = asyncio.get_running_loop()
+        reservation = self._reserve(request)
+        deadline = loop.time() + self.deadlines.total_s
+        retries, waited = 0, 0.0
+        sent = False
+        state: dict[str, Any] = {"billed": False, "usage": None}
+        verdict = False  # the breaker got a success/failure for the probe it let through
+        try:
+            while True:
+                self.breaker.before_call()
+                verdict = False
+                try:
+                    once = self._stream_once(request, deadline, state) if stream else self._generate_once(
+                        request, deadline, state)
+                    try:
+                        async for delta in once:
+                            if delta.final is not None:
+                                self.breaker.record_success()
+                                verdict = True
+                            sent = True
+                            yield delta
+                    finally:
+                        await once.aclose()  # a client that left closes the upstream connection now
+                    return
+                except _Failure as failure:
+                    if failure.breaker:
+                        self.breaker.record_failure()
+                        verdict = True
+                    else:
+                        self.breaker.release_probe()
+                        verdict = True
+                    remaining = deadline - loop.time()
+                    wait = None
+                    if failure.retryable and not sent:
+                        wait = self.retry.next_wait(retries, waited, remaining, failure.retry_after_s)
+                    log.warning("frontier %s attempt %d failed: %s%s", self.name, retries + 1,
+                                failure.error.code, "" if wait is None else f"; retrying in {wait:.2f}s")
+                    if wait is None:
+                        raise failure.error from None
+                    await asyncio.sleep(wait)
+                    waited += wait
+                    retries += 1
+        finally:
+            if not verdict:
+                self.breaker.release_probe()
+            self._settle(reservation, state["usage"], state["billed"])
+
+    async def _wait(self, aw: Any, until: float, what: str) -> Any:
+        loop = asyncio.get_running_loop()
+        remaining = until - loop.time()
+        if remaining <= 0:
+            raise self._fail(f"{what} deadline exceeded", "upstream_timeout")
+        try:
+            return await asyncio.wait_for(aw, remaining)
+        except TimeoutError:
+            raise self._fail(f"{what} deadline exceeded", "upstream_timeout") from None
+
+    async def _open(self, request: GenerationRequest, stream: bool, deadline: float,
+                    state: dict[str, Any]) -> httpx.Response:
+        """Send the request; return a 200 response whose body is still unread."""
+        loop = asyncio.get_running_loop()
+        first = min(deadline, loop.time() + self.deadlines.first_token_s)
+        req = self._client.build_request("POST", "/chat/completions", json=self._body(request, stream))
+        try:
+            resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
+        except httpx.HTTPError as exc:
+            raise self._transport_failure(exc) from None
+        if resp.status_code >= 400:
+            try:
+                body = await self._wait(resp.aread(), min(deadline, loop.time() + self.deadlines.idle_s), "idle")
+            except (_Failure, httpx.HTTPError):
+                body = b""
+            finally:
+                await resp.aclose()
+            raise self._status_failure(resp, body)
+        state["billed"] = True
+        return resp
+
+    async def _generate_once(self, request: GenerationRequest, deadline: float,
+                             state: dict[str, Any]) -> AsyncIterator[StreamDelta]:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        resp = await self._open(request, False, deadline, state)
+        try:
+            raw = bytearray()
+            progress = loop.time()
+            chunks = resp.aiter_bytes().__aiter__()
+            while True:
+                until = min(deadline, progress + self.deadlines.idle_s)
+                try:
+                    chunk = await self._wait(chunks.__anext__(), until, "idle" if until < deadline else "total")
+                except StopAsyncIteration:
+                    break
+                raw += chunk
+                if chunk.strip():  # whitespace keep-alives are not progress
+                    progress = loop.time()
+        except httpx.HTTPError as exc:
+            raise self._transport_failure(exc) from None
+        finally:
+            await resp.aclose()
+        try:
+            data = json.loads(bytes(raw))
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
+            usage = data.get("usage") or {}
+            if not isinstance(text, str) or not isinstance(usage, dict):
+                raise TypeError("bad types")
+            prompt_tokens = int(usage.get("prompt_tokens", 0))
+            completion_tokens = int(usage.get("completion_tokens", len(tokens)))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise self._fail("malformed response body", "upstream_bad_response") from None
+        state["usage"] = usage
+        latency = time.perf_counter() - start
+        yield StreamDelta(
+            text="",
+            final=Generation(
+                text=text,
+                tokens=tokens,
+                finish_reason=_finish(choice.get("finish_reason")),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                latency_s=latency,
+                ttft_s=latency,
+                model=str(data.get("model", self.model)),
+                extra={"usage": usage, "upstream_id": data.get("id")},
+            ),
+        )
+
+    async def _stream_once(self, request: GenerationRequest, deadline: float,
+                           state: dict[str, Any]) -> AsyncIterator[StreamDelta]:
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         ttft: float | None = None
         parts: list[str] = []
@@ -154,40 +373,57 @@ class OpenAIHTTPBackend:
         usage: dict[str, Any] = {}
         finish: str | None = None
         model = self.model
+        resp = await self._open(request, True, deadline, state)
+        lines = resp.aiter_lines().__aiter__()
+        started = loop.time()
+        progress: float | None = None  # last data event after the first token
         try:
-            async with self._client.stream(
-                "POST", "/chat/completions", json=self._body(request, stream=True)
-            ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    self._raise_for_status(resp)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    try:
-                        chunk = json.loads(payload)
-                    except ValueError:
-                        raise self._error("malformed stream chunk") from None
-                    if "error" in chunk:
-                        raise self._error("stream ended with an error event")
-                    usage = chunk.get("usage") or usage
-                    model = chunk.get("model", model)
-                    for choice in chunk.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        finish = choice.get("finish_reason") or finish
-                        new = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
-                        tokens.extend(new)
-                        if delta:
-                            ttft = ttft if ttft is not None else time.perf_counter() - start
-                            parts.append(delta)
-                            yield StreamDelta(text=delta, token=new[-1] if new else None)
+            while True:
+                if progress is None:
+                    until, what = min(deadline, started + self.deadlines.first_token_s), "first-token"
+                else:
+                    until, what = min(deadline, progress + self.deadlines.idle_s), "idle"
+                if until == deadline:
+                    what = "total"
+                try:
+                    line = await self._wait(lines.__anext__(), until, what)
+                except StopAsyncIteration:
+                    break
+                if not line.startswith("data:"):
+                    continue  # comments (keep-alives) and blank lines are not progress
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(payload)
+                    if not isinstance(chunk, dict):
+                        raise TypeError("chunk is not an object")
+                except (ValueError, TypeError):
+                    raise self._fail("malformed stream chunk", "upstream_bad_response") from None
+                if "error" in chunk:
+                    raise self._fail("stream ended with an error event", "upstream_error")
+                usage = chunk.get("usage") or usage
+                model = chunk.get("model", model)
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+                    new = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
+                    tokens.extend(new)
+                    if delta or finish:
+                        progress = loop.time()
+                    if delta:
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+                        parts.append(delta)
+                        yield StreamDelta(text=delta, token=new[-1] if new else None)
+                if progress is not None:
+                    progress = loop.time()
         except httpx.HTTPError as exc:
-            raise self._error(type(exc).__name__) from None
+            raise self._transport_failure(exc) from None
+        finally:
+            await resp.aclose()
         if finish is None:
-            raise self._error("stream ended without a finish_reason")
+            raise self._fail("stream ended without a finish_reason", "upstream_bad_response")
+        state["usage"] = usage
         yield StreamDelta(
             text="",
             final=Generation(
@@ -203,8 +439,32 @@ class OpenAIHTTPBackend:
             ),
         )
 
+    # ---- the Backend protocol ----
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        gen: Generation | None = None
+        attempts = self._attempts(request, stream=False)
+        try:
+            async for delta in attempts:
+                if delta.final is not None:
+                    gen = delta.final
+        finally:
+            await attempts.aclose()
+        if gen is None:  # unreachable: _attempts either yields a final delta or raises
+            raise UpstreamError(f"frontier {self.name}: no answer", code="upstream_bad_response")
+        return gen
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        attempts = self._attempts(request, stream=True)
+        try:
+            async for delta in attempts:
+                yield delta
+        finally:
+            await attempts.aclose()
+
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "kind": "openai", "model": self.model}
+        state = self.breaker.state
+        return {"ok": state != "open", "kind": "openai", "model": self.model, "circuit": state}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -218,6 +478,22 @@ def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
         base_url=tier.base_url,
         model=tier.model,
         api_key=tier.api_key.get_secret_value() if tier.api_key else None,
-        connect_timeout_s=settings.frontier_connect_timeout_s,
-        timeout_s=settings.frontier_timeout_s,
+        deadlines=Deadlines(
+            connect_s=settings.frontier_connect_timeout_s,
+            first_token_s=settings.frontier_first_token_timeout_s,
+            idle_s=settings.frontier_idle_timeout_s,
+            total_s=settings.frontier_timeout_s,
+        ),
+        retry=RetryPolicy(
+            max_retries=settings.frontier_max_retries,
+            base_delay_s=settings.frontier_retry_base_s,
+            max_total_wait_s=settings.frontier_retry_max_wait_s,
+        ),
+        breaker=CircuitBreaker(
+            tier.name,
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_s=settings.breaker_reset_s,
+        ),
+        input_usd_per_mtok=tier.input_usd_per_mtok,
+        output_usd_per_mtok=tier.output_usd_per_mtok,
     )

@@ -19,6 +19,13 @@ COMMANDS: tuple[str, ...] = (
     "localroute.cli.ask",
     "localroute.cli.models",
     "localroute.cli.config",
+    "localroute.cli.report",
+    "localroute.cli.doctor",
+    "localroute.cli.data",
+    "localroute.cli.eval",
+    "localroute.cli.calibrate",
+    "localroute.cli.train",
+    "localroute.cli.routers",
 )
 
 

@@ -13,6 +13,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_flag(p)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--backend", choices=["llama_cpp", "vllm", "transformers"], default=None,
+        help="engine for every local tier (vllm needs localroute[gpu], transformers localroute[hf])",
+    )
     p.set_defaults(func=run)
 
 
@@ -20,9 +24,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from localroute.server import create_app
+    from localroute.server.app import build_tiers
 
-    settings = settings_from(args, host=args.host, port=args.port)
+    settings = settings_from(args, host=args.host, port=args.port, backend=args.backend)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    # Load the engines before uvicorn starts: a missing extra or model is then a LocalrouteError that
+    # the CLI prints as one line and exits 2, not a lifespan traceback.
+    app = create_app(settings, tiers=build_tiers(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
@@ -47,7 +48,12 @@ class CascadeRouter:
         aggregator: str = "mean_logprob",
         alpha: float = 0.1,
         policy: str = "localroute/cascade",
+        on_failure: str = "degrade",
+        on_budget: str = "degrade",
     ) -> None:
+        """`on_failure` ('degrade' | 'fail') and `on_budget` ('degrade' | 'reject') say what a
+        failed last tier yields when an earlier answer exists: that answer, flagged degraded, or
+        the last tier's own error (502/503, or 429 budget_exceeded)."""
         if not tiers:
             raise ValueError("a cascade needs at least one tier")
         self.tiers = list(tiers)
@@ -56,6 +62,8 @@ class CascadeRouter:
         self._alpha = alpha
         self._top_k = TOP_K_NEEDED.get(aggregator, 0)
         self.policy = policy
+        self.on_failure = on_failure
+        self.on_budget = on_budget
 
     def _confidence(self, gen: Generation) -> float | None:
         if not gen.tokens:
@@ -82,6 +90,22 @@ class CascadeRouter:
     def _accepts(self, tier: Tier, conf: float | None) -> bool:
         return tier.threshold is None or (conf is not None and conf >= tier.threshold)
 
+    async def _judge(
+        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
+    ) -> tuple[float | None, bool]:
+        """(confidence, accepted) for a non-final tier's answer. An answer that breaks the requested
+        response_format (unparsable JSON, schema violation) escalates whatever its confidence.
+        Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
+        conf = self._confidence(gen)
+        if request.params.response_format is not None:
+            from localroute.routing.verifier import schema_violation
+
+            problem = schema_violation(request.params.response_format, gen.text)
+            if problem is not None:
+                decision.evidence.setdefault("schema_violations", {})[tier.name] = problem
+                return conf, False
+        return conf, self._accepts(tier, conf)
+
     async def _buffered(
         self, request: GenerationRequest, decision: Decision, start: int
     ) -> tuple[Generation | None, int, _Fallback]:
@@ -98,8 +122,7 @@ class CascadeRouter:
             except LocalrouteError as exc:
                 decision.attempts.append(TierAttempt(tier.name, None, tier.threshold, False, error=exc.message))
                 continue
-            conf = self._confidence(gen)
-            accepted = self._accepts(tier, conf)
+            conf, accepted = await self._judge(tier, request, gen, decision)
             decision.attempts.append(self._attempt(tier, gen, conf, accepted))
             if accepted:
                 decision.answered_by = tier.name
@@ -113,20 +136,26 @@ class CascadeRouter:
         if gen is not None:
             return Routed(gen, decision)
         tier = self.tiers[index]
+        t0 = time.perf_counter()
         try:
             gen = await tier.backend.generate(self._tier_request(request))
         except InvalidRequestError:
             raise
         except LocalrouteError as exc:
-            return self._degrade(decision, tier, exc, fallback)
+            return self._degrade(decision, tier, exc, fallback, time.perf_counter() - t0)
         decision.attempts.append(self._attempt(tier, gen, self._confidence(gen), True))
         decision.answered_by = tier.name
         return Routed(gen, decision)
 
-    def _degrade(self, decision: Decision, tier: Tier, exc: LocalrouteError, fallback: _Fallback) -> Routed:
-        """The last tier failed: answer with the latest earlier answer, flagged, or re-raise."""
-        decision.attempts.append(TierAttempt(tier.name, None, tier.threshold, False, error=exc.message))
-        if fallback is None:
+    def _degrade(self, decision: Decision, tier: Tier, exc: LocalrouteError, fallback: _Fallback,
+                 latency_s: float = 0.0) -> Routed:
+        """The last tier failed: answer with the latest earlier answer, flagged, or re-raise
+        when there is none or the policy for this failure says fail."""
+        decision.attempts.append(
+            TierAttempt(tier.name, None, tier.threshold, False, latency_s=latency_s, error=exc.message)
+        )
+        policy = self.on_budget if exc.code == "budget_exceeded" else self.on_failure
+        if fallback is None or policy != "degrade":
             raise exc
         gen, name = fallback
         decision.answered_by = name
@@ -145,6 +174,7 @@ class CascadeRouter:
         tier = self.tiers[index]
         decision.answered_by = tier.name  # provisional, so headers can name the streaming tier
         sent = False
+        t0 = time.perf_counter()
         try:
             async for delta in tier.backend.stream(self._tier_request(request)):
                 if delta.final is not None:
@@ -160,7 +190,7 @@ class CascadeRouter:
         except LocalrouteError as exc:
             if sent:
                 raise  # bytes already went out: the server ends the stream with an error event
-            routed = self._degrade(decision, tier, exc, fallback)
+            routed = self._degrade(decision, tier, exc, fallback, time.perf_counter() - t0)
             for delta in replay(routed.generation):
                 yield RoutedDelta(delta, decision)
             yield RoutedDelta(StreamDelta(text="", final=routed.generation), decision, routed)

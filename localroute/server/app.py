@@ -3,11 +3,12 @@ tests may pass ready `tiers` instead (real or scripted backends)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from localroute import __version__
+from localroute.auth import ApiKeyStore, AuthMiddleware
 from localroute.backends.base import load_backend
+from localroute.budget import attach_budget
+from localroute.cost import RequestCost, cost_fields, cost_headers
 from localroute.errors import InvalidRequestError, LocalrouteError, ModelNotFoundError
+from localroute.metrics import CONTENT_TYPE_LATEST, Monitoring
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier
 from localroute.routing.cascade import CascadeRouter
 from localroute.server.errors import error_body, install_error_handlers
@@ -29,6 +34,92 @@ from localroute.types import Generation, GenerationRequest, SamplingParams, Toke
 log = logging.getLogger(__name__)
 
 CASCADE = "localroute/cascade"
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class ClientDisconnectedError(LocalrouteError):
+    """The client went away; its work was cancelled. Nobody reads this answer (nginx's 499)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+    code = "client_disconnected"
+
+
+class BodyLimitMiddleware:
+    """413 before any parsing: at once by Content-Length, else (chunked bodies) as soon as the
+    bytes received pass the cap, without buffering the rest. Pure ASGI, so it adds no task."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"request body over {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Any, receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            exc = self._error()
+            await JSONResponse(error_body(exc.message, exc.error_type, None, exc.code), 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()  # mapped to the 413 body by the LocalrouteError handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it if the client disconnects first (ClientDisconnectedError):
+    a local decode for nobody must stop and free its slot; a frontier call must be aborted."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnectedError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - the cancelled work's own outcome no longer matters
+                pass
+
+
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline_refs(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+def request_body_schema(model: type[Any]) -> dict[str, Any]:
+    """OpenAPI requestBody for a route that parses its raw body itself (so bad input gets an
+    OpenAI-shaped 400, not FastAPI's 422): the pydantic model's JSON schema, refs inlined."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
 
 
 @dataclass(slots=True)
@@ -61,15 +152,23 @@ class Service:
         self.tiers = list(tiers)
         self.routers: dict[str, CascadeRouter] = {
             CASCADE: CascadeRouter(
-                self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE
+                self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
+                on_failure=settings.escalation_failure_policy,
+                on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
             )
         }
+        self.budget = attach_budget(self.tiers, settings)
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
                 [Tier(tier.name, tier.backend, None)], settings.confidence_aggregator,
                 settings.confidence_quantile_alpha, tier.name,
             )
+        from localroute.routing.hybrid import build_policies  # classifier/embedding/hybrid/verified, if configured
+
+        self.routers.update(build_policies(settings, self.tiers, self.routers[CASCADE]))
+        self.feedback: Any = None  # localroute.feedback.FeedbackStore when the routing log is on (lifespan)
         self.observers: list[Observer] = []
+        self.monitoring: Monitoring | None = None  # telemetry, costs, metrics, routing log (lifespan)
         self.created = int(time.time())
 
     def router(self, model: str) -> CascadeRouter:
@@ -249,12 +348,23 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, tiers if tiers is not None else build_tiers(settings))
         service.observers.extend(observers)
+        service.monitoring = Monitoring(settings, service.tiers)
+        service.observers.extend(service.monitoring.observers)
+        if settings.routing_log_path is not None:  # feedback and the review sample live in the routing log
+            from localroute.feedback import FeedbackStore, ReviewSampler
+
+            service.feedback = FeedbackStore(settings.routing_log_path)
+            if settings.review_sample_rate > 0:
+                service.observers.append(ReviewSampler(service.feedback, settings.review_sample_rate))
         holder["service"] = service
         app.state.service = service
         try:
             yield
         finally:
-            await service.aclose()
+            try:
+                await service.aclose()
+            finally:
+                service.monitoring.close()  # after the backends: late rows still reach the log
 
     app = FastAPI(title="localroute", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
@@ -262,17 +372,16 @@ def create_app(
     def service() -> Service:
         return holder["service"]
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(
-                error_body(f"request body over {settings.max_body_bytes} bytes", "invalid_request_error", None,
-                           "request_too_large"),
-                status_code=413,
-            )
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    api_keys = ApiKeyStore.from_settings(settings)
+    if api_keys is not None:  # added last: outermost, so no body is read for a caller without a key
+        app.add_middleware(AuthMiddleware, keys=api_keys, public_paths=settings.public_paths)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        monitoring = service().monitoring
+        body = monitoring.metrics.exposition() if monitoring is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -293,6 +402,19 @@ def create_app(
             ],
         }
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """{request_id, score | correct, source}: stored against the request's routing-log row."""
+        from localroute.feedback import FeedbackRequest
+
+        body = await _parse(request, FeedbackRequest)  # type: ignore[arg-type]
+        svc = service()
+        if svc.feedback is None:
+            raise InvalidRequestError("feedback needs the routing log: set routing_log_path", code="feedback_disabled")
+        if svc.monitoring is not None and svc.monitoring.routing_log is not None:
+            await asyncio.to_thread(svc.monitoring.routing_log.flush)  # the row may still be queued
+        return JSONResponse(await asyncio.to_thread(svc.feedback.add, body))
+
     async def _parse(request: Request, model: type[ChatCompletionRequest] | type[CompletionRequest]) -> Any:
         raw = await request.body()
         try:
@@ -301,6 +423,10 @@ def create_app(
             raise InvalidRequestError("request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("request body must be a JSON object")
+        try:  # "\ud800" escapes are valid JSON but no valid text: refuse them before any engine sees them
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError("request body contains invalid Unicode (a lone surrogate)") from None
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -309,7 +435,7 @@ def create_app(
             raise InvalidRequestError(f"{param}: {first.get('msg')}" if param else str(first.get("msg")),
                                       param=param, code="invalid_value") from None
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -319,9 +445,10 @@ def create_app(
         k = gen_request.params.top_logprobs
         if body.stream:
             return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
-                                 bool(body.stream_options and body.stream_options.include_usage), body.model)
+                                 bool(body.stream_options and body.stream_options.include_usage), body.model,
+                                 request)
         started = time.perf_counter()
-        routed = await _route(svc, router, gen_request, "chat", started)
+        routed, cost = await _route(svc, router, gen_request, "chat", started, request)
         gen, decision = routed.generation, routed.decision
         payload = {
             "id": request_id,
@@ -337,11 +464,11 @@ def create_app(
                 }
             ],
             "usage": usage(gen),
-            "localroute": routing_info(decision),
+            "localroute": routing_info(decision, cost_fields(cost)),
         }
-        return JSONResponse(payload, headers=routing_headers(decision))
+        return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -352,9 +479,10 @@ def create_app(
         want_lp = body.logprobs is not None
         if body.stream:
             return await _stream(svc, router, gen_request, "completion", want_lp, k,
-                                 bool(body.stream_options and body.stream_options.include_usage), body.model)
+                                 bool(body.stream_options and body.stream_options.include_usage), body.model,
+                                 request)
         started = time.perf_counter()
-        routed = await _route(svc, router, gen_request, "completion", started)
+        routed, cost = await _route(svc, router, gen_request, "completion", started, request)
         gen, decision = routed.generation, routed.decision
         payload = {
             "id": request_id,
@@ -370,32 +498,36 @@ def create_app(
                 }
             ],
             "usage": usage(gen),
-            "localroute": routing_info(decision),
+            "localroute": routing_info(decision, cost_fields(cost)),
         }
-        return JSONResponse(payload, headers=routing_headers(decision))
+        return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
 
     async def _route(svc: Service, router: CascadeRouter, req: GenerationRequest, endpoint: str,
-                     started: float) -> Routed:
+                     started: float, request: Request) -> tuple[Routed, RequestCost | None]:
         try:
-            routed = await router.route(req)
+            routed: Routed = await until_disconnect(request, router.route(req))
         except LocalrouteError as exc:
             svc.record(RequestRecord(req.request_id, endpoint, router.policy, False, exc.status_code, started,
-                                     time.perf_counter() - started, error=exc.code or exc.error_type))
+                                     time.perf_counter() - started, error=exc.code or exc.error_type,
+                                     disconnected=isinstance(exc, ClientDisconnectedError)))
             raise
+        cost = svc.monitoring.price(routed.decision, routed.generation, started) if svc.monitoring else None
         svc.record(RequestRecord(req.request_id, endpoint, router.policy, False, 200, started,
                                  time.perf_counter() - started, routed.generation.ttft_s, routed.decision,
-                                 routed.generation))
-        return routed
+                                 routed.generation, extra={"cost": cost, "request": req}))
+        return routed, cost
 
     async def _stream(svc: Service, router: CascadeRouter, req: GenerationRequest, kind: str, want_lp: bool,
-                      k: int, include_usage: bool, model: str) -> Response:
+                      k: int, include_usage: bool, model: str, request: Request) -> Response:
         started = time.perf_counter()
         source = router.route_stream(req).__aiter__()
-        try:
-            first = await source.__anext__()  # route before the first byte: errors are still clean 4xx/5xx
+        try:  # route before the first byte: errors are still clean 4xx/5xx
+            first = await until_disconnect(request, source.__anext__())
         except LocalrouteError as exc:
+            await source.aclose()
             svc.record(RequestRecord(req.request_id, kind, router.policy, True, exc.status_code, started,
-                                     time.perf_counter() - started, error=exc.code or exc.error_type))
+                                     time.perf_counter() - started, error=exc.code or exc.error_type,
+                                     disconnected=isinstance(exc, ClientDisconnectedError)))
             raise
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -431,7 +563,9 @@ def create_app(
                         gen, decision = item.routed.generation, item.routed.decision
                         done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
                         done.update({"delta": {}} if kind == "chat" else {"text": ""})
-                        yield chunk([done], localroute=routing_info(decision))
+                        cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
+                        outcome.extra.update(cost=cost, request=req)
+                        yield chunk([done], localroute=routing_info(decision, cost_fields(cost)))
                         if include_usage:
                             yield chunk([], usage=usage(gen))
                         yield "data: [DONE]\n\n"

@@ -1,0 +1,191 @@
+"""The calibration file written by `localroute calibrate` and read by `serve`.
+
+A threshold is only meaningful for the exact signal it was fitted on: the same model weights, the
+same chat template (the prompt the model sees), the same aggregator (and alpha). The file records
+all three per tier; `serve` applies a tier's threshold only when they still match and otherwise
+warns loudly and keeps the default threshold, because a stale threshold silently changes what
+share of traffic escalates. The file also keeps the confidence distribution seen at calibration
+time (quantiles and a histogram) so a later report can compare today's traffic with it (drift).
+
+Writes are atomic (temporary file + os.replace), so a server never reads half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localroute.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 1
+# A threshold no confidence reaches: "escalate everything" (JSON has no infinity).
+ESCALATE_ALL = 1e9
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime): model files are large and rarely change."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def text_sha256(text: str | None) -> str:
+    return hashlib.sha256((text or "").encode("utf-8")).hexdigest()
+
+
+def backend_fingerprint(backend: Any, model_path: Path | None = None) -> dict[str, Any]:
+    """What a threshold depends on, as seen on a loaded backend: model file hash and chat template.
+
+    Remote backends have no file: their model id stands in for the hash."""
+    engine = getattr(backend, "engine", None)
+    path = model_path or getattr(engine, "model_path", None)
+    template = engine.chat_template() if engine is not None and hasattr(engine, "chat_template") else None
+    return {
+        "model_file": Path(path).name if path else None,
+        "model_sha256": file_sha256(Path(path)) if path else None,
+        "template_sha256": text_sha256(template),
+        "remote_model": None if path else getattr(backend, "model", getattr(backend, "name", None)),
+    }
+
+
+class Certificate(BaseModel):
+    """What the threshold guarantees, and how it did on the held-out split."""
+
+    model_config = ConfigDict(extra="allow")
+
+    target: Literal["quality", "escalation"]
+    target_value: float
+    delta: float | None = None
+    bound: str | None = None
+    certified_loss_upper: float | None = None
+    certified_quality_lower: float | None = None
+    frontier_quality_lower: float | None = None
+    n_calibration: int
+    n_holdout: int
+    holdout: dict[str, Any] = Field(default_factory=dict)
+
+
+class TierCalibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float
+    model_file: str | None = None
+    model_sha256: str | None = None
+    template_sha256: str
+    remote_model: str | None = None
+    certificate: Certificate
+    confidence_quantiles: dict[str, float] = Field(description="Quantiles of the calibration confidences.")
+    confidence_histogram: dict[str, list[float]] = Field(description="{'edges': [...], 'counts': [...]}")
+    n: int
+
+
+class CalibrationFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = CALIBRATION_VERSION
+    created_at: str
+    aggregator: str
+    alpha: float = Field(description="confidence_quantile_alpha the confidences were computed with.")
+    logprobs: str = "raw"
+    source_run: str | None = None
+    dataset: str | None = None
+    frontier: dict[str, Any] = Field(default_factory=dict)
+    tiers: dict[str, TierCalibration]
+
+
+def write_calibration(cal: CalibrationFile, path: Path) -> Path:
+    """Atomic write: a temporary file in the same folder, fsynced, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(cal.model_dump_json(indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_calibration(path: Path) -> CalibrationFile:
+    """Read and validate; any problem is a ConfigError saying what is wrong."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read calibration file {path}: {exc}", param="calibration_path") from None
+    try:
+        cal = CalibrationFile.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        raise ConfigError(f"invalid calibration file {path}: {loc}: {e['msg']}", param="calibration_path") from None
+    if cal.version != CALIBRATION_VERSION:
+        raise ConfigError(f"calibration file {path} has version {cal.version}; expected {CALIBRATION_VERSION}")
+    return cal
+
+
+def mismatches(entry: TierCalibration, fingerprint: dict[str, Any]) -> list[str]:
+    """Why a tier's calibrated threshold no longer applies (empty: it applies)."""
+    out = []
+    if entry.model_sha256 != fingerprint.get("model_sha256"):
+        out.append(f"model file hash {str(fingerprint.get('model_sha256'))[:12]} != calibrated "
+                   f"{str(entry.model_sha256)[:12]}")
+    if entry.template_sha256 != fingerprint.get("template_sha256"):
+        out.append("chat template changed")
+    if entry.model_sha256 is None and entry.remote_model != fingerprint.get("remote_model"):
+        out.append(f"remote model {fingerprint.get('remote_model')} != calibrated {entry.remote_model}")
+    return out
+
+
+def calibrated_thresholds(
+    path: Path, aggregator: str, alpha: float, fingerprints: dict[str, dict[str, Any]]
+) -> dict[str, float]:
+    """Thresholds from the file for the tiers whose fingerprint still matches. Never raises: an
+    unusable file or entry is logged as a WARNING and left out, so serving falls back to defaults."""
+    try:
+        cal = load_calibration(path)
+    except ConfigError as exc:
+        log.warning("CALIBRATION IGNORED, using default thresholds: %s", exc.message)
+        return {}
+    if cal.aggregator != aggregator:
+        log.warning("CALIBRATION IGNORED, using default thresholds: %s was calibrated for aggregator %r but "
+                    "confidence_aggregator is %r", path, cal.aggregator, aggregator)
+        return {}
+    if aggregator == "quantile_logprob" and abs(cal.alpha - alpha) > 1e-12:
+        log.warning("CALIBRATION IGNORED, using default thresholds: %s was calibrated with alpha=%g but "
+                    "confidence_quantile_alpha is %g", path, cal.alpha, alpha)
+        return {}
+    out: dict[str, float] = {}
+    for name, fp in fingerprints.items():
+        entry = cal.tiers.get(name)
+        if entry is None:
+            continue
+        why = mismatches(entry, fp)
+        if why:
+            log.warning("CALIBRATION IGNORED for tier %s, using its default threshold: %s (%s); rerun "
+                        "`localroute eval` and `localroute calibrate`", name, "; ".join(why), path)
+            continue
+        out[name] = entry.threshold
+    unknown = sorted(set(cal.tiers) - set(fingerprints))
+    if unknown:
+        log.warning("calibration file %s names tiers not calibratable on this ladder: %s", path, ", ".join(unknown))
+    return out

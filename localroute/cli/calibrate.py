@@ -1,0 +1,56 @@
+"""`localroute calibrate`: pick a tier's threshold from an eval run and write the calibration file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from localroute.cli.common import add_config_flag, print_json, settings_from
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("calibrate", help="choose a threshold with a finite-sample guarantee from an eval run")
+    add_config_flag(p)
+    p.add_argument("--run", type=Path, required=True, help="eval run folder")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-quality", type=float, help="cascade quality >= this share of the frontier's")
+    target.add_argument("--target-escalation", type=float, help="escalate this share of queries (a quantile)")
+    p.add_argument("--delta", type=float, default=0.05, help="the target may fail with probability <= delta")
+    p.add_argument("--aggregator", default=None, help="confidence aggregator (default: settings)")
+    p.add_argument("--holdout", type=float, default=0.5, help="share of rows kept aside to check the threshold")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--out", type=Path, default=None,
+                   help="calibration file (default: settings.calibration_path or ./calibration.json)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from localroute.evaluation.calibrate import calibrate_run
+
+    settings = settings_from(args)
+    out = args.out or settings.calibration_path or Path("calibration.json")
+    result = calibrate_run(
+        args.run, out, args.aggregator or settings.confidence_aggregator,
+        target_quality=args.target_quality, target_escalation=args.target_escalation,
+        delta=args.delta, holdout=args.holdout, seed=args.seed,
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    cert = result["certificate"]
+    ub = "  [oracle frontier: upper bound]" if result["upper_bound"] else ""
+    thr = "escalate everything" if result["escalate_all"] else f"{result['threshold']:.6f}"
+    print(f"tier {result['tier']}  aggregator {result['aggregator']}  threshold {thr}{ub}")
+    if cert["target"] == "quality":
+        print(f"certified ({cert['bound']}, delta={cert['delta']}): cascade quality >= {cert['target_value']:.3f} x "
+              f"frontier with probability >= {1 - cert['delta']:.3f}; quality lower bound "
+              f"{cert['certified_quality_lower']:.4f} (n={cert['n_calibration']})")
+    else:
+        print(f"target escalation {cert['target_value']:.3f} (a quantile; no guarantee), n={cert['n_calibration']}")
+    h = cert.get("holdout") or {}
+    if h:
+        print(f"held-out (n={h['n']}): cascade quality {h['cascade_quality']:.4f} = {h['quality_ratio']:.3f} x frontier "
+              f"{h['frontier_quality']:.4f}; escalation rate {h['escalation_rate']:.3f}")
+    print(f"wrote {result['calibration_file']}")
+    return 0

@@ -1,0 +1,44 @@
+"""`localroute doctor`: the hardware and engines this machine has, and what localroute would use."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from localroute.cli.common import print_json
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("doctor", help="check CPU, GPU (NVML) and installed engines")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from localroute.telemetry import environment
+
+    env = environment()
+    if args.json:
+        print_json(env)
+        return 0
+    print(render(env))
+    return 0
+
+
+def render(env: dict[str, Any]) -> str:
+    cpu, gpu, use = env["cpu"], env["gpu"], env["would_use"]
+    lines = [
+        f"CPU          {cpu['model']} ({cpu['usable_cores']} usable of {cpu['logical_cores']} cores, {cpu['machine']})",
+        f"CPU energy   {env['cpu_energy']}",
+        f"GPU/NVML     {gpu['nvml']}" + (f" - {gpu['reason']}" if gpu["reason"] else "")
+        + (f" (driver {gpu['driver_version']})" if gpu.get("driver_version") else ""),
+    ]
+    for d in gpu["devices"]:
+        mem = d.get("memory_total_bytes")
+        lines.append(f"  gpu {d['index']}  {d['name']}" + (f", {mem / 2**30:.1f} GiB" if mem else ""))
+    for name, e in env["engines"].items():
+        state = f"yes ({e['version']})" if e["importable"] and e["version"] else ("yes" if e["importable"] else "no")
+        lines.append(f"{name:<13}{state}")
+    lines.append(f"would use    {use['engine'] or 'nothing'}" + (f" on {use['device']}" if use["device"] else "")
+                 + f": {use['why']}")
+    return "\n".join(lines)

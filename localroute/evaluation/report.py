@@ -1,0 +1,235 @@
+"""The report of an eval run: quality of both tiers and, per confidence aggregator, how well it
+separates right from wrong answers (AUROC, ECE) and what routing on it buys (deferral curve, AUC,
+APGR, CPT). Everything is recomputed from the stored tokens, so a new aggregator needs no rerun.
+
+With `--frontier oracle` the frontier is assumed always right: every figure that involves it is an
+upper bound, and the report says so wherever it shows one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localroute.confidence import AGGREGATORS, TOP_K_NEEDED
+from localroute.evaluation.metrics import (
+    Array,
+    as_probability,
+    curve_metrics,
+    oracle_curve,
+    random_curve,
+    routing_metrics,
+)
+from localroute.evaluation.runner import read_meta, read_rows, tokens_from_json
+from localroute.types import TokenLogprob
+
+UPPER_BOUND_NOTE = "oracle frontier (assumed always right): an upper bound"
+
+
+def row_confidence(tokens: list[TokenLogprob], aggregator: str, alpha: float) -> float:
+    """The confidence the cascade would compute: top-k cut to what the router asks the engine for."""
+    if not tokens:
+        return float("-inf")
+    k = TOP_K_NEEDED.get(aggregator, 0)
+    if k < len(tokens[0].top_logprobs):
+        tokens = [TokenLogprob(t.token_id, t.token, t.logprob, t.bytes, t.top_logprobs[:k]) for t in tokens]
+    return AGGREGATORS[aggregator](tokens, alpha)
+
+
+class RunTable:
+    """The usable rows of a run as arrays: confidences per aggregator, cheap and frontier scores."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.meta = read_meta(out_dir)
+        rows = read_rows(out_dir)
+        self.usable = [r for r in rows if r.get("cheap") is not None and r.get("frontier") is not None
+                       and not r.get("scoring_error")]
+        self.n_excluded = len(rows) - len(self.usable)
+        self.ids = [r["id"] for r in self.usable]
+        self.cheap: Array = np.array([r["cheap"]["score"] for r in self.usable], dtype=np.float64)
+        self.correct = np.array([bool(r["cheap"]["correct"]) for r in self.usable], dtype=bool)
+        self.frontier: Array = np.array([r["frontier"]["score"] for r in self.usable], dtype=np.float64)
+        self.generation_errors = sum(1 for r in self.usable if r.get("error"))
+        alpha = float(self.meta.get("confidence_quantile_alpha", 0.1))
+        self.alpha = alpha
+        tokens = [tokens_from_json(r["tokens"]) for r in self.usable]
+        self.conf: dict[str, Array] = {
+            name: np.array([row_confidence(t, name, alpha) for t in tokens], dtype=np.float64)
+            for name in AGGREGATORS
+        }
+        self.completion_tokens = [int(r.get("completion_tokens", 0)) for r in self.usable]
+
+    @property
+    def n(self) -> int:
+        return len(self.usable)
+
+    @property
+    def upper_bound(self) -> bool:
+        return bool(self.meta["frontier"]["mode"] == "oracle")
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(x, nd)
+
+
+def build_report(out_dir: Path) -> dict[str, Any]:
+    t = RunTable(out_dir)
+    if t.n == 0:
+        return {"run": str(out_dir), "n": 0, "n_excluded": t.n_excluded, "aggregators": {},
+                "cheap_quality": None, "frontier_quality": None}
+    cq, fq = float(t.cheap.mean()), float(t.frontier.mean())
+    aggs: dict[str, Any] = {}
+    for name in AGGREGATORS:
+        m, _ = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
+        aggs[name] = m.as_dict()
+    best = max(aggs, key=lambda a: (aggs[a]["auroc"] if aggs[a]["auroc"] is not None else -1,
+                                    aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1))
+    frontier = dict(t.meta["frontier"])
+    frontier["label"] = UPPER_BOUND_NOTE if t.upper_bound else (
+        f"recorded outcomes of {frontier.get('model')}" if frontier["mode"] == "recorded"
+        else f"live calls to {frontier.get('model')}")
+    return {
+        "run": str(out_dir),
+        "dataset": t.meta.get("dataset"),
+        "tier": t.meta.get("tier"),
+        "model": (t.meta.get("fingerprint") or {}).get("model_file"),
+        "n": t.n,
+        "n_excluded": t.n_excluded,
+        "n_generation_errors": t.generation_errors,
+        "cheap_quality": _r(cq),
+        "frontier_quality": _r(fq),
+        "frontier": frontier,
+        "upper_bound": t.upper_bound,
+        "mean_completion_tokens": _r(float(np.mean(t.completion_tokens)), 2),
+        "choice_method": t.meta.get("sampling", {}).get("choice_method"),
+        "aggregators": aggs,
+        "best_aggregator": best,
+        "best_by": "AUROC (ties: APGR)",
+        "random": {k: _r(v) for k, v in curve_metrics(random_curve(t.cheap, t.frontier), cq, fq).items()},
+        "oracle_router": {k: _r(v) for k, v in curve_metrics(oracle_curve(t.cheap, t.frontier), cq, fq).items()},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """Plain-text summary for the terminal."""
+    if not report["n"]:
+        return f"no usable rows in {report['run']}"
+    ub = " [UPPER BOUND: oracle frontier]" if report["upper_bound"] else ""
+    lines = [
+        f"run {report['run']}  tier {report['tier']}  n={report['n']} (excluded {report['n_excluded']})",
+        f"cheap quality {report['cheap_quality']:.4f}   frontier quality {report['frontier_quality']:.4f} "
+        f"({report['frontier']['label']}){ub}",
+        "",
+        f"{'aggregator':<18}{'AUROC':>8}{'ECE':>8}{'AUC':>8}{'APGR':>8}{'CPT50':>8}{'CPT80':>8}{'CPT95':>8}",
+    ]
+    rows = list(report["aggregators"].items()) + [("random", report["random"]), ("oracle router", report["oracle_router"])]
+    for name, m in rows:
+        mark = " *" if name == report["best_aggregator"] else ""
+        lines.append(f"{name + mark:<18}{_f(m.get('auroc')):>8}{_f(m.get('ece')):>8}{_f(m.get('auc')):>8}"
+                     f"{_f(m.get('apgr')):>8}{_pct(m.get('cpt50')):>8}{_pct(m.get('cpt80')):>8}{_pct(m.get('cpt95')):>8}")
+    lines.append(f"* best by {report['best_by']}. CPT = share of queries escalated to recover that share of the "
+                 f"cheap-to-frontier gap.")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
+    ub = f"\n> **Upper bound**: {UPPER_BOUND_NOTE}.\n" if report.get("upper_bound") else ""
+    parts = [
+        f"# Eval report: {report.get('tier')} on {Path(str(report.get('dataset'))).name}",
+        ub,
+        f"- rows: {report['n']} usable, {report['n_excluded']} excluded "
+        f"({report.get('n_generation_errors', 0)} generation errors kept as unconfident wrong answers)",
+        f"- cheap quality: **{_f(report['cheap_quality'], 4)}**; frontier quality: **{_f(report['frontier_quality'], 4)}** "
+        f"({report['frontier']['label']})",
+        f"- choice tasks: {report.get('choice_method')}",
+        f"- best aggregator ({report['best_by']}): **{report['best_aggregator']}**",
+        "",
+        "| aggregator | AUROC | ECE | deferral AUC | APGR | CPT(50%) | CPT(80%) | CPT(95%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = list(report["aggregators"].items()) + [("random", report["random"]), ("oracle router", report["oracle_router"])]
+    for name, m in rows:
+        parts.append(f"| {name} | {_f(m.get('auroc'))} | {_f(m.get('ece'))} | {_f(m.get('auc'))} | {_f(m.get('apgr'))} "
+                     f"| {_pct(m.get('cpt50'))} | {_pct(m.get('cpt80'))} | {_pct(m.get('cpt95'))} |")
+    parts.append("")
+    parts.extend(f"![{p}]({p})" for p in plots)
+    return "\n".join(parts) + "\n"
+
+
+def plot_report(out_dir: Path, report: dict[str, Any]) -> list[str]:
+    """Deferral curves (every aggregator, random, oracle) and the best aggregator's reliability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = RunTable(out_dir)
+    if t.n == 0:
+        return []
+    x = np.arange(t.n + 1) / t.n * 100
+    suffix = " (oracle frontier: upper bound)" if t.upper_bound else ""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in AGGREGATORS:
+        _, curve = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
+        ax.plot(x, curve, label=f"{name} (APGR {_f(report['aggregators'][name]['apgr'])})", linewidth=1.2)
+    ax.plot(x, random_curve(t.cheap, t.frontier), "k--", label="random", linewidth=1)
+    ax.plot(x, oracle_curve(t.cheap, t.frontier), "k:", label="oracle router", linewidth=1.5)
+    ax.set_xlabel("% of queries escalated")
+    ax.set_ylabel("quality")
+    ax.set_title(f"Deferral curves: {t.meta.get('tier')}, n={t.n}{suffix}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "deferral.png", dpi=110)
+    plt.close(fig)
+
+    best = report["best_aggregator"]
+    prob = as_probability(t.conf[best], best)
+    edges = np.linspace(0, 1, 11)
+    idx = np.minimum((prob * 10).astype(int), 9)
+    mids, accs, counts = [], [], []
+    for b in range(10):
+        mask = idx == b
+        if mask.any():
+            mids.append(float(prob[mask].mean()))
+            accs.append(float(t.correct[mask].mean()))
+            counts.append(int(mask.sum()))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.plot(mids, accs, "o-")
+    for m, a, c in zip(mids, accs, counts):
+        ax.annotate(str(c), (m, a), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(edges)
+    ax.set_xlabel(f"confidence as probability ({best})")
+    ax.set_ylabel("share correct")
+    ax.set_title(f"Reliability, ECE {_f(report['aggregators'][best]['ece'])}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reliability.png", dpi=110)
+    plt.close(fig)
+    return ["deferral.png", "reliability.png"]
+
+
+def write_report(out_dir: Path, plots: bool = True) -> dict[str, Any]:
+    """report.json, report.md and the PNGs into the run folder; returns the report."""
+    report = build_report(out_dir)
+    names = plot_report(out_dir, report) if plots and report["n"] else []
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if report["n"]:
+        (out_dir / "report.md").write_text(render_markdown(report, names), encoding="utf-8")
+    return report

@@ -1,0 +1,334 @@
+"""`localroute eval`: run one tier over a dataset and keep everything needed to rescore it later.
+
+A run is a folder: `meta.json` (what was run: dataset hash, tier, model fingerprint, sampling) and
+`rows.jsonl`, one finished query per line, appended as soon as it finishes. Each row keeps the
+answer, every generated token with its raw logprob and top-5 alternatives (so every aggregator in
+`localroute.confidence` can be recomputed without the model), the cheap and frontier scores,
+token counts and latency. Rerunning the same command skips ids already in `rows.jsonl`, so an
+interrupted run resumes where it stopped; a folder holding a different run is refused.
+
+Decoding is greedy (temperature 0) with the model's own chat template, as `serve` runs it; choice
+tasks are scored on the free-form answer (the first choice it names), not on choice logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from localroute.backends.base import Backend, load_backend
+from localroute.calibration import backend_fingerprint, file_sha256
+from localroute.errors import ConfigError, LocalrouteError
+from localroute.evaluation.datasets import EvalItem, load_items, sample
+from localroute.evaluation.scorers import JudgeScorer, Score, score_answer
+from localroute.settings import Settings, TierSettings
+from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
+
+RUN_VERSION = 1
+TOP_LOGPROBS = 5  # enough for every aggregator (confidence.TOP_K_NEEDED)
+TASK_MAX_TOKENS = {"choice": 24, "exact": 48, "numeric": 256, "spans": 96, "json": 192, "judge": 384}
+CHOICE_METHOD = "free generation (greedy), scored on the first choice the answer names"
+
+
+@dataclass(slots=True)
+class EvalConfig:
+    dataset: Path
+    out_dir: Path
+    tier: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    concurrency: int = 4
+    frontier: str = "oracle"  # live | recorded:<model> | oracle
+    max_tokens: int | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+    progress: bool = True
+
+
+@dataclass(slots=True)
+class RunSummary:
+    out_dir: Path
+    total: int
+    computed: int
+    skipped: int
+    errors: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_tier(settings: Settings, name: str | None) -> TierSettings:
+    ladder = settings.ladder()
+    if name is None:
+        return ladder[0]
+    for ts in ladder:
+        if ts.name == name:
+            return ts
+    raise ConfigError(f"unknown tier {name!r}; one of {', '.join(t.name for t in ladder)}", param="tier")
+
+
+def resolve_recorded(items: Sequence[EvalItem], spec: str) -> str:
+    """`recorded:gpt-4` -> the one outcome key equal to or containing `gpt-4`."""
+    want = spec.removeprefix("recorded:")
+    keys = sorted({k for it in items for k in it.outcomes})
+    if want in keys:
+        return want
+    matches = [k for k in keys if want.casefold() in k.casefold()]
+    if len(matches) != 1:
+        raise ConfigError(f"--frontier {spec}: recorded models in this dataset: {', '.join(keys) or 'none'}",
+                          param="frontier")
+    return matches[0]
+
+
+def model_file(ts: TierSettings, settings: Settings) -> Path | None:
+    if ts.kind != "llama_cpp":
+        return None
+    from localroute.registry import resolve_model_path
+
+    return resolve_model_path(ts.model, settings.models_dir)
+
+
+def _tokens_json(tokens: Sequence[TokenLogprob]) -> list[list[Any]]:
+    return [[t.token_id, t.token, t.logprob, [[a.token, a.logprob] for a in t.top_logprobs]] for t in tokens]
+
+
+def tokens_from_json(raw: Sequence[Sequence[Any]]) -> list[TokenLogprob]:
+    """Rebuild tokens from a run row so aggregators can be recomputed."""
+    return [
+        TokenLogprob(token_id=int(t[0]), token=str(t[1]), logprob=float(t[2]),
+                     top_logprobs=tuple(TopLogprob(token=str(a[0]), logprob=float(a[1])) for a in t[3]))
+        for t in raw
+    ]
+
+
+def read_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Finished rows; a torn last line (killed mid-write) is ignored and recomputed on resume."""
+    path = out_dir / "rows.jsonl"
+    if not path.is_file():
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows[row["id"]] = row
+    return list(rows.values())
+
+
+def read_meta(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "meta.json"
+    if not path.is_file():
+        raise ConfigError(f"{out_dir} is not an eval run (no meta.json)", param="run")
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _sampling(cfg: EvalConfig, item: EvalItem) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=cfg.max_tokens or item.max_tokens or TASK_MAX_TOKENS[item.task],
+        temperature=0.0,
+        seed=cfg.seed,
+        stop=tuple(item.stop or ()),
+        top_logprobs=TOP_LOGPROBS,
+    )
+
+
+def _request(cfg: EvalConfig, item: EvalItem) -> GenerationRequest:
+    messages = tuple(dict(m) for m in item.messages) if item.messages is not None else None
+    return GenerationRequest(messages=messages, prompt=item.prompt, params=_sampling(cfg, item),
+                             request_id=f"eval-{item.id}")
+
+
+def _score_json(s: Score | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    extracted = s.extracted if isinstance(s.extracted, (str, int, float, bool, type(None), list, dict)) else str(s.extracted)
+    return {"score": s.value, "correct": s.correct, "extracted": extracted}
+
+
+class _Runner:
+    def __init__(self, settings: Settings, cfg: EvalConfig, tier: TierSettings, meta: dict[str, Any]) -> None:
+        self.settings = settings
+        self.cfg = cfg
+        self.tier = tier
+        self.meta = meta
+        self.judge = (JudgeScorer(cfg.judge_url, cfg.judge_model or "gpt-4o-mini", cfg.judge_api_key)
+                      if cfg.judge_url else None)
+        self.backend: Backend | None = None
+        self.frontier: Backend | None = None
+        self.recorded = meta["frontier"]["model"] if meta["frontier"]["mode"] == "recorded" else None
+
+    async def _frontier_outcome(self, item: EvalItem) -> tuple[dict[str, Any] | None, float | None]:
+        mode = self.meta["frontier"]["mode"]
+        if mode == "oracle":
+            return {"score": 1.0, "correct": True, "source": "oracle"}, None
+        if mode == "recorded":
+            outcome = item.outcomes.get(self.recorded or "")
+            if outcome is None:
+                return None, None
+            return {"score": outcome.value, "correct": outcome.value >= 0.5 if outcome.correct is None
+                    else bool(outcome.correct), "source": f"recorded:{self.recorded}"}, None
+        assert self.frontier is not None
+        gen = await self.frontier.generate(_request(self.cfg, item))
+        s = await score_answer(gen.text, item, self.judge)
+        fs = self.settings.frontier_tier()
+        cost = ((fs.input_usd_per_mtok or 0.0) * gen.prompt_tokens
+                + (fs.output_usd_per_mtok or 0.0) * gen.completion_tokens) / 1e6
+        return {"score": s.value, "correct": s.correct, "source": "live", "output": gen.text}, cost
+
+    async def one(self, item: EvalItem) -> dict[str, Any]:
+        assert self.backend is not None
+        row: dict[str, Any] = {"id": item.id, "task": item.task}
+        started = time.perf_counter()
+        gen: Generation | None = None
+        try:
+            gen = await self.backend.generate(_request(self.cfg, item))
+        except LocalrouteError as exc:  # in serving this answer would escalate: keep it, unconfident
+            row["error"] = f"generation: {exc.code or type(exc).__name__}: {exc.message}"
+        row.update({
+            "output": gen.text if gen else "",
+            "finish_reason": gen.finish_reason if gen else "error",
+            "tokens": _tokens_json(gen.tokens) if gen else [],
+            "prompt_tokens": gen.prompt_tokens if gen else 0,
+            "completion_tokens": gen.completion_tokens if gen else 0,
+            "latency_s": round(gen.latency_s if gen else time.perf_counter() - started, 6),
+        })
+        try:
+            cheap = await score_answer(gen.text, item, self.judge) if gen else Score(0.0, False)
+            row["cheap"] = _score_json(cheap)
+            frontier, cost = await self._frontier_outcome(item)
+            row["frontier"] = frontier
+            if cost is not None:
+                row["frontier_cost_usd"] = cost
+        except LocalrouteError as exc:
+            row["scoring_error"] = f"{exc.code or type(exc).__name__}: {exc.message}"
+        return row
+
+
+def _dataset_key(path: Path) -> str:
+    return file_sha256(path)
+
+
+async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
+    """Run (or resume) an evaluation; returns what was computed."""
+    items = sample(load_items(cfg.dataset), cfg.limit, cfg.seed)
+    if not items:
+        raise ConfigError(f"dataset {cfg.dataset} is empty", param="dataset")
+    tier = pick_tier(settings, cfg.tier)
+    mode, _, _ = cfg.frontier.partition(":")
+    if mode not in ("live", "recorded", "oracle"):
+        raise ConfigError("--frontier must be live, recorded:<model> or oracle", param="frontier")
+    frontier_meta: dict[str, Any] = {"mode": mode}
+    if mode == "recorded":
+        frontier_meta["model"] = resolve_recorded(items, cfg.frontier)
+    elif mode == "live":
+        if not settings.frontier_base_url:
+            raise ConfigError("--frontier live needs frontier_base_url (LOCALROUTE_FRONTIER_BASE_URL)",
+                              param="frontier")
+        frontier_meta["model"] = settings.frontier_model
+    else:
+        frontier_meta["note"] = "oracle: the frontier is assumed always right; results are an upper bound"
+    if any(it.task == "judge" for it in items) and not cfg.judge_url:
+        raise ConfigError("this dataset has `judge` items: pass --judge-url and --judge-model", param="judge_url")
+    path = model_file(tier, settings)
+    key = {
+        "dataset_sha256": _dataset_key(cfg.dataset),
+        "tier": tier.name,
+        "model": tier.model,
+        "model_sha256": file_sha256(path) if path else None,
+        "max_tokens": cfg.max_tokens,
+        "seed": cfg.seed,
+        "frontier": frontier_meta,
+    }
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = cfg.out_dir / "meta.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        if old.get("key") != key:
+            raise ConfigError(f"{cfg.out_dir} holds a different run (dataset, tier, model, max_tokens, seed or "
+                              f"frontier differ); choose another --out", param="out")
+        meta = old
+    else:
+        meta = {
+            "version": RUN_VERSION,
+            "key": key,
+            "dataset": str(cfg.dataset),
+            "tier": tier.name,
+            "tier_kind": tier.kind,
+            "frontier": frontier_meta,
+            "fingerprint": None,
+            "sampling": {"temperature": 0.0, "top_logprobs": TOP_LOGPROBS, "logprobs": "raw",
+                         "max_tokens": cfg.max_tokens or "per task", "choice_method": CHOICE_METHOD},
+            "confidence_quantile_alpha": settings.confidence_quantile_alpha,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    meta["limit"] = cfg.limit
+    meta["n_items"] = max(len(items), int(meta.get("n_items") or 0))
+    done = {r["id"] for r in read_rows(cfg.out_dir)}
+    pending = [it for it in items if it.id not in done]
+    runner = _Runner(settings, cfg, tier, meta)
+    errors = 0
+    if pending:
+        runner.backend = load_backend(tier, settings)
+        if mode == "live":
+            runner.frontier = load_backend(settings.frontier_tier(), settings)
+        try:
+            meta["fingerprint"] = backend_fingerprint(runner.backend, path)
+            _write_json(meta_path, meta)
+            errors = await _run_pending(runner, pending, cfg)
+        finally:
+            await runner.backend.aclose()
+            if runner.frontier is not None:
+                await runner.frontier.aclose()
+            if runner.judge is not None:
+                await runner.judge.aclose()
+    else:
+        _write_json(meta_path, meta)
+    return RunSummary(cfg.out_dir, len(items), len(pending), len(items) - len(pending), errors, meta)
+
+
+async def _run_pending(runner: _Runner, pending: list[EvalItem], cfg: EvalConfig) -> int:
+    from tqdm import tqdm
+
+    sem = asyncio.Semaphore(max(1, cfg.concurrency))
+    errors = 0
+
+    async def guarded(item: EvalItem) -> dict[str, Any]:
+        async with sem:
+            return await runner.one(item)
+
+    tasks = [asyncio.create_task(guarded(it)) for it in pending]
+    bar = tqdm(total=len(pending), desc=f"eval {runner.tier.name}", unit="q", disable=not cfg.progress)
+    try:
+        with (cfg.out_dir / "rows.jsonl").open("a", encoding="utf-8") as fh:
+            for fut in asyncio.as_completed(tasks):
+                row = await fut
+                errors += bool(row.get("error") or row.get("scoring_error"))
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+                bar.update(1)
+    finally:
+        bar.close()
+        for t in tasks:
+            t.cancel()
+    return errors
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

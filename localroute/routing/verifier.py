@@ -1,0 +1,148 @@
+"""Quality signals beyond token logprobs: schema validity and a verifier model.
+
+- `schema_violation`: for `response_format` json_object / json_schema, the answer must parse as JSON
+  (an object for json_object) and validate against the schema (jsonschema, Draft 2020-12). The
+  cascade rejects a violating answer whatever its confidence (`CascadeRouter._judge`).
+- `Verifier`: AutoMix-style self-verification (Madaan et al., 2023): a local tier is asked whether
+  the proposed answer to the question is correct, and the signal is P(Yes) / (P(Yes) + P(No)) read
+  from the logprobs of its first answer token (top-20 alternatives), so one decode step suffices.
+- `VerifiedCascadeRouter`: the cascade with the verifier as its signal, alone (`mode="alone"`: the
+  verifier probability is the confidence) or combined with the logprob aggregator (`mode="and"`: an
+  answer must pass both the tier's logprob threshold and the verifier threshold).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from localroute.backends.base import Backend
+from localroute.embeddings import request_text
+from localroute.routing.base import Decision, Tier
+from localroute.routing.cascade import CascadeRouter
+from localroute.types import Generation, GenerationRequest, SamplingParams
+
+VERIFY_TEMPLATE = (
+    "Question:\n{question}\n\nProposed answer:\n{answer}\n\n"
+    "Is the proposed answer correct? Reply with Yes or No."
+)
+
+
+def schema_violation(response_format: dict[str, Any], text: str) -> str | None:
+    """Why `text` breaks the requested format, or None when it complies (or no JSON was asked)."""
+    kind = response_format.get("type")
+    if kind not in ("json_object", "json_schema"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"not valid JSON: {exc.msg} at char {exc.pos}"
+    if kind == "json_object":
+        return None if isinstance(value, dict) else "JSON is not an object"
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        return None
+    import jsonschema
+
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        return f"schema violation at {where}: {exc.message[:200]}"
+    except jsonschema.SchemaError as exc:
+        return f"invalid schema: {exc.message[:200]}"
+    return None
+
+
+def yes_probability(gen: Generation) -> float:
+    """P(Yes) / (P(Yes) + P(No)) over the first token's top alternatives; 0.5 when neither shows."""
+    if not gen.tokens:
+        return 0.5
+    import math
+
+    first = gen.tokens[0]
+    candidates = list(first.top_logprobs) or []
+    p_yes = p_no = 0.0
+    seen = set()
+    for alt in [*candidates, first]:
+        token = alt.token
+        if token in seen:
+            continue
+        seen.add(token)
+        word = token.strip().lower()
+        if word in ("yes", "y"):
+            p_yes += math.exp(alt.logprob)
+        elif word in ("no", "n"):
+            p_no += math.exp(alt.logprob)
+    if p_yes + p_no <= 0:
+        return 0.5
+    return p_yes / (p_yes + p_no)
+
+
+class Verifier:
+    """Asks a (local) backend whether an answer is correct; one token of decoding."""
+
+    def __init__(self, backend: Backend, top_logprobs: int = 20, template: str = VERIFY_TEMPLATE) -> None:
+        self.backend = backend
+        self.top_logprobs = top_logprobs
+        self.template = template
+
+    def request(self, request: GenerationRequest, answer: str) -> GenerationRequest:
+        question = request_text(request.messages, request.prompt)
+        content = self.template.format(question=question[-4000:], answer=answer[-4000:])
+        return GenerationRequest(
+            messages=({"role": "user", "content": content},),
+            params=SamplingParams(max_tokens=1, temperature=0.0, top_logprobs=self.top_logprobs),
+            request_id=f"{request.request_id}-verify" if request.request_id else "",
+        )
+
+    async def score(self, request: GenerationRequest, answer: str) -> float:
+        gen = await self.backend.generate(self.request(request, answer))
+        return yes_probability(gen)
+
+
+class VerifiedCascadeRouter(CascadeRouter):
+    """A cascade whose acceptance test includes a verifier's judgement of each cheap answer."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        verifier: Verifier,
+        aggregator: str = "mean_logprob",
+        alpha: float = 0.1,
+        policy: str = "localroute/verified",
+        mode: str = "alone",
+        verifier_threshold: float = 0.5,
+    ) -> None:
+        if mode not in ("alone", "and"):
+            raise ValueError("verifier mode must be 'alone' or 'and'")
+        super().__init__(tiers, aggregator, alpha, policy)
+        self.verifier = verifier
+        self.mode = mode
+        self.verifier_threshold = verifier_threshold
+        self.signal = "verifier" if mode == "alone" else f"{aggregator}+verifier"
+
+    async def _judge(
+        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
+    ) -> tuple[float | None, bool]:
+        conf, accepted = await super()._judge(tier, request, gen, decision)
+        if tier.name in decision.evidence.get("schema_violations", {}):
+            return conf, False
+        from localroute.errors import LocalrouteError
+
+        try:
+            p = await self.verifier.score(request, gen.text)
+        except LocalrouteError as exc:  # no verdict: the answer is not vouched for, so it escalates
+            decision.evidence.setdefault("verifier_errors", {})[tier.name] = exc.message
+            return conf, False
+        decision.evidence.setdefault("verifier", {})[tier.name] = p
+        if self.mode == "alone":
+            return p, p >= self.verifier_threshold
+        return conf, accepted and p >= self.verifier_threshold
+
+
+def with_response_format(request: GenerationRequest, response_format: dict[str, Any]) -> GenerationRequest:
+    """A copy of `request` asking for a response format (tests, the eval harness)."""
+    return replace(request, params=replace(request.params, response_format=response_format))

@@ -1,0 +1,32 @@
+"""`localroute doctor` on this machine (no GPU) and its JSON shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from localroute.cli import main
+
+
+def test_doctor_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["cpu"]["usable_cores"] >= 1 and env["cpu"]["model"]
+    assert env["gpu"]["nvml"] in ("available", "unavailable")
+    if env["gpu"]["nvml"] == "unavailable":
+        assert env["gpu"]["reason"] and env["gpu"]["devices"] == []
+    assert env["engines"]["llama_cpp"]["importable"] is True and env["engines"]["llama_cpp"]["version"]
+    for name in ("vllm", "torch", "transformers"):
+        assert isinstance(env["engines"][name]["importable"], bool)
+    assert env["would_use"]["engine"] in ("llama_cpp", "vllm", "transformers")
+    assert env["would_use"]["why"]
+
+
+def test_doctor_does_not_import_heavy_engines(capsys: pytest.CaptureFixture[str]) -> None:
+    already = {m for m in ("torch", "vllm", "transformers") if m in sys.modules}
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert "GPU/NVML" in text and "would use" in text and "llama_cpp" in text
+    assert {m for m in ("torch", "vllm", "transformers") if m in sys.modules} == already

@@ -1,0 +1,171 @@
+"""NVML through a stand-in module (the real GPU path is the GPU issue's device check), the
+"unavailable" path on this GPU-less machine, CPU time windows and the batch share."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from localroute.telemetry import Nvml, Sample, Telemetry, _mean_step, cpu_info, environment
+
+
+class FakeNvml:
+    """Two devices shaped like pynvml's: device 1 has no energy counter (power x time fallback)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self) -> None:
+        self.energy_mj = [1_000_000, 0]
+        self.power_mw = [150_000, 80_000]
+        self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        return None
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H200" if h == 0 else b"Tesla T4"
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        return SimpleNamespace(gpu=37 if h == 0 else 5, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30, free=0)
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return self.power_mw[h]
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
+        if h == 1:
+            raise self.NVMLError_NotSupported("Not Supported")
+        return self.energy_mj[h]
+
+
+class BrokenNvml:
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    def nvmlInit(self) -> None:
+        raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+
+def test_fake_nvml_readings() -> None:
+    fake = FakeNvml()
+    nv = Nvml(fake)
+    assert nv.start() and nv.available and nv.driver_version == "550.54"
+    g0, g1 = nv.read()
+    assert g0.name == "NVIDIA H200" and g0.utilization_ratio == pytest.approx(0.37)
+    assert g0.memory_used_bytes == 2**30 and g0.memory_total_bytes == 80 * 2**30
+    assert g0.power_w == pytest.approx(150.0) and g0.energy_j == pytest.approx(1000.0)
+    assert g0.energy_method == "nvml_total_energy"
+    assert g1.energy_method == "nvml_power_x_time" and g1.energy_j == pytest.approx(0.0)
+    nv.close()
+    assert fake.shutdowns == 1
+
+
+def test_power_x_time_fallback_integrates_between_reads() -> None:
+    fake = FakeNvml()
+    nv = Nvml(fake)
+    first = nv.read()[1].energy_j
+    time.sleep(0.05)
+    second = nv.read()[1].energy_j
+    assert first is not None and second is not None and second > first  # 80 W for a while
+
+
+def test_unavailable_nvml_never_raises() -> None:
+    nv = Nvml(BrokenNvml())
+    assert nv.start() is False and nv.read() == []
+    assert "NVML Shared Library Not Found" in (nv.reason or "")
+    tel = Telemetry(interval_s=0.01, nvml=nv)
+    tel.start()
+    try:
+        s = tel.sample()
+        assert s.gpu_energy_j is None
+        assert tel.status()["gpu"] == "unavailable" and tel.gpus() == []
+    finally:
+        tel.stop()
+
+
+def test_real_pynvml_on_this_machine_is_unavailable_or_works() -> None:
+    """Here there is no NVIDIA driver: the real pynvml must report why, not crash."""
+    nv = Nvml()
+    ok = nv.start()
+    if ok:  # a GPU host: real readings
+        assert all(g.memory_total_bytes for g in nv.read())
+    else:
+        assert nv.reason
+    nv.close()
+
+
+def test_telemetry_gpu_energy_window_with_fake_nvml() -> None:
+    fake = FakeNvml()
+    tel = Telemetry(interval_s=60, nvml=Nvml(fake), load=lambda: (0, 1))
+    tel.start()
+    try:
+        s0 = tel.sample()
+        fake.energy_mj[0] += 50_000  # the device burns 50 J
+        s1 = tel.sample()
+        u = tel.window(s0.t, s1.t)
+        # device 0: exactly +50 J; device 1: a little from 80 W x elapsed (power x time)
+        assert u.gpu_energy_j is not None and u.gpu_energy_j >= 50.0
+        assert [g.index for g in tel.gpus()] == [0, 1]
+    finally:
+        tel.stop()
+
+
+def test_cpu_window_counts_this_process_cpu_time() -> None:
+    tel = Telemetry(interval_s=60)
+    tel.start()
+    try:
+        s0 = tel.sample()
+        x = 0
+        while time.process_time() - s0.cpu_s < 0.05:  # burn 50 ms of CPU
+            x += 1
+        s1 = tel.sample()
+        u = tel.window(s0.t, s1.t)
+        assert u.cpu_s >= 0.05
+    finally:
+        tel.stop()
+
+
+def test_mean_step_is_time_weighted_and_at_least_one() -> None:
+    samples = [Sample(0, 0, active_cpu=4), Sample(1, 0, active_cpu=2), Sample(3, 0, active_cpu=0),
+               Sample(2, 0)]  # a sample without a load reading is ignored
+    samples.sort(key=lambda s: s.t)
+    assert _mean_step(samples, 0, 1, lambda s: s.active_cpu) == pytest.approx(4)
+    assert _mean_step(samples, 0.5, 2, lambda s: s.active_cpu) == pytest.approx((4 * 0.5 + 2 * 1) / 1.5)
+    assert _mean_step(samples, 3, 5, lambda s: s.active_cpu) == 1.0  # idle reads as the request alone
+    assert _mean_step([], 0, 1, lambda s: s.active_cpu) == 1.0
+
+
+def test_environment_report_shape() -> None:
+    env = environment(Nvml(BrokenNvml()))
+    assert env["gpu"]["nvml"] == "unavailable" and env["gpu"]["reason"]
+    assert env["cpu"]["usable_cores"] >= 1
+    assert set(env["engines"]) >= {"llama_cpp", "vllm", "torch", "transformers"}
+    assert env["engines"]["llama_cpp"]["importable"] is True  # the test environment builds it
+    assert env["would_use"]["engine"] == "llama_cpp" and env["would_use"]["device"] == "cpu"
+    env_gpu = environment(Nvml(FakeNvml()))
+    assert env_gpu["gpu"]["nvml"] == "available" and len(env_gpu["gpu"]["devices"]) == 2
+    assert cpu_info()["model"]
