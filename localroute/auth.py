@@ -116,7 +116,9 @@ def _read_key_file(path: Path) -> list[bytes]:
 
 
 def _presented_key(scope: Scope) -> str | None:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+    headers: dict[str, str] = {
+        k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()
+    }
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()

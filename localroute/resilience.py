@@ -17,6 +17,7 @@ Why each piece exists:
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -61,7 +62,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         pass
     else:
-        return max(0.0, seconds) if seconds == seconds else None
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

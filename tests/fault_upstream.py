@@ -15,10 +15,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 FaultKind = Literal["ok", "status", "garbage", "cut", "stall", "hang", "close"]
 
@@ -57,6 +57,7 @@ class FaultUpstream:
 
     def __init__(self, default: Fault | None = None) -> None:
         self.default = default or Fault()
+        self.chooser: Callable[[], Fault] | None = None  # when set, picks each unscripted behaviour
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
@@ -77,9 +78,11 @@ class FaultUpstream:
 
     def _next(self) -> Fault:
         with self._lock:
-            return self._queue.popleft() if self._queue else self.default
+            if self._queue:
+                return self._queue.popleft()
+            return self.chooser() if self.chooser is not None else self.default
 
-    def __enter__(self) -> FaultUpstream:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="fault-upstream", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -149,10 +152,8 @@ class FaultUpstream:
                 self.aborted += 1
         finally:
             eof.cancel()
-            try:
+            with suppress(OSError, RuntimeError):
                 writer.close()
-            except Exception:
-                pass
 
     async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
         head = await reader.readuntil(b"\r\n\r\n")

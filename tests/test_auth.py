@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-import localroute.auth as auth
+from localroute import auth
 from localroute.auth import ApiKeyStore
 from localroute.errors import ConfigError
 from localroute.routing.base import Tier

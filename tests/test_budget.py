@@ -13,7 +13,7 @@ import pytest
 from localroute.auth import current_key_id
 from localroute.backends.openai_http import OpenAIHTTPBackend
 from localroute.budget import BudgetExceededError, SpendBudget, attach_budget
-from localroute.errors import ConfigError
+from localroute.errors import ConfigError, UpstreamError
 from localroute.resilience import CircuitBreaker, Deadlines, RetryPolicy
 from localroute.routing.base import Tier
 from localroute.server.app import create_app
@@ -121,12 +121,12 @@ def test_cost_unknown_after_a_cut_stream_charges_the_reservation() -> None:
         b = _backend(up.url)
         b.budget = SpendBudget(cap_usd=1000.0)
         try:
-            with pytest.raises(Exception):
+            with pytest.raises(UpstreamError):
                 async for _ in b.stream(_request()):
                     pass
             refused = _backend("http://127.0.0.1:9/v1")
             refused.budget = b.budget
-            with pytest.raises(Exception):
+            with pytest.raises(UpstreamError):
                 await refused.generate(_request())  # never reached a model: costs nothing
             await refused.aclose()
         finally:
@@ -200,9 +200,9 @@ def test_server_budget_exhausted_degrades_or_rejects_by_policy() -> None:
 
 
 def test_server_per_key_budget() -> None:
-    with fault_upstream(default=Fault(prompt_tokens=10, completion_tokens=9)) as up:
-        with serve_app(_app(up.url, api_keys="key-a,key-b", budget_per_key_usd=70.0)) as base:
-            a1, a2, b1 = _ask(base, "key-a"), _ask(base, "key-a"), _ask(base, "key-b")
+    with fault_upstream(default=Fault(prompt_tokens=10, completion_tokens=9)) as up, \
+            serve_app(_app(up.url, api_keys="key-a,key-b", budget_per_key_usd=70.0)) as base:
+        a1, a2, b1 = _ask(base, "key-a"), _ask(base, "key-a"), _ask(base, "key-b")
     assert a1.headers["x-localroute-tier"] == "frontier"
     assert a2.headers["x-localroute-degraded"] == "frontier_budget_exceeded"
     assert b1.headers["x-localroute-tier"] == "frontier"

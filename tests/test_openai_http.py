@@ -107,9 +107,8 @@ def test_5xx_is_retried_then_answers() -> None:
 
 
 def test_persistent_5xx_gives_up_after_max_retries() -> None:
-    with fault_upstream(default=Fault("status", status=502)) as up:
-        with pytest.raises(UpstreamError) as info:
-            gen(up.url, retries=2)
+    with fault_upstream(default=Fault("status", status=502)) as up, pytest.raises(UpstreamError) as info:
+        gen(up.url, retries=2)
     assert info.value.code == "upstream_unavailable"
     assert len(up.requests) == 3
 
@@ -129,18 +128,17 @@ def test_429_retry_after_is_obeyed(header: str) -> None:
 
 
 def test_retry_after_beyond_the_wait_cap_fails_at_once() -> None:
-    with fault_upstream(Fault("status", status=429, headers={"Retry-After": "60"})) as up:
-        with pytest.raises(UpstreamError) as info:
-            gen(up.url, max_total_wait_s=5.0)
+    with fault_upstream(Fault("status", status=429, headers={"Retry-After": "60"})) as up, \
+            pytest.raises(UpstreamError) as info:
+        gen(up.url, max_total_wait_s=5.0)
     assert info.value.code == "upstream_rate_limited"
     assert len(up.requests) == 1
 
 
 @pytest.mark.parametrize("call", [gen, stream])
 def test_html_with_200_is_a_bad_response(call: Any) -> None:
-    with fault_upstream(default=Fault("garbage")) as up:
-        with pytest.raises(UpstreamError) as info:
-            call(up.url, retries=1)
+    with fault_upstream(default=Fault("garbage")) as up, pytest.raises(UpstreamError) as info:
+        call(up.url, retries=1)
     assert info.value.code == "upstream_bad_response"
     assert len(up.requests) == 2  # retried: nothing had reached the client
 
@@ -153,9 +151,8 @@ def test_truncated_whole_body_is_retried() -> None:
 
 def test_stream_cut_after_tokens_fails_and_is_never_restarted() -> None:
     pieces: list[str] = []
-    with fault_upstream(Fault("cut", cut_after=3)) as up:
-        with pytest.raises(UpstreamError):
-            stream(up.url, pieces)
+    with fault_upstream(Fault("cut", cut_after=3)) as up, pytest.raises(UpstreamError):
+        stream(up.url, pieces)
     assert len(pieces) == 3
     assert len(up.requests) == 1
 
@@ -178,26 +175,25 @@ def test_stall_with_keepalives_hits_the_first_token_deadline() -> None:
 def test_stall_mid_stream_hits_the_idle_deadline() -> None:
     d = Deadlines(connect_s=1.0, first_token_s=5.0, idle_s=0.5, total_s=10.0)
     pieces: list[str] = []
-    with fault_upstream(default=Fault("stall", cut_after=2, keepalive_every_s=0.05)) as up:
-        with pytest.raises(UpstreamError) as info:
-            stream(up.url, pieces, retries=2, deadlines=d)
+    with fault_upstream(default=Fault("stall", cut_after=2, keepalive_every_s=0.05)) as up, \
+            pytest.raises(UpstreamError) as info:
+        stream(up.url, pieces, retries=2, deadlines=d)
     assert "idle" in info.value.message
     assert len(pieces) == 2 and len(up.requests) == 1  # bytes were out: no retry
 
 
 def test_whole_answer_stalled_by_whitespace_hits_the_idle_deadline() -> None:
     d = Deadlines(connect_s=1.0, first_token_s=5.0, idle_s=0.4, total_s=10.0)
-    with fault_upstream(default=Fault("stall", keepalive_every_s=0.05)) as up:
-        with pytest.raises(UpstreamError) as info:
-            gen(up.url, retries=0, deadlines=d)
+    with fault_upstream(default=Fault("stall", keepalive_every_s=0.05)) as up, \
+            pytest.raises(UpstreamError) as info:
+        gen(up.url, retries=0, deadlines=d)
     assert "idle" in info.value.message
 
 
 def test_total_deadline_bounds_retries() -> None:
     d = Deadlines(connect_s=1.0, first_token_s=0.3, idle_s=0.3, total_s=1.0)
-    with fault_upstream(default=Fault("hang")) as up:
-        with pytest.raises(UpstreamError) as info:
-            gen(up.url, retries=10, deadlines=d)
+    with fault_upstream(default=Fault("hang")) as up, pytest.raises(UpstreamError) as info:
+        gen(up.url, retries=10, deadlines=d)
     assert info.value.code == "upstream_timeout"
     assert 1 <= len(up.requests) <= 4
 
@@ -337,12 +333,11 @@ def test_server_stream_cut_mid_way_ends_with_error_event_and_no_done(up: FaultUp
 
 def test_server_stream_failing_before_first_byte_degrades(up: FaultUpstream) -> None:
     up.script(Fault("garbage"))
-    with serve_app(_app(up.url)) as base:
-        with httpx.stream("POST", f"{base}/chat/completions", timeout=30, json={
-                "model": "localroute/cascade", "stream": True,
-                "messages": [{"role": "user", "content": "hi"}]}) as r:
-            lines = [ln for ln in r.iter_lines() if ln.startswith("data:")]
-            degraded = r.headers.get("x-localroute-degraded")
+    body = {"model": "localroute/cascade", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with serve_app(_app(up.url)) as base, httpx.stream("POST", f"{base}/chat/completions", timeout=30,
+                                                       json=body) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data:")]
+        degraded = r.headers.get("x-localroute-degraded")
     assert lines[-1] == "data: [DONE]"
     text = "".join(json.loads(ln[5:])["choices"][0]["delta"].get("content", "") for ln in lines[:-1]
                    if json.loads(ln[5:])["choices"])

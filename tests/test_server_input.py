@@ -355,7 +355,8 @@ def test_canaries_never_reach_logs_routing_log_or_error_bodies(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], smollm2_path: Path
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    leak = json.dumps({"error": {"message": f"{CANARY_UPSTREAM} key={CANARY_FRONTIER_KEY} "
+    # upstream error text carrying secrets: our key, another key-like token, a URL query string
+    leak = json.dumps({"error": {"message": f"bad key={CANARY_FRONTIER_KEY} or sk-{CANARY_UPSTREAM} at "
                                              f"https://x.example/v1?token={CANARY_UPSTREAM}q"}})
     db = tmp_path / "routing.db"
     bodies: list[str] = []
@@ -386,12 +387,13 @@ def test_canaries_never_reach_logs_routing_log_or_error_bodies(
     out, err = capfd.readouterr()
     logged = caplog.text + out + err
     stored = ""
-    if db.exists():
+    if db.exists():  # the routing log (when built): every table, every row, as text
         with sqlite3.connect(db) as conn:
             tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
             for t in tables:
                 stored += "\n".join(repr(row) for row in conn.execute(f'SELECT * FROM "{t}"'))
-        assert "requests" in tables or tables  # the routing log exists and was read
+            if "requests" in tables:
+                assert conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] >= 4
     for canary in (CANARY_API_KEY, CANARY_FRONTIER_KEY, CANARY_UPSTREAM, "canary-prompt-8d1f0a77", "hunter2"):
         assert canary not in logged, canary
         assert canary not in stored, canary
@@ -418,7 +420,7 @@ def test_bad_config_exits_nonzero_naming_the_key(tmp_path: Path, content: str, k
     t0 = time.perf_counter()
     cli = str(Path(sys.executable).parent / "localroute")
     proc = subprocess.run([cli, "config", "show", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     took = time.perf_counter() - t0
     assert proc.returncode != 0
     assert key in proc.stderr, proc.stderr

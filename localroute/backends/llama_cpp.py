@@ -91,6 +91,7 @@ class _Seq:
     emitted_chars: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
+    cancel_step: int = 0  # decode_steps_total when cancel() was called
     reserved: int = 0
     grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
 
@@ -181,6 +182,8 @@ class LlamaEngine:
             "batched_rows_total": 0,  # decode rows over all steps: / decode_steps_total = mean batch
             "kv_full_total": 0,  # llama_decode returned 1 (no KV slot) and the step was shrunk
             "decode_errors_total": 0,  # llama_decode returned another non-zero code
+            # gauge: most decode steps a cancelled running request stayed in the batch (<= 1 by design)
+            "cancel_lag_steps_max": 0,
         }
         self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
         self._thread.start()
@@ -245,6 +248,7 @@ class LlamaEngine:
     def cancel(self, seq: _Seq) -> None:
         """Mark a request abandoned: a waiting one leaves the queue now, a running one is dropped
         (its slot and KV cells freed) before the next decode step."""
+        seq.cancel_step = self.stats["decode_steps_total"]
         seq.cancelled = True
         with self._cond:
             if seq in self._waiting:
@@ -297,6 +301,8 @@ class LlamaEngine:
                     for seq in [s for s in self._active if s.cancelled]:
                         self._release(seq)
                         self.stats["cancelled_total"] += 1
+                        lag = self.stats["decode_steps_total"] - seq.cancel_step
+                        self.stats["cancel_lag_steps_max"] = max(self.stats["cancel_lag_steps_max"], lag)
                     self._admit()
                     while self._running and not self._active and not self._waiting:
                         self._cond.wait()
@@ -332,93 +338,88 @@ class LlamaEngine:
             if seq.slot >= 0:
                 self._release(seq)
 
-    def _fill(self, decoding: list[_Seq], prefilling: list[_Seq], prefill_budget: int) -> tuple[
-        int, list[tuple[_Seq, int]], list[tuple[_Seq, int]]
-    ]:
-        """Write one step into the batch without touching sequence state (so a refused step can be
-        retried smaller): one row per decoding sequence, then prompt chunks up to `prefill_budget`
-        tokens in all. Returns (rows, (seq, logits row) outputs, (seq, tokens taken) chunks)."""
-        n = 0
-        outputs: list[tuple[_Seq, int]] = []
-        chunks: list[tuple[_Seq, int]] = []
-        for seq in decoding:
-            self._b_token[n] = seq.last_token
-            self._b_pos[n] = seq.n_past
-            self._b_logits[n] = 1
-            self._batch.seq_id[n][0] = seq.slot
-            outputs.append((seq, n))
-            n += 1
-        room = min(prefill_budget, self.n_batch - n)
-        for seq in prefilling:
-            if room <= 0:
-                break
-            take = min(len(seq.pending), room)
-            end = n + take
-            self._b_token[n:end] = seq.pending[:take]
-            self._b_pos[n:end] = np.arange(seq.n_past, seq.n_past + take)
-            self._b_logits[n:end] = 0
-            seq_id = self._batch.seq_id
-            for i in range(n, end):
-                seq_id[i][0] = seq.slot
-            if take == len(seq.pending):
-                self._b_logits[end - 1] = 1
-                outputs.append((seq, end - 1))
-            chunks.append((seq, take))
-            room -= take
-            n = end
+    def _decode(self, n: int) -> int:
         self._batch.n_tokens = n
-        return n, outputs, chunks
+        rc = int(self._ll.llama_decode(self._ctx, self._batch))
+        if rc == 0:
+            self.stats["decode_steps_total"] += 1
+        elif rc == 1:
+            self.stats["kv_full_total"] += 1
+        else:
+            self.stats["decode_errors_total"] += 1
+            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
+        return rc
+
+    def _decode_rows(self, decoding: list[_Seq]) -> None:
+        """One token for every generating sequence, in one llama_decode."""
+        while decoding:
+            for i, seq in enumerate(decoding):
+                self._b_token[i] = seq.last_token
+                self._b_pos[i] = seq.n_past
+                self._b_logits[i] = 1
+                self._batch.seq_id[i][0] = seq.slot
+            rc = self._decode(len(decoding))
+            if rc == 0:
+                break
+            if rc == 1:  # a sequence's KV stream is full (admission control should prevent it)
+                victim = max(decoding, key=lambda s: s.n_past)
+                decoding.remove(victim)
+                self._drop(victim, "out of KV cache")
+                continue
+            for seq in decoding:  # other failures may leave part of the batch in the cache
+                self._drop(seq, f"decode error {rc}")
+            return
+        self.stats["batched_rows_total"] += len(decoding)
+        now = time.perf_counter()
+        for i, seq in enumerate(decoding):
+            seq.n_past += 1
+            if not seq.cancelled:
+                row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+                self._advance(seq, row, now)
+
+    def _prefill(self, seq: _Seq) -> None:
+        """Feed the next chunk of a prompt, alone in its own llama_decode.
+
+        Chunks always start at multiples of `prefill_chunk` and never share a call with other
+        sequences: llama.cpp's numerics depend on how a batch is split into ubatches, so this keeps a
+        request's logits identical whether it runs alone or next to others.
+        """
+        take = min(len(seq.pending), self.prefill_chunk)
+        self._b_token[:take] = seq.pending[:take]
+        self._b_pos[:take] = np.arange(seq.n_past, seq.n_past + take)
+        self._b_logits[:take] = 0
+        last = take == len(seq.pending)
+        self._b_logits[take - 1] = 1 if last else 0
+        seq_id = self._batch.seq_id
+        for i in range(take):
+            seq_id[i][0] = seq.slot
+        rc = self._decode(take)
+        if rc != 0:
+            self._drop(seq, "out of KV cache" if rc == 1 else f"decode error {rc}")
+            return
+        del seq.pending[:take]
+        seq.n_past += take
+        if last and not seq.cancelled:
+            row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, take - 1), shape=(self.n_vocab,))
+            self._advance(seq, row, time.perf_counter())
 
     def _step(self, active: list[_Seq]) -> None:
-        """One llama_decode over every running sequence, then one token for each that has logits.
+        """One decode round: a token for every generating sequence, then some prompt chunks.
 
         Chunked prefill: while some sequences are generating, newcomers' prompts enter at most
-        `prefill_chunk` tokens per step, so a long prompt delays the running streams by one short
-        step at a time instead of one long one. With nobody generating, prompts take the whole batch.
+        `prefill_chunk` tokens per round, so a long prompt delays the running streams by one short
+        chunk at a time instead of one long one. With nobody generating, prompts get `n_batch`.
         """
         decoding = [s for s in active if not s.pending and not s.cancelled]
         prefilling = [s for s in active if s.pending and not s.cancelled]
+        if decoding:
+            self._decode_rows(decoding)
         budget = self.prefill_chunk if decoding else self.n_batch
-        while True:
-            n, outputs, chunks = self._fill(decoding, prefilling, budget)
-            if n == 0:
-                return
-            rc = self._ll.llama_decode(self._ctx, self._batch)
-            if rc == 0:
+        for seq in prefilling:
+            if budget <= 0:
                 break
-            if rc == 1:  # no KV slot; the cache is unchanged: retry a smaller step
-                self.stats["kv_full_total"] += 1
-                if chunks and budget > 1:
-                    budget //= 2
-                    continue
-                if chunks and decoding:
-                    budget = 0  # this step decodes only; prompts wait for cells to come back
-                    continue
-                # decode rows alone do not fit: end the newest request, keep the others going
-                victim = (decoding + prefilling)[-1]
-                (decoding if victim in decoding else prefilling).remove(victim)
-                self._drop(victim, "out of KV cache")
-                continue
-            # other failures may leave part of the batch in the cache: end the requests involved
-            self.stats["decode_errors_total"] += 1
-            log.error("llama_decode returned %d for a batch of %d tokens", rc, n)
-            for seq in {id(s): s for s, _ in outputs + chunks}.values():
-                self._drop(seq, f"decode error {rc}")
-            return
-        self.stats["decode_steps_total"] += 1
-        self.stats["batched_rows_total"] += len(decoding)
-        for seq in decoding:
-            seq.n_past += 1
-        for seq, take in chunks:
-            del seq.pending[:take]
-            seq.n_past += take
-        now = time.perf_counter()
-        for seq, row_index in outputs:
-            if seq.cancelled:
-                continue
-            ptr = self._ll.llama_get_logits_ith(self._ctx, row_index)
-            row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            self._advance(seq, row, now)
+            budget -= min(len(seq.pending), self.prefill_chunk)
+            self._prefill(seq)
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -232,7 +232,7 @@ class OpenAIHTTPBackend:
 
     # ---- the retry loop shared by generate and stream ----
 
-    async def _attempts(self, request: GenerationRequest, stream: bool) -> AsyncIterator[StreamDelta]:
+    async def _attempts(self, request: GenerationRequest, stream: bool) -> AsyncGenerator[StreamDelta, None]:
         """Yield deltas (the last carries the Generation). Retries only until the first delta."""
         loop = asyncio.get_running_loop()
         reservation = self._reserve(request)
@@ -313,7 +313,7 @@ class OpenAIHTTPBackend:
         return resp
 
     async def _generate_once(self, request: GenerationRequest, deadline: float,
-                             state: dict[str, Any]) -> AsyncIterator[StreamDelta]:
+                             state: dict[str, Any]) -> AsyncGenerator[StreamDelta, None]:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         resp = await self._open(request, False, deadline, state)
@@ -364,7 +364,7 @@ class OpenAIHTTPBackend:
         )
 
     async def _stream_once(self, request: GenerationRequest, deadline: float,
-                           state: dict[str, Any]) -> AsyncIterator[StreamDelta]:
+                           state: dict[str, Any]) -> AsyncGenerator[StreamDelta, None]:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         ttft: float | None = None

@@ -130,6 +130,7 @@ class _Req:
     token_ends: list[int] = field(default_factory=list)
     out: bytearray = field(default_factory=bytearray)
     emitted_chars: int = 0
+    emitted_tokens: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
     done: bool = False
@@ -443,6 +444,7 @@ class TorchEngine:
                     break
         piece = text[req.emitted_chars : safe] if safe > req.emitted_chars else ""
         req.emitted_chars = max(req.emitted_chars, safe)
+        req.emitted_tokens += 1
         req.sink(("token", (piece, tok)))
 
     def _finish(self, req: _Req, reason: FinishReason, cut_chars: int | None = None) -> None:
@@ -452,8 +454,13 @@ class TorchEngine:
             text = text[:cut_chars]
             cut_bytes = len(text.encode("utf-8"))
             tokens = tokens[: sum(1 for end in req.token_ends if end <= cut_bytes)]
-        if req.want_tokens and len(text) > req.emitted_chars:
-            req.sink(("token", (text[req.emitted_chars :], None)))
+        if req.want_tokens:  # the rest of the text, and every kept token not streamed yet
+            unsent = tokens[req.emitted_tokens :]
+            rest = text[req.emitted_chars :]
+            for tok in unsent[:-1]:
+                req.sink(("token", ("", tok)))
+            if unsent or rest:
+                req.sink(("token", (rest, unsent[-1] if unsent else None)))
         now = time.perf_counter()
         gen = Generation(
             text=text,

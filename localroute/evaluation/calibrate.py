@@ -46,21 +46,27 @@ from localroute.calibration import (
     write_calibration,
 )
 from localroute.confidence import AGGREGATORS
-from localroute.errors import ConfigError
+from localroute.errors import ConfigError, MissingExtraError
 from localroute.evaluation.metrics import Array
 from localroute.evaluation.report import RunTable
 
 
+def _beta() -> Any:
+    try:
+        from scipy.stats import beta
+    except ImportError as exc:
+        raise MissingExtraError("scipy", "eval") from exc
+    return beta
+
+
 def cp_upper(k: int, n: int, delta: float) -> float:
     """One-sided Clopper-Pearson upper bound on a binomial mean at level 1 - delta."""
-    from scipy.stats import beta
-
+    beta = _beta()
     return 1.0 if k >= n else float(beta.ppf(1 - delta, k + 1, n - k))
 
 
 def cp_lower(k: int, n: int, delta: float) -> float:
-    from scipy.stats import beta
-
+    beta = _beta()
     return 0.0 if k <= 0 else float(beta.ppf(delta, k, n - k + 1))
 
 
@@ -103,26 +109,24 @@ def certify_quality(conf: Array, cheap: Array, frontier: Array, target: float, d
     budget = (1 - target) * f_lower
     loss = np.maximum(frontier - cheap, 0.0)
 
-    def upper(total: float) -> float:
-        if binary:
-            return cp_upper(int(round(total)), n, d_loss)
-        return min(1.0, total / n + hoeffding_radius(n, d_loss))
-
     chosen, chosen_upper = ESCALATE_ALL, 0.0  # escalating everything loses nothing, surely
     finite = np.isfinite(conf)
     order = np.argsort(-conf[finite], kind="mergesort")
     sc, sl = conf[finite][order], loss[finite][order]
-    total, i = 0.0, 0
-    while i < len(sc):
-        j = i
-        while j + 1 < len(sc) and sc[j + 1] == sc[i]:
-            j += 1
-        total += float(sl[i : j + 1].sum())
-        ucb = upper(total)
-        if ucb > budget:
-            break
-        chosen, chosen_upper = float(sc[i]), ucb
-        i = j + 1
+    if len(sc):
+        # Candidate t = each distinct confidence, from the highest down; keep queries with conf >= t.
+        last_of_group = np.nonzero(np.append(sc[1:] != sc[:-1], True))[0]
+        totals = np.cumsum(sl)[last_of_group]
+        if binary:
+            beta = _beta()
+            k = np.rint(totals).astype(np.int64)
+            ucb = np.where(k >= n, 1.0, beta.ppf(1 - d_loss, k + 1, np.maximum(n - k, 1)))
+        else:
+            ucb = np.minimum(1.0, totals / n + hoeffding_radius(n, d_loss))
+        fails = np.nonzero(ucb > budget)[0]
+        passed = int(fails[0]) if len(fails) else len(ucb)  # fixed sequence: stop at the first failure
+        if passed > 0:
+            chosen, chosen_upper = float(sc[last_of_group[passed - 1]]), float(ucb[passed - 1])
     return QualityThreshold(chosen, bound, chosen_upper, f_lower, f_lower - chosen_upper, n)
 
 
@@ -131,7 +135,7 @@ def escalation_threshold(conf: Array, share: float) -> float:
     if not 0 <= share <= 1:
         raise ConfigError("--target-escalation must be in [0, 1]", param="target_escalation")
     s = np.sort(conf)
-    k = int(round(share * len(s)))
+    k = round(share * len(s))
     if k >= len(s):
         return ESCALATE_ALL
     value = float(s[k])
@@ -144,7 +148,7 @@ def realised(conf: Array, cheap: Array, frontier: Array, threshold: float) -> di
     quality = float(np.where(keep, cheap, frontier).mean())
     fq = float(frontier.mean())
     return {
-        "n": int(len(conf)),
+        "n": len(conf),
         "escalation_rate": round(float(1 - keep.mean()), 6),
         "cascade_quality": round(quality, 6),
         "cheap_quality": round(float(cheap.mean()), 6),
@@ -187,7 +191,7 @@ def calibrate_run(
         raise ConfigError(f"run {run_dir} has {table.n} usable rows; need at least 2", param="run")
     conf = table.conf[aggregator]
     perm = np.random.default_rng(seed).permutation(table.n)
-    n_hold = int(round(holdout * table.n))
+    n_hold = round(holdout * table.n)
     hold, cal = perm[:n_hold], perm[n_hold:]
     if len(cal) == 0:
         raise ConfigError("--holdout leaves no calibration rows", param="holdout")

@@ -39,7 +39,7 @@ class Outcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     correct: bool | None = None
-    score: float | None = Field(None, ge=0.0, le=1.0)
+    score: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_of(self) -> Outcome:
@@ -49,7 +49,7 @@ class Outcome(BaseModel):
 
     @property
     def value(self) -> float:
-        return float(self.correct) if self.score is None else float(self.score)
+        return float(bool(self.correct)) if self.score is None else float(self.score)
 
 
 class EvalItem(BaseModel):
@@ -63,9 +63,9 @@ class EvalItem(BaseModel):
     prompt: str | None = None
     choices: list[str] | None = None
     answer: Any = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     outcomes: dict[str, Outcome] = Field(default_factory=dict)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -146,15 +146,23 @@ def _user(text: str) -> list[dict[str, Any]]:
 
 
 def banking77(data: Path) -> Iterator[EvalItem]:
-    labels: list[str] = json.loads((data / "banking77" / "categories.json").read_text())
-    listing = ", ".join(labels)
-    with (data / "banking77" / "test.csv").open(newline="", encoding="utf-8") as fh:
+    """Intent classification over 77 labels, with six fixed chat examples from train.csv so that a
+    small model answers with a label rather than with advice."""
+    folder = data / "banking77"
+    labels: list[str] = json.loads((folder / "categories.json").read_text())
+    system = ("You classify bank customer messages. Reply with exactly one intent name from this list, "
+              "nothing else:\n" + ", ".join(labels))
+    shots: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with (folder / "train.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["category"] not in seen and len(seen) < 6 and len(row["text"]) < 80:
+                seen.add(row["category"])
+                shots += [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": row["category"]}]
+    with (folder / "test.csv").open(newline="", encoding="utf-8") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
-            text = (
-                f"Classify the bank customer's message into one of these intents:\n{listing}\n\n"
-                f"Message: {row['text']}\nAnswer with the intent name only."
-            )
-            yield EvalItem(id=f"banking77-{i}", task="choice", messages=_user(text), choices=labels,
+            messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": row["text"]}]
+            yield EvalItem(id=f"banking77-{i}", task="choice", messages=messages, choices=labels,
                            answer=row["category"], stop=["\n"])
 
 
@@ -235,7 +243,7 @@ def gsm8k(data: Path) -> Iterator[EvalItem]:
 
 
 _LETTER = re.compile(r"^\([A-Z]\)$")
-_OPTION = re.compile(r"^\(([A-Z])\)", re.M)
+_OPTION = re.compile(r"^\(([A-Z])\)", re.MULTILINE)
 _BINARY = ({"Yes", "No"}, {"True", "False"}, {"valid", "invalid"})
 
 

@@ -130,8 +130,8 @@ def render_table(report: dict[str, Any]) -> str:
     ub = " [UPPER BOUND: oracle frontier]" if report["upper_bound"] else ""
     lines = [
         f"run {report['run']}  tier {report['tier']}  n={report['n']} (excluded {report['n_excluded']})",
-        f"cheap quality {report['cheap_quality']:.4f}   frontier quality {report['frontier_quality']:.4f} "
-        f"({report['frontier']['label']}){ub}",
+        (f"cheap quality {report['cheap_quality']:.4f}   frontier quality {report['frontier_quality']:.4f} "
+         f"({report['frontier']['label']}){ub}"),
         "",
         f"{'aggregator':<18}{'AUROC':>8}{'ECE':>8}{'AUC':>8}{'APGR':>8}{'CPT50':>8}{'CPT80':>8}{'CPT95':>8}",
     ]
@@ -150,10 +150,10 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     parts = [
         f"# Eval report: {report.get('tier')} on {Path(str(report.get('dataset'))).name}",
         ub,
-        f"- rows: {report['n']} usable, {report['n_excluded']} excluded "
-        f"({report.get('n_generation_errors', 0)} generation errors kept as unconfident wrong answers)",
-        f"- cheap quality: **{_f(report['cheap_quality'], 4)}**; frontier quality: **{_f(report['frontier_quality'], 4)}** "
-        f"({report['frontier']['label']})",
+        (f"- rows: {report['n']} usable, {report['n_excluded']} excluded "
+         f"({report.get('n_generation_errors', 0)} generation errors kept as unconfident wrong answers)"),
+        (f"- cheap quality: **{_f(report['cheap_quality'], 4)}**; frontier quality: "
+         f"**{_f(report['frontier_quality'], 4)}** ({report['frontier']['label']})"),
         f"- choice tasks: {report.get('choice_method')}",
         f"- best aggregator ({report['best_by']}): **{report['best_aggregator']}**",
         "",

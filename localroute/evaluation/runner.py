@@ -14,7 +14,6 @@ tasks are scored on the free-form answer (the first choice it names), not on cho
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -215,10 +214,6 @@ class _Runner:
         return row
 
 
-def _dataset_key(path: Path) -> str:
-    return file_sha256(path)
-
-
 async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
     """Run (or resume) an evaluation; returns what was computed."""
     items = sample(load_items(cfg.dataset), cfg.limit, cfg.seed)
@@ -242,7 +237,7 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
         raise ConfigError("this dataset has `judge` items: pass --judge-url and --judge-model", param="judge_url")
     path = model_file(tier, settings)
     key = {
-        "dataset_sha256": _dataset_key(cfg.dataset),
+        "dataset_sha256": file_sha256(cfg.dataset),
         "tier": tier.name,
         "model": tier.model,
         "model_sha256": file_sha256(path) if path else None,
@@ -328,7 +323,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
     tmp.replace(path)
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

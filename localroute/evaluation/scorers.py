@@ -156,7 +156,7 @@ def score_spans(output: str, item: EvalItem) -> Score:
 
 def extract_json(output: str) -> Any:
     text = output.strip()
-    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
     if fence:
         text = fence.group(1).strip()
     start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)

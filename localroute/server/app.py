@@ -98,10 +98,9 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     finally:
         if not task.done():
             task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - the cancelled work's own outcome no longer matters
-                pass
+            await asyncio.wait({task})  # let it unwind (engine slot freed, upstream closed)
+            if not task.cancelled():
+                task.exception()  # its own outcome no longer matters; mark it retrieved
 
 
 def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
@@ -192,12 +191,27 @@ class Service:
 
 
 def build_tiers(settings: Settings) -> list[Tier]:
+    """Load the ladder. Thresholds: a tier's own `threshold`, else the calibration file's (when its
+    model hash, template and aggregator still match; otherwise a loud warning), else the default."""
     ladder = settings.ladder()
+    backends = [load_backend(ts, settings) for ts in ladder]
+    calibrated: dict[str, float] = {}
+    if settings.calibration_path is not None:
+        from localroute.calibration import backend_fingerprint, calibrated_thresholds
+
+        fingerprints = {ts.name: backend_fingerprint(b) for ts, b in zip(ladder[:-1], backends[:-1])}
+        calibrated = calibrated_thresholds(settings.calibration_path, settings.confidence_aggregator,
+                                           settings.confidence_quantile_alpha, fingerprints)
     tiers = []
-    for i, ts in enumerate(ladder):
+    for i, (ts, backend) in enumerate(zip(ladder, backends)):
         last = i == len(ladder) - 1
-        threshold = None if last else (ts.threshold if ts.threshold is not None else settings.default_threshold)
-        tiers.append(Tier(ts.name, load_backend(ts, settings), threshold))
+        threshold = None if last else ts.threshold
+        if threshold is None and not last:
+            threshold = calibrated.get(ts.name, settings.default_threshold)
+        elif ts.name in calibrated and not last:
+            log.warning("tier %s: configured threshold %s overrides the calibrated %s", ts.name, threshold,
+                        calibrated[ts.name])
+        tiers.append(Tier(ts.name, backend, threshold))
     return tiers
 
 

@@ -1,0 +1,227 @@
+"""Continuous batching in the llama.cpp engine, through the real SmolLM2 model.
+
+Why these checks: batching is only acceptable if a request's answer does not depend on who else is
+in the batch. Greedy tokens must be identical and logprobs equal within 1e-3 (in practice they are
+bit-identical: each sequence has its own KV stream). Tolerance: LOGPROB_TOL below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
+from localroute.errors import BackendUnavailableError
+from localroute.types import Generation, GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+LOGPROB_TOL = 1e-3
+N_PARALLEL = 4
+
+PROMPTS = [
+    "Count from one to ten.",
+    "Name a colour.",
+    "Write one sentence about the sea, the wind, the gulls, the harbour, the boats and the old fishermen "
+    "who mend their nets on the quay every morning before sunrise.",
+    "What is 2 + 2?",
+    "Give me a short greeting.",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2_path: Path) -> Iterator[LlamaCppBackend]:
+    """One engine for the module; a small prefill chunk so long prompts are fed in several steps."""
+    engine = LlamaEngine(smollm2_path, n_ctx_seq=512, n_parallel=N_PARALLEL, n_batch=256, n_threads=2,
+                         prefill_chunk=16, max_queue=16)
+    yield LlamaCppBackend("smollm2", engine, queue_timeout_s=120)
+    engine.close()
+
+
+def request(prompt: str, max_tokens: int, top_logprobs: int = 2) -> GenerationRequest:
+    return GenerationRequest(
+        messages=({"role": "user", "content": prompt},),
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_logprobs=top_logprobs),
+    )
+
+
+def assert_same(got: Generation, ref: Generation) -> None:
+    assert [t.token_id for t in got.tokens] == [t.token_id for t in ref.tokens]
+    assert got.text == ref.text and got.finish_reason == ref.finish_reason
+    for a, b in zip(got.tokens, ref.tokens, strict=True):
+        assert abs(a.logprob - b.logprob) < LOGPROB_TOL
+        assert [x.token for x in a.top_logprobs] == [x.token for x in b.top_logprobs]
+        for x, y in zip(a.top_logprobs, b.top_logprobs, strict=True):
+            assert abs(x.logprob - y.logprob) < LOGPROB_TOL
+
+
+async def one_at_a_time(backend: LlamaCppBackend, reqs: list[GenerationRequest]) -> list[Generation]:
+    return [await backend.generate(r) for r in reqs]
+
+
+async def wait_idle(engine: LlamaEngine) -> dict[str, int]:
+    """The engine frees a finished sequence just after sending its answer: wait for that."""
+    for _ in range(2000):
+        load = engine.load()
+        if load["active"] == 0 and load["waiting"] == 0:
+            return load
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"engine not idle: {engine.load()}")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_concurrent_greedy_equals_one_at_a_time(backend: LlamaCppBackend, batch_size: int) -> None:
+    reqs = [request(p, 12 + 4 * i) for i, p in enumerate(PROMPTS[:4])]
+
+    async def run() -> tuple[list[Generation], list[Generation], float]:
+        ref = await one_at_a_time(backend, reqs)
+        stats = dict(backend.engine.stats)
+        got: list[Generation] = []
+        for i in range(0, len(reqs), batch_size):
+            got += await asyncio.gather(*(backend.generate(r) for r in reqs[i : i + batch_size]))
+        steps = backend.engine.stats["decode_steps_total"] - stats["decode_steps_total"]
+        rows = backend.engine.stats["batched_rows_total"] - stats["batched_rows_total"]
+        return ref, got, rows / steps
+
+    ref, got, mean_batch = asyncio.run(run())
+    for g, r in zip(got, ref, strict=True):
+        assert_same(g, r)
+    if batch_size == 1:
+        assert mean_batch <= 1.0
+    else:  # the requests really shared decode steps
+        assert mean_batch > 1.5
+
+
+def test_requests_join_and_leave_mid_stream(backend: LlamaCppBackend) -> None:
+    """A long stream runs; others join after it has produced some tokens (one with a prompt long
+    enough to be prefilled in chunks while the first decodes) and leave at different lengths."""
+    plan = [(PROMPTS[0], 32, 0), (PROMPTS[2], 20, 4), (PROMPTS[1], 6, 8), (PROMPTS[3], 24, 12), (PROMPTS[4], 10, 16)]
+    reqs = [request(p, n) for p, n, _ in plan]
+
+    async def run() -> tuple[list[Generation], list[Generation], dict[str, int]]:
+        ref = await one_at_a_time(backend, reqs)
+        produced = 0
+        reached = {start: asyncio.Event() for _, _, start in plan}
+
+        async def lead() -> Generation:
+            nonlocal produced
+            final = None
+            async for delta in backend.stream(reqs[0]):
+                if delta.token is not None:
+                    produced += 1
+                    for start, ev in reached.items():
+                        if produced >= start:
+                            ev.set()
+                if delta.final is not None:
+                    final = delta.final
+            assert final is not None
+            return final
+
+        async def join(i: int) -> Generation:
+            await reached[plan[i][2]].wait()
+            return await backend.generate(reqs[i])
+
+        got = await asyncio.gather(lead(), *(join(i) for i in range(1, len(plan))))
+        return ref, list(got), await wait_idle(backend.engine)
+
+    ref, got, load = asyncio.run(run())
+    for g, r in zip(got, ref, strict=True):
+        assert_same(g, r)
+    assert [g.completion_tokens for g in got] == [n for _, n, _ in plan]  # none stopped early: max_tokens
+    assert load["free_slots"] == N_PARALLEL
+
+
+def test_cancelling_one_stream_frees_its_slot_and_spares_the_others(backend: LlamaCppBackend) -> None:
+    engine = backend.engine
+    keep = [request(PROMPTS[0], 24), request(PROMPTS[3], 20)]
+    victim = request(PROMPTS[1], 32)
+
+    async def run() -> None:
+        ref = await one_at_a_time(backend, keep)
+        await wait_idle(engine)
+        before = dict(engine.stats)
+
+        async def doomed() -> None:
+            agen = backend.stream(victim)
+            n = 0
+            async for delta in agen:
+                n += delta.token is not None
+                if n == 3:
+                    break
+            await agen.aclose()  # what the server does when a client disconnects
+
+        got = await asyncio.gather(*(backend.generate(r) for r in keep), doomed())
+        for g, r in zip(got[:2], ref, strict=True):
+            assert isinstance(g, Generation)
+            assert_same(g, r)
+        load = await wait_idle(engine)
+        assert load["free_slots"] == N_PARALLEL
+        assert engine.stats["cancelled_total"] == before["cancelled_total"] + 1
+        assert engine.stats["completed_total"] == before["completed_total"] + 2
+        assert engine.stats["cancel_lag_steps_max"] <= 1  # freed before the next step (or the one in flight)
+        assert engine.stats["tokens_generated_total"] - before["tokens_generated_total"] < 24 + 20 + 32
+
+    asyncio.run(run())
+
+
+def test_cancelling_a_queued_request_never_runs_it(backend: LlamaCppBackend) -> None:
+    engine = backend.engine
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        for _ in range(20000):
+            if predicate():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"condition not reached: {engine.load()}")
+
+    async def run() -> None:
+        await wait_idle(engine)
+        before = dict(engine.stats)
+        blockers = [asyncio.create_task(backend.generate(request(PROMPTS[4], 32))) for _ in range(N_PARALLEL)]
+        await until(lambda: engine.load()["free_slots"] == 0)
+        extra = asyncio.create_task(backend.generate(request(PROMPTS[1], 8)))
+        await until(lambda: engine.load()["waiting"] == 1)
+        extra.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await extra
+        assert engine.load()["waiting"] == 0
+        await asyncio.gather(*blockers)
+        await wait_idle(engine)
+        assert engine.stats["cancelled_total"] == before["cancelled_total"] + 1
+        assert engine.stats["completed_total"] == before["completed_total"] + N_PARALLEL
+        assert engine.stats["requests_total"] == before["requests_total"] + N_PARALLEL + 1
+
+    asyncio.run(run())
+
+
+def test_out_of_kv_cells_ends_one_request_and_the_engine_goes_on(smollm2_path: Path) -> None:
+    """llama_decode returning 1 (no KV slot) must not crash the engine: the newest request ends
+    with a retryable 503, the others finish with the same tokens, and new requests are served."""
+    engine = LlamaEngine(smollm2_path, n_ctx_seq=64, n_parallel=2, n_batch=64, n_threads=2, prefill_chunk=16)
+    try:
+        backend = LlamaCppBackend("tiny", engine, queue_timeout_s=120)
+        cells = engine.n_ctx_seq
+        short = request(PROMPTS[1], 8)
+
+        async def run() -> None:
+            ref = await backend.generate(short)
+            prompt_len = len(backend.prompt_tokens(request(PROMPTS[0], 1)))
+            engine.n_ctx_seq = 10 * cells  # bypass admission control to overfill one sequence's cells
+            too_long = request(PROMPTS[0], cells - prompt_len + 8)
+            results = await asyncio.gather(backend.generate(too_long), backend.generate(short),
+                                           return_exceptions=True)
+            engine.n_ctx_seq = cells
+            assert isinstance(results[0], BackendUnavailableError)
+            assert isinstance(results[1], Generation)
+            assert_same(results[1], ref)
+            assert engine.stats["kv_full_total"] >= 1 and engine.stats["failed_total"] == 1
+            assert engine.error is None
+            assert_same(await backend.generate(short), ref)
+            assert (await wait_idle(engine))["free_slots"] == 2
+
+        asyncio.run(run())
+    finally:
+        engine.close()
