@@ -48,7 +48,8 @@ class FeedbackRequest(BaseModel):
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    from localroute.routing_log import _connect as connect, migrate
+    from localroute.routing_log import _connect as connect
+    from localroute.routing_log import migrate
 
     conn = connect(path)
     migrate(conn)

@@ -37,8 +37,7 @@ def _timed(fn: Callable[[], Any], runs: int, warmup: int = 5) -> dict[str, float
 
 
 def _query_of_tokens(encoder: Any, n: int) -> str:
-    words = ("the router decides which model answers each query from its text alone before any "
-             "inference so the cheap model runs only when it is likely to be good enough").split()
+    words = ["the", "router", "decides", "which", "model", "answers", "each", "query", "from", "its", "text", "alone", "before", "any", "inference", "so", "the", "cheap", "model", "runs", "only", "when", "it", "is", "likely", "to", "be", "good", "enough"]
     text, i = "", 0
     while encoder.n_tokens(text) < n:
         text += words[i % len(words)] + " "
@@ -68,6 +67,8 @@ def main() -> None:
     out["query_tokens"] = minilm.n_tokens(query)
     out["minilm_embed"] = _timed(lambda: minilm.encode([query]), args.runs)
     v = minilm.encode([query])[0]
+    out["minilm_embed_2_threads"] = _timed(lambda: two.encode([query]), args.runs) if (
+        two := MiniLMEncoder(n_threads=2)) else {}
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.index_size, minilm.dim)).astype(np.float32)

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localroute.backends.base import load_backend  # noqa: E402
-from localroute.settings import REPO_ROOT, Settings, TierSettings  # noqa: E402
-from localroute.types import GenerationRequest, SamplingParams  # noqa: E402
+from localroute.backends.base import load_backend
+from localroute.settings import REPO_ROOT, Settings, TierSettings
+from localroute.types import GenerationRequest, SamplingParams
 
 PROMPTS = (
     "What is the capital of France?",

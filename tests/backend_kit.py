@@ -11,7 +11,6 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from localroute.backends.base import Backend, load_backend
-from localroute.errors import LocalrouteError
 from localroute.settings import TierSettings
 from tests.conftest import local_settings
 

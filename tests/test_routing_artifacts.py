@@ -23,7 +23,7 @@ def _data(n: int = 60, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 def test_classifier_round_trip_keeps_predictions_and_metadata(tmp_path: Path) -> None:
     x, y = _data()
-    art = train_classifier(x, y, ["cheap", "strong"], "test-enc", training={"source": "unit"})
+    art = train_classifier(x, y, ["cheap", "strong"], "test-enc", c=1.0, training={"source": "unit"})
     path = save_artifact(art, tmp_path / "r" / "clf.npz")
     loaded = load_artifact(path, "classifier")
     assert loaded.tiers == ["cheap", "strong"] and loaded.encoder == "test-enc"

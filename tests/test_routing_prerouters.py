@@ -75,7 +75,7 @@ def _ask(router: PreRouter, text: str) -> Any:
 
 
 def test_embedding_router_sends_similar_queries_where_neighbours_did_well(minilm: Encoder, ladder: Any) -> None:
-    cheap, strong, tiers, cascade = ladder
+    cheap, _strong, tiers, cascade = ladder
     router = PreRouter("localroute/embedding", [_index(minilm)], {"minilm": minilm}, tiers, cascade)
     easy = _ask(router, "What is 4 + 4?")
     assert easy.decision.answered_by == "cheap" and [a.tier for a in easy.decision.attempts] == ["cheap"]
@@ -87,7 +87,7 @@ def test_embedding_router_sends_similar_queries_where_neighbours_did_well(minilm
 
 
 def test_novel_query_falls_back_to_the_cascade(minilm: Encoder, ladder: Any) -> None:
-    cheap, strong, tiers, cascade = ladder
+    cheap, _strong, tiers, cascade = ladder
     router = PreRouter("localroute/embedding", [_index(minilm)], {"minilm": minilm}, tiers, cascade)
     routed = _ask(router, "Recommend a good hiking trail near Lake Tahoe for a family with kids.")
     ev = routed.decision.evidence
@@ -99,10 +99,10 @@ def test_novel_query_falls_back_to_the_cascade(minilm: Encoder, ladder: Any) -> 
 
 
 def test_hybrid_sends_uncertain_classifier_scores_to_the_cascade(minilm: Encoder, ladder: Any) -> None:
-    cheap, strong, tiers, cascade = ladder
+    _cheap, _strong, tiers, cascade = ladder
     x = minilm.encode(EASY + HARD)
     y = np.asarray([[1.0, 1.0]] * len(EASY) + [[0.0, 1.0]] * len(HARD), dtype=np.float32)
-    clf = ClassifierModel(train_classifier(x, y, ["cheap", "strong"], "minilm"))
+    clf = ClassifierModel(train_classifier(x, y, ["cheap", "strong"], "minilm", c=1.0))
     v = minilm.encode(["What is 4 + 4?"])[0]
     p = clf.score(v)["p_good"][0]
     # a margin that covers this score makes it uncertain; a zero margin decides
@@ -113,7 +113,7 @@ def test_hybrid_sends_uncertain_classifier_scores_to_the_cascade(minilm: Encoder
 
 
 def test_streaming_carries_the_pre_decision(minilm: Encoder, ladder: Any) -> None:
-    cheap, strong, tiers, cascade = ladder
+    cheap, _strong, tiers, cascade = ladder
     router = PreRouter("localroute/embedding", [_index(minilm)], {"minilm": minilm}, tiers, cascade)
 
     async def collect() -> list[Any]:
@@ -147,3 +147,19 @@ def test_hnsw_index_agrees_with_brute_force() -> None:
         hits += len(set(b_idx) & set(a_idx))
         assert a_sim[0] == pytest.approx(b_sim[0], abs=1e-4) or a_idx[0] != b_idx[0]
     assert hits / 250 > 0.9
+
+
+def test_hnsw_graph_is_cached_beside_the_artefact(tmp_path: Any) -> None:
+    pytest.importorskip("hnswlib")
+    from localroute.routing.artifacts import load_artifact, save_artifact
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = (rng.random((2000, 2)) < 0.5).astype(np.float32)
+    path = save_artifact(train_embedding(x, y, ["cheap", "strong"], "e", k=5), tmp_path / "emb.npz")
+    first = EmbeddingModel(load_artifact(path), brute_force_max=100)
+    cached = list(tmp_path.glob("emb.npz.*.hnsw"))
+    assert first.index.method == "hnsw" and len(cached) == 1
+    second = EmbeddingModel(load_artifact(path), brute_force_max=100)  # loads the graph, no rebuild
+    assert second.score(x[7]) == first.score(x[7])

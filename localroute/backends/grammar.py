@@ -44,7 +44,7 @@ def gbnf_for(response_format: dict[str, Any]) -> str | None:
             return str(JSON_GBNF)
         try:
             return str(LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar)
-        except Exception as exc:  # the converter raises plain exceptions for unsupported schemas
+        except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions for unsupported schemas
             raise InvalidRequestError(f"response_format.json_schema: unsupported schema ({exc})",
                                       param="response_format") from None
     raise InvalidRequestError(f"response_format.type {kind!r} is not supported", param="response_format")

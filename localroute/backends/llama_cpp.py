@@ -146,7 +146,8 @@ class LlamaEngine:
             ll.llama_model_free(self._model)
             raise BackendUnavailableError(f"llama.cpp could not create a context for {model_path}")
         self.n_ctx_total = int(ll.llama_n_ctx(self._ctx))
-        self.n_ctx_seq = min(self.n_ctx_seq, int(ll.llama_n_ctx_seq(self._ctx)))
+        self.kv_cells_per_seq = int(ll.llama_n_ctx_seq(self._ctx))  # llama.cpp may round n_ctx up
+        self.n_ctx_seq = min(self.n_ctx_seq, self.kv_cells_per_seq)
         self.ctx_budget = self.n_ctx_total  # cells that admitted sequences may reserve in total
         self._mem = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)

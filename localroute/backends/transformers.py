@@ -228,7 +228,7 @@ class TorchEngine:
             return self.prompt_tokens(text)
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja raise_exception(): the template rejects these messages
+        except Exception as exc:  # noqa: BLE001 - jinja raise_exception(): the template rejects these messages
             raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids

@@ -38,7 +38,14 @@ from localroute.errors import (
     LocalrouteError,
     MissingExtraError,
 )
-from localroute.types import FinishReason, Generation, GenerationRequest, StreamDelta, TokenLogprob, TopLogprob
+from localroute.types import (
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    StreamDelta,
+    TokenLogprob,
+    TopLogprob,
+)
 
 if TYPE_CHECKING:
     from localroute.settings import Settings, TierSettings
@@ -199,7 +206,7 @@ class VllmBackend:
         messages = [dict(m) for m in request.messages]
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja raise_exception(): the template rejects these messages
+        except Exception as exc:  # noqa: BLE001 - jinja raise_exception(): the template rejects these messages
             raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
         ids = tok.encode(text, add_special_tokens=False)
         return ids

@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "localroute.cli.calibrate",
     "localroute.cli.train",
     "localroute.cli.routers",
+    "localroute.cli.bench",
 )
 
 

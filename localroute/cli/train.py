@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="folder holding routellm/ (default ../shared/data)")
     p.add_argument("--tiers", default=None, help="--from-log: tier names cheapest first (default: the ladder)")
     p.add_argument("--out", type=Path, required=True, help="artefact path (.npz), written atomically")
-    p.add_argument("--k", type=int, default=20, help="embedding: neighbours per decision")
+    p.add_argument("--k", type=int, default=50, help="embedding: neighbours per decision")
     p.add_argument("--novelty", type=float, default=0.35, help="embedding: min cosine to the nearest neighbour")
-    p.add_argument("--C", type=float, default=1.0, help="classifier: inverse L2 regularisation strength")
+    p.add_argument("--C", type=float, default=0.01, help="classifier: inverse L2 regularisation strength")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 

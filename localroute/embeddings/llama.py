@@ -53,7 +53,7 @@ class LlamaEncoder:
         tokens = self._llm.tokenize(text.encode("utf-8", errors="replace"), add_bos=True)
         if len(tokens) < self._n_ctx:
             return text
-        return self._llm.detokenize(tokens[1 : self._n_ctx - 1]).decode("utf-8", errors="ignore")
+        return str(self._llm.detokenize(tokens[1 : self._n_ctx - 1]).decode("utf-8", errors="ignore"))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -74,11 +74,11 @@ class MiniLMEncoder:
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
         with self._lock:  # one ORT session run at a time keeps intra-op threads bounded
-            hidden = self._session.run(None, feeds)[0][0]
+            hidden: np.ndarray = np.asarray(self._session.run(None, feeds)[0][0], dtype=np.float32)
         pooled = hidden.mean(axis=0)
-        return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
+        return np.asarray(pooled / max(float(np.linalg.norm(pooled)), 1e-12), dtype=np.float32)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._one(t) for t in texts])
+        return np.asarray(np.stack([self._one(t) for t in texts]), dtype=np.float32)

@@ -44,6 +44,8 @@ class RouterArtifact:
     arrays: dict[str, np.ndarray]
     params: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # where it was loaded from (derived caches, e.g. an HNSW graph, live beside it)
+    digest: str = ""  # sha256 of the vectors array as recorded in the file (keys derived caches)
 
     @property
     def dim(self) -> int:
@@ -137,6 +139,8 @@ def load_artifact(path: Path | str, kind: str | None = None) -> RouterArtifact:
         arrays=arrays,
         params=dict(meta.get("params") or {}),
         training=dict(meta.get("training") or {}),
+        path=path,
+        digest=str(meta["sha256"].get("vectors", "")),
     )
     validate(art)
     if kind is not None and art.kind != kind:

@@ -65,7 +65,7 @@ def train_classifier(
     labels: np.ndarray,
     tiers: list[str],
     encoder: str,
-    c: float = 1.0,
+    c: float = 0.01,
     seed: int = 0,
     training: dict[str, Any] | None = None,
 ) -> RouterArtifact:
@@ -95,5 +95,5 @@ def train_classifier(
             "intercept": np.asarray(intercepts, dtype=np.float32),
         },
         params={"C": c, "model": "logistic_regression"},
-        training={"n_rows": int(len(x)), **(training or {})},
+        training={"n_rows": len(x), **(training or {})},
     )

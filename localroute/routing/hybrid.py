@@ -34,6 +34,7 @@ class ScoringModel(Protocol):
     kind: str
     tiers: list[str]
     encoder_name: str
+    artifact: Any
 
     def score(self, v: np.ndarray) -> dict[str, Any]:
         ...
@@ -162,8 +163,8 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
     encoders = {name: load_encoder(name) for name in sorted({m.encoder_name for m in models.values()})}
     for name, enc in encoders.items():
         for m in models.values():
-            if m.encoder_name == name and getattr(m, "artifact").dim != enc.dim:
-                raise ConfigError(f"{m.kind} router was trained on {m.artifact.dim}-d vectors but encoder "  # type: ignore[attr-defined]
+            if m.encoder_name == name and m.artifact.dim != enc.dim:
+                raise ConfigError(f"{m.kind} router was trained on {m.artifact.dim}-d vectors but encoder "
                                   f"{name} gives {enc.dim}", param="router")
     thr = settings.router_threshold
     for kind, model in models.items():

@@ -133,12 +133,12 @@ def load_routellm(name: str, data_dir: Path | None = None) -> LabelledQueries:
                 continue
             scores.setdefault((int(j["question_id"]), str(j["model"])), []).append(s)
         for qid, text in sorted(questions.items()):
-            w, s = scores.get((qid, WEAK)), scores.get((qid, STRONG))
-            if not w or not s or text.strip() in bad:
+            w, st = scores.get((qid, WEAK)), scores.get((qid, STRONG))
+            if not w or not st or text.strip() in bad:
                 skipped += 1
                 continue
             texts.append(text)
-            labels.append([(float(np.mean(w)) - 1) / 9, (float(np.mean(s)) - 1) / 9])  # 1-10 -> 0-1
+            labels.append([(float(np.mean(w)) - 1) / 9, (float(np.mean(st)) - 1) / 9])  # 1-10 -> 0-1
             ids.append(f"mt_bench:{qid}")
     return LabelledQueries(texts, list(TIERS), np.asarray(labels, dtype=np.float32).reshape(-1, 2),
                            f"routellm:{name}", skipped, ids)
@@ -209,7 +209,7 @@ RouterSpec = tuple[str, str]  # (kind, encoder name)
 
 def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * frac))
+    cut = round(n * frac)
     return perm[:cut], perm[cut:]
 
 
@@ -291,20 +291,20 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# localroute routers vs RouteLLM on RouteLLM's data",
         "",
-        f"Pair: weak `{report['pair']['weak']}`, strong `{report['pair']['strong']}`. "
-        f"Rows excluded (contaminated or malformed): {report['excluded_contaminated_and_malformed']}. "
-        f"Bootstrap: {report['bootstrap']} resamples of the evaluation rows (95% percentile intervals). "
-        f"Created {report['created_at']}.",
+        (f"Pair: weak `{report['pair']['weak']}`, strong `{report['pair']['strong']}`. "
+         f"Rows excluded (contaminated or malformed): {report['excluded_contaminated_and_malformed']}. "
+         f"Bootstrap: {report['bootstrap']} resamples of the evaluation rows (95% percentile intervals). "
+         f"Created {report['created_at']}."),
         "",
-        "Router score: P(weak answer is good) from the query alone; the least confident queries go to the "
-        "strong model first. CPT(x%) = smallest share of strong calls reaching x% of the weak-to-strong gap.",
+        ("Router score: P(weak answer is good) from the query alone; the least confident queries go to the "
+         "strong model first. CPT(x%) = smallest share of strong calls reaching x% of the weak-to-strong gap."),
         "",
     ]
     for exp, res in report["experiments"].items():
         rows = res["_rows"]
         lines += [f"## {exp}", "",
-                  f"train {rows['train']} rows, evaluate {rows['test']} rows; weak quality {rows['weak_quality']:.3f}, "
-                  f"strong {rows['strong_quality']:.3f}", "",
+                  (f"train {rows['train']} rows, evaluate {rows['test']} rows; "
+                   f"weak quality {rows['weak_quality']:.3f}, strong {rows['strong_quality']:.3f}"), "",
                   "| router | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|"]
         for name, entry in res.items():
             if name.startswith("_"):

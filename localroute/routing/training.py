@@ -58,7 +58,7 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_dir: Path | None = No
     if path.is_file():
         arr = np.load(path, allow_pickle=False)
         if arr.shape == (len(texts), encoder.dim):
-            return arr
+            return np.asarray(arr, dtype=np.float32)
     if progress:
         from tqdm import tqdm
 
@@ -70,7 +70,7 @@ def embed_cached(encoder: Encoder, texts: list[str], cache_dir: Path | None = No
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, arr)
     tmp.replace(path)
-    return arr
+    return np.asarray(arr, dtype=np.float32)
 
 
 def _score(value: Any) -> float:
@@ -158,7 +158,7 @@ def _last_user(logged: str) -> str:
     pos = logged.rfind("\n" + marker)
     if pos >= 0:
         return logged[pos + 1 + len(marker):]
-    return logged[len(marker):] if logged.startswith(marker) else logged
+    return logged.removeprefix(marker)
 
 
 def train_router(

@@ -22,7 +22,7 @@ from localroute.backends.base import Backend
 from localroute.embeddings import request_text
 from localroute.routing.base import Decision, Tier
 from localroute.routing.cascade import CascadeRouter
-from localroute.types import Generation, GenerationRequest, SamplingParams
+from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
 
 VERIFY_TEMPLATE = (
     "Question:\n{question}\n\nProposed answer:\n{answer}\n\n"
@@ -37,7 +37,7 @@ def schema_violation(response_format: dict[str, Any], text: str) -> str | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return f"not valid JSON: {exc.msg} at char {exc.pos}"
     if kind == "json_object":
         return None if isinstance(value, dict) else "JSON is not an object"
@@ -63,10 +63,10 @@ def yes_probability(gen: Generation) -> float:
     import math
 
     first = gen.tokens[0]
-    candidates = list(first.top_logprobs) or []
+    candidates: list[TopLogprob | TokenLogprob] = [*first.top_logprobs, first]
     p_yes = p_no = 0.0
     seen = set()
-    for alt in [*candidates, first]:
+    for alt in candidates:
         token = alt.token
         if token in seen:
             continue

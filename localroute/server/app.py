@@ -230,6 +230,7 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
         stop=body.stops(),
         top_logprobs=top_logprobs,
         response_format=getattr(body, "response_format", None),
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -281,6 +282,8 @@ def routing_info(decision: Decision, cost: dict[str, Any] | None = None) -> dict
             for a in decision.attempts
         ],
     }
+    if decision.evidence:  # pre-inference router scores, verifier P(Yes), schema violations
+        info["evidence"] = decision.evidence
     if cost:
         info.update(cost)
     return info

@@ -49,6 +49,7 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="Extension (as vLLM/llama.cpp): generate max_tokens, past EOS.")
 
     @field_validator("stop")
     @classmethod

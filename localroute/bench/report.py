@@ -1,0 +1,83 @@
+"""Terminal table and plot of a bench result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("c", "concurrency", "{:d}"),
+    ("req/s", "request_throughput", "{:.2f}"),
+    ("out tok/s", "output_throughput", "{:.1f}"),
+    ("ttft p50/p99 ms", ("median_ttft_ms", "p99_ttft_ms"), "{:.0f}/{:.0f}"),
+    ("tpot mean ms", "mean_tpot_ms", "{:.1f}"),
+    ("itl p50/p99 ms", ("median_itl_ms", "p99_itl_ms"), "{:.1f}/{:.1f}"),
+    ("e2el p50/p99 ms", ("median_e2el_ms", "p99_e2el_ms"), "{:.0f}/{:.0f}"),
+    ("esc", "escalation_rate", "{:.2f}"),
+    ("RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("ok/fail", ("completed", "failed"), "{:d}/{:d}"),
+)
+
+
+def _cell(level: dict[str, Any], key: str | tuple[str, ...], fmt: str) -> str:
+    keys = key if isinstance(key, tuple) else (key,)
+    values = [level.get(k) for k in keys]
+    if any(v is None for v in values):
+        return "-"
+    return fmt.format(*values)
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Rich tables: one per target, then ratios, router overhead and the issue's targets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, target in result["targets"].items():
+        table = Table(title=name, title_justify="left")
+        for header, _, _ in COLUMNS:
+            table.add_column(header, justify="right")
+        for level in target["levels"]:
+            table.add_row(*(_cell(level, key, fmt) for _, key, fmt in COLUMNS))
+        console.print(table)
+        if "router_overhead" in target:
+            o = target["router_overhead"]
+            if o["n"]:
+                console.print(f"router overhead (e2e - engine time, non-streaming, n={o['n']}): "
+                              f"p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms")
+    for name, rows in result["ratios"].items():
+        text = ", ".join(
+            f"c={r['concurrency']}: " + " ".join(
+                f"{k}={v:.2f}x" for k, v in r.items() if k != "concurrency" and v is not None)
+            for r in rows)
+        console.print(f"localroute / {name.replace('localroute_vs_', '')}: {text}")
+    for t in result["targets_check"]:
+        if t["value"] is not None:
+            mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+            console.print(f"target {t['target']} {t['goal']}: {t['value']:.2f} {mark}")
+    m = result["machine"]
+    console.print(f"[dim]{m['cpus']} CPUs, {m['processor']}, load average at start "
+                  f"{m['loadavg_start'][0] if m['loadavg_start'] else 'n/a'}[/dim]")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Output throughput and p99 e2e latency against concurrency, one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, target in result["targets"].items():
+        cs = [lvl["concurrency"] for lvl in target["levels"]]
+        ax1.plot(cs, [lvl["output_throughput"] for lvl in target["levels"]], marker="o", label=name)
+        ax2.plot(cs, [lvl["p99_e2el_ms"] or 0.0 for lvl in target["levels"]], marker="o", label=name)
+    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="Aggregate output throughput")
+    ax2.set(xlabel="concurrency", ylabel="ms", title="p99 end-to-end latency")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

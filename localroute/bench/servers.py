@@ -1,0 +1,189 @@
+"""Servers the benchmark starts itself: localroute, llama-cpp-python's server, llama.cpp's
+llama-server — same model file, same threads, same context per sequence — plus peak-RSS sampling.
+
+Each runs in a subprocess on a free 127.0.0.1 port and is stopped (SIGTERM, then SIGKILL) when the
+level is over, so one engine never competes with another for the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Self
+
+import httpx
+
+from localroute.errors import BackendUnavailableError, ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int, key: str = "VmRSS") -> int | None:
+    """Resident memory of a process from /proc (VmRSS now, VmHWM the peak); None off Linux."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Largest VmRSS of a process seen while running (a thread samples every `interval_s`)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = rss_bytes(self.pid)
+            if rss is not None:
+                self.peak = max(self.peak or 0, rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What every server is given: the model, threads and context per sequence."""
+
+    model_path: Path
+    n_threads: int
+    n_ctx: int
+
+
+@dataclass(slots=True)
+class ManagedServer:
+    """A server subprocess; `base_url` ends in /v1, `model` is what requests must name."""
+
+    name: str
+    argv: list[str]
+    model: str
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BackendUnavailableError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise BackendUnavailableError(f"{self.name} did not answer within {timeout_s:g}s: {self.log_tail()}")
+
+    def log_tail(self, n: int = 1500) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", errors="replace")[-n:]
+
+    def peak_rss(self) -> int | None:
+        return rss_bytes(self.proc.pid, "VmHWM") if self.proc is not None else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:
+    """`localroute serve` with one local tier (the model), so nothing escalates: the engine's work
+    is the same as the baselines'. Confidence is computed as in any cascade (per-token logprobs)."""
+    tier = {"name": "local", "kind": "llama_cpp", "model": str(spec.model_path)}
+    port = free_port()
+    env = {
+        "LOCALROUTE_TIERS": json.dumps([tier]),
+        "LOCALROUTE_N_THREADS": str(spec.n_threads),
+        "LOCALROUTE_N_CTX": str(spec.n_ctx),
+        "LOCALROUTE_N_PARALLEL": str(parallel),
+        "LOCALROUTE_MAX_QUEUE": str(max(64, parallel * 4)),
+        "LOCALROUTE_LOG_LEVEL": "warning",
+    }
+    argv = [sys.executable, "-m", "localroute", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return ManagedServer("localroute", argv, "localroute/cascade", env, port)
+
+
+def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
+    """llama-cpp-python's own OpenAI server (one request at a time; `parallel` is ignored)."""
+    try:
+        import llama_cpp.server  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import starlette_context  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"--vs llama-cpp-python needs llama-cpp-python[server] ({exc.name} missing): "
+                          "pip install 'localroute[dev]'") from None
+    port = free_port()
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(spec.model_path),
+            "--model_alias", "bench", "--n_threads", str(spec.n_threads), "--n_threads_batch", str(spec.n_threads),
+            "--n_ctx", str(spec.n_ctx), "--host", "127.0.0.1", "--port", str(port)]
+    return ManagedServer("llama-cpp-python", argv, "bench", {}, port)
+
+
+def llama_server(binary: Path, spec: EngineSpec, parallel: int) -> ManagedServer:
+    """llama.cpp's llama-server with `parallel` slots of n_ctx each; flash attention and the KV
+    layout set as localroute's engine sets them (off; one KV stream per sequence)."""
+    if not binary.is_file():
+        raise ConfigError(f"llama-server binary not found: {binary} (build it: scripts/build_llama_server.sh)",
+                          param="vs")
+    port = free_port()
+    argv = [str(binary), "-m", str(spec.model_path), "-t", str(spec.n_threads), "-tb", str(spec.n_threads),
+            "-np", str(parallel), "-c", str(spec.n_ctx * parallel), "-fa", "off", "--no-kv-unified",
+            "--no-webui", "--host", "127.0.0.1", "--port", str(port), "-a", "bench"]
+    return ManagedServer("llama-server", argv, "bench", {}, port)

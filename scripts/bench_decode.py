@@ -1,0 +1,120 @@
+"""Single-stream decode speed: localroute's local tier (confidence on) against llama-cpp-python.
+
+Three ways to produce N greedy tokens (ignore EOS) with the same GGUF, threads and prompt:
+  llama-cpp-python plain        Llama.create_completion, no logprobs
+  llama-cpp-python logprobs     Llama(logits_all=True).create_completion(logprobs=K)
+  localroute (confidence on)    LlamaCppBackend.generate with top_logprobs=K, as the cascade calls it
+Target (issue #2): localroute >= 0.95x llama-cpp-python plain.
+
+    python scripts/bench_decode.py [--tokens 128] [--threads 2] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _llama_cpp_python(model: Path, threads: int, tokens: int, repeats: int, logprobs: int | None) -> list[float]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=logprobs is not None,
+                verbose=False)
+    eos = llm.token_eos()
+    rates = []
+    for i in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        out: Any = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, logprobs=logprobs,
+                                         logit_bias={eos: -1e9})
+        dt = time.perf_counter() - t0
+        n = int(out["usage"]["completion_tokens"])
+        if i > 0:  # the first run is the warm-up
+            rates.append(n / dt)
+    del llm
+    return rates
+
+
+def _localroute(model: Path, threads: int, tokens: int, repeats: int, top_logprobs: int) -> list[float]:
+    from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
+    from localroute.types import GenerationRequest, SamplingParams
+
+    engine = LlamaEngine(model, n_ctx_seq=1024, n_parallel=1, n_threads=threads)
+    backend = LlamaCppBackend("bench", engine)
+    request = GenerationRequest(prompt=PROMPT, params=SamplingParams(
+        max_tokens=tokens, temperature=0.0, top_logprobs=top_logprobs, ignore_eos=True))
+    rates = []
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            gen = asyncio.run(backend.generate(request))
+            dt = time.perf_counter() - t0
+            if i > 0:
+                rates.append(gen.completion_tokens / dt)
+    finally:
+        engine.close()
+    return rates
+
+
+def main() -> int:
+    from localroute.registry import resolve_model_path
+    from localroute.settings import Settings
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="registry name or GGUF path")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None, help="default: localroute's n_threads setting")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
+    p.add_argument("--top-logprobs", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    settings = Settings()
+    model = resolve_model_path(args.model, settings.models_dir)
+    threads = args.threads or settings.n_threads
+
+    runs = {
+        "llama-cpp-python plain": lambda: _llama_cpp_python(model, threads, args.tokens, args.repeats, None),
+        "llama-cpp-python logits_all logprobs": lambda: _llama_cpp_python(
+            model, threads, args.tokens, args.repeats, args.top_logprobs),
+        "localroute (confidence on)": lambda: _localroute(model, threads, args.tokens, args.repeats,
+                                                          args.top_logprobs),
+    }
+    rows = []
+    for name, fn in runs.items():
+        rates = fn()
+        rows.append({"variant": name, "tokens_per_s": statistics.median(rates), "runs": rates})
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_plain"] = row["tokens_per_s"] / base
+    result = {
+        "model": model.name, "threads": threads, "tokens": args.tokens, "repeats": args.repeats,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "rows": rows, "target": "localroute >= 0.95x plain", "target_met": rows[2]["vs_plain"] >= 0.95,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{model.name}, {threads} threads, {args.tokens} greedy tokens, median of {args.repeats} runs "
+          f"(load average {result['loadavg'][0] if result['loadavg'] else 'n/a'})")
+    print(f"{'variant':40s} {'tok/s':>8s} {'vs plain':>9s}")
+    for row in rows:
+        print(f"{row['variant']:40s} {row['tokens_per_s']:8.1f} {row['vs_plain']:8.2f}x")
+    print(f"target localroute >= 0.95x plain: {'met' if result['target_met'] else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

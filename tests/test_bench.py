@@ -1,0 +1,92 @@
+"""`localroute bench` end to end against a real localroute server on 127.0.0.1 (SmolLM2 tier).
+
+Checks presence and sanity of every metric, not speed: speed is for the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from localroute.bench import load_prompts
+from localroute.bench.loadgen import RequestResult
+from localroute.bench.metrics import summarize
+from localroute.cli import main
+from localroute.server import create_app
+from tests.conftest import local_settings, serve_app
+
+LEVEL_KEYS = [
+    "concurrency", "completed", "failed", "duration_s", "total_output_tokens", "mean_output_tokens",
+    "request_throughput", "output_throughput", "escalation_rate", "peak_rss_mb",
+    *[f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "p99")],
+]
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = local_settings(tiers=[{"name": "smollm2-135m", "kind": "llama_cpp", "model": "smollm2-135m"}])
+    plot, saved = tmp_path / "bench.png", tmp_path / "bench.json"
+    dataset = tmp_path / "q.jsonl"
+    dataset.write_text('{"question_id": 1, "turns": ["Name a fruit.", "And another?"]}\n'
+                       '{"instruction": "Say hi.", "input": ""}\n{"prompt": "Count to three."}\n')
+    with serve_app(create_app(settings)) as url:
+        code = main(["bench", "--url", url, "--concurrency", "1,2", "--num-requests", "4", "--max-tokens", "8",
+                     "--dataset", str(dataset), "--server-pid", str(os.getpid()), "--overhead-requests", "3",
+                     "--json", "--plot", str(plot), "--save-result", str(saved)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(saved.read_text()) == result
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    levels = result["targets"]["localroute"]["levels"]
+    assert [lvl["concurrency"] for lvl in levels] == [1, 2]
+    for lvl in levels:
+        assert set(LEVEL_KEYS) <= set(lvl)
+        assert lvl["completed"] == 4 and lvl["failed"] == 0
+        assert lvl["total_output_tokens"] == 4 * 8  # ignore_eos: every answer is max_tokens long
+        assert lvl["mean_output_tokens"] == 8
+        assert lvl["escalation_rate"] == 0.0  # one tier: nothing escalates
+        assert lvl["peak_rss_mb"] > 50
+        assert lvl["request_throughput"] > 0 and lvl["output_throughput"] > 0
+        assert math.isclose(lvl["output_throughput"], lvl["request_throughput"] * 8, rel_tol=1e-6)
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            assert 0 < lvl[f"median_{name}_ms"] <= lvl[f"p99_{name}_ms"]
+            assert lvl[f"mean_{name}_ms"] > 0
+        assert lvl["p99_ttft_ms"] <= lvl["p99_e2el_ms"]
+    overhead = result["targets"]["localroute"]["router_overhead"]
+    assert overhead["n"] == 3 and 0 < overhead["p50_ms"] <= overhead["p99_ms"]
+    assert result["config"]["n_prompts"] == 3
+    scaling = result["ratios"]["localroute_vs_single_stream"]
+    assert [r["concurrency"] for r in scaling] == [1, 2] and scaling[0]["output_throughput"] == 1.0
+    checks = {t["target"]: t for t in result["targets_check"]}
+    assert checks["router overhead p50 ms"]["value"] == overhead["p50_ms"]
+    assert checks["c4 output tok/s vs llama-server (4 slots)"]["met"] is None  # not measured here
+    assert result["machine"]["cpus"] >= 1
+
+
+def test_prompts_from_dataset_keys_and_synthetic(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"turns": ["first turn", "second"]}\n\n{"question": "q?"}\n'
+                    '{"instruction": "do it", "input": "on this"}\n{"other": 1}\n')
+    assert load_prompts(data, 64) == ["first turn", "q?", "do it\n\non this"]
+    synthetic = load_prompts(None, 16, n=3)
+    assert len(synthetic) == 3 and all(len(p.split()) == 16 for p in synthetic)
+    assert len(set(synthetic)) == 3
+
+
+def test_summary_metric_definitions() -> None:
+    """tpot = (e2el - ttft) / (tokens - 1); throughputs over the level's wall time; failures apart."""
+    ok = RequestResult(ok=True, ttft_s=0.1, e2el_s=0.5, itl_s=[0.1, 0.1, 0.2], output_tokens=5, escalated=True)
+    ok2 = RequestResult(ok=True, ttft_s=0.2, e2el_s=0.2, itl_s=[], output_tokens=1, escalated=False)
+    bad = RequestResult(ok=False, error="HTTP 503")
+    m = summarize([ok, ok2, bad], duration_s=2.0)
+    assert m["completed"] == 2 and m["failed"] == 1 and m["errors"] == ["HTTP 503"]
+    assert m["request_throughput"] == 1.0 and m["output_throughput"] == 3.0
+    assert math.isclose(m["mean_tpot_ms"], 100.0)  # only the request with > 1 token
+    assert math.isclose(m["median_ttft_ms"], 150.0)
+    assert math.isclose(m["mean_itl_ms"], 400 / 3)
+    assert m["escalation_rate"] == 0.5
