@@ -1,6 +1,8 @@
 """Single-stream decode speed: localroute's local tier (confidence on) against llama-cpp-python.
 
-Three ways to produce N greedy tokens (ignore EOS) with the same GGUF, threads and prompt:
+Three ways to produce up to N greedy tokens with the same GGUF, threads and prompt (greedy, so all
+three produce the same tokens; the prompt asks for a long answer; no logit_bias to suppress EOS, as
+llama-cpp-python applies it in Python at every step and that would measure the bias, not decode):
   llama-cpp-python plain        Llama.create_completion, no logprobs
   llama-cpp-python logprobs     Llama(logits_all=True).create_completion(logprobs=K)
   localroute (confidence on)    LlamaCppBackend.generate with top_logprobs=K, as the cascade calls it
@@ -27,34 +29,34 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def _llama_cpp_python(model: Path, threads: int, tokens: int, repeats: int, logprobs: int | None) -> list[float]:
+def _llama_cpp_python(model: Path, threads: int, tokens: int, repeats: int, logprobs: int | None) -> tuple[
+    list[float], int
+]:
     from llama_cpp import Llama
 
     llm = Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=logprobs is not None,
                 verbose=False)
-    eos = llm.token_eos()
     rates = []
     for i in range(repeats + 1):
         llm.reset()
         t0 = time.perf_counter()
-        out: Any = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, logprobs=logprobs,
-                                         logit_bias={eos: -1e9})
+        out: Any = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, logprobs=logprobs)
         dt = time.perf_counter() - t0
         n = int(out["usage"]["completion_tokens"])
         if i > 0:  # the first run is the warm-up
             rates.append(n / dt)
     del llm
-    return rates
+    return rates, n
 
 
-def _localroute(model: Path, threads: int, tokens: int, repeats: int, top_logprobs: int) -> list[float]:
+def _localroute(model: Path, threads: int, tokens: int, repeats: int, top_logprobs: int) -> tuple[list[float], int]:
     from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
     from localroute.types import GenerationRequest, SamplingParams
 
     engine = LlamaEngine(model, n_ctx_seq=1024, n_parallel=1, n_threads=threads)
     backend = LlamaCppBackend("bench", engine)
     request = GenerationRequest(prompt=PROMPT, params=SamplingParams(
-        max_tokens=tokens, temperature=0.0, top_logprobs=top_logprobs, ignore_eos=True))
+        max_tokens=tokens, temperature=0.0, top_logprobs=top_logprobs))
     rates = []
     try:
         for i in range(repeats + 1):
@@ -65,7 +67,7 @@ def _localroute(model: Path, threads: int, tokens: int, repeats: int, top_logpro
                 rates.append(gen.completion_tokens / dt)
     finally:
         engine.close()
-    return rates
+    return rates, gen.completion_tokens
 
 
 def main() -> int:
@@ -93,8 +95,9 @@ def main() -> int:
     }
     rows = []
     for name, fn in runs.items():
-        rates = fn()
-        rows.append({"variant": name, "tokens_per_s": statistics.median(rates), "runs": rates})
+        rates, n_tokens = fn()
+        rows.append({"variant": name, "tokens_per_s": statistics.median(rates), "runs": rates,
+                     "completion_tokens": n_tokens})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_plain"] = row["tokens_per_s"] / base
@@ -109,9 +112,10 @@ def main() -> int:
         return 0
     print(f"{model.name}, {threads} threads, {args.tokens} greedy tokens, median of {args.repeats} runs "
           f"(load average {result['loadavg'][0] if result['loadavg'] else 'n/a'})")
-    print(f"{'variant':40s} {'tok/s':>8s} {'vs plain':>9s}")
+    print(f"{'variant':40s} {'tokens':>6s} {'tok/s':>8s} {'vs plain':>9s}")
     for row in rows:
-        print(f"{row['variant']:40s} {row['tokens_per_s']:8.1f} {row['vs_plain']:8.2f}x")
+        print(f"{row['variant']:40s} {row['completion_tokens']:6d} {row['tokens_per_s']:8.1f} "
+              f"{row['vs_plain']:8.2f}x")
     print(f"target localroute >= 0.95x plain: {'met' if result['target_met'] else 'missed'}")
     return 0
 

@@ -87,8 +87,10 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     for name in AGGREGATORS:
         m, _ = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         aggs[name] = m.as_dict()
-    best = max(aggs, key=lambda a: (aggs[a]["auroc"] if aggs[a]["auroc"] is not None else -1,
-                                    aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1))
+    # AUROC is undefined when the cheap tier is always right or always wrong: then no signal "wins".
+    ranked = [a for a in aggs if aggs[a]["auroc"] is not None]
+    best = max(ranked, key=lambda a: (aggs[a]["auroc"], aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1),
+               default=None)
     frontier = dict(t.meta["frontier"])
     frontier["label"] = UPPER_BOUND_NOTE if t.upper_bound else (
         f"recorded outcomes of {frontier.get('model')}" if frontier["mode"] == "recorded"
@@ -140,6 +142,8 @@ def render_table(report: dict[str, Any]) -> str:
         mark = " *" if name == report["best_aggregator"] else ""
         lines.append(f"{name + mark:<18}{_f(m.get('auroc')):>8}{_f(m.get('ece')):>8}{_f(m.get('auc')):>8}"
                      f"{_f(m.get('apgr')):>8}{_pct(m.get('cpt50')):>8}{_pct(m.get('cpt80')):>8}{_pct(m.get('cpt95')):>8}")
+    if report["best_aggregator"] is None:
+        lines.append("no best aggregator: AUROC is undefined (the cheap answers are all right or all wrong)")
     lines.append(f"* best by {report['best_by']}. CPT = share of queries escalated to recover that share of the "
                  f"cheap-to-frontier gap.")
     return "\n".join(lines)
@@ -155,7 +159,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         (f"- cheap quality: **{_f(report['cheap_quality'], 4)}**; frontier quality: "
          f"**{_f(report['frontier_quality'], 4)}** ({report['frontier']['label']})"),
         f"- choice tasks: {report.get('choice_method')}",
-        f"- best aggregator ({report['best_by']}): **{report['best_aggregator']}**",
+        f"- best aggregator ({report['best_by']}): **{report['best_aggregator'] or 'none (AUROC undefined)'}**",
         "",
         "| aggregator | AUROC | ECE | deferral AUC | APGR | CPT(50%) | CPT(80%) | CPT(95%) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -196,7 +200,7 @@ def plot_report(out_dir: Path, report: dict[str, Any]) -> list[str]:
     fig.savefig(out_dir / "deferral.png", dpi=110)
     plt.close(fig)
 
-    best = report["best_aggregator"]
+    best = report["best_aggregator"] or "mean_logprob"
     prob = as_probability(t.conf[best], best)
     edges = np.linspace(0, 1, 11)
     idx = np.minimum((prob * 10).astype(int), 9)

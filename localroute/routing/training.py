@@ -50,27 +50,43 @@ class LabelledQueries:
                                [self.ids[i] for i in idx] if self.ids else [])
 
 
+def _text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).digest()[:16]
+
+
 def embed_cached(encoder: Encoder, texts: list[str], cache_dir: Path | None = None, progress: bool = False) -> np.ndarray:
-    """Encode texts, reusing a cache file keyed by the encoder name and the exact texts (training
-    and evaluation re-embed the same thousands of prompts; the vectors never change)."""
-    key = hashlib.sha256(("\x00".join([encoder.name, *texts])).encode()).hexdigest()[:24]
-    path = (cache_dir or Path.home() / ".cache" / "localroute" / "embeddings") / f"{encoder.name.replace(':', '_')}-{key}.npy"
-    if path.is_file():
-        arr = np.load(path, allow_pickle=False)
-        if arr.shape == (len(texts), encoder.dim):
-            return np.asarray(arr, dtype=np.float32)
-    if progress:
+    """Encode texts through a per-text cache (one store per encoder: 16-byte text hashes + vectors).
+    Training and evaluation re-embed the same thousands of prompts in different subsets and orders;
+    a text's vector never changes, so each is computed once."""
+    folder = cache_dir or Path.home() / ".cache" / "localroute" / "embeddings"
+    store = folder / f"{encoder.name.replace(':', '_')}.npz"
+    known: dict[bytes, np.ndarray] = {}
+    if store.is_file():
+        try:
+            with np.load(store, allow_pickle=False) as data:
+                keys, vecs = data["keys"], data["vectors"]
+            if vecs.ndim == 2 and vecs.shape[1] == encoder.dim and len(keys) == len(vecs):
+                known = {bytes(k): v for k, v in zip(keys, vecs)}
+        except (OSError, ValueError, KeyError):
+            known = {}  # a damaged cache is rebuilt, never trusted
+    keys_needed = [_text_key(t) for t in texts]
+    missing = list(dict.fromkeys(k for k in keys_needed if k not in known))
+    if missing:
+        todo = {k: t for k, t in zip(keys_needed, texts) if k in set(missing)}
         from tqdm import tqdm
 
-        rows = [encoder.encode([t])[0] for t in tqdm(texts, desc=f"embedding ({encoder.name})", unit="q")]
-        arr = np.stack(rows) if rows else np.zeros((0, encoder.dim), dtype=np.float32)
-    else:
-        arr = encoder.encode(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
-    return np.asarray(arr, dtype=np.float32)
+        for k, t in tqdm(list(todo.items()), desc=f"embedding ({encoder.name})", unit="q", disable=not progress):
+            known[k] = encoder.encode([t])[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        all_keys = list(known)
+        tmp = folder / f".{store.name}.tmp"
+        with tmp.open("wb") as fh:
+            np.savez(fh, keys=np.asarray(all_keys, dtype="S16"),
+                     vectors=np.stack([known[k] for k in all_keys]).astype(np.float32))
+        tmp.replace(store)
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return np.asarray(np.stack([known[k] for k in keys_needed]), dtype=np.float32)
 
 
 def _score(value: Any) -> float:
