@@ -3,8 +3,8 @@
 Three ways to produce up to N greedy tokens with the same GGUF, threads and prompt (greedy, so all
 three produce the same tokens; the prompt asks for a long answer; no logit_bias to suppress EOS, as
 llama-cpp-python applies it in Python at every step and that would measure the bias, not decode):
-  llama-cpp-python plain        Llama.create_completion, no logprobs
-  llama-cpp-python logprobs     Llama(logits_all=True).create_completion(logprobs=K)
+  llama-cpp-python plain        Llama.create_chat_completion, no logprobs
+  llama-cpp-python logprobs     Llama(logits_all=True).create_chat_completion(logprobs, top_logprobs=K)
   localroute (confidence on)    LlamaCppBackend.generate with top_logprobs=K, as the cascade calls it
 Target (issue #2): localroute >= 0.95x llama-cpp-python plain.
 
@@ -40,7 +40,9 @@ def _llama_cpp_python(model: Path, threads: int, tokens: int, repeats: int, logp
     for i in range(repeats + 1):
         llm.reset()
         t0 = time.perf_counter()
-        out: Any = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, logprobs=logprobs)
+        out: Any = llm.create_chat_completion(
+            [{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0.0,
+            logprobs=logprobs is not None, top_logprobs=logprobs)
         dt = time.perf_counter() - t0
         n = int(out["usage"]["completion_tokens"])
         if i > 0:  # the first run is the warm-up
@@ -55,7 +57,7 @@ def _localroute(model: Path, threads: int, tokens: int, repeats: int, top_logpro
 
     engine = LlamaEngine(model, n_ctx_seq=1024, n_parallel=1, n_threads=threads)
     backend = LlamaCppBackend("bench", engine)
-    request = GenerationRequest(prompt=PROMPT, params=SamplingParams(
+    request = GenerationRequest(messages=({"role": "user", "content": PROMPT},), params=SamplingParams(
         max_tokens=tokens, temperature=0.0, top_logprobs=top_logprobs))
     rates = []
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
 from localroute.cli.common import add_config_flag, print_json, settings_from
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         overhead_requests=args.overhead_requests,
     )
+    # SIGTERM unwinds like Ctrl-C, so the servers the run started are stopped, never left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_bench(cfg)
     if args.save_result:
         args.save_result.write_text(json.dumps(result, indent=2))
