@@ -79,8 +79,16 @@ def test_one_row_per_request_of_every_kind(logged_server) -> None:  # type: igno
             client.chat.completions.create(model="bad", messages=msg, max_tokens=4)
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="bad", messages=msg, max_tokens=4, stream=True)
+        with pytest.raises(openai.NotFoundError):  # refused before routing: still one row
+            client.chat.completions.create(model="no-such-model", messages=msg, max_tokens=4)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="sure", prompt="hello", max_tokens=0)
     # the server has shut down: every row must be on disk
     rows = read_rows(db)
+    rejected = [r for r in rows if r["policy"] == "rejected"]
+    assert sorted((r["endpoint"], r["status"]) for r in rejected) == [("chat", 404), ("completion", 400)]
+    assert all(r["error"] and r["tier"] is None and r["request_id"] for r in rejected)
+    rows = [r for r in rows if r["policy"] != "rejected"]
     assert len(rows) == 6
     by = {(r["endpoint"], bool(r["stream"]), r["status"], r["tier"]): r for r in rows}
     esc = by[("chat", False, 200, "sure")]

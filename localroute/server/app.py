@@ -23,6 +23,7 @@ from localroute.backends.base import load_backend
 from localroute.budget import attach_budget
 from localroute.cost import RequestCost, cost_fields, cost_headers
 from localroute.errors import InvalidRequestError, LocalrouteError, ModelNotFoundError
+from localroute.feedback import FeedbackRequest
 from localroute.metrics import CONTENT_TYPE_LATEST, Monitoring
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier
 from localroute.routing.cascade import CascadeRouter
@@ -419,11 +420,9 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", openapi_extra=request_body_schema(FeedbackRequest))
     async def feedback(request: Request) -> JSONResponse:
         """{request_id, score | correct, source}: stored against the request's routing-log row."""
-        from localroute.feedback import FeedbackRequest
-
         body = await _parse(request, FeedbackRequest)  # type: ignore[arg-type]
         svc = service()
         if svc.feedback is None:
@@ -454,17 +453,21 @@ def create_app(
 
     @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         svc = service()
-        router = svc.router(body.model)
-        gen_request = chat_request(body, settings, request_id)
+        started = time.perf_counter()
+        try:
+            body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+            router = svc.router(body.model)
+            gen_request = chat_request(body, settings, request_id)
+        except LocalrouteError as exc:
+            _rejected(svc, request_id, "chat", exc, started)
+            raise
         k = gen_request.params.top_logprobs
         if body.stream:
             return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        started = time.perf_counter()
         routed, cost = await _route(svc, router, gen_request, "chat", started, request)
         gen, decision = routed.generation, routed.decision
         payload = {
@@ -487,18 +490,22 @@ def create_app(
 
     @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        body: CompletionRequest = await _parse(request, CompletionRequest)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         svc = service()
-        router = svc.router(body.model)
-        gen_request = completion_request(body, settings, request_id)
+        started = time.perf_counter()
+        try:
+            body: CompletionRequest = await _parse(request, CompletionRequest)
+            router = svc.router(body.model)
+            gen_request = completion_request(body, settings, request_id)
+        except LocalrouteError as exc:
+            _rejected(svc, request_id, "completion", exc, started)
+            raise
         k = gen_request.params.top_logprobs
         want_lp = body.logprobs is not None
         if body.stream:
             return await _stream(svc, router, gen_request, "completion", want_lp, k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        started = time.perf_counter()
         routed, cost = await _route(svc, router, gen_request, "completion", started, request)
         gen, decision = routed.generation, routed.decision
         payload = {
@@ -518,6 +525,12 @@ def create_app(
             "localroute": routing_info(decision, cost_fields(cost)),
         }
         return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
+
+    def _rejected(svc: Service, request_id: str, endpoint: str, exc: LocalrouteError, started: float) -> None:
+        """A request refused before routing (bad body, unknown model) still gets its log row and
+        metrics; its policy label is fixed, so clients cannot grow the metrics' label set."""
+        svc.record(RequestRecord(request_id, endpoint, "rejected", False, exc.status_code, started,
+                                 time.perf_counter() - started, error=exc.code or exc.error_type))
 
     async def _route(svc: Service, router: CascadeRouter, req: GenerationRequest, endpoint: str,
                      started: float, request: Request) -> tuple[Routed, RequestCost | None]:
