@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localroute.errors import ConfigError
+from localroute.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +111,7 @@ class CalibrationFile(BaseModel):
 
 def write_calibration(cal: CalibrationFile, path: Path) -> Path:
     """Atomic write: a temporary file in the same folder, fsynced, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(cal.model_dump_json(indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(cal.model_dump_json(indent=2)))
 
 
 def load_calibration(path: Path) -> CalibrationFile:

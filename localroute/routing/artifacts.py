@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from localroute import __version__
 from localroute.errors import ConfigError
+from localroute.fileio import atomic_write
 
 FORMAT_VERSION = 1
 KINDS = ("classifier", "embedding")
@@ -99,16 +98,7 @@ def save_artifact(art: RouterArtifact, path: Path | str) -> Path:
     }
     payload = {k: np.ascontiguousarray(v) for k, v in art.arrays.items()}
     payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **payload), mode="wb")
     art.training = meta["training"]  # type: ignore[assignment]
     return path
 
