@@ -179,10 +179,6 @@ def test_real_model_takes_odd_but_valid_input(real: tuple[str, Any]) -> None:
         assert r.status_code == 200 or 400 <= r.status_code < 500, r.text
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "LlamaEngine.submit() admits a burst past max_queue: it rejects only when no slot is free, and "
-    "slots are taken by the engine thread between decode steps, so a burst that lands during one step "
-    "is all queued. Fix in llama_cpp.py: reject when len(waiting) >= max_queue + len(free_slots)."))
 def test_saturation_rejects_overflow_fast_and_health_stays_prompt(real: tuple[str, Any]) -> None:
     base, svc = real
     engine = svc.tiers[0].backend.engine

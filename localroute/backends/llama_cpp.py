@@ -239,7 +239,9 @@ class LlamaEngine:
                 param="messages",
             )
         with self._cond:
-            if len(self._waiting) >= self.max_queue and not self._free_slots:
+            # Free slots are filled by the engine thread between steps, so a burst arriving during
+            # one step all lands in `_waiting`: count the slots that will absorb part of it.
+            if len(self._waiting) >= self.max_queue + len(self._free_slots):
                 self.stats["rejected_total"] += 1
                 raise RateLimitError("local tier queue is full; retry shortly", retry_after_s=1.0)
             self._waiting.append(seq)
@@ -527,8 +529,12 @@ class LlamaEngine:
             cut_bytes = len(text.encode("utf-8"))
             keep = sum(1 for end in seq.token_ends if end <= cut_bytes)
             tokens = tokens[:keep]
-        if seq.want_tokens and len(text) > seq.emitted_chars:
-            seq.sink(("token", (text[seq.emitted_chars :], None)))
+        if seq.want_tokens:
+            # At max_tokens the last token was appended but not yet emitted: send it with the rest.
+            pending = tokens[-1] if reason == "length" and tokens else None
+            tail = text[seq.emitted_chars :]
+            if tail or pending is not None:
+                seq.sink(("token", (tail, pending)))
         now = time.perf_counter()
         gen = Generation(
             text=text,
