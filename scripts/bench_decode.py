@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,31 +81,50 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="registry name or GGUF path")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="default: localroute's n_threads setting")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant and round (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant in a fresh process")
     p.add_argument("--top-logprobs", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--variant", choices=["plain", "logprobs", "localroute"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     settings = Settings()
     model = resolve_model_path(args.model, settings.models_dir)
     threads = args.threads or settings.n_threads
 
+    if args.variant is not None:  # child process: run one variant, print its rates as JSON
+        fn = {"plain": lambda: _llama_cpp_python(model, threads, args.tokens, args.repeats, None),
+              "logprobs": lambda: _llama_cpp_python(model, threads, args.tokens, args.repeats, args.top_logprobs),
+              "localroute": lambda: _localroute(model, threads, args.tokens, args.repeats, args.top_logprobs),
+              }[args.variant]
+        print(json.dumps(fn()))
+        return 0
+    # Each variant runs in a fresh process: a llama.cpp model freed earlier in the same process
+    # measurably slows whatever runs after it (about a third here), which would bias the order.
     runs = {
-        "llama-cpp-python plain": lambda: _llama_cpp_python(model, threads, args.tokens, args.repeats, None),
-        "llama-cpp-python logits_all logprobs": lambda: _llama_cpp_python(
-            model, threads, args.tokens, args.repeats, args.top_logprobs),
-        "localroute (confidence on)": lambda: _localroute(model, threads, args.tokens, args.repeats,
-                                                          args.top_logprobs),
+        "llama-cpp-python plain": "plain",
+        "llama-cpp-python logits_all logprobs": "logprobs",
+        "localroute (confidence on)": "localroute",
     }
+    # Rounds interleave the variants (A B C A B C ...) so that drift in the machine's speed, which is
+    # large on a shared VM, hits every variant alike; the median is over all rounds' timed runs.
+    measured: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in runs}
+    for _ in range(args.rounds):
+        for name, variant in runs.items():
+            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--model", str(model),
+                                  "--tokens", str(args.tokens), "--threads", str(threads), "--repeats",
+                                  str(args.repeats), "--top-logprobs", str(args.top_logprobs)],
+                                 capture_output=True, text=True, check=True)
+            got, n = json.loads(out.stdout.strip().splitlines()[-1])
+            measured[name] = (measured[name][0] + got, n)
     rows = []
-    for name, fn in runs.items():
-        rates, n_tokens = fn()
+    for name, (rates, n_tokens) in measured.items():
         rows.append({"variant": name, "tokens_per_s": statistics.median(rates), "runs": rates,
                      "completion_tokens": n_tokens})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_plain"] = row["tokens_per_s"] / base
     result = {
-        "model": model.name, "threads": threads, "tokens": args.tokens, "repeats": args.repeats,
+        "model": model.name, "threads": threads, "tokens": args.tokens, "repeats": args.repeats, "rounds": args.rounds,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "rows": rows, "target": "localroute >= 0.95x plain", "target_met": rows[2]["vs_plain"] >= 0.95,
@@ -112,7 +132,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{model.name}, {threads} threads, {args.tokens} greedy tokens, median of {args.repeats} runs "
+    print(f"{model.name}, {threads} threads, {args.tokens} greedy tokens, median of {args.rounds}x{args.repeats} runs "
           f"(load average {result['loadavg'][0] if result['loadavg'] else 'n/a'})")
     print(f"{'variant':40s} {'tokens':>6s} {'tok/s':>8s} {'vs plain':>9s}")
     for row in rows:
