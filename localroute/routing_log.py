@@ -603,4 +603,19 @@ def report(path: Path, since: float | None = None, until: float | None = None, b
     summary = summarize(rows, bucket, load_calibration(calibration_path), first_tier)
     summary["log"] = str(path)
     summary["window"] = {"since": since, "until": until}
+    summary["review"] = review_summary(path)
     return summary, rows
+
+
+def review_summary(path: Path, limit: int = 20) -> dict[str, Any]:
+    """The human-review sample (review_sample_rate): how many were marked, which still await feedback."""
+    from localroute.feedback import FeedbackStore
+
+    try:
+        store = FeedbackStore(path)
+        marked = store.review_queue(pending_only=False, limit=1_000_000)
+        pending = [r for r in marked if not r["feedback"]]
+    except sqlite3.Error:  # a log older than the review migration: nothing sampled
+        return {"sampled": 0, "reviewed": 0, "pending": 0, "pending_request_ids": []}
+    return {"sampled": len(marked), "reviewed": len(marked) - len(pending), "pending": len(pending),
+            "pending_request_ids": [r["request_id"] for r in pending[:limit]]}

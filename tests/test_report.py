@@ -153,3 +153,19 @@ def test_parse_time() -> None:
     assert parse_time("2025-06-01") == pytest.approx(1748736000.0)
     assert parse_time("2025-06-01T01:00:00+01:00") == pytest.approx(1748736000.0)
     assert parse_time("1748736000") == 1748736000.0
+
+
+def test_report_lists_the_review_sample(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localroute.feedback import FeedbackRequest, FeedbackStore
+
+    store = FeedbackStore(log_path)
+    for rid in (f"r{T0}", f"r{T0 + 60}", f"r{T0 + 120}"):
+        store.mark_review(rid, "localroute/cascade", "cheap")
+    store.add(FeedbackRequest(request_id=f"r{T0 + 60}", correct=True, source="human"))
+    assert main(["report", "--log", str(log_path), "--json"]) == 0
+    review = json.loads(capsys.readouterr().out)["review"]
+    assert (review["sampled"], review["reviewed"], review["pending"]) == (3, 1, 2)
+    assert sorted(review["pending_request_ids"]) == sorted([f"r{T0}", f"r{T0 + 120}"])
+    assert main(["report", "--log", str(log_path)]) == 0
+    text = capsys.readouterr().out
+    assert "review sample: 3 marked, 1 reviewed, 2 awaiting feedback" in text and f"r{T0 + 120}" in text

@@ -111,6 +111,11 @@ def render(s: dict[str, Any]) -> str:
             f"{_num(cal.get('p50')):>11}{_num(c.get('median_shift')):>9}"
             f"{_num(share * 100 if share is not None else None, '{:.0f}%'):>12}"
         )
+    review = s.get("review") or {}
+    if review.get("sampled"):
+        lines += ["", f"review sample: {review['sampled']} marked, {review['reviewed']} reviewed, "
+                      f"{review['pending']} awaiting feedback (POST /v1/feedback)"]
+        lines += [f"  {rid}" for rid in review["pending_request_ids"]]
     if s["series"]:
         lines += ["", f"{s['bucket']:<22}{'requests':>9}{'escalated':>11}{'cost/query':>14}{'frontier/query':>16}"]
         for b in s["series"]:
