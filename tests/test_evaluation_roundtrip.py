@@ -86,6 +86,7 @@ def test_eval_calibrate_serve_round_trip(tmp_path: Path, capsys: pytest.CaptureF
             assert 0 < r["completion_tokens"] <= 8 and len(r["tokens"]) == r["completion_tokens"]
             assert all(len(t[3]) == 5 for t in r["tokens"])  # top-5 kept for rescoring
             assert r["frontier"] == {"score": 1.0, "correct": True, "source": "oracle"}
+            assert r["cost_usd"] > 0 and r["cost_inputs"]["method"] == "local_cpu" and r["cost_inputs"]["cpu_s"] > 0
 
         # 2. the report (through the CLI): every aggregator rescored from the stored tokens
         assert main(["eval", "--run", str(run), "--json"]) == 0
@@ -126,7 +127,8 @@ def test_eval_calibrate_serve_round_trip(tmp_path: Path, capsys: pytest.CaptureF
 
         # 5. --frontier live: the configured frontier answers each query and is scored like the cheap tier
         live = asyncio.run(run_eval(
-            settings_for(frontier_url, frontier_base_url=frontier_url, frontier_model="scripted"),
+            settings_for(frontier_url, frontier_base_url=frontier_url, frontier_model="scripted",
+                         frontier_input_usd_per_mtok=1.0, frontier_output_usd_per_mtok=2.0),
             EvalConfig(dataset=dataset, out_dir=tmp_path / "live", limit=3, max_tokens=4, frontier="live",
                        progress=False)))
         assert live.computed == 3
@@ -134,6 +136,7 @@ def test_eval_calibrate_serve_round_trip(tmp_path: Path, capsys: pytest.CaptureF
             gold = next(json.loads(x) for x in dataset.read_text().splitlines() if json.loads(x)["id"] == r["id"])
             assert r["frontier"]["source"] == "live" and r["frontier"]["output"] == "positive"
             assert r["frontier"]["correct"] == (gold["answer"] == "positive")
+            assert r["frontier_cost_usd"] == pytest.approx((5 * 1.0 + 1 * 2.0) / 1e6)  # usage x configured price
 
         # 6. a file calibrated for another model: loud warning, default threshold
         other = cal.model_copy(deep=True)

@@ -25,9 +25,11 @@ from typing import Any
 
 from localroute.backends.base import Backend, load_backend
 from localroute.calibration import backend_fingerprint, file_sha256
+from localroute.cost import cpu_cost_usd
 from localroute.errors import ConfigError, LocalrouteError
 from localroute.evaluation.datasets import EvalItem, load_items, sample
 from localroute.evaluation.scorers import JudgeScorer, Score, score_answer
+from localroute.pricing import load_price_table
 from localroute.settings import Settings, TierSettings
 from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
 
@@ -166,6 +168,7 @@ class _Runner:
         self.backend: Backend | None = None
         self.frontier: Backend | None = None
         self.recorded = meta["frontier"]["model"] if meta["frontier"]["mode"] == "recorded" else None
+        self.inflight = 0  # eval requests in the engine now: their CPU time is shared among them
 
     async def _frontier_outcome(self, item: EvalItem) -> tuple[dict[str, Any] | None, float | None]:
         mode = self.meta["frontier"]["mode"]
@@ -181,8 +184,9 @@ class _Runner:
         gen = await self.frontier.generate(_request(self.cfg, item))
         s = await score_answer(gen.text, item, self.judge)
         fs = self.settings.frontier_tier()
-        cost = ((fs.input_usd_per_mtok or 0.0) * gen.prompt_tokens
-                + (fs.output_usd_per_mtok or 0.0) * gen.completion_tokens) / 1e6
+        price = load_price_table(self.settings.price_file).with_override(
+            fs.model, fs.input_usd_per_mtok, fs.output_usd_per_mtok, fs.cached_input_usd_per_mtok)
+        cost = price.cost_usd(gen.prompt_tokens, gen.completion_tokens) if price is not None else None
         return {"score": s.value, "correct": s.correct, "source": "live", "output": gen.text}, cost
 
     async def one(self, item: EvalItem) -> dict[str, Any]:
@@ -190,10 +194,20 @@ class _Runner:
         row: dict[str, Any] = {"id": item.id, "task": item.task}
         started = time.perf_counter()
         gen: Generation | None = None
+        self.inflight += 1
+        cpu0 = time.process_time()
         try:
             gen = await self.backend.generate(_request(self.cfg, item))
         except LocalrouteError as exc:  # in serving this answer would escalate: keep it, unconfident
             row["error"] = f"generation: {exc.code or type(exc).__name__}: {exc.message}"
+        finally:
+            # The process's CPU time over the call, shared among the eval requests decoded together
+            # meanwhile (the same approximation serving uses), at usd_per_core_hour.
+            cpu_s = (time.process_time() - cpu0) / self.inflight
+            self.inflight -= 1
+        row["cost_usd"] = cpu_cost_usd(cpu_s, self.settings.usd_per_core_hour)
+        row["cost_inputs"] = {"method": "local_cpu", "cpu_s": round(cpu_s, 6),
+                              "usd_per_core_hour": self.settings.usd_per_core_hour}
         row.update({
             "output": gen.text if gen else "",
             "finish_reason": gen.finish_reason if gen else "error",
