@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localroute.backends.grammar import constraint_for
+from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -45,7 +46,6 @@ from localroute.types import (
     Generation,
     GenerationRequest,
     SamplingParams,
-    StreamDelta,
     TokenLogprob,
     TopLogprob,
 )
@@ -574,7 +574,7 @@ class LlamaEngine:
             self._ctx = None
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(EngineBridge):
     """A local tier: chat template from the GGUF, requests decoded by the shared engine."""
 
     is_local = True
@@ -611,7 +611,7 @@ class LlamaCppBackend:
             raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
         return self.engine.tokenize(result.prompt, add_special=not result.added_special, parse_special=True)
 
-    def _seq(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
+    def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
         prompt = self.prompt_tokens(request)
         params = request.params
         if not prompt:
@@ -633,56 +633,6 @@ class LlamaCppBackend:
             grammar=constraint_for(self.engine, params.response_format) if params.response_format else None,
             submitted_at=time.perf_counter(),
         )
-
-    async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        seq = self._seq(request, sink, want_tokens)
-        self.engine.submit(seq)
-        finished = False
-        try:
-            try:
-                kind, payload = await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # "admitted"
-            except TimeoutError:
-                raise BackendUnavailableError(
-                    f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0
-                ) from None
-            if kind == "error":  # the engine failed or stopped while this request waited
-                finished = True
-                raise payload
-            while True:
-                event = await queue.get()
-                kind, payload = event
-                if kind == "error":
-                    finished = True
-                    raise payload
-                if kind == "done":
-                    finished = True
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.cancel(seq)
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        async for kind, payload in self._events(request, want_tokens=False):
-            if kind == "done":
-                gen: Generation = payload
-                return gen
-        raise BackendUnavailableError("local engine ended without an answer")
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        async for kind, payload in self._events(request, want_tokens=True):
-            if kind == "token":
-                text, tok = payload
-                yield StreamDelta(text=text, token=tok)
-            elif kind == "done":
-                yield StreamDelta(text="", final=payload)
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running

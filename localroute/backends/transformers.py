@@ -30,13 +30,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -49,7 +50,6 @@ from localroute.types import (
     Generation,
     GenerationRequest,
     SamplingParams,
-    StreamDelta,
     TokenLogprob,
     TopLogprob,
 )
@@ -483,7 +483,7 @@ class TorchEngine:
         self._thread.join(timeout=30)
 
 
-class TransformersBackend:
+class TransformersBackend(EngineBridge):
     """A local tier served by `TorchEngine`; same contract as the llama.cpp tier."""
 
     is_local = True
@@ -499,7 +499,7 @@ class TransformersBackend:
             return self.engine.prompt_tokens(request.prompt or "")
         return self.engine.chat_tokens([dict(m) for m in request.messages])
 
-    def _req(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Req:
+    def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Req:
         prompt = self.prompt_tokens(request)
         if not prompt:
             raise InvalidRequestError("empty prompt", param="prompt")
@@ -520,54 +520,6 @@ class TransformersBackend:
             rng=np.random.default_rng(params.seed),
             submitted_at=time.perf_counter(),
         )
-
-    async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        req = self._req(request, sink, want_tokens)
-        self.engine.submit(req)
-        finished = False
-        try:
-            try:
-                first = await asyncio.wait_for(queue.get(), self.queue_timeout_s)
-            except TimeoutError:
-                raise BackendUnavailableError(
-                    f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0
-                ) from None
-            if first[0] == "error":
-                finished = True
-                raise first[1]
-            while True:
-                kind, payload = await queue.get()
-                if kind == "error":
-                    finished = True
-                    raise payload
-                finished = kind == "done"
-                yield kind, payload
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.cancel(req)
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        async for kind, payload in self._events(request, want_tokens=False):
-            if kind == "done":
-                gen: Generation = payload
-                return gen
-        raise BackendUnavailableError("local engine ended without an answer")
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        async for kind, payload in self._events(request, want_tokens=True):
-            if kind == "token":
-                text, tok = payload
-                yield StreamDelta(text=text, token=tok)
-            elif kind == "done":
-                yield StreamDelta(text="", final=payload)
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running

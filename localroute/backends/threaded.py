@@ -1,0 +1,86 @@
+"""The asyncio side of a local engine that decodes on its own thread (llama.cpp, transformers).
+
+The engine thread reports each request's progress through a `sink` as events: ("admitted", None)
+when it gets a slot, ("token", (text, TokenLogprob | None)) while streaming, ("done", Generation)
+at the end, ("error", LocalrouteError) on failure. This mixin turns those into the Backend
+contract's `generate` and `stream`, bounds the wait for a slot, and cancels the engine's work when
+the caller goes away (a cancelled task or a closed stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from localroute.errors import BackendUnavailableError
+from localroute.types import Generation, GenerationRequest, StreamDelta
+
+Event = tuple[str, Any]
+Sink = Callable[[Event], None]
+
+
+class ThreadedEngine(Protocol):
+    def submit(self, job: Any) -> None: ...
+
+    def cancel(self, job: Any) -> None: ...
+
+
+class EngineBridge(ABC):
+    """Mixin: subclasses set `engine` and `queue_timeout_s` and implement `_job`."""
+
+    engine: ThreadedEngine
+    queue_timeout_s: float
+
+    @abstractmethod
+    def _job(self, request: GenerationRequest, sink: Sink, want_tokens: bool) -> Any:
+        """The engine's per-request object (tokenised prompt, sampling state, the sink)."""
+
+    async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        job = self._job(request, sink, want_tokens)
+        self.engine.submit(job)
+        finished = False
+        try:
+            try:
+                kind, payload = await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # "admitted"
+            except TimeoutError:
+                raise BackendUnavailableError(
+                    f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0
+                ) from None
+            if kind == "error":  # the engine failed or stopped while this request waited
+                finished = True
+                raise payload
+            while True:
+                kind, payload = await queue.get()
+                if kind == "error":
+                    finished = True
+                    raise payload
+                finished = kind == "done"
+                yield kind, payload
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.cancel(job)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        async for kind, payload in self._events(request, want_tokens=False):
+            if kind == "done":
+                gen: Generation = payload
+                return gen
+        raise BackendUnavailableError("local engine ended without an answer")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        async for kind, payload in self._events(request, want_tokens=True):
+            if kind == "token":
+                text, tok = payload
+                yield StreamDelta(text=text, token=tok)
+            elif kind == "done":
+                yield StreamDelta(text="", final=payload)
