@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localroute.backends.decoding import DecodeState
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
@@ -43,7 +44,6 @@ from localroute.errors import (
 )
 from localroute.types import (
     FinishReason,
-    Generation,
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
@@ -70,27 +70,13 @@ def _import_llama_cpp() -> Any:
 
 
 @dataclass(eq=False)
-class _Seq:
-    """One request's state inside the engine (touched only by the engine thread after submit)."""
+class _Seq(DecodeState):
+    """A request plus its place in the engine: KV slot, prompt still to feed, position."""
 
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    sink: Callable[[Event], None]
-    want_tokens: bool
-    rng: np.random.Generator
-    submitted_at: float
     slot: int = -1
     pending: list[int] = field(default_factory=list)
     n_past: int = 0
     last_token: int = -1
-    tokens: list[TokenLogprob] = field(default_factory=list)
-    token_ends: list[int] = field(default_factory=list)  # byte offset where each token ends
-    out: bytearray = field(default_factory=bytearray)
-    emitted_chars: int = 0
-    first_token_at: float | None = None
-    cancelled: bool = False
     cancel_step: int = 0  # decode_steps_total when cancel() was called
     reserved: int = 0
     grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
@@ -500,66 +486,20 @@ class LlamaEngine:
             bytes=tuple(raw),
             top_logprobs=top,
         )
-        seq.tokens.append(tok)
-        seq.out += raw
-        seq.token_ends.append(len(seq.out))
+        reason, cut = seq.add(tok, raw)
         seq.last_token = token
         if seq.grammar is not None:
             seq.grammar.accept(token)
         self.stats["tokens_generated_total"] += 1
-        if params.stop:
-            text = seq.out.decode("utf-8", errors="ignore")
-            hit = min((i for s in params.stop if (i := text.find(s)) >= 0), default=-1)
-            if hit >= 0:
-                self._finish(seq, "stop", cut_chars=hit)
-                return
-        if len(seq.tokens) >= seq.max_new:
-            self._finish(seq, "length")
-            return
-        if seq.want_tokens:
-            self._emit(seq, tok)
-
-    def _emit(self, seq: _Seq, tok: TokenLogprob) -> None:
-        """Send the text that is safe to show: complete UTF-8 and no possible stop-string start."""
-        text = seq.out.decode("utf-8", errors="ignore")
-        safe = len(text)
-        for s in seq.params.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        piece = text[seq.emitted_chars : safe] if safe > seq.emitted_chars else ""
-        seq.emitted_chars = max(seq.emitted_chars, safe)
-        seq.sink(("token", (piece, tok)))
+        if reason is not None:
+            self._finish(seq, reason, cut_chars=cut)
+        elif seq.want_tokens:
+            seq.emit(tok)
 
     def _finish(self, seq: _Seq, reason: FinishReason, cut_chars: int | None = None) -> None:
-        text = seq.out.decode("utf-8", errors="replace")
-        tokens = seq.tokens
-        if cut_chars is not None:
-            text = text[:cut_chars]
-            cut_bytes = len(text.encode("utf-8"))
-            keep = sum(1 for end in seq.token_ends if end <= cut_bytes)
-            tokens = tokens[:keep]
-        if seq.want_tokens:
-            # At max_tokens the last token was appended but not yet emitted: send it with the rest.
-            pending = tokens[-1] if reason == "length" and tokens else None
-            tail = text[seq.emitted_chars :]
-            if tail or pending is not None:
-                seq.sink(("token", (tail, pending)))
-        now = time.perf_counter()
-        gen = Generation(
-            text=text,
-            tokens=list(tokens),
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=len(seq.tokens),
-            latency_s=now - seq.submitted_at,
-            ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at else None,
-            model=self.model_path.name,
-        )
+        seq.finish(reason, cut_chars, model=self.model_path.name)
         seq.last_token = -2  # released by _step after this round
         self.stats["completed_total"] += 1
-        seq.sink(("done", gen))
 
     def close(self) -> None:
         """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
@@ -576,6 +516,8 @@ class LlamaEngine:
 
 class LlamaCppBackend(EngineBridge):
     """A local tier: chat template from the GGUF, requests decoded by the shared engine."""
+
+    engine: LlamaEngine
 
     is_local = True
 

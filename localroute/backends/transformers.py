@@ -31,12 +31,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from localroute.backends.decoding import DecodeState
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
@@ -47,7 +48,6 @@ from localroute.errors import (
 )
 from localroute.types import (
     FinishReason,
-    Generation,
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
@@ -115,24 +115,9 @@ class TokenBytes:
 
 
 @dataclass(eq=False)
-class _Req:
-    """One request inside the engine (touched only by the engine thread after submit)."""
+class _Req(DecodeState):
+    """A request inside the torch engine."""
 
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    sink: Callable[[Event], None]
-    want_tokens: bool
-    rng: np.random.Generator
-    submitted_at: float
-    tokens: list[TokenLogprob] = field(default_factory=list)
-    token_ends: list[int] = field(default_factory=list)
-    out: bytearray = field(default_factory=bytearray)
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    first_token_at: float | None = None
-    cancelled: bool = False
     done: bool = False
 
 
@@ -416,65 +401,19 @@ class TorchEngine:
             token_id=token, token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=tuple(raw),
             top_logprobs=tops,
         )
-        req.tokens.append(tok)
-        req.out += raw
-        req.token_ends.append(len(req.out))
+        reason, cut = req.add(tok, raw)
         self.stats["tokens_generated_total"] += 1
-        if params.stop:
-            text = req.out.decode("utf-8", errors="ignore")
-            hit = min((i for s in params.stop if (i := text.find(s)) >= 0), default=-1)
-            if hit >= 0:
-                self._finish(req, "stop", cut_chars=hit)
-                return False
-        if len(req.tokens) >= req.max_new:
-            self._finish(req, "length")
+        if reason is not None:
+            self._finish(req, reason, cut_chars=cut)
             return False
         if req.want_tokens:
-            self._emit(req, tok)
+            req.emit(tok)
         return True
 
-    def _emit(self, req: _Req, tok: TokenLogprob) -> None:
-        """Send the text that is safe to show: complete UTF-8 and no possible stop-string start."""
-        text = req.out.decode("utf-8", errors="ignore")
-        safe = len(text)
-        for s in req.params.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        piece = text[req.emitted_chars : safe] if safe > req.emitted_chars else ""
-        req.emitted_chars = max(req.emitted_chars, safe)
-        req.emitted_tokens += 1
-        req.sink(("token", (piece, tok)))
-
     def _finish(self, req: _Req, reason: FinishReason, cut_chars: int | None = None) -> None:
-        text = req.out.decode("utf-8", errors="replace")
-        tokens = req.tokens
-        if cut_chars is not None:
-            text = text[:cut_chars]
-            cut_bytes = len(text.encode("utf-8"))
-            tokens = tokens[: sum(1 for end in req.token_ends if end <= cut_bytes)]
-        if req.want_tokens:  # the rest of the text, and every kept token not streamed yet
-            unsent = tokens[req.emitted_tokens :]
-            rest = text[req.emitted_chars :]
-            for tok in unsent[:-1]:
-                req.sink(("token", ("", tok)))
-            if unsent or rest:
-                req.sink(("token", (rest, unsent[-1] if unsent else None)))
-        now = time.perf_counter()
-        gen = Generation(
-            text=text,
-            tokens=list(tokens),
-            finish_reason=reason,
-            prompt_tokens=len(req.prompt),
-            completion_tokens=len(req.tokens),
-            latency_s=now - req.submitted_at,
-            ttft_s=(req.first_token_at - req.submitted_at) if req.first_token_at else None,
-            model=self.model_name,
-            extra={"logprobs_mode": LOGPROBS_MODE, "device": self.device},
-        )
+        req.finish(reason, cut_chars, model=self.model_name,
+                   extra={"logprobs_mode": LOGPROBS_MODE, "device": self.device})
         req.done = True
-        req.sink(("done", gen))
 
     def close(self) -> None:
         with self._cond:
@@ -485,6 +424,8 @@ class TorchEngine:
 
 class TransformersBackend(EngineBridge):
     """A local tier served by `TorchEngine`; same contract as the llama.cpp tier."""
+
+    engine: TorchEngine
 
     is_local = True
 
