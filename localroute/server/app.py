@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import logging
 import time
 import uuid
@@ -163,7 +164,9 @@ class Service:
                 [Tier(tier.name, tier.backend, None)], settings.confidence_aggregator,
                 settings.confidence_quantile_alpha, tier.name,
             )
-        from localroute.routing.hybrid import build_policies  # classifier/embedding/hybrid/verified, if configured
+        from localroute.routing.hybrid import (
+            build_policies,  # classifier/embedding/hybrid/verified, if configured
+        )
 
         self.routers.update(build_policies(settings, self.tiers, self.routers[CASCADE]))
         self.feedback: Any = None  # localroute.feedback.FeedbackStore when the routing log is on (lifespan)
@@ -291,7 +294,7 @@ def routing_info(decision: Decision, cost: dict[str, Any] | None = None) -> dict
 
 
 def _num(x: float | None) -> float | None:
-    if x is None or x != x:
+    if x is None or math.isnan(x):
         return None
     return max(x, -1e9)  # -inf is not JSON
 
@@ -303,7 +306,7 @@ def routing_headers(decision: Decision, final: bool = True) -> dict[str, str]:
         "x-localroute-policy": decision.policy,
     }
     conf = decision.confidence if final else None
-    if conf is not None and conf == conf:
+    if conf is not None and not math.isnan(conf):
         headers["x-localroute-confidence"] = f"{_num(conf):.6f}"
     if decision.degraded:
         headers["x-localroute-degraded"] = decision.degraded
@@ -431,7 +434,7 @@ def create_app(
             await asyncio.to_thread(svc.monitoring.routing_log.flush)  # the row may still be queued
         return JSONResponse(await asyncio.to_thread(svc.feedback.add, body))
 
-    async def _parse(request: Request, model: type[ChatCompletionRequest] | type[CompletionRequest]) -> Any:
+    async def _parse(request: Request, model: type[ChatCompletionRequest | CompletionRequest]) -> Any:
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -453,16 +456,9 @@ def create_app(
 
     @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        svc = service()
-        started = time.perf_counter()
-        try:
-            body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-            router = svc.router(body.model)
-            gen_request = chat_request(body, settings, request_id)
-        except LocalrouteError as exc:
-            _rejected(svc, request_id, "chat", exc, started)
-            raise
+        svc, body, router, gen_request, started = await _accept(request, ChatCompletionRequest, chat_request,
+                                                                "chat", "chatcmpl")
+        request_id = gen_request.request_id
         k = gen_request.params.top_logprobs
         if body.stream:
             return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
@@ -490,16 +486,9 @@ def create_app(
 
     @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        svc = service()
-        started = time.perf_counter()
-        try:
-            body: CompletionRequest = await _parse(request, CompletionRequest)
-            router = svc.router(body.model)
-            gen_request = completion_request(body, settings, request_id)
-        except LocalrouteError as exc:
-            _rejected(svc, request_id, "completion", exc, started)
-            raise
+        svc, body, router, gen_request, started = await _accept(request, CompletionRequest, completion_request,
+                                                                "completion", "cmpl")
+        request_id = gen_request.request_id
         k = gen_request.params.top_logprobs
         want_lp = body.logprobs is not None
         if body.stream:
@@ -525,6 +514,20 @@ def create_app(
             "localroute": routing_info(decision, cost_fields(cost)),
         }
         return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
+
+    async def _accept(request: Request, model: Any, build: Callable[[Any, Settings, str], GenerationRequest],
+                      endpoint: str, id_prefix: str) -> tuple[Service, Any, CascadeRouter, GenerationRequest, float]:
+        """Parse the body, pick the router, build the engine request; a refusal is logged, then raised."""
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        svc = service()
+        started = time.perf_counter()
+        try:
+            body = await _parse(request, model)
+            router = svc.router(body.model)
+            return svc, body, router, build(body, settings, request_id), started
+        except LocalrouteError as exc:
+            _rejected(svc, request_id, endpoint, exc, started)
+            raise
 
     def _rejected(svc: Service, request_id: str, endpoint: str, exc: LocalrouteError, started: float) -> None:
         """A request refused before routing (bad body, unknown model) still gets its log row and
