@@ -138,6 +138,19 @@ def test_eval_calibrate_serve_round_trip(tmp_path: Path, capsys: pytest.CaptureF
             assert r["frontier"]["correct"] == (gold["answer"] == "positive")
             assert r["frontier_cost_usd"] == pytest.approx((5 * 1.0 + 1 * 2.0) / 1e6)  # usage x configured price
 
+        # 5b. --verifier: the tier judges each answer; its P(Yes) is compared beside the aggregators
+        verified = tmp_path / "verified"
+        asyncio.run(run_eval(settings, EvalConfig(dataset=dataset, out_dir=verified, limit=4, max_tokens=4,
+                                                  verifier="cheap", progress=False)))
+        rows_v = read_rows(verified)
+        assert len(rows_v) == 4 and all(0.0 <= r["verifier_p_yes"] <= 1.0 for r in rows_v)
+        report_v = build_report(verified)
+        assert set(report_v["aggregators"]) == set(report["aggregators"]) | {"verifier"}
+        assert set(report_v["aggregators"]["verifier"]) >= {"auroc", "ece", "apgr", "cpt95"}
+        with pytest.raises(ConfigError, match="different run"):  # the verifier is part of the run's identity
+            asyncio.run(run_eval(settings, EvalConfig(dataset=dataset, out_dir=verified, limit=4, max_tokens=4,
+                                                      progress=False)))
+
         # 6. a file calibrated for another model: loud warning, default threshold
         other = cal.model_copy(deep=True)
         other.tiers["cheap"].model_sha256 = "0" * 64

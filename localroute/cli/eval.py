@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="override the per-task answer length")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL of the judge (judge tasks)")
     p.add_argument("--judge-model", default=None, help="judge model id")
+    p.add_argument("--verifier", default=None,
+                   help="tier asked whether each answer is correct; its P(Yes) is compared as one more signal")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<dataset>-<tier>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.dataset, out_dir=out, tier=args.tier, limit=args.limit, seed=args.seed,
             concurrency=args.concurrency, frontier=args.frontier, max_tokens=args.max_tokens,
             judge_url=args.judge_url, judge_model=args.judge_model,
-            judge_api_key=os.environ.get("LOCALROUTE_JUDGE_API_KEY"), progress=sys.stderr.isatty(),
+            judge_api_key=os.environ.get("LOCALROUTE_JUDGE_API_KEY"), verifier=args.verifier,
+            progress=sys.stderr.isatty(),
         )
         summary = asyncio.run(run_eval(settings, cfg))
         print(f"{summary.computed} computed, {summary.skipped} already done, {summary.errors} with errors -> {out}",

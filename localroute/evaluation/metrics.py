@@ -32,6 +32,8 @@ def as_probability(conf: Array, aggregator: str) -> Array:
     entropy aggregators (the geometric-mean token probability, exp(-entropy)); sigmoid(margin) for
     mean_margin (p1 / (p1 + p2))."""
     conf = np.asarray(conf, dtype=np.float64)
+    if aggregator == "verifier":  # already P(Yes)
+        return np.clip(conf, 0.0, 1.0)
     if PROBABILITY_MAP.get(aggregator) == "sigmoid":
         return 1.0 / (1.0 + np.exp(-np.clip(conf, -700, 700)))
     return np.exp(np.minimum(conf, 0.0))

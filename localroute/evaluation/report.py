@@ -62,6 +62,8 @@ class RunTable:
             name: np.array([row_confidence(t, name, alpha) for t in tokens], dtype=np.float64)
             for name in AGGREGATORS
         }
+        if self.usable and all("verifier_p_yes" in r for r in self.usable):  # eval --verifier TIER
+            self.conf["verifier"] = np.array([r["verifier_p_yes"] for r in self.usable], dtype=np.float64)
         self.completion_tokens = [int(r.get("completion_tokens", 0)) for r in self.usable]
 
     @property
@@ -84,7 +86,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
                 "cheap_quality": None, "frontier_quality": None}
     cq, fq = float(t.cheap.mean()), float(t.frontier.mean())
     aggs: dict[str, Any] = {}
-    for name in AGGREGATORS:
+    for name in t.conf:
         m, _ = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         aggs[name] = m.as_dict()
     # AUROC is undefined when the cheap tier is always right or always wrong: then no signal "wins".
@@ -186,7 +188,7 @@ def plot_report(out_dir: Path, report: dict[str, Any]) -> list[str]:
     x = np.arange(t.n + 1) / t.n * 100
     suffix = " (oracle frontier: upper bound)" if t.upper_bound else ""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in AGGREGATORS:
+    for name in t.conf:
         _, curve = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         ax.plot(x, curve, label=f"{name} (APGR {_f(report['aggregators'][name]['apgr'])})", linewidth=1.2)
     ax.plot(x, random_curve(t.cheap, t.frontier), "k--", label="random", linewidth=1)

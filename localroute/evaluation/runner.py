@@ -54,6 +54,7 @@ class EvalConfig:
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key: str | None = None
+    verifier: str | None = None  # a tier asked "is this answer correct?": its P(Yes) is one more signal
     progress: bool = True
 
 
@@ -169,6 +170,7 @@ class _Runner:
         self.frontier: Backend | None = None
         self.recorded = meta["frontier"]["model"] if meta["frontier"]["mode"] == "recorded" else None
         self.inflight = 0  # eval requests in the engine now: their CPU time is shared among them
+        self.verifier: Any = None  # routing.verifier.Verifier when --verifier is given
 
     async def _frontier_outcome(self, item: EvalItem) -> tuple[dict[str, Any] | None, float | None]:
         mode = self.meta["frontier"]["mode"]
@@ -216,6 +218,11 @@ class _Runner:
             "completion_tokens": gen.completion_tokens if gen else 0,
             "latency_s": round(gen.latency_s if gen else time.perf_counter() - started, 6),
         })
+        if self.verifier is not None and gen is not None:
+            try:
+                row["verifier_p_yes"] = await self.verifier.score(_request(self.cfg, item), gen.text)
+            except LocalrouteError as exc:
+                row["verifier_error"] = f"{exc.code or type(exc).__name__}: {exc.message}"
         try:
             cheap = await score_answer(gen.text, item, self.judge) if gen else Score(0.0, False)
             row["cheap"] = _score_json(cheap)
@@ -259,6 +266,9 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
         "seed": cfg.seed,
         "frontier": frontier_meta,
     }
+    verifier_tier = pick_tier(settings, cfg.verifier) if cfg.verifier else None
+    if verifier_tier is not None:  # only then: runs made without a verifier keep their key
+        key["verifier"] = verifier_tier.name
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cfg.out_dir / "meta.json"
     if meta_path.is_file():
@@ -291,6 +301,15 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
         runner.backend = load_backend(tier, settings)
         if mode == "live":
             runner.frontier = load_backend(settings.frontier_tier(), settings)
+        verifier_backend = None
+        if verifier_tier is not None:
+            from localroute.routing.verifier import Verifier
+
+            same = verifier_tier.name == tier.name
+            verifier_backend = runner.backend if same else load_backend(verifier_tier, settings)
+            runner.verifier = Verifier(verifier_backend)
+            if same:
+                verifier_backend = None  # closed once, as the tier's backend
         try:
             meta["fingerprint"] = backend_fingerprint(runner.backend, path)
             _write_json(meta_path, meta)
@@ -301,6 +320,8 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
                 await runner.frontier.aclose()
             if runner.judge is not None:
                 await runner.judge.aclose()
+            if verifier_backend is not None:
+                await verifier_backend.aclose()
     else:
         _write_json(meta_path, meta)
     return RunSummary(cfg.out_dir, len(items), len(pending), len(items) - len(pending), errors, meta)
