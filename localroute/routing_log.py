@@ -92,13 +92,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX requests_request_id ON requests(request_id)
     """),
+    # the routing decision's evidence (pre-inference router score, verifier P(Yes), schema violations)
+    ("005_decision_evidence", """
+        ALTER TABLE requests ADD COLUMN evidence TEXT;
+    """),
 ]
 
 COLUMNS = (
     "ts", "request_id", "endpoint", "policy", "stream", "status", "error", "tier", "escalated", "degraded",
     "signal", "confidence", "attempts", "prompt_tokens", "completion_tokens", "ttft_s", "latency_s", "cost_usd",
     "counterfactual_cost_usd", "energy_j", "gpu_utilization_ratio", "gpu_power_w", "disconnected",
-    "prompt_text", "answer_text",
+    "prompt_text", "answer_text", "evidence",
 )
 
 
@@ -239,6 +243,7 @@ class RoutingLog:
             sum(utils) / len(utils) if utils else None,
             sum(powers) if powers else None,
             int(rec.disconnected), prompt_text, answer_text,
+            json.dumps(decision.evidence, default=str) if decision is not None and decision.evidence else None,
         )
 
     def _writer(self) -> None:
@@ -364,6 +369,10 @@ def read_rows(path: Path, since: float | None = None, until: float | None = None
             r["attempts"] = json.loads(r["attempts"] or "[]")
         except ValueError:
             r["attempts"] = []
+        try:
+            r["evidence"] = json.loads(r["evidence"]) if r["evidence"] else None
+        except ValueError:
+            r["evidence"] = None
     return rows
 
 

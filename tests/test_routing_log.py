@@ -140,6 +140,20 @@ def test_close_drains_every_queued_row(tmp_path: Path) -> None:
     assert len(read_rows(tmp_path / "log.db")) == 501
 
 
+def test_decision_evidence_is_logged(tmp_path: Path) -> None:
+    """A pre-inference router's score (and any other evidence) is kept with the row, for training."""
+    log = RoutingLog(tmp_path / "log.db")
+    rec = _record("with-evidence", "x")
+    assert rec.decision is not None
+    rec.decision.evidence = {"router_score": 0.31, "router": "embedding", "novel": False}
+    log.observe(rec)
+    log.observe(_record("without", "x"))
+    log.close()
+    by_id = {r["request_id"]: r for r in read_rows(tmp_path / "log.db")}
+    assert by_id["with-evidence"]["evidence"] == {"router_score": 0.31, "router": "embedding", "novel": False}
+    assert by_id["without"]["evidence"] is None
+
+
 def test_retention_prunes_old_rows(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     log = RoutingLog(path)
