@@ -97,3 +97,19 @@ def test_aggregator_is_selectable() -> None:
     minimum = CascadeRouter([Tier("a", a, -1.0), Tier("f", f)], aggregator="min_logprob")
     assert asyncio.run(mean.route(REQ)).decision.answered_by == "f"  # mean -1.55
     assert asyncio.run(minimum.route(REQ)).decision.attempts[0].confidence == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize("policy", ["degrade", "fail"])
+def test_verified_policy_honours_the_escalation_failure_policy(policy: str) -> None:
+    from localroute.routing.verifier import VerifiedCascadeRouter, Verifier
+
+    cheap = ScriptedBackend("a", "local answer", [-0.1])
+    judge = ScriptedBackend("j", "No", [-0.01])  # the verifier rejects the cheap answer: escalate
+    down = ScriptedBackend("f", "F", [-0.1], local=False, error=UpstreamError("down"))  # type: ignore[arg-type]
+    router = VerifiedCascadeRouter([Tier("a", cheap, -5.0), Tier("f", down)], Verifier(judge), on_failure=policy)
+    if policy == "fail":
+        with pytest.raises(UpstreamError):
+            asyncio.run(router.route(REQ))
+    else:
+        routed = asyncio.run(router.route(REQ))
+        assert routed.generation.text == "local answer" and routed.decision.degraded == "f_upstream_error"

@@ -181,5 +181,6 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
             raise ConfigError(f"verifier_tier {settings.verifier_tier!r} is not a tier", param="verifier_tier")
         policies["localroute/verified"] = VerifiedCascadeRouter(
             tiers, Verifier(judge.backend), settings.confidence_aggregator, settings.confidence_quantile_alpha,
-            "localroute/verified", settings.verifier_mode, settings.verifier_threshold)
+            "localroute/verified", settings.verifier_mode, settings.verifier_threshold,
+            on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy)
     return policies

@@ -115,10 +115,12 @@ class VerifiedCascadeRouter(CascadeRouter):
         policy: str = "localroute/verified",
         mode: str = "alone",
         verifier_threshold: float = 0.5,
+        on_failure: str = "degrade",
+        on_budget: str = "degrade",
     ) -> None:
         if mode not in ("alone", "and"):
             raise ValueError("verifier mode must be 'alone' or 'and'")
-        super().__init__(tiers, aggregator, alpha, policy)
+        super().__init__(tiers, aggregator, alpha, policy, on_failure=on_failure, on_budget=on_budget)
         self.verifier = verifier
         self.mode = mode
         self.verifier_threshold = verifier_threshold
