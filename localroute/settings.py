@@ -125,9 +125,9 @@ class Settings(BaseSettings):
     n_batch: int = Field(512, ge=16, description="Max tokens per llama_decode call (prompt chunks + decode rows).")
     kv_unified: bool = Field(
         False,
-        description="One KV buffer shared by all sequences of a local tier. Faster batched decode (measured "
-        "+43% at 4 streams on 2 cores) but a token's logprob then varies with its batch neighbours (measured "
-        "up to 0.12 nats, same tokens); off keeps logprobs bit-identical whatever the batch.",
+        description="One KV buffer shared by all sequences of a local tier. Faster batched decode (+35% "
+        "at 4 streams on 2 cores, scripts/bench_engine.py) but a token's logprob then varies with its "
+        "batch neighbours (measured up to 0.12 nats, same tokens); off keeps logprobs bit-identical.",
     )
     n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
     prefill_chunk: int = Field(

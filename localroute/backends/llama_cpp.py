@@ -124,8 +124,8 @@ class LlamaEngine:
         cparams.n_threads_batch = n_threads
         # Default: one KV stream per sequence, so a sequence's logprobs are bit-identical at any batch
         # size. `kv_unified` shares one buffer: batched decode is much faster (SmolLM2, 2 cores, 4
-        # streams: 26.7 against 38.1 ms per step) but logprobs then move with the batch neighbours
-        # (same tokens, up to 0.12 nats apart per token measured). Admission control holds either way.
+        # streams: 32.3 against 43.7 ms per step, scripts/bench_engine.py) but logprobs then move with
+        # the batch neighbours (same tokens, up to 0.12 nats apart per token measured).
         cparams.kv_unified = kv_unified
         cparams.no_perf = True
         cparams.flash_attn_type = 0
