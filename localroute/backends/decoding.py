@@ -96,3 +96,30 @@ class DecodeState:
         )
         self.sink(("done", gen))
         return gen
+
+
+def sample_token(row: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                 top: float | None = None) -> int:
+    """Temperature + top_p sampling on one row of logits (or raw logprobs: the same up to a shift).
+
+    The nucleus is found among the most likely 256 tokens first, widened x8 only when they hold less
+    than top_p of the mass, so a full sort of the vocabulary is rare. `top` is row.max() if known.
+    """
+    n_vocab = len(row)
+    top = float(row.max()) if top is None else top
+    probs = np.exp((row - top) / params.temperature, dtype=np.float64)
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        k = min(256, n_vocab)
+        while True:
+            idx = np.argpartition(-probs, k - 1)[:k]
+            idx = idx[np.argsort(-probs[idx], kind="stable")]
+            cum = np.cumsum(probs[idx])
+            if cum[-1] >= params.top_p or k == n_vocab:
+                break
+            k = min(k * 8, n_vocab)
+        cut = int(np.searchsorted(cum, params.top_p)) + 1
+        idx, cum = idx[:cut], cum[:cut]
+        return int(idx[int(np.searchsorted(cum, rng.random() * cum[-1], side="right").clip(0, cut - 1))])
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), n_vocab - 1))

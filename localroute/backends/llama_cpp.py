@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState
+from localroute.backends.decoding import DecodeState, sample_token
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
@@ -426,26 +426,8 @@ class LlamaEngine:
         if params.temperature <= 0:
             token = int(row.argmax())
         else:
-            token = self._sample(row, top, params, rng)
+            token = sample_token(row, params, rng, top)
         return token, float(row[token]) - lse, lse
-
-    def _sample(self, row: np.ndarray, top: float, params: SamplingParams, rng: np.random.Generator) -> int:
-        probs = np.exp((row - top) / params.temperature, dtype=np.float64)
-        probs /= probs.sum()
-        if params.top_p < 1.0:
-            k = min(256, self.n_vocab)
-            while True:
-                idx = np.argpartition(-probs, k - 1)[:k]
-                idx = idx[np.argsort(-probs[idx], kind="stable")]
-                cum = np.cumsum(probs[idx])
-                if cum[-1] >= params.top_p or k == self.n_vocab:
-                    break
-                k = min(k * 8, self.n_vocab)
-            cut = int(np.searchsorted(cum, params.top_p)) + 1
-            idx, cum = idx[:cut], cum[:cut]
-            return int(idx[int(np.searchsorted(cum, rng.random() * cum[-1], side="right").clip(0, cut - 1))])
-        cdf = np.cumsum(probs)
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), self.n_vocab - 1))
 
     def _top(self, row: np.ndarray, k: int, lse: float) -> tuple[TopLogprob, ...]:
         if k <= 32:  # k argmax passes over a scratch copy: ~15x faster than argpartition at k=5

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState
+from localroute.backends.decoding import DecodeState, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
@@ -49,7 +49,6 @@ from localroute.errors import (
 from localroute.types import (
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
     TopLogprob,
 )
@@ -356,7 +355,7 @@ class TorchEngine:
                 chosen[i] = self.pad_id
                 continue
             if req.params.temperature > 0:
-                chosen[i] = self._sample(logprobs[i].cpu().numpy(), req.params, req.rng)
+                chosen[i] = sample_token(logprobs[i].cpu().numpy(), req.params, req.rng)
             token = chosen[i]
             lp = float(logprobs[i, token])
             tops: tuple[TopLogprob, ...] = ()
@@ -373,20 +372,6 @@ class TorchEngine:
             if not self._advance(req, token, lp, tops):
                 live[i] = False
         return chosen
-
-    def _sample(self, row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-        """Temperature + top_p sampling on a raw-logprob row (same maths as the llama.cpp tier)."""
-        z = row.astype(np.float64) / params.temperature
-        probs = np.exp(z - z.max())
-        probs /= probs.sum()
-        if params.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            cut = int(np.searchsorted(cum, params.top_p)) + 1
-            order, cum = order[:cut], cum[:cut]
-            return int(order[int(np.searchsorted(cum, rng.random() * cum[-1], side="right").clip(0, cut - 1))])
-        cdf = np.cumsum(probs)
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
     def _advance(self, req: _Req, token: int, logprob: float, tops: tuple[TopLogprob, ...]) -> bool:
         """Record one token; False when the request is finished."""
