@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""In-process cost of routing one request, without HTTP or decoding: rendering the chat template
+and tokenising, pricing the answer, and running every observer (metrics, routing-log queue).
+
+These are the parts of `localroute bench`'s "router overhead" (client e2e minus engine time) that
+localroute itself adds; the rest of that figure is HTTP on both sides and thread hand-offs.
+
+    python scripts/bench_overhead.py [--runs 200] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _ms(fn: Callable[[], object], runs: int) -> dict[str, float]:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))]}
+
+
+def main() -> int:
+    from localroute.metrics import Monitoring
+    from localroute.server.app import RequestRecord, Service, build_tiers
+    from localroute.settings import Settings
+    from localroute.types import GenerationRequest, SamplingParams
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(tiers=[{"name": "local", "kind": "llama_cpp", "model": "smollm2-135m"}], n_ctx=1024,
+                            routing_log_path=Path(tmp) / "routing.db")
+        tiers = build_tiers(settings)
+        service, monitoring = Service(settings, tiers), Monitoring(settings, tiers)
+        backend = tiers[0].backend
+        request = GenerationRequest(messages=({"role": "user", "content": "Explain the theory of relativity in "
+                                               "simple terms for a child."},),
+                                    params=SamplingParams(max_tokens=8, temperature=0.0))
+        routed = asyncio.run(service.router("localroute/cascade").route(request))
+        started = time.perf_counter()
+        record = RequestRecord("r", "chat", "localroute/cascade", False, 200, started, 0.1, 0.01, routed.decision,
+                               routed.generation)
+        result = {
+            "template_and_tokenise": _ms(lambda: backend.prompt_tokens(request), args.runs),  # type: ignore[attr-defined]
+            "pricing": _ms(lambda: monitoring.price(routed.decision, routed.generation, started), args.runs),
+            "observers": _ms(lambda: [o(record) for o in monitoring.observers], args.runs),
+            "loadavg": os.getloadavg(),
+        }
+        monitoring.close()
+        asyncio.run(service.aclose())
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name in ("template_and_tokenise", "pricing", "observers"):
+            print(f"{name:24s} p50 {result[name]['p50_ms']:.3f} ms  p99 {result[name]['p99_ms']:.3f} ms")
+        print(f"load average {result['loadavg'][0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
