@@ -125,11 +125,16 @@ class Settings(BaseSettings):
     n_batch: int = Field(512, ge=16, description="Max tokens per llama_decode call (prompt chunks + decode rows).")
     kv_unified: bool = Field(
         False,
-        description="One KV buffer shared by all sequences of a local tier. Faster batched decode (+35% "
-        "at 4 streams on 2 cores, scripts/bench_engine.py) but a token's logprob then varies with its "
-        "batch neighbours (measured up to 0.12 nats, same tokens); off keeps logprobs bit-identical.",
+        description="One KV buffer shared by all sequences of a local tier instead of one stream each. "
+        "Not faster (scripts/bench_engine.py, SmolLM2, 2 cores: 147 vs 143 tok/s at 4 streams, 151 vs 194 "
+        "at 8), a token's logprob then varies with its batch neighbours (up to 0.12 nats measured), and "
+        "it turns the prefix cache off; off keeps logprobs bit-identical at any batch size.",
     )
     n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
+    prefix_cache: bool = Field(
+        True, description="Keep each finished prompt's KV in its slot and skip the prefix the next request "
+        "shares with it (system prompt, earlier turns). Exact: same logprobs as a full prefill. Off with kv_unified."
+    )
     prefill_chunk: int = Field(
         128, ge=1, description="Max prompt tokens fed per decode step while other streams generate (chunked "
         "prefill: a newcomer's long prompt delays running streams by short steps, not one long one)."

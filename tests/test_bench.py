@@ -35,6 +35,7 @@ def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pyt
                        '{"instruction": "Say hi.", "input": ""}\n{"prompt": "Count to three."}\n')
     with serve_app(create_app(settings)) as url:
         code = main(["bench", "--url", url, "--concurrency", "1,2", "--num-requests", "4", "--max-tokens", "8",
+                     "--repeats", "2",
                      "--dataset", str(dataset), "--server-pid", str(os.getpid()), "--overhead-requests", "3",
                      "--json", "--plot", str(plot), "--save-result", str(saved)])
     assert code == 0
@@ -46,6 +47,7 @@ def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pyt
     assert [lvl["concurrency"] for lvl in levels] == [1, 2]
     for lvl in levels:
         assert set(LEVEL_KEYS) <= set(lvl)
+        assert len(lvl["runs"]) == 2 and min(lvl["runs"]) <= lvl["output_throughput"] <= max(lvl["runs"])
         assert lvl["completed"] == 4 and lvl["failed"] == 0
         assert lvl["total_output_tokens"] == 4 * 8  # ignore_eos: every answer is max_tokens long
         assert lvl["mean_output_tokens"] == 8
@@ -66,6 +68,37 @@ def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pyt
     assert checks["router overhead p50 ms"]["value"] == overhead["p50_ms"]
     assert checks["c4 output tok/s vs llama-server (4 slots)"]["met"] is None  # not measured here
     assert result["machine"]["cpus"] >= 1
+
+
+def test_median_level_keeps_counts_whole_and_shows_every_run() -> None:
+    from localroute.bench.runner import median_level
+
+    runs = [{"concurrency": 4, "completed": c, "output_throughput": t, "p99_ttft_ms": p, "peak_rss_mb": None}
+            for c, t, p in [(16, 90.0, 500.0), (15, 110.0, 300.0), (16, 100.0, 400.0), (14, 95.0, 450.0)]]
+    m = median_level(runs)
+    assert m["concurrency"] == 4 and m["completed"] == 15 and isinstance(m["completed"], int)
+    assert m["output_throughput"] == 97.5 and m["p99_ttft_ms"] == 425.0 and m["peak_rss_mb"] is None
+    assert m["runs"] == [90.0, 110.0, 100.0, 95.0]
+    assert median_level(runs[:1]) == runs[0]
+
+
+def test_warm_up_never_sends_a_measured_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured prompt sent in the warm-up sits in an engine's prompt cache (llama-server's per
+    slot): its measured request then skips prefill, which no real workload of new prompts gets."""
+    import asyncio
+
+    from localroute.bench import loadgen
+
+    sent: list[str] = []
+
+    async def record(_client: object, _spec: object, prompt: str, _max_tokens: int) -> RequestResult:
+        sent.append(prompt)
+        return RequestResult(ok=True)
+
+    monkeypatch.setattr(loadgen, "stream_one", record)
+    spec = loadgen.LoadSpec("http://127.0.0.1:9/v1", "m", ["a", "b", "c"], concurrency=4, num_requests=4)
+    asyncio.run(loadgen.warm_up(spec))
+    assert len(sent) == 4 and not set(sent) & set(spec.prompts)
 
 
 def test_prompts_from_dataset_keys_and_synthetic(tmp_path: Path) -> None:

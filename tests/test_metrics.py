@@ -68,4 +68,10 @@ def test_metrics_after_real_requests() -> None:
     assert _value(s, "localroute_ttft_seconds_count", tier="big") == 2
     depth = {lab["state"] for lab, _ in s["localroute_queue_depth"] if lab["tier"] == "small"}
     assert depth == {"active", "waiting"}
+    # the real engine's counters: 3 local answers (greedy, >= 1 token each) in at least as many steps
+    assert _value(s, "localroute_engine_tokens_generated_total", tier="small") >= 3
+    steps = _value(s, "localroute_engine_decode_row_steps_total", tier="small")
+    assert steps >= 1
+    assert _value(s, "localroute_engine_batched_rows_total", tier="small") >= steps
+    assert _value(s, "localroute_engine_ubatches_total", tier="small") >= steps
     assert "localroute_gpu_utilization_ratio" not in s  # no GPU here: no samples, and no crash

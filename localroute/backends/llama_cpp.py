@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,23 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _runs(slots: Iterable[int]) -> int:
+    """Runs of ids that follow each other (+1) in batch order: [0,1,3] -> 2, [1,0] -> 2."""
+    runs, last = 0, -2
+    for slot in slots:
+        runs += slot != last + 1
+        last = slot
+    return runs
+
+
 @dataclass(eq=False)
 class _Seq(DecodeState):
     """A request plus its place in the engine: KV slot, prompt still to feed, position."""
@@ -95,6 +112,7 @@ class LlamaEngine:
         prefill_chunk: int = 128,
         max_queue: int = 64,
         kv_unified: bool = False,
+        prefix_cache: bool = True,
     ) -> None:
         """Each of the `n_parallel` sequences gets `n_ctx_seq` KV cells; a request is admitted only
         with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells."""
@@ -123,9 +141,8 @@ class LlamaEngine:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         # Default: one KV stream per sequence, so a sequence's logprobs are bit-identical at any batch
-        # size. `kv_unified` shares one buffer: batched decode is much faster (SmolLM2, 2 cores, 4
-        # streams: 32.3 against 43.7 ms per step, scripts/bench_engine.py) but logprobs then move with
-        # the batch neighbours (same tokens, up to 0.12 nats apart per token measured).
+        # size. `kv_unified` shares one buffer; logprobs then move with the batch neighbours (same
+        # tokens, up to 0.12 nats apart per token measured), see settings.kv_unified.
         cparams.kv_unified = kv_unified
         cparams.no_perf = True
         cparams.flash_attn_type = 0
@@ -151,7 +168,16 @@ class LlamaEngine:
             self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
         self._work = np.empty(self.n_vocab, dtype=np.float32)
         self._top_scratch = np.empty(self.n_vocab, dtype=np.float32)
-        self._free_slots = list(range(n_parallel - 1, -1, -1))
+        # A newcomer takes the free slot whose cached prompt shares the longest prefix with its own,
+        # else the lowest free slot, so running sequences stay packed at the low ids (see
+        # _decode_rows for why that matters).
+        self._free_slots = list(range(n_parallel))
+        # Prefix cache: a finished request's prompt stays in its slot's KV stream; the next request
+        # in that slot skips the shared prefix (the chat template's system prompt, earlier turns of a
+        # conversation). Bit-identical to prefilling from scratch (tests/test_llama_cpp_batching.py).
+        # Off with a unified KV buffer, where leftovers would take cells other slots need.
+        self.prefix_cache = prefix_cache and not kv_unified
+        self._slot_cache: list[list[int]] = [[] for _ in range(n_parallel)]
         self._budget_used = 0
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []
@@ -168,8 +194,16 @@ class LlamaEngine:
             "failed_total": 0,  # ended by an engine error (KV cache full, decode error)
             "tokens_generated_total": 0,
             "prompt_tokens_total": 0,  # prompt tokens of admitted requests
+            "prompt_tokens_cached_total": 0,  # of those, taken from a slot's prefix cache (not prefilled)
             "decode_steps_total": 0,  # successful llama_decode calls
             "batched_rows_total": 0,  # decode rows over all steps: / decode_steps_total = mean batch
+            # ubatches llama.cpp runs for the decode rows (runs of consecutive slot ids); ideally one
+            # per decode step, more when finished sequences leave gaps between running ones
+            "ubatches_total": 0,
+            "decode_row_steps_total": 0,  # decode steps that generated tokens (prefill-only steps excluded)
+            "decode_rows_ns_total": 0,  # time in llama_decode for generating rows
+            "prefill_ns_total": 0,  # time in llama_decode for prompt chunks
+            "step_ns_total": 0,  # time in whole engine steps (decode, prefill, sampling, hand-off)
             "kv_full_total": 0,  # llama_decode returned 1 (no KV slot) and the step was shrunk
             "decode_errors_total": 0,  # llama_decode returned another non-zero code
             # gauge: most decode steps a cancelled running request stayed in the batch (<= 1 by design)
@@ -270,17 +304,37 @@ class LlamaEngine:
             if self._budget_used + need > self.ctx_budget and self._active:
                 return  # wait for a sequence to finish and return its budget
             self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot, reuse = self._pick_slot(seq.prompt)
+            self._free_slots.remove(seq.slot)
+            self._ll.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
+            self._slot_cache[seq.slot] = []  # the slot's KV now belongs to this request
             seq.reserved = need
             self._budget_used += need
-            seq.pending = list(seq.prompt)
+            seq.n_past = reuse
+            seq.pending = list(seq.prompt[reuse:])
             self._active.append(seq)
             self.stats["prompt_tokens_total"] += len(seq.prompt)
+            self.stats["prompt_tokens_cached_total"] += reuse
             seq.sink(("admitted", None))
 
-    def _release(self, seq: _Seq) -> None:
-        """Free a sequence's KV cells, slot and budget. Called with the lock held."""
-        self._ll.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, prompt tokens already in its KV stream). At least two prompt tokens are always fed
+        (see _prefill for why never one alone); the last one's logits start the answer."""
+        if not self.prefix_cache:
+            return min(self._free_slots), 0
+        best, best_len = min(self._free_slots), 0
+        for slot in sorted(self._free_slots):
+            n = _common_prefix(self._slot_cache[slot], prompt)
+            if n > best_len:
+                best, best_len = slot, n
+        return best, max(0, min(best_len, len(prompt) - 2))
+
+    def _release(self, seq: _Seq, keep: bool = True) -> None:
+        """Free a sequence's slot and budget; its prompt's KV stays as the slot's prefix cache (with
+        `keep` and the cache on), the rest of its cells are freed. Called with the lock held."""
+        cached = seq.prompt[: min(seq.n_past, len(seq.prompt))] if keep and self.prefix_cache else []
+        self._ll.llama_memory_seq_rm(self._mem, seq.slot, len(cached), -1)
+        self._slot_cache[seq.slot] = cached
         self._active.remove(seq)
         self._free_slots.append(seq.slot)
         self._budget_used -= seq.reserved
@@ -303,7 +357,9 @@ class LlamaEngine:
                     if not self._active:
                         continue
                     active = list(self._active)
+                t0 = time.perf_counter_ns()
                 self._step(active)
+                self.stats["step_ns_total"] += time.perf_counter_ns() - t0
         except Exception as exc:  # an engine crash must surface as 503s, never a hang
             log.exception("llama engine crashed")
             self._fail(f"{type(exc).__name__}: {exc}")
@@ -328,7 +384,7 @@ class LlamaEngine:
         seq.sink(("error", BackendUnavailableError(f"local tier: {reason}; retry", retry_after_s=1.0)))
         with self._cond:
             if seq.slot >= 0:
-                self._release(seq)
+                self._release(seq, keep=False)  # a failed decode may leave the stream inconsistent
 
     def _decode(self, n: int) -> int:
         self._batch.n_tokens = n
@@ -343,14 +399,26 @@ class LlamaEngine:
         return rc
 
     def _decode_rows(self, decoding: list[_Seq]) -> None:
-        """One token for every generating sequence, in one llama_decode."""
+        """One token for every generating sequence, in one llama_decode.
+
+        With one KV stream per sequence llama.cpp splits a batch with `split_equal(sequential=True)`:
+        a ubatch only takes sequence ids that follow each other (0,1,2,3) in batch order, and every
+        break in that run starts another ubatch, i.e. another pass over all the weights. Rows go in
+        slot order and slots are handed out lowest first, so the usual step is one ubatch; in
+        reversed order (as a LIFO free list produced) 4 rows took 4 passes and batching gained
+        nothing (scripts/bench_engine.py). `ubatches_total` counts the runs.
+        """
+        decoding.sort(key=lambda s: s.slot)
+        self.stats["ubatches_total"] += _runs(s.slot for s in decoding)
         while decoding:
             for i, seq in enumerate(decoding):
                 self._b_token[i] = seq.last_token
                 self._b_pos[i] = seq.n_past
                 self._b_logits[i] = 1
                 self._batch.seq_id[i][0] = seq.slot
+            t0 = time.perf_counter_ns()
             rc = self._decode(len(decoding))
+            self.stats["decode_rows_ns_total"] += time.perf_counter_ns() - t0
             if rc == 0:
                 break
             if rc == 1:  # a sequence's KV stream is full (admission control should prevent it)
@@ -362,6 +430,7 @@ class LlamaEngine:
                 self._drop(seq, f"decode error {rc}")
             return
         self.stats["batched_rows_total"] += len(decoding)
+        self.stats["decode_row_steps_total"] += 1
         now = time.perf_counter()
         for i, seq in enumerate(decoding):
             seq.n_past += 1
@@ -372,11 +441,16 @@ class LlamaEngine:
     def _prefill(self, seq: _Seq) -> None:
         """Feed the next chunk of a prompt, alone in its own llama_decode.
 
-        Chunks always start at multiples of `prefill_chunk` and never share a call with other
-        sequences: llama.cpp's numerics depend on how a batch is split into ubatches, so this keeps a
-        request's logits identical whether it runs alone or next to others.
+        Chunks never share a call with other sequences: with one KV stream per sequence llama.cpp
+        splits mixed batches into equal-length pieces per sequence, which gains nothing. Where a
+        chunk starts does not change the numbers (a prefix-cache hit starts mid-prompt and gives the
+        same logits bit for bit), but a prompt token fed in a chunk of its own does: llama.cpp's
+        one-token path gave the next token a logprob 0.119 nats away from the same token fed with
+        others (SmolLM2). So no chunk is left with one token, unless the whole prompt is one token.
         """
         take = min(len(seq.pending), self.prefill_chunk)
+        if len(seq.pending) - take == 1:
+            take = take - 1 if take > 2 else take + 1
         self._b_token[:take] = seq.pending[:take]
         self._b_pos[:take] = np.arange(seq.n_past, seq.n_past + take)
         self._b_logits[:take] = 0
@@ -385,7 +459,9 @@ class LlamaEngine:
         seq_id = self._batch.seq_id
         for i in range(take):
             seq_id[i][0] = seq.slot
+        t0 = time.perf_counter_ns()
         rc = self._decode(take)
+        self.stats["prefill_ns_total"] += time.perf_counter_ns() - t0
         if rc != 0:
             self._drop(seq, "out of KV cache" if rc == 1 else f"decode error {rc}")
             return
@@ -563,7 +639,7 @@ class LlamaCppBackend(EngineBridge):
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running
         return {"ok": ok, "kind": "llama_cpp", "model": self.engine.model_path.name, "error": self.engine.error,
-                **self.engine.load()}
+                **self.engine.load(), "counters": dict(self.engine.stats)}
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.engine.close)
@@ -582,5 +658,6 @@ def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         kv_unified=settings.kv_unified,
+        prefix_cache=settings.prefix_cache,
     )
     return LlamaCppBackend(tier.name, engine, queue_timeout_s=settings.queue_timeout_s)

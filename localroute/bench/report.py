@@ -16,10 +16,14 @@ COLUMNS = (
     ("esc", "escalation_rate", "{:.2f}"),
     ("RSS MB", "peak_rss_mb", "{:.0f}"),
     ("ok/fail", ("completed", "failed"), "{:d}/{:d}"),
+    ("runs tok/s", "runs", ""),
 )
 
 
 def _cell(level: dict[str, Any], key: str | tuple[str, ...], fmt: str) -> str:
+    if key == "runs":  # --repeats: every run's output tok/s, to show the spread behind the median
+        runs = level.get("runs") or []
+        return "/".join(f"{v:.0f}" for v in runs) if runs else "-"
     keys = key if isinstance(key, tuple) else (key,)
     values = [level.get(k) for k in keys]
     if any(v is None for v in values):

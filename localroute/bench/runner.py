@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,10 @@ class BenchConfig:
     warmup: bool = True
     overhead_requests: int = 20
     progress: bool = True
+    # Each level this many times per target, targets interleaved (their order flips every repeat);
+    # the result is the median run. On a shared or throttled machine a single sequential pass lets
+    # drift decide a 10-20% comparison; repeats expose that spread (`runs` in each level).
+    repeats: int = 1
 
 
 def load_prompts(dataset: Path | None, input_len: int, n: int = 64) -> list[str]:
@@ -128,32 +133,36 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         ("localroute", None if cfg.url else (lambda c: localroute_server(engine, c)))
     ]
     targets += [_baseline_factory(b, engine) for b in cfg.baselines]
+    if cfg.repeats < 1:
+        raise ConfigError("repeats must be >= 1", param="repeats")
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {}}
-    for name, factory in targets:
-        levels: list[dict[str, Any]] = []
-        overhead: list[float] = []
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
+    overhead: list[float] = []
+    for r in range(cfg.repeats):
         for c in cfg.concurrency:
-            server = factory(c) if factory is not None else None
-            if server is not None:
-                server.start()
-            try:
-                base_url = server.base_url if server is not None else str(cfg.url).rstrip("/")
-                model = server.model if server is not None else cfg.model
-                pid = server.pid if server is not None else cfg.server_pid
-                spec = LoadSpec(base_url, model, prompts, c, cfg.num_requests, cfg.duration_s, cfg.max_tokens,
-                                cfg.ignore_eos)
-                metrics, _ = _level(name, spec, pid, cfg)
-                if server is not None and (hwm := server.peak_rss()) is not None:
-                    metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"] or 0.0, hwm / 2**20)
-                if name == "localroute" and not overhead and cfg.overhead_requests > 0:
-                    overhead = asyncio.run(router_overhead(base_url, model, prompts, cfg.overhead_requests,
-                                                           min(cfg.max_tokens, 32)))
-            finally:
+            for name, factory in targets if r % 2 == 0 else targets[::-1]:
+                server = factory(c) if factory is not None else None
                 if server is not None:
-                    server.stop()
-            levels.append(metrics)
-        entry: dict[str, Any] = {"levels": levels}
+                    server.start()
+                try:
+                    base_url = server.base_url if server is not None else str(cfg.url).rstrip("/")
+                    model = server.model if server is not None else cfg.model
+                    pid = server.pid if server is not None else cfg.server_pid
+                    spec = LoadSpec(base_url, model, prompts, c, cfg.num_requests, cfg.duration_s, cfg.max_tokens,
+                                    cfg.ignore_eos)
+                    metrics, _ = _level(name, spec, pid, cfg)
+                    if server is not None and (hwm := server.peak_rss()) is not None:
+                        metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"] or 0.0, hwm / 2**20)
+                    if name == "localroute" and not overhead and cfg.overhead_requests > 0:
+                        overhead = asyncio.run(router_overhead(base_url, model, prompts, cfg.overhead_requests,
+                                                               min(cfg.max_tokens, 32)))
+                finally:
+                    if server is not None:
+                        server.stop()
+                runs[name][c].append(metrics)
+    for name, _ in targets:
+        entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
         if name == "localroute":
             entry["router_overhead"] = percentiles_ms(overhead)
         out["targets"][name] = entry
@@ -167,6 +176,26 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return out
+
+
+def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's runs as one: the median of every numeric metric (None where no run has it), and
+    with several runs each run's output throughput under `runs`, so the spread stays visible."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if isinstance(first, bool) or not isinstance(first, int | float | None):
+            out[key] = first
+            continue
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+        if not values:
+            out[key] = None
+        else:  # counts stay whole numbers: the lower median is one of the runs' values
+            out[key] = statistics.median_low(values) if isinstance(first, int) else statistics.median(values)
+    out["concurrency"] = runs[0]["concurrency"]
+    out["runs"] = [r["output_throughput"] for r in runs]
     return out
 
 

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="also measure llama-cpp-python or llama-server=/path/to/llama-server (repeatable)")
     p.add_argument("--overhead-requests", type=int, default=20, help="non-streaming requests for router overhead")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up before each level")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every level N times per target, targets interleaved; report medians (noisy machines)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--save-result", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--plot", type=Path, default=None, help="write throughput and p99 latency plots (PNG)")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ignore_eos=not args.no_ignore_eos,
         warmup=not args.no_warmup,
         overhead_requests=args.overhead_requests,
+        repeats=args.repeats,
     )
     # SIGTERM unwinds like Ctrl-C, so the servers the run started are stopped, never left behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
