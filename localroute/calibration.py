@@ -95,6 +95,20 @@ class TierCalibration(BaseModel):
     n: int
 
 
+class RouterCalibration(BaseModel):
+    """The pre-inference routers' threshold (settings.router_threshold), fitted on their scores of
+    an eval run's queries; valid only for the exact artefact files it was fitted with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float
+    artifacts: dict[str, str] = Field(description="router kind -> sha256 of its artefact file")
+    certificate: Certificate
+    score_quantiles: dict[str, float] = Field(default_factory=dict)
+    n_novel: int = Field(0, description="calibration queries novel to every router (left to the cascade)")
+    n: int
+
+
 class CalibrationFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,6 +121,7 @@ class CalibrationFile(BaseModel):
     dataset: str | None = None
     frontier: dict[str, Any] = Field(default_factory=dict)
     tiers: dict[str, TierCalibration]
+    router: RouterCalibration | None = None
 
 
 def write_calibration(cal: CalibrationFile, path: Path) -> Path:
@@ -177,3 +192,23 @@ def calibrated_thresholds(
     if unknown:
         log.warning("calibration file %s names tiers not calibratable on this ladder: %s", path, ", ".join(unknown))
     return out
+
+
+def router_threshold_from(path: Path, artifacts: dict[str, Path | None]) -> float | None:
+    """The calibrated router threshold when the file has one for exactly these artefact files
+    (kind -> path); None otherwise, with a WARNING when one exists but no longer applies."""
+    try:
+        cal = load_calibration(path)
+    except ConfigError as exc:
+        log.warning("ROUTER CALIBRATION IGNORED, using router_threshold: %s", exc.message)
+        return None
+    entry = cal.router
+    if entry is None:
+        return None
+    now = {kind: file_sha256(p) if p is not None and p.is_file() else None for kind, p in artifacts.items()}
+    if now != entry.artifacts:
+        changed = sorted(k for k in set(now) | set(entry.artifacts) if now.get(k) != entry.artifacts.get(k))
+        log.warning("ROUTER CALIBRATION IGNORED, using router_threshold: the %s router artefact(s) differ from "
+                    "the ones calibrated in %s; rerun `localroute calibrate --router`", ", ".join(changed), path)
+        return None
+    return entry.threshold

@@ -27,6 +27,7 @@ from localroute.evaluation.calibrate import (
     escalation_threshold,
     realised,
 )
+from localroute.routing.routellm_eval import default_data_dir
 
 # Synthetic population: conf ~ U(0, 1); the cheap answer is right with probability conf; the frontier
 # is right with probability 0.9, independently. Keeping queries with conf >= t gives the exact quality
@@ -161,3 +162,60 @@ def test_mismatches_warn_and_fall_back(tmp_path: Path, caplog: pytest.LogCapture
         quant = write_calibration(_file(aggregator="quantile_logprob"), tmp_path / "q.json")
         assert calibrated_thresholds(quant, "quantile_logprob", 0.2, FP) == {}
         assert calibrated_thresholds(quant, "quantile_logprob", 0.1, FP) == {"cheap": -0.7}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (default_data_dir() / "routellm").is_dir(), reason="shared RouteLLM data absent")
+def test_router_threshold_from_an_eval_run_is_certified_and_served_only_for_its_artefact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """RouteLLM's recorded MMLU outcomes (Mixtral cheap, GPT-4 frontier): a classifier router
+    trained on one slice, an eval run made of another, `localroute calibrate --router` on it."""
+    from localroute.cli import main
+    from localroute.embeddings import load_encoder
+    from localroute.routing.artifacts import save_artifact
+    from localroute.routing.classifier import train_classifier
+    from localroute.routing.hybrid import calibrated_router_threshold, load_models
+    from localroute.routing.routellm_eval import load_routellm
+    from localroute.settings import Settings
+
+    data = load_routellm("mmlu")
+    order = np.random.default_rng(1).permutation(len(data.texts))
+    train, held = order[:300], order[300:700]
+    enc = load_encoder("minilm")
+    art = save_artifact(train_classifier(enc.encode([data.texts[i] for i in train]), data.labels[train],
+                                         data.tiers, "minilm", c=1.0), tmp_path / "clf.npz")
+    dataset, run = tmp_path / "items.jsonl", tmp_path / "run"
+    run.mkdir()
+    dataset.write_text("\n".join(json.dumps({"id": f"q{i}", "task": "exact", "prompt": data.texts[i], "answer": "x"})
+                                 for i in held))
+    (run / "meta.json").write_text(json.dumps({"dataset": str(dataset), "tier": "mixtral",
+                                               "frontier": {"mode": "recorded", "model": "gpt-4"}}))
+    (run / "rows.jsonl").write_text("\n".join(json.dumps({
+        "id": f"q{i}", "cheap": {"score": float(data.labels[i, 0])}, "frontier": {"score": float(data.labels[i, 1])}})
+        for i in held))
+    cal = tmp_path / "calibration.json"
+    monkeypatch.setenv("LOCALROUTE_ROUTER_CLASSIFIER_PATH", str(art))
+    monkeypatch.setenv("LOCALROUTE_CALIBRATION_PATH", str(cal))
+    target = 0.9
+    assert main(["calibrate", "--router", "--run", str(run), "--target-quality", str(target), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cert = result["certificate"]
+    assert result["routers"] == ["classifier"] and not result["escalate_all"]
+    # what the bound certifies holds on the calibration rows themselves (deterministically so)
+    assert result["calibration_split"]["cascade_quality"] >= target * cert["frontier_quality_lower"] - 1e-9
+    assert 0 < result["calibration_split"]["escalation_rate"] < 1  # some queries really stay cheap
+    assert cert["holdout"]["n"] == 200
+    stored = load_calibration(cal).router
+    assert stored is not None and stored.threshold == result["threshold"]
+
+    settings = Settings()
+    models, _ = load_models(settings)
+    assert calibrated_router_threshold(settings, models) == result["threshold"]
+    # another artefact at the same path: the stored threshold no longer applies
+    save_artifact(train_classifier(enc.encode([data.texts[i] for i in train[:100]]), data.labels[train[:100]],
+                                   data.tiers, "minilm", c=0.1), art)
+    models, _ = load_models(settings)
+    with caplog.at_level("WARNING"):
+        assert calibrated_router_threshold(settings, models) == settings.router_threshold
+    assert "ROUTER CALIBRATION IGNORED" in caplog.text

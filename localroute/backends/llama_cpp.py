@@ -34,7 +34,7 @@ import numpy as np
 
 from localroute.backends.decoding import DecodeState, sample_token
 from localroute.backends.grammar import constraint_for
-from localroute.backends.threaded import EngineBridge
+from localroute.backends.threaded import EngineBridge, Outbox
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -182,6 +182,7 @@ class LlamaEngine:
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []
         self._cond = threading.Condition()
+        self.outbox = Outbox()  # a step's token events reach the event loop in one wake-up
         self._running = True
         self.error: str | None = None
         # Counters only grow; read them from any thread (ints, updated by the engine thread or under
@@ -481,13 +482,15 @@ class LlamaEngine:
         decoding = [s for s in active if not s.pending and not s.cancelled]
         prefilling = [s for s in active if s.pending and not s.cancelled]
         if decoding:
-            self._decode_rows(decoding)
+            with self.outbox.batch():
+                self._decode_rows(decoding)
         budget = self.prefill_chunk if decoding else self.n_batch
         for seq in prefilling:
             if budget <= 0:
                 break
             budget -= min(len(seq.pending), self.prefill_chunk)
-            self._prefill(seq)
+            with self.outbox.batch():
+                self._prefill(seq)
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)

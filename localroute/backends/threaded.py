@@ -10,8 +10,10 @@ the caller goes away (a cancelled task or a closed stream).
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from localroute.errors import BackendUnavailableError
@@ -19,6 +21,44 @@ from localroute.types import Generation, GenerationRequest, StreamDelta
 
 Event = tuple[str, Any]
 Sink = Callable[[Event], None]
+
+
+def _deliver(calls: list[tuple[Callable[[Event], None], Event]]) -> None:
+    for fn, event in calls:
+        fn(event)
+
+
+class Outbox:
+    """Engine-thread events for asyncio queues, delivered with one event-loop wake-up per batch.
+
+    Each `call_soon_threadsafe` writes to the loop's self-pipe and hands the GIL to the woken loop;
+    with one per token the engine thread waited for the GIL again after every row of a batched step
+    (py-spy, 4 streams: 2% of the engine thread's time in that write alone). Inside `batch()` the
+    engine thread's events are collected and sent together when it ends; elsewhere (other threads,
+    outside a batch) they go at once."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def post(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Event], None], event: Event) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            loop.call_soon_threadsafe(fn, event)
+        else:
+            pending.setdefault(loop, []).append((fn, event))
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        self._local.pending = {}
+        try:
+            yield
+        finally:
+            pending, self._local.pending = self._local.pending, None
+            for loop, calls in pending.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, calls)
+                except RuntimeError:  # that loop is closed: nobody is waiting for these events
+                    pass
 
 
 class ThreadedEngine(Protocol):
@@ -41,8 +81,13 @@ class EngineBridge(ABC):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
+        outbox: Outbox | None = getattr(self.engine, "outbox", None)
+
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            if outbox is not None:
+                outbox.post(loop, queue.put_nowait, event)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job = self._job(request, sink, want_tokens)
         self.engine.submit(job)

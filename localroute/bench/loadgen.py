@@ -160,10 +160,18 @@ async def warm_up(spec: LoadSpec, max_tokens: int = 8) -> None:
                                for i in range(spec.concurrency)))
 
 
-async def router_overhead(base_url: str, model: str, prompts: Sequence[str], n: int, max_tokens: int) -> list[float]:
-    """Client e2e minus the answering tier's own latency_s, for non-streaming answers that stayed
-    local (seconds). What remains is HTTP, parsing, routing and serialisation: the router's cost."""
-    out: list[float] = []
+async def router_overhead(base_url: str, model: str, prompts: Sequence[str], n: int,
+                          max_tokens: int) -> tuple[list[float], list[float]]:
+    """For non-streaming answers that stayed local, in seconds: (server, client).
+
+    server: the `router` duration of localroute's Server-Timing header, i.e. its e2e latency from
+    request arrival to response start minus the engines' own time; the router's cost. client: this
+    client's e2e minus the engines' time, which adds both HTTP stacks and the loopback, as any HTTP
+    engine would."""
+    from localroute.server.timing import parse_server_timing
+
+    server: list[float] = []
+    client_side: list[float] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
         for i in range(n):
             body = {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
@@ -176,7 +184,8 @@ async def router_overhead(base_url: str, model: str, prompts: Sequence[str], n: 
             info = resp.json().get("localroute") or {}
             if info.get("escalated"):
                 continue
-            answered = [a for a in info.get("attempts", []) if a.get("tier") == info.get("tier")]
-            if answered and answered[-1].get("latency_s") is not None:
-                out.append(e2e - float(answered[-1]["latency_s"]))
-    return out
+            timing = parse_server_timing(resp.headers.get("server-timing"))
+            if "router" in timing and "engine" in timing:
+                server.append(timing["router"] / 1e3)
+                client_side.append(e2e - timing["engine"] / 1e3)
+    return server, client_side

@@ -47,8 +47,12 @@ def print_report(result: dict[str, Any]) -> None:
         if "router_overhead" in target:
             o = target["router_overhead"]
             if o["n"]:
-                console.print(f"router overhead (e2e - engine time, non-streaming, n={o['n']}): "
-                              f"p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms")
+                console.print(f"router overhead (server e2e - engine time, Server-Timing, non-streaming, "
+                              f"n={o['n']}): p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms")
+            c = target.get("client_overhead") or {}
+            if c.get("n"):
+                console.print(f"  seen by the client (adds its HTTP stack and loopback): "
+                              f"p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms")
     for name, rows in result["ratios"].items():
         text = ", ".join(
             f"c={r['concurrency']}: " + " ".join(

@@ -139,6 +139,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {}}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
     overhead: list[float] = []
+    client_overhead: list[float] = []
     for r in range(cfg.repeats):
         for c in cfg.concurrency:
             for name, factory in targets if r % 2 == 0 else targets[::-1]:
@@ -155,8 +156,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     if server is not None and (hwm := server.peak_rss()) is not None:
                         metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"] or 0.0, hwm / 2**20)
                     if name == "localroute" and not overhead and cfg.overhead_requests > 0:
-                        overhead = asyncio.run(router_overhead(base_url, model, prompts, cfg.overhead_requests,
-                                                               min(cfg.max_tokens, 32)))
+                        overhead, client_overhead = asyncio.run(router_overhead(
+                            base_url, model, prompts, cfg.overhead_requests, min(cfg.max_tokens, 32)))
                 finally:
                     if server is not None:
                         server.stop()
@@ -164,7 +165,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for name, _ in targets:
         entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
         if name == "localroute":
-            entry["router_overhead"] = percentiles_ms(overhead)
+            entry["router_overhead"] = percentiles_ms(overhead)  # server side (Server-Timing): the target
+            entry["client_overhead"] = percentiles_ms(client_overhead)  # + both HTTP stacks and loopback
         out["targets"][name] = entry
     out["ratios"] = ratios(out["targets"])
     out["targets_check"] = check_targets(out["targets"], out["ratios"])

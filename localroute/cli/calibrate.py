@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from localroute.cli.common import add_config_flag, print_json, settings_from
 
@@ -17,6 +18,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     target.add_argument("--target-escalation", type=float, help="escalate this share of queries (a quantile)")
     p.add_argument("--delta", type=float, default=0.05, help="the target may fail with probability <= delta")
     p.add_argument("--aggregator", default=None, help="confidence aggregator (default: settings)")
+    p.add_argument("--router", action="store_true",
+                   help="calibrate the pre-inference routers' threshold (router_threshold) instead: the routers "
+                   "named by router_embedding_path / router_classifier_path score the run's queries")
     p.add_argument("--holdout", type=float, default=0.5, help="share of rows kept aside to check the threshold")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--out", type=Path, default=None,
@@ -30,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     out = args.out or settings.calibration_path or Path("calibration.json")
+    if args.router:
+        return _router(args, settings, out)
     result = calibrate_run(
         args.run, out, args.aggregator or settings.confidence_aggregator,
         target_quality=args.target_quality, target_escalation=args.target_escalation,
@@ -52,5 +58,30 @@ def run(args: argparse.Namespace) -> int:
     if h:
         print(f"held-out (n={h['n']}): cascade quality {h['cascade_quality']:.4f} = {h['quality_ratio']:.3f} x frontier "
               f"{h['frontier_quality']:.4f}; escalation rate {h['escalation_rate']:.3f}")
+    print(f"wrote {result['calibration_file']}")
+    return 0
+
+
+def _router(args: argparse.Namespace, settings: Any, out: Path) -> int:
+    from localroute.evaluation.calibrate import calibrate_router
+
+    result = calibrate_router(args.run, out, settings, target_quality=args.target_quality,
+                              target_escalation=args.target_escalation, delta=args.delta,
+                              holdout=args.holdout, seed=args.seed)
+    if args.json:
+        print_json(result)
+        return 0
+    cert = result["certificate"]
+    thr = "send everything to the cascade's top" if result["escalate_all"] else f"{result['threshold']:.6f}"
+    print(f"routers {', '.join(result['routers'])}  router_threshold {thr}  "
+          f"(novel to every router: {result['n_novel']} of {cert['n_calibration']})")
+    if cert["target"] == "quality":
+        print(f"certified ({cert['bound']}, delta={cert['delta']}): routed quality >= {cert['target_value']:.3f} x "
+              f"frontier with probability >= {1 - cert['delta']:.3f}; quality lower bound "
+              f"{cert['certified_quality_lower']:.4f}")
+    h = cert.get("holdout") or {}
+    if h:
+        print(f"held-out (n={h['n']}): routed quality {h['cascade_quality']:.4f} = {h['quality_ratio']:.3f} x "
+              f"frontier; sent past the cheap tier {h['escalation_rate']:.3f}")
     print(f"wrote {result['calibration_file']}")
     return 0

@@ -29,6 +29,7 @@ escalation rate.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -246,4 +247,95 @@ def calibrate_run(
         "upper_bound": fmode == "oracle",
         "certificate": cert.model_dump(),
         "calibration_split": cert_cal,
+    }
+
+
+def calibrate_router(
+    run_dir: Path,
+    out: Path,
+    settings: Any,
+    target_quality: float | None = None,
+    target_escalation: float | None = None,
+    delta: float = 0.05,
+    holdout: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The pre-inference routers' threshold (`router_threshold`) from an eval run, by the same
+    procedure as a cascade threshold with the router's P(cheap tier good) as the score.
+
+    The routers are the ones the settings name (router_embedding_path, router_classifier_path), as
+    `serve` loads them; each query of the run gets the score of the first router for which it is not
+    novel (embedding first, as /hybrid asks). Queries novel to every router go to the cascade: for
+    the certificate they count as escalated, which never flatters it. The uncertainty margin of
+    /hybrid only sends more queries to the cascade and is not modelled. The threshold is written to
+    the calibration file's `router` entry with the artefacts' file hashes; `serve` uses it only
+    while those files are unchanged.
+    """
+    from localroute.calibration import RouterCalibration, file_sha256
+    from localroute.routing.hybrid import load_models, router_scores
+    from localroute.routing.training import from_eval_run
+
+    if (target_quality is None) == (target_escalation is None):
+        raise ConfigError("give exactly one of --target-quality or --target-escalation", param="target_quality")
+    if not 0 <= holdout < 1:
+        raise ConfigError("--holdout must be in [0, 1)", param="holdout")
+    models, encoders = load_models(settings)
+    if not models:
+        raise ConfigError("no pre-inference router to calibrate: set router_embedding_path and/or "
+                          "router_classifier_path (train them with `localroute train`)", param="router")
+    ordered = [models[k] for k in ("embedding", "classifier") if k in models]
+    data = from_eval_run(run_dir)
+    keep_rows = ~np.isnan(data.labels).any(axis=1)
+    texts = [t for t, k in zip(data.texts, keep_rows, strict=True) if k]
+    cheap, frontier = data.labels[keep_rows, 0].astype(np.float64), data.labels[keep_rows, 1].astype(np.float64)
+    if len(texts) < 2:
+        raise ConfigError(f"run {run_dir} has {len(texts)} rows with query text and both outcomes; need at least 2",
+                          param="run")
+    needed = {m.encoder_name for m in ordered}
+    encoded = {name: encoders[name].encode(texts) for name in needed}
+    vectors = [{name: encoded[name][i] for name in needed} for i in range(len(texts))]
+    score = router_scores(ordered, vectors)
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    n_hold = round(holdout * len(texts))
+    hold, cal = perm[:n_hold], perm[n_hold:]
+    if len(cal) == 0:
+        raise ConfigError("--holdout leaves no calibration rows", param="holdout")
+    meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    fmode = (meta.get("frontier") or {}).get("mode")
+    if target_quality is not None:
+        fit = certify_quality(score[cal], cheap[cal], frontier[cal], target_quality, delta,
+                              frontier_known=1.0 if fmode == "oracle" else None)
+        threshold = fit.threshold
+        cert = Certificate(target="quality", target_value=target_quality, delta=delta, bound=fit.bound,
+                           certified_loss_upper=round(fit.loss_upper, 6),
+                           certified_quality_lower=round(fit.quality_lower, 6),
+                           frontier_quality_lower=round(fit.frontier_lower, 6),
+                           n_calibration=len(cal), n_holdout=len(hold))
+    else:
+        assert target_escalation is not None
+        threshold = escalation_threshold(score[cal], target_escalation)
+        cert = Certificate(target="escalation", target_value=target_escalation, n_calibration=len(cal),
+                           n_holdout=len(hold))
+    cert.holdout = realised(score[hold], cheap[hold], frontier[hold], threshold) if len(hold) else {}
+    quantiles, _ = _distribution(score[cal])
+    entry = RouterCalibration(
+        threshold=threshold, certificate=cert, score_quantiles=quantiles, n=len(cal),
+        artifacts={kind: file_sha256(m.artifact.path) for kind, m in models.items() if m.artifact.path},
+        n_novel=int(np.sum(~np.isfinite(score[cal]))),
+    )
+    cal_file = load_calibration(out) if out.is_file() else CalibrationFile(
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"), aggregator=settings.confidence_aggregator,
+        alpha=settings.confidence_quantile_alpha, source_run=str(run_dir), dataset=meta.get("dataset"),
+        frontier=dict(meta.get("frontier") or {}), tiers={})
+    cal_file.router = entry
+    write_calibration(cal_file, out)
+    return {
+        "calibration_file": str(out),
+        "routers": sorted(models),
+        "threshold": threshold,
+        "escalate_all": threshold >= ESCALATE_ALL,
+        "upper_bound": fmode == "oracle",
+        "n_novel": entry.n_novel,
+        "certificate": cert.model_dump(),
+        "calibration_split": realised(score[cal], cheap[cal], frontier[cal], threshold),
     }

@@ -98,7 +98,7 @@ def save_artifact(art: RouterArtifact, path: Path | str) -> Path:
     }
     payload = {k: np.ascontiguousarray(v) for k, v in art.arrays.items()}
     payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    atomic_write(path, lambda fh: np.savez(fh, **payload), mode="wb")
+    atomic_write(path, lambda fh: np.savez(fh, **payload), mode="wb")  # type: ignore[arg-type]
     art.training = meta["training"]  # type: ignore[assignment]
     return path
 

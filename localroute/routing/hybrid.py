@@ -145,15 +145,15 @@ class PreRouter:
             yield item
 
 
-def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter) -> dict[str, Any]:
-    """The extra policies the settings enable, by model id (the server adds them to its routers)."""
+def load_models(settings: Any) -> tuple[dict[str, ScoringModel], dict[str, Encoder]]:
+    """The pre-inference routers the settings name (embedding first: the order /hybrid asks them
+    in) and the encoders they need, checked against each other."""
     from localroute.embeddings import load_encoder
     from localroute.errors import ConfigError
     from localroute.routing.artifacts import load_artifact
     from localroute.routing.classifier import ClassifierModel
     from localroute.routing.embedding import EmbeddingModel
 
-    policies: dict[str, Any] = {}
     models: dict[str, ScoringModel] = {}
     if settings.router_embedding_path is not None:
         art = load_artifact(settings.router_embedding_path, "embedding")
@@ -166,7 +166,40 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
             if m.encoder_name == name and m.artifact.dim != enc.dim:
                 raise ConfigError(f"{m.kind} router was trained on {m.artifact.dim}-d vectors but encoder "
                                   f"{name} gives {enc.dim}", param="router")
-    thr = settings.router_threshold
+    return models, encoders
+
+
+def router_scores(models: Sequence[ScoringModel], vectors: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    """Per query, P(cheapest tier good) from the first model for which it is not novel, as the
+    policy asks them; -inf where every model finds it novel (the cascade takes it: never kept)."""
+    out = np.full(len(vectors), -np.inf)
+    for i, v in enumerate(vectors):
+        for model in models:
+            s = model.score(v[model.encoder_name])
+            if not s["novel"]:
+                out[i] = float(s["p_good"][0])
+                break
+    return out
+
+
+def calibrated_router_threshold(settings: Any, models: dict[str, ScoringModel]) -> float:
+    """settings.router_threshold, unless the calibration file holds a router threshold fitted on
+    these very artefacts (same file hashes); a stale one is ignored with a warning."""
+    from localroute.calibration import router_threshold_from
+
+    if settings.calibration_path is None or not models:
+        return float(settings.router_threshold)
+    found = router_threshold_from(settings.calibration_path, {k: m.artifact.path for k, m in models.items()})
+    return float(settings.router_threshold) if found is None else found
+
+
+def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter) -> dict[str, Any]:
+    """The extra policies the settings enable, by model id (the server adds them to its routers)."""
+    from localroute.errors import ConfigError
+
+    policies: dict[str, Any] = {}
+    models, encoders = load_models(settings)
+    thr = calibrated_router_threshold(settings, models)
     for kind, model in models.items():
         policies[f"localroute/{kind}"] = PreRouter(f"localroute/{kind}", [model], encoders, tiers, cascade, thr)
     if models:

@@ -9,10 +9,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,6 +30,7 @@ from localroute.routing.base import Decision, Routed, RoutedDelta, Tier
 from localroute.routing.cascade import CascadeRouter
 from localroute.server.errors import error_body, install_error_handlers
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
+from localroute.server.timing import ServerTimingMiddleware
 from localroute.settings import Settings
 from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob
 
@@ -265,7 +266,7 @@ def completion_request(body: CompletionRequest, settings: Settings, request_id: 
 
 
 def routing_info(decision: Decision, cost: dict[str, Any] | None = None) -> dict[str, Any]:
-    info = {
+    info: dict[str, Any] = {
         "policy": decision.policy,
         "tier": decision.answered_by,
         "confidence": _num(decision.confidence),
@@ -395,8 +396,15 @@ def create_app(
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     api_keys = ApiKeyStore.from_settings(settings)
-    if api_keys is not None:  # added last: outermost, so no body is read for a caller without a key
+    if api_keys is not None:  # added after the body limit: no body is read for a caller without a key
         app.add_middleware(AuthMiddleware, keys=api_keys, public_paths=settings.public_paths)
+
+    def overhead_observer() -> Callable[[float], None] | None:
+        monitoring = holder["service"].monitoring if "service" in holder else None
+        return monitoring.metrics.router_overhead.observe if monitoring is not None else None
+
+    # outermost: the router overhead it reports includes auth and the body limit
+    app.add_middleware(ServerTimingMiddleware, observe=overhead_observer)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -466,6 +474,7 @@ def create_app(
                                  request)
         routed, cost = await _route(svc, router, gen_request, "chat", started, request)
         gen, decision = routed.generation, routed.decision
+        request.state.engine_s = sum(a.latency_s for a in decision.attempts)
         payload = {
             "id": request_id,
             "object": "chat.completion",
@@ -497,6 +506,7 @@ def create_app(
                                  request)
         routed, cost = await _route(svc, router, gen_request, "completion", started, request)
         gen, decision = routed.generation, routed.decision
+        request.state.engine_s = sum(a.latency_s for a in decision.attempts)
         payload = {
             "id": request_id,
             "object": "text_completion",
@@ -553,7 +563,7 @@ def create_app(
     async def _stream(svc: Service, router: CascadeRouter, req: GenerationRequest, kind: str, want_lp: bool,
                       k: int, include_usage: bool, model: str, request: Request) -> Response:
         started = time.perf_counter()
-        source = router.route_stream(req).__aiter__()
+        source = cast(AsyncGenerator[RoutedDelta, None], router.route_stream(req).__aiter__())
         try:  # route before the first byte: errors are still clean 4xx/5xx
             first = await until_disconnect(request, source.__anext__())
         except LocalrouteError as exc:
@@ -595,7 +605,7 @@ def create_app(
                     if item.routed is not None:
                         gen, decision = item.routed.generation, item.routed.decision
                         done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
-                        done.update({"delta": {}} if kind == "chat" else {"text": ""})
+                        done.update({"delta": {}} if kind == "chat" else {"text": ""})  # type: ignore[dict-item]
                         cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
                         outcome.extra.update(cost=cost, request=req)
                         yield chunk([done], localroute=routing_info(decision, cost_fields(cost)))

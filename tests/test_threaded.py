@@ -1,0 +1,50 @@
+"""The engine-thread -> event-loop hand-off (backends/threaded.Outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from localroute.backends.threaded import Event, Outbox
+
+
+def test_a_batch_arrives_in_order_with_one_wake_up_and_outside_a_batch_at_once() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        box = Outbox()
+        got: list[Event] = []
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: object) -> object:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        def engine_thread() -> None:
+            with box.batch():
+                for i in range(4):
+                    box.post(loop, got.append, ("token", i))
+            box.post(loop, got.append, ("done", None))  # outside a batch: at once
+
+        t = threading.Thread(target=engine_thread)
+        t.start()
+        t.join()
+        for _ in range(100):
+            if len(got) == 5:
+                break
+            await asyncio.sleep(0.001)
+        assert got == [("token", 0), ("token", 1), ("token", 2), ("token", 3), ("done", None)]
+        assert wakeups == 2
+
+    asyncio.run(run())
+
+
+def test_a_closed_loop_does_not_break_the_engine_thread() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    box = Outbox()
+    with box.batch():
+        box.post(loop, lambda _e: None, ("token", 1))  # delivered at the end of the batch: ignored
