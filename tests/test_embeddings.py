@@ -3,6 +3,8 @@ mean-pooled hidden states (llama.cpp embedding mode)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ PARAPHRASE = ("How do I reset my password?", "I forgot my password, how can I ch
 UNRELATED = "What is the boiling point of water at sea level?"
 
 
-@pytest.fixture(scope="module", params=["minilm", "smollm2"])
+@pytest.fixture(scope="module", params=["minilm", "minilm-int8", "smollm2"])
 def encoder(request: pytest.FixtureRequest) -> Encoder:
     return load_encoder(request.param)
 
@@ -59,3 +61,20 @@ def test_request_text_takes_last_user_turn() -> None:
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"})
     assert request_text(msgs, None) == "second"
     assert request_text(None, "raw prompt") == "raw prompt"
+
+
+def test_minilm_int8_computes_in_int8_is_built_once_and_stays_close_to_minilm(tmp_path: Path) -> None:
+    import onnx
+
+    from localroute.embeddings.minilm import MiniLMInt8Encoder, bundled_files, build_int8_model
+
+    enc = MiniLMInt8Encoder(cache_dir=tmp_path)
+    built = list(tmp_path.glob("minilm-int8-*.onnx"))
+    assert len(built) == 1 and enc.name == "minilm-int8"
+    ops = {n.op_type for n in onnx.load(str(built[0])).graph.node}
+    assert "MatMulInteger" in ops  # int8 products, not int8 storage cast back to float
+    mtime = built[0].stat().st_mtime_ns
+    assert build_int8_model(bundled_files()[0], tmp_path) == built[0] and built[0].stat().st_mtime_ns == mtime
+    texts = [*PARAPHRASE, UNRELATED, "Write a haiku about the sea.", "Solve 3x + 5 = 20 for x."]
+    cos = (enc.encode(texts) * load_encoder("minilm").encode(texts)).sum(axis=1)
+    assert float(cos.min()) > 0.85  # the same model, quantised: near, but its own vector space

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a pre-inference router (classifier or embedding index)")
     add_config_flag(p)
     p.add_argument("--kind", choices=("classifier", "embedding"), default="classifier")
-    p.add_argument("--encoder", default="minilm", help="minilm (needs the embed extra), smollm2, or gguf:<path>")
+    p.add_argument("--encoder", default="minilm-int8",
+                   help="minilm-int8 (default: all-MiniLM-L6-v2 computed in int8), minilm, smollm2, or gguf:<path>")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-eval", type=Path, metavar="RUN_DIR", help="an eval run folder (rows.jsonl + meta.json)")
     src.add_argument("--from-log", nargs="?", const="", metavar="DB",
