@@ -66,7 +66,7 @@ def test_request_text_takes_last_user_turn() -> None:
 def test_minilm_int8_computes_in_int8_is_built_once_and_stays_close_to_minilm(tmp_path: Path) -> None:
     import onnx
 
-    from localroute.embeddings.minilm import MiniLMInt8Encoder, bundled_files, build_int8_model
+    from localroute.embeddings.minilm import MiniLMInt8Encoder, build_int8_model, bundled_files
 
     enc = MiniLMInt8Encoder(cache_dir=tmp_path)
     built = list(tmp_path.glob("minilm-int8-*.onnx"))
