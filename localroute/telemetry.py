@@ -313,8 +313,15 @@ class Telemetry:
     def window(self, t0: float, t1: float) -> Usage:
         """Process-wide consumption over [t0, t1] (perf_counter), linearly interpolated between
         samples, with the time-weighted number of sequences the engines were decoding meanwhile."""
-        with self._lock:
-            samples = list(self._samples)
+        with self._lock:  # newest first, back to a few samples before t0: not the whole history
+            samples = []
+            before = 0
+            for sample in reversed(self._samples):
+                samples.append(sample)
+                before += sample.t < t0
+                if before >= WINDOW_MARGIN:
+                    break
+        samples.reverse()
         t1 = max(t1, t0)
         cpu = _delta(samples, t0, t1, lambda s: s.cpu_s) or 0.0
         return Usage(
@@ -326,6 +333,11 @@ class Telemetry:
             mean_active_gpu=_mean_step(samples, t0, t1, lambda s: s.active_gpu),
             inputs={"samples": sum(1 for s in samples if t0 <= s.t <= t1), "interval_s": self.interval_s},
         )
+
+
+# Samples kept before a window's start: the interpolation needs the last reading before t0 (a few
+# more in case some samples lack a field, e.g. a failed NVML read).
+WINDOW_MARGIN = 8
 
 
 def _value_at(samples: list[Sample], t: float, get: Callable[[Sample], float | None]) -> float | None:

@@ -169,3 +169,21 @@ def test_environment_report_shape() -> None:
     env_gpu = environment(Nvml(FakeNvml()))
     assert env_gpu["gpu"]["nvml"] == "available" and len(env_gpu["gpu"]["devices"]) == 2
     assert cpu_info()["model"]
+
+
+def test_window_reads_only_the_recent_history_and_agrees_with_all_of_it() -> None:
+    """Pricing calls window() once per attempt: with a full history (4,096 samples) it used to copy
+    and scan all of it. It now walks back from the newest sample to just before t0; the figures
+    must be the ones the whole history gives."""
+    from localroute.telemetry import _delta
+
+    tel = Telemetry(interval_s=60)
+    for i in range(4096):  # 0.25 s apart; every 7th lacks a load reading, every 5th its energy
+        tel._samples.append(Sample(i * 0.25, i * 0.1, cpu_energy_j=None if i % 5 == 0 else i * 2.0,
+                                   active_cpu=None if i % 7 == 0 else 1 + i % 3))
+    everything = list(tel._samples)
+    for t0, t1 in [(1000.1, 1010.3), (1023.6, 1023.9), (0.2, 3.0), (1023.0, 1100.0)]:
+        u = tel.window(t0, t1)
+        assert u.cpu_s == pytest.approx(_delta(everything, t0, t1, lambda s: s.cpu_s))
+        assert u.cpu_energy_j == pytest.approx(_delta(everything, t0, t1, lambda s: s.cpu_energy_j))
+        assert u.mean_active_cpu == pytest.approx(_mean_step(everything, t0, t1, lambda s: s.active_cpu))

@@ -94,7 +94,8 @@ class EngineBridge(ABC):
         finished = False
         try:
             try:
-                kind, payload = await asyncio.wait_for(queue.get(), self.queue_timeout_s)  # "admitted"
+                async with asyncio.timeout(self.queue_timeout_s):  # no extra task, unlike wait_for
+                    kind, payload = await queue.get()  # "admitted"
             except TimeoutError:
                 raise BackendUnavailableError(
                     f"local tier busy: no slot within {self.queue_timeout_s:g}s", retry_after_s=1.0

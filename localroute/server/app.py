@@ -37,7 +37,6 @@ from localroute.types import Generation, GenerationRequest, SamplingParams, Toke
 log = logging.getLogger(__name__)
 
 CASCADE = "localroute/cascade"
-DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
 
 
 class RequestTooLargeError(InvalidRequestError):
@@ -88,22 +87,35 @@ class BodyLimitMiddleware:
 
 
 async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await `work`, cancelling it if the client disconnects first (ClientDisconnectedError):
-    a local decode for nobody must stop and free its slot; a frontier call must be aborted."""
-    task = asyncio.ensure_future(work)
-    try:
+    """Await `work` in this task, cancelling it if the client disconnects first
+    (ClientDisconnectedError): a local decode for nobody must stop and free its slot; a frontier
+    call must be aborted. A watcher task waits for the ASGI `http.disconnect` message (the body has
+    been read, so that is the only message left) and cancels this task when it comes: no polling,
+    and the work's result needs no extra hop through another task."""
+    me = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
         while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnectedError("client disconnected")
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                gone = True
+                if me is not None:
+                    me.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        if me is not None:
+            me.uncancel()  # the cancellation was ours, turned into an error: not the task's own
+        raise ClientDisconnectedError("client disconnected") from None
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let it unwind (engine slot freed, upstream closed)
-            if not task.cancelled():
-                task.exception()  # its own outcome no longer matters; mark it retrieved
+        watcher.cancel()
 
 
 def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
@@ -451,7 +463,8 @@ def create_app(
         if not isinstance(data, dict):
             raise InvalidRequestError("request body must be a JSON object")
         try:  # "\ud800" escapes are valid JSON but no valid text: refuse them before any engine sees them
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
+            if b"\\u" in raw:  # only a \u escape can make a lone surrogate: skip the re-encoding otherwise
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRequestError("request body contains invalid Unicode (a lone surrogate)") from None
         try:
