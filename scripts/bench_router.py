@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_router.py [--json] [--index-size 100000] [--runs 200]
 
 Reports p50/p99 of: MiniLM embedding of a 100-token query (target p50 <= 10 ms; `minilm` with 1 and 2
-threads and `minilm-int8` with 2, interleaved), the embedding
+threads and `minilm-int8` with 2, one session at a time), the embedding
 router's decision with an index of `--index-size` queries through HNSW (target p50 <= 1 ms) and by
 numpy brute force (why the ANN exists), the classifier's decision, and SmolLM2's own-representation
 embedding for comparison. The index holds random unit vectors (no cluster structure: the hard case
@@ -37,24 +37,6 @@ def _timed(fn: Callable[[], Any], runs: int, warmup: int = 5) -> dict[str, float
             "runs": runs}
 
 
-def _timed_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 5) -> dict[str, dict[str, float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    out = {}
-    for name, vals in samples.items():
-        ms = np.asarray(vals) * 1e3
-        out[name] = {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-                     "runs": runs}
-    return out
-
-
 def _query_of_tokens(encoder: Any, n: int) -> str:
     words = ["the", "router", "decides", "which", "model", "answers", "each", "query", "from", "its", "text", "alone", "before", "any", "inference", "so", "the", "cheap", "model", "runs", "only", "when", "it", "is", "likely", "to", "be", "good", "enough"]
     text, i = "", 0
@@ -84,13 +66,15 @@ def main() -> None:
     minilm = MiniLMEncoder()
     query = _query_of_tokens(minilm, args.tokens)
     out["query_tokens"] = minilm.n_tokens(query)
-    two = MiniLMEncoder(n_threads=2)
-    int8 = MiniLMInt8Encoder(n_threads=2)
-    # interleaved, so a slow spell of a shared machine hits all three alike
-    out.update(_timed_interleaved({"minilm_embed": lambda: minilm.encode([query]),
-                                   "minilm_embed_2_threads": lambda: two.encode([query]),
-                                   "minilm_int8_embed_2_threads": lambda: int8.encode([query])}, args.runs))
     v = minilm.encode([query])[0]
+    # One onnxruntime session at a time: an idle session's intra-op threads spin for a while after
+    # each run and would slow the next session's run (interleaving three sessions doubled the times).
+    for key, make in (("minilm_int8_embed_2_threads", lambda: MiniLMInt8Encoder(n_threads=2)),
+                      ("minilm_embed_2_threads", lambda: MiniLMEncoder(n_threads=2)),
+                      ("minilm_embed", lambda: minilm)):
+        enc = make()
+        out[key] = _timed(lambda enc=enc: enc.encode([query]), args.runs)
+        del enc
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.index_size, minilm.dim)).astype(np.float32)
