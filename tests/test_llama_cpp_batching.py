@@ -117,6 +117,19 @@ def test_slots_are_handed_out_lowest_first_and_runs_are_counted() -> None:
     assert _runs([3, 2, 1, 0]) == 4  # llama.cpp only joins ids that follow each other in batch order
 
 
+def test_common_prefix_of_token_arrays() -> None:
+    import numpy as np
+
+    from localroute.backends.llama_cpp import _common_prefix
+
+    a = np.array([5, 6, 7, 8], dtype=np.int32)
+    assert _common_prefix(a, np.array([5, 6, 9], dtype=np.int32)) == 2
+    assert _common_prefix(a, a) == 4
+    assert _common_prefix(a, np.array([5, 6], dtype=np.int32)) == 2
+    assert _common_prefix(a, np.zeros(0, dtype=np.int32)) == 0
+    assert _common_prefix(a, np.array([1], dtype=np.int32)) == 0
+
+
 def test_requests_join_and_leave_mid_stream(backend: LlamaCppBackend) -> None:
     """A long stream runs; others join after it has produced some tokens (one with a prompt long
     enough to be prefilled in chunks while the first decodes) and leave at different lengths."""

@@ -69,12 +69,15 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the shared prefix of two token arrays (vectorised: admission compares the
+    prompt with every free slot's cache under the engine lock)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+_NO_TOKENS = np.zeros(0, dtype=np.int32)
 
 
 def _runs(slots: Iterable[int]) -> int:
@@ -177,7 +180,7 @@ class LlamaEngine:
         # conversation). Bit-identical to prefilling from scratch (tests/test_llama_cpp_batching.py).
         # Off with a unified KV buffer, where leftovers would take cells other slots need.
         self.prefix_cache = prefix_cache and not kv_unified
-        self._slot_cache: list[list[int]] = [[] for _ in range(n_parallel)]
+        self._slot_cache: list[np.ndarray] = [_NO_TOKENS] * n_parallel
         self._budget_used = 0
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []
@@ -308,7 +311,7 @@ class LlamaEngine:
             seq.slot, reuse = self._pick_slot(seq.prompt)
             self._free_slots.remove(seq.slot)
             self._ll.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
-            self._slot_cache[seq.slot] = []  # the slot's KV now belongs to this request
+            self._slot_cache[seq.slot] = _NO_TOKENS  # the slot's KV now belongs to this request
             seq.reserved = need
             self._budget_used += need
             seq.n_past = reuse
@@ -324,8 +327,9 @@ class LlamaEngine:
         if not self.prefix_cache:
             return min(self._free_slots), 0
         best, best_len = min(self._free_slots), 0
+        tokens = np.asarray(prompt, dtype=np.int32)
         for slot in sorted(self._free_slots):
-            n = _common_prefix(self._slot_cache[slot], prompt)
+            n = _common_prefix(self._slot_cache[slot], tokens)
             if n > best_len:
                 best, best_len = slot, n
         return best, max(0, min(best_len, len(prompt) - 2))
@@ -333,9 +337,9 @@ class LlamaEngine:
     def _release(self, seq: _Seq, keep: bool = True) -> None:
         """Free a sequence's slot and budget; its prompt's KV stays as the slot's prefix cache (with
         `keep` and the cache on), the rest of its cells are freed. Called with the lock held."""
-        cached = seq.prompt[: min(seq.n_past, len(seq.prompt))] if keep and self.prefix_cache else []
-        self._ll.llama_memory_seq_rm(self._mem, seq.slot, len(cached), -1)
-        self._slot_cache[seq.slot] = cached
+        n_cached = min(seq.n_past, len(seq.prompt)) if keep and self.prefix_cache else 0
+        self._ll.llama_memory_seq_rm(self._mem, seq.slot, n_cached, -1)
+        self._slot_cache[seq.slot] = np.asarray(seq.prompt[:n_cached], dtype=np.int32)
         self._active.remove(seq)
         self._free_slots.append(seq.slot)
         self._budget_used -= seq.reserved
