@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localroute.backends.decoding import DecodeState, sample_token
+from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
 from localroute.errors import (
@@ -169,6 +170,8 @@ class LlamaEngine:
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for t in range(self.n_vocab):
             self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
+        self._adds_special = bool(ll.llama_vocab_get_add_bos(self._vocab)) or bool(ll.llama_vocab_get_add_eos(self._vocab))
+        self._fragments = self._fragment_tokenizer()
         self._work = np.empty(self.n_vocab, dtype=np.float32)
         self._top_scratch = np.empty(self.n_vocab, dtype=np.float32)
         # A newcomer takes the free slot whose cached prompt shares the longest prefix with its own,
@@ -218,8 +221,29 @@ class LlamaEngine:
 
     # ---- tokenizer and template (thread-safe: read-only vocab) ----
 
+    def _fragment_tokenizer(self) -> FragmentTokenizer | None:
+        """Per-fragment cached tokenising for chat prompts, where it is exactly llama.cpp's
+        algorithm (backends/fragments.py); None where it is not."""
+        ll = self._ll
+        if int(ll.llama_vocab_type(self._vocab)) != ll.LLAMA_VOCAB_TYPE_BPE:
+            return None
+        special_attrs = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+        specials: list[tuple[bytes, int]] = []
+        for t in range(self.n_vocab):
+            attr = int(ll.llama_vocab_get_attr(self._vocab, t))
+            if attr & special_attrs:
+                if attr & (ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP):
+                    return None
+                specials.append((ll.llama_vocab_get_text(self._vocab, t) or b"", t))
+        return FragmentTokenizer(lambda data, parse: self._llama_tokenize(data, False, parse), specials)
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8", errors="replace")
+        if parse_special and not (add_special and self._adds_special) and self._fragments is not None:
+            return self._fragments.tokenize(data)
+        return self._llama_tokenize(data, add_special, parse_special)
+
+    def _llama_tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
         n_max = len(data) + 8
         buf = (self._ll.llama_token * n_max)()
         n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
