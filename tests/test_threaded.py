@@ -46,5 +46,10 @@ def test_a_closed_loop_does_not_break_the_engine_thread() -> None:
     loop = asyncio.new_event_loop()
     loop.close()
     box = Outbox()
+    delivered: list[Event] = []
     with box.batch():
-        box.post(loop, lambda _e: None, ("token", 1))  # delivered at the end of the batch: ignored
+        box.post(loop, delivered.append, ("token", 1))  # delivered at the end of the batch: dropped
+    assert delivered == [] and box._local.pending is None  # no exception, nothing left queued
+    with box.batch():  # and the outbox still works for the next step
+        box.post(loop, delivered.append, ("token", 2))
+    assert box._local.pending is None

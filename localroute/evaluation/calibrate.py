@@ -169,6 +169,42 @@ def _distribution(conf: Array) -> tuple[dict[str, float], dict[str, list[float]]
                 "non_finite": [float(len(conf) - len(finite))]}
 
 
+def _check_targets(target_quality: float | None, target_escalation: float | None, holdout: float) -> None:
+    if (target_quality is None) == (target_escalation is None):
+        raise ConfigError("give exactly one of --target-quality or --target-escalation", param="target_quality")
+    if not 0 <= holdout < 1:
+        raise ConfigError("--holdout must be in [0, 1)", param="holdout")
+
+
+def fit_threshold(score: Array, cheap: Array, frontier: Array, *, holdout: float, seed: int, oracle: bool,
+                  target_quality: float | None, target_escalation: float | None,
+                  delta: float) -> tuple[float, Certificate, np.ndarray]:
+    """Split the rows at random, fit the threshold on the calibration part (certified quality or an
+    escalation quantile), check it on the held-out part. Returns the threshold, its certificate
+    (held-out results included) and the calibration rows' indices."""
+    perm = np.random.default_rng(seed).permutation(len(score))
+    n_hold = round(holdout * len(score))
+    hold, cal = perm[:n_hold], perm[n_hold:]
+    if len(cal) == 0:
+        raise ConfigError("--holdout leaves no calibration rows", param="holdout")
+    if target_quality is not None:
+        fit = certify_quality(score[cal], cheap[cal], frontier[cal], target_quality, delta,
+                              frontier_known=1.0 if oracle else None)
+        threshold = fit.threshold
+        cert = Certificate(target="quality", target_value=target_quality, delta=delta, bound=fit.bound,
+                           certified_loss_upper=round(fit.loss_upper, 6),
+                           certified_quality_lower=round(fit.quality_lower, 6),
+                           frontier_quality_lower=round(fit.frontier_lower, 6),
+                           n_calibration=len(cal), n_holdout=len(hold))
+    else:
+        assert target_escalation is not None
+        threshold = escalation_threshold(score[cal], target_escalation)
+        cert = Certificate(target="escalation", target_value=target_escalation, n_calibration=len(cal),
+                           n_holdout=len(hold))
+    cert.holdout = realised(score[hold], cheap[hold], frontier[hold], threshold) if len(hold) else {}
+    return threshold, cert, cal
+
+
 def calibrate_run(
     run_dir: Path,
     out: Path,
@@ -181,37 +217,17 @@ def calibrate_run(
 ) -> dict[str, Any]:
     """Fit the threshold on a random calibration split of the run, check it on the rest, and write
     (or update) the calibration file. Returns the summary printed by the CLI."""
-    if (target_quality is None) == (target_escalation is None):
-        raise ConfigError("give exactly one of --target-quality or --target-escalation", param="target_quality")
+    _check_targets(target_quality, target_escalation, holdout)
     if aggregator not in AGGREGATORS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS)}", param="aggregator")
-    if not 0 <= holdout < 1:
-        raise ConfigError("--holdout must be in [0, 1)", param="holdout")
     table = RunTable(run_dir)
     if table.n < 2:
         raise ConfigError(f"run {run_dir} has {table.n} usable rows; need at least 2", param="run")
     conf = table.conf[aggregator]
-    perm = np.random.default_rng(seed).permutation(table.n)
-    n_hold = round(holdout * table.n)
-    hold, cal = perm[:n_hold], perm[n_hold:]
-    if len(cal) == 0:
-        raise ConfigError("--holdout leaves no calibration rows", param="holdout")
     fmode = table.meta["frontier"]["mode"]
-    if target_quality is not None:
-        fit = certify_quality(conf[cal], table.cheap[cal], table.frontier[cal], target_quality, delta,
-                              frontier_known=1.0 if fmode == "oracle" else None)
-        threshold = fit.threshold
-        cert = Certificate(target="quality", target_value=target_quality, delta=delta, bound=fit.bound,
-                           certified_loss_upper=round(fit.loss_upper, 6),
-                           certified_quality_lower=round(fit.quality_lower, 6),
-                           frontier_quality_lower=round(fit.frontier_lower, 6),
-                           n_calibration=len(cal), n_holdout=len(hold))
-    else:
-        assert target_escalation is not None
-        threshold = escalation_threshold(conf[cal], target_escalation)
-        cert = Certificate(target="escalation", target_value=target_escalation, n_calibration=len(cal),
-                           n_holdout=len(hold))
-    cert.holdout = realised(conf[hold], table.cheap[hold], table.frontier[hold], threshold) if len(hold) else {}
+    threshold, cert, cal = fit_threshold(conf, table.cheap, table.frontier, holdout=holdout, seed=seed,
+                                         oracle=fmode == "oracle", target_quality=target_quality,
+                                         target_escalation=target_escalation, delta=delta)
     cert_cal = realised(conf[cal], table.cheap[cal], table.frontier[cal], threshold)
     quantiles, histogram = _distribution(conf[cal])
     fp = table.meta.get("fingerprint") or {}
@@ -275,10 +291,7 @@ def calibrate_router(
     from localroute.routing.hybrid import load_models, router_scores
     from localroute.routing.training import from_eval_run
 
-    if (target_quality is None) == (target_escalation is None):
-        raise ConfigError("give exactly one of --target-quality or --target-escalation", param="target_quality")
-    if not 0 <= holdout < 1:
-        raise ConfigError("--holdout must be in [0, 1)", param="holdout")
+    _check_targets(target_quality, target_escalation, holdout)
     models, encoders = load_models(settings)
     if not models:
         raise ConfigError("no pre-inference router to calibrate: set router_embedding_path and/or "
@@ -295,28 +308,11 @@ def calibrate_router(
     encoded = {name: encoders[name].encode(texts) for name in needed}
     vectors = [{name: encoded[name][i] for name in needed} for i in range(len(texts))]
     score = router_scores(ordered, vectors)
-    perm = np.random.default_rng(seed).permutation(len(texts))
-    n_hold = round(holdout * len(texts))
-    hold, cal = perm[:n_hold], perm[n_hold:]
-    if len(cal) == 0:
-        raise ConfigError("--holdout leaves no calibration rows", param="holdout")
     meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
     fmode = (meta.get("frontier") or {}).get("mode")
-    if target_quality is not None:
-        fit = certify_quality(score[cal], cheap[cal], frontier[cal], target_quality, delta,
-                              frontier_known=1.0 if fmode == "oracle" else None)
-        threshold = fit.threshold
-        cert = Certificate(target="quality", target_value=target_quality, delta=delta, bound=fit.bound,
-                           certified_loss_upper=round(fit.loss_upper, 6),
-                           certified_quality_lower=round(fit.quality_lower, 6),
-                           frontier_quality_lower=round(fit.frontier_lower, 6),
-                           n_calibration=len(cal), n_holdout=len(hold))
-    else:
-        assert target_escalation is not None
-        threshold = escalation_threshold(score[cal], target_escalation)
-        cert = Certificate(target="escalation", target_value=target_escalation, n_calibration=len(cal),
-                           n_holdout=len(hold))
-    cert.holdout = realised(score[hold], cheap[hold], frontier[hold], threshold) if len(hold) else {}
+    threshold, cert, cal = fit_threshold(score, cheap, frontier, holdout=holdout, seed=seed,
+                                         oracle=fmode == "oracle", target_quality=target_quality,
+                                         target_escalation=target_escalation, delta=delta)
     quantiles, _ = _distribution(score[cal])
     entry = RouterCalibration(
         threshold=threshold, certificate=cert, score_quantiles=quantiles, n=len(cal),
