@@ -182,6 +182,7 @@ class LlamaEngine:
         # in that slot skips the shared prefix (the chat template's system prompt, earlier turns of a
         # conversation). Bit-identical to prefilling from scratch (tests/test_llama_cpp_batching.py).
         # Off with a unified KV buffer, where leftovers would take cells other slots need.
+        self.kv_unified = kv_unified
         self.prefix_cache = prefix_cache and not kv_unified
         self._slot_cache: list[np.ndarray] = [_NO_TOKENS] * n_parallel
         self._budget_used = 0
@@ -438,7 +439,8 @@ class LlamaEngine:
         nothing (scripts/bench_engine.py). `ubatches_total` counts the runs.
         """
         decoding.sort(key=lambda s: s.slot)
-        self.stats["ubatches_total"] += _runs(s.slot for s in decoding)
+        # (a unified buffer is split with split_simple: one ubatch whatever the order)
+        self.stats["ubatches_total"] += 1 if self.kv_unified else _runs(s.slot for s in decoding)
         while decoding:
             for i, seq in enumerate(decoding):
                 self._b_token[i] = seq.last_token
