@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """In-process cost of routing one request, without HTTP or decoding: rendering the chat template
-and tokenising, pricing the answer, and running every observer (metrics, routing-log queue).
+and tokenising (with the per-fragment token cache, and with llama.cpp's whole-text tokeniser for
+comparison; a new user text every call), pricing the answer, and running every observer
+(metrics, routing-log queue).
 
-These are the parts of `localroute bench`'s "router overhead" (client e2e minus engine time) that
-localroute itself adds; the rest of that figure is HTTP on both sides and thread hand-offs.
+These are parts of the router overhead (the `router` entry of Server-Timing) that localroute's own
+code adds; the rest is the ASGI stack and the hand-offs between the event loop and the engine thread.
 
     python scripts/bench_overhead.py [--runs 200] [--json]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -60,8 +63,21 @@ def main() -> int:
         started = time.perf_counter()
         record = RequestRecord("r", "chat", "localroute/cascade", False, 200, started, 0.1, 0.01, routed.decision,
                                routed.generation)
+        engine = backend.engine  # type: ignore[attr-defined]
+        fresh = itertools.count()
+
+        def new_prompt() -> list[int]:  # a new user text every call: only the template's pieces repeat
+            text = f"Explain the theory of relativity in simple terms for a child, take {next(fresh)}."
+            msg = GenerationRequest(messages=({"role": "user", "content": text},), params=request.params)
+            return backend.prompt_tokens(msg)  # type: ignore[attr-defined,no-any-return]
+
+        fragments = engine._fragments
+        engine._fragments = None  # llama.cpp's whole-text tokeniser, for comparison
+        whole_text = _ms(new_prompt, args.runs)
+        engine._fragments = fragments
         result = {
-            "template_and_tokenise": _ms(lambda: backend.prompt_tokens(request), args.runs),  # type: ignore[attr-defined]
+            "template_and_tokenise": _ms(new_prompt, args.runs),
+            "template_and_tokenise_whole_text": whole_text,
             "pricing": _ms(lambda: monitoring.price(routed.decision, routed.generation, started), args.runs),
             "observers": _ms(lambda: [o(record) for o in monitoring.observers], args.runs),
             "loadavg": os.getloadavg(),
@@ -71,7 +87,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for name in ("template_and_tokenise", "pricing", "observers"):
+        for name in ("template_and_tokenise", "template_and_tokenise_whole_text", "pricing", "observers"):
             print(f"{name:24s} p50 {result[name]['p50_ms']:.3f} ms  p99 {result[name]['p99_ms']:.3f} ms")
         print(f"load average {result['loadavg'][0]:.2f}")
     return 0
