@@ -19,9 +19,12 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _timed(fn: Callable[[], Any], runs: int, warmup: int = 5) -> dict[str, float]:
@@ -69,6 +72,12 @@ def main() -> None:
     v = minilm.encode([query])[0]
     # One onnxruntime session at a time: an idle session's intra-op threads spin for a while after
     # each run and would slow the next session's run (interleaving three sessions doubled the times).
+    questions = ROOT.parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+    if questions.is_file():  # how far the int8 vector space is from minilm's, on real questions
+        texts = [json.loads(line)["turns"][0] for line in questions.read_text().splitlines() if line.strip()]
+        cos = (MiniLMInt8Encoder(n_threads=2).encode(texts) * minilm.encode(texts)).sum(axis=1)
+        out["minilm_int8_cosine_to_minilm_mt_bench"] = {"mean": round(float(cos.mean()), 4),
+                                                        "min": round(float(cos.min()), 4), "n": len(texts)}
     for key, make in (("minilm_int8_embed_2_threads", lambda: MiniLMInt8Encoder(n_threads=2)),
                       ("minilm_embed_2_threads", lambda: MiniLMEncoder(n_threads=2)),
                       ("minilm_embed", lambda: minilm)):
