@@ -14,9 +14,22 @@ from typing import Any
 
 import numpy as np
 
+from localroute.errors import ContextLengthExceededError, InvalidRequestError
 from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
 
 Event = tuple[str, Any]
+
+
+def prompt_room(prompt: list[int], n_ctx: int) -> int:
+    """Tokens left for the answer in a context of `n_ctx`; a clear 400 for an empty prompt or one
+    that leaves no room (both engines check requests the same way before queueing them)."""
+    if not prompt:
+        raise InvalidRequestError("empty prompt", param="prompt")
+    room = n_ctx - len(prompt)
+    if room < 1:
+        raise ContextLengthExceededError(
+            f"prompt is {len(prompt)} tokens; this model's context is {n_ctx} tokens", param="messages")
+    return room
 
 
 @dataclass(eq=False)

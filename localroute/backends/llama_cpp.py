@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, sample_token
+from localroute.backends.decoding import DecodeState, prompt_room, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
@@ -168,8 +168,10 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._eog = np.zeros(self.n_vocab, dtype=bool)
-        for t in range(self.n_vocab):
+        self._attrs = np.zeros(self.n_vocab, dtype=np.int64)  # token attributes, for the fragment tokeniser
+        for t in range(self.n_vocab):  # one pass over the vocabulary at start-up
             self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
+            self._attrs[t] = int(ll.llama_vocab_get_attr(self._vocab, t))
         self._adds_special = bool(ll.llama_vocab_get_add_bos(self._vocab)) or bool(ll.llama_vocab_get_add_eos(self._vocab))
         self._fragments = self._fragment_tokenizer()
         self._work = np.empty(self.n_vocab, dtype=np.float32)
@@ -229,13 +231,10 @@ class LlamaEngine:
         if int(ll.llama_vocab_type(self._vocab)) != ll.LLAMA_VOCAB_TYPE_BPE:
             return None
         special_attrs = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
-        specials: list[tuple[bytes, int]] = []
-        for t in range(self.n_vocab):
-            attr = int(ll.llama_vocab_get_attr(self._vocab, t))
-            if attr & special_attrs:
-                if attr & (ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP):
-                    return None
-                specials.append((ll.llama_vocab_get_text(self._vocab, t) or b"", t))
+        special = np.flatnonzero(self._attrs & special_attrs)
+        if np.any(self._attrs[special] & (ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP)):
+            return None
+        specials = [(ll.llama_vocab_get_text(self._vocab, int(t)) or b"", int(t)) for t in special]
         return FragmentTokenizer(lambda data, parse: self._llama_tokenize(data, False, parse), specials)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -649,14 +648,7 @@ class LlamaCppBackend(EngineBridge):
     def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
         prompt = self.prompt_tokens(request)
         params = request.params
-        if not prompt:
-            raise InvalidRequestError("empty prompt", param="prompt")
-        room = self.engine.n_ctx_seq - len(prompt)
-        if room < 1:
-            raise ContextLengthExceededError(
-                f"prompt is {len(prompt)} tokens; this model's context is {self.engine.n_ctx_seq} tokens",
-                param="messages",
-            )
+        room = prompt_room(prompt, self.engine.n_ctx_seq)
         return _Seq(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt=prompt,

@@ -33,7 +33,7 @@ class Outbox:
 
     Each `call_soon_threadsafe` writes to the loop's self-pipe and hands the GIL to the woken loop;
     with one per token the engine thread waited for the GIL again after every row of a batched step
-    (py-spy, 4 streams: 2% of the engine thread's time in that write alone). Inside `batch()` the
+    (a py-spy profile of the server at 4 streams showed it waiting in that write). Inside `batch()` the
     engine thread's events are collected and sent together when it ends; elsewhere (other threads,
     outside a batch) they go at once."""
 

@@ -37,11 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, sample_token
+from localroute.backends.decoding import DecodeState, prompt_room, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
-    ContextLengthExceededError,
     InvalidRequestError,
     MissingExtraError,
     RateLimitError,
@@ -427,15 +426,8 @@ class TransformersBackend(EngineBridge):
 
     def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Req:
         prompt = self.prompt_tokens(request)
-        if not prompt:
-            raise InvalidRequestError("empty prompt", param="prompt")
         params = request.params
-        room = self.engine.max_len - len(prompt)
-        if room < 1:
-            raise ContextLengthExceededError(
-                f"prompt is {len(prompt)} tokens; this model's context is {self.engine.max_len} tokens",
-                param="messages",
-            )
+        room = prompt_room(prompt, self.engine.max_len)
         return _Req(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt=prompt,
