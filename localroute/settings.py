@@ -136,8 +136,10 @@ class Settings(BaseSettings):
         "shares with it (system prompt, earlier turns). Exact: same logprobs as a full prefill. Off with kv_unified."
     )
     prefill_chunk: int = Field(
-        128, ge=1, description="Max prompt tokens fed per decode step while other streams generate (chunked "
-        "prefill: a newcomer's long prompt delays running streams by short steps, not one long one)."
+        32, ge=1, description="Max prompt tokens fed per decode step while other streams generate (chunked "
+        "prefill: a newcomer's long prompt delays running streams by short steps, not one long one). Each "
+        "chunk stalls the running streams for its prefill time: 32 tokens of SmolLM2-135M take about 100 ms "
+        "on 2 CPU cores (scripts/bench_engine.py --prefill-chunks); larger chunks prefill a few % faster."
     )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a free sequence slot before 429.")
     backend: Literal["llama_cpp", "vllm", "transformers"] | None = Field(

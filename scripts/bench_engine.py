@@ -3,8 +3,12 @@
 
 Separates the engine's own batched speed from the server's: prints aggregate tokens/s and ms per
 decode step for each stream count, with the KV cache per sequence (default) or unified.
+`--prefill-chunks 16,32,128` measures prompt processing instead: prompt tokens/s for each chunk size
+and how long one chunk takes, which is how long a newcomer's chunk stalls the running streams
+(settings.prefill_chunk).
 
     python scripts/bench_engine.py [--streams 1,4] [--tokens 128] [--threads 2] [--kv-unified] [--json]
+    python scripts/bench_engine.py --prefill-chunks 16,32,64,128 [--prompt-words 60]
 """
 
 from __future__ import annotations
@@ -36,6 +40,32 @@ async def _run(backend: object, engine: object, streams: int, tokens: int) -> di
             "ms_per_step": dt / max(steps, 1) * 1e3}
 
 
+def _prefill(model: Path, chunk: int, threads: int, words: int, runs: int = 4) -> dict[str, float]:
+    """Prompt tokens/s with prompts fed `chunk` tokens per llama_decode (median of `runs` prompts),
+    from the engine's own prefill counters."""
+    from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
+    from localroute.types import GenerationRequest, SamplingParams
+
+    engine = LlamaEngine(model, n_ctx_seq=2048, n_parallel=1, n_batch=chunk, n_threads=threads,
+                         prefill_chunk=chunk, prefix_cache=False)
+    backend = LlamaCppBackend("bench", engine)
+    text = " ".join(f"word{i}" for i in range(words))
+    rates = []
+    try:
+        for i in range(runs + 1):  # the first is a warm-up
+            before = dict(engine.stats)
+            request = GenerationRequest(prompt=f"{i} {text}", params=SamplingParams(max_tokens=1, temperature=0.0))
+            asyncio.run(backend.generate(request))
+            tokens = engine.stats["prompt_tokens_total"] - before["prompt_tokens_total"]
+            ns = engine.stats["prefill_ns_total"] - before["prefill_ns_total"]
+            if i:
+                rates.append(tokens / (ns / 1e9))
+    finally:
+        engine.close()
+    rate = sorted(rates)[len(rates) // 2]
+    return {"chunk": chunk, "prompt_tokens": tokens, "prefill_tokens_per_s": rate, "ms_per_chunk": chunk / rate * 1e3}
+
+
 def main() -> int:
     from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
     from localroute.registry import resolve_model_path
@@ -47,8 +77,21 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-unified", action="store_true")
+    p.add_argument("--prefill-chunks", default=None, help="e.g. 16,32,128: prompt speed per chunk size instead")
+    p.add_argument("--prompt-words", type=int, default=60)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.prefill_chunks:
+        model = resolve_model_path(args.model, Settings().models_dir)
+        prefill = [_prefill(model, int(c), args.threads, args.prompt_words) for c in args.prefill_chunks.split(",")]
+        if args.json:
+            print(json.dumps({"threads": args.threads, "loadavg": os.getloadavg(), "prefill": prefill}, indent=2))
+        else:
+            print(f"threads={args.threads} load={os.getloadavg()[0]:.2f} prompt={prefill[0]['prompt_tokens']} tokens")
+            for r in prefill:
+                print(f"chunk={r['chunk']:>4}  {r['prefill_tokens_per_s']:6.0f} prompt tok/s  "
+                      f"{r['ms_per_chunk']:6.1f} ms per chunk")
+        return 0
     levels = [int(x) for x in args.streams.split(",")]
     engine = LlamaEngine(resolve_model_path(args.model, Settings().models_dir), n_ctx_seq=512,
                          n_parallel=max(levels), n_threads=args.threads, kv_unified=args.kv_unified)

@@ -8,8 +8,10 @@ bit-identical: each sequence has its own KV stream). Tolerance: LOGPROB_TOL belo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +107,56 @@ def test_concurrent_greedy_equals_one_at_a_time(backend: LlamaCppBackend, batch_
     # ...in one pass over the weights per step: rows in batch order were 3,2,1,0 in the second round
     # before the fix (4 ubatches a step). A sequence still prefilling leaves a gap for a few steps.
     assert ubatches_per_step < 1.2
+
+
+def test_a_stream_that_has_its_first_token_waits_for_no_other_prompt(smollm2_path: Path) -> None:
+    """Chunked prefill: with nobody generating, several newcomers take a prompt chunk each in one
+    step, but once one has its first token, no other prompt is fed in that step (it would stall that
+    stream for the chunk's prefill time); while anybody generates, a step feeds at most one chunk."""
+    ops: list[tuple[Any, ...]] = []
+
+    class Recorded(LlamaEngine):
+        def _step(self, active: list[Any]) -> None:
+            ops.append(("step",))
+            super()._step(active)
+
+        def _prefill(self, seq: Any, limit: int) -> int:
+            fed = super()._prefill(seq, limit)
+            ops.append(("prefill", fed, not seq.pending))
+            return fed
+
+        def _decode_rows(self, rows: list[Any]) -> None:
+            ops.append(("decode", len(rows)))
+            super()._decode_rows(rows)
+
+    engine = Recorded(smollm2_path, n_ctx_seq=256, n_parallel=4, n_batch=256, n_threads=2, prefill_chunk=16)
+    backend = LlamaCppBackend("smollm2", engine)
+    events: list[tuple[str, Any]] = []
+    try:
+        jobs = [backend._job(request(p, 6), events.append, want_tokens=False) for p in PROMPTS[:4]]
+        assert all(len(j.prompt) > 17 for j in jobs)  # every prompt needs two chunks or more
+        with engine._cond:  # all four arrive before the engine's next step
+            for job in jobs:
+                engine.submit(job)
+        deadline = time.monotonic() + 120
+        while sum(kind == "done" for kind, _ in events) < 4:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    steps: list[list[tuple[Any, ...]]] = []
+    for op in ops:
+        if op[0] == "step":
+            steps.append([])
+        else:
+            steps[-1].append(op)
+    assert max(sum(op[0] == "prefill" for op in step) for step in steps) >= 2  # newcomers shared steps
+    for step in steps:
+        prefills = [op for op in step if op[0] == "prefill"]
+        first_token = next((i for i, op in enumerate(prefills) if op[2]), None)
+        assert first_token is None or first_token == len(prefills) - 1, step
+        if any(op[0] == "decode" for op in step):
+            assert sum(op[1] for op in prefills) <= 16 + 1, step  # one chunk (never a 1-token remainder)
 
 
 def test_slots_are_handed_out_lowest_first_and_runs_are_counted() -> None:

@@ -468,7 +468,7 @@ class LlamaEngine:
                 row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
                 self._advance(seq, row, now)
 
-    def _prefill(self, seq: _Seq) -> None:
+    def _prefill(self, seq: _Seq, limit: int) -> int:
         """Feed the next chunk of a prompt, alone in its own llama_decode.
 
         Chunks never share a call with other sequences: with one KV stream per sequence llama.cpp
@@ -478,7 +478,7 @@ class LlamaEngine:
         one-token path gave the next token a logprob 0.119 nats away from the same token fed with
         others (SmolLM2). So no chunk is left with one token, unless the whole prompt is one token.
         """
-        take = min(len(seq.pending), self.prefill_chunk)
+        take = min(len(seq.pending), limit)
         if len(seq.pending) - take == 1:
             take = take - 1 if take > 2 else take + 1
         self._b_token[:take] = seq.pending[:take]
@@ -494,19 +494,22 @@ class LlamaEngine:
         self.stats["prefill_ns_total"] += time.perf_counter_ns() - t0
         if rc != 0:
             self._drop(seq, "out of KV cache" if rc == 1 else f"decode error {rc}")
-            return
+            return take
         del seq.pending[:take]
         seq.n_past += take
         if last and not seq.cancelled:
             row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, take - 1), shape=(self.n_vocab,))
             self._advance(seq, row, time.perf_counter())
+        return take
 
     def _step(self, active: list[_Seq]) -> None:
         """One decode round: a token for every generating sequence, then some prompt chunks.
 
         Chunked prefill: while some sequences are generating, newcomers' prompts enter at most
         `prefill_chunk` tokens per round, so a long prompt delays the running streams by one short
-        chunk at a time instead of one long one. With nobody generating, prompts get `n_batch`.
+        chunk at a time instead of one long one. With nobody generating, several newcomers may take
+        a chunk each (up to `n_batch` tokens), until one of them has its first token: from then on
+        it is a running stream too, and the others wait for the next round.
         """
         decoding = [s for s in active if not s.pending and not s.cancelled]
         prefilling = [s for s in active if s.pending and not s.cancelled]
@@ -515,11 +518,12 @@ class LlamaEngine:
                 self._decode_rows(decoding)
         budget = self.prefill_chunk if decoding else self.n_batch
         for seq in prefilling:
-            if budget <= 0:
+            if budget < 2:  # a one-token chunk changes the numbers (see _prefill)
                 break
-            budget -= min(len(seq.pending), self.prefill_chunk)
             with self.outbox.batch():
-                self._prefill(seq)
+                budget -= self._prefill(seq, min(budget, self.prefill_chunk))
+            if not seq.pending:  # it generates now: the rest of this round would stall it
+                budget = 0
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)
@@ -646,6 +650,7 @@ class LlamaCppBackend(EngineBridge):
         return self.engine.tokenize(result.prompt, add_special=not result.added_special, parse_special=True)
 
     def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
+        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
         prompt = self.prompt_tokens(request)
         params = request.params
         room = prompt_room(prompt, self.engine.n_ctx_seq)
@@ -656,9 +661,8 @@ class LlamaCppBackend(EngineBridge):
             max_new=max(1, min(params.max_tokens, room)),
             sink=sink,
             want_tokens=want_tokens,
-            rng=np.random.default_rng(params.seed),
             grammar=constraint_for(self.engine, params.response_format) if params.response_format else None,
-            submitted_at=time.perf_counter(),
+            submitted_at=submitted_at,
         )
 
     def health(self) -> dict[str, Any]:

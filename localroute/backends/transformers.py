@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from localroute.backends.decoding import DecodeState, prompt_room, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
@@ -425,6 +423,7 @@ class TransformersBackend(EngineBridge):
         return self.engine.chat_tokens([dict(m) for m in request.messages])
 
     def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Req:
+        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
         prompt = self.prompt_tokens(request)
         params = request.params
         room = prompt_room(prompt, self.engine.max_len)
@@ -435,8 +434,7 @@ class TransformersBackend(EngineBridge):
             max_new=max(1, min(params.max_tokens, room)),
             sink=sink,
             want_tokens=want_tokens,
-            rng=np.random.default_rng(params.seed),
-            submitted_at=time.perf_counter(),
+            submitted_at=submitted_at,
         )
 
     def health(self) -> dict[str, Any]:

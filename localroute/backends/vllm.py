@@ -225,6 +225,7 @@ class VllmBackend:
         )
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[tuple[list[Piece], OutputAccumulator]]:
+        started = time.perf_counter()  # engine time starts here: template and tokenising are its work
         ids = await self.prompt_tokens(request)
         if not ids:
             raise InvalidRequestError("empty prompt", param="prompt")
@@ -236,7 +237,6 @@ class VllmBackend:
         acc = OutputAccumulator(min(request.params.top_logprobs, MAX_TOP_LOGPROBS), self._eos_ids,
                                 self.model_name, self.logprobs_mode)
         request_id = request.request_id or uuid.uuid4().hex
-        started = time.perf_counter()
         first: float | None = None
         finished = False
         self.in_flight += 1

@@ -9,14 +9,17 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from localroute import __version__
 from localroute.auth import ApiKeyStore, AuthMiddleware
@@ -118,6 +121,23 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
 
 
+class AnswerResponse(JSONResponse):
+    """An answer's JSON body, encoded by orjson (compact UTF-8, like JSONResponse's; NaN and
+    infinities, which answers never carry, would become null rather than a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class RequestRoute(APIRoute):
+    """A route whose endpoint takes the Request and returns a Response itself (it reads and validates
+    its own body, so bad input gets an OpenAI-shaped 400): FastAPI's dependency solving and response
+    serialisation are skipped on the request path, and OpenAPI still documents the route."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return cast(Callable[[Request], Coroutine[Any, Any, Response]], self.endpoint)
+
+
 def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
     if isinstance(schema, dict):
         if "$ref" in schema:
@@ -201,6 +221,11 @@ class Service:
                 observer(rec)
             except Exception:  # an observer must never break a response
                 log.exception("observer %r failed", observer)
+
+    async def record_async(self, rec: RequestRecord) -> None:
+        """`record` on the event loop, for a response's background task (a plain function would
+        be sent to a worker thread)."""
+        self.record(rec)
 
     async def aclose(self) -> None:
         for tier in self.tiers:
@@ -443,7 +468,15 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/feedback", openapi_extra=request_body_schema(FeedbackRequest))
+    def post(path: str, model: type[Any]) -> Callable[[Callable[[Request], Awaitable[Response]]], Any]:
+        """A POST endpoint that parses its own body (RequestRoute), documented with `model`'s schema."""
+        def add(endpoint: Callable[[Request], Awaitable[Response]]) -> Any:
+            app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=RequestRoute,
+                                     openapi_extra=request_body_schema(model))
+            return endpoint
+        return add
+
+    @post("/v1/feedback", FeedbackRequest)
     async def feedback(request: Request) -> JSONResponse:
         """{request_id, score | correct, source}: stored against the request's routing-log row."""
         body = await _parse(request, FeedbackRequest)  # type: ignore[arg-type]
@@ -475,7 +508,7 @@ def create_app(
             raise InvalidRequestError(f"{param}: {first.get('msg')}" if param else str(first.get("msg")),
                                       param=param, code="invalid_value") from None
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatCompletionRequest))
+    @post("/v1/chat/completions", ChatCompletionRequest)
     async def chat_completions(request: Request) -> Response:
         svc, body, router, gen_request, started = await _accept(request, ChatCompletionRequest, chat_request,
                                                                 "chat", "chatcmpl")
@@ -485,7 +518,7 @@ def create_app(
             return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        routed, cost = await _route(svc, router, gen_request, "chat", started, request)
+        routed, cost, observe = await _route(svc, router, gen_request, "chat", started, request)
         gen, decision = routed.generation, routed.decision
         request.state.engine_s = sum(a.latency_s for a in decision.attempts)
         payload = {
@@ -504,9 +537,9 @@ def create_app(
             "usage": usage(gen),
             "localroute": routing_info(decision, cost_fields(cost)),
         }
-        return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
+        return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)}, background=observe)
 
-    @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest))
+    @post("/v1/completions", CompletionRequest)
     async def completions(request: Request) -> Response:
         svc, body, router, gen_request, started = await _accept(request, CompletionRequest, completion_request,
                                                                 "completion", "cmpl")
@@ -517,7 +550,7 @@ def create_app(
             return await _stream(svc, router, gen_request, "completion", want_lp, k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        routed, cost = await _route(svc, router, gen_request, "completion", started, request)
+        routed, cost, observe = await _route(svc, router, gen_request, "completion", started, request)
         gen, decision = routed.generation, routed.decision
         request.state.engine_s = sum(a.latency_s for a in decision.attempts)
         payload = {
@@ -536,7 +569,7 @@ def create_app(
             "usage": usage(gen),
             "localroute": routing_info(decision, cost_fields(cost)),
         }
-        return JSONResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)})
+        return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)}, background=observe)
 
     async def _accept(request: Request, model: Any, build: Callable[[Any, Settings, str], GenerationRequest],
                       endpoint: str, id_prefix: str) -> tuple[Service, Any, CascadeRouter, GenerationRequest, float]:
@@ -559,7 +592,7 @@ def create_app(
                                  time.perf_counter() - started, error=exc.code or exc.error_type))
 
     async def _route(svc: Service, router: CascadeRouter, req: GenerationRequest, endpoint: str,
-                     started: float, request: Request) -> tuple[Routed, RequestCost | None]:
+                     started: float, request: Request) -> tuple[Routed, RequestCost | None, BackgroundTask]:
         try:
             routed: Routed = await until_disconnect(request, router.route(req))
         except LocalrouteError as exc:
@@ -568,10 +601,11 @@ def create_app(
                                      disconnected=isinstance(exc, ClientDisconnectedError)))
             raise
         cost = svc.monitoring.price(routed.decision, routed.generation, started) if svc.monitoring else None
-        svc.record(RequestRecord(req.request_id, endpoint, router.policy, False, 200, started,
-                                 time.perf_counter() - started, routed.generation.ttft_s, routed.decision,
-                                 routed.generation, extra={"cost": cost, "request": req}))
-        return routed, cost
+        record = RequestRecord(req.request_id, endpoint, router.policy, False, 200, started,
+                               time.perf_counter() - started, routed.generation.ttft_s, routed.decision,
+                               routed.generation, extra={"cost": cost, "request": req})
+        # observers (metrics, routing log) run once the answer has been sent: the client never waits for them
+        return routed, cost, BackgroundTask(svc.record_async, record)
 
     async def _stream(svc: Service, router: CascadeRouter, req: GenerationRequest, kind: str, want_lp: bool,
                       k: int, include_usage: bool, model: str, request: Request) -> Response:
@@ -591,7 +625,7 @@ def create_app(
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
             data = {"id": req.request_id, "object": obj, "created": created, "model": model, "choices": choices,
                     **extra}
-            return f"data: {json.dumps(data)}\n\n"
+            return f"data: {orjson.dumps(data).decode()}\n\n"
 
         def piece(item: RoutedDelta) -> str | None:
             d = item.delta
