@@ -24,11 +24,9 @@ import importlib.util
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,47 +77,6 @@ def preflight() -> tuple[Any, dict[str, Any]]:
         "transformers": transformers.__version__,
     }
     return nvml, info
-
-
-class Sampler(threading.Thread):
-    """NVML readings of GPU 0 every interval until stopped."""
-
-    def __init__(self, nvml: Any, interval_s: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.nvml, self.interval_s = nvml, interval_s
-        self.rows: list[tuple[float, Any]] = []
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            readings = self.nvml.read()
-            if readings:
-                self.rows.append((time.perf_counter(), readings[0]))
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.join(timeout=5)
-
-    def summary(self) -> dict[str, Any]:
-        util = [r.utilization_ratio for _, r in self.rows if r.utilization_ratio is not None]
-        power = [r.power_w for _, r in self.rows if r.power_w is not None]
-        mem = [r.memory_used_bytes for _, r in self.rows if r.memory_used_bytes is not None]
-        energy = [(t, r.energy_j) for t, r in self.rows if r.energy_j is not None]
-        window = self.rows[-1][0] - self.rows[0][0] if len(self.rows) > 1 else 0.0
-        return {
-            "samples": len(self.rows),
-            "window_s": round(window, 3),
-            "gpu_util_mean": round(statistics.fmean(util), 3) if util else None,
-            "gpu_util_max": round(max(util), 3) if util else None,
-            "gpu_seconds": round(statistics.fmean(util) * window, 3) if util else None,
-            "memory_used_max_bytes": max(mem) if mem else None,
-            "memory_total_bytes": self.rows[0][1].memory_total_bytes if self.rows else None,
-            "power_w_mean": round(statistics.fmean(power), 1) if power else None,
-            "power_w_max": round(max(power), 1) if power else None,
-            "energy_j": round(energy[-1][1] - energy[0][1], 3) if len(energy) > 1 else None,
-            "energy_method": self.rows[0][1].energy_method if self.rows else None,
-        }
 
 
 def free_port() -> int:
@@ -196,12 +153,13 @@ async def load(base: str, n: int, concurrency: int, max_tokens: int) -> dict[str
     }
 
 
-def run_bench(localroute: list[str], base: str) -> dict[str, Any] | None:
+def run_bench(localroute: list[str], base: str, pid: int) -> dict[str, Any] | None:
     """`localroute bench` against the running server, when this checkout has that command."""
     probe = subprocess.run([*localroute, "bench", "--help"], check=False, capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
         return None
-    cmd = [*localroute, "bench", "--base-url", f"{base}/v1", "--json"]
+    cmd = [*localroute, "bench", "--url", f"{base}/v1", "--server-pid", str(pid), "--concurrency", "1,4,16",
+           "--num-requests", "32", "--max-tokens", "64", "--overhead-requests", "50", "--json"]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240)
     try:
         parsed: Any = json.loads(done.stdout)
@@ -243,7 +201,9 @@ def main() -> int:
             summary["idle"] = {"gpu_util": idle[0].utilization_ratio, "power_w": idle[0].power_w,
                                "memory_used_bytes": idle[0].memory_used_bytes} if idle else None
             asyncio.run(load(base, 4, 4, 8))  # warm-up: kernels, allocator
-            sampler = Sampler(nvml)
+            from localroute.bench.gpu import GpuSampler
+
+            sampler = GpuSampler(nvml)
             sampler.start()
             try:
                 summary["load"] = asyncio.run(load(base, args.requests, args.concurrency, args.max_tokens))
@@ -252,7 +212,7 @@ def main() -> int:
             summary["nvml"] = sampler.summary()
             e, toks = summary["nvml"]["energy_j"], summary["load"]["completion_tokens"]
             summary["energy_j_per_1k_output_tokens"] = round(1000 * e / toks, 2) if e is not None and toks else None
-            summary["bench"] = run_bench(localroute, base)
+            summary["bench"] = run_bench(localroute, base, proc.pid)
         finally:
             proc.terminate()
             try:

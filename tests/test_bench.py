@@ -5,19 +5,24 @@ Checks presence and sanity of every metric, not speed: speed is for the benchmar
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from localroute.bench import load_prompts
+from localroute.bench.gpu import GpuSampler
 from localroute.bench.loadgen import RequestResult
-from localroute.bench.metrics import summarize
+from localroute.bench.metrics import GPU_KEYS, gpu_metrics, summarize
 from localroute.cli import main
 from localroute.server import create_app
+from localroute.telemetry import Nvml
 from tests.conftest import local_settings, serve_app
+from tests.test_telemetry import FakeNvml
 
 LEVEL_KEYS = [
     "concurrency", "completed", "failed", "duration_s", "total_output_tokens", "mean_output_tokens",
@@ -68,6 +73,54 @@ def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pyt
     assert checks["router overhead p50 ms"]["value"] == overhead["p50_ms"]
     assert checks["c4 output tok/s vs llama-server (4 slots)"]["met"] is None  # not measured here
     assert result["machine"]["cpus"] >= 1
+    # no GPU here: the run says why, and every level carries the GPU keys empty rather than made up
+    assert result["gpu"]["available"] is False and result["gpu"]["reason"]
+    assert all(lvl[key] is None for lvl in levels for key in GPU_KEYS)
+
+
+def test_gpu_figures_of_a_level_from_nvml_readings() -> None:
+    """The sampler's summary and the level's GPU figures, from NVML-shaped readings (a stand-in
+    module: no GPU here; scripts/gpu_check.sh reads a real one)."""
+    fake = FakeNvml()
+    nvml = Nvml(fake)
+    assert nvml.start()
+    with GpuSampler(nvml, interval_s=0.01) as sampler:
+        for _ in range(5):
+            fake.energy_mj[0] += 500_000  # 500 J per step on device 0
+            time.sleep(0.03)
+    summary = sampler.summary()
+    assert summary["samples"] >= 3 and summary["window_s"] > 0
+    assert summary["gpu_util_mean"] == summary["gpu_util_max"] == 0.37  # the busier device
+    assert summary["memory_used_max_bytes"] == 3 * 2**30  # both devices
+    assert summary["power_w_mean"] == 230.0
+    # device 0's counter rose 2,500 J; device 1 has no counter, so it integrates 80 W over the window
+    assert summary["energy_j"] == pytest.approx(2500 + 80 * summary["window_s"], rel=0.05)
+    level = gpu_metrics(summary, output_tokens=1000)
+    assert level["gpu_energy_j_per_output_token"] == pytest.approx(summary["energy_j"] / 1000)
+    assert level["gpu_memory_peak_mb"] == 3 * 1024 and level["gpu_util_mean"] == 0.37
+    assert gpu_metrics(None, 1000) == dict.fromkeys(GPU_KEYS)
+
+
+def test_vllm_baseline_without_vllm_says_how_to_get_it(capsys: pytest.CaptureFixture[str]) -> None:
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: the baseline runs (scripts/gpu_check.sh)")
+    assert main(["bench", "--vs", "vllm", "--concurrency", "1", "--num-requests", "1"]) != 0
+    assert "pip install 'localroute[gpu]'" in capsys.readouterr().err
+
+
+def test_vllm_baseline_server_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `--vs vllm` starts on a GPU host: vLLM's OpenAI server with the same model, slots and
+    context as the others, and time to compile before it must answer."""
+    from localroute.bench import servers
+
+    monkeypatch.setattr(servers.importlib.util, "find_spec", lambda name: object())
+    server = servers.vllm_server(servers.EngineSpec(tmp_path / "m.gguf", 2, 512), 4)
+    argv = server.argv
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "m.gguf")
+    assert argv[argv.index("--max-num-seqs") + 1] == "4" and argv[argv.index("--max-model-len") + 1] == "512"
+    assert argv[argv.index("--port") + 1] == str(server.port) and server.model == "bench"
+    assert server.start_timeout_s >= 600
 
 
 def test_median_level_keeps_counts_whole_and_shows_every_run() -> None:
@@ -123,3 +176,21 @@ def test_summary_metric_definitions() -> None:
     assert math.isclose(m["median_ttft_ms"], 150.0)
     assert math.isclose(m["mean_itl_ms"], 400 / 3)
     assert m["escalation_rate"] == 0.5
+
+
+def test_report_shows_gpu_columns_only_with_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from localroute.bench.report import print_report
+
+    level = {key: 1.0 for key in LEVEL_KEYS} | {"concurrency": 4, "completed": 8, "failed": 0,
+                                                 "gpu_util_mean": 0.62, "gpu_util_max": 0.9,
+                                                 "gpu_power_mean_w": 310.0, "gpu_energy_j_per_output_token": 0.412}
+    result = {"targets": {"localroute": {"levels": [level]}}, "ratios": {}, "targets_check": [],
+              "machine": {"cpus": 16, "processor": "x86_64", "loadavg_start": [0.5]},
+              "gpu": {"available": True, "reason": None, "devices": [{"index": 0, "name": "NVIDIA H200"}]}}
+    print_report(result)
+    out = capsys.readouterr().out
+    assert "62%/90%" in out and "0.412" in out
+    result["gpu"] = {"available": False, "reason": "NVML unavailable: no driver", "devices": []}
+    print_report(result)
+    out = capsys.readouterr().out
+    assert "62%/90%" not in out and "NVML unavailable: no driver" in out

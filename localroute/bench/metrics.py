@@ -57,3 +57,24 @@ def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | int | None]:
     arr = np.asarray(values_s, dtype=np.float64) * 1000.0
     return {"n": len(values_s), "p50_ms": float(np.median(arr)), "p99_ms": float(np.percentile(arr, 99)),
             "mean_ms": float(arr.mean())}
+
+
+GPU_KEYS = ("gpu_util_mean", "gpu_util_max", "gpu_memory_peak_mb", "gpu_power_mean_w", "gpu_energy_j",
+            "gpu_energy_j_per_output_token")
+
+
+def gpu_metrics(summary: dict[str, Any] | None, output_tokens: int) -> dict[str, float | None]:
+    """A level's GPU figures from a GpuSampler summary (all None where no GPU was read): utilisation
+    (0-1) beside the energy per output token, which is what the local tokens cost."""
+    if not summary:
+        return dict.fromkeys(GPU_KEYS)
+    energy = summary.get("energy_j")
+    mem = summary.get("memory_used_max_bytes")
+    return {
+        "gpu_util_mean": summary.get("gpu_util_mean"),
+        "gpu_util_max": summary.get("gpu_util_max"),
+        "gpu_memory_peak_mb": mem / 2**20 if mem is not None else None,
+        "gpu_power_mean_w": summary.get("power_w_mean"),
+        "gpu_energy_j": energy,
+        "gpu_energy_j_per_output_token": energy / output_tokens if energy is not None and output_tokens else None,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,12 @@ COLUMNS = (
     ("RSS MB", "peak_rss_mb", "{:.0f}"),
     ("ok/fail", ("completed", "failed"), "{:d}/{:d}"),
     ("runs tok/s", "runs", ""),
+)
+# shown when the run read a GPU: utilisation beside what a token cost in energy
+GPU_COLUMNS = (
+    ("GPU util mean/max", ("gpu_util_mean", "gpu_util_max"), "{:.0%}/{:.0%}"),
+    ("GPU W", "gpu_power_mean_w", "{:.0f}"),
+    ("J/token", "gpu_energy_j_per_output_token", "{:.3f}"),
 )
 
 
@@ -36,13 +43,15 @@ def print_report(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # a terminal's own width (cells fold rather than lose digits); files and pipes get whole rows
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    columns = COLUMNS + (GPU_COLUMNS if (result.get("gpu") or {}).get("available") else ())
     for name, target in result["targets"].items():
         table = Table(title=name, title_justify="left")
-        for header, _, _ in COLUMNS:
-            table.add_column(header, justify="right")
+        for header, _, _ in columns:
+            table.add_column(header, justify="right", overflow="fold")
         for level in target["levels"]:
-            table.add_row(*(_cell(level, key, fmt) for _, key, fmt in COLUMNS))
+            table.add_row(*(_cell(level, key, fmt) for _, key, fmt in columns))
         console.print(table)
         if "router_overhead" in target:
             o = target["router_overhead"]
@@ -63,6 +72,9 @@ def print_report(result: dict[str, Any]) -> None:
         if t["value"] is not None:
             mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
             console.print(f"target {t['target']} {t['goal']}: {t['value']:.2f} {mark}")
+    gpu = result.get("gpu") or {}
+    if gpu and not gpu.get("available"):
+        console.print(f"[dim]GPU figures: none ({gpu.get('reason')})[/dim]")
     m = result["machine"]
     console.print(f"[dim]{m['cpus']} CPUs, {m['processor']}, load average at start "
                   f"{m['loadavg_start'][0] if m['loadavg_start'] else 'n/a'}[/dim]")

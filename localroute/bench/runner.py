@@ -4,6 +4,7 @@ people would otherwise run directly (same model file, threads, prompts and outpu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -15,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localroute.bench.gpu import GpuSampler
 from localroute.bench.loadgen import LoadSpec, RequestResult, router_overhead, run_load, warm_up
-from localroute.bench.metrics import percentiles_ms, summarize
+from localroute.bench.metrics import gpu_metrics, percentiles_ms, summarize
 from localroute.bench.servers import (
     EngineSpec,
     ManagedServer,
@@ -24,8 +26,10 @@ from localroute.bench.servers import (
     llama_cpp_python_server,
     llama_server,
     localroute_server,
+    vllm_server,
 )
 from localroute.errors import ConfigError
+from localroute.telemetry import Nvml
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 SYNTHETIC_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven",
@@ -48,7 +52,8 @@ class BenchConfig:
     url: str | None = None  # an already running endpoint (…/v1) instead of starting localroute
     model: str = "localroute/cascade"
     server_pid: int | None = None  # for peak RSS of a server given by --url
-    baselines: list[str] = field(default_factory=list)  # "llama-cpp-python", "llama-server=/path"
+    baselines: list[str] = field(default_factory=list)  # "llama-cpp-python", "llama-server=/path", "vllm"
+    backend: str = "llama_cpp"  # the engine of the localroute server the bench starts
     ignore_eos: bool = True
     warmup: bool = True
     overhead_requests: int = 20
@@ -97,29 +102,36 @@ def _baseline_factory(text: str, spec: EngineSpec) -> tuple[str, Callable[[int],
     if text.startswith("llama-server="):
         binary = Path(text.split("=", 1)[1]).expanduser()
         return "llama-server", lambda c: llama_server(binary, spec, c)
-    raise ConfigError(f"unknown baseline {text!r}: use llama-cpp-python or llama-server=/path/to/binary",
+    if text == "vllm":
+        vllm_server(spec, 1)  # fails now, with the install hint, where vLLM is missing
+        return text, lambda c: vllm_server(spec, c)
+    raise ConfigError(f"unknown baseline {text!r}: use llama-cpp-python, llama-server=/path/to/binary or vllm",
                       param="vs")
 
 
-def _level(name: str, spec: LoadSpec, pid: int | None, cfg: BenchConfig) -> tuple[dict[str, Any], list[RequestResult]]:
+def _level(name: str, spec: LoadSpec, pid: int | None, cfg: BenchConfig,
+           nvml: Nvml | None = None) -> tuple[dict[str, Any], list[RequestResult]]:
+    """One level against one server: peak RSS of its process (when known) and, where NVML sees a
+    GPU, its utilisation and energy over the level."""
     from tqdm import tqdm
 
     if cfg.warmup:
         asyncio.run(warm_up(spec))
     bar = tqdm(total=spec.num_requests, desc=f"{name} c={spec.concurrency}", unit="req", file=sys.stderr,
                disable=None if cfg.progress else True, leave=False)
+    rss = RssSampler(pid) if pid is not None else None
+    gpu = GpuSampler(nvml) if nvml is not None and nvml.available else None
     try:
-        if pid is not None:
-            with RssSampler(pid) as sampler:
-                results, wall = asyncio.run(run_load(spec, on_done=lambda _r: bar.update()))
-            peak = sampler.peak
-        else:
+        with contextlib.ExitStack() as samplers:
+            for sampler in (rss, gpu):
+                if sampler is not None:
+                    samplers.enter_context(sampler)
             results, wall = asyncio.run(run_load(spec, on_done=lambda _r: bar.update()))
-            peak = None
     finally:
         bar.close()
     metrics = {"concurrency": spec.concurrency, **summarize(results, wall)}
-    metrics["peak_rss_mb"] = peak / 2**20 if peak else None
+    metrics["peak_rss_mb"] = rss.peak / 2**20 if rss is not None and rss.peak else None
+    metrics.update(gpu_metrics(gpu.summary() if gpu is not None else None, metrics["total_output_tokens"]))
     return metrics, results
 
 
@@ -127,7 +139,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the sweep on every target; return the JSON-able result (config, levels, ratios, targets)."""
     if any(c < 1 for c in cfg.concurrency):
         raise ConfigError("concurrency levels must be >= 1", param="concurrency")
-    engine = EngineSpec(cfg.model_path, cfg.n_threads, cfg.n_ctx)
+    engine = EngineSpec(cfg.model_path, cfg.n_threads, cfg.n_ctx, cfg.backend)
     prompts = load_prompts(cfg.dataset, cfg.input_len)
     targets: list[tuple[str, Callable[[int], ManagedServer] | None]] = [
         ("localroute", None if cfg.url else (lambda c: localroute_server(engine, c)))
@@ -136,7 +148,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.repeats < 1:
         raise ConfigError("repeats must be >= 1", param="repeats")
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {}}
+    nvml = Nvml()
+    nvml.start()  # GPU figures per level where a GPU is readable; the reason where not
+    out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {},
+                           "gpu": {"available": nvml.available, "reason": nvml.reason, "devices": nvml.devices()}}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
     overhead: list[float] = []
     client_overhead: list[float] = []
@@ -152,7 +167,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     pid = server.pid if server is not None else cfg.server_pid
                     spec = LoadSpec(base_url, model, prompts, c, cfg.num_requests, cfg.duration_s, cfg.max_tokens,
                                     cfg.ignore_eos)
-                    metrics, _ = _level(name, spec, pid, cfg)
+                    metrics, _ = _level(name, spec, pid, cfg, nvml)
                     if server is not None and (hwm := server.peak_rss()) is not None:
                         metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"] or 0.0, hwm / 2**20)
                     if name == "localroute" and not overhead and cfg.overhead_requests > 0:
@@ -162,6 +177,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     if server is not None:
                         server.stop()
                 runs[name][c].append(metrics)
+    nvml.close()
     for name, _ in targets:
         entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
         if name == "localroute":

@@ -1,5 +1,6 @@
 """Servers the benchmark starts itself: localroute, llama-cpp-python's server, llama.cpp's
-llama-server — same model file, same threads, same context per sequence — plus peak-RSS sampling.
+llama-server, vLLM's OpenAI server on a GPU host — same model file, same threads, same context per
+sequence — plus peak-RSS sampling.
 
 Each runs in a subprocess on a free 127.0.0.1 port and is stopped (SIGTERM, then SIGKILL) when the
 level is over, so one engine never competes with another for the CPU.
@@ -7,6 +8,7 @@ level is over, so one engine never competes with another for the CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -74,6 +76,7 @@ class EngineSpec:
     model_path: Path
     n_threads: int
     n_ctx: int
+    backend: str = "llama_cpp"  # localroute's local tier: llama_cpp, vllm or transformers
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class ManagedServer:
     model: str
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    start_timeout_s: float = 180.0  # vLLM compiles and captures CUDA graphs before it answers
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -96,7 +100,8 @@ class ManagedServer:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float | None = None) -> None:
+        timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(self.argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -146,7 +151,7 @@ class ManagedServer:
 def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:
     """`localroute serve` with one local tier (the model), so nothing escalates: the engine's work
     is the same as the baselines'. Confidence is computed as in any cascade (per-token logprobs)."""
-    tier = {"name": "local", "kind": "llama_cpp", "model": str(spec.model_path)}
+    tier = {"name": "local", "kind": spec.backend, "model": str(spec.model_path)}
     port = free_port()
     env = {
         "LOCALROUTE_TIERS": json.dumps([tier]),
@@ -157,7 +162,8 @@ def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:
         "LOCALROUTE_LOG_LEVEL": "warning",
     }
     argv = [sys.executable, "-m", "localroute", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return ManagedServer("localroute", argv, "localroute/cascade", env, port)
+    slow_start = spec.backend == "vllm"
+    return ManagedServer("localroute", argv, "localroute/cascade", env, port, 900.0 if slow_start else 180.0)
 
 
 def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
@@ -174,6 +180,18 @@ def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
             "--model_alias", "bench", "--n_threads", str(spec.n_threads), "--n_threads_batch", str(spec.n_threads),
             "--n_ctx", str(spec.n_ctx), "--host", "127.0.0.1", "--port", str(port)]
     return ManagedServer("llama-cpp-python", argv, "bench", {}, port)
+
+
+def vllm_server(spec: EngineSpec, parallel: int) -> ManagedServer:
+    """vLLM's own OpenAI server (a GPU host) with up to `parallel` sequences of n_ctx tokens."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--vs vllm needs vLLM, which runs on CUDA GPU hosts: pip install 'localroute[gpu]'",
+                          param="vs")
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_path),
+            "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+            "--max-num-seqs", str(parallel), "--max-model-len", str(spec.n_ctx), "--max-logprobs", "20"]
+    return ManagedServer("vllm", argv, "bench", {}, port, 900.0)
 
 
 def llama_server(binary: Path, spec: EngineSpec, parallel: int) -> ManagedServer:

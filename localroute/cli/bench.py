@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: settings)")
     p.add_argument("--n-ctx", type=int, default=1024, help="context per sequence for every engine")
     p.add_argument("--vs", action="append", default=[], metavar="BASELINE",
-                   help="also measure llama-cpp-python or llama-server=/path/to/llama-server (repeatable)")
+                   help="also measure llama-cpp-python, llama-server=/path/to/llama-server or vllm (GPU hosts; "
+                   "repeatable)")
+    p.add_argument("--backend", choices=["llama_cpp", "vllm", "transformers"], default="llama_cpp",
+                   help="engine of the localroute server the bench starts (vllm beside --vs vllm on a GPU host)")
     p.add_argument("--overhead-requests", type=int, default=20, help="non-streaming requests for router overhead")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up before each level")
     p.add_argument("--repeats", type=int, default=1,
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         server_pid=args.server_pid,
         baselines=list(args.vs),
+        backend=args.backend,
         ignore_eos=not args.no_ignore_eos,
         warmup=not args.no_warmup,
         overhead_requests=args.overhead_requests,

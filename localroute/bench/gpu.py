@@ -1,0 +1,77 @@
+"""GPU readings while a load runs: NVML (localroute.telemetry.Nvml) sampled by a thread, summarised
+as utilisation, memory, power and the energy the devices used over the window.
+
+Used by `localroute bench` for every level when NVML sees a GPU, and by scripts/gpu_check.py. Where
+there is none, `Nvml.available` is False with its reason and no sampler runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any, Self
+
+from localroute.telemetry import GpuReading, Nvml
+
+
+class GpuSampler(threading.Thread):
+    """NVML readings of every GPU each `interval_s` until stopped (also a context manager)."""
+
+    def __init__(self, nvml: Nvml, interval_s: float = 0.2) -> None:
+        super().__init__(daemon=True, name="gpu-sampler")
+        self.nvml, self.interval_s = nvml, interval_s
+        self.rows: list[tuple[float, list[GpuReading]]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            readings = self.nvml.read()
+            if readings:
+                self.rows.append((time.perf_counter(), readings))
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        readings = self.nvml.read()  # a last reading, so even a short window has two
+        if readings:
+            self.rows.append((time.perf_counter(), readings))
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def summary(self) -> dict[str, Any]:
+        """Utilisation mean/max over samples (the busiest device at each instant), GPU-seconds
+        (mean utilisation x window), peak memory, mean/max power (summed over devices) and energy
+        (the counters' increase, summed over devices; None without two readings)."""
+        util = [max(u) for _, rs in self.rows if (u := [r.utilization_ratio for r in rs
+                                                         if r.utilization_ratio is not None])]
+        power = [sum(p) for _, rs in self.rows if (p := [r.power_w for r in rs if r.power_w is not None])]
+        mem = [sum(m) for _, rs in self.rows if (m := [r.memory_used_bytes for r in rs
+                                                       if r.memory_used_bytes is not None])]
+        window = self.rows[-1][0] - self.rows[0][0] if len(self.rows) > 1 else 0.0
+        energy: float | None = None
+        if len(self.rows) > 1:
+            first = {r.index: r.energy_j for r in self.rows[0][1] if r.energy_j is not None}
+            last = {r.index: r.energy_j for r in self.rows[-1][1] if r.energy_j is not None}
+            common = first.keys() & last.keys()
+            energy = sum(last[i] - first[i] for i in common) if common else None
+        first_readings = self.rows[0][1] if self.rows else []
+        return {
+            "samples": len(self.rows),
+            "window_s": round(window, 3),
+            "gpu_util_mean": round(statistics.fmean(util), 3) if util else None,
+            "gpu_util_max": round(max(util), 3) if util else None,
+            "gpu_seconds": round(statistics.fmean(util) * window, 3) if util else None,
+            "memory_used_max_bytes": max(mem) if mem else None,
+            "memory_total_bytes": sum(r.memory_total_bytes or 0 for r in first_readings) or None,
+            "power_w_mean": round(statistics.fmean(power), 1) if power else None,
+            "power_w_max": round(max(power), 1) if power else None,
+            "energy_j": round(energy, 3) if energy is not None else None,
+            "energy_method": first_readings[0].energy_method if first_readings else None,
+        }
