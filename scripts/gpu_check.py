@@ -12,7 +12,10 @@ Steps:
 3. a load of --requests chat requests, --concurrency at a time, greedy, --max-tokens each, while a
    sampler thread reads NVML every 0.2 s (utilisation, memory, power, cumulative energy);
 4. `localroute bench` against the same server when that command exists (its output is attached);
-5. the summary: tokens/s, latency percentiles, GPU utilisation, memory, power, energy per token.
+5. where vLLM imports, `localroute bench --backend vllm --vs vllm` at 4 streams: localroute's vLLM
+   tier against vLLM's own OpenAI server, same model (--no-vllm skips it; each server start takes
+   minutes);
+6. the summary: tokens/s, latency percentiles, GPU utilisation, memory, power, energy per token.
 """
 
 from __future__ import annotations
@@ -169,12 +172,29 @@ def run_bench(localroute: list[str], base: str, pid: int) -> dict[str, Any] | No
             "stderr_tail": done.stderr[-500:]}
 
 
+def run_vllm_bench(localroute: list[str]) -> dict[str, Any] | None:
+    """localroute on vLLM against vLLM's own server, when vLLM is installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    cmd = [*localroute, "bench", "--backend", "vllm", "--vs", "vllm", "--concurrency", "4", "--num-requests", "32",
+           "--max-tokens", "64", "--overhead-requests", "50", "--local-model",
+           str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"), "--json"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1500)
+    try:
+        parsed: Any = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        parsed = done.stdout[-2000:]
+    return {"command": " ".join(cmd[len(localroute):]), "rc": done.returncode, "output": parsed,
+            "stderr_tail": done.stderr[-1500:]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--startup-timeout-s", type=float, default=300)
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM bench")
     args = ap.parse_args()
 
     nvml, info = preflight()
@@ -220,6 +240,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             nvml.close()
+    if not args.no_vllm:
+        summary["vllm_bench"] = run_vllm_bench(localroute)
     print(json.dumps(summary, indent=2, default=str))
     return 0 if summary["load"]["errors"] == 0 else 5
 
