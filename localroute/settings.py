@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         "shares with it (system prompt, earlier turns). Exact: same logprobs as a full prefill. Off with kv_unified."
     )
     prefill_chunk: int = Field(
-        32, ge=1, description="Max prompt tokens fed per decode step while other streams generate (chunked "
+        32, ge=2, description="Max prompt tokens fed per decode step while other streams generate (chunked "
         "prefill: a newcomer's long prompt delays running streams by short steps, not one long one). Each "
         "chunk stalls the running streams for its prefill time: 32 tokens of SmolLM2-135M take about 100 ms "
         "on 2 CPU cores (scripts/bench_engine.py --prefill-chunks); larger chunks prefill a few % faster."

@@ -156,36 +156,46 @@ async def load(base: str, n: int, concurrency: int, max_tokens: int) -> dict[str
     }
 
 
+def bench(localroute: list[str], args: list[str], timeout_s: float) -> dict[str, Any]:
+    """`localroute bench ARGS --json`, its JSON (or output tail) attached. On timeout it gets
+    SIGTERM first, so it stops the servers it started (vLLM's hold GPU memory), then SIGKILL."""
+    cmd = [*localroute, "bench", *args, "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    note = ""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        note = f"timed out after {timeout_s:g}s; "
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    try:
+        parsed: Any = json.loads(out)
+    except json.JSONDecodeError:
+        parsed = out[-2000:]
+    return {"command": " ".join(cmd[len(localroute):]), "rc": proc.returncode, "output": parsed,
+            "stderr_tail": note + err[-1500:]}
+
+
 def run_bench(localroute: list[str], base: str, pid: int) -> dict[str, Any] | None:
     """`localroute bench` against the running server, when this checkout has that command."""
     probe = subprocess.run([*localroute, "bench", "--help"], check=False, capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
         return None
-    cmd = [*localroute, "bench", "--url", f"{base}/v1", "--server-pid", str(pid), "--concurrency", "1,4,16",
-           "--num-requests", "32", "--max-tokens", "64", "--overhead-requests", "50", "--json"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240)
-    try:
-        parsed: Any = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        parsed = done.stdout[-2000:]
-    return {"command": " ".join(cmd[len(localroute):]), "rc": done.returncode, "output": parsed,
-            "stderr_tail": done.stderr[-500:]}
+    return bench(localroute, ["--url", f"{base}/v1", "--server-pid", str(pid), "--concurrency", "1,4,16",
+                              "--num-requests", "32", "--max-tokens", "64", "--overhead-requests", "50"], 600)
 
 
 def run_vllm_bench(localroute: list[str]) -> dict[str, Any] | None:
-    """localroute on vLLM against vLLM's own server, when vLLM is installed."""
+    """localroute on vLLM against vLLM's own server, when vLLM is installed (two server starts)."""
     if importlib.util.find_spec("vllm") is None:
         return None
-    cmd = [*localroute, "bench", "--backend", "vllm", "--vs", "vllm", "--concurrency", "4", "--num-requests", "32",
-           "--max-tokens", "64", "--overhead-requests", "50", "--local-model",
-           str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"), "--json"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1500)
-    try:
-        parsed: Any = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        parsed = done.stdout[-2000:]
-    return {"command": " ".join(cmd[len(localroute):]), "rc": done.returncode, "output": parsed,
-            "stderr_tail": done.stderr[-1500:]}
+    return bench(localroute, ["--backend", "vllm", "--vs", "vllm", "--concurrency", "4", "--num-requests", "32",
+                              "--max-tokens", "64", "--overhead-requests", "50", "--local-model",
+                              str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")], 1900)
 
 
 def main() -> int:

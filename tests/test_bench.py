@@ -194,3 +194,44 @@ def test_report_shows_gpu_columns_only_with_a_gpu(capsys: pytest.CaptureFixture[
     print_report(result)
     out = capsys.readouterr().out
     assert "62%/90%" not in out and "NVML unavailable: no driver" in out
+
+
+def test_gpu_figures_count_only_the_visible_gpus() -> None:
+    from localroute.bench.gpu import visible_gpus
+
+    assert visible_gpus("") is None and visible_gpus("GPU-1a2b,GPU-3c4d") is None
+    assert visible_gpus("1") == frozenset({1}) and visible_gpus("0, 2") == frozenset({0, 2})
+    nvml = Nvml(FakeNvml())
+    assert nvml.start()
+    with GpuSampler(nvml, interval_s=0.01, devices=frozenset({1})) as sampler:
+        time.sleep(0.05)
+    summary = sampler.summary()
+    assert summary["gpu_util_max"] == 0.05 and summary["memory_used_max_bytes"] == 2 * 2**30  # device 1 only
+    assert summary["power_w_mean"] == 80.0
+
+
+def test_stopping_a_server_waits_for_its_whole_process_group(tmp_path: Path) -> None:
+    """A server's helper process that outlives it (vLLM's engine core holding GPU memory) is waited
+    for, and killed if it ignores SIGTERM, before the next level starts a server."""
+    import subprocess
+    import sys
+
+    from localroute.bench.servers import ManagedServer
+
+    pid_file = tmp_path / "child.pid"
+    code = ("import signal, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(60)\n")
+    server = ManagedServer("group", [], "m")
+    server.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    time.sleep(0.2)  # the child has set SIG_IGN for SIGTERM
+    server.stop(timeout_s=1.0)
+    state = Path(f"/proc/{child}/status")  # it ignored SIGTERM: only the group's SIGKILL ended it
+    assert not state.exists() or "\nState:\tZ" in state.read_text()  # gone (or dead, awaiting its reaper)

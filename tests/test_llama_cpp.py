@@ -95,6 +95,20 @@ def test_stream_text_equals_generate_and_holds_back_stop(backend: LlamaCppBacken
     assert streamed == final_text and "7" not in streamed
 
 
+def test_greedy_requests_never_build_a_sampler(backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seedless RNG reads OS entropy; greedy decoding needs none, so none is made (a sampled
+    request gets one)."""
+    from localroute.backends import decoding
+
+    made: list[object] = []
+    real = decoding.np.random.default_rng
+    monkeypatch.setattr(decoding.np.random, "default_rng", lambda seed=None: made.append(seed) or real(seed))
+    asyncio.run(backend.generate(chat("Say hi.", max_tokens=4, temperature=0.0)))
+    assert made == []
+    asyncio.run(backend.generate(chat("Say hi.", max_tokens=4, temperature=0.8, seed=11)))
+    assert made == [11]
+
+
 def test_seed_makes_sampling_reproducible(backend: LlamaCppBackend) -> None:
     def sample(seed: int) -> str:
         req = chat("Write a word.", max_tokens=12, temperature=1.0, top_p=0.95, seed=seed)

@@ -110,9 +110,10 @@ def test_concurrent_greedy_equals_one_at_a_time(backend: LlamaCppBackend, batch_
 
 
 def test_a_stream_that_has_its_first_token_waits_for_no_other_prompt(smollm2_path: Path) -> None:
-    """Chunked prefill: with nobody generating, several newcomers take a prompt chunk each in one
-    step, but once one has its first token, no other prompt is fed in that step (it would stall that
-    stream for the chunk's prefill time); while anybody generates, a step feeds at most one chunk."""
+    """Chunked prefill: with nobody generating, the first newcomer's prompt goes in whole (nobody to
+    stall), but once a newcomer has its first token, no other prompt is fed in that step (it would
+    stall that stream for the chunk's prefill time); while anybody generates, a step feeds at most
+    one chunk."""
     ops: list[tuple[Any, ...]] = []
 
     class Recorded(LlamaEngine):
@@ -150,7 +151,8 @@ def test_a_stream_that_has_its_first_token_waits_for_no_other_prompt(smollm2_pat
             steps.append([])
         else:
             steps[-1].append(op)
-    assert max(sum(op[0] == "prefill" for op in step) for step in steps) >= 2  # newcomers shared steps
+    first_prefill = next(op for step in steps for op in step if op[0] == "prefill")
+    assert first_prefill[1] == len(jobs[0].prompt) > 16 and first_prefill[2]  # one call, beyond a chunk
     for step in steps:
         prefills = [op for op in step if op[0] == "prefill"]
         first_token = next((i for i, op in enumerate(prefills) if op[2]), None)

@@ -150,3 +150,42 @@ def test_concurrent_requests_all_answer_identically(client: OpenAI) -> None:
 def test_health(base_url: str) -> None:
     r = httpx.get(base_url.removesuffix("/v1") + "/health")
     assert r.status_code == 200 and r.json()["tiers"]["smollm2-135m"]["ok"] is True
+
+
+def test_answer_json_takes_what_the_stdlib_took() -> None:
+    """Answers are encoded by orjson; what it refuses (a frontier's lone surrogate, a huge int)
+    falls back to the standard encoder instead of failing the request."""
+    import json
+
+    import numpy as np
+
+    from localroute.server.app import dumps
+
+    for value in ({"text": "ok \u00e9", "lp": np.float32(-0.5), 3: "int key"}, {"text": "bad \ud800 half"},
+                  {"n": 2**70}, {"lp": float("-inf")}):
+        out = json.loads(dumps(value))
+        assert isinstance(out, dict) and len(out) == len(value)
+    assert json.loads(dumps({"text": "bad \ud800 half"}))["text"] == "bad \ud800 half"
+
+
+def test_an_answer_that_fails_to_build_is_still_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Observers run after the answer is sent; if building the answer fails after the engines
+    worked, the request is still recorded (as a 500), never lost."""
+    from localroute.routing.base import Tier
+    from localroute.server import app as app_module
+    from tests.fakes import ScriptedBackend
+
+    records: list[app_module.RequestRecord] = []
+    tiers = [Tier("small", ScriptedBackend("small", "an answer", [-0.1, -0.2]), None)]
+    with serve_app(create_app(local_settings(), tiers=tiers, observers=[records.append])) as url:
+        ok = httpx.post(f"{url}/chat/completions", json={"model": "small", "messages": MSG})
+        assert ok.status_code == 200 and [r.status_code for r in records] == [200]
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(app_module, "routing_info", broken)
+        bad = httpx.post(f"{url}/chat/completions", json={"model": "small", "messages": MSG})
+    assert bad.status_code == 500
+    assert [(r.status_code, r.error) for r in records] == [(200, None), (500, "internal_error")]
+    assert records[1].generation is not None and records[1].generation.text == "an answer"

@@ -46,7 +46,6 @@ from localroute.errors import (
 from localroute.types import (
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
     TopLogprob,
 )
@@ -122,8 +121,8 @@ class LlamaEngine:
         with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells."""
         self.model_path = model_path
         self.n_parallel = n_parallel
-        self.n_batch = max(n_batch, n_parallel)
-        self.prefill_chunk = max(1, min(prefill_chunk, self.n_batch))
+        self.n_batch = max(n_batch, n_parallel, 2)
+        self.prefill_chunk = max(2, min(prefill_chunk, self.n_batch))  # never a one-token chunk (_prefill)
         self.max_queue = max_queue
         self._ll = _import_llama_cpp()
         ll = self._ll
@@ -507,9 +506,9 @@ class LlamaEngine:
 
         Chunked prefill: while some sequences are generating, newcomers' prompts enter at most
         `prefill_chunk` tokens per round, so a long prompt delays the running streams by one short
-        chunk at a time instead of one long one. With nobody generating, several newcomers may take
-        a chunk each (up to `n_batch` tokens), until one of them has its first token: from then on
-        it is a running stream too, and the others wait for the next round.
+        chunk at a time instead of one long one. With nobody generating there is nobody to stall:
+        prompts take up to `n_batch` tokens, first come first served, until one of them has its first
+        token; from then on it is a running stream too, and the others wait for the next round.
         """
         decoding = [s for s in active if not s.pending and not s.cancelled]
         prefilling = [s for s in active if s.pending and not s.cancelled]
@@ -520,16 +519,18 @@ class LlamaEngine:
         for seq in prefilling:
             if budget < 2:  # a one-token chunk changes the numbers (see _prefill)
                 break
-            with self.outbox.batch():
-                budget -= self._prefill(seq, min(budget, self.prefill_chunk))
+            with self.outbox.batch():  # nobody to stall yet: a prompt may take the whole budget
+                budget -= self._prefill(seq, budget)
             if not seq.pending:  # it generates now: the rest of this round would stall it
                 budget = 0
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)
 
-    def _pick(self, row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[int, float, float]:
-        """Choose the next token; return (token, its raw logprob, log-sum-exp of the row)."""
+    def _pick(self, row: np.ndarray, seq: _Seq) -> tuple[int, float, float]:
+        """Choose the next token; return (token, its raw logprob, log-sum-exp of the row). The
+        request's RNG is only touched (and so only built) when it samples."""
+        params = seq.params
         work = self._work
         top = float(row.max())
         np.subtract(row, top, out=work)
@@ -538,7 +539,7 @@ class LlamaEngine:
         if params.temperature <= 0:
             token = int(row.argmax())
         else:
-            token = sample_token(row, params, rng, top)
+            token = sample_token(row, params, seq.rng, top)
         return token, float(row[token]) - lse, lse
 
     def _top(self, row: np.ndarray, k: int, lse: float) -> tuple[TopLogprob, ...]:
@@ -567,7 +568,7 @@ class LlamaEngine:
         params = seq.params
         if seq.grammar is not None:
             row = seq.grammar.mask(row)
-        token, logprob, lse = self._pick(row, params, seq.rng)
+        token, logprob, lse = self._pick(row, seq)
         if seq.first_token_at is None:
             seq.first_token_at = now
         if self._eog[token] and not params.ignore_eos:

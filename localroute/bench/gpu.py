@@ -2,11 +2,13 @@
 as utilisation, memory, power and the energy the devices used over the window.
 
 Used by `localroute bench` for every level when NVML sees a GPU, and by scripts/gpu_check.py. Where
-there is none, `Nvml.available` is False with its reason and no sampler runs.
+there is none, `Nvml.available` is False with its reason and no sampler runs. Only the GPUs that
+CUDA_VISIBLE_DEVICES names (as indices) are counted when it is set.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -15,28 +17,40 @@ from typing import Any, Self
 from localroute.telemetry import GpuReading, Nvml
 
 
-class GpuSampler(threading.Thread):
-    """NVML readings of every GPU each `interval_s` until stopped (also a context manager)."""
+def visible_gpus(env: str | None = None) -> frozenset[int] | None:
+    """The NVML indices CUDA_VISIBLE_DEVICES names (None: all; also for UUID lists, which would
+    need a lookup), so a level is not charged for other jobs' GPUs on a shared host."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env
+    if not value or not value.strip():
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return frozenset(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
 
-    def __init__(self, nvml: Nvml, interval_s: float = 0.2) -> None:
+
+class GpuSampler(threading.Thread):
+    """NVML readings of the visible GPUs each `interval_s` until stopped (also a context manager)."""
+
+    def __init__(self, nvml: Nvml, interval_s: float = 0.2, devices: frozenset[int] | None = None) -> None:
         super().__init__(daemon=True, name="gpu-sampler")
         self.nvml, self.interval_s = nvml, interval_s
+        self.devices = visible_gpus() if devices is None else devices
         self.rows: list[tuple[float, list[GpuReading]]] = []
         self._stop_event = threading.Event()
 
+    def _read(self) -> None:
+        readings = [r for r in self.nvml.read() if self.devices is None or r.index in self.devices]
+        if readings:
+            self.rows.append((time.perf_counter(), readings))
+
     def run(self) -> None:
         while not self._stop_event.is_set():
-            readings = self.nvml.read()
-            if readings:
-                self.rows.append((time.perf_counter(), readings))
+            self._read()
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=5)
-        readings = self.nvml.read()  # a last reading, so even a short window has two
-        if readings:
-            self.rows.append((time.perf_counter(), readings))
+        self._read()  # a last reading, so even a short window has two
 
     def __enter__(self) -> Self:
         self.start()

@@ -153,6 +153,33 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {},
                            "gpu": {"available": nvml.available, "reason": nvml.reason, "devices": nvml.devices()}}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
+    try:
+        overhead, client_overhead = _sweep(cfg, targets, prompts, runs, nvml)
+    finally:
+        nvml.close()
+    for name, _ in targets:
+        entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
+        if name == "localroute":
+            entry["router_overhead"] = percentiles_ms(overhead)  # server side (Server-Timing): the target
+            entry["client_overhead"] = percentiles_ms(client_overhead)  # + both HTTP stacks and loopback
+        out["targets"][name] = entry
+    out["ratios"] = ratios(out["targets"])
+    out["targets_check"] = check_targets(out["targets"], out["ratios"])
+    out["machine"] = {
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return out
+
+
+def _sweep(cfg: BenchConfig, targets: list[tuple[str, Callable[[int], ManagedServer] | None]], prompts: list[str],
+           runs: dict[str, dict[int, list[dict[str, Any]]]], nvml: Nvml) -> tuple[list[float], list[float]]:
+    """Every level of every target, `cfg.repeats` times, targets interleaved; fills `runs` and
+    returns the router overhead samples (server side, client side)."""
     overhead: list[float] = []
     client_overhead: list[float] = []
     for r in range(cfg.repeats):
@@ -177,24 +204,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     if server is not None:
                         server.stop()
                 runs[name][c].append(metrics)
-    nvml.close()
-    for name, _ in targets:
-        entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
-        if name == "localroute":
-            entry["router_overhead"] = percentiles_ms(overhead)  # server side (Server-Timing): the target
-            entry["client_overhead"] = percentiles_ms(client_overhead)  # + both HTTP stacks and loopback
-        out["targets"][name] = entry
-    out["ratios"] = ratios(out["targets"])
-    out["targets_check"] = check_targets(out["targets"], out["ratios"])
-    out["machine"] = {
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return out
+    return overhead, client_overhead
 
 
 def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:

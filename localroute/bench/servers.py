@@ -128,14 +128,19 @@ class ManagedServer:
     def peak_rss(self) -> int | None:
         return rss_bytes(self.proc.pid, "VmHWM") if self.proc is not None else None
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the server's process group, then wait until every process of it is gone (a
+        vLLM server's engine process can outlive its parent and still hold GPU memory that the
+        next level's server needs); SIGKILL after `timeout_s`."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout_s)
+        if self.proc is not None:
+            _wait_group_gone(self.proc.pid, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -146,6 +151,24 @@ class ManagedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 15.0) -> None:
+    """Until no process of the group is left; SIGKILL to the rest after `timeout_s`, then give up
+    after as long again (an unreaped zombie still counts as a member)."""
+    for last_round in (False, True):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):  # gone, or no longer ours
+                return
+            time.sleep(0.05)
+        if not last_round:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
 
 
 def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:

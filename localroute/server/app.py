@@ -121,12 +121,27 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
 
 
+def dumps(content: Any) -> bytes:
+    """Compact JSON for answers and stream chunks, by orjson (numpy scalars and non-string keys
+    included; NaN and infinities, which answers never carry, become null). What orjson refuses, a
+    lone surrogate in a frontier's text or an integer beyond 64 bits, goes through the standard
+    encoder, which escapes it."""
+    try:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(content, separators=(",", ":"), default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    item = getattr(value, "item", None)  # numpy scalars
+    return item() if callable(item) else str(value)
+
+
 class AnswerResponse(JSONResponse):
-    """An answer's JSON body, encoded by orjson (compact UTF-8, like JSONResponse's; NaN and
-    infinities, which answers never carry, would become null rather than a 500)."""
+    """An answer's JSON body, encoded by `dumps`."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return dumps(content)
 
 
 class RequestRoute(APIRoute):
@@ -512,64 +527,56 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         svc, body, router, gen_request, started = await _accept(request, ChatCompletionRequest, chat_request,
                                                                 "chat", "chatcmpl")
-        request_id = gen_request.request_id
         k = gen_request.params.top_logprobs
         if body.stream:
             return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        routed, cost, observe = await _route(svc, router, gen_request, "chat", started, request)
-        gen, decision = routed.generation, routed.decision
-        request.state.engine_s = sum(a.latency_s for a in decision.attempts)
-        payload = {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": gen.text},
-                    "logprobs": chat_logprobs(gen.tokens, k) if body.logprobs else None,
-                    "finish_reason": gen.finish_reason,
-                }
-            ],
-            "usage": usage(gen),
-            "localroute": routing_info(decision, cost_fields(cost)),
-        }
-        return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)}, background=observe)
+        routed, cost, record = await _route(svc, router, gen_request, "chat", started, request)
+        return _answer(svc, request, routed, cost, record, "chat.completion", body.model, lambda gen: {
+            "message": {"role": "assistant", "content": gen.text},
+            "logprobs": chat_logprobs(gen.tokens, k) if body.logprobs else None,
+        })
 
     @post("/v1/completions", CompletionRequest)
     async def completions(request: Request) -> Response:
         svc, body, router, gen_request, started = await _accept(request, CompletionRequest, completion_request,
                                                                 "completion", "cmpl")
-        request_id = gen_request.request_id
         k = gen_request.params.top_logprobs
         want_lp = body.logprobs is not None
         if body.stream:
             return await _stream(svc, router, gen_request, "completion", want_lp, k,
                                  bool(body.stream_options and body.stream_options.include_usage), body.model,
                                  request)
-        routed, cost, observe = await _route(svc, router, gen_request, "completion", started, request)
+        routed, cost, record = await _route(svc, router, gen_request, "completion", started, request)
+        return _answer(svc, request, routed, cost, record, "text_completion", body.model, lambda gen: {
+            "text": gen.text,
+            "logprobs": completion_logprobs(gen.tokens, k) if want_lp else None,
+        })
+
+    def _answer(svc: Service, request: Request, routed: Routed, cost: RequestCost | None, record: RequestRecord,
+                obj: str, model: str, choice: Callable[[Generation], dict[str, Any]]) -> Response:
+        """A non-streamed answer. Its record goes to the observers once the answer has been sent (a
+        background task: the client never waits for metrics or the routing log), or at once, as a
+        500, if building the answer fails: a request the engines served is never left unrecorded."""
         gen, decision = routed.generation, routed.decision
         request.state.engine_s = sum(a.latency_s for a in decision.attempts)
-        payload = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": gen.text,
-                    "logprobs": completion_logprobs(gen.tokens, k) if want_lp else None,
-                    "finish_reason": gen.finish_reason,
-                }
-            ],
-            "usage": usage(gen),
-            "localroute": routing_info(decision, cost_fields(cost)),
-        }
-        return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)}, background=observe)
+        try:
+            payload = {
+                "id": record.request_id,
+                "object": obj,
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, **choice(gen), "finish_reason": gen.finish_reason}],
+                "usage": usage(gen),
+                "localroute": routing_info(decision, cost_fields(cost)),
+            }
+            return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)},
+                                  background=BackgroundTask(svc.record_async, record))
+        except Exception:
+            record.status_code, record.error = 500, "internal_error"
+            svc.record(record)
+            raise
 
     async def _accept(request: Request, model: Any, build: Callable[[Any, Settings, str], GenerationRequest],
                       endpoint: str, id_prefix: str) -> tuple[Service, Any, CascadeRouter, GenerationRequest, float]:
@@ -592,7 +599,7 @@ def create_app(
                                  time.perf_counter() - started, error=exc.code or exc.error_type))
 
     async def _route(svc: Service, router: CascadeRouter, req: GenerationRequest, endpoint: str,
-                     started: float, request: Request) -> tuple[Routed, RequestCost | None, BackgroundTask]:
+                     started: float, request: Request) -> tuple[Routed, RequestCost | None, RequestRecord]:
         try:
             routed: Routed = await until_disconnect(request, router.route(req))
         except LocalrouteError as exc:
@@ -604,8 +611,7 @@ def create_app(
         record = RequestRecord(req.request_id, endpoint, router.policy, False, 200, started,
                                time.perf_counter() - started, routed.generation.ttft_s, routed.decision,
                                routed.generation, extra={"cost": cost, "request": req})
-        # observers (metrics, routing log) run once the answer has been sent: the client never waits for them
-        return routed, cost, BackgroundTask(svc.record_async, record)
+        return routed, cost, record  # recorded by _answer
 
     async def _stream(svc: Service, router: CascadeRouter, req: GenerationRequest, kind: str, want_lp: bool,
                       k: int, include_usage: bool, model: str, request: Request) -> Response:
@@ -625,7 +631,7 @@ def create_app(
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
             data = {"id": req.request_id, "object": obj, "created": created, "model": model, "choices": choices,
                     **extra}
-            return f"data: {orjson.dumps(data).decode()}\n\n"
+            return f"data: {dumps(data).decode()}\n\n"
 
         def piece(item: RoutedDelta) -> str | None:
             d = item.delta

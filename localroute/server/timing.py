@@ -5,7 +5,8 @@ its tier attempts, each from the moment the tier got the request: for a local ti
 its chat template and tokenising, which every engine server does inside its own time). This
 middleware, outermost, knows when the request arrived and when its response starts, and how long the
 app sat waiting for the request body's bytes (a client such as httpx sends the headers and the body
-in separate writes, and the app starts on the headers). What is left is what localroute itself
+in separate writes, and the app starts on the headers; under load that wait also holds the time the
+request's task then waits for its turn on the event loop). What is left is what localroute itself
 added: auth, body limits, parsing, routing, pricing, serialisation and the hand-offs between the
 engine thread and the event loop. The client's own HTTP stack and the network are not in it: they
 are the same in front of any engine. Streams get no header (it leaves before the engine is done).
