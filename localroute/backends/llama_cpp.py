@@ -121,7 +121,7 @@ class LlamaEngine:
         with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells."""
         self.model_path = model_path
         self.n_parallel = n_parallel
-        self.n_batch = max(n_batch, n_parallel, 2)
+        self.n_batch = max(n_batch, n_parallel, 4)  # room for a 2-token chunk stretched to 3 (_prefill)
         self.prefill_chunk = max(2, min(prefill_chunk, self.n_batch))  # never a one-token chunk (_prefill)
         self.max_queue = max_queue
         self._ll = _import_llama_cpp()
