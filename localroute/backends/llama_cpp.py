@@ -519,7 +519,7 @@ class LlamaEngine:
         for seq in prefilling:
             if budget < 2:  # a one-token chunk changes the numbers (see _prefill)
                 break
-            with self.outbox.batch():  # nobody to stall yet: a prompt may take the whole budget
+            with self.outbox.batch():  # the budget is one chunk while anybody generates, else n_batch
                 budget -= self._prefill(seq, budget)
             if not seq.pending:  # it generates now: the rest of this round would stall it
                 budget = 0

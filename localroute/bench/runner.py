@@ -26,6 +26,7 @@ from localroute.bench.servers import (
     llama_cpp_python_server,
     llama_server,
     localroute_server,
+    require_vllm,
     vllm_server,
 )
 from localroute.errors import ConfigError
@@ -103,7 +104,7 @@ def _baseline_factory(text: str, spec: EngineSpec) -> tuple[str, Callable[[int],
         binary = Path(text.split("=", 1)[1]).expanduser()
         return "llama-server", lambda c: llama_server(binary, spec, c)
     if text == "vllm":
-        vllm_server(spec, 1)  # fails now, with the install hint, where vLLM is missing
+        require_vllm()  # before any server starts, not at the first level
         return text, lambda c: vllm_server(spec, c)
     raise ConfigError(f"unknown baseline {text!r}: use llama-cpp-python, llama-server=/path/to/binary or vllm",
                       param="vs")

@@ -205,11 +205,16 @@ def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
     return ManagedServer("llama-cpp-python", argv, "bench", {}, port)
 
 
-def vllm_server(spec: EngineSpec, parallel: int) -> ManagedServer:
-    """vLLM's own OpenAI server (a GPU host) with up to `parallel` sequences of n_ctx tokens."""
+def require_vllm() -> None:
+    """A clear ConfigError, with the install hint, where vLLM is not installed."""
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--vs vllm needs vLLM, which runs on CUDA GPU hosts: pip install 'localroute[gpu]'",
                           param="vs")
+
+
+def vllm_server(spec: EngineSpec, parallel: int) -> ManagedServer:
+    """vLLM's own OpenAI server (a GPU host) with up to `parallel` sequences of n_ctx tokens."""
+    require_vllm()
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_path),
             "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
