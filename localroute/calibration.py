@@ -52,7 +52,12 @@ def text_sha256(text: str | None) -> str:
 def backend_fingerprint(backend: Any, model_path: Path | None = None) -> dict[str, Any]:
     """What a threshold depends on, as seen on a loaded backend: model file hash and chat template.
 
-    Remote backends have no file: their model id stands in for the hash."""
+    Remote backends have no file: their model id stands in for the hash. A backend whose engine runs in
+    another process (backends/supervised.py) reports the fingerprint its engine computed there."""
+    own = getattr(backend, "fingerprint", None)
+    if callable(own) and model_path is None:
+        fingerprint: dict[str, Any] = own()
+        return fingerprint
     engine = getattr(backend, "engine", None)
     path = model_path or getattr(engine, "model_path", None)
     template = engine.chat_template() if engine is not None and hasattr(engine, "chat_template") else None

@@ -8,7 +8,8 @@
     ├── ModelNotFoundError   404
     ├── RateLimitError       429    queue full, budget exhausted (with retry_after_s)
     ├── UpstreamError        502    the frontier failed
-    └── BackendUnavailableError 503 a local engine is not loaded, crashed or missing its extra
+    └── BackendUnavailableError 503 a local engine is not loaded, busy or missing its extra
+        └── EngineDeadError   503 engine_dead: the tier's engine process died; it is restarting
 """
 
 from __future__ import annotations
@@ -90,3 +91,10 @@ class MissingExtraError(BackendUnavailableError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class EngineDeadError(BackendUnavailableError):
+    """The engine itself is gone (its process crashed), not one request: the tier is down until the
+    supervisor has restarted it (vLLM's EngineDeadError vs EngineGenerateError)."""
+
+    code = "engine_dead"

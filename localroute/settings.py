@@ -142,6 +142,19 @@ class Settings(BaseSettings):
         "on 2 CPU cores (scripts/bench_engine.py --prefill-chunks); larger chunks prefill a few % faster."
     )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a free sequence slot before 429.")
+    engine_isolation: Literal["process", "thread"] = Field(
+        "process", description="Where a llama.cpp/transformers tier's engine runs: 'process' (a supervised "
+        "child process per tier: a native crash fails that tier's requests cleanly and the engine restarts, "
+        "the server stays up) or 'thread' (inside the server process: a native crash kills the server)."
+    )
+    engine_restart_backoff_s: float = Field(
+        0.5, gt=0, description="First wait before restarting a crashed engine process; doubles per restart "
+        "up to engine_restart_backoff_max_s, back to this once an engine has run for 60 s."
+    )
+    engine_restart_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between engine restarts.")
+    engine_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long an engine process may take to load its model before it counts as failed."
+    )
     backend: Literal["llama_cpp", "vllm", "transformers"] | None = Field(
         None, description="Engine for every local tier (overrides each tier's kind; remote tiers keep theirs). "
         "None: each tier's own kind."

@@ -235,3 +235,37 @@ def test_stopping_a_server_waits_for_its_whole_process_group(tmp_path: Path) -> 
     server.stop(timeout_s=1.0)
     state = Path(f"/proc/{child}/status")  # it ignored SIGTERM: only the group's SIGKILL ended it
     assert not state.exists() or "\nState:\tZ" in state.read_text()  # gone (or dead, awaiting its reaper)
+
+
+def test_rss_counts_the_server_and_its_engine_processes() -> None:
+    """A server whose engine runs in a child process is measured whole (engine_isolation=process)."""
+    import subprocess
+    import sys
+
+    from localroute.bench.servers import process_tree, rss_bytes, tree_rss_bytes
+
+    code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        own = rss_bytes(parent.pid)
+        total = tree_rss_bytes(parent.pid)
+        assert own is not None and total is not None and total > own
+    finally:
+        for pid in process_tree(parent.pid)[::-1]:
+            os.kill(pid, 9)
+        parent.wait()
+
+
+def test_localroute_thread_baseline_is_the_same_server_with_the_engine_in_process() -> None:
+    from localroute.bench.runner import _baseline_factory
+    from localroute.bench.servers import EngineSpec
+
+    name, make = _baseline_factory("localroute-thread", EngineSpec(Path("m.gguf"), 2, 512))
+    server = make(4)
+    assert name == "localroute-thread" and server.name == "localroute-thread"
+    assert server.env["LOCALROUTE_ENGINE_ISOLATION"] == "thread"

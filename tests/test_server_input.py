@@ -156,6 +156,7 @@ def real() -> Iterator[tuple[str, Any]]:
         ],
         n_parallel=2, max_queue=2, n_ctx=512, queue_timeout_s=60.0,
         frontier_timeout_s=3.0, frontier_first_token_timeout_s=2.0,
+        engine_isolation="thread",  # these tests read the engine's own counters (process mode: test_supervised)
     )
     app = create_app(settings)
     with serve_app(app) as base:
@@ -310,7 +311,9 @@ def test_stalled_frontier_is_cut_at_its_deadline(smollm2_path: Path) -> None:
 
 
 def test_failed_engine_shows_in_health_and_errors_without_hanging(smollm2_path: Path) -> None:
-    settings = local_settings(tiers=[{"name": "solo", "model": "smollm2-135m"}], n_parallel=1, n_ctx=256)
+    # the in-process engine's failure path (engine_isolation=process: tests/test_supervised.py)
+    settings = local_settings(tiers=[{"name": "solo", "model": "smollm2-135m"}], n_parallel=1, n_ctx=256,
+                              engine_isolation="thread")
     app = create_app(settings)
     with serve_app(app) as base:
         root = base.removesuffix("/v1")

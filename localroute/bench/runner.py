@@ -106,8 +106,10 @@ def _baseline_factory(text: str, spec: EngineSpec) -> tuple[str, Callable[[int],
     if text == "vllm":
         require_vllm()  # before any server starts, not at the first level
         return text, lambda c: vllm_server(spec, c)
-    raise ConfigError(f"unknown baseline {text!r}: use llama-cpp-python, llama-server=/path/to/binary or vllm",
-                      param="vs")
+    if text == "localroute-thread":  # the engine inside the server process: what process isolation costs
+        return text, lambda c: localroute_server(spec, c, isolation="thread")
+    raise ConfigError(f"unknown baseline {text!r}: use llama-cpp-python, llama-server=/path/to/binary, vllm or "
+                      "localroute-thread", param="vs")
 
 
 def _level(name: str, spec: LoadSpec, pid: int | None, cfg: BenchConfig,
@@ -286,6 +288,11 @@ def check_targets(targets: dict[str, Any], rat: dict[str, Any]) -> list[dict[str
         ("router overhead p50 ms", overhead.get("p50_ms"), "<=", 1.0),
         ("router overhead p99 ms", overhead.get("p99_ms"), "<=", 5.0),
         ("c16 peak RSS vs llama-server", at(rat.get("llama-server", []), 16, "peak_rss_mb"), "<=", 1.5),
+        # what the engine's own process costs (issue 13): against the same server with the engine in-thread
+        ("c1 output tok/s vs localroute-thread", at(rat.get("localroute-thread", []), 1, "output_throughput"),
+         ">=", 0.97),
+        ("c4 output tok/s vs localroute-thread", at(rat.get("localroute-thread", []), 4, "output_throughput"),
+         ">=", 0.97),
     ]
     return [
         {"target": name, "value": value, "goal": f"{op} {goal:g}",

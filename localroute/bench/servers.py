@@ -44,8 +44,30 @@ def rss_bytes(pid: int, key: str = "VmRSS") -> int | None:
     return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a localroute server's engine processes are its children)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return tree
+
+
+def tree_rss_bytes(pid: int) -> int | None:
+    """VmRSS summed over a process and its descendants; None off Linux."""
+    sizes = [rss_bytes(p) for p in process_tree(pid)]
+    known = [s for s in sizes if s is not None]
+    return sum(known) if known else None
+
+
 class RssSampler:
-    """Largest VmRSS of a process seen while running (a thread samples every `interval_s`)."""
+    """Largest VmRSS of a process and its children together seen while running (a thread samples
+    every `interval_s`), so a server whose engine runs in a child process is measured whole."""
 
     def __init__(self, pid: int, interval_s: float = 0.1) -> None:
         self.pid, self.interval_s = pid, interval_s
@@ -55,7 +77,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = rss_bytes(self.pid)
+            rss = tree_rss_bytes(self.pid)
             if rss is not None:
                 self.peak = max(self.peak or 0, rss)
             self._stop.wait(self.interval_s)
@@ -171,12 +193,14 @@ def _wait_group_gone(pgid: int, timeout_s: float = 15.0) -> None:
                 return
 
 
-def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:
+def localroute_server(spec: EngineSpec, parallel: int, isolation: str = "process") -> ManagedServer:
     """`localroute serve` with one local tier (the model), so nothing escalates: the engine's work
-    is the same as the baselines'. Confidence is computed as in any cascade (per-token logprobs)."""
+    is the same as the baselines'. Confidence is computed as in any cascade (per-token logprobs).
+    `isolation` is settings.engine_isolation ("thread": the engine inside the server process)."""
     tier = {"name": "local", "kind": spec.backend, "model": str(spec.model_path)}
     port = free_port()
     env = {
+        "LOCALROUTE_ENGINE_ISOLATION": isolation,
         "LOCALROUTE_TIERS": json.dumps([tier]),
         "LOCALROUTE_N_THREADS": str(spec.n_threads),
         "LOCALROUTE_N_CTX": str(spec.n_ctx),
@@ -186,7 +210,8 @@ def localroute_server(spec: EngineSpec, parallel: int) -> ManagedServer:
     }
     argv = [sys.executable, "-m", "localroute", "serve", "--host", "127.0.0.1", "--port", str(port)]
     slow_start = spec.backend == "vllm"
-    return ManagedServer("localroute", argv, "localroute/cascade", env, port, 900.0 if slow_start else 180.0)
+    name = "localroute" if isolation == "process" else f"localroute-{isolation}"
+    return ManagedServer(name, argv, "localroute/cascade", env, port, 900.0 if slow_start else 180.0)
 
 
 def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: settings)")
     p.add_argument("--n-ctx", type=int, default=1024, help="context per sequence for every engine")
     p.add_argument("--vs", action="append", default=[], metavar="BASELINE",
-                   help="also measure llama-cpp-python, llama-server=/path/to/llama-server or vllm (GPU hosts; "
-                   "repeatable)")
+                   help="also measure llama-cpp-python, llama-server=/path/to/llama-server, vllm (GPU hosts) or "
+                   "localroute-thread (localroute with engine_isolation=thread); repeatable")
     p.add_argument("--backend", choices=["llama_cpp", "vllm", "transformers"], default="llama_cpp",
                    help="engine of the localroute server the bench starts (vllm beside --vs vllm on a GPU host)")
     p.add_argument("--overhead-requests", type=int, default=20, help="non-streaming requests for router overhead")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
 from localroute.confidence import TOP_K_NEEDED, get_aggregator
-from localroute.errors import InvalidRequestError, LocalrouteError
+from localroute.errors import EngineDeadError, InvalidRequestError, LocalrouteError
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -121,6 +121,8 @@ class CascadeRouter:
                 raise
             except LocalrouteError as exc:
                 decision.attempts.append(TierAttempt(tier.name, None, tier.threshold, False, error=exc.message))
+                if isinstance(exc, EngineDeadError):  # skipped because it is down, not because it was unsure
+                    decision.degraded = decision.degraded or f"{tier.name}_{exc.code}"
                 continue
             conf, accepted = await self._judge(tier, request, gen, decision)
             decision.attempts.append(self._attempt(tier, gen, conf, accepted))

@@ -24,6 +24,7 @@ from starlette.background import BackgroundTask
 from localroute import __version__
 from localroute.auth import ApiKeyStore, AuthMiddleware
 from localroute.backends.base import load_backend
+from localroute.backends.supervised import supervised
 from localroute.budget import attach_budget
 from localroute.cost import RequestCost, cost_fields, cost_headers
 from localroute.errors import InvalidRequestError, LocalrouteError, ModelNotFoundError
@@ -251,7 +252,7 @@ def build_tiers(settings: Settings) -> list[Tier]:
     """Load the ladder. Thresholds: a tier's own `threshold`, else the calibration file's (when its
     model hash, template and aggregator still match; otherwise a loud warning), else the default."""
     ladder = settings.ladder()
-    backends = [load_backend(ts, settings) for ts in ladder]
+    backends = [supervised(ts, settings, load_backend) for ts in ladder]  # native engines in their own process
     calibrated: dict[str, float] = {}
     if settings.calibration_path is not None:
         from localroute.calibration import backend_fingerprint, calibrated_thresholds

@@ -1,0 +1,274 @@
+"""The engine in a supervised child process (backends/supervised.py): the same answers as in-process,
+and a native crash (SIGKILL, SIGSEGV) under load is a tier that is down for a moment, never a dead
+server: every request gets an answer or a clean error within its deadline, and the tier comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from localroute.backends.base import load_backend
+from localroute.backends.supervised import SupervisedBackend, _rebuild, _spec, supervised
+from localroute.errors import (
+    BackendUnavailableError,
+    ContextLengthExceededError,
+    EngineDeadError,
+    LocalrouteError,
+    RateLimitError,
+)
+from localroute.server.app import create_app
+from localroute.settings import TierSettings
+from localroute.types import GenerationRequest, SamplingParams
+from tests.conftest import local_settings, serve_app
+from tests.fault_upstream import fault_upstream
+
+pytestmark = pytest.mark.slow
+
+SMOL = {"name": "smollm2-135m", "kind": "llama_cpp", "model": "smollm2-135m"}
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+def _request(max_tokens: int = 24, **params: Any) -> GenerationRequest:
+    return GenerationRequest(messages=tuple(QUESTION), params=SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, top_logprobs=2, **params), request_id="t")
+
+
+def test_errors_cross_the_pipe_as_their_own_class() -> None:
+    for exc in (ContextLengthExceededError("too long", param="messages"), RateLimitError("full", retry_after_s=1.0),
+                EngineDeadError("gone"), BackendUnavailableError("busy", code="custom_code")):
+        back = _rebuild(_spec(exc))
+        assert type(back) is type(exc)
+        assert (back.message, back.param, back.code, back.retry_after_s) == (
+            exc.message, exc.param, exc.code, exc.retry_after_s)
+    other = _rebuild(_spec(ValueError("boom")))  # anything else is the engine's failure of one request
+    assert type(other) is BackendUnavailableError and "ValueError: boom" in other.message
+
+
+def test_only_native_in_process_engines_are_isolated() -> None:
+    settings = local_settings()
+    calls: list[str] = []
+
+    def load(tier: TierSettings, _: Any) -> Any:
+        calls.append(tier.kind)
+        return "in-process"
+
+    remote = TierSettings(name="f", kind="openai", model="m", base_url="http://127.0.0.1:1/v1")
+    assert supervised(remote, settings, load) == "in-process"
+    threaded = local_settings(engine_isolation="thread")
+    assert supervised(TierSettings(**SMOL), threaded, load) == "in-process"
+    assert calls == ["openai", "llama_cpp"]
+
+
+def test_same_tokens_and_logprobs_as_in_process() -> None:
+    settings = local_settings()
+    tier = TierSettings(**SMOL)
+    inner = load_backend(tier, settings)
+    outer = SupervisedBackend(tier, settings)
+
+    async def run() -> tuple[Any, Any, list[Any]]:
+        try:
+            a = await inner.generate(_request())
+            b = await outer.generate(_request())
+            deltas = [d async for d in outer.stream(_request())]
+            return a, b, deltas
+        finally:
+            await inner.aclose()
+            await outer.aclose()
+
+    a, b, deltas = asyncio.run(run())
+    assert b.completion_tokens > 0
+    assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+    assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]  # bit-identical: same engine
+    assert [t.top_logprobs for t in a.tokens] == [t.top_logprobs for t in b.tokens]
+    assert deltas[-1].final is not None and deltas[-1].final.text == a.text
+    assert "".join(d.text for d in deltas) == a.text
+    assert outer.fingerprint()["model_file"] == Path(inner.engine.model_path).name
+
+
+def test_a_request_error_in_the_engine_is_that_requests_error_only() -> None:
+    settings = local_settings(n_ctx=256)
+    backend = SupervisedBackend(TierSettings(**SMOL), settings)
+
+    async def run() -> Any:
+        try:
+            long = GenerationRequest(messages=({"role": "user", "content": "word " * 400},),
+                                     params=SamplingParams(max_tokens=8), request_id="long")
+            with pytest.raises(ContextLengthExceededError):
+                await backend.generate(long)
+            return await backend.generate(_request(max_tokens=4))
+        finally:
+            await backend.aclose()
+
+    gen = asyncio.run(run())
+    assert gen.completion_tokens > 0 and backend.crashes == 0
+
+
+def _wait(predicate: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _metric(text: str, name: str, tier: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{tier="{tier}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def _one(client: httpx.AsyncClient, i: int, stream: bool) -> tuple[str, Any]:
+    """('ok', tier, degraded) | ('error', status, code) | ('stream-error', code) for one request."""
+    body = {"model": "localroute/cascade", "messages": [{"role": "user", "content": f"Count to {20 + i}."}],
+            "max_tokens": 48, "temperature": 0, "stream": stream}
+    if not stream:
+        r = await client.post("/chat/completions", json=body)
+        if r.status_code != 200:
+            return "error", (r.status_code, r.json()["error"]["code"])
+        info = r.json()["localroute"]
+        return "ok", (info["tier"], info["degraded"])
+    async with client.stream("POST", "/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return "error", (r.status_code, json.loads(r.text)["error"]["code"])
+        last: dict[str, Any] = {}
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                last = json.loads(line[6:])
+        if "error" in last:
+            return "stream-error", last["error"]["code"]
+        return "ok", (last["localroute"]["tier"], last["localroute"]["degraded"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path) -> None:
+    """Kill the engine process while 8 requests (half streamed) run: each ends within its deadline,
+    answered by the frontier (flagged degraded) or by the local tier if it finished first; /health
+    shows the tier down, /metrics counts the restart, and the tier answers again afterwards."""
+    with fault_upstream() as up:
+        settings = local_settings([SMOL, {"name": "frontier", "kind": "openai", "model": "gpt-x",
+                                          "base_url": up.url}], default_threshold=0.0,
+                                  engine_restart_backoff_s=0.2)
+        app = create_app(settings)
+        with serve_app(app) as base:
+            backend = app.state.service.tiers[0].backend
+            assert isinstance(backend, SupervisedBackend)
+            pid = backend.pid
+            assert pid is not None
+
+            async def run() -> list[tuple[str, Any]]:
+                async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                    tasks = [asyncio.create_task(_one(client, i, stream=i % 2 == 1)) for i in range(8)]
+                    while backend.health().get("active", 0) == 0:  # decoding has started
+                        await asyncio.sleep(0.01)
+                    os.kill(pid, sig)
+                    return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+            started = time.monotonic()
+            results = asyncio.run(run())
+            assert time.monotonic() - started < 60
+            # the local tier never answers with 200 (threshold 0 always escalates), so every
+            # request is the frontier's: degraded where it was skipped because the engine died
+            assert all(kind == "ok" and value[0] == "frontier" for kind, value in results), results
+            assert any(value[1] == "smollm2-135m_engine_dead" for _, value in results), results
+            assert backend.crashes == 1
+            assert _wait(lambda: backend.health()["ok"], 60), backend.health()
+            assert backend.pid != pid and backend.restarts == 1
+            health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
+            assert health.status_code == 200
+            metrics = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
+            assert _metric(metrics, "localroute_engine_restarts_total", "smollm2-135m") == 1.0
+            assert _metric(metrics, "localroute_engine_crashes_total", "smollm2-135m") == 1.0
+            r = httpx.post(base + "/chat/completions", timeout=60, json={
+                "model": "smollm2-135m", "messages": QUESTION, "max_tokens": 8})
+            assert r.status_code == 200 and r.json()["localroute"]["tier"] == "smollm2-135m"
+    # the routing log (flushed when the server stopped) keeps the skip and its reason
+    with sqlite3.connect(tmp_path / "routing.db") as db:
+        rows = db.execute("SELECT attempts FROM requests WHERE degraded = 'smollm2-135m_engine_dead'").fetchall()
+    assert len(rows) == sum(value[1] == "smollm2-135m_engine_dead" for _, value in results)
+    assert rows and all("smollm2-135m is down" in json.loads(a)[0]["error"] for (a,) in rows)
+
+
+def test_local_only_crash_ends_streams_with_an_error_event_and_recovers() -> None:
+    """No tier to escalate to: a stream that already sent bytes ends with an error event, the others
+    get a clean 503 engine_dead, /health is 503 while the engine restarts, then 200 again."""
+    settings = local_settings([SMOL], engine_restart_backoff_s=1.0)
+    app = create_app(settings)
+    with serve_app(app) as base:
+        backend = app.state.service.tiers[0].backend
+        assert isinstance(backend, SupervisedBackend)
+        root = base.removesuffix("/v1")
+
+        async def run() -> tuple[list[tuple[str, Any]], int, list[tuple[str, Any]]]:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                tasks = [asyncio.create_task(_one(client, i, stream=i % 2 == 1)) for i in range(6)]
+                while backend.health().get("counters", {}).get("tokens_generated_total", 0) < 24:
+                    await asyncio.sleep(0.01)  # until the streams have sent tokens
+                os.kill(backend.pid or 0, signal.SIGSEGV)
+                results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                down = (await client.get(root + "/health")).status_code
+                during = [await _one(client, 0, stream=False), await _one(client, 1, stream=True)]
+                return results, down, during
+
+        results, down, during = asyncio.run(run())
+        assert all(kind in ("ok", "error", "stream-error") for kind, _ in results)
+        for kind, value in results:
+            if kind == "error":
+                assert value == (503, "engine_dead")
+            elif kind == "stream-error":
+                assert value == "engine_dead"
+        assert any(kind == "stream-error" for kind, _ in results), results
+        assert down == 503
+        assert during == [("error", (503, "engine_dead"))] * 2
+        assert _wait(lambda: httpx.get(root + "/health", timeout=5).status_code == 200, 60)
+        r = httpx.post(base + "/chat/completions", timeout=60, json={
+            "model": "smollm2-135m", "messages": QUESTION, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_cancelled_request_stops_in_the_engine_process() -> None:
+    settings = local_settings([SMOL])
+    backend = SupervisedBackend(TierSettings(**SMOL), settings)
+
+    async def run() -> dict[str, Any]:
+        try:
+            task = asyncio.create_task(backend.generate(_request(max_tokens=400, ignore_eos=True)))
+            while backend.health().get("active", 0) == 0:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                h = backend.health()
+                if h["counters"].get("cancelled_total", 0) >= 1 and h.get("active") == 0:
+                    return h
+                await asyncio.sleep(0.05)
+            return backend.health()
+        finally:
+            await backend.aclose()
+
+    h = asyncio.run(run())
+    assert h["counters"]["cancelled_total"] == 1 and h["active"] == 0
+    assert h["counters"]["tokens_generated_total"] < 400
+
+
+def test_a_model_that_cannot_load_fails_at_start_with_its_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf")
+    settings = local_settings()
+    with pytest.raises(LocalrouteError) as info:
+        SupervisedBackend(TierSettings(name="bad", kind="llama_cpp", model=str(bad)), settings)
+    assert isinstance(info.value, BackendUnavailableError)
+    assert "could not load" in info.value.message
