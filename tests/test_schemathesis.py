@@ -20,7 +20,7 @@ from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
 from tests.conftest import serve_app
-from tests.fault_upstream import ScriptedBackend
+from tests.fakes import ScriptedBackend
 
 MIN_EXAMPLES = 200
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -25,7 +25,8 @@ from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
 from tests.conftest import local_settings, serve_app
-from tests.fault_upstream import Fault, FaultUpstream, ScriptedBackend, refused_url
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream, refused_url
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

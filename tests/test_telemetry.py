@@ -4,70 +4,11 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from localroute.telemetry import Nvml, Sample, Telemetry, _mean_step, cpu_info, environment
-
-
-class FakeNvml:
-    """Two devices shaped like pynvml's: device 1 has no energy counter (power x time fallback)."""
-
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_NotSupported(NVMLError):
-        pass
-
-    def __init__(self) -> None:
-        self.energy_mj = [1_000_000, 0]
-        self.power_mw = [150_000, 80_000]
-        self.shutdowns = 0
-
-    def nvmlInit(self) -> None:
-        return None
-
-    def nvmlShutdown(self) -> None:
-        self.shutdowns += 1
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "550.54"
-
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
-
-    def nvmlDeviceGetName(self, h: int) -> bytes:
-        return b"NVIDIA H200" if h == 0 else b"Tesla T4"
-
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
-        return SimpleNamespace(gpu=37 if h == 0 else 5, memory=10)
-
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
-        return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30, free=0)
-
-    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
-        return self.power_mw[h]
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
-        if h == 1:
-            raise self.NVMLError_NotSupported("Not Supported")
-        return self.energy_mj[h]
-
-
-class BrokenNvml:
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_LibraryNotFound(NVMLError):
-        pass
-
-    def nvmlInit(self) -> None:
-        raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+from tests.fakes import BrokenNvml, FakeNvml
 
 
 def test_fake_nvml_readings() -> None:
