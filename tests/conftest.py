@@ -18,6 +18,8 @@ from localroute.registry import resolve_model_path
 from localroute.settings import REPO_ROOT, Settings
 
 MODELS_DIR = REPO_ROOT / "models"
+# a small labelled set written for the tests (tests/fixtures/README.md): eval runs without the staged data
+SENTIMENT_FIXTURE = Path(__file__).parent / "fixtures" / "sentiment.jsonl"
 
 
 @pytest.fixture(autouse=True)

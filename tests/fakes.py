@@ -1,59 +1,151 @@
-"""A scripted backend for unit tests of routing logic (never the only test of a real backend)."""
+"""Every scripted stand-in of the test suite, in one place: a backend for unit tests of routing
+and server logic (never the only test of a real backend), and stand-ins for the `pynvml` module.
+Real components run elsewhere: the engines in test_llama_cpp / test_backend_contract, NVML on a
+GPU host (test_telemetry's real-pynvml test)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
-from localroute.errors import LocalrouteError
-from localroute.routing.cascade import replay
-from localroute.types import Generation, GenerationRequest, StreamDelta, TokenLogprob, TopLogprob
+from localroute.types import (
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    StreamDelta,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
-def tokens(logprobs: Sequence[float], text: str = "ok") -> list[TokenLogprob]:
-    """Tokens whose text concatenates to `text` (split evenly) with the given logprobs."""
-    n = len(logprobs)
-    step = max(1, len(text) // max(n, 1))
-    pieces = [text[i * step : (i + 1) * step] for i in range(n - 1)] + [text[(n - 1) * step :]] if n else []
+def tokens(logprobs: float | Sequence[float], text: str = "ok") -> list[TokenLogprob]:
+    """Tokens whose texts concatenate to `text`. A list of logprobs: one token per logprob, the
+    text split evenly; one logprob: one token per word (the space before a word belongs to it),
+    all at that logprob. Each token heads its own top list, a runner-up 1 nat below."""
+    if isinstance(logprobs, (int, float)):
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        lps = [float(logprobs)] * len(pieces)
+    else:
+        lps = list(logprobs)
+        n = len(lps)
+        step = max(1, len(text) // max(n, 1))
+        pieces = [text[i * step : (i + 1) * step] for i in range(n - 1)] + [text[(n - 1) * step :]] if n else []
     return [
         TokenLogprob(i, p, lp, tuple(p.encode()), (TopLogprob(p, lp), TopLogprob("x", lp - 1.0)))
-        for i, (p, lp) in enumerate(zip(pieces, logprobs))
+        for i, (p, lp) in enumerate(zip(pieces, lps, strict=True))
     ]
 
 
 class ScriptedBackend:
-    """Answers every request with the same text and logprobs, or raises `error`."""
+    """A fast fake tier implementing the Backend protocol: answers `text` with the tokens
+    `tokens(logprobs, text)` makes (cut at the request's max_tokens, finish_reason "length"), or
+    raises `error`. It counts calls; health() says it is up unless it is scripted to fail
+    (`ok` can be set), with the `kind` and `device` given (what the cost ledger reads)."""
 
-    def __init__(self, name: str, text: str, logprobs: Sequence[float], *, local: bool = True,
-                 error: LocalrouteError | None = None) -> None:
+    def __init__(self, name: str = "fake", text: str = "ok fine", logprobs: float | Sequence[float] = -0.1, *,
+                 local: bool = True, error: Exception | None = None, prompt_tokens: int = 5,
+                 kind: str = "scripted", device: str | None = None, uses_gpu: bool | None = None) -> None:
         self.name = name
         self.is_local = local
         self.text = text
-        self.logprobs = list(logprobs)
+        self.logprobs = logprobs
         self.error = error
+        self.prompt_tokens = prompt_tokens
+        self.kind = kind
+        self.device = device
+        self.uses_gpu = uses_gpu  # None: the cost ledger decides from health(), as for a real backend
+        self.ok = error is None
         self.calls = 0
 
-    def _gen(self, request: GenerationRequest) -> Generation:
+    def _generation(self, request: GenerationRequest) -> Generation:
         toks = tokens(self.logprobs, self.text)
-        return Generation(self.text, toks, "stop", 5, len(toks), 0.01, 0.005, self.name)
+        finish: FinishReason = "stop"
+        text = self.text
+        if len(toks) > request.params.max_tokens:
+            toks = toks[: request.params.max_tokens]
+            text, finish = "".join(t.token for t in toks), "length"
+        return Generation(text, toks, finish, self.prompt_tokens, len(toks), latency_s=0.01, ttft_s=0.005,
+                          model=self.name)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         self.calls += 1
         if self.error is not None:
             raise self.error
-        return self._gen(request)
+        return self._generation(request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        gen = self._gen(request)
-        for delta in replay(gen):
-            yield delta
+        gen = await self.generate(request)
+        for tok in gen.tokens:
+            yield StreamDelta(text=tok.token, token=tok)
         yield StreamDelta(text="", final=gen)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self.error is None}
+        h: dict[str, Any] = {"ok": self.ok, "kind": self.kind, "model": self.name, "active": 0, "waiting": 0}
+        if self.device is not None:
+            h["device"] = self.device
+        return h
 
     async def aclose(self) -> None:
         return None
+
+
+class FakeNvml:
+    """Two devices shaped like pynvml's: device 1 has no energy counter (power x time fallback)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self) -> None:
+        self.energy_mj = [1_000_000, 0]
+        self.power_mw = [150_000, 80_000]
+        self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        return None
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H200" if h == 0 else b"Tesla T4"
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        return SimpleNamespace(gpu=37 if h == 0 else 5, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30, free=0)
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return self.power_mw[h]
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
+        if h == 1:
+            raise self.NVMLError_NotSupported("Not Supported")
+        return self.energy_mj[h]
+
+
+class BrokenNvml:
+    """pynvml on a host without the NVIDIA library: nvmlInit fails."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    def nvmlInit(self) -> None:
+        raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")

@@ -20,7 +20,7 @@ from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
 from tests.conftest import serve_app
-from tests.fault_upstream import ScriptedBackend
+from tests.fakes import ScriptedBackend
 
 KEY1 = "lr-canary-key-one-7f3a9c"
 KEY2 = "lr-canary-key-two-b81e44"

@@ -22,7 +22,7 @@ from localroute.cli import main
 from localroute.server import create_app
 from localroute.telemetry import Nvml
 from tests.conftest import local_settings, serve_app
-from tests.test_telemetry import FakeNvml
+from tests.fakes import FakeNvml
 
 LEVEL_KEYS = [
     "concurrency", "completed", "failed", "duration_s", "total_output_tokens", "mean_output_tokens",

@@ -20,7 +20,8 @@ from localroute.server.app import create_app
 from localroute.settings import Settings
 from localroute.types import GenerationRequest, SamplingParams
 from tests.conftest import serve_app
-from tests.fault_upstream import Fault, FaultUpstream, ScriptedBackend, fault_upstream
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream, fault_upstream
 
 PROMPT = "What is the capital of France?"
 
@@ -171,7 +172,7 @@ def test_attach_needs_prices_for_every_remote_tier() -> None:
 
 
 def _app(url: str, **kw: Any) -> Any:
-    local = ScriptedBackend("local", text="local answer here", logprob=-3.0)
+    local = ScriptedBackend("local", text="local answer here", logprobs=-3.0)
     tiers = [Tier("local", local, -1.0), Tier("frontier", _backend(url), None)]
     return create_app(Settings(**kw), tiers=tiers)
 

@@ -16,7 +16,7 @@ REQ = GenerationRequest(messages=({"role": "user", "content": "hi"},))
 
 def ladder(conf_a: float, threshold: float = -1.0, frontier_error: Exception | None = None) -> tuple[CascadeRouter, ScriptedBackend, ScriptedBackend]:
     a = ScriptedBackend("a", "local answer", [conf_a, conf_a])
-    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False, error=frontier_error)  # type: ignore[arg-type]
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False, error=frontier_error)
     return CascadeRouter([Tier("a", a, threshold), Tier("f", f, None)]), a, f
 
 
@@ -105,7 +105,7 @@ def test_verified_policy_honours_the_escalation_failure_policy(policy: str) -> N
 
     cheap = ScriptedBackend("a", "local answer", [-0.1])
     judge = ScriptedBackend("j", "No", [-0.01])  # the verifier rejects the cheap answer: escalate
-    down = ScriptedBackend("f", "F", [-0.1], local=False, error=UpstreamError("down"))  # type: ignore[arg-type]
+    down = ScriptedBackend("f", "F", [-0.1], local=False, error=UpstreamError("down"))
     router = VerifiedCascadeRouter([Tier("a", cheap, -5.0), Tier("f", down)], Verifier(judge), on_failure=policy)
     if policy == "fail":
         with pytest.raises(UpstreamError):

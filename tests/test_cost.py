@@ -18,40 +18,11 @@ from localroute.settings import Settings
 from localroute.telemetry import Nvml, Sample, Telemetry
 from localroute.types import Generation
 from tests.conftest import local_settings, serve_app
-
-
-class Scripted:
-    """A backend that is never called here: the accountant only reads what kind of tier it is."""
-
-    def __init__(self, name: str, is_local: bool, uses_gpu: bool | None = None, model: str = "") -> None:
-        self.name, self.is_local, self.model = name, is_local, model
-        if uses_gpu is not None:
-            self.uses_gpu = uses_gpu
-
-    async def generate(self, request: Any) -> Generation:
-        raise AssertionError("not called")
-
-    async def stream(self, request: Any) -> Any:
-        raise AssertionError("not called")
-        yield
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": True, "kind": "scripted", "active": 0, "waiting": 0}
-
-    async def aclose(self) -> None:
-        return None
-
-
-class NoNvml:
-    class NVMLError(Exception):
-        pass
-
-    def nvmlInit(self) -> None:
-        raise self.NVMLError("no driver")
+from tests.fakes import BrokenNvml, ScriptedBackend
 
 
 def telemetry_with(samples: list[Sample]) -> Telemetry:
-    tel = Telemetry(interval_s=1.0, nvml=Nvml(NoNvml()))
+    tel = Telemetry(interval_s=1.0, nvml=Nvml(BrokenNvml()))
     tel._samples.extend(samples)
     return tel
 
@@ -70,7 +41,8 @@ def test_unit_helpers() -> None:
 
 def test_escalated_request_pays_both_attempts() -> None:
     settings = Settings(**SETTINGS, usd_per_core_hour=0.045)
-    tiers = [Tier("local", Scripted("local", True), -1.0), Tier("frontier", Scripted("frontier", False))]
+    tiers = [Tier("local", ScriptedBackend("local"), -1.0),
+             Tier("frontier", ScriptedBackend("frontier", local=False))]
     # process CPU seconds at times 999..1004; two sequences decoding until 1002
     tel = telemetry_with([Sample(999, 0.0, active_cpu=2, active_gpu=0), Sample(1001, 2.0, active_cpu=2, active_gpu=0),
                           Sample(1002, 3.0, active_cpu=1, active_gpu=0), Sample(1004, 3.5, active_cpu=0, active_gpu=0)])
@@ -104,7 +76,8 @@ def test_escalated_request_pays_both_attempts() -> None:
 
 def test_local_answer_counterfactual_is_a_labelled_estimate() -> None:
     settings = Settings(**SETTINGS)
-    tiers = [Tier("local", Scripted("local", True), -1.0), Tier("frontier", Scripted("frontier", False))]
+    tiers = [Tier("local", ScriptedBackend("local"), -1.0),
+             Tier("frontier", ScriptedBackend("frontier", local=False))]
     acc = CostAccountant(settings, tiers, telemetry_with([Sample(0, 0.0, active_cpu=1, active_gpu=0)]))
     decision = Decision("p", "mean_logprob", [TierAttempt("local", -0.2, -1.0, True, 100, 50, latency_s=0.5)],
                         answered_by="local")
@@ -117,7 +90,7 @@ def test_local_answer_counterfactual_is_a_labelled_estimate() -> None:
 
 def test_all_local_ladder_uses_frontier_model_setting_for_counterfactual() -> None:
     settings = Settings(tiers=[{"name": "local", "kind": "llama_cpp", "model": "m"}], frontier_model="gpt-4o")
-    acc = CostAccountant(settings, [Tier("local", Scripted("local", True))], None)
+    acc = CostAccountant(settings, [Tier("local", ScriptedBackend("local"))], None)
     decision = Decision("p", "s", [TierAttempt("local", -0.1, None, True, 1000, 1000)], answered_by="local")
     cost = acc.price(decision, None, 0.0, 0.0)
     assert cost.attempts[0].method == "unpriced"  # no telemetry: said so, not a silent zero
@@ -129,7 +102,7 @@ def test_gpu_attempt_energy_and_gpu_seconds_are_shared_by_the_batch() -> None:
     tel = telemetry_with([Sample(999, 0.0, gpu_energy_j=0.0, active_cpu=0, active_gpu=2),
                           Sample(1001, 0.0, gpu_energy_j=200.0, active_cpu=0, active_gpu=2),
                           Sample(1002, 0.0, gpu_energy_j=300.0, active_cpu=0, active_gpu=2)])
-    acc = CostAccountant(settings, [Tier("gpu", Scripted("gpu", True, uses_gpu=True))], tel)
+    acc = CostAccountant(settings, [Tier("gpu", ScriptedBackend("gpu", uses_gpu=True))], tel)
     decision = Decision("p", "s", [TierAttempt("gpu", -0.1, None, True, 5, 5, latency_s=2.0)], answered_by="gpu")
     a = acc.price(decision, None, 1000.0, 1002.0).attempts[0]
     assert a.method == "local_gpu"
@@ -141,7 +114,7 @@ def test_gpu_attempt_energy_and_gpu_seconds_are_shared_by_the_batch() -> None:
 def test_unpriced_frontier_says_why() -> None:
     settings = Settings(tiers=[{"name": "f", "kind": "openai", "model": "acme-secret-model", "base_url": "http://x"}],
                         frontier_model="acme-secret-model")
-    acc = CostAccountant(settings, [Tier("f", Scripted("f", False))], None, load_price_table())
+    acc = CostAccountant(settings, [Tier("f", ScriptedBackend("f", local=False))], None, load_price_table())
     decision = Decision("p", "s", [TierAttempt("f", None, None, True, 5, 5)], answered_by="f")
     cost = acc.price(decision, None, 0.0, 0.0)
     assert cost.attempts[0].method == "unpriced" and "price" in cost.attempts[0].inputs["reason"]
@@ -218,17 +191,8 @@ def test_local_answer_cpu_cost_and_estimated_counterfactual(cascade_url: str) ->
         (u.prompt_tokens * IN_PRICE + u.completion_tokens * OUT_PRICE) / 1e6)
 
 
-class TorchLike(Scripted):
-    def __init__(self, device: str) -> None:
-        super().__init__("t", True)
-        self.device = device
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": True, "kind": "transformers", "device": self.device, "active": 0, "waiting": 0}
-
-
 def test_gpu_detection_from_health() -> None:
     settings = Settings(tiers=[{"name": "t", "kind": "transformers", "model": "m"}])
     for device, kind in (("cuda:0", "local_gpu"), ("cpu", "local_cpu")):
-        acc = CostAccountant(settings, [Tier("t", TorchLike(device))], None)
+        acc = CostAccountant(settings, [Tier("t", ScriptedBackend("t", kind="transformers", device=device))], None)
         assert acc.tier_kind["t"] == kind

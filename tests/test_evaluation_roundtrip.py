@@ -1,4 +1,6 @@
-"""eval -> calibrate -> serve with the real SmolLM2 model on a small slice of real data.
+"""eval -> calibrate -> serve with the real SmolLM2 model on 12 labelled items: from the committed
+fixture (tests/fixtures/sentiment.jsonl) everywhere, and from the staged TweetEval data as well
+where that folder exists.
 
 The frontier tier is a scripted OpenAI-compatible app on 127.0.0.1 (it only has to answer when a
 request escalates); the cheap tier is the real GGUF through llama.cpp.
@@ -20,12 +22,12 @@ from openai import OpenAI
 from localroute.calibration import load_calibration, write_calibration
 from localroute.cli import main
 from localroute.errors import ConfigError
-from localroute.evaluation.datasets import convert, write_items
+from localroute.evaluation.datasets import convert, load_items, sample, write_items
 from localroute.evaluation.report import build_report
 from localroute.evaluation.runner import EvalConfig, read_rows, run_eval
 from localroute.server.app import build_tiers, create_app
 from localroute.settings import Settings
-from tests.conftest import local_settings, serve_app
+from tests.conftest import SENTIMENT_FIXTURE, local_settings, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +58,18 @@ def settings_for(frontier_url: str, **kw: Any) -> Settings:
     )
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="staged data not found")
-def test_eval_calibrate_serve_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("source", [
+    "fixture",
+    pytest.param("tweeteval", marks=pytest.mark.skipif(not DATA.is_dir(), reason=f"staged data not found at {DATA}")),
+])
+def test_eval_calibrate_serve_round_trip(source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         caplog: pytest.LogCaptureFixture) -> None:
-    dataset = tmp_path / "tweets.jsonl"
-    write_items(convert("tweeteval-sentiment", DATA, limit=12, seed=7), dataset)
+    dataset = tmp_path / "items.jsonl"
+    if source == "fixture":
+        write_items(sample(load_items(SENTIMENT_FIXTURE), 12, 7), dataset)
+    else:
+        write_items(convert("tweeteval-sentiment", DATA, limit=12, seed=7), dataset)
+    assert len(dataset.read_text().splitlines()) == 12
     run = tmp_path / "run"
     with serve_app(frontier_app()) as frontier_url:
         settings = settings_for(frontier_url)

@@ -60,6 +60,7 @@ def test_logprobs_match_reference_computation(backend: LlamaCppBackend, smollm2_
 
 def test_top_logprobs_sorted_and_contain_greedy_choice(backend: LlamaCppBackend) -> None:
     gen = run(backend.generate(chat("Say yes.", max_tokens=6, temperature=0, top_logprobs=5)))
+    assert gen.tokens and len(gen.tokens) == gen.completion_tokens, gen  # an empty answer proves nothing
     for tok in gen.tokens:
         lps = [a.logprob for a in tok.top_logprobs]
         assert len(lps) == 5 and lps == sorted(lps, reverse=True)

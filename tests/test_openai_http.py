@@ -26,7 +26,8 @@ from localroute.server.app import create_app
 from localroute.settings import Settings
 from localroute.types import GenerationRequest, SamplingParams
 from tests.conftest import serve_app
-from tests.fault_upstream import Fault, FaultUpstream, ScriptedBackend, fault_upstream, refused_url
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream, fault_upstream, refused_url
 
 KEY = "sk-canary-frontier-key-0123456789"
 
@@ -266,7 +267,7 @@ def up() -> Iterator[FaultUpstream]:
 
 
 def _app(url: str, policy: str = "degrade", **kw: Any) -> Any:
-    local = ScriptedBackend("local", text="local answer here", logprob=-3.0)  # below threshold: escalates
+    local = ScriptedBackend("local", text="local answer here", logprobs=-3.0)  # below threshold: escalates
     frontier = make_backend(url, retries=0, **kw)
     settings = Settings(escalation_failure_policy=policy)  # type: ignore[arg-type]
     return create_app(settings, tiers=[Tier("local", local, -1.0), Tier("frontier", frontier, None)])

@@ -1,14 +1,18 @@
-"""`localroute report` against a hand-built routing log with known answers."""
+"""`localroute report` against a hand-built routing log with known answers, compared with a
+calibration file that `localroute calibrate` wrote from a small real eval run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from localroute.calibration import load_calibration as load_calibration_file
 from localroute.cli import main
 from localroute.cli.report import parse_time
 from localroute.routing_log import (
@@ -19,6 +23,7 @@ from localroute.routing_log import (
     read_rows,
     summarize,
 )
+from tests.conftest import SENTIMENT_FIXTURE, local_settings
 
 DAY = 86400
 T0 = (1_750_000_000 // DAY) * DAY + 10 * 3600  # 10:00 UTC on some day
@@ -57,19 +62,24 @@ def log_path(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def calibration(tmp_path: Path) -> Path:
-    """The shape localroute calibrate writes (tiers.<name>.confidence_quantiles/histogram)."""
-    path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"version": 1, "aggregator": "mean_logprob", "tiers": {"cheap": {
-        "threshold": -1.0,
-        "certificate": {"target": "escalation", "holdout": {"escalation_rate": 0.2}},
-        "confidence_quantiles": {"p01": -3.0, "p10": -1.0, "p50": -0.5, "p90": -0.1},
-        "confidence_histogram": {"edges": [-2.0, -1.0, 0.0], "counts": [1.0, 3.0]},
-    }}}))
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file `localroute calibrate` writes, from a real eval run (SmolLM2 over 8 items of the
+    committed fixture set) of a tier named `cheap`, like the log's first tier."""
+    from localroute.evaluation.runner import EvalConfig, run_eval
+
+    root = tmp_path_factory.mktemp("calibration")
+    run, path = root / "run", root / "calibration.json"
+    settings = local_settings(tiers=[{"name": "cheap", "model": "smollm2-135m"}])
+    done = asyncio.run(run_eval(settings, EvalConfig(dataset=SENTIMENT_FIXTURE, out_dir=run, limit=8, max_tokens=4,
+                                                     progress=False)))
+    assert done.computed == 8 and done.errors == 0
+    assert main(["calibrate", "--run", str(run), "--target-escalation", "0.25", "--holdout", "0",
+                 "--aggregator", "mean_logprob", "--out", str(path), "--json"]) == 0
     return path
 
 
+@pytest.mark.slow
 def test_summary_numbers(log_path: Path, calibration: Path) -> None:
     rows = read_rows(log_path)
     s = summarize(rows, "day", load_calibration(calibration), first_tier="cheap")
@@ -85,9 +95,13 @@ def test_summary_numbers(log_path: Path, calibration: Path) -> None:
     assert s["energy_j"] == pytest.approx(15.0) and s["gpu_utilization_mean"] == pytest.approx(0.4)
     cheap = s["confidence"]["cheap"]
     assert cheap["n"] == 4 and cheap["p50"] == pytest.approx(-0.35)
-    assert cheap["calibration"]["p50"] == -0.5 and cheap["calibration"]["p1"] == -3.0
-    assert cheap["median_shift"] == pytest.approx(0.15)
-    assert cheap["share_below_calibration_p10"] == pytest.approx(0.25)
+    # the drift figures compare the log with what calibrate recorded, read back as `serve` reads it
+    written = load_calibration_file(calibration).tiers["cheap"].confidence_quantiles
+    assert cheap["calibration"] == {f"p{int(k[1:])}": v for k, v in written.items()}
+    assert {"p1", "p10", "p50", "p99"} <= set(cheap["calibration"])
+    assert cheap["median_shift"] == pytest.approx(-0.35 - written["p50"])
+    logged = [-0.2, -2.0, -0.4, -0.3]  # the cheap tier's confidences in ROWS
+    assert cheap["share_below_calibration_p10"] == pytest.approx(np.mean([c < written["p10"] for c in logged]))
     assert "frontier" not in s["confidence"]  # no confidence recorded for it
     day1, day2 = s["series"]
     assert day1["requests"] == 3 and day1["escalation_rate"] == pytest.approx(1 / 3)
@@ -118,12 +132,15 @@ def test_calibration_read_defensively(tmp_path: Path) -> None:
     assert load_calibration(None) == {}
 
 
+@pytest.mark.slow
 def test_cli_json(log_path: Path, calibration: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--log", str(log_path), "--json", "--calibration", str(calibration)]) == 0
     data = json.loads(capsys.readouterr().out)
     for key in ("requests", "escalation_rate", "cost_usd", "counterfactual_cost_usd", "savings_pct"):
         assert key in data
     assert data["requests"] == 5 and data["savings_pct"] == pytest.approx(68.0)
+    written = load_calibration_file(calibration).tiers["cheap"].confidence_quantiles
+    assert data["confidence"]["cheap"]["calibration"]["p50"] == written["p50"]  # --calibration was read
     # a window: only the second day
     since = str(T0 + DAY - 3600)
     assert main(["report", "--log", str(log_path), "--json", "--since", since]) == 0

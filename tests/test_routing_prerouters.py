@@ -4,7 +4,6 @@ the cascade. Backends are scripted (this is routing logic); the encoder is the r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -16,33 +15,8 @@ from localroute.routing.cascade import CascadeRouter
 from localroute.routing.classifier import ClassifierModel, train_classifier
 from localroute.routing.embedding import EmbeddingIndex, EmbeddingModel, train_embedding
 from localroute.routing.hybrid import PreRouter, tier_mapping
-from localroute.types import Generation, GenerationRequest, StreamDelta, TokenLogprob
-
-
-class Scripted:
-    """Answers with a fixed text and per-token logprob; counts calls."""
-
-    is_local = True
-
-    def __init__(self, name: str, logprob: float) -> None:
-        self.name, self.logprob, self.calls = name, logprob, 0
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        self.calls += 1
-        toks = [TokenLogprob(i, "x", self.logprob) for i in range(3)]
-        return Generation(f"answer from {self.name}", toks, "stop", 5, 3, model=self.name)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        gen = await self.generate(request)
-        yield StreamDelta(text=gen.text, token=gen.tokens[0])
-        yield StreamDelta(text="", final=gen)
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": True}
-
-    async def aclose(self) -> None:
-        return None
-
+from localroute.types import GenerationRequest
+from tests.fakes import ScriptedBackend
 
 EASY = ["What is 2 + 2?", "What is 3 + 5?", "What is 10 minus 4?", "Add 7 and 6.", "What is 9 + 1?"]
 HARD = ["Prove that there are infinitely many primes of the form 4k+3.",
@@ -58,8 +32,8 @@ def minilm() -> Encoder:
 
 
 @pytest.fixture()
-def ladder() -> tuple[Scripted, Scripted, list[Tier], CascadeRouter]:
-    cheap, strong = Scripted("cheap", -0.01), Scripted("strong", -0.01)
+def ladder() -> tuple[ScriptedBackend, ScriptedBackend, list[Tier], CascadeRouter]:
+    cheap, strong = (ScriptedBackend(name, f"answer from {name}", -0.01) for name in ("cheap", "strong"))
     tiers = [Tier("cheap", cheap, -1.0), Tier("strong", strong, None)]
     return cheap, strong, tiers, CascadeRouter(tiers)
 

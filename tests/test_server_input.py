@@ -25,7 +25,8 @@ from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
 from tests.conftest import local_settings, serve_app
-from tests.fault_upstream import Fault, FaultUpstream, ScriptedBackend, refused_url
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream, refused_url
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -171,13 +172,31 @@ def test_context_overflow_is_400_context_length_exceeded(real: tuple[str, Any]) 
 
 
 def test_real_model_takes_odd_but_valid_input(real: tuple[str, Any]) -> None:
+    """Valid requests of unusual shapes get 200 and the model's answer, and each unusual part
+    reaches the prompt (a list of parts reads as its text; a tool turn lengthens the prompt)."""
     base, _ = real
-    for messages in ([{"role": "user", "content": "nul\u0000byte"}],
-                     [{"role": "user", "content": [{"type": "text", "text": "parts"}]}],
-                     [{"role": "user", "content": "q"}, {"role": "tool", "content": "42", "tool_call_id": "c"}]):
+
+    def ask(messages: list[dict[str, Any]]) -> dict[str, Any]:
         r = httpx.post(f"{base}/chat/completions", timeout=60,
                        json={"model": "smollm2", "max_tokens": 4, "temperature": 0, "messages": messages})
-        assert r.status_code == 200 or 400 <= r.status_code < 500, r.text
+        assert r.status_code == 200, (messages, r.status_code, r.text)
+        body: dict[str, Any] = r.json()
+        (choice,) = body["choices"]
+        assert choice["message"]["role"] == "assistant" and choice["message"]["content"], body
+        assert choice["finish_reason"] in ("stop", "length") and 1 <= body["usage"]["completion_tokens"] <= 4
+        assert r.headers["x-localroute-tier"] == "smollm2"
+        return body
+
+    ask([{"role": "user", "content": "nul\u0000byte"}])
+    parts = ask([{"role": "user", "content": [{"type": "text", "text": "name "}, {"type": "text", "text": "parts"}]}])
+    plain = ask([{"role": "user", "content": "name parts"}])
+    assert parts["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    call = {"id": "c", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    tool = ask([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "42", "tool_call_id": "c"}])
+    alone = ask([{"role": "user", "content": "q"}])
+    assert tool["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
 
 
 def test_saturation_rejects_overflow_fast_and_health_stays_prompt(real: tuple[str, Any]) -> None:
@@ -386,13 +405,13 @@ def test_canaries_never_reach_logs_routing_log_or_error_bodies(
     out, err = capfd.readouterr()
     logged = caplog.text + out + err
     stored = ""
-    if db.exists():  # the routing log (when built): every table, every row, as text
-        with sqlite3.connect(db) as conn:
-            tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            for t in tables:
-                stored += "\n".join(repr(row) for row in conn.execute(f'SELECT * FROM "{t}"'))
-            if "requests" in tables:
-                assert conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] >= 4
+    assert db.is_file(), "the routing log was not written"
+    with sqlite3.connect(db) as conn:  # every table, every row, as text
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert "requests" in tables, tables
+        for t in tables:
+            stored += "\n".join(repr(row) for row in conn.execute(f'SELECT * FROM "{t}"'))
+        assert conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] >= 4
     for canary in (CANARY_API_KEY, CANARY_FRONTIER_KEY, CANARY_UPSTREAM, "canary-prompt-8d1f0a77", "hunter2"):
         assert canary not in logged, canary
         assert canary not in stored, canary

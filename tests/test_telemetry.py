@@ -3,71 +3,15 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import importlib.util
 import time
-from types import SimpleNamespace
-from typing import Any
+from pathlib import Path
 
 import pytest
 
 from localroute.telemetry import Nvml, Sample, Telemetry, _mean_step, cpu_info, environment
-
-
-class FakeNvml:
-    """Two devices shaped like pynvml's: device 1 has no energy counter (power x time fallback)."""
-
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_NotSupported(NVMLError):
-        pass
-
-    def __init__(self) -> None:
-        self.energy_mj = [1_000_000, 0]
-        self.power_mw = [150_000, 80_000]
-        self.shutdowns = 0
-
-    def nvmlInit(self) -> None:
-        return None
-
-    def nvmlShutdown(self) -> None:
-        self.shutdowns += 1
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "550.54"
-
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
-
-    def nvmlDeviceGetName(self, h: int) -> bytes:
-        return b"NVIDIA H200" if h == 0 else b"Tesla T4"
-
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
-        return SimpleNamespace(gpu=37 if h == 0 else 5, memory=10)
-
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
-        return SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30, free=0)
-
-    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
-        return self.power_mw[h]
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, h: int) -> int:
-        if h == 1:
-            raise self.NVMLError_NotSupported("Not Supported")
-        return self.energy_mj[h]
-
-
-class BrokenNvml:
-    class NVMLError(Exception):
-        pass
-
-    class NVMLError_LibraryNotFound(NVMLError):
-        pass
-
-    def nvmlInit(self) -> None:
-        raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+from tests.fakes import BrokenNvml, FakeNvml
 
 
 def test_fake_nvml_readings() -> None:
@@ -107,15 +51,34 @@ def test_unavailable_nvml_never_raises() -> None:
         tel.stop()
 
 
+NVIDIA_DEVICE = any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0"))
+
+
 def test_real_pynvml_on_this_machine_is_unavailable_or_works() -> None:
-    """Here there is no NVIDIA driver: the real pynvml must report why, not crash."""
+    """The real pynvml (nvidia-ml-py, a dev dependency): on a host with an NVIDIA device it reads
+    every device; without one it says exactly why (here: no NVML library) and reads nothing."""
+    assert importlib.util.find_spec("pynvml") is not None, "nvidia-ml-py is a dev dependency"
     nv = Nvml()
-    ok = nv.start()
-    if ok:  # a GPU host: real readings
-        assert all(g.memory_total_bytes for g in nv.read())
-    else:
-        assert nv.reason
-    nv.close()
+    try:
+        ok = nv.start()
+        if NVIDIA_DEVICE:
+            assert ok, nv.reason
+            readings = nv.read()
+            assert readings and [g.index for g in readings] == [d["index"] for d in nv.devices()]
+            assert nv.driver_version
+            for g in readings:
+                assert g.name and g.memory_total_bytes and g.memory_total_bytes >= (g.memory_used_bytes or 0) > 0
+                assert g.utilization_ratio is not None and 0.0 <= g.utilization_ratio <= 1.0
+                assert g.power_w is not None and g.power_w > 0 and g.energy_j is not None and g.energy_j >= 0
+        else:
+            assert ok is False and not nv.available and nv.read() == [] and nv.devices() == []
+            if ctypes.util.find_library("nvidia-ml") is None:  # no driver library at all, as here
+                assert nv.reason == "NVML unavailable: NVMLError_LibraryNotFound: NVML Shared Library Not Found"
+            else:  # the library without a device: the driver or the device count says no
+                assert nv.reason is not None and (nv.reason.startswith("NVML unavailable: NVMLError_")
+                                                  or nv.reason == "NVML found no NVIDIA GPU"), nv.reason
+    finally:
+        nv.close()
 
 
 def test_telemetry_gpu_energy_window_with_fake_nvml() -> None:
