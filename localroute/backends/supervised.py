@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -168,6 +169,9 @@ class _Child:
 def _child_main(conn: Connection, tier: TierSettings, settings: Settings, health_interval_s: float) -> None:
     """Entry point of the engine process (spawned: a fresh interpreter, no inherited threads)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's; it closes this process
+    # as `serve` does for its own process: how long the loop thread may wait for the GIL behind the
+    # engine thread (Python's default of 5 ms put that wait on every answer's way out)
+    sys.setswitchinterval(settings.switch_interval_s)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s engine[%(process)d] %(message)s")
     from localroute.backends.base import load_backend
     from localroute.calibration import backend_fingerprint
