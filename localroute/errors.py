@@ -7,9 +7,13 @@
     ├── AuthenticationError  401
     ├── ModelNotFoundError   404
     ├── RateLimitError       429    queue full, budget exhausted (with retry_after_s)
+    ├── GenerationError      500    one request failed inside a local engine; the engine goes on
     ├── UpstreamError        502    the frontier failed
     └── BackendUnavailableError 503 a local engine is not loaded, busy or missing its extra
         └── EngineDeadError   503 engine_dead: the tier's engine process died; it is restarting
+
+GenerationError and EngineDeadError are vLLM's split (EngineGenerateError vs EngineDeadError): the
+first ends one request, the second means the tier is down.
 """
 
 from __future__ import annotations
@@ -67,6 +71,15 @@ class RateLimitError(LocalrouteError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class GenerationError(LocalrouteError):
+    """An exception while decoding one request (sampling, grammar, stop handling): that request
+    ends with this error and its slot is freed; the engine and its other requests go on."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "generation_failed"
 
 
 class UpstreamError(LocalrouteError):

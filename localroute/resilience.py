@@ -13,6 +13,9 @@ Why each piece exists:
 - `CircuitBreaker`: after repeated failures the upstream is presumed down and requests fail at once
   (the cascade then answers locally, flagged degraded) instead of each paying the deadlines; after
   `reset_s` a limited number of half-open probes test the water, and one success closes it again.
+  A probe is one attempt, never retried, and its whole answer (or error) must come within the
+  first-token deadline: its failure reopens the circuit, so a retry could only fail fast (or, with
+  a short `reset_s`, take the next probe's place), while its client waited on backoff for nothing.
 """
 
 from __future__ import annotations
@@ -144,16 +147,16 @@ class CircuitBreaker:
             self._state = "half_open"
             self._probes = 0
 
-    def before_call(self) -> None:
+    def before_call(self) -> bool:
         """Raise CircuitOpenError (with the time left until the next probe as retry_after_s)
-        unless a call may go through now."""
+        unless a call may go through now; True when the call is a half-open probe."""
         with self._lock:
             self._maybe_half_open()
             if self._state == "closed":
-                return
+                return False
             if self._state == "half_open" and self._probes < self.half_open_probes:
                 self._probes += 1
-                return
+                return True
             wait = max(0.0, self.reset_s - (self._clock() - self._opened_at))
         raise CircuitOpenError(
             f"upstream {self.name} is failing; circuit open, next probe in {wait:.1f}s",

@@ -170,6 +170,22 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(30.0, gt=0, description="Max wait for a slot before 503.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies above this get 413.")
+    max_json_depth: int = Field(
+        64, ge=2, description="Request bodies nesting objects and arrays deeper than this get 400 (a chat request "
+        "nests 4 levels; a response_format schema a few more)."
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive in full within this time of its headers; else 408 "
+        "and the connection is closed."
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="`serve`: a request's headers must be complete within this time of the connection "
+        "opening (or of the first byte after the previous response); else the connection is closed."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="`serve`: open connections beyond this get a 503 and are closed at once (the "
+        "file-descriptor limit is raised to fit when it allows)."
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys clients must send (Authorization: Bearer); None: no auth."
     )

@@ -10,7 +10,8 @@ FinishReason = Literal["stop", "length", "error", "cancelled"]
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """What a request asks of the decoder. temperature 0 means greedy."""
+    """What a request asks of the decoder. temperature 0 means greedy. `seed` is the client's own
+    (any int64, as OpenAI allows; forwarded unchanged to a frontier); local samplers use `rng_seed`."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -20,6 +21,12 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     response_format: dict[str, Any] | None = None
+
+    @property
+    def rng_seed(self) -> int | None:
+        """`seed` as the non-negative integer numpy's generators take: its two's-complement bits as
+        an unsigned 64-bit number (-1 -> 2**64 - 1), so distinct int64 seeds stay distinct."""
+        return None if self.seed is None else self.seed & 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True, slots=True)

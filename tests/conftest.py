@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from localroute.registry import resolve_model_path
+from localroute.server.connections import HttpImpl, server_config
 from localroute.settings import REPO_ROOT, Settings
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -49,10 +50,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL (…/v1)."""
+def serve_app(app: Any, port: int | None = None, settings: Settings | None = None,
+              http: HttpImpl = "auto") -> Iterator[str]:
+    """Run an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL (…/v1). With
+    `settings`, the server is configured as `localroute serve` configures it (header deadline,
+    connection cap; `http`: uvicorn's protocol implementation)."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    if settings is None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    else:
+        config = server_config(app, settings.model_copy(update={"host": "127.0.0.1"}), port=port,
+                               log_level="warning", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -32,6 +32,7 @@ class Fault:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: str | None = None  # for kind="status"/"garbage"
+    stall_body: bool = False  # kind="status": send the headers and half the body, then hold the connection
     text: str = "The frontier answers: Paris is the capital of France."
     token_delay_s: float = 0.0  # between streamed tokens
     cut_after: int = 2  # tokens streamed before kind="cut" closes the socket / kind="stall" stalls
@@ -192,6 +193,13 @@ class FaultUpstream:
             body = fault.body if fault.body is not None else json.dumps(
                 {"error": {"message": f"upstream says {fault.status}", "type": "server_error", "code": None}}
             )
+            if fault.stall_body:
+                payload = body.encode()
+                writer.write(self._head(fault.status, "application/json",
+                                        {**fault.headers, "Content-Length": str(len(payload))}))
+                writer.write(payload[: len(payload) // 2])
+                await writer.drain()
+                return await self._pause(60.0, eof)
             await self._plain(writer, fault.status, body, "application/json", fault.headers)
             return True
         if fault.kind == "garbage":

@@ -4,14 +4,17 @@ vLLM where it imports and its engine starts). A new backend is added to KINDS an
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from localroute.backends.base import Backend
-from localroute.errors import LocalrouteError
+from localroute.backends.threaded import EngineBridge
+from localroute.errors import GenerationError, LocalrouteError
 from localroute.types import Generation, GenerationRequest, SamplingParams, StreamDelta
 from tests.backend_kit import KINDS, acquire, missing, release, run
 
@@ -106,6 +109,68 @@ def test_seed_makes_sampling_repeatable(backend: Backend) -> None:
                                                                      temperature=1.2, seed=s))).tokens)
               for s in (1, 2, 3)}
     assert len(others | {tuple(t.token_id for t in first.tokens)}) > 1, "different seeds never differ"
+
+
+def test_any_int64_seed_samples_repeatably(backend: Backend) -> None:
+    """OpenAI takes any int64 seed; -1 once killed the llama.cpp tier (numpy wants >= 0)."""
+    for seed in (-1, -(2**63), 2**63 - 1):
+        request = chat("Invent a name for a dog.", max_tokens=6, temperature=1.2, seed=seed)
+        first, second = run(backend.generate(request)), run(backend.generate(request))
+        assert first.tokens and [t.token_id for t in first.tokens] == [t.token_id for t in second.tokens]
+    assert backend.health()["ok"] is True
+
+
+class _FailingRng:
+    """A request's sampler that gives `good` draws, then raises: a fault inside one request's own
+    decoding, on the engine thread."""
+
+    def __init__(self, good: int) -> None:
+        self.left = good
+
+    def random(self) -> float:
+        if self.left == 0:
+            raise RuntimeError("sampler failed")
+        self.left -= 1
+        return 0.5
+
+
+def test_a_request_whose_sampler_raises_ends_alone(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its stream ends with a GenerationError after the tokens it had; a request decoding beside
+    it finishes; the engine stays up (health ok, no slot held) and answers the next request."""
+    if not isinstance(backend, EngineBridge):
+        pytest.skip("the fault is injected into a thread-driven engine's per-request state")
+    real_job = backend._job
+
+    def job(request: GenerationRequest, sink: Any, want_tokens: bool) -> Any:
+        made = real_job(request, sink, want_tokens)
+        if request.request_id == "doomed":
+            made.rng = _FailingRng(good=3)  # the sampler is a cached property: this one is used instead
+        return made
+
+    monkeypatch.setattr(backend, "_job", job)
+    doomed = GenerationRequest(messages=({"role": "user", "content": "Tell me a story."},), request_id="doomed",
+                               params=SamplingParams(max_tokens=32, temperature=1.0, ignore_eos=True))
+    fine = chat("Count to ten.", max_tokens=16, temperature=0, ignore_eos=True)
+    tokens: list[StreamDelta] = []
+
+    async def stream_doomed() -> None:
+        async for delta in backend.stream(doomed):
+            if delta.token is not None:
+                tokens.append(delta)
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(stream_doomed(), backend.generate(fine), return_exceptions=True))
+
+    error, other = run(both())
+    assert isinstance(error, GenerationError) and error.code == "generation_failed", error
+    assert len(tokens) == 3
+    assert isinstance(other, Generation) and len(other.tokens) == 16
+    deadline = time.monotonic() + 30  # the engine thread lets go of a batch just after its last answer
+    while backend.health().get("active", 0) and time.monotonic() < deadline:
+        run(_sleep(0.05))
+    health = backend.health()
+    assert health["ok"] is True and health.get("active", 0) == 0, health
+    assert run(backend.generate(chat("Say hi.", max_tokens=3, temperature=0))).tokens
 
 
 def test_raw_prompt_completion(backend: Backend) -> None:

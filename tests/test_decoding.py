@@ -31,6 +31,24 @@ def test_sampler_is_made_on_first_use_from_the_seed() -> None:
     assert first.random() == np.random.default_rng(5).random()
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1, 0])
+def test_any_int64_seed_makes_a_sampler(seed: int) -> None:
+    """numpy takes only non-negative seeds (-1 raised ValueError in the engine thread and killed
+    the tier); the seed's 64 bits are read unsigned, so distinct int64 seeds stay distinct."""
+    st, _ = state(temperature=1.0, seed=seed)
+    assert st.rng.random() == np.random.default_rng(seed % 2**64).random()
+    assert SamplingParams(seed=-1).rng_seed == 2**64 - 1 and SamplingParams(seed=None).rng_seed is None
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-6, 5e-324])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    """In float32, 1/T overflows: 1e-300 turned every probability into NaN and sampled noise."""
+    row = np.log(np.array([0.1, 0.6, 0.3], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    with np.errstate(all="raise"):
+        assert {sample_token(row, SamplingParams(temperature=temperature), rng) for _ in range(20)} == {1}
+
+
 def test_prompt_room() -> None:
     assert prompt_room([1, 2, 3], 10) == 7
     with pytest.raises(InvalidRequestError):

@@ -173,6 +173,47 @@ def test_stall_with_keepalives_hits_the_first_token_deadline() -> None:
     assert info.value.code == "upstream_timeout" and "first-token" in info.value.message
 
 
+def test_first_token_deadline_counts_from_the_request_not_the_headers() -> None:
+    """Headers at 0.6 s and a first token 0.6 s later is 1.2 s to the first token: over a 1 s
+    deadline (it was counted from the headers, so a first token could take twice the deadline)."""
+    d = Deadlines(connect_s=1.0, first_token_s=1.0, idle_s=5.0, total_s=10.0)
+    with fault_upstream(default=Fault(delay_s=0.6, token_delay_s=0.6)) as up, pytest.raises(UpstreamError) as info:
+        stream(up.url, retries=0, deadlines=d)
+    assert info.value.code == "upstream_timeout" and "first-token" in info.value.message
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize("call", [gen, stream])
+def test_error_body_that_stalls_is_cut_at_the_first_token_deadline(call: Any) -> None:
+    """A 500 whose body never completes is answered at the first-token deadline, not idle_s later."""
+    d = Deadlines(connect_s=1.0, first_token_s=0.5, idle_s=30.0, total_s=60.0)
+    t0 = time.monotonic()
+    with fault_upstream(default=Fault("status", status=500, stall_body=True)) as up, \
+            pytest.raises(UpstreamError) as info:
+        call(up.url, retries=0, deadlines=d)
+    assert info.value.code == "upstream_unavailable" and len(up.requests) == 1
+    assert time.monotonic() - t0 < 10.0  # far below idle_s (30 s)
+
+
+def test_half_open_probe_is_one_attempt_whatever_the_retry_policy() -> None:
+    async def case(up: FaultUpstream) -> tuple[str | None, int]:
+        b = make_backend(up.url, retries=5, threshold=1, reset_s=0.2)
+        try:
+            with pytest.raises(UpstreamError):
+                await b.generate(request())  # opens the circuit (its retry then fails fast)
+            await asyncio.sleep(0.25)
+            seen = len(up.requests)
+            with pytest.raises(UpstreamError) as info:
+                await b.generate(request())  # the probe
+            return info.value.code, len(up.requests) - seen
+        finally:
+            await b.aclose()
+
+    with fault_upstream(default=Fault("status", status=503, headers={"Retry-After": "1"})) as up:
+        code, attempts = asyncio.run(case(up))
+    assert code == "upstream_unavailable" and attempts == 1  # its own failure, not circuit_open after a wait
+
+
 def test_stall_mid_stream_hits_the_idle_deadline() -> None:
     d = Deadlines(connect_s=1.0, first_token_s=5.0, idle_s=0.5, total_s=10.0)
     pieces: list[str] = []

@@ -88,12 +88,12 @@ def test_half_open_admits_limited_probes_and_closes_on_success() -> None:
     assert breaker.state == "open"
     clock.t += 5.0
     assert breaker.state == "half_open"
-    breaker.before_call()  # the probe
+    assert breaker.before_call() is True  # the probe, and the caller is told so (one attempt, no retry)
     with pytest.raises(CircuitOpenError):
         breaker.before_call()  # a second caller while the probe is out
     breaker.record_success()
     assert breaker.state == "closed"
-    breaker.before_call()
+    assert breaker.before_call() is False  # an ordinary call
 
 
 def test_half_open_failure_reopens_and_restarts_the_timer() -> None:

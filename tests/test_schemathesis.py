@@ -1,8 +1,10 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis), positive and
 negative inputs, at least 200 examples per operation: never a 5xx, and every error body has the
-OpenAI shape. A scripted backend answers, so the run is about the server's edge, not a model.
-Each operation's run checks its own volume when it ends (the `volume` fixture), so any subset of
-the tests can run alone."""
+OpenAI shape. The same generated bodies are then sent again with one field (a sampling parameter,
+the messages, the prompt, an unknown field) replaced by a numeric edge (NaN, Infinity, 1e400,
+2**64, a bool, a string) or by deep nesting (100,000 brackets, 50,000 objects): never a 5xx, and
+what JSON or the OpenAI API forbids is a 400. A scripted backend answers, so the run is about the
+server's edge, not a model."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import hypothesis
+import hypothesis.strategies as st
 import pytest
 import requests
 import schemathesis
@@ -56,6 +59,12 @@ def base_url() -> Iterator[str]:
         yield base.removesuffix("/v1")
 
 
+def fuzzing(max_examples: int) -> hypothesis.settings:
+    """Repeatable runs (derandomised, no example database), as many examples as asked."""
+    return hypothesis.settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                               suppress_health_check=list(hypothesis.HealthCheck))
+
+
 @pytest.fixture(scope="module")
 def session() -> Iterator[requests.Session]:
     with requests.Session() as s:
@@ -87,13 +96,7 @@ def test_every_operation_with_a_body_is_fuzzed() -> None:
 
 
 @schema.parametrize()
-@hypothesis.settings(
-    max_examples=MIN_EXAMPLES + 50,
-    deadline=None,
-    suppress_health_check=list(hypothesis.HealthCheck),
-    derandomize=True,
-    database=None,
-)
+@fuzzing(MIN_EXAMPLES + 50)
 def test_api_never_5xx_and_errors_are_openai_shaped(case: Any, base_url: str, session: requests.Session,
                                                      volume: Counter[str]) -> None:
     response = case.call(base_url=base_url, session=session, timeout=30)
@@ -104,3 +107,64 @@ def test_api_never_5xx_and_errors_are_openai_shaped(case: Any, base_url: str, se
         body = json.loads(response.text)
         assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
         assert isinstance(body["error"]["message"], str)
+
+
+# ---------- numeric edges and deep nesting inside generated bodies ----------
+
+MIN_EDGE_EXAMPLES = 150
+FIELDS = ["temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs", "logprobs",
+          "presence_penalty", "frequency_penalty", "stop", "stream", "messages", "prompt", "logit_bias",
+          "response_format", "an_unknown_field"]
+# never valid anywhere: not JSON (NaN, Infinity, overflow), or nested past max_json_depth: 400 (413 when
+# the nesting is also over max_body_bytes); by name, so hypothesis does not print 200 kB reprs
+REFUSED: dict[str, str] = {
+    "NaN": "NaN", "Infinity": "Infinity", "-Infinity": "-Infinity", "1e400": "1e400", "-1e400": "-1e400",
+    "100000 balanced [": "[" * 100_000 + "]" * 100_000, "100000 [": "[" * 100_000,
+    "50000 balanced {a:": '{"a":' * 50_000 + "1" + "}" * 50_000, "50000 {a:": '{"a":' * 50_000,
+    "65 balanced [": "[" * 65 + "]" * 65,
+}
+# valid JSON that some fields take and others refuse
+MAYBE = {v: v for v in (str(2**64), str(2**63), str(-(2**63) - 1), str(-(2**63)), "-1", "0", "1e-400", "-0.0",
+                         "1e308", "true", '"1"', "[]", "{}", "null", "[[[[[[[[1]]]]]]]]")}
+EDGES = {**REFUSED, **MAYBE}
+EDGE_SEEN: Counter[str] = Counter()
+EDGE_STATUSES: Counter[int] = Counter()
+
+
+def _with_edge(body: Any, field: str, literal: str) -> bytes:
+    body = dict(body) if isinstance(body, dict) else {"model": "fake"}
+    if field == "messages" and isinstance(body.get("messages"), list) and body["messages"] \
+            and isinstance(body["messages"][0], dict):
+        body["messages"] = [{**body["messages"][0], "content": "@EDGE@"}, *body["messages"][1:]]
+    else:
+        body[field] = "@EDGE@"
+    return json.dumps(body).replace('"@EDGE@"', literal, 1).encode()
+
+
+@schema.include(method="POST", path_regex=r"completions$").parametrize()
+@schema.given(field=st.sampled_from(FIELDS), edge=st.sampled_from(list(EDGES)))
+@fuzzing(MIN_EDGE_EXAMPLES + 50)
+def test_numeric_edges_and_deep_nesting_never_5xx(case: Any, field: str, edge: str, base_url: str,
+                                                   session: requests.Session) -> None:
+    op = f"{case.method} {case.path}"
+    EDGE_SEEN[op] += 1
+    raw = _with_edge(case.body, field, EDGES[edge])
+    response = session.post(f"{base_url}{case.path}", data=raw, headers={"content-type": "application/json"},
+                            timeout=30)
+    EDGE_STATUSES[response.status_code] += 1
+    assert response.status_code < 500, (op, field, edge, response.status_code, response.text[:300])
+    if edge in REFUSED:
+        assert response.status_code in (400, 413), (op, field, edge, response.text[:300])
+    if response.status_code >= 400:
+        body = json.loads(response.text)
+        assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+
+
+def test_every_edge_operation_got_enough_examples() -> None:
+    """Runs after the edge fuzzing above (file order)."""
+    if not EDGE_SEEN:
+        pytest.skip("run together with test_numeric_edges_and_deep_nesting_never_5xx")
+    print("\nedge examples per operation:", dict(EDGE_SEEN), "statuses:", dict(sorted(EDGE_STATUSES.items())))
+    for op in ("POST /v1/chat/completions", "POST /v1/completions"):
+        assert EDGE_SEEN[op] >= MIN_EDGE_EXAMPLES, (op, EDGE_SEEN[op])
+    assert EDGE_STATUSES[400] > 0

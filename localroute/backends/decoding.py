@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from localroute.errors import ContextLengthExceededError, InvalidRequestError
+from localroute.errors import ContextLengthExceededError, GenerationError, InvalidRequestError
 from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
 
 Event = tuple[str, Any]
+
+MIN_TEMPERATURE = 1e-5  # below this, sampling is argmax (vLLM's _SAMPLING_EPS): 1e-300 gave NaN probabilities
 
 
 def prompt_room(prompt: list[int], n_ctx: int) -> int:
@@ -31,6 +33,12 @@ def prompt_room(prompt: list[int], n_ctx: int) -> int:
         raise ContextLengthExceededError(
             f"prompt is {len(prompt)} tokens; this model's context is {n_ctx} tokens", param="messages")
     return room
+
+
+def request_failure(exc: Exception) -> GenerationError:
+    """The error a request gets when its own decoding raised; the engine and the others go on.
+    The exception's type only: its text stays in the server log."""
+    return GenerationError(f"local tier: this request failed while decoding ({type(exc).__name__})")
 
 
 @dataclass(eq=False)
@@ -58,7 +66,7 @@ class DecodeState:
     def rng(self) -> np.random.Generator:
         """The request's sampler, made on first use by the engine thread: greedy requests never
         need one, and a seedless one reads OS entropy (~0.1 ms on the request path otherwise)."""
-        return np.random.default_rng(self.params.seed)
+        return np.random.default_rng(self.params.rng_seed)
 
     def add(self, tok: TokenLogprob, raw: bytes) -> tuple[FinishReason | None, int | None]:
         """Record a generated token; say whether the answer ends here (and where a stop cuts it)."""
@@ -128,6 +136,8 @@ def sample_token(row: np.ndarray, params: SamplingParams, rng: np.random.Generat
     """
     n_vocab = len(row)
     top = float(row.max()) if top is None else top
+    if params.temperature < MIN_TEMPERATURE:  # the distribution is one token; 1/T would overflow float32
+        return int(row.argmax())
     probs = np.exp((row - top) / params.temperature, dtype=np.float64)
     probs /= probs.sum()
     if params.top_p < 1.0:

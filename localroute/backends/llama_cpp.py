@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, prompt_room, sample_token
+from localroute.backends.decoding import DecodeState, prompt_room, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
@@ -40,6 +40,7 @@ from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
     InvalidRequestError,
+    LocalrouteError,
     MissingExtraError,
     RateLimitError,
 )
@@ -388,7 +389,9 @@ class LlamaEngine:
                 t0 = time.perf_counter_ns()
                 self._step(active)
                 self.stats["step_ns_total"] += time.perf_counter_ns() - t0
-        except Exception as exc:  # an engine crash must surface as 503s, never a hang
+        except Exception as exc:
+            # engine-level (llama_decode, the KV cache): every request gets a 503, never a hang. A
+            # request's own failure never gets here: _advance ends that request alone.
             log.exception("llama engine crashed")
             self._fail(f"{type(exc).__name__}: {exc}")
             return
@@ -405,14 +408,16 @@ class LlamaEngine:
         for seq in doomed:
             seq.sink(("error", BackendUnavailableError(f"local engine failed: {reason}", retry_after_s=1.0)))
 
-    def _drop(self, seq: _Seq, reason: str) -> None:
-        """End one running request with a retryable error and free its slot; the others go on."""
+    def _drop(self, seq: _Seq, reason: str, error: LocalrouteError | None = None, keep: bool = False) -> None:
+        """End one running request with `error` (default: a retryable 503) and free its slot; the
+        others go on. `keep`: its KV stream is sound (the failure was not in llama_decode), so the
+        prompt stays as the slot's prefix cache."""
         self.stats["failed_total"] += 1
         seq.last_token = -2
-        seq.sink(("error", BackendUnavailableError(f"local tier: {reason}; retry", retry_after_s=1.0)))
+        seq.sink(("error", error or BackendUnavailableError(f"local tier: {reason}; retry", retry_after_s=1.0)))
         with self._cond:
             if seq.slot >= 0:
-                self._release(seq, keep=False)  # a failed decode may leave the stream inconsistent
+                self._release(seq, keep=keep)  # a failed decode may leave the stream inconsistent
 
     def _decode(self, n: int) -> int:
         self._batch.n_tokens = n
@@ -565,33 +570,40 @@ class LlamaEngine:
         )
 
     def _advance(self, seq: _Seq, row: np.ndarray, now: float) -> None:
-        params = seq.params
-        if seq.grammar is not None:
-            row = seq.grammar.mask(row)
-        token, logprob, lse = self._pick(row, seq)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        if self._eog[token] and not params.ignore_eos:
-            self._finish(seq, "stop")
-            return
-        raw = self.piece(token)
-        top = self._top(row, params.top_logprobs, lse) if params.top_logprobs > 0 else ()
-        tok = TokenLogprob(
-            token_id=token,
-            token=raw.decode("utf-8", errors="replace"),
-            logprob=logprob,
-            bytes=tuple(raw),
-            top_logprobs=top,
-        )
-        reason, cut = seq.add(tok, raw)
-        seq.last_token = token
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        self.stats["tokens_generated_total"] += 1
-        if reason is not None:
-            self._finish(seq, reason, cut_chars=cut)
-        elif seq.want_tokens:
-            seq.emit(tok)
+        """Pick, record and hand on one request's next token from its logits row. Whatever raises
+        in here (its sampler, grammar, stop strings, top-k) is that request's failure alone: it
+        ends with a GenerationError, its slot is freed, and the engine goes on (STYLE 14)."""
+        try:
+            params = seq.params
+            if seq.grammar is not None:
+                row = seq.grammar.mask(row)
+            token, logprob, lse = self._pick(row, seq)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if self._eog[token] and not params.ignore_eos:
+                self._finish(seq, "stop")
+                return
+            raw = self.piece(token)
+            top = self._top(row, params.top_logprobs, lse) if params.top_logprobs > 0 else ()
+            tok = TokenLogprob(
+                token_id=token,
+                token=raw.decode("utf-8", errors="replace"),
+                logprob=logprob,
+                bytes=tuple(raw),
+                top_logprobs=top,
+            )
+            reason, cut = seq.add(tok, raw)
+            seq.last_token = token
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+            self.stats["tokens_generated_total"] += 1
+            if reason is not None:
+                self._finish(seq, reason, cut_chars=cut)
+            elif seq.want_tokens:
+                seq.emit(tok)
+        except Exception as exc:
+            log.exception("request %s failed in the llama engine; the engine goes on", seq.request_id)
+            self._drop(seq, "request failed", error=request_failure(exc), keep=True)
 
     def _finish(self, seq: _Seq, reason: FinishReason, cut_chars: int | None = None) -> None:
         seq.finish(reason, cut_chars, model=self.model_path.name)

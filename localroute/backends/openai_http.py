@@ -4,7 +4,9 @@ llama.cpp's server, another localroute). The API key is sent as a bearer token a
 Failure handling (see localroute/resilience.py for why): every call runs under separate connect,
 first-token, idle and total deadlines; it is retried (jitter, Retry-After, capped total wait) only
 while nothing has been handed to the caller, so a stream is never silently restarted; a circuit
-breaker per upstream fails fast once the upstream is presumed down. Every error that leaves this
+breaker per upstream fails fast once the upstream is presumed down. The first-token deadline runs
+from each attempt's start and covers the response headers, an error's body, the first streamed
+token, and the whole of a non-streamed answer; a half-open probe is one attempt, never retried. Every error that leaves this
 module is an UpstreamError (or InvalidRequestError for a 400) whose message is scrubbed of keys
 and URL query strings. With a spend budget attached, the worst-case cost is reserved before the
 call and reconciled with the provider's usage after it.
@@ -176,7 +178,7 @@ class OpenAIHTTPBackend:
         if status == 400:
             try:
                 message = str(json.loads(body)["error"]["message"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 message = "bad request"
             err = InvalidRequestError(self._scrub(f"frontier rejected the request: {message}"))
             return _Failure(err, retryable=False, breaker=False)
@@ -243,11 +245,12 @@ class OpenAIHTTPBackend:
         verdict = False  # the breaker got a success/failure for the probe it let through
         try:
             while True:
-                self.breaker.before_call()
+                probe = self.breaker.before_call()
                 verdict = False
+                first = min(deadline, loop.time() + self.deadlines.first_token_s)
                 try:
-                    once = self._stream_once(request, deadline, state) if stream else self._generate_once(
-                        request, deadline, state)
+                    once = self._stream_once(request, deadline, first, state) if stream else self._generate_once(
+                        request, first, state)
                     try:
                         async for delta in once:
                             if delta.final is not None:
@@ -267,10 +270,10 @@ class OpenAIHTTPBackend:
                         verdict = True
                     remaining = deadline - loop.time()
                     wait = None
-                    if failure.retryable and not sent:
+                    if failure.retryable and not sent and not probe:  # a probe's failure is its verdict
                         wait = self.retry.next_wait(retries, waited, remaining, failure.retry_after_s)
-                    log.warning("frontier %s attempt %d failed: %s%s", self.name, retries + 1,
-                                failure.error.code, "" if wait is None else f"; retrying in {wait:.2f}s")
+                    log.warning("frontier %s %s %d failed: %s%s", self.name, "probe" if probe else "attempt",
+                                retries + 1, failure.error.code, "" if wait is None else f"; retrying in {wait:.2f}s")
                     if wait is None:
                         raise failure.error from None
                     await asyncio.sleep(wait)
@@ -291,11 +294,10 @@ class OpenAIHTTPBackend:
         except TimeoutError:
             raise self._fail(f"{what} deadline exceeded", "upstream_timeout") from None
 
-    async def _open(self, request: GenerationRequest, stream: bool, deadline: float,
+    async def _open(self, request: GenerationRequest, stream: bool, first: float,
                     state: dict[str, Any]) -> httpx.Response:
-        """Send the request; return a 200 response whose body is still unread."""
-        loop = asyncio.get_running_loop()
-        first = min(deadline, loop.time() + self.deadlines.first_token_s)
+        """Send the request; return a 200 response whose body is still unread. An error's body is
+        its answer: it too must come by the first-token deadline (else it is read as empty)."""
         req = self._client.build_request("POST", "/chat/completions", json=self._body(request, stream))
         try:
             resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
@@ -303,7 +305,7 @@ class OpenAIHTTPBackend:
             raise self._transport_failure(exc) from None
         if resp.status_code >= 400:
             try:
-                body = await self._wait(resp.aread(), min(deadline, loop.time() + self.deadlines.idle_s), "idle")
+                body = await self._wait(resp.aread(), first, "first-token")
             except (_Failure, httpx.HTTPError):
                 body = b""
             finally:
@@ -312,19 +314,21 @@ class OpenAIHTTPBackend:
         state["billed"] = True
         return resp
 
-    async def _generate_once(self, request: GenerationRequest, deadline: float,
+    async def _generate_once(self, request: GenerationRequest, first: float,
                              state: dict[str, Any]) -> AsyncGenerator[StreamDelta, None]:
+        """One non-streamed attempt: the whole answer is due by `first` (the first-token deadline,
+        itself within the total one), and its body may not stall for longer than idle_s."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        resp = await self._open(request, False, deadline, state)
+        resp = await self._open(request, False, first, state)
         try:
             raw = bytearray()
             progress = loop.time()
             chunks = resp.aiter_bytes().__aiter__()
             while True:
-                until = min(deadline, progress + self.deadlines.idle_s)
+                until = min(first, progress + self.deadlines.idle_s)
                 try:
-                    chunk = await self._wait(chunks.__anext__(), until, "idle" if until < deadline else "total")
+                    chunk = await self._wait(chunks.__anext__(), until, "idle" if until < first else "first-token")
                 except StopAsyncIteration:
                     break
                 raw += chunk
@@ -344,7 +348,7 @@ class OpenAIHTTPBackend:
                 raise TypeError("bad types")
             prompt_tokens = int(usage.get("prompt_tokens", 0))
             completion_tokens = int(usage.get("completion_tokens", len(tokens)))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):  # nested too deep
             raise self._fail("malformed response body", "upstream_bad_response") from None
         state["usage"] = usage
         latency = time.perf_counter() - start
@@ -363,8 +367,10 @@ class OpenAIHTTPBackend:
             ),
         )
 
-    async def _stream_once(self, request: GenerationRequest, deadline: float,
+    async def _stream_once(self, request: GenerationRequest, deadline: float, first: float,
                            state: dict[str, Any]) -> AsyncGenerator[StreamDelta, None]:
+        """One streamed attempt: the first token is due by `first` (counted from the attempt's start,
+        headers included), then each event within idle_s, everything by `deadline`."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         ttft: float | None = None
@@ -373,14 +379,13 @@ class OpenAIHTTPBackend:
         usage: dict[str, Any] = {}
         finish: str | None = None
         model = self.model
-        resp = await self._open(request, True, deadline, state)
+        resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
-        started = loop.time()
         progress: float | None = None  # last data event after the first token
         try:
             while True:
                 if progress is None:
-                    until, what = min(deadline, started + self.deadlines.first_token_s), "first-token"
+                    until, what = first, "first-token"
                 else:
                     until, what = min(deadline, progress + self.deadlines.idle_s), "idle"
                 if until == deadline:
@@ -398,7 +403,7 @@ class OpenAIHTTPBackend:
                     chunk = json.loads(payload)
                     if not isinstance(chunk, dict):
                         raise TypeError("chunk is not an object")
-                except (ValueError, TypeError):
+                except (ValueError, TypeError, RecursionError):
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
                 if "error" in chunk:
                     raise self._fail("stream ended with an error event", "upstream_error")

@@ -84,10 +84,15 @@ class EngineBridge(ABC):
         outbox: Outbox | None = getattr(self.engine, "outbox", None)
 
         def sink(event: Event) -> None:
-            if outbox is not None:
-                outbox.post(loop, queue.put_nowait, event)
-            else:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+            try:
+                if outbox is not None:
+                    outbox.post(loop, queue.put_nowait, event)
+                else:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                # the caller's event loop is closed: nobody waits for this event, and a caller that
+                # has gone must not raise in (and kill) the engine thread
+                pass
 
         job = self._job(request, sink, want_tokens)
         self.engine.submit(job)

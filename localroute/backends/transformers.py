@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localroute.backends.decoding import DecodeState, prompt_room, sample_token
+from localroute.backends.decoding import DecodeState, prompt_room, request_failure, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
@@ -284,7 +284,9 @@ class TorchEngine:
                         self._run_batch(batch)
                 with self._cond:
                     self._running_batch = []
-        except Exception as exc:  # an engine crash must surface as 503s, never a hang
+        except Exception as exc:
+            # the model itself failed (a forward pass): every request gets a 503, never a hang. A
+            # request's own failure never gets here: _step ends that request alone.
             log.exception("torch engine crashed")
             self._fail(f"{type(exc).__name__}: {exc}")
 
@@ -336,7 +338,7 @@ class TorchEngine:
         torch = self._torch
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         greedy = logprobs.argmax(dim=-1).tolist()
-        k = max((r.params.top_logprobs for r, a in zip(batch, live, strict=True) if a), default=0)
+        k = min(max((r.params.top_logprobs for r, a in zip(batch, live, strict=True) if a), default=0), self.n_vocab)
         top_vals = top_idx = None
         if k > 0:
             tv, ti = logprobs.topk(k, dim=-1)
@@ -351,24 +353,33 @@ class TorchEngine:
                 self.stats["cancelled_total"] += 1
                 chosen[i] = self.pad_id
                 continue
-            if req.params.temperature > 0:
-                chosen[i] = sample_token(logprobs[i].cpu().numpy(), req.params, req.rng)
-            token = chosen[i]
-            lp = float(logprobs[i, token])
-            tops: tuple[TopLogprob, ...] = ()
-            if req.params.top_logprobs > 0 and top_vals is not None and top_idx is not None:
-                n = req.params.top_logprobs
-                tops = tuple(
-                    TopLogprob(
-                        token=self.token_bytes(int(t)).decode("utf-8", errors="replace"),
-                        logprob=float(v),
-                        bytes=tuple(self.token_bytes(int(t))),
-                    )
-                    for t, v in zip(top_idx[i, :n], top_vals[i, :n], strict=True)
-                )
-            if not self._advance(req, token, lp, tops):
-                live[i] = False
+            try:
+                if not self._row(req, i, chosen, logprobs, top_vals, top_idx):
+                    live[i] = False
+            except Exception as exc:  # this request's own failure: it ends alone, the batch goes on
+                log.exception("request %s failed in the torch engine; the engine goes on", req.request_id)
+                live[i], chosen[i], req.done = False, self.pad_id, True
+                req.sink(("error", request_failure(exc)))
         return chosen
+
+    def _row(self, req: _Req, i: int, chosen: list[int], logprobs: Any, top_vals: Any, top_idx: Any) -> bool:
+        """Choose row i's token (into `chosen`) and record it; False when the request is finished."""
+        if req.params.temperature > 0:
+            chosen[i] = sample_token(logprobs[i].cpu().numpy(), req.params, req.rng)
+        token = chosen[i]
+        lp = float(logprobs[i, token])
+        tops: tuple[TopLogprob, ...] = ()
+        if req.params.top_logprobs > 0 and top_vals is not None and top_idx is not None:
+            n = req.params.top_logprobs
+            tops = tuple(
+                TopLogprob(
+                    token=self.token_bytes(int(t)).decode("utf-8", errors="replace"),
+                    logprob=float(v),
+                    bytes=tuple(self.token_bytes(int(t))),
+                )
+                for t, v in zip(top_idx[i, :n], top_vals[i, :n], strict=True)
+            )
+        return self._advance(req, token, lp, tops)
 
     def _advance(self, req: _Req, token: int, logprob: float, tops: tuple[TopLogprob, ...]) -> bool:
         """Record one token; False when the request is finished."""

@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     from localroute.server import create_app
     from localroute.server.app import build_tiers
+    from localroute.server.connections import ensure_fd_limit, server_config
 
     settings = settings_from(args, host=args.host, port=args.port, backend=args.backend)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -33,5 +34,10 @@ def run(args: argparse.Namespace) -> int:
     # the CLI prints as one line and exits 2, not a lifespan traceback.
     app = create_app(settings, tiers=build_tiers(settings))
     sys.setswitchinterval(settings.switch_interval_s)  # see the setting: the engine thread's GIL wait
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    return 0
+    ensure_fd_limit(settings.max_connections)
+    server = uvicorn.Server(server_config(app, settings))  # with the header deadline and connection cap
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    return 0 if server.started else 1  # not started: uvicorn has logged why (e.g. the port is taken)

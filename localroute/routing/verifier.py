@@ -39,6 +39,8 @@ def schema_violation(response_format: dict[str, Any], text: str) -> str | None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"not valid JSON: {exc.msg} at char {exc.pos}"
+    except RecursionError:  # an answer of a thousand nested brackets: not a 500
+        return "JSON nests too deeply to check"
     if kind == "json_object":
         return None if isinstance(value, dict) else "JSON is not an object"
     schema = (response_format.get("json_schema") or {}).get("schema")
@@ -53,6 +55,8 @@ def schema_violation(response_format: dict[str, Any], text: str) -> str | None:
         return f"schema violation at {where}: {exc.message[:200]}"
     except jsonschema.SchemaError as exc:
         return f"invalid schema: {exc.message[:200]}"
+    except RecursionError:
+        return "JSON nests too deeply to check"
     return None
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from localroute import __version__
 from localroute.auth import ApiKeyStore, AuthMiddleware
@@ -48,6 +50,13 @@ class RequestTooLargeError(InvalidRequestError):
     code = "request_too_large"
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The body did not arrive in time; the answer closes the connection (server/errors.py)."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class ClientDisconnectedError(LocalrouteError):
     """The client went away; its work was cancelled. Nobody reads this answer (nginx's 499)."""
 
@@ -57,12 +66,17 @@ class ClientDisconnectedError(LocalrouteError):
 
 
 class BodyLimitMiddleware:
-    """413 before any parsing: at once by Content-Length, else (chunked bodies) as soon as the
-    bytes received pass the cap, without buffering the rest. Pure ASGI, so it adds no task."""
+    """Size and time limits on a request body, before any parsing. Size: 413 at once by
+    Content-Length, else (chunked bodies) as soon as the bytes received pass the cap, without
+    buffering the rest. Time: the whole body must arrive within `timeout_s` of its headers, else 408
+    (8 of 100 promised bytes, or a chunked body that never ends, no longer hold a connection and a
+    task for ever). Pure ASGI, so it adds no task; once the body is in, reads are not timed (the
+    disconnect watcher's wait for `http.disconnect` is not a body read)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _error(self) -> RequestTooLargeError:
         return RequestTooLargeError(f"request body over {self.max_bytes} bytes")
@@ -77,14 +91,27 @@ class BodyLimitMiddleware:
             await JSONResponse(error_body(exc.message, exc.error_type, None, exc.code), 413)(scope, receive, send)
             return
         received = 0
+        timeout_s = self.timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
         async def limited() -> Any:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise RequestTimeoutError(f"request body not received within {timeout_s:g}s") from None
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise self._error()  # mapped to the 413 body by the LocalrouteError handler
+                if not message.get("more_body", False):
+                    deadline = None  # the body is in
+            else:
+                deadline = None  # http.disconnect
             return message
 
         await self.app(scope, limited, send)
@@ -120,6 +147,50 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         raise ClientDisconnectedError("client disconnected") from None
     finally:
         watcher.cancel()
+
+
+_KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.){1,100})"\s*:\s*-?$')  # the key whose value failed to parse
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """A request body as a JSON object, or InvalidRequestError (400) saying why not.
+
+    orjson, because the standard parser lets through what JSON forbids and no engine may see (NaN
+    and Infinity literals, numbers that overflow to infinity such as 1e400, lone "\\ud800"
+    surrogates) and raises RecursionError, a 500, past about 1,000 levels of nesting. orjson refuses
+    all of these (its own nesting limit is 1,024); the tighter `max_depth` is then checked without
+    recursion, because what reads the body next (pydantic, a grammar, jsonschema, the frontier
+    client's encoder) recurses."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in exc.msg:
+            raise InvalidRequestError(f"request body nests deeper than {max_depth} levels") from None
+        key = _KEY_BEFORE.search(exc.doc, max(0, exc.pos - 200), exc.pos) if isinstance(exc.doc, str) else None
+        param = key.group(1) if key else None  # `"temperature": NaN` names temperature
+        where = f" in {param!r}" if param else ""
+        raise InvalidRequestError(f"request body is not valid JSON{where}: {exc.msg} at position {exc.pos}",
+                                  param=param) from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    if nests_deeper(data, max_depth):
+        raise InvalidRequestError(f"request body nests deeper than {max_depth} levels")
+    return data
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether `value` holds objects/arrays nested more than `limit` deep (the top one is level 1).
+    Iterative: a stack of (container, level), each container visited once."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if level >= limit:
+                    return True
+                stack.append((child, level + 1))
+    return False
 
 
 def dumps(content: Any) -> bytes:
@@ -447,7 +518,7 @@ def create_app(
     def service() -> Service:
         return holder["service"]
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s)
     api_keys = ApiKeyStore.from_settings(settings)
     if api_keys is not None:  # added after the body limit: no body is read for a caller without a key
         app.add_middleware(AuthMiddleware, keys=api_keys, public_paths=settings.public_paths)
@@ -504,18 +575,11 @@ def create_app(
         return JSONResponse(await asyncio.to_thread(svc.feedback.add, body))
 
     async def _parse(request: Request, model: type[ChatCompletionRequest | CompletionRequest]) -> Any:
-        raw = await request.body()
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        try:  # "\ud800" escapes are valid JSON but no valid text: refuse them before any engine sees them
-            if b"\\u" in raw:  # only a \u escape can make a lone surrogate: skip the re-encoding otherwise
-                json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequestError("request body contains invalid Unicode (a lone surrogate)") from None
+            raw = await request.body()
+        except ClientDisconnect:  # the client left (or its connection was closed) mid-body
+            raise ClientDisconnectedError("client disconnected") from None
+        data = parse_json_body(raw, settings.max_json_depth)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
