@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         "at 8), a token's logprob then varies with its batch neighbours (up to 0.12 nats measured), and "
         "it turns the prefix cache off; off keeps logprobs bit-identical at any batch size.",
     )
+    llama_extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp's extra weight buffer types (AMX, REPACK) for every GGUF it loads: "
+        "the local tiers, the embedding encoder, the bench's baselines. 'auto': off where llama.cpp or the "
+        "CPU reports AMX (its AMX path crashes: llama.cpp issue 20824), else the measured choice for CPUs "
+        "without AMX (README, Extra buffer types). `localroute doctor` prints what was chosen and why."
+    )
     n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
     prefix_cache: bool = Field(
         True, description="Keep each finished prompt's KV in its slot and skip the prefix the next request "

@@ -160,7 +160,8 @@ def load_models(settings: Any) -> tuple[dict[str, ScoringModel], dict[str, Encod
         models["embedding"] = EmbeddingModel(art, novelty_similarity=settings.router_novelty_similarity)
     if settings.router_classifier_path is not None:
         models["classifier"] = ClassifierModel(load_artifact(settings.router_classifier_path, "classifier"))
-    encoders = {name: load_encoder(name) for name in sorted({m.encoder_name for m in models.values()})}
+    encoders = {name: load_encoder(name, settings.llama_extra_buffers)
+                for name in sorted({m.encoder_name for m in models.values()})}
     for name, enc in encoders.items():
         for m in models.values():
             if m.encoder_name == name and m.artifact.dim != enc.dim:
