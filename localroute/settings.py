@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=_default_models_dir, description="Where registry files and GGUFs live.")
     tiers: list[TierSettings] = Field(
         default_factory=list,
-        description="The cascade ladder, cheapest first. Empty: SmolLM2 -> gemma-3-270m (+ frontier if set).",
+        description="The cascade ladder, cheapest first. Empty: SmolLM2-135M alone, then the frontier if one is "
+        "set (gemma-3-270m, a base model, scored below SmolLM2 on the eval sets: README, The default ladder).",
     )
     default_policy: str = Field("localroute/cascade", description="Policy used when a request names none we know.")
 
@@ -113,6 +114,14 @@ class Settings(BaseSettings):
     confidence_quantile_alpha: float = Field(0.1, gt=0, lt=1, description="alpha of the quantile aggregator.")
     default_threshold: float = Field(
         -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
+    )
+    repetition_min_repeats: int = Field(
+        4, ge=0, description="A non-final tier's answer that repeats one phrase back to back this many times "
+        "(covering repetition_min_coverage of it) is rejected whatever its confidence, its evidence in the "
+        "decision (routing/repetition.py). 0: no repetition check."
+    )
+    repetition_min_coverage: float = Field(
+        0.3, ge=0, le=1, description="Share of the answer's word/punctuation tokens the repeated run must cover."
     )
     calibration_path: Path | None = Field(None, description="Calibration file written by `localroute calibrate`.")
     eval_data_dir: Path = Field(
@@ -275,10 +284,9 @@ class Settings(BaseSettings):
     def _base_ladder(self) -> list[TierSettings]:
         if self.tiers:
             return list(self.tiers)
-        ladder = [
-            TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m"),
-            TierSettings(name="gemma-3-270m", kind="llama_cpp", model="gemma-3-270m"),
-        ]
+        # Every tier must be at least as good as the one below it on the eval sets; gemma-3-270m (a base
+        # model, in the registry for whoever adds it as a tier) is not (README, The default ladder).
+        ladder = [TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m")]
         if self.frontier_base_url:
             ladder.append(self.frontier_tier())
         return ladder

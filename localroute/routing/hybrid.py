@@ -208,6 +208,7 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
         policies["localroute/hybrid"] = PreRouter("localroute/hybrid", ordered, encoders, tiers, cascade, thr,
                                                   settings.router_uncertainty_margin)
     if settings.verifier_tier is not None:
+        from localroute.routing.repetition import RepetitionCheck
         from localroute.routing.verifier import VerifiedCascadeRouter, Verifier
 
         judge = next((t for t in tiers if t.name == settings.verifier_tier), None)
@@ -216,5 +217,6 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
         policies["localroute/verified"] = VerifiedCascadeRouter(
             tiers, Verifier(judge.backend), settings.confidence_aggregator, settings.confidence_quantile_alpha,
             "localroute/verified", settings.verifier_mode, settings.verifier_threshold,
-            on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy)
+            on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy,
+            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage))
     return policies
