@@ -243,8 +243,19 @@ class RoutingLog:
             sum(utils) / len(utils) if utils else None,
             sum(powers) if powers else None,
             int(rec.disconnected), prompt_text, answer_text,
-            json.dumps(decision.evidence, default=str) if decision is not None and decision.evidence else None,
+            json.dumps(self._evidence(decision.evidence), default=str)
+            if decision is not None and decision.evidence else None,
         )
+
+    def _evidence(self, evidence: dict[str, Any]) -> dict[str, Any]:
+        """The decision's evidence, without answer text unless log_prompts (then redacted): the
+        repetition check's evidence quotes the repeated phrase."""
+        loops = evidence.get("repetition")
+        if not loops:
+            return evidence
+        kept = {tier: ({**e, "ngram": redact(str(e.get("ngram", "")))} if self.log_prompts
+                       else {k: v for k, v in e.items() if k != "ngram"}) for tier, e in loops.items()}
+        return {**evidence, "repetition": kept}
 
     def _writer(self) -> None:
         conn = _connect(self.path)

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=_default_models_dir, description="Where registry files and GGUFs live.")
     tiers: list[TierSettings] = Field(
         default_factory=list,
-        description="The cascade ladder, cheapest first. Empty: SmolLM2 -> gemma-3-270m (+ frontier if set).",
+        description="The cascade ladder, cheapest first. Empty: SmolLM2-135M alone, then the frontier if one is "
+        "set (gemma-3-270m, a base model, scored below SmolLM2 on the eval sets: README, The default ladder).",
     )
     default_policy: str = Field("localroute/cascade", description="Policy used when a request names none we know.")
 
@@ -114,6 +115,14 @@ class Settings(BaseSettings):
     default_threshold: float = Field(
         -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
     )
+    repetition_min_repeats: int = Field(
+        4, ge=0, description="A non-final tier's answer that repeats one phrase back to back this many times "
+        "(covering repetition_min_coverage of it) is rejected whatever its confidence, its evidence in the "
+        "decision (routing/repetition.py). 0: no repetition check."
+    )
+    repetition_min_coverage: float = Field(
+        0.3, ge=0, le=1, description="Share of the answer's word/punctuation tokens the repeated run must cover."
+    )
     calibration_path: Path | None = Field(None, description="Calibration file written by `localroute calibrate`.")
     eval_data_dir: Path = Field(
         REPO_ROOT.parent / "shared" / "data",
@@ -129,6 +138,12 @@ class Settings(BaseSettings):
         "Not faster (scripts/bench_engine.py, SmolLM2, 2 cores: 147 vs 143 tok/s at 4 streams, 151 vs 194 "
         "at 8), a token's logprob then varies with its batch neighbours (up to 0.12 nats measured), and "
         "it turns the prefix cache off; off keeps logprobs bit-identical at any batch size.",
+    )
+    llama_extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp's extra weight buffer types (AMX, REPACK) for every GGUF it loads: "
+        "the local tiers, the embedding encoder, the bench's baselines. 'auto': off where llama.cpp or the "
+        "CPU reports AMX (its AMX path crashes: llama.cpp issue 20824), else the measured choice for CPUs "
+        "without AMX (README, Extra buffer types). `localroute doctor` prints what was chosen and why."
     )
     n_parallel: int = Field(8, ge=1, le=256, description="Max sequences decoded together in a local tier.")
     prefix_cache: bool = Field(
@@ -298,10 +313,9 @@ class Settings(BaseSettings):
     def _base_ladder(self) -> list[TierSettings]:
         if self.tiers:
             return list(self.tiers)
-        ladder = [
-            TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m"),
-            TierSettings(name="gemma-3-270m", kind="llama_cpp", model="gemma-3-270m"),
-        ]
+        # Every tier must be at least as good as the one below it on the eval sets; gemma-3-270m (a base
+        # model, in the registry for whoever adds it as a tier) is not (README, The default ladder).
+        ladder = [TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m")]
         if self.frontier_base_url:
             ladder.append(self.frontier_tier())
         return ladder

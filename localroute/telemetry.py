@@ -408,8 +408,9 @@ def _engine(module: str, dist: str | None = None) -> dict[str, Any]:
     return {"importable": found, "version": version}
 
 
-def environment(nvml: Nvml | None = None) -> dict[str, Any]:
-    """What `localroute doctor` reports: CPU, GPU via NVML, the engines installed, and the choice."""
+def environment(nvml: Nvml | None = None, extra_buffers: str = "auto") -> dict[str, Any]:
+    """What `localroute doctor` reports: CPU, GPU via NVML, the engines installed, and the choice;
+    with llama.cpp, the CPU features it reports and its extra-buffer choice (`extra_buffers` mode)."""
     nv = nvml if nvml is not None else Nvml()
     gpu_ok = nv.start()
     gpus = [asdict(g) for g in nv.read()] if gpu_ok else []
@@ -443,4 +444,16 @@ def environment(nvml: Nvml | None = None) -> dict[str, Any]:
         },
         "engines": engines,
         "would_use": use,
+        "llama_cpp_cpu": llama_cpp_cpu(extra_buffers) if engines["llama_cpp"]["importable"] else None,
     }
+
+
+def llama_cpp_cpu(extra_buffers: str) -> dict[str, Any]:
+    """llama.cpp's CPU features and its extra-buffer choice; never raises (doctor runs in CI)."""
+    from localroute.backends.cpu_features import report
+
+    try:
+        return report(extra_buffers)
+    except Exception as exc:  # noqa: BLE001 - a report, not a check: say what failed
+        return {"system_info": "", "amx_cpu_flags": [], "mode": extra_buffers, "use_extra_bufts": None,
+                "reason": f"could not read llama.cpp's CPU features: {exc}"}

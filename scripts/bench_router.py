@@ -105,8 +105,9 @@ def main() -> None:
         out["minilm_int8_embed_2_threads"]["p50_ms"] + out["embedding_decision"]["p50_ms"], 3)
     if not args.no_smollm2:
         from localroute.embeddings.llama import LlamaEncoder
+        from localroute.settings import load_settings
 
-        smol = LlamaEncoder()
+        smol = LlamaEncoder(extra_buffers=load_settings().llama_extra_buffers)
         out["smollm2_embed"] = _timed(lambda: smol.encode([query]), max(20, args.runs // 4))
     out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     if args.json:

@@ -83,3 +83,12 @@ def local_settings(tiers: Sequence[dict[str, Any]] | None = None, **kw: Any) -> 
         base["tiers"] = list(tiers)
     base.update(kw)
     return Settings(**base)
+
+
+def safe_extra_buffer_modes() -> list[str]:
+    """llama_extra_buffers values a real-model test may load with here: all three, except `on` on
+    an AMX CPU, the configuration known to crash (auto refuses it there; tests check that apart)."""
+    from localroute.backends.cpu_features import extra_buffers_choice
+
+    auto = extra_buffers_choice("auto")
+    return ["auto", "off"] if "AMX present" in auto.reason else ["auto", "on", "off"]

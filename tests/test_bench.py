@@ -73,6 +73,7 @@ def test_bench_end_to_end_json_plot_and_saved_result(tmp_path: Path, capsys: pyt
     assert checks["router overhead p50 ms"]["value"] == overhead["p50_ms"]
     assert checks["c4 output tok/s vs llama-server (4 slots)"]["met"] is None  # not measured here
     assert result["machine"]["cpus"] >= 1
+    assert result["extra_buffers"]["mode"] == "auto" and isinstance(result["extra_buffers"]["use_extra_bufts"], bool)
     # no GPU here: the run says why, and every level carries the GPU keys empty rather than made up
     assert result["gpu"]["available"] is False and result["gpu"]["reason"]
     assert all(lvl[key] is None for lvl in levels for key in GPU_KEYS)
@@ -269,3 +270,49 @@ def test_localroute_thread_baseline_is_the_same_server_with_the_engine_in_proces
     server = make(4)
     assert name == "localroute-thread" and server.name == "localroute-thread"
     assert server.env["LOCALROUTE_ENGINE_ISOLATION"] == "thread"
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_llama_server_baseline_gets_the_same_extra_buffer_choice(tmp_path: Path, mode: str) -> None:
+    """llama-server repacks weights unless told not to: `--no-repack` exactly when localroute's
+    choice is off, so both engines use the same weight layout (and neither crashes on AMX)."""
+    from localroute.bench import servers
+
+    binary = tmp_path / "llama-server"
+    binary.write_text("")
+    spec = servers.EngineSpec(tmp_path / "m.gguf", 2, 512, extra_buffers=mode)
+    argv = servers.llama_server(binary, spec, 4).argv
+    assert ("--no-repack" in argv) is (mode == "off")
+    assert servers.localroute_server(spec, 4).env["LOCALROUTE_LLAMA_EXTRA_BUFFERS"] == mode
+
+
+@pytest.mark.slow
+def test_llama_cpp_python_baseline_loads_with_the_choice_and_answers(smollm2_path: Path) -> None:
+    """`--vs llama-cpp-python` runs llama_cpp.server through localroute's wrapper, which applies
+    the extra-buffer choice before llama_cpp.server loads the model; it answers the official client."""
+    from openai import OpenAI
+
+    from localroute.backends.cpu_features import extra_buffers_choice
+    from localroute.bench import servers
+
+    spec = servers.EngineSpec(smollm2_path, 2, 512, extra_buffers="auto")
+    server = servers.llama_cpp_python_server(spec, 1)
+    assert server.argv[1:3] == ["-m", "localroute.bench.llama_cpp_python_server"]
+    want = extra_buffers_choice("auto").use_extra_bufts
+    assert server.env["LOCALROUTE_USE_EXTRA_BUFTS"] == ("1" if want else "0")
+    with server:
+        out = OpenAI(base_url=server.base_url, api_key="unused").completions.create(
+            model="bench", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert out.choices[0].text.strip()
+
+
+def test_bench_report_says_which_extra_buffers_every_engine_used(capsys: pytest.CaptureFixture[str]) -> None:
+    from localroute.bench.report import print_report
+    from localroute.bench.runner import BenchConfig, _extra_buffers_json
+
+    eb = _extra_buffers_json(BenchConfig(concurrency=[1], model_path=Path("m.gguf"), n_threads=2, extra_buffers="off"))
+    assert eb == {"mode": "off", "use_extra_bufts": False, "reason": "llama_extra_buffers=off",
+                  "llama_server_flag": "--no-repack"}
+    print_report({"targets": {}, "ratios": {}, "targets_check": [], "extra_buffers": eb,
+                  "machine": {"cpus": 2, "processor": "x86_64", "loadavg_start": [0.5]}})
+    assert "extra buffer types off for every llama.cpp engine" in capsys.readouterr().out

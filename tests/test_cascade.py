@@ -8,6 +8,7 @@ import pytest
 
 from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.routing import CascadeRouter, Tier
+from localroute.routing.base import Routed
 from localroute.types import GenerationRequest
 from tests.fakes import ScriptedBackend
 
@@ -113,3 +114,48 @@ def test_verified_policy_honours_the_escalation_failure_policy(policy: str) -> N
     else:
         routed = asyncio.run(router.route(REQ))
         assert routed.generation.text == "local answer" and routed.decision.degraded == "f_upstream_error"
+
+
+LOOP = "la Femme, " * 12  # issue 13: SmolLM2's answer to "What is the capital of France?"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_confident_looping_answer_escalates_with_its_evidence(stream: bool) -> None:
+    """Accepted today at -0.375 against -1.0: a loop is rejected whatever its logprobs."""
+    a = ScriptedBackend("a", LOOP, [-0.375] * 36)
+    f = ScriptedBackend("f", "Paris.", [-0.01], local=False)
+    router = CascadeRouter([Tier("a", a, -1.0), Tier("f", f, None)])
+    if stream:
+        async def last() -> Routed:
+            return [d async for d in router.route_stream(REQ)][-1].routed  # type: ignore[return-value]
+        routed = asyncio.run(last())
+    else:
+        routed = asyncio.run(router.route(REQ))
+    d = routed.decision
+    assert routed.generation.text == "Paris." and d.answered_by == "f" and d.escalated
+    assert d.attempts[0].confidence == pytest.approx(-0.375) and d.attempts[0].accepted is False
+    assert d.evidence["repetition"]["a"] == {"ngram": "la Femme,", "repeats": 12, "coverage": 1.0}
+    assert "repetition" in d.as_dict()["evidence"]
+
+
+def test_repetition_check_can_be_turned_off_and_normal_answers_pass() -> None:
+    from localroute.routing.repetition import RepetitionCheck
+
+    a = ScriptedBackend("a", LOOP, [-0.375] * 36)
+    f = ScriptedBackend("f", "Paris.", [-0.01], local=False)
+    off = CascadeRouter([Tier("a", a, -1.0), Tier("f", f, None)], repetition=RepetitionCheck(min_repeats=0))
+    assert asyncio.run(off.route(REQ)).decision.answered_by == "a"
+    listing = ScriptedBackend("a", "1. red\n2. green\n3. blue\n4. yellow\n5. purple", [-0.3] * 15)
+    routed = asyncio.run(CascadeRouter([Tier("a", listing, -1.0), Tier("f", f, None)]).route(REQ))
+    assert routed.decision.answered_by == "a" and "repetition" not in routed.decision.evidence
+
+
+def test_verified_policy_rejects_a_loop_whatever_the_verifier_says() -> None:
+    from localroute.routing.verifier import VerifiedCascadeRouter, Verifier
+
+    cheap = ScriptedBackend("a", LOOP, [-0.1] * 36)
+    judge = ScriptedBackend("j", "Yes", [-0.01])  # the verifier would vouch for it
+    f = ScriptedBackend("f", "Paris.", [-0.01], local=False)
+    routed = asyncio.run(VerifiedCascadeRouter([Tier("a", cheap, -5.0), Tier("f", f)], Verifier(judge)).route(REQ))
+    assert routed.decision.answered_by == "f" and "a" in routed.decision.evidence["repetition"]
+    assert judge.calls == 0  # no verdict asked for an answer already rejected

@@ -89,7 +89,7 @@ def test_gpu_check_script_fails_clearly_without_a_gpu() -> None:
 def test_backend_setting_switches_local_tiers_only() -> None:
     s = Settings(backend="transformers", frontier_base_url="http://127.0.0.1:9/v1")
     assert [(t.name, t.kind) for t in s.ladder()] == [
-        ("smollm2-135m", "transformers"), ("gemma-3-270m", "transformers"), ("frontier", "openai")]
+        ("smollm2-135m", "transformers"), ("frontier", "openai")]
     tiers = [TierSettings(name="a", kind="llama_cpp", model="x"), TierSettings(name="b", kind="openai", model="y")]
     assert [t.kind for t in Settings(tiers=tiers, backend="vllm").ladder()] == ["vllm", "openai"]
     assert [t.kind for t in Settings(tiers=tiers).ladder()] == ["llama_cpp", "openai"]

@@ -12,6 +12,7 @@ import pytest
 from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
 from localroute.errors import ContextLengthExceededError
 from localroute.types import GenerationRequest, SamplingParams
+from tests.conftest import local_settings, safe_extra_buffer_modes
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +41,11 @@ def test_chat_template_comes_from_gguf(backend: LlamaCppBackend) -> None:
 
 def test_logprobs_match_reference_computation(backend: LlamaCppBackend, smollm2_path: Path) -> None:
     """Each token's logprob equals a float64 log-softmax of llama-cpp-python's own logits for the
-    same tokens (reference: high-level Llama with logits_all, fed the same tokens)."""
-    from llama_cpp import Llama
+    same tokens (reference: high-level Llama with logits_all, fed the same tokens, loaded with the
+    engine's extra-buffer choice: llama-cpp-python's own default crashes on AMX CPUs)."""
+    from localroute.backends.cpu_features import llama_class
 
+    Llama = llama_class(backend.engine.extra_buffers.use_extra_bufts)
     request = chat("Name three colours.", max_tokens=16, temperature=0, top_logprobs=3)
     gen = run(backend.generate(request))
     assert gen.tokens, "no tokens generated"
@@ -143,3 +146,20 @@ def test_unified_kv_cache_keeps_tokens_and_logprobs_close(smollm2_path: Path) ->
             assert max(abs(a.logprob - b.logprob) for a, b in zip(gen.tokens, alone.tokens)) < 0.25
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("mode", safe_extra_buffer_modes())
+def test_engine_answers_through_each_extra_buffer_mode(mode: str) -> None:
+    """settings.llama_extra_buffers reaches the engine's llama_model_params through from_settings,
+    and the real model answers with it; `on` is not run where AMX makes it the known crash."""
+    from localroute.backends.cpu_features import extra_buffers_choice
+    from localroute.backends.llama_cpp import from_settings
+
+    settings = local_settings(llama_extra_buffers=mode, n_ctx=256, n_parallel=1)
+    backend = from_settings(settings.ladder()[0], settings)
+    try:
+        assert backend.engine.extra_buffers == extra_buffers_choice(mode)
+        gen = run(backend.generate(chat("What is the capital of France?", max_tokens=8, temperature=0)))
+        assert gen.text.strip() and gen.completion_tokens > 0 and all(t.logprob <= 0 for t in gen.tokens)
+    finally:
+        backend.engine.close()

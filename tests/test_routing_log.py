@@ -154,6 +154,24 @@ def test_decision_evidence_is_logged(tmp_path: Path) -> None:
     assert by_id["without"]["evidence"] is None
 
 
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_repetition_evidence_quotes_the_answer_only_with_log_prompts(tmp_path: Path, log_prompts: bool) -> None:
+    log = RoutingLog(tmp_path / "log.db", log_prompts=log_prompts)
+    rec = _record("loop", "x")
+    assert rec.decision is not None
+    rec.decision.evidence = {"repetition": {"a": {"ngram": "my key sk-abcdef0123456789abcdef,", "repeats": 9,
+                                                  "coverage": 1.0}}}
+    log.observe(rec)
+    log.close()
+    logged = read_rows(tmp_path / "log.db")[0]["evidence"]["repetition"]["a"]
+    assert logged["repeats"] == 9 and logged["coverage"] == 1.0
+    if log_prompts:
+        assert "my key" in logged["ngram"] and "sk-abcdef0123456789abcdef" not in logged["ngram"]
+    else:
+        assert "ngram" not in logged
+    assert rec.decision.evidence["repetition"]["a"]["ngram"].startswith("my key")  # the response keeps it
+
+
 def test_retention_prunes_old_rows(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     log = RoutingLog(path)

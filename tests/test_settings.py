@@ -12,9 +12,11 @@ from localroute.errors import ConfigError
 from localroute.settings import load_settings
 
 
-def test_default_ladder_is_local_smollm2_then_gemma() -> None:
-    names = [t.name for t in load_settings().ladder()]
-    assert names == ["smollm2-135m", "gemma-3-270m"]
+def test_default_ladder_is_smollm2_alone_until_a_frontier_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemma-3-270m (base) scored below SmolLM2 on the eval sets, so it is no default tier (README)."""
+    assert [t.name for t in load_settings().ladder()] == ["smollm2-135m"]
+    monkeypatch.setenv("LOCALROUTE_FRONTIER_BASE_URL", "http://127.0.0.1:9/v1")
+    assert [t.name for t in load_settings().ladder()] == ["smollm2-135m", "frontier"]
 
 
 def test_frontier_is_appended_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,9 +117,11 @@ class LlamaEngine:
         max_queue: int = 64,
         kv_unified: bool = False,
         prefix_cache: bool = True,
+        extra_buffers: str = "auto",
     ) -> None:
         """Each of the `n_parallel` sequences gets `n_ctx_seq` KV cells; a request is admitted only
-        with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells."""
+        with a free slot and when its prompt + max_tokens fits, so decode never runs out of cells.
+        `extra_buffers` is settings.llama_extra_buffers (auto/on/off; backends.cpu_features)."""
         self.model_path = model_path
         self.n_parallel = n_parallel
         self.n_batch = max(n_batch, n_parallel, 4)  # room for a 2-token chunk stretched to 3 (_prefill)
@@ -130,6 +132,12 @@ class LlamaEngine:
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        from localroute.backends.cpu_features import extra_buffers_choice
+
+        self.extra_buffers = extra_buffers_choice(extra_buffers)
+        mparams.use_extra_bufts = self.extra_buffers.use_extra_bufts
+        log.info("%s: extra buffer types %s (%s)", model_path.name,
+                 "on" if self.extra_buffers.use_extra_bufts else "off", self.extra_buffers.reason)
         self._model = ll.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
             raise BackendUnavailableError(f"llama.cpp could not load {model_path}")
@@ -701,5 +709,6 @@ def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:
         prefill_chunk=settings.prefill_chunk,
         kv_unified=settings.kv_unified,
         prefix_cache=settings.prefix_cache,
+        extra_buffers=settings.llama_extra_buffers,
     )
     return LlamaCppBackend(tier.name, engine, queue_timeout_s=settings.queue_timeout_s)

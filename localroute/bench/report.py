@@ -75,6 +75,11 @@ def print_report(result: dict[str, Any]) -> None:
     gpu = result.get("gpu") or {}
     if gpu and not gpu.get("available"):
         console.print(f"[dim]GPU figures: none ({gpu.get('reason')})[/dim]")
+    eb = result.get("extra_buffers")
+    if eb:
+        flag = f"; llama-server ran with {eb['llama_server_flag']}" if eb.get("llama_server_flag") else ""
+        console.print(f"[dim]llama.cpp extra buffer types {'on' if eb['use_extra_bufts'] else 'off'} for every "
+                      f"llama.cpp engine ({eb['reason']}){flag}[/dim]")
     m = result["machine"]
     console.print(f"[dim]{m['cpus']} CPUs, {m['processor']}, load average at start "
                   f"{m['loadavg_start'][0] if m['loadavg_start'] else 'n/a'}[/dim]")

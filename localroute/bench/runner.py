@@ -63,6 +63,7 @@ class BenchConfig:
     # the result is the median run. On a shared or throttled machine a single sequential pass lets
     # drift decide a 10-20% comparison; repeats expose that spread (`runs` in each level).
     repeats: int = 1
+    extra_buffers: str = "auto"  # settings.llama_extra_buffers, for localroute and every llama.cpp baseline
 
 
 def load_prompts(dataset: Path | None, input_len: int, n: int = 64) -> list[str]:
@@ -142,7 +143,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the sweep on every target; return the JSON-able result (config, levels, ratios, targets)."""
     if any(c < 1 for c in cfg.concurrency):
         raise ConfigError("concurrency levels must be >= 1", param="concurrency")
-    engine = EngineSpec(cfg.model_path, cfg.n_threads, cfg.n_ctx, cfg.backend)
+    engine = EngineSpec(cfg.model_path, cfg.n_threads, cfg.n_ctx, cfg.backend, cfg.extra_buffers)
     prompts = load_prompts(cfg.dataset, cfg.input_len)
     targets: list[tuple[str, Callable[[int], ManagedServer] | None]] = [
         ("localroute", None if cfg.url else (lambda c: localroute_server(engine, c)))
@@ -153,7 +154,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     nvml = Nvml()
     nvml.start()  # GPU figures per level where a GPU is readable; the reason where not
-    out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "targets": {},
+    out: dict[str, Any] = {"config": _config_json(cfg, len(prompts)), "extra_buffers": _extra_buffers_json(cfg),
+                           "targets": {},
                            "gpu": {"available": nvml.available, "reason": nvml.reason, "devices": nvml.devices()}}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
     try:
@@ -228,6 +230,15 @@ def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["concurrency"] = runs[0]["concurrency"]
     out["runs"] = [r["output_throughput"] for r in runs]
     return out
+
+
+def _extra_buffers_json(cfg: BenchConfig) -> dict[str, Any]:
+    """Which llama.cpp weight buffers every llama.cpp engine of the run used, and why."""
+    from localroute.backends.cpu_features import extra_buffers_choice
+
+    choice = extra_buffers_choice(cfg.extra_buffers)
+    return {"mode": cfg.extra_buffers, "use_extra_bufts": choice.use_extra_bufts, "reason": choice.reason,
+            "llama_server_flag": None if choice.use_extra_bufts else "--no-repack"}
 
 
 def _config_json(cfg: BenchConfig, n_prompts: int) -> dict[str, Any]:

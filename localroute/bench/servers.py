@@ -93,12 +93,20 @@ class RssSampler:
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
-    """What every server is given: the model, threads and context per sequence."""
+    """What every server is given: the model, threads, context per sequence and llama.cpp's
+    extra-buffer mode (settings.llama_extra_buffers), so the comparison stays like for like."""
 
     model_path: Path
     n_threads: int
     n_ctx: int
     backend: str = "llama_cpp"  # localroute's local tier: llama_cpp, vllm or transformers
+    extra_buffers: str = "auto"
+
+    @property
+    def use_extra_bufts(self) -> bool:
+        from localroute.backends.cpu_features import extra_buffers_choice
+
+        return extra_buffers_choice(self.extra_buffers).use_extra_bufts
 
 
 @dataclass(slots=True)
@@ -207,6 +215,7 @@ def localroute_server(spec: EngineSpec, parallel: int, isolation: str = "process
         "LOCALROUTE_N_PARALLEL": str(parallel),
         "LOCALROUTE_MAX_QUEUE": str(max(64, parallel * 4)),
         "LOCALROUTE_LOG_LEVEL": "warning",
+        "LOCALROUTE_LLAMA_EXTRA_BUFFERS": spec.extra_buffers,
     }
     argv = [sys.executable, "-m", "localroute", "serve", "--host", "127.0.0.1", "--port", str(port)]
     slow_start = spec.backend == "vllm"
@@ -215,7 +224,8 @@ def localroute_server(spec: EngineSpec, parallel: int, isolation: str = "process
 
 
 def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
-    """llama-cpp-python's own OpenAI server (one request at a time; `parallel` is ignored)."""
+    """llama-cpp-python's own OpenAI server (one request at a time; `parallel` is ignored), started
+    through localroute.bench.llama_cpp_python_server so it loads with the same extra-buffer choice."""
     try:
         import llama_cpp.server  # noqa: F401
         import sse_starlette  # noqa: F401
@@ -224,10 +234,11 @@ def llama_cpp_python_server(spec: EngineSpec, parallel: int) -> ManagedServer:
         raise ConfigError(f"--vs llama-cpp-python needs llama-cpp-python[server] ({exc.name} missing): "
                           "pip install 'localroute[dev]'") from None
     port = free_port()
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(spec.model_path),
+    argv = [sys.executable, "-m", "localroute.bench.llama_cpp_python_server", "--model", str(spec.model_path),
             "--model_alias", "bench", "--n_threads", str(spec.n_threads), "--n_threads_batch", str(spec.n_threads),
             "--n_ctx", str(spec.n_ctx), "--host", "127.0.0.1", "--port", str(port)]
-    return ManagedServer("llama-cpp-python", argv, "bench", {}, port)
+    env = {"LOCALROUTE_USE_EXTRA_BUFTS": "1" if spec.use_extra_bufts else "0"}
+    return ManagedServer("llama-cpp-python", argv, "bench", env, port)
 
 
 def require_vllm() -> None:
@@ -248,8 +259,9 @@ def vllm_server(spec: EngineSpec, parallel: int) -> ManagedServer:
 
 
 def llama_server(binary: Path, spec: EngineSpec, parallel: int) -> ManagedServer:
-    """llama.cpp's llama-server with `parallel` slots of n_ctx each; flash attention and the KV
-    layout set as localroute's engine sets them (off; one KV stream per sequence)."""
+    """llama.cpp's llama-server with `parallel` slots of n_ctx each; flash attention, the KV layout
+    and the extra buffer types set as localroute's engine sets them (off; one KV stream per sequence;
+    `--no-repack` where localroute's choice is off: llama-server repacks by default)."""
     if not binary.is_file():
         raise ConfigError(f"llama-server binary not found: {binary} (build it: scripts/build_llama_server.sh)",
                           param="vs")
@@ -257,4 +269,6 @@ def llama_server(binary: Path, spec: EngineSpec, parallel: int) -> ManagedServer
     argv = [str(binary), "-m", str(spec.model_path), "-t", str(spec.n_threads), "-tb", str(spec.n_threads),
             "-np", str(parallel), "-c", str(spec.n_ctx * parallel), "-fa", "off", "--no-kv-unified",
             "--no-webui", "--host", "127.0.0.1", "--port", str(port), "-a", "bench"]
+    if not spec.use_extra_bufts:
+        argv.append("--no-repack")
     return ManagedServer("llama-server", argv, "bench", {}, port)

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         overhead_requests=args.overhead_requests,
         repeats=args.repeats,
+        extra_buffers=settings.llama_extra_buffers,
     )
     # SIGTERM unwinds like Ctrl-C, so the servers the run started are stopped, never left behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

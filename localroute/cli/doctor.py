@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from localroute.cli.common import print_json
+from localroute.cli.common import add_config_flag, print_json, settings_from
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("doctor", help="check CPU, GPU (NVML) and installed engines")
+    add_config_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from localroute.telemetry import environment
 
-    env = environment()
+    env = environment(extra_buffers=settings_from(args).llama_extra_buffers)
     if args.json:
         print_json(env)
         return 0
@@ -41,4 +42,9 @@ def render(env: dict[str, Any]) -> str:
         lines.append(f"{name:<13}{state}")
     lines.append(f"would use    {use['engine'] or 'nothing'}" + (f" on {use['device']}" if use["device"] else "")
                  + f": {use['why']}")
+    lc = env.get("llama_cpp_cpu")
+    if lc is not None:
+        lines.append(f"llama.cpp    {lc['system_info'] or 'reported no CPU features'}")
+        state = {True: "on", False: "off", None: "unknown"}[lc["use_extra_bufts"]]
+        lines.append(f"extra bufs   {state} (llama_extra_buffers={lc['mode']}): {lc['reason']}")
     return "\n".join(lines)

@@ -76,7 +76,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from localroute.embeddings import load_encoder
     from localroute.routing.routellm_eval import run_experiments, write_report
 
-    encoders: dict[str, Any] = {name: partial(load_encoder, name) for name in args.encoders.split(",") if name}
+    buffers = settings_from(args).llama_extra_buffers
+    encoders: dict[str, Any] = {name: partial(load_encoder, name, buffers) for name in args.encoders.split(",") if name}
     report = run_experiments(encoders, tuple(k for k in args.kinds.split(",") if k), args.data_dir, args.seed,
                              args.bootstrap, progress=True, limit=args.limit)
     paths = write_report(report, args.out)

@@ -57,7 +57,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                sum(d.skipped for d in parts))
     params: dict[str, Any] = ({"c": args.C} if args.kind == "classifier"
                               else {"k": args.k, "novelty_similarity": args.novelty})
-    art = train_router(args.kind, data, load_encoder(args.encoder), progress=True, **params)
+    art = train_router(args.kind, data, load_encoder(args.encoder, settings.llama_extra_buffers), progress=True, **params)
     path = save_artifact(art, args.out)
     return {"path": str(path), "kind": art.kind, "encoder": art.encoder, "tiers": art.tiers,
             "rows": len(data.texts), "skipped": data.skipped, "source": data.source, "params": art.params}

@@ -37,8 +37,9 @@ ENCODERS: dict[str, str] = {
 }
 
 
-def load_encoder(name: str, **kwargs: object) -> Encoder:
-    """Build an encoder by name (`minilm`, `smollm2`, or `gguf:<path>` for any GGUF model)."""
+def load_encoder(name: str, llama_extra_buffers: str = "auto", **kwargs: object) -> Encoder:
+    """Build an encoder by name (`minilm`, `smollm2`, or `gguf:<path>` for any GGUF model);
+    `llama_extra_buffers` (settings.llama_extra_buffers) reaches the encoders that load a GGUF."""
     import importlib
 
     from localroute.errors import ConfigError
@@ -46,11 +47,13 @@ def load_encoder(name: str, **kwargs: object) -> Encoder:
     if name.startswith("gguf:"):
         from localroute.embeddings.llama import LlamaEncoder
 
-        return LlamaEncoder(model=name[5:], **kwargs)  # type: ignore[arg-type]
+        return LlamaEncoder(model=name[5:], extra_buffers=llama_extra_buffers, **kwargs)  # type: ignore[arg-type]
     target = ENCODERS.get(name)
     if target is None:
         raise ConfigError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)} or gguf:<path>", param="encoder")
     module, _, attr = target.partition(":")
+    if module == "localroute.embeddings.llama":
+        kwargs["extra_buffers"] = llama_extra_buffers
     cls = getattr(importlib.import_module(module), attr)
     encoder: Encoder = cls(**kwargs)
     return encoder

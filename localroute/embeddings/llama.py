@@ -21,12 +21,15 @@ class LlamaEncoder:
     """Mean-pooled, L2-normalised embeddings from any GGUF causal LM (SmolLM2-135M by default)."""
 
     def __init__(
-        self, model: str | Path = "smollm2-135m", models_dir: Path | None = None, n_ctx: int = 512, n_threads: int = 1
+        self, model: str | Path = "smollm2-135m", models_dir: Path | None = None, n_ctx: int = 512, n_threads: int = 1,
+        extra_buffers: str = "auto",
     ) -> None:
+        """`extra_buffers`: settings.llama_extra_buffers, as for the serving engine."""
         try:
             import llama_cpp
         except ImportError as exc:
             raise MissingExtraError("llama-cpp-python", "cpu") from exc
+        from localroute.backends.cpu_features import extra_buffers_choice, llama_class
         from localroute.registry import resolve_model_path
         from localroute.settings import _default_models_dir
 
@@ -35,7 +38,8 @@ class LlamaEncoder:
             path = resolve_model_path(str(model), models_dir or _default_models_dir())
         self.name = f"gguf:{path.stem}" if str(model) != "smollm2-135m" else "smollm2"
         self._n_ctx = n_ctx
-        self._llm: Any = llama_cpp.Llama(
+        self.extra_buffers = extra_buffers_choice(extra_buffers)
+        self._llm: Any = llama_class(self.extra_buffers.use_extra_bufts)(
             model_path=str(path),
             embedding=True,
             pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,

@@ -18,11 +18,20 @@ from dataclasses import replace
 from localroute.confidence import TOP_K_NEEDED, get_aggregator
 from localroute.errors import EngineDeadError, InvalidRequestError, LocalrouteError
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
+from localroute.routing.repetition import RepetitionCheck
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
 log = logging.getLogger(__name__)
 
 _Fallback = tuple[Generation, str] | None
+
+# decision.evidence keys of the checks that reject an answer whatever its confidence
+VETO_EVIDENCE = ("schema_violations", "repetition")
+
+
+def vetoed(decision: Decision, tier: str) -> bool:
+    """Whether a veto check (VETO_EVIDENCE) rejected this tier's answer."""
+    return any(tier in decision.evidence.get(key, {}) for key in VETO_EVIDENCE)
 
 
 def replay(gen: Generation) -> Iterator[StreamDelta]:
@@ -50,10 +59,12 @@ class CascadeRouter:
         policy: str = "localroute/cascade",
         on_failure: str = "degrade",
         on_budget: str = "degrade",
+        repetition: RepetitionCheck | None = None,
     ) -> None:
         """`on_failure` ('degrade' | 'fail') and `on_budget` ('degrade' | 'reject') say what a
         failed last tier yields when an earlier answer exists: that answer, flagged degraded, or
-        the last tier's own error (502/503, or 429 budget_exceeded)."""
+        the last tier's own error (502/503, or 429 budget_exceeded). `repetition`: the loop
+        check's thresholds (default RepetitionCheck())."""
         if not tiers:
             raise ValueError("a cascade needs at least one tier")
         self.tiers = list(tiers)
@@ -64,6 +75,7 @@ class CascadeRouter:
         self.policy = policy
         self.on_failure = on_failure
         self.on_budget = on_budget
+        self.repetition = repetition if repetition is not None else RepetitionCheck()
 
     def _confidence(self, gen: Generation) -> float | None:
         if not gen.tokens:
@@ -94,7 +106,8 @@ class CascadeRouter:
         self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
     ) -> tuple[float | None, bool]:
         """(confidence, accepted) for a non-final tier's answer. An answer that breaks the requested
-        response_format (unparsable JSON, schema violation) escalates whatever its confidence.
+        response_format (unparsable JSON, schema violation) or loops (routing.repetition) escalates
+        whatever its confidence, its evidence in decision.evidence (VETO_EVIDENCE).
         Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
         conf = self._confidence(gen)
         if request.params.response_format is not None:
@@ -103,7 +116,11 @@ class CascadeRouter:
             problem = schema_violation(request.params.response_format, gen.text)
             if problem is not None:
                 decision.evidence.setdefault("schema_violations", {})[tier.name] = problem
-                return conf, False
+        loop = self.repetition.find(gen.text)
+        if loop is not None:
+            decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
+        if vetoed(decision, tier.name):
+            return conf, False
         return conf, self._accepts(tier, conf)
 
     async def _buffered(

@@ -160,7 +160,8 @@ def load_models(settings: Any) -> tuple[dict[str, ScoringModel], dict[str, Encod
         models["embedding"] = EmbeddingModel(art, novelty_similarity=settings.router_novelty_similarity)
     if settings.router_classifier_path is not None:
         models["classifier"] = ClassifierModel(load_artifact(settings.router_classifier_path, "classifier"))
-    encoders = {name: load_encoder(name) for name in sorted({m.encoder_name for m in models.values()})}
+    encoders = {name: load_encoder(name, settings.llama_extra_buffers)
+                for name in sorted({m.encoder_name for m in models.values()})}
     for name, enc in encoders.items():
         for m in models.values():
             if m.encoder_name == name and m.artifact.dim != enc.dim:
@@ -207,6 +208,7 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
         policies["localroute/hybrid"] = PreRouter("localroute/hybrid", ordered, encoders, tiers, cascade, thr,
                                                   settings.router_uncertainty_margin)
     if settings.verifier_tier is not None:
+        from localroute.routing.repetition import RepetitionCheck
         from localroute.routing.verifier import VerifiedCascadeRouter, Verifier
 
         judge = next((t for t in tiers if t.name == settings.verifier_tier), None)
@@ -215,5 +217,6 @@ def build_policies(settings: Any, tiers: Sequence[Tier], cascade: CascadeRouter)
         policies["localroute/verified"] = VerifiedCascadeRouter(
             tiers, Verifier(judge.backend), settings.confidence_aggregator, settings.confidence_quantile_alpha,
             "localroute/verified", settings.verifier_mode, settings.verifier_threshold,
-            on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy)
+            on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy,
+            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage))
     return policies

@@ -21,7 +21,8 @@ from typing import Any
 from localroute.backends.base import Backend
 from localroute.embeddings import request_text
 from localroute.routing.base import Decision, Tier
-from localroute.routing.cascade import CascadeRouter
+from localroute.routing.cascade import CascadeRouter, vetoed
+from localroute.routing.repetition import RepetitionCheck
 from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
 
 VERIFY_TEMPLATE = (
@@ -121,10 +122,12 @@ class VerifiedCascadeRouter(CascadeRouter):
         verifier_threshold: float = 0.5,
         on_failure: str = "degrade",
         on_budget: str = "degrade",
+        repetition: RepetitionCheck | None = None,
     ) -> None:
         if mode not in ("alone", "and"):
             raise ValueError("verifier mode must be 'alone' or 'and'")
-        super().__init__(tiers, aggregator, alpha, policy, on_failure=on_failure, on_budget=on_budget)
+        super().__init__(tiers, aggregator, alpha, policy, on_failure=on_failure, on_budget=on_budget,
+                         repetition=repetition)
         self.verifier = verifier
         self.mode = mode
         self.verifier_threshold = verifier_threshold
@@ -134,7 +137,7 @@ class VerifiedCascadeRouter(CascadeRouter):
         self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
     ) -> tuple[float | None, bool]:
         conf, accepted = await super()._judge(tier, request, gen, decision)
-        if tier.name in decision.evidence.get("schema_violations", {}):
+        if vetoed(decision, tier.name):  # broken format or a loop: no verdict can save it
             return conf, False
         from localroute.errors import LocalrouteError
 

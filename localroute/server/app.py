@@ -34,6 +34,7 @@ from localroute.feedback import FeedbackRequest
 from localroute.metrics import CONTENT_TYPE_LATEST, Monitoring
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier
 from localroute.routing.cascade import CascadeRouter
+from localroute.routing.repetition import RepetitionCheck
 from localroute.server.errors import error_body, install_error_handlers
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
 from localroute.server.timing import ServerTimingMiddleware
@@ -276,6 +277,7 @@ class Service:
                 self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
                 on_failure=settings.escalation_failure_policy,
                 on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
+                repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
             )
         }
         self.budget = attach_budget(self.tiers, settings)
