@@ -36,7 +36,8 @@ from localroute.server.connections import HttpImpl
 from localroute.settings import Settings
 from localroute.types import GenerationRequest, SamplingParams
 from tests.conftest import MODELS_DIR, free_port, local_settings, serve_app
-from tests.fault_upstream import Fault, FaultUpstream, ScriptedBackend
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
