@@ -201,7 +201,9 @@ def test_refusals_reach_the_routing_log_and_metrics_and_the_server_goes_on(
 
 @pytest.fixture(scope="module")
 def real(smollm2_path: Path) -> Iterator[tuple[str, Any]]:
-    settings = local_settings(tiers=[{"name": "smollm2", "model": "smollm2-135m"}], n_parallel=2, n_ctx=512)
+    # in-process engine: these tests read its own state (the engine process: tests/test_supervised.py)
+    settings = local_settings(tiers=[{"name": "smollm2", "model": "smollm2-135m"}], n_parallel=2, n_ctx=512,
+                              engine_isolation="thread")
     app = create_app(settings)
     with serve_app(app, settings=settings) as base:
         yield base, app.state.service.tiers[0].backend
@@ -280,6 +282,9 @@ def test_a_request_that_fails_in_the_engine_ends_alone(real: tuple[str, Any]) ->
     assert not isinstance(other, BaseException) and other.completion_tokens > 0
     assert engine.stats["failed_total"] == failed + 1
     assert engine.error is None and engine._running
+    deadline = time.monotonic() + 5  # a finished request's slot is freed at the end of its step, after its answer
+    while engine.load()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine.load()["active"] == 0 and engine.load()["free_slots"] == engine.n_parallel
     _healthy(base)
     _answers(base)
