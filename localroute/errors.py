@@ -76,8 +76,10 @@ class RequestTimeoutError(InvalidRequestError):
 
 
 class AuthenticationError(LocalrouteError):
+    """No API key, or a wrong one (OpenAI's shape: type invalid_request_error, code invalid_api_key)."""
+
     status_code = 401
-    error_type = "authentication_error"
+    error_type = "invalid_request_error"
     code = "invalid_api_key"
 
 

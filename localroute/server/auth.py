@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localroute.backends.budget import current_key_id
-from localroute.errors import ConfigError
+from localroute.errors import AuthenticationError, ConfigError
+from localroute.server.errors import error_response
 
 if TYPE_CHECKING:
     from localroute.settings import Settings
@@ -122,12 +122,9 @@ def _presented_key(scope: Scope) -> str | None:
     return headers.get("api-key") or headers.get("x-api-key") or None
 
 
-def _unauthorized_body(presented: bool) -> bytes:
-    message = ("Incorrect API key provided." if presented else
-               "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    return json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
-    ).encode()
+def _unauthorized(presented: bool) -> AuthenticationError:
+    return AuthenticationError("Incorrect API key provided." if presented else
+                               "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
 
 
 class AuthMiddleware:
@@ -148,11 +145,7 @@ class AuthMiddleware:
         if key_id is None:
             log.info("rejected %s %s: %s API key", scope.get("method"), scope.get("path"),
                      "wrong" if presented else "no")
-            body = _unauthorized_body(presented is not None)
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="localroute"')]})
-            await send({"type": "http.response.body", "body": body})
+            await error_response(_unauthorized(presented is not None))(scope, receive, send)
             return
         token = current_key_id.set(key_id)
         try:

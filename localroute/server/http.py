@@ -22,7 +22,7 @@ from localroute.errors import (
     RequestTimeoutError,
     RequestTooLargeError,
 )
-from localroute.server.errors import error_body
+from localroute.server.errors import error_response
 
 __all__ = ["AnswerResponse", "BodyLimitMiddleware", "RequestRoute", "dumps", "parse_body", "parse_json_body",
            "request_body_schema", "until_disconnect"]
@@ -53,8 +53,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope.get("headers") or ()).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            exc = self._error()
-            await JSONResponse(error_body(exc.message, exc.error_type, None, exc.code), 413)(scope, receive, send)
+            await error_response(self._error())(scope, receive, send)
             return
         received = 0
         timeout_s = self.timeout_s

@@ -84,6 +84,8 @@ def test_server_requires_a_key_everywhere_but_health(caplog: pytest.LogCaptureFi
             assert r.status_code == 401, path
             assert r.json()["error"]["code"] == "invalid_api_key"
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["type"] == "invalid_request_error"  # OpenAI's own 401 shape
+            assert r.headers["www-authenticate"] == 'Bearer realm="localroute"'
         wrong = httpx.get(f"{base}/models", headers={"Authorization": "Bearer " + KEY1[:-1]})
         assert wrong.status_code == 401 and "Incorrect API key" in wrong.json()["error"]["message"]
         assert httpx.get(f"{base}/models", headers={"Authorization": f"Bearer {KEY2}"}).status_code == 200
