@@ -3,14 +3,20 @@
     LocalrouteError
     ├── ConfigError                 bad settings or calibration file (CLI exits non-zero)
     ├── InvalidRequestError  400    a client's mistake
-    │   └── ContextLengthExceededError  400 context_length_exceeded
+    │   ├── ContextLengthExceededError  400 context_length_exceeded
+    │   ├── RequestTooLargeError 413    the body is over max_body_bytes
+    │   └── RequestTimeoutError  408    the body did not arrive in http_body_timeout_s
     ├── AuthenticationError  401
     ├── ModelNotFoundError   404
     ├── RateLimitError       429    queue full, budget exhausted (with retry_after_s)
+    │   └── BudgetExceededError 429 budget_exceeded: the period's (or key's) frontier spend cap
     ├── GenerationError      500    one request failed inside a local engine; the engine goes on
     ├── UpstreamError        502    the frontier failed
-    └── BackendUnavailableError 503 a local engine is not loaded, busy or missing its extra
-        └── EngineDeadError   503 engine_dead: the tier's engine process died; it is restarting
+    ├── BackendUnavailableError 503 a local engine is not loaded, busy or missing its extra
+    │   ├── MissingExtraError 503 missing_extra (also an ImportError): the message names the extra
+    │   ├── EngineDeadError   503 engine_dead: the tier's engine process died; it is restarting
+    │   └── CircuitOpenError  503 upstream_circuit_open: the frontier is presumed down, failing fast
+    └── ClientDisconnectedError 499 the client left; nobody reads the answer (nginx's 499)
 
 GenerationError and EngineDeadError are vLLM's split (EngineGenerateError vs EngineDeadError): the
 first ends one request, the second means the tier is down.
@@ -55,9 +61,25 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The body is over `max_body_bytes`."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The body did not arrive in time; the answer closes the connection (server/errors.py)."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class AuthenticationError(LocalrouteError):
+    """No API key, or a wrong one (OpenAI's shape: type invalid_request_error, code invalid_api_key)."""
+
     status_code = 401
-    error_type = "authentication_error"
+    error_type = "invalid_request_error"
     code = "invalid_api_key"
 
 
@@ -71,6 +93,12 @@ class RateLimitError(LocalrouteError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class BudgetExceededError(RateLimitError):
+    """The frontier spend cap for this period (or this key) is reached."""
+
+    code = "budget_exceeded"
 
 
 class GenerationError(LocalrouteError):
@@ -111,3 +139,17 @@ class EngineDeadError(BackendUnavailableError):
     supervisor has restarted it (vLLM's EngineDeadError vs EngineGenerateError)."""
 
     code = "engine_dead"
+
+
+class CircuitOpenError(BackendUnavailableError):
+    """The upstream is presumed down: failing fast instead of paying its deadlines again."""
+
+    code = "upstream_circuit_open"
+
+
+class ClientDisconnectedError(LocalrouteError):
+    """The client went away; its work was cancelled. Nobody reads this answer (nginx's 499)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+    code = "client_disconnected"

@@ -230,7 +230,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Routing-log rows older than this are deleted (at start-up and hourly); None: keep all."
     )
     price_file: Path | None = Field(
-        None, description="TOML price table merged over the shipped localroute/prices.toml (same format)."
+        None, description="TOML price table merged over the shipped localroute/monitoring/prices.toml (same format)."
     )
     usd_per_core_hour: float = Field(
         0.045, ge=0, description="What one CPU core costs per hour (local CPU tiers; default ~ a cloud vCPU-hour)."

@@ -41,8 +41,9 @@ def _ms(fn: Callable[[], object], runs: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from localroute.metrics import Monitoring
-    from localroute.server.app import RequestRecord, Service, build_tiers
+    from localroute.monitoring.prometheus import Monitoring
+    from localroute.monitoring.record import RequestRecord
+    from localroute.service import Service, build_tiers
     from localroute.settings import Settings
     from localroute.types import GenerationRequest, SamplingParams
 

@@ -3,7 +3,7 @@
 For each prompt, llama.cpp decodes greedily; transformers then scores those very tokens
 (teacher-forced, so one early disagreement does not derail the comparison) and we report the
 per-token |logprob difference| and how often transformers' own argmax is llama.cpp's token. The
-tolerances in tests/test_transformers_backend.py come from this script's output.
+tolerances in tests/backends/test_transformers.py come from this script's output.
 
     .venv/bin/python scripts/crosscheck_transformers.py [--device cpu|cuda] [--max-tokens 32] [--json]
 """

@@ -6,7 +6,7 @@ Run through scripts/gpu_check.sh. Exit codes: 0 ok; 3 no usable GPU here (with t
 4 a package is missing; 5 the server did not come up or the load failed.
 
 Steps:
-1. preflight: NVML sees a GPU (localroute.telemetry.Nvml), torch sees CUDA, the hf extra imports;
+1. preflight: NVML sees a GPU (localroute.monitoring.telemetry.Nvml), torch sees CUDA, the hf extra imports;
 2. `localroute serve --config <one transformers tier> --backend transformers` on 127.0.0.1 with
    LOCALROUTE_TORCH_DEVICE=cuda, waiting for /health;
 3. a load of --requests chat requests, --concurrency at a time, greedy, --max-tokens each, while a
@@ -56,7 +56,7 @@ def preflight() -> tuple[Any, dict[str, Any]]:
     """NVML and CUDA both present, or exit 3 saying which is not; the hf extra, or exit 4."""
     sys.path.insert(0, str(REPO))
     try:
-        from localroute.telemetry import Nvml
+        from localroute.monitoring.telemetry import Nvml
     except ImportError as exc:
         fail(4, f"localroute is not importable ({exc}); install it first: pip install -e '.[hf,gpu]'")
     nvml = Nvml()

@@ -190,7 +190,7 @@ class LlamaEngine:
         self._free_slots = list(range(n_parallel))
         # Prefix cache: a finished request's prompt stays in its slot's KV stream; the next request
         # in that slot skips the shared prefix (the chat template's system prompt, earlier turns of a
-        # conversation). Bit-identical to prefilling from scratch (tests/test_llama_cpp_batching.py).
+        # conversation). Bit-identical to prefilling from scratch (tests/backends/test_llama_cpp_batching.py).
         # Off with a unified KV buffer, where leftovers would take cells other slots need.
         self.kv_unified = kv_unified
         self.prefix_cache = prefix_cache and not kv_unified

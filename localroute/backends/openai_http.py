@@ -17,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from localroute.backends.budget import current_key_id
+from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
-from localroute.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
+from localroute.redaction import redact, strip_query_strings
 from localroute.types import (
     FinishReason,
     Generation,
@@ -36,14 +37,11 @@ from localroute.types import (
 )
 
 if TYPE_CHECKING:
-    from localroute.budget import Reservation, SpendBudget
+    from localroute.backends.budget import Reservation, SpendBudget
     from localroute.settings import Settings, TierSettings
 
 log = logging.getLogger(__name__)
 
-_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]*)\?[^\s#\"'<>]*")
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
-_KEYLIKE = re.compile(r"\b(sk|pk|rk|key)-[A-Za-z0-9_-]{8,}")
 _RETRY_STATUSES = {408, 409, 425, 429}
 
 
@@ -77,9 +75,7 @@ def scrub(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
-    text = _QUERY.sub(r"\1?[redacted]", text)
-    text = _BEARER.sub(r"\1 [redacted]", text)
-    return _KEYLIKE.sub("[redacted]", text)
+    return redact(strip_query_strings(text))
 
 
 class _Failure(Exception):
@@ -215,8 +211,6 @@ class OpenAIHTTPBackend:
     def _reserve(self, request: GenerationRequest) -> Reservation | None:
         if self.budget is None:
             return None
-        from localroute.auth import current_key_id
-
         return self.budget.reserve(self._worst_cost_usd(request), key_id=current_key_id.get())
 
     def _settle(self, reservation: Reservation | None, usage: dict[str, Any] | None, billed: bool) -> None:

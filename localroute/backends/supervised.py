@@ -174,7 +174,7 @@ def _child_main(conn: Connection, tier: TierSettings, settings: Settings, health
     sys.setswitchinterval(settings.switch_interval_s)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s engine[%(process)d] %(message)s")
     from localroute.backends.base import load_backend
-    from localroute.calibration import backend_fingerprint
+    from localroute.calibration_file import backend_fingerprint
 
     try:
         backend = load_backend(tier, settings)

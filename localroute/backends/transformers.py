@@ -7,7 +7,7 @@ model, so the llama.cpp tier's greedy tokens and logprobs can be cross-checked a
 GGUF files are loaded through transformers' GGUF support, which *dequantises* every tensor to
 float (Q4_1 -> float32 on CPU); llama.cpp computes with the quantised blocks. The two therefore
 agree on greedy tokens for most steps and on logprobs to within quantisation noise, not bit for bit
-(tests/test_transformers_backend.py states the measured tolerance).
+(tests/backends/test_transformers.py states the measured tolerance).
 
 Batching: one engine thread owns the model. A request that arrives while the engine is idle waits
 `batch_wait_s` (a few ms) for company, then up to `max_batch` requests run as one left-padded

@@ -1,4 +1,4 @@
-"""GPU readings while a load runs: NVML (localroute.telemetry.Nvml) sampled by a thread, summarised
+"""GPU readings while a load runs: NVML (localroute.monitoring.telemetry.Nvml) sampled by a thread, summarised
 as utilisation, memory, power and the energy the devices used over the window.
 
 Used by `localroute bench` for every level when NVML sees a GPU, and by scripts/gpu_check.py. Where
@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Self
 
-from localroute.telemetry import GpuReading, Nvml
+from localroute.monitoring.telemetry import GpuReading, Nvml
 
 
 def visible_gpus(env: str | None = None) -> frozenset[int] | None:

@@ -30,7 +30,7 @@ from localroute.bench.servers import (
     vllm_server,
 )
 from localroute.errors import ConfigError
-from localroute.telemetry import Nvml
+from localroute.monitoring.telemetry import Nvml
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 SYNTHETIC_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven",

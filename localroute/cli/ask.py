@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 async def ask(settings: Any, prompt: str, model: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-    from localroute.server.app import Service, build_tiers, routing_info
+    from localroute.service import Service, build_tiers
     from localroute.types import GenerationRequest, SamplingParams
 
     service = Service(settings, build_tiers(settings))
@@ -33,7 +33,7 @@ async def ask(settings: Any, prompt: str, model: str, max_tokens: int, temperatu
         routed = await service.router(model).route(request)
     finally:
         await service.aclose()
-    return {"answer": routed.generation.text, "routing": routing_info(routed.decision)}
+    return {"answer": routed.generation.text, "routing": routed.decision.as_dict()}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localroute.evaluation.calibrate import calibrate_run
+    from localroute.evaluation.thresholds import calibrate_run
 
     settings = settings_from(args)
     out = args.out or settings.calibration_path or Path("calibration.json")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace, settings: Any, out: Path) -> int:
-    from localroute.evaluation.calibrate import calibrate_router
+    from localroute.evaluation.thresholds import calibrate_router
 
     result = calibrate_router(args.run, out, settings, target_quality=args.target_quality,
                               target_escalation=args.target_escalation, delta=args.delta,

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localroute.telemetry import environment
+    from localroute.monitoring.telemetry import environment
 
     env = environment(extra_buffers=settings_from(args).llama_extra_buffers)
     if args.json:

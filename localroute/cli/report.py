@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localroute.routing_log import report
+    from localroute.monitoring.log_report import report
 
     settings = settings_from(args)
     path = args.log or settings.routing_log_path

@@ -55,7 +55,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_review(args: argparse.Namespace) -> int:
     from localroute.errors import ConfigError
-    from localroute.feedback import FeedbackStore
+    from localroute.monitoring.feedback import FeedbackStore
 
     settings = settings_from(args)
     if settings.routing_log_path is None or not Path(settings.routing_log_path).is_file():
@@ -74,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from functools import partial
 
     from localroute.embeddings import load_encoder
-    from localroute.routing.routellm_eval import run_experiments, write_report
+    from localroute.evaluation.routellm import run_experiments, write_report
 
     buffers = settings_from(args).llama_extra_buffers
     encoders: dict[str, Any] = {name: partial(load_encoder, name, buffers) for name in args.encoders.split(",") if name}

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from localroute.server import create_app
-    from localroute.server.app import build_tiers
     from localroute.server.connections import ensure_fd_limit, server_config
+    from localroute.service import build_tiers
 
     settings = settings_from(args, host=args.host, port=args.port, backend=args.backend)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -49,7 +49,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         tiers = args.tiers.split(",") if args.tiers else [t.name for t in settings.ladder()]
         data = from_routing_log(db, tiers)
     else:
-        from localroute.routing.routellm_eval import TIERS, load_routellm
+        from localroute.evaluation.routellm import TIERS, load_routellm
 
         parts = [load_routellm(n.strip(), args.data_dir) for n in args.from_routellm.split(",") if n.strip()]
         data = LabelledQueries([t for d in parts for t in d.texts], list(TIERS),

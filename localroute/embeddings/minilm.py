@@ -115,7 +115,7 @@ def build_int8_model(source: Path, out_dir: Path | None = None) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise MissingExtraError("onnxruntime.quantization (onnx)", "embed") from exc
-    from localroute.calibration import file_sha256
+    from localroute.calibration_file import file_sha256
 
     digest = hashlib.sha256(f"{file_sha256(source)}:{INT8_RECIPE}".encode()).hexdigest()[:16]
     out_dir = out_dir or _cache_dir()

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from localroute.confidence import AGGREGATORS, TOP_K_NEEDED
 from localroute.evaluation.metrics import (
     Array,
     as_probability,
@@ -25,6 +24,7 @@ from localroute.evaluation.metrics import (
     routing_metrics,
 )
 from localroute.evaluation.runner import read_meta, read_rows, tokens_from_json
+from localroute.routing.confidence import AGGREGATORS, TOP_K_NEEDED
 from localroute.types import TokenLogprob
 
 UPPER_BOUND_NOTE = "oracle frontier (assumed always right): an upper bound"

@@ -3,7 +3,7 @@
 A run is a folder: `meta.json` (what was run: dataset hash, tier, model fingerprint, sampling) and
 `rows.jsonl`, one finished query per line, appended as soon as it finishes. Each row keeps the
 answer, every generated token with its raw logprob and top-5 alternatives (so every aggregator in
-`localroute.confidence` can be recomputed without the model), the cheap and frontier scores,
+`localroute.routing.confidence` can be recomputed without the model), the cheap and frontier scores,
 token counts and latency. Rerunning the same command skips ids already in `rows.jsonl`, so an
 interrupted run resumes where it stopped; a folder holding a different run is refused.
 
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from localroute.backends.base import Backend, load_backend
-from localroute.calibration import backend_fingerprint, file_sha256
-from localroute.cost import cpu_cost_usd
+from localroute.calibration_file import backend_fingerprint, file_sha256
 from localroute.errors import ConfigError, LocalrouteError
 from localroute.evaluation.datasets import EvalItem, load_items, sample
 from localroute.evaluation.scorers import JudgeScorer, Score, score_answer
-from localroute.pricing import load_price_table
+from localroute.monitoring.cost import cpu_cost_usd
+from localroute.monitoring.pricing import load_price_table
 from localroute.settings import Settings, TierSettings
 from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
 

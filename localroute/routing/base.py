@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from localroute.backends.base import Backend
@@ -19,6 +20,13 @@ class Tier:
     threshold: float | None = None
 
 
+def finite(x: float | None) -> float | None:
+    """NaN -> None; +-inf clamped to +-1e9 (JSON and SQLite aggregates cannot hold them)."""
+    if x is None or math.isnan(x):
+        return None
+    return max(min(x, 1e9), -1e9)
+
+
 @dataclass(slots=True)
 class TierAttempt:
     tier: str
@@ -30,6 +38,12 @@ class TierAttempt:
     latency_s: float = 0.0
     ttft_s: float | None = None
     error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier, "confidence": finite(self.confidence), "threshold": self.threshold,
+                "accepted": self.accepted, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "latency_s": round(self.latency_s, 6),
+                "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6), "error": self.error}
 
 
 @dataclass(slots=True)
@@ -55,9 +69,19 @@ class Decision:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["escalated"] = self.escalated
-        out["confidence"] = self.confidence
+        """The one JSON form of a decision: the API's `localroute` block, `localroute ask`, the
+        routing log's attempts column. Numbers are JSON-safe (`finite`)."""
+        out: dict[str, Any] = {
+            "policy": self.policy,
+            "tier": self.answered_by,
+            "confidence": finite(self.confidence),
+            "escalated": self.escalated,
+            "signal": self.signal,
+            "degraded": self.degraded,
+            "attempts": [a.as_dict() for a in self.attempts],
+        }
+        if self.evidence:  # pre-inference router scores, verifier P(Yes), schema violations
+            out["evidence"] = self.evidence
         return out
 
 

@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
-from localroute.confidence import TOP_K_NEEDED, get_aggregator
 from localroute.errors import EngineDeadError, InvalidRequestError, LocalrouteError
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
+from localroute.routing.confidence import TOP_K_NEEDED, get_aggregator
 from localroute.routing.repetition import RepetitionCheck
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -111,7 +111,7 @@ class CascadeRouter:
         Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
         conf = self._confidence(gen)
         if request.params.response_format is not None:
-            from localroute.routing.verifier import schema_violation
+            from localroute.routing.response_format import schema_violation
 
             problem = schema_violation(request.params.response_format, gen.text)
             if problem is not None:

@@ -1,6 +1,6 @@
 """Quality signals beyond token logprobs: schema validity and a verifier model.
 
-- `schema_violation`: for `response_format` json_object / json_schema, the answer must parse as JSON
+- `schema_violation` (response_format.py): for json_object / json_schema, the answer must parse as JSON
   (an object for json_object) and validate against the schema (jsonschema, Draft 2020-12). The
   cascade rejects a violating answer whatever its confidence (`CascadeRouter._judge`).
 - `Verifier`: AutoMix-style self-verification (Madaan et al., 2023): a local tier is asked whether
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -29,36 +28,6 @@ VERIFY_TEMPLATE = (
     "Question:\n{question}\n\nProposed answer:\n{answer}\n\n"
     "Is the proposed answer correct? Reply with Yes or No."
 )
-
-
-def schema_violation(response_format: dict[str, Any], text: str) -> str | None:
-    """Why `text` breaks the requested format, or None when it complies (or no JSON was asked)."""
-    kind = response_format.get("type")
-    if kind not in ("json_object", "json_schema"):
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON: {exc.msg} at char {exc.pos}"
-    except RecursionError:  # an answer of a thousand nested brackets: not a 500
-        return "JSON nests too deeply to check"
-    if kind == "json_object":
-        return None if isinstance(value, dict) else "JSON is not an object"
-    schema = (response_format.get("json_schema") or {}).get("schema")
-    if not isinstance(schema, dict):
-        return None
-    import jsonschema
-
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        return f"schema violation at {where}: {exc.message[:200]}"
-    except jsonschema.SchemaError as exc:
-        return f"invalid schema: {exc.message[:200]}"
-    except RecursionError:
-        return "JSON nests too deeply to check"
-    return None
 
 
 def yes_probability(gen: Generation) -> float:

@@ -24,6 +24,8 @@ def error_response(exc: LocalrouteError) -> JSONResponse:
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if exc.status_code == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="localroute"'
     if exc.status_code == 408:  # a stalled body: the rest of it must not be read as the next request
         headers["Connection"] = "close"
     return JSONResponse(

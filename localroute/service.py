@@ -1,0 +1,179 @@
+"""The composition root: the tiers from settings, the routers by model id, the spend budget and
+the monitoring that watches them. The HTTP app (server/app.py), `localroute ask` and the
+benchmarks all build the same `Service`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from localroute.backends.base import load_backend
+from localroute.backends.budget import SpendBudget
+from localroute.backends.supervised import supervised
+from localroute.errors import ConfigError, ModelNotFoundError
+from localroute.monitoring.cost import CostAccountant, RequestCost
+from localroute.monitoring.prometheus import Metrics
+from localroute.monitoring.record import Observer, RequestRecord
+from localroute.monitoring.routing_log import RoutingLog
+from localroute.monitoring.telemetry import Nvml, Telemetry
+from localroute.routing.base import Decision, Router, Tier
+from localroute.routing.cascade import CascadeRouter
+from localroute.routing.repetition import RepetitionCheck
+from localroute.settings import Settings
+from localroute.types import Generation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CASCADE", "Monitoring", "Service", "attach_budget", "build_tiers"]
+
+
+CASCADE = "localroute/cascade"
+
+
+class Service:
+    """The routers by model id and the observers of finished requests."""
+
+    def __init__(self, settings: Settings, tiers: Sequence[Tier]) -> None:
+        self.settings = settings
+        self.tiers = list(tiers)
+        self.routers: dict[str, Router] = {
+            CASCADE: CascadeRouter(
+                self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
+                on_failure=settings.escalation_failure_policy,
+                on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
+                repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
+            )
+        }
+        self.budget = attach_budget(self.tiers, settings)
+        for tier in self.tiers:  # a tier's name bypasses routing
+            self.routers[tier.name] = CascadeRouter(
+                [Tier(tier.name, tier.backend, None)], settings.confidence_aggregator,
+                settings.confidence_quantile_alpha, tier.name,
+            )
+        from localroute.routing.prerouter import (
+            build_policies,  # classifier/embedding/hybrid/verified, if configured
+        )
+
+        self.routers.update(build_policies(settings, self.tiers, self.routers[CASCADE]))
+        self.feedback: Any = None  # localroute.monitoring.feedback.FeedbackStore when the routing log is on (lifespan)
+        self.observers: list[Observer] = []
+        self.monitoring: Monitoring | None = None  # telemetry, costs, metrics, routing log (lifespan)
+        self.created = int(time.time())
+
+    def router(self, model: str) -> Router:
+        router = self.routers.get(model)
+        if router is None:
+            raise ModelNotFoundError(
+                f"model {model!r} not found; available: {', '.join(self.routers)}", param="model"
+            )
+        return router
+
+    def record(self, rec: RequestRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer(rec)
+            except Exception:  # an observer must never break a response
+                log.exception("observer %r failed", observer)
+
+    async def record_async(self, rec: RequestRecord) -> None:
+        """`record` on the event loop, for a response's background task (a plain function would
+        be sent to a worker thread)."""
+        self.record(rec)
+
+    async def aclose(self) -> None:
+        for tier in self.tiers:
+            await tier.backend.aclose()
+
+
+def build_tiers(settings: Settings) -> list[Tier]:
+    """Load the ladder. Thresholds: a tier's own `threshold`, else the calibration file's (when its
+    model hash, template and aggregator still match; otherwise a loud warning), else the default."""
+    ladder = settings.ladder()
+    backends = [supervised(ts, settings, load_backend) for ts in ladder]  # native engines in their own process
+    calibrated: dict[str, float] = {}
+    if settings.calibration_path is not None:
+        from localroute.calibration_file import backend_fingerprint, calibrated_thresholds
+
+        fingerprints = {ts.name: backend_fingerprint(b) for ts, b in zip(ladder[:-1], backends[:-1])}
+        calibrated = calibrated_thresholds(settings.calibration_path, settings.confidence_aggregator,
+                                           settings.confidence_quantile_alpha, fingerprints)
+    tiers = []
+    for i, (ts, backend) in enumerate(zip(ladder, backends)):
+        last = i == len(ladder) - 1
+        threshold = None if last else ts.threshold
+        if threshold is None and not last:
+            threshold = calibrated.get(ts.name, settings.default_threshold)
+        elif ts.name in calibrated and not last:
+            log.warning("tier %s: configured threshold %s overrides the calibrated %s", ts.name, threshold,
+                        calibrated[ts.name])
+        tiers.append(Tier(ts.name, backend, threshold))
+    return tiers
+
+
+def attach_budget(tiers: Sequence[Tier], settings: Settings) -> SpendBudget | None:
+    """Give every remote tier one shared budget when a cap is configured. A remote tier must
+    have prices (its own, or the price table's) or the cap could not be enforced: ConfigError."""
+    if settings.budget_usd is None and settings.budget_per_key_usd is None:
+        return None
+    budget = SpendBudget(settings.budget_usd, settings.budget_per_key_usd, settings.budget_period)
+    for tier in tiers:
+        backend: Any = tier.backend
+        if backend.is_local or not hasattr(backend, "budget"):
+            continue
+        if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
+            from localroute.monitoring.pricing import load_price_table
+
+            price = load_price_table(settings.price_file).with_override(
+                backend.model, backend.input_usd_per_mtok, backend.output_usd_per_mtok
+            )
+            if price is None:
+                raise ConfigError(
+                    f"budget_usd: tier {tier.name} (model {backend.model!r}) has no price; set "
+                    f"frontier_input_usd_per_mtok/frontier_output_usd_per_mtok or the tier's prices",
+                    param="budget_usd",
+                )
+            backend.input_usd_per_mtok = price.input_usd_per_mtok
+            backend.output_usd_per_mtok = price.output_usd_per_mtok
+        backend.budget = budget
+    return budget
+
+
+class Monitoring:
+    """Everything that watches a running Service: the telemetry sampler, the cost accountant, the
+    Prometheus metrics and (when `routing_log_path` is set) the routing log. Built in the app's
+    lifespan; `close()` stops the sampler and drains the log."""
+
+    def __init__(self, settings: Settings, tiers: Sequence[Tier], nvml: Nvml | None = None) -> None:
+        self.telemetry = Telemetry(settings.telemetry_interval_s, nvml=nvml)
+        self.costs = CostAccountant(settings, tiers, self.telemetry)
+        self.telemetry.load = self.costs.load
+        tier_list = list(tiers)
+        self.metrics = Metrics(lambda: tier_list, self.telemetry)
+        self.routing_log: RoutingLog | None = None
+        if settings.routing_log_path is not None:
+            self.routing_log = RoutingLog(settings.routing_log_path, settings.routing_log_retention_days,
+                                          settings.log_prompts, self.telemetry)
+        self.telemetry.start()
+
+    @property
+    def observers(self) -> list[Callable[[RequestRecord], None]]:
+        out: list[Callable[[RequestRecord], None]] = [self.metrics.observe]
+        if self.routing_log is not None:
+            out.append(self.routing_log.observe)
+        return out
+
+    def price(self, decision: Decision, generation: Generation | None, started: float) -> RequestCost | None:
+        """The request's cost, or None if pricing itself failed (logged; the answer still goes out)."""
+        try:
+            return self.costs.price(decision, generation, started, time.perf_counter())
+        except Exception:
+            log.exception("pricing failed")
+            return None
+
+    def close(self) -> None:
+        self.telemetry.stop()
+        if self.routing_log is not None:
+            self.routing_log.close()
+
