@@ -9,8 +9,6 @@ import numpy as np
 
 from localroute.bench.loadgen import RequestResult
 
-LATENCIES = ("ttft", "tpot", "itl", "e2el")
-
 
 def _stats(name: str, values_s: Sequence[float]) -> dict[str, float | None]:
     if not values_s:

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
 
 from localroute.backends.base import Backend
 from localroute.embeddings import request_text
@@ -119,8 +117,3 @@ class VerifiedCascadeRouter(CascadeRouter):
         if self.mode == "alone":
             return p, p >= self.verifier_threshold
         return conf, accepted and p >= self.verifier_threshold
-
-
-def with_response_format(request: GenerationRequest, response_format: dict[str, Any]) -> GenerationRequest:
-    """A copy of `request` asking for a response format (tests, the eval harness)."""
-    return replace(request, params=replace(request.params, response_format=response_format))
