@@ -38,14 +38,13 @@ class Service:
     def __init__(self, settings: Settings, tiers: Sequence[Tier]) -> None:
         self.settings = settings
         self.tiers = list(tiers)
-        self.routers: dict[str, Router] = {
-            CASCADE: CascadeRouter(
-                self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
-                on_failure=settings.escalation_failure_policy,
-                on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
-                repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
-            )
-        }
+        cascade = CascadeRouter(
+            self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
+            on_failure=settings.escalation_failure_policy,
+            on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
+            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
+        )
+        self.routers: dict[str, Router] = {CASCADE: cascade}
         self.budget = attach_budget(self.tiers, settings)
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
@@ -56,7 +55,7 @@ class Service:
             build_policies,  # classifier/embedding/hybrid/verified, if configured
         )
 
-        self.routers.update(build_policies(settings, self.tiers, self.routers[CASCADE]))
+        self.routers.update(build_policies(settings, self.tiers, cascade))
         self.feedback: Any = None  # localroute.monitoring.feedback.FeedbackStore when the routing log is on (lifespan)
         self.observers: list[Observer] = []
         self.monitoring: Monitoring | None = None  # telemetry, costs, metrics, routing log (lifespan)

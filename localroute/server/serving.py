@@ -188,7 +188,10 @@ async def _stream(svc: Service, router: Router, req: GenerationRequest, kind: st
                 if item.routed is not None:
                     gen, decision = item.routed.generation, item.routed.decision
                     done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
-                    done.update({"delta": {}} if kind == "chat" else {"text": ""})
+                    if kind == "chat":
+                        done["delta"] = {}
+                    else:
+                        done["text"] = ""
                     cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
                     outcome.extra.update(cost=cost, request=req)
                     yield chunk([done], localroute=routing_info(decision, cost_fields(cost)))
