@@ -1,7 +1,7 @@
 """Frontier backend: any OpenAI-compatible /v1/chat/completions over httpx (OpenAI, vLLM,
 llama.cpp's server, another localroute). The API key is sent as a bearer token and never logged.
 
-Failure handling (see localroute/resilience.py for why): every call runs under separate connect,
+Failure handling (see localroute/backends/resilience.py for why): every call runs under separate connect,
 first-token, idle and total deadlines; it is retried (jitter, Retry-After, capped total wait) only
 while nothing has been handed to the caller, so a stream is never silently restarted; a circuit
 breaker per upstream fails fast once the upstream is presumed down. The first-token deadline runs

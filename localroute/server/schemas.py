@@ -3,7 +3,7 @@
 Every sampling field is checked here, at the edge, against its type and OpenAI's range, so nothing
 an engine could choke on gets past a 400 naming the field: numbers and booleans are strict (no
 `true` for an int, no `"1"` for a float; an int is a valid float), integers that an engine takes
-are bounded (max_tokens by 2**31 - 1, seed by int64), and NaN or infinities never parse (server/app.py).
+are bounded (max_tokens by 2**31 - 1, seed by int64), and NaN or infinities never parse (server/http.py).
 """
 
 from __future__ import annotations
