@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from localroute.errors import ConfigError
 from localroute.fileio import atomic_write
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 CALIBRATION_VERSION = 1
 # A threshold no confidence reaches: "escalate everything" (JSON has no infinity).
 ESCALATE_ALL = 1e9
+
+# The confidence quantiles kept per tier, stored as "p01" .. "p99".
+QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+HISTOGRAM_BINS = 20
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -86,6 +91,27 @@ class Certificate(BaseModel):
     holdout: dict[str, Any] = Field(default_factory=dict)
 
 
+def _quantile_key(level: float) -> str:
+    return f"p{round(level * 100):02d}"
+
+
+def _quantile_level(key: str) -> float:
+    return int(key.removeprefix("p")) / 100
+
+
+def confidence_distribution(values: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The quantiles and histogram a calibration file keeps of some confidences (or router scores):
+    the finite values only, the count of the others kept in the histogram's `non_finite`."""
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if len(finite) == 0:
+        return {}, {"edges": [], "counts": []}
+    qs = {_quantile_key(q): round(float(np.quantile(finite, q)), 6) for q in QUANTILE_LEVELS}
+    counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
+    return qs, {"edges": [round(float(e), 6) for e in edges], "counts": [float(c) for c in counts],
+                "non_finite": [float(len(arr) - len(finite))]}
+
+
 class TierCalibration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +124,18 @@ class TierCalibration(BaseModel):
     confidence_quantiles: dict[str, float] = Field(description="Quantiles of the calibration confidences.")
     confidence_histogram: dict[str, list[float]] = Field(description="{'edges': [...], 'counts': [...]}")
     n: int
+
+    @field_validator("confidence_quantiles")
+    @classmethod
+    def _known_levels(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k in value if k not in {_quantile_key(q) for q in QUANTILE_LEVELS})
+        if bad:
+            raise ValueError(f"unknown quantile keys {bad}; expected p01 .. p99")
+        return value
+
+    def quantiles(self) -> dict[float, float]:
+        """The calibration confidences' quantiles by level (0.5: the median), lowest first."""
+        return dict(sorted((_quantile_level(k), v) for k, v in self.confidence_quantiles.items()))
 
 
 class RouterCalibration(BaseModel):

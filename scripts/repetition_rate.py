@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def rate(run_dir: Path, min_repeats: int, min_coverage: float) -> dict[str, Any]:
-    from localroute.evaluation.runner import read_rows
+    from localroute.evaluation.runs import read_rows
     from localroute.routing.repetition import find_repetition
 
     rows = read_rows(run_dir)

@@ -219,3 +219,29 @@ def test_router_threshold_from_an_eval_run_is_certified_and_served_only_for_its_
     with caplog.at_level("WARNING"):
         assert calibrated_router_threshold(settings, models) == settings.router_threshold
     assert "ROUTER CALIBRATION IGNORED" in caplog.text
+
+
+def test_confidence_distribution_is_what_the_file_keeps() -> None:
+    from localroute.calibration_file import QUANTILE_LEVELS, confidence_distribution
+
+    values = np.array([-3.0, -2.0, -1.0, 0.0, float("-inf")])
+    quantiles, histogram = confidence_distribution(values)
+    assert list(quantiles) == ["p01", "p05", "p10", "p25", "p50", "p75", "p90", "p95", "p99"]
+    assert quantiles["p50"] == -1.5 and histogram["non_finite"] == [1.0] and sum(histogram["counts"]) == 4
+    entry = TierCalibration(threshold=-1.0, template_sha256="t", n=4, confidence_quantiles=quantiles,
+                            confidence_histogram=histogram,
+                            certificate=Certificate(target="escalation", target_value=0.5, n_calibration=4,
+                                                    n_holdout=0))
+    by_level = entry.quantiles()
+    assert list(by_level) == list(QUANTILE_LEVELS) and by_level[0.5] == -1.5 and by_level[0.01] == quantiles["p01"]
+    assert confidence_distribution([float("-inf")]) == ({}, {"edges": [], "counts": []})
+
+
+def test_quantiles_other_than_the_written_ones_are_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"created_at": "now", "aggregator": "mean_logprob", "alpha": 0.1, "tiers": {"cheap": {
+        "threshold": -1.0, "template_sha256": "t", "n": 1, "confidence_quantiles": {"median": -0.5},
+        "confidence_histogram": {}, "certificate": {"target": "escalation", "target_value": 0.5,
+                                                    "n_calibration": 1, "n_holdout": 0}}}}))
+    with pytest.raises(ConfigError, match="tiers.cheap.confidence_quantiles"):
+        load_calibration(path)

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--until", default=None, help="end of the window (exclusive)")
     p.add_argument("--bucket", choices=("hour", "day"), default="day", help="time bucket of the series")
     p.add_argument("--calibration", type=Path, default=None,
-                   help="calibration file to compare confidences with (default: setting calibration_path)")
+                   help="calibration file to compare confidences with (default: setting calibration_path, once "
+                   "`localroute calibrate` wrote it); read as `serve` reads it: an invalid file is an error")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts into DIR")
     p.set_defaults(func=run)
@@ -64,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"routing log not found: {path}", param="routing_log_path")
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
-    ladder = settings.ladder()
-    summary, rows = report(Path(path), since, until, args.bucket, args.calibration or settings.calibration_path,
-                           ladder[0].name if ladder else None)
+    calibration = args.calibration
+    if calibration is None and settings.calibration_path is not None and settings.calibration_path.exists():
+        calibration = settings.calibration_path  # configured but not yet written: nothing to compare with
+    summary, rows = report(Path(path), since, until, args.bucket, calibration)
     if args.plot is not None:
         summary["plots"] = [str(p) for p in write_plots(summary, rows, args.plot)]
     if args.json:
@@ -113,8 +115,8 @@ def render(s: dict[str, Any]) -> str:
         )
     review = s.get("review") or {}
     if review.get("sampled"):
-        lines += ["", f"review sample: {review['sampled']} marked, {review['reviewed']} reviewed, "
-                      f"{review['pending']} awaiting feedback (POST /v1/feedback)"]
+        lines += ["", (f"review sample: {review['sampled']} marked, {review['reviewed']} reviewed, "
+                       f"{review['pending']} awaiting feedback (POST /v1/feedback)")]
         lines += [f"  {rid}" for rid in review["pending_request_ids"]]
     if s["series"]:
         lines += ["", f"{s['bucket']:<22}{'requests':>9}{'escalated':>11}{'cost/query':>14}{'frontier/query':>16}"]

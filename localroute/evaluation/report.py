@@ -16,63 +16,15 @@ from typing import Any
 import numpy as np
 
 from localroute.evaluation.metrics import (
-    Array,
     as_probability,
     curve_metrics,
     oracle_curve,
     random_curve,
     routing_metrics,
 )
-from localroute.evaluation.runner import read_meta, read_rows, tokens_from_json
-from localroute.routing.confidence import AGGREGATORS, TOP_K_NEEDED
-from localroute.types import TokenLogprob
+from localroute.evaluation.runs import RunTable
 
 UPPER_BOUND_NOTE = "oracle frontier (assumed always right): an upper bound"
-
-
-def row_confidence(tokens: list[TokenLogprob], aggregator: str, alpha: float) -> float:
-    """The confidence the cascade would compute: top-k cut to what the router asks the engine for."""
-    if not tokens:
-        return float("-inf")
-    k = TOP_K_NEEDED.get(aggregator, 0)
-    if k < len(tokens[0].top_logprobs):
-        tokens = [TokenLogprob(t.token_id, t.token, t.logprob, t.bytes, t.top_logprobs[:k]) for t in tokens]
-    return AGGREGATORS[aggregator](tokens, alpha)
-
-
-class RunTable:
-    """The usable rows of a run as arrays: confidences per aggregator, cheap and frontier scores."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.meta = read_meta(out_dir)
-        rows = read_rows(out_dir)
-        self.usable = [r for r in rows if r.get("cheap") is not None and r.get("frontier") is not None
-                       and not r.get("scoring_error")]
-        self.n_excluded = len(rows) - len(self.usable)
-        self.ids = [r["id"] for r in self.usable]
-        self.cheap: Array = np.array([r["cheap"]["score"] for r in self.usable], dtype=np.float64)
-        self.correct = np.array([bool(r["cheap"]["correct"]) for r in self.usable], dtype=bool)
-        self.frontier: Array = np.array([r["frontier"]["score"] for r in self.usable], dtype=np.float64)
-        self.generation_errors = sum(1 for r in self.usable if r.get("error"))
-        alpha = float(self.meta.get("confidence_quantile_alpha", 0.1))
-        self.alpha = alpha
-        tokens = [tokens_from_json(r["tokens"]) for r in self.usable]
-        self.conf: dict[str, Array] = {
-            name: np.array([row_confidence(t, name, alpha) for t in tokens], dtype=np.float64)
-            for name in AGGREGATORS
-        }
-        if self.usable and all("verifier_p_yes" in r for r in self.usable):  # eval --verifier TIER
-            self.conf["verifier"] = np.array([r["verifier_p_yes"] for r in self.usable], dtype=np.float64)
-        self.completion_tokens = [int(r.get("completion_tokens", 0)) for r in self.usable]
-
-    @property
-    def n(self) -> int:
-        return len(self.usable)
-
-    @property
-    def upper_bound(self) -> bool:
-        return bool(self.meta["frontier"]["mode"] == "oracle")
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:

@@ -1,11 +1,8 @@
 """`localroute eval`: run one tier over a dataset and keep everything needed to rescore it later.
 
-A run is a folder: `meta.json` (what was run: dataset hash, tier, model fingerprint, sampling) and
-`rows.jsonl`, one finished query per line, appended as soon as it finishes. Each row keeps the
-answer, every generated token with its raw logprob and top-5 alternatives (so every aggregator in
-`localroute.routing.confidence` can be recomputed without the model), the cheap and frontier scores,
-token counts and latency. Rerunning the same command skips ids already in `rows.jsonl`, so an
-interrupted run resumes where it stopped; a folder holding a different run is refused.
+The run folder's format (meta.json + rows.jsonl) is `localroute.evaluation.runs`, its one reader and
+writer. Rerunning the same command skips ids already in the run, so an interrupted run resumes
+where it stopped; a folder holding a different run is refused.
 
 Decoding is greedy (temperature 0) with the model's own chat template, as `serve` runs it; choice
 tasks are scored on the free-form answer (the first choice it names), not on choice logprobs.
@@ -14,7 +11,6 @@ tasks are scored on the free-form answer (the first choice it names), not on cho
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,16 +23,24 @@ from localroute.backends.base import Backend, load_backend
 from localroute.calibration_file import backend_fingerprint, file_sha256
 from localroute.errors import ConfigError, LocalrouteError
 from localroute.evaluation.datasets import EvalItem, load_items, sample
+from localroute.evaluation.runs import (
+    META_FILE,
+    RUN_VERSION,
+    TOP_LOGPROBS,
+    append_rows,
+    read_meta,
+    read_rows,
+    tokens_to_json,
+    write_meta,
+)
 from localroute.evaluation.scorers import JudgeScorer, Score, score_answer
 from localroute.monitoring.cost import cpu_cost_usd
 from localroute.monitoring.pricing import load_price_table
 from localroute.settings import Settings, TierSettings
-from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
+from localroute.types import Generation, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
-RUN_VERSION = 1
-TOP_LOGPROBS = 5  # enough for every aggregator (confidence.TOP_K_NEEDED)
 TASK_MAX_TOKENS = {"choice": 24, "exact": 48, "numeric": 256, "spans": 96, "json": 192, "judge": 384}
 CHOICE_METHOD = "free generation (greedy), scored on the first choice the answer names"
 
@@ -97,42 +101,6 @@ def model_file(ts: TierSettings, settings: Settings) -> Path | None:
     from localroute.registry import resolve_model_path
 
     return resolve_model_path(ts.model, settings.models_dir)
-
-
-def _tokens_json(tokens: Sequence[TokenLogprob]) -> list[list[Any]]:
-    return [[t.token_id, t.token, t.logprob, [[a.token, a.logprob] for a in t.top_logprobs]] for t in tokens]
-
-
-def tokens_from_json(raw: Sequence[Sequence[Any]]) -> list[TokenLogprob]:
-    """Rebuild tokens from a run row so aggregators can be recomputed."""
-    return [
-        TokenLogprob(token_id=int(t[0]), token=str(t[1]), logprob=float(t[2]),
-                     top_logprobs=tuple(TopLogprob(token=str(a[0]), logprob=float(a[1])) for a in t[3]))
-        for t in raw
-    ]
-
-
-def read_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """Finished rows; a torn last line (killed mid-write) is ignored and recomputed on resume."""
-    path = out_dir / "rows.jsonl"
-    if not path.is_file():
-        return []
-    rows: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        rows[row["id"]] = row
-    return list(rows.values())
-
-
-def read_meta(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "meta.json"
-    if not path.is_file():
-        raise ConfigError(f"{out_dir} is not an eval run (no meta.json)", param="run")
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
 
 
 def _sampling(cfg: EvalConfig, item: EvalItem) -> SamplingParams:
@@ -213,7 +181,7 @@ class _Runner:
         row.update({
             "output": gen.text if gen else "",
             "finish_reason": gen.finish_reason if gen else "error",
-            "tokens": _tokens_json(gen.tokens) if gen else [],
+            "tokens": tokens_to_json(gen.tokens) if gen else [],
             "prompt_tokens": gen.prompt_tokens if gen else 0,
             "completion_tokens": gen.completion_tokens if gen else 0,
             "latency_s": round(gen.latency_s if gen else time.perf_counter() - started, 6),
@@ -270,9 +238,8 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
     if verifier_tier is not None:  # only then: runs made without a verifier keep their key
         key["verifier"] = verifier_tier.name
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = cfg.out_dir / "meta.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    if (cfg.out_dir / META_FILE).is_file():
+        old = read_meta(cfg.out_dir)
         if old.get("key") != key:
             raise ConfigError(f"{cfg.out_dir} holds a different run (dataset, tier, model, max_tokens, seed or "
                               f"frontier differ); choose another --out", param="out")
@@ -312,7 +279,7 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
                 verifier_backend = None  # closed once, as the tier's backend
         try:
             meta["fingerprint"] = backend_fingerprint(runner.backend, path)
-            _write_json(meta_path, meta)
+            write_meta(cfg.out_dir, meta)
             errors = await _run_pending(runner, pending, cfg)
         finally:
             await runner.backend.aclose()
@@ -323,7 +290,7 @@ async def run_eval(settings: Settings, cfg: EvalConfig) -> RunSummary:
             if verifier_backend is not None:
                 await verifier_backend.aclose()
     else:
-        _write_json(meta_path, meta)
+        write_meta(cfg.out_dir, meta)
     return RunSummary(cfg.out_dir, len(items), len(pending), len(items) - len(pending), errors, meta)
 
 
@@ -340,21 +307,14 @@ async def _run_pending(runner: _Runner, pending: list[EvalItem], cfg: EvalConfig
     tasks = [asyncio.create_task(guarded(it)) for it in pending]
     bar = tqdm(total=len(pending), desc=f"eval {runner.tier.name}", unit="q", disable=not cfg.progress)
     try:
-        with (cfg.out_dir / "rows.jsonl").open("a", encoding="utf-8") as fh:
+        with append_rows(cfg.out_dir) as append:
             for fut in asyncio.as_completed(tasks):
                 row = await fut
                 errors += bool(row.get("error") or row.get("scoring_error"))
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                fh.flush()
+                append(row)
                 bar.update(1)
     finally:
         bar.close()
         for t in tasks:
             t.cancel()
     return errors
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)

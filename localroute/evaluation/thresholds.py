@@ -29,7 +29,6 @@ escalation rate.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,12 +42,13 @@ from localroute.calibration_file import (
     CalibrationFile,
     Certificate,
     TierCalibration,
+    confidence_distribution,
     load_calibration,
     write_calibration,
 )
 from localroute.errors import ConfigError, MissingExtraError
 from localroute.evaluation.metrics import Array
-from localroute.evaluation.report import RunTable
+from localroute.evaluation.runs import RunTable, from_eval_run, read_meta
 from localroute.routing.confidence import AGGREGATORS
 
 
@@ -158,17 +158,6 @@ def realised(conf: Array, cheap: Array, frontier: Array, threshold: float) -> di
     }
 
 
-def _distribution(conf: Array) -> tuple[dict[str, float], dict[str, list[float]]]:
-    finite = conf[np.isfinite(conf)]
-    if len(finite) == 0:
-        return {}, {"edges": [], "counts": []}
-    qs = {f"p{int(q * 100):02d}": round(float(np.quantile(finite, q)), 6)
-          for q in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)}
-    counts, edges = np.histogram(finite, bins=20)
-    return qs, {"edges": [round(float(e), 6) for e in edges], "counts": [float(c) for c in counts],
-                "non_finite": [float(len(conf) - len(finite))]}
-
-
 def _check_targets(target_quality: float | None, target_escalation: float | None, holdout: float) -> None:
     if (target_quality is None) == (target_escalation is None):
         raise ConfigError("give exactly one of --target-quality or --target-escalation", param="target_quality")
@@ -229,7 +218,7 @@ def calibrate_run(
                                          oracle=fmode == "oracle", target_quality=target_quality,
                                          target_escalation=target_escalation, delta=delta)
     cert_cal = realised(conf[cal], table.cheap[cal], table.frontier[cal], threshold)
-    quantiles, histogram = _distribution(conf[cal])
+    quantiles, histogram = confidence_distribution(conf[cal])
     fp = table.meta.get("fingerprint") or {}
     if not fp.get("template_sha256"):
         raise ConfigError(f"run {run_dir} has no model fingerprint (was it interrupted before loading?)", param="run")
@@ -289,7 +278,6 @@ def calibrate_router(
     """
     from localroute.calibration_file import RouterCalibration, file_sha256
     from localroute.routing.prerouter import load_models, router_scores
-    from localroute.routing.training import from_eval_run
 
     _check_targets(target_quality, target_escalation, holdout)
     models, encoders = load_models(settings)
@@ -308,12 +296,12 @@ def calibrate_router(
     encoded = {name: encoders[name].encode(texts) for name in needed}
     vectors = [{name: encoded[name][i] for name in needed} for i in range(len(texts))]
     score = router_scores(ordered, vectors)
-    meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(run_dir)
     fmode = (meta.get("frontier") or {}).get("mode")
     threshold, cert, cal = fit_threshold(score, cheap, frontier, holdout=holdout, seed=seed,
                                          oracle=fmode == "oracle", target_quality=target_quality,
                                          target_escalation=target_escalation, delta=delta)
-    quantiles, _ = _distribution(score[cal])
+    quantiles, _ = confidence_distribution(score[cal])
     entry = RouterCalibration(
         threshold=threshold, certificate=cert, score_quantiles=quantiles, n=len(cal),
         artifacts={kind: file_sha256(m.artifact.path) for kind, m in models.items() if m.artifact.path},

@@ -1,22 +1,27 @@
 """Reading the routing log: rows by time, the summaries `localroute report` prints (escalation
 rate and its health band, confidence against the calibrated distribution, cost per query, by
-period and tier), and the review sample with its feedback. The log's writer is routing_log.py."""
+period and tier), the review sample with its feedback, and the requests with feedback as labelled
+queries for `localroute train --from-log`. The log's writer is routing_log.py; the calibration file
+is read through `calibration_file.load_calibration`, the strict loader `serve` uses."""
 
 from __future__ import annotations
 
 import json
 import math
 import sqlite3
-import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from localroute.calibration_file import CalibrationFile, load_calibration
+from localroute.errors import ConfigError
 from localroute.monitoring.routing_log import COLUMNS
+from localroute.routing.training import LabelledQueries
 
-__all__ = ["escalation_health", "load_calibration", "read_rows", "report", "review_summary", "summarize"]
+__all__ = ["escalation_health", "from_routing_log", "read_calibration", "read_rows", "report", "review_summary",
+           "summarize"]
 
 
 def read_rows(path: Path, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
@@ -90,95 +95,14 @@ def _pct(values: Sequence[float], qs: Iterable[float]) -> dict[str, float | None
     return {f"p{round(q * 100)}": (float(np.quantile(arr, q)) if arr.size else None) for q in qs}
 
 
-def load_calibration(path: Path | None) -> dict[str, dict[str, Any]]:
-    """Per-tier confidence quantiles/histogram from a calibration file, read defensively: JSON or
-    TOML; per-tier sections under `tiers` (dict or list with `name`/`tier`) or one top-level
-    section for the first tier (key `_default`). Anything unreadable gives {}."""
-    if path is None or not Path(path).is_file():
-        return {}
-    raw = Path(path).read_text(encoding="utf-8", errors="replace")
-    data: Any
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        try:
-            data = tomllib.loads(raw)
-        except tomllib.TOMLDecodeError:
-            return {}
-    if not isinstance(data, dict):
-        return {}
-    sections: dict[str, Any] = {}
-    tiers = data.get("tiers")
-    if isinstance(tiers, dict):
-        sections.update({str(k): v for k, v in tiers.items() if isinstance(v, dict)})
-    elif isinstance(tiers, list):
-        for t in tiers:
-            if isinstance(t, dict) and (t.get("name") or t.get("tier")):
-                sections[str(t.get("name") or t.get("tier"))] = t
-    if not sections:
-        name = data.get("tier") or data.get("tier_name") or "_default"
-        sections[str(name)] = data
-    out = {}
-    for name, sec in sections.items():
-        found = _calibration_distribution(sec)
-        if found:
-            out[name] = found
-    return out
-
-
-def _calibration_distribution(sec: dict[str, Any], depth: int = 0) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in sec.items():
-        k = str(key).lower()
-        if "quantile" in k and "quantiles" not in found:
-            q = _as_quantiles(value)
-            if q:
-                found["quantiles"] = q
-        elif "hist" in k and isinstance(value, dict) and "histogram" not in found:
-            edges = value.get("edges") or value.get("bins") or value.get("bin_edges")
-            counts = value.get("counts") or value.get("density") or value.get("hist")
-            if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1:
-                try:
-                    found["histogram"] = {"edges": [float(e) for e in edges], "counts": [float(c) for c in counts]}
-                except (TypeError, ValueError):
-                    pass
-        elif k == "threshold" and isinstance(value, int | float):
-            found["threshold"] = float(value)
-        elif isinstance(value, dict) and depth < 2:
-            for k2, v2 in _calibration_distribution(value, depth + 1).items():
-                found.setdefault(k2, v2)
-    if "quantiles" not in found and "histogram" in found:
-        found["quantiles"] = _hist_quantiles(found["histogram"])
-    return found
-
-
-def _as_quantiles(value: Any) -> dict[float, float]:
-    pairs: list[tuple[Any, Any]] = []
-    if isinstance(value, dict):
-        pairs = list(value.items())
-    elif isinstance(value, list):
-        pairs = [tuple(p) for p in value if isinstance(p, list | tuple) and len(p) == 2]
-    out = {}
-    for q, v in pairs:
-        text = str(q).strip().lower()
-        try:
-            if text.startswith("p"):  # p01, p50, p99: percentiles
-                qf = float(text[1:]) / 100
-            else:  # 0.5 or 50
-                qf = float(text.lstrip("q"))
-                qf = qf / 100 if qf > 1 else qf
-            out[qf] = float(v)
-        except (TypeError, ValueError):
-            continue
-    return dict(sorted(out.items()))
-
-
-def _hist_quantiles(hist: dict[str, list[float]]) -> dict[float, float]:
-    edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"])
-    if counts.sum() <= 0:
-        return {}
-    cdf = np.concatenate([[0.0], np.cumsum(counts) / counts.sum()])
-    return {q: float(np.interp(q, cdf, edges)) for q in QUANTILES}
+def read_calibration(path: Path | None) -> CalibrationFile | None:
+    """The calibration file to compare confidences with, read by the loader `serve` uses: a file
+    that cannot be read or is not valid is a ConfigError saying why; no path, no comparison."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"calibration file not found: {path}", param="calibration_path")
+    return load_calibration(Path(path))
 
 
 def _nearest(quantiles: dict[float, float], q: float) -> float | None:
@@ -193,8 +117,7 @@ def _bucket_start(ts: float, bucket: str) -> float:
 
 
 def summarize(rows: Sequence[dict[str, Any]], bucket: str = "day",
-              calibration: dict[str, dict[str, Any]] | None = None,
-              first_tier: str | None = None) -> dict[str, Any]:
+              calibration: CalibrationFile | None = None) -> dict[str, Any]:
     """Everything `localroute report` shows, as JSON-able data."""
     answered = [r for r in rows if r["status"] == 200 and r["tier"]]
     n_ans = len(answered)
@@ -222,13 +145,12 @@ def summarize(rows: Sequence[dict[str, Any]], bucket: str = "day",
             t["completion"] += int(a.get("completion_tokens") or 0)
             if a.get("confidence") is not None:
                 conf.setdefault(tier, []).append(float(a["confidence"]))
-    calibration = calibration or {}
     confidence = {}
     for tier, values in conf.items():
-        cal = calibration.get(tier) or (calibration.get("_default") if tier == first_tier else None)
+        cal = calibration.tiers.get(tier) if calibration is not None else None
         entry: dict[str, Any] = {"n": len(values), "mean": float(np.mean(values)), **_pct(values, QUANTILES)}
-        if cal and cal.get("quantiles"):
-            cq = cal["quantiles"]
+        cq = cal.quantiles() if cal is not None else {}
+        if cq:
             median, p10 = _nearest(cq, 0.5), _nearest(cq, 0.1)
             entry["calibration"] = {f"p{round(q * 100)}": v for q, v in cq.items()}
             entry["median_shift"] = entry["p50"] - median if median is not None else None
@@ -287,11 +209,11 @@ def summarize(rows: Sequence[dict[str, Any]], bucket: str = "day",
 
 
 def report(path: Path, since: float | None = None, until: float | None = None, bucket: str = "day",
-           calibration_path: Path | None = None, first_tier: str | None = None) -> tuple[dict[str, Any],
-                                                                                       list[dict[str, Any]]]:
+           calibration_path: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`localroute report`'s one library call: the summary and the rows it came from."""
+    calibration = read_calibration(calibration_path)  # a broken file fails before any work
     rows = read_rows(path, since, until)
-    summary = summarize(rows, bucket, load_calibration(calibration_path), first_tier)
+    summary = summarize(rows, bucket, calibration)
     summary["log"] = str(path)
     summary["window"] = {"since": since, "until": until}
     summary["review"] = review_summary(path)
@@ -311,3 +233,45 @@ def review_summary(path: Path, limit: int = 20) -> dict[str, Any]:
     return {"sampled": len(marked), "reviewed": len(marked) - len(pending), "pending": len(pending),
             "pending_request_ids": [r["request_id"] for r in pending[:limit]]}
 
+
+
+def from_routing_log(db: Path, tiers: list[str]) -> LabelledQueries:
+    """Requests with stored prompt text and at least one feedback row, for `localroute train`: the
+    answering tier's outcome is the mean feedback score; the tiers that did not answer are unknown
+    (NaN). A request answered by a tier not in `tiers` is skipped and counted."""
+    if not db.is_file():
+        raise ConfigError(f"routing log not found: {db}", param="routing_log_path")
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
+            "JOIN feedback f ON f.request_id = r.request_id "
+            "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
+            "GROUP BY r.request_id, r.prompt_text, r.tier"
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        raise ConfigError(f"routing log {db} has no feedback yet ({exc})", param="routing_log_path") from None
+    finally:
+        conn.close()
+    index = {t: i for i, t in enumerate(tiers)}
+    texts, labels, ids, skipped = [], [], [], 0
+    for request_id, prompt_text, tier, score in rows:
+        if tier not in index:
+            skipped += 1
+            continue
+        label = np.full(len(tiers), np.nan, dtype=np.float32)
+        label[index[tier]] = float(score)
+        texts.append(_last_user(str(prompt_text)))
+        labels.append(label)
+        ids.append(str(request_id))
+    return LabelledQueries(texts, list(tiers), np.asarray(labels, dtype=np.float32).reshape(-1, len(tiers)),
+                           f"log:{db}", skipped, ids)
+
+
+def _last_user(logged: str) -> str:
+    """The routing log stores chat prompts as 'role: content' lines; routers embed the last user turn."""
+    marker = "user: "
+    pos = logged.rfind("\n" + marker)
+    if pos >= 0:
+        return logged[pos + 1 + len(marker):]
+    return logged.removeprefix(marker)

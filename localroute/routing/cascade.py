@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from localroute.errors import EngineDeadError, InvalidRequestError, LocalrouteError
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
-from localroute.routing.confidence import TOP_K_NEEDED, get_aggregator
+from localroute.routing.confidence import TOP_K_NEEDED, answer_confidence, get_aggregator
 from localroute.routing.repetition import RepetitionCheck
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -78,9 +78,7 @@ class CascadeRouter:
         self.repetition = repetition if repetition is not None else RepetitionCheck()
 
     def _confidence(self, gen: Generation) -> float | None:
-        if not gen.tokens:
-            return None if gen.text else float("-inf")
-        return self._aggregate(gen.tokens, self._alpha)
+        return answer_confidence(self.signal, gen.tokens, self._alpha, gen.text)
 
     def _tier_request(self, request: GenerationRequest) -> GenerationRequest:
         if request.params.top_logprobs >= self._top_k:

@@ -9,7 +9,13 @@ is below the tier's threshold. An answer with no tokens has no evidence and scor
 - min_logprob       the least likely token: one bad token sinks the answer.
 - quantile_logprob  the alpha-quantile of token logprobs (alpha=0: min, 0.5: median).
 - mean_margin       mean of top1 - top2 logprob: how decisively each token won. Needs top-k >= 2.
-- neg_mean_entropy  minus the mean entropy of the renormalised top-k distribution per token.
+- neg_mean_entropy  minus the mean entropy of the renormalised top-5 distribution per token.
+
+Each aggregator reads exactly the alternatives it names (TOP_K_NEEDED, most likely first, as the
+engines return them) and ignores any further ones, so an answer scores the same whether the engine
+was asked for 5 alternatives (`localroute eval`) or for 20 (a client's top_logprobs in `serve`):
+the threshold `calibrate` fits on recorded answers is the one the cascade compares with.
+`answer_confidence` is the one computation both use.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from localroute.types import TokenLogprob
 Aggregator = Callable[[Sequence[TokenLogprob], float], float]
 
 NEG_INF = float("-inf")
+ENTROPY_TOP_K = 5
 
 
 def sum_logprob(tokens: Sequence[TokenLogprob], alpha: float = 0.0) -> float:
@@ -65,12 +72,14 @@ def mean_margin(tokens: Sequence[TokenLogprob], alpha: float = 0.0) -> float:
 
 
 def neg_mean_entropy(tokens: Sequence[TokenLogprob], alpha: float = 0.0) -> float:
-    """-mean entropy (nats) of each token's top-k distribution, renormalised over the k shown."""
+    """-mean entropy (nats) of each token's top-5 distribution (ENTROPY_TOP_K), renormalised over
+    those alternatives; fewer shown, fewer used."""
     if not tokens:
         return NEG_INF
     total = 0.0
     for t in tokens:
-        lps = np.array([a.logprob for a in t.top_logprobs] or [t.logprob], dtype=np.float64)
+        top = t.top_logprobs[:ENTROPY_TOP_K]
+        lps = np.array([a.logprob for a in top] or [t.logprob], dtype=np.float64)
         p = np.exp(lps - lps.max())
         p /= p.sum()
         total += float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
@@ -87,7 +96,7 @@ AGGREGATORS: dict[str, Aggregator] = {
 }
 
 # How many alternatives per token each aggregator needs from the engine.
-TOP_K_NEEDED: dict[str, int] = {"mean_margin": 2, "neg_mean_entropy": 5}
+TOP_K_NEEDED: dict[str, int] = {"mean_margin": 2, "neg_mean_entropy": ENTROPY_TOP_K}
 
 
 def get_aggregator(name: str) -> Aggregator:
@@ -95,6 +104,15 @@ def get_aggregator(name: str) -> Aggregator:
         return AGGREGATORS[name]
     except KeyError:
         raise KeyError(f"unknown confidence aggregator {name!r}; one of {sorted(AGGREGATORS)}") from None
+
+
+def answer_confidence(name: str, tokens: Sequence[TokenLogprob], alpha: float, text: str = "") -> float | None:
+    """A tier's confidence in one answer, as `serve` (the cascade) and `calibrate` (eval runs) both
+    compute it. None: text came without token logprobs (a backend that gives none), no evidence
+    either way; -inf: an empty answer."""
+    if not tokens:
+        return None if text else NEG_INF
+    return get_aggregator(name)(tokens, alpha)
 
 
 def confidence(name: str, tokens: Sequence[TokenLogprob], alpha: float = 0.1) -> float:

@@ -24,7 +24,8 @@ from localroute.cli import main
 from localroute.errors import ConfigError
 from localroute.evaluation.datasets import convert, load_items, sample, write_items
 from localroute.evaluation.report import build_report
-from localroute.evaluation.runner import EvalConfig, read_rows, run_eval
+from localroute.evaluation.runner import EvalConfig, run_eval
+from localroute.evaluation.runs import read_rows
 from localroute.server.app import create_app
 from localroute.service import build_tiers
 from localroute.settings import Settings

@@ -1,5 +1,5 @@
 """Routers trained on RouteLLM's recorded outcomes, evaluated on held-out rows with RouteLLM's
-metrics; plus the other training sources read defensively."""
+metrics. (The eval-run source is tested in test_runs.py, the routing log's in test_feedback.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from localroute.embeddings import load_encoder
-from localroute.errors import ConfigError
 from localroute.evaluation.routellm import (
     Scored,
     default_data_dir,
@@ -20,7 +19,6 @@ from localroute.evaluation.routellm import (
     metrics_for,
     score_router,
 )
-from localroute.routing.training import from_eval_run
 
 needs_data = pytest.mark.skipif(not (default_data_dir() / "routellm").is_dir(), reason="shared RouteLLM data absent")
 
@@ -84,29 +82,6 @@ def test_markdown_report_has_published_figures_and_source() -> None:
               "published": {"source": PUBLISHED_SOURCE, "figures": PUBLISHED, "note": "other data"}}
     md = markdown(report)
     assert "2406.18665" in md and "| mf | 0.597 |" in md and "classifier/minilm" in md and "oracle" in md
-
-
-def test_eval_run_source_skips_malformed_rows(tmp_path: Path) -> None:
-    dataset = tmp_path / "items.jsonl"
-    dataset.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "a", "task": "exact", "messages": [{"role": "user", "content": "What is 1+1?"}], "answer": "2"},
-        {"id": "b", "task": "exact", "prompt": "Capital of Peru?", "answer": "Lima"},
-    ]))
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "meta.json").write_text(json.dumps({"dataset": str(dataset), "tier": "smollm2-135m"}))
-    (run / "rows.jsonl").write_text("\n".join([
-        json.dumps({"id": "a", "cheap": {"score": 1.0, "correct": True}, "frontier": {"score": 1.0}}),
-        json.dumps({"id": "b", "cheap": {"score": 0.0, "correct": False}, "frontier": None}),
-        '{"id": "c", "cheap": ',  # torn line
-        json.dumps({"id": "zzz", "cheap": {"score": 1.0}}),  # no text for this id
-    ]))
-    data = from_eval_run(run)
-    assert data.texts == ["What is 1+1?", "Capital of Peru?"] and data.tiers == ["smollm2-135m", "frontier"]
-    assert data.labels[0].tolist() == [1.0, 1.0] and data.labels[1, 0] == 0.0 and np.isnan(data.labels[1, 1])
-    assert data.skipped == 2
-    with pytest.raises(ConfigError):
-        from_eval_run(tmp_path)
 
 
 @needs_data

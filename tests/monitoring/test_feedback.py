@@ -17,11 +17,11 @@ from openai import NotFoundError, OpenAI
 from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
 from localroute.embeddings import load_encoder
 from localroute.monitoring.feedback import FeedbackStore
+from localroute.monitoring.log_report import from_routing_log
 from localroute.routing.artifacts import save_artifact
 from localroute.routing.base import Tier
 from localroute.routing.classifier import train_classifier
 from localroute.routing.embedding import train_embedding
-from localroute.routing.training import from_routing_log
 from localroute.server.app import create_app
 from tests.conftest import local_settings, serve_app
 

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localroute.calibration_file import load_calibration as load_calibration_file
+from localroute.calibration_file import load_calibration
 from localroute.cli import main
 from localroute.cli.report import parse_time
-from localroute.monitoring.log_report import escalation_health, load_calibration, read_rows, summarize
+from localroute.errors import ConfigError
+from localroute.monitoring.log_report import escalation_health, read_calibration, read_rows, report, summarize
 from localroute.monitoring.routing_log import COLUMNS, RoutingLog
 from tests.conftest import SENTIMENT_FIXTURE, local_settings
 
@@ -76,7 +77,7 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_summary_numbers(log_path: Path, calibration: Path) -> None:
     rows = read_rows(log_path)
-    s = summarize(rows, "day", load_calibration(calibration), first_tier="cheap")
+    s = summarize(rows, "day", read_calibration(calibration))
     assert s["requests"] == 5 and s["answered"] == 4 and s["errors"] == 1
     assert s["escalation_rate"] == pytest.approx(0.25) and s["escalation_health"] == "healthy"
     assert s["answered_by_tier"] == {"cheap": 3, "frontier": 1}
@@ -90,7 +91,7 @@ def test_summary_numbers(log_path: Path, calibration: Path) -> None:
     cheap = s["confidence"]["cheap"]
     assert cheap["n"] == 4 and cheap["p50"] == pytest.approx(-0.35)
     # the drift figures compare the log with what calibrate recorded, read back as `serve` reads it
-    written = load_calibration_file(calibration).tiers["cheap"].confidence_quantiles
+    written = load_calibration(calibration).tiers["cheap"].confidence_quantiles
     assert cheap["calibration"] == {f"p{int(k[1:])}": v for k, v in written.items()}
     assert {"p1", "p10", "p50", "p99"} <= set(cheap["calibration"])
     assert cheap["median_shift"] == pytest.approx(-0.35 - written["p50"])
@@ -114,16 +115,33 @@ def test_health_band_flags() -> None:
     assert escalation_health(None) == "no_data"
 
 
-def test_calibration_read_defensively(tmp_path: Path) -> None:
-    hist_only = tmp_path / "h.json"
-    hist_only.write_text(json.dumps({"confidence_histogram": {"edges": [-1.0, 0.0], "counts": [4.0]}}))
-    cal = load_calibration(hist_only)
-    assert cal["_default"]["quantiles"][0.5] == pytest.approx(-0.5)  # derived from the histogram
+def test_a_broken_calibration_file_is_a_clear_error(log_path: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` reads the calibration file as `serve` does (calibration_file.load_calibration): a
+    file calibrate did not write is an error naming the file and the problem, not an empty section."""
     junk = tmp_path / "junk.json"
-    junk.write_text("not json nor toml [[[")
-    assert load_calibration(junk) == {}
-    assert load_calibration(tmp_path / "missing.json") == {}
-    assert load_calibration(None) == {}
+    junk.write_text("not json [[[")
+    hand_made = tmp_path / "hand.json"  # a plausible shape, but not the calibration file's
+    hand_made.write_text(json.dumps({"tiers": {"cheap": {"confidence_quantiles": {"p50": -0.5}}}}))
+    for path, why in ((junk, "cannot read calibration file"), (hand_made, "invalid calibration file"),
+                      (tmp_path / "missing.json", "calibration file not found")):
+        with pytest.raises(ConfigError, match=why):
+            report(log_path, calibration_path=path)
+        assert main(["report", "--log", str(log_path), "--calibration", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and str(path) in err
+    assert read_calibration(None) is None
+
+
+def test_a_configured_calibration_not_yet_written_is_no_comparison(log_path: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LOCALROUTE_CALIBRATION_PATH", str(tmp_path / "later.json"))
+    assert main(["report", "--log", str(log_path), "--json"]) == 0
+    assert "calibration" not in json.loads(capsys.readouterr().out)["confidence"]["cheap"]
+    (tmp_path / "later.json").write_text("{}")  # once there, it is read, and must be valid
+    assert main(["report", "--log", str(log_path), "--json"]) == 2
+    assert "invalid calibration file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -133,7 +151,7 @@ def test_cli_json(log_path: Path, calibration: Path, capsys: pytest.CaptureFixtu
     for key in ("requests", "escalation_rate", "cost_usd", "counterfactual_cost_usd", "savings_pct"):
         assert key in data
     assert data["requests"] == 5 and data["savings_pct"] == pytest.approx(68.0)
-    written = load_calibration_file(calibration).tiers["cheap"].confidence_quantiles
+    written = load_calibration(calibration).tiers["cheap"].confidence_quantiles
     assert data["confidence"]["cheap"]["calibration"]["p50"] == written["p50"]  # --calibration was read
     # a window: only the second day
     since = str(T0 + DAY - 3600)

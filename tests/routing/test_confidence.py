@@ -1,13 +1,21 @@
-"""Confidence aggregators against hand-computed values."""
+"""Confidence aggregators against hand-computed values, and the one computation `serve` and
+`calibrate` share."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from localroute.evaluation.runs import TOP_LOGPROBS, RunTable, append_rows, tokens_to_json, write_meta
 from localroute.routing import confidence as c
-from localroute.types import TokenLogprob, TopLogprob
+from localroute.routing.base import Tier
+from localroute.routing.cascade import CascadeRouter
+from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
+from tests.fakes import ScriptedBackend
 
 
 def tok(lp: float, *alts: float) -> TokenLogprob:
@@ -55,3 +63,58 @@ def test_unknown_aggregator_names_the_choices() -> None:
 
 def test_all_confidences_covers_every_aggregator() -> None:
     assert set(c.all_confidences(TOKS)) == set(c.AGGREGATORS)
+
+
+def test_entropy_reads_only_its_top_five() -> None:
+    five = tok(-1.0, -1.0, -1.0, -1.0, -1.0, -1.0)
+    more = tok(-1.0, *[-1.0] * 5, -1.2, -1.3, -2.0)  # 20 alternatives asked for: the same signal
+    assert c.neg_mean_entropy([more]) == c.neg_mean_entropy([five]) == pytest.approx(-math.log(5))
+
+
+def test_answer_confidence_without_evidence() -> None:
+    for name in c.AGGREGATORS:
+        assert c.answer_confidence(name, [], 0.1) == float("-inf")  # empty answer
+        assert c.answer_confidence(name, [], 0.1, "text without logprobs") is None
+        assert c.answer_confidence(name, TOKS, 0.1, "x") == c.confidence(name, TOKS, 0.1)
+
+
+def _engine_answer(top_logprobs: int, n_tokens: int = 6, seed: int = 3) -> Generation:
+    """A greedy answer as an engine returns it: each token heads its (sorted) alternatives, of which
+    it shows as many as the request asked for."""
+    rng = np.random.default_rng(seed)
+    toks = []
+    for i in range(n_tokens):
+        lps = np.sort(np.log(rng.dirichlet(np.ones(40))))[::-1][:20]
+        alts = tuple(TopLogprob(f"a{j}", float(lp)) for j, lp in enumerate(lps))
+        toks.append(TokenLogprob(i, f"t{i}", alts[0].logprob, None, alts[:top_logprobs]))
+    return Generation("".join(t.token for t in toks), toks, "stop", 3, n_tokens)
+
+
+class _Engine(ScriptedBackend):
+    def _generation(self, request: GenerationRequest) -> Generation:
+        return _engine_answer(request.params.top_logprobs)
+
+
+@pytest.mark.parametrize("client_top_logprobs", [0, 2, 5, 20])
+@pytest.mark.parametrize("aggregator", sorted(c.AGGREGATORS))
+def test_calibrate_sees_the_confidence_the_cascade_computes(tmp_path: Path, aggregator: str,
+                                                           client_top_logprobs: int) -> None:
+    """The same answer, recorded by `localroute eval` (TOP_LOGPROBS alternatives) and served to a
+    client asking for `client_top_logprobs`: the confidence calibrate fits a threshold on is the one
+    the cascade compares with that threshold, whatever the client asked for."""
+    recorded = _engine_answer(TOP_LOGPROBS)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_meta(run, {"tier": "cheap", "frontier": {"mode": "oracle"}, "confidence_quantile_alpha": 0.3})
+    with append_rows(run) as append:
+        append({"id": "q", "output": recorded.text, "tokens": tokens_to_json(recorded.tokens),
+                "cheap": {"score": 1.0, "correct": True}, "frontier": {"score": 1.0, "correct": True}})
+    calibrate_sees = RunTable(run).conf[aggregator][0]
+
+    router = CascadeRouter([Tier("cheap", _Engine("cheap"), threshold=0.0), Tier("frontier", ScriptedBackend())],
+                           aggregator=aggregator, alpha=0.3)
+    request = GenerationRequest(prompt="q", params=SamplingParams(max_tokens=8, top_logprobs=client_top_logprobs))
+    routed = asyncio.run(router.route(request))
+    served = routed.decision.attempts[0]
+    assert served.tier == "cheap" and served.confidence is not None and math.isfinite(served.confidence)
+    assert served.confidence == calibrate_sees
