@@ -327,7 +327,7 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
             d = item.delta
             if d.raw is not None and shape.chat:
                 role_sent = True
-                chunk = {**d.raw, **base}
+                chunk = {**d.raw, "id": req.request_id, "model": shape.model}
                 if chunk.get("usage") is not None or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
                     held.append(chunk)
                 else:
