@@ -11,6 +11,7 @@ from typing import Any
 
 from localroute.backends.base import load_backend
 from localroute.backends.budget import SpendBudget
+from localroute.backends.capabilities import capabilities_for
 from localroute.backends.supervised import supervised
 from localroute.errors import ConfigError, ModelNotFoundError
 from localroute.monitoring.cost import CostAccountant, RequestCost
@@ -48,7 +49,7 @@ class Service:
         self.budget = attach_budget(self.tiers, settings)
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
-                [Tier(tier.name, tier.backend, None)], settings.confidence_aggregator,
+                [Tier(tier.name, tier.backend, None, tier.capabilities)], settings.confidence_aggregator,
                 settings.confidence_quantile_alpha, tier.name,
             )
         from localroute.routing.prerouter import (
@@ -107,7 +108,8 @@ def build_tiers(settings: Settings) -> list[Tier]:
         elif ts.name in calibrated and not last:
             log.warning("tier %s: configured threshold %s overrides the calibrated %s", ts.name, threshold,
                         calibrated[ts.name])
-        tiers.append(Tier(ts.name, backend, threshold))
+        context = ts.n_ctx or ts.max_model_len or settings.n_ctx
+        tiers.append(Tier(ts.name, backend, threshold, capabilities_for(ts, context)))
     return tiers
 
 
