@@ -84,8 +84,9 @@ class CascadeRouter:
         if not tiers:
             raise ValueError("a cascade needs at least one tier")
         self.tiers = list(tiers)
-        self.signal = aggregator
-        self._aggregate = get_aggregator(aggregator)
+        self.signal = aggregator  # what the decision reports; subclasses add theirs (verifier)
+        self.aggregator = aggregator
+        get_aggregator(aggregator)  # an unknown name fails here, at construction
         self._alpha = alpha
         self._top_k = TOP_K_NEEDED.get(aggregator, 0)
         self.policy = policy
@@ -99,7 +100,7 @@ class CascadeRouter:
         answer) is None: no evidence either way; an empty local answer is -inf (it escalates)."""
         if not gen.tokens and (gen.raw is not None or (tier is not None and not tier.backend.is_local)):
             return None
-        return answer_confidence(self.signal, gen.tokens, self._alpha, gen.text)
+        return answer_confidence(self.aggregator, gen.tokens, self._alpha, gen.text)
 
     def _ladder(self, request: GenerationRequest, decision: Decision, start: int) -> list[Tier]:
         """The tiers from `start` that can serve the request, those that cannot in the evidence;
