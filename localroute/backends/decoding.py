@@ -72,7 +72,8 @@ class DecodeState:
     cancelled: bool = False
     # incremental detokenisation: the answer decoded with errors="ignore", as far as it is complete
     n_chars: int = field(default=0, init=False)  # characters decoded so far
-    _decode: Callable[[bytes], str] | None = field(default=None, init=False, repr=False)
+    _decoding: bool = field(default=False, init=False, repr=False)
+    _pending: bytes = field(default=b"", init=False, repr=False)  # an incomplete UTF-8 sequence so far
     _tail: str = field(default="", init=False, repr=False)  # the last _overlap characters
     _overlap: int = field(default=0, init=False, repr=False)  # max(len(stop)) - 1
     _unsent: str = field(default="", init=False, repr=False)  # decoded text from emitted_chars on
@@ -80,8 +81,7 @@ class DecodeState:
     def __post_init__(self) -> None:
         stop = self.params.stop
         self._overlap = max((len(s) for s in stop), default=1) - 1
-        if stop or self.want_tokens:  # nobody reads the text before the end otherwise
-            self._decode = codecs.getincrementaldecoder("utf-8")(errors="ignore").decode
+        self._decoding = bool(stop) or self.want_tokens  # nobody reads the text before the end otherwise
 
     @cached_property
     def rng(self) -> np.random.Generator:
@@ -113,7 +113,7 @@ class DecodeState:
         self.tokens.append(tok)
         self.out += raw
         self.token_ends.append(len(self.out))
-        if self._decode is not None:
+        if self._decoding:
             new = self._decode(raw)
             if self.params.stop:
                 # an earlier occurrence would have ended the answer at an earlier token: only one
@@ -129,6 +129,18 @@ class DecodeState:
         if len(self.tokens) >= self.max_new:
             return "length", None
         return None, None
+
+    def _decode(self, raw: bytes) -> str:
+        """The new complete characters (an incremental UTF-8 decoder with errors="ignore", as
+        codecs' own, without its Python-level buffering on the usual complete token)."""
+        if self._pending:
+            raw, self._pending = self._pending + raw, b""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:  # a character split across tokens, or bytes that are not UTF-8
+            new, used = codecs.utf_8_decode(raw, "ignore", False)
+            self._pending = raw[used:]
+            return new
 
     def emit(self, tok: TokenLogprob) -> None:
         """Stream the text that is safe to show: complete UTF-8 and no possible stop-string start."""
