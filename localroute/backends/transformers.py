@@ -377,7 +377,8 @@ class TorchEngine:
         eos = token in self.eos_ids and not req.params.ignore_eos
         if not eos:
             self.stats["tokens_generated_total"] += 1
-        if req.token(token, self.token_bytes(token), lp, tops, time.perf_counter(), eos) is not None:
+        raw = b"" if eos else self.token_bytes(token)
+        if req.token(token, raw, lp, tops, time.perf_counter(), eos) is not None:
             req.done = True
             return False
         return True
