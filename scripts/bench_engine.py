@@ -13,6 +13,7 @@ runs in a fresh process, the modes interleaved and their order flipped each roun
 rounds. This is the measurement behind settings.llama_extra_buffers=auto (README).
 
     python scripts/bench_engine.py [--streams 1,4] [--tokens 128] [--threads 2] [--kv-unified] [--json]
+    python scripts/bench_engine.py --stream --stop '<|never|>' --tokens 1024   # the per-token text path
     python scripts/bench_engine.py --prefill-chunks 16,32,64,128 [--prompt-words 60]
     python scripts/bench_engine.py --extra-buffers on,off [--models smollm2-135m,gemma-3-270m] [--rounds 5]
 """
@@ -34,15 +35,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-async def _run(backend: object, engine: object, streams: int, tokens: int) -> dict[str, float]:
-    from localroute.types import GenerationRequest, SamplingParams
+async def _run(backend: object, engine: object, streams: int, tokens: int, stream: bool = False,
+               stop: tuple[str, ...] = ()) -> dict[str, float]:
+    """`stream`: read the answers as streams (every token's text goes through the stop-string
+    holdback); `stop`: stop strings that never match, searched for at every token."""
+    from localroute.types import Generation, GenerationRequest, SamplingParams
 
     request = GenerationRequest(messages=({"role": "user", "content": "Write a long story about a dragon."},),
-                                params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-    await asyncio.gather(*(backend.generate(request) for _ in range(streams)))  # type: ignore[attr-defined]
+                                params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                                      stop=list(stop)))
+
+    async def one() -> Generation:
+        if not stream:
+            return await backend.generate(request)  # type: ignore[attr-defined,no-any-return]
+        final = None
+        async for delta in backend.stream(request):  # type: ignore[attr-defined]
+            final = delta.final or final
+        assert final is not None
+        return final
+
+    await asyncio.gather(*(one() for _ in range(streams)))
     steps0 = engine.stats["decode_steps_total"]  # type: ignore[attr-defined]
     t0 = time.perf_counter()
-    gens = await asyncio.gather(*(backend.generate(request) for _ in range(streams)))  # type: ignore[attr-defined]
+    gens = await asyncio.gather(*(one() for _ in range(streams)))
     dt = time.perf_counter() - t0
     steps = engine.stats["decode_steps_total"] - steps0  # type: ignore[attr-defined]
     return {"streams": streams, "tokens_per_s": sum(g.completion_tokens for g in gens) / dt,
@@ -177,6 +192,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-unified", action="store_true")
+    p.add_argument("--stream", action="store_true", help="read answers as streams (per-token text and holdback)")
+    p.add_argument("--stop", action="append", default=[], help="a stop string that never occurs (repeatable)")
     p.add_argument("--prefill-chunks", default=None, help="e.g. 16,32,128: prompt speed per chunk size instead")
     p.add_argument("--prompt-words", type=int, default=60)
     p.add_argument("--extra-buffers", default=None, help="e.g. on,off: compare llama.cpp's extra buffer types")
@@ -205,20 +222,21 @@ def main() -> int:
         return 0
     levels = [int(x) for x in args.streams.split(",")]
     settings = Settings()
-    engine = LlamaEngine(resolve_model_path(args.model, settings.models_dir), n_ctx_seq=512,
+    engine = LlamaEngine(resolve_model_path(args.model, settings.models_dir), n_ctx_seq=max(512, args.tokens + 64),
                          n_parallel=max(levels), n_threads=args.threads, kv_unified=args.kv_unified,
                          extra_buffers=settings.llama_extra_buffers)
     backend = LlamaCppBackend("bench", engine)
     try:
-        rows = [asyncio.run(_run(backend, engine, n, args.tokens)) for n in levels]
+        rows = [asyncio.run(_run(backend, engine, n, args.tokens, args.stream, tuple(args.stop))) for n in levels]
     finally:
         engine.close()
-    result = {"kv_unified": args.kv_unified, "threads": args.threads, "tokens": args.tokens,
-              "loadavg": os.getloadavg(), "rows": rows}
+    result = {"kv_unified": args.kv_unified, "threads": args.threads, "tokens": args.tokens, "stream": args.stream,
+              "stop": args.stop, "loadavg": os.getloadavg(), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"kv_unified={args.kv_unified} threads={args.threads} load={result['loadavg'][0]:.2f}")
+        print(f"kv_unified={args.kv_unified} threads={args.threads} stream={args.stream} stop={args.stop} "
+              f"load={result['loadavg'][0]:.2f}")
         for r in rows:
             print(f"streams={r['streams']:>3}  {r['tokens_per_s']:7.1f} tok/s  {r['ms_per_step']:6.1f} ms/step")
     return 0

@@ -7,6 +7,7 @@ start of a stop string, and incomplete UTF-8, so no client ever sees text that i
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from localroute.errors import ContextLengthExceededError, GenerationError, InvalidRequestError
-from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
+from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob, TopLogprob
 
 Event = tuple[str, Any]
 
@@ -43,7 +44,13 @@ def request_failure(exc: Exception) -> GenerationError:
 
 @dataclass(eq=False)
 class DecodeState:
-    """One request inside an engine (touched only by the engine thread after submit)."""
+    """One request inside an engine (touched only by the engine thread after submit).
+
+    `token()` is the per-token tail both engines call once per sampled token. Detokenisation is
+    incremental: each token's bytes go through one incremental UTF-8 decoder, stop strings are
+    searched for only in the new text plus the `max(len(stop)) - 1` characters before it, and the
+    stream's holdback looks at that same short tail, so a token costs the same at any answer length.
+    """
 
     request_id: str
     prompt: list[int]
@@ -54,6 +61,8 @@ class DecodeState:
     # when the local backend got the request: engine time covers its chat template and tokenising,
     # as it does in any engine server (llama-server, vLLM), then the queue, prefill and decode
     submitted_at: float
+    model: str = ""  # Generation.model
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into Generation.extra
     tokens: list[TokenLogprob] = field(default_factory=list)
     token_ends: list[int] = field(default_factory=list)  # byte offset where each token ends
     out: bytearray = field(default_factory=bytearray)
@@ -61,6 +70,18 @@ class DecodeState:
     emitted_tokens: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
+    # incremental detokenisation: the answer decoded with errors="ignore", as far as it is complete
+    n_chars: int = field(default=0, init=False)  # characters decoded so far
+    _decoding: bool = field(default=False, init=False, repr=False)
+    _pending: bytes = field(default=b"", init=False, repr=False)  # an incomplete UTF-8 sequence so far
+    _tail: str = field(default="", init=False, repr=False)  # the last _overlap characters
+    _overlap: int = field(default=0, init=False, repr=False)  # max(len(stop)) - 1
+    _unsent: str = field(default="", init=False, repr=False)  # decoded text from emitted_chars on
+
+    def __post_init__(self) -> None:
+        stop = self.params.stop
+        self._overlap = max((len(s) for s in stop), default=1) - 1
+        self._decoding = bool(stop) or self.want_tokens  # nobody reads the text before the end otherwise
 
     @cached_property
     def rng(self) -> np.random.Generator:
@@ -68,36 +89,77 @@ class DecodeState:
         need one, and a seedless one reads OS entropy (~0.1 ms on the request path otherwise)."""
         return np.random.default_rng(self.params.rng_seed)
 
+    def token(self, token_id: int, raw: bytes, logprob: float, top_logprobs: tuple[TopLogprob, ...],
+              now: float, eos: bool = False) -> FinishReason | None:
+        """Take one sampled token: first-token time, end of sequence, record it, stop strings, and
+        stream it or finish. Returns the finish reason when the answer ended here (its Generation is
+        sent); an `eos` token ends the answer without being part of it (`raw` is then unused)."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if eos:
+            self.finish("stop", None)
+            return "stop"
+        tok = TokenLogprob(token_id, raw.decode("utf-8", errors="replace"), logprob, tuple(raw), top_logprobs)
+        reason, cut = self.add(tok, raw)
+        if reason is not None:
+            self.finish(reason, cut)
+            return reason
+        if self.want_tokens:
+            self.emit(tok)
+        return None
+
     def add(self, tok: TokenLogprob, raw: bytes) -> tuple[FinishReason | None, int | None]:
         """Record a generated token; say whether the answer ends here (and where a stop cuts it)."""
         self.tokens.append(tok)
         self.out += raw
         self.token_ends.append(len(self.out))
-        if self.params.stop:
-            text = self.out.decode("utf-8", errors="ignore")
-            hit = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=-1)
-            if hit >= 0:
-                return "stop", hit
+        if self._decoding:
+            new = self._decode(raw)
+            if self.params.stop:
+                # an earlier occurrence would have ended the answer at an earlier token: only one
+                # that ends in the new text can be here, and it starts at most _overlap chars back
+                window = self._tail + new
+                hit = min((i for s in self.params.stop if (i := window.find(s)) >= 0), default=-1)
+                if hit >= 0:
+                    return "stop", self.n_chars - len(self._tail) + hit
+                self._tail = window[-self._overlap:] if self._overlap else ""
+            self.n_chars += len(new)
+            if self.want_tokens:
+                self._unsent += new
         if len(self.tokens) >= self.max_new:
             return "length", None
         return None, None
 
+    def _decode(self, raw: bytes) -> str:
+        """The new complete characters (an incremental UTF-8 decoder with errors="ignore", as
+        codecs' own, without its Python-level buffering on the usual complete token)."""
+        if self._pending:
+            raw, self._pending = self._pending + raw, b""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:  # a character split across tokens, or bytes that are not UTF-8
+            new, used = codecs.utf_8_decode(raw, "ignore", False)
+            self._pending = raw[used:]
+            return new
+
     def emit(self, tok: TokenLogprob) -> None:
         """Stream the text that is safe to show: complete UTF-8 and no possible stop-string start."""
-        text = self.out.decode("utf-8", errors="ignore")
-        safe = len(text)
+        safe = self.n_chars
+        tail = self._tail  # the last max(len(stop)) - 1 characters: all a held-back start can be
         for s in self.params.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
+            for k in range(min(len(s) - 1, len(tail)), 0, -1):
+                if tail.endswith(s[:k]):
+                    safe = min(safe, self.n_chars - k)
                     break
-        piece = text[self.emitted_chars : safe] if safe > self.emitted_chars else ""
-        self.emitted_chars = max(self.emitted_chars, safe)
+        piece = ""
+        if safe > self.emitted_chars:
+            n = safe - self.emitted_chars
+            piece, self._unsent = self._unsent[:n], self._unsent[n:]
+            self.emitted_chars = safe
         self.emitted_tokens += 1
         self.sink(("token", (piece, tok)))
 
-    def finish(self, reason: FinishReason, cut_chars: int | None, model: str,
-               extra: dict[str, Any] | None = None) -> Generation:
+    def finish(self, reason: FinishReason, cut_chars: int | None) -> Generation:
         """Send what is left of a stream, then the finished Generation."""
         text = self.out.decode("utf-8", errors="replace")
         tokens = self.tokens
@@ -120,8 +182,8 @@ class DecodeState:
             completion_tokens=len(self.tokens),
             latency_s=time.perf_counter() - self.submitted_at,
             ttft_s=(self.first_token_at - self.submitted_at) if self.first_token_at else None,
-            model=model,
-            extra=extra or {},
+            model=self.model,
+            extra=dict(self.extra),
         )
         self.sink(("done", gen))
         return gen

@@ -23,16 +23,15 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, prompt_room, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
@@ -45,9 +44,7 @@ from localroute.errors import (
     RateLimitError,
 )
 from localroute.types import (
-    FinishReason,
     GenerationRequest,
-    TokenLogprob,
     TopLogprob,
 )
 
@@ -56,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Event = tuple[str, Any]
 
 
 def _import_llama_cpp() -> Any:
@@ -578,45 +574,32 @@ class LlamaEngine:
         )
 
     def _advance(self, seq: _Seq, row: np.ndarray, now: float) -> None:
-        """Pick, record and hand on one request's next token from its logits row. Whatever raises
-        in here (its sampler, grammar, stop strings, top-k) is that request's failure alone: it
-        ends with a GenerationError, its slot is freed, and the engine goes on (STYLE 14)."""
+        """Pick one request's next token from its logits row and hand it to its DecodeState.
+        Whatever raises in here (its sampler, grammar, stop strings, top-k) is that request's
+        failure alone: it ends with a GenerationError, its slot is freed, and the engine goes on
+        (STYLE 14)."""
         try:
             params = seq.params
             if seq.grammar is not None:
                 row = seq.grammar.mask(row)
             token, logprob, lse = self._pick(row, seq)
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            if self._eog[token] and not params.ignore_eos:
-                self._finish(seq, "stop")
-                return
-            raw = self.piece(token)
-            top = self._top(row, params.top_logprobs, lse) if params.top_logprobs > 0 else ()
-            tok = TokenLogprob(
-                token_id=token,
-                token=raw.decode("utf-8", errors="replace"),
-                logprob=logprob,
-                bytes=tuple(raw),
-                top_logprobs=top,
-            )
-            reason, cut = seq.add(tok, raw)
-            seq.last_token = token
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
-            self.stats["tokens_generated_total"] += 1
-            if reason is not None:
-                self._finish(seq, reason, cut_chars=cut)
-            elif seq.want_tokens:
-                seq.emit(tok)
+            eos = bool(self._eog[token]) and not params.ignore_eos
+            raw = b""
+            top: tuple[TopLogprob, ...] = ()
+            if not eos:
+                raw = self.piece(token)
+                if params.top_logprobs > 0:
+                    top = self._top(row, params.top_logprobs, lse)
+                seq.last_token = token
+                if seq.grammar is not None:
+                    seq.grammar.accept(token)
+                self.stats["tokens_generated_total"] += 1
+            if seq.token(token, raw, logprob, top, now, eos) is not None:
+                seq.last_token = -2  # released by _step after this round
+                self.stats["completed_total"] += 1
         except Exception as exc:
             log.exception("request %s failed in the llama engine; the engine goes on", seq.request_id)
             self._drop(seq, "request failed", error=request_failure(exc), keep=True)
-
-    def _finish(self, seq: _Seq, reason: FinishReason, cut_chars: int | None = None) -> None:
-        seq.finish(reason, cut_chars, model=self.model_path.name)
-        seq.last_token = -2  # released by _step after this round
-        self.stats["completed_total"] += 1
 
     def close(self) -> None:
         """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
@@ -670,21 +653,14 @@ class LlamaCppBackend(EngineBridge):
             raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
         return self.engine.tokenize(result.prompt, add_special=not result.added_special, parse_special=True)
 
-    def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Seq:
-        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
-        prompt = self.prompt_tokens(request)
-        params = request.params
-        room = prompt_room(prompt, self.engine.n_ctx_seq)
-        return _Seq(
-            request_id=request.request_id or uuid.uuid4().hex,
-            prompt=prompt,
-            params=params,
-            max_new=max(1, min(params.max_tokens, room)),
-            sink=sink,
-            want_tokens=want_tokens,
-            grammar=constraint_for(self.engine, params.response_format) if params.response_format else None,
-            submitted_at=submitted_at,
-        )
+    @property
+    def context_tokens(self) -> int:
+        return self.engine.n_ctx_seq
+
+    def _state(self, request: GenerationRequest, **common: Any) -> _Seq:
+        fmt = request.params.response_format
+        return _Seq(**common, model=self.engine.model_path.name,
+                    grammar=constraint_for(self.engine, fmt) if fmt else None)
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running

@@ -11,10 +11,12 @@ the same reason; here each thread-driven local tier (llama.cpp, transformers) ru
 
 A child's events are sent in batches, one pipe write per event-loop pass (a whole engine step's
 tokens for every request together), so the per-token path gains one pickle and one pipe hop, not a
-thread hand-off per token. When the child dies, the reader thread sees the pipe close: every call in
-flight ends with `EngineDeadError` (the cascade escalates past the tier, a stream that already sent
-bytes ends with an error event), `health()` says the tier is down, new calls fail fast with the same
-error until the engine is back, and the engine is restarted with exponential backoff.
+thread hand-off per token; tokens and answers cross as tuples of primitives (TokenWire,
+GenerationWire), rebuilt into dataclasses by the waiting caller. When the child dies, the reader
+thread sees the pipe close: every call in flight ends with `EngineDeadError` (the cascade escalates
+past the tier, a stream that already sent bytes ends with an error event), `health()` says the tier
+is down, new calls fail fast with the same error until the engine is back, and the engine is
+restarted with exponential backoff.
 
 A request that fails inside the engine (a bad parameter, a grammar it cannot build) is an ordinary
 error of that request: it comes back as the same LocalrouteError and the engine keeps running.
@@ -38,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 from localroute import errors
 from localroute.errors import BackendUnavailableError, EngineDeadError, LocalrouteError
-from localroute.types import Generation, GenerationRequest, StreamDelta
+from localroute.types import (
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    StreamDelta,
+    TokenLogprob,
+    TopLogprob,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -53,6 +62,33 @@ ISOLATED_KINDS = frozenset({"llama_cpp", "transformers"})
 
 Event = tuple[Any, ...]
 ErrorSpec = tuple[str, str, str | None, str | None, float | None]
+# The per-token path's wire format: tokens and answers as tuples of primitives. A pickled dataclass
+# costs a class lookup and a state dict on each side, per token and per top logprob; a 64-token
+# answer with 5 top logprobs took ~5 ms to pickle and unpickle, as tuples ~1 ms with the rebuild.
+TopWire = tuple[str, float, tuple[int, ...] | None]
+TokenWire = tuple[int, str, float, tuple[int, ...] | None, tuple[TopWire, ...]]
+GenerationWire = tuple[str, list[TokenWire], FinishReason, int, int, float, float | None, str, dict[str, Any]]
+
+
+def _token_wire(tok: TokenLogprob) -> TokenWire:
+    return (tok.token_id, tok.token, tok.logprob, tok.bytes,
+            tuple([(t.token, t.logprob, t.bytes) for t in tok.top_logprobs]))
+
+
+def _token(wire: TokenWire) -> TokenLogprob:
+    token_id, text, logprob, raw, tops = wire
+    return TokenLogprob(token_id, text, logprob, raw, tuple([TopLogprob(t, lp, b) for t, lp, b in tops]))
+
+
+def _generation_wire(gen: Generation) -> GenerationWire:
+    return (gen.text, [_token_wire(t) for t in gen.tokens], gen.finish_reason, gen.prompt_tokens,
+            gen.completion_tokens, gen.latency_s, gen.ttft_s, gen.model, gen.extra)
+
+
+def _generation(wire: GenerationWire) -> Generation:
+    text, tokens, reason, prompt_tokens, completion_tokens, latency_s, ttft_s, model, extra = wire
+    return Generation(text, [_token(t) for t in tokens], reason, prompt_tokens, completion_tokens, latency_s,
+                      ttft_s, model, extra)
 
 
 def _spec(exc: BaseException) -> ErrorSpec:
@@ -132,11 +168,12 @@ class _Child:
             if stream:
                 async for delta in self.backend.stream(request):
                     if delta.final is not None:
-                        self.post(("done", rid, delta.final))
+                        self.post(("done", rid, _generation_wire(delta.final)))
                     else:
-                        self.post(("delta", rid, delta.text, delta.token))
+                        tok = delta.token
+                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok)))
             else:
-                self.post(("done", rid, await self.backend.generate(request)))
+                self.post(("done", rid, _generation_wire(await self.backend.generate(request))))
         except asyncio.CancelledError:
             pass  # the parent cancelled it: nobody waits for an answer
         except Exception as exc:  # every failure of one request goes back to its caller
@@ -406,16 +443,16 @@ class SupervisedBackend:
     async def generate(self, request: GenerationRequest) -> Generation:
         async for event in self._events(request, stream=False):
             if event[0] == "done":
-                gen: Generation = event[2]
-                return gen
+                return _generation(event[2])
         raise BackendUnavailableError("local engine ended without an answer")
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         async for event in self._events(request, stream=True):
             if event[0] == "delta":
-                yield StreamDelta(text=event[2], token=event[3])
+                wire = event[3]
+                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire))
             else:
-                yield StreamDelta(text="", final=event[2])
+                yield StreamDelta(text="", final=_generation(event[2]))
 
     def health(self) -> dict[str, Any]:
         h = dict(self._health)

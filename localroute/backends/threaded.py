@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from localroute.backends.decoding import DecodeState, prompt_room
 from localroute.errors import BackendUnavailableError
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -68,14 +71,42 @@ class ThreadedEngine(Protocol):
 
 
 class EngineBridge(ABC):
-    """Mixin: subclasses set `engine` and `queue_timeout_s` and implement `_job`."""
+    """Mixin: the request set-up every thread-driven engine shares (tokenise, check the context,
+    build its DecodeState), then the Backend contract over the engine's events. Subclasses set
+    `engine`, `queue_timeout_s` and `context_tokens`, and implement `prompt_tokens` and `_state`."""
 
     engine: ThreadedEngine
     queue_timeout_s: float
 
+    @property
     @abstractmethod
-    def _job(self, request: GenerationRequest, sink: Sink, want_tokens: bool) -> Any:
+    def context_tokens(self) -> int:
+        """Context per request (prompt + answer) in tokens."""
+
+    @abstractmethod
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model sees for this request."""
+
+    @abstractmethod
+    def _state(self, request: GenerationRequest, **common: Any) -> DecodeState:
+        """The engine's per-request state: `common` holds DecodeState's fields, the engine adds its own."""
+
+    def _job(self, request: GenerationRequest, sink: Sink, want_tokens: bool) -> DecodeState:
         """The engine's per-request object (tokenised prompt, sampling state, the sink)."""
+        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
+        prompt = self.prompt_tokens(request)
+        params = request.params
+        room = prompt_room(prompt, self.context_tokens)
+        return self._state(
+            request,
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt=prompt,
+            params=params,
+            max_new=max(1, min(params.max_tokens, room)),
+            sink=sink,
+            want_tokens=want_tokens,
+            submitted_at=submitted_at,
+        )
 
     async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()

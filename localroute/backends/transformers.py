@@ -28,14 +28,12 @@ import inspect
 import logging
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localroute.backends.decoding import DecodeState, prompt_room, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, request_failure, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
@@ -44,9 +42,7 @@ from localroute.errors import (
     RateLimitError,
 )
 from localroute.types import (
-    FinishReason,
     GenerationRequest,
-    TokenLogprob,
     TopLogprob,
 )
 
@@ -56,7 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "raw_logprobs"
-Event = tuple[str, Any]
 
 
 def import_torch() -> tuple[Any, Any]:
@@ -379,34 +374,14 @@ class TorchEngine:
                 )
                 for t, v in zip(top_idx[i, :n], top_vals[i, :n], strict=True)
             )
-        return self._advance(req, token, lp, tops)
-
-    def _advance(self, req: _Req, token: int, logprob: float, tops: tuple[TopLogprob, ...]) -> bool:
-        """Record one token; False when the request is finished."""
-        params = req.params
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
-        if token in self.eos_ids and not params.ignore_eos:
-            self._finish(req, "stop")
+        eos = token in self.eos_ids and not req.params.ignore_eos
+        if not eos:
+            self.stats["tokens_generated_total"] += 1
+        raw = b"" if eos else self.token_bytes(token)
+        if req.token(token, raw, lp, tops, time.perf_counter(), eos) is not None:
+            req.done = True
             return False
-        raw = self.token_bytes(token)
-        tok = TokenLogprob(
-            token_id=token, token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=tuple(raw),
-            top_logprobs=tops,
-        )
-        reason, cut = req.add(tok, raw)
-        self.stats["tokens_generated_total"] += 1
-        if reason is not None:
-            self._finish(req, reason, cut_chars=cut)
-            return False
-        if req.want_tokens:
-            req.emit(tok)
         return True
-
-    def _finish(self, req: _Req, reason: FinishReason, cut_chars: int | None = None) -> None:
-        req.finish(reason, cut_chars, model=self.model_name,
-                   extra={"logprobs_mode": LOGPROBS_MODE, "device": self.device})
-        req.done = True
 
     def close(self) -> None:
         with self._cond:
@@ -433,20 +408,13 @@ class TransformersBackend(EngineBridge):
             return self.engine.prompt_tokens(request.prompt or "")
         return self.engine.chat_tokens([dict(m) for m in request.messages])
 
-    def _job(self, request: GenerationRequest, sink: Callable[[Event], None], want_tokens: bool) -> _Req:
-        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
-        prompt = self.prompt_tokens(request)
-        params = request.params
-        room = prompt_room(prompt, self.engine.max_len)
-        return _Req(
-            request_id=request.request_id or uuid.uuid4().hex,
-            prompt=prompt,
-            params=params,
-            max_new=max(1, min(params.max_tokens, room)),
-            sink=sink,
-            want_tokens=want_tokens,
-            submitted_at=submitted_at,
-        )
+    @property
+    def context_tokens(self) -> int:
+        return self.engine.max_len
+
+    def _state(self, request: GenerationRequest, **common: Any) -> _Req:
+        return _Req(**common, model=self.engine.model_name,
+                    extra={"logprobs_mode": LOGPROBS_MODE, "device": self.engine.device})
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running

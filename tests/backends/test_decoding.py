@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from localroute.backends.decoding import DecodeState, prompt_room, sample_token
 from localroute.errors import ContextLengthExceededError, InvalidRequestError
-from localroute.types import SamplingParams, TokenLogprob
+from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
 
 
 def state(**params: Any) -> tuple[DecodeState, list[tuple[str, Any]]]:
@@ -73,6 +75,131 @@ def test_a_stream_holds_back_a_possible_stop_string_and_cuts_it() -> None:
     assert "".join(e[1][0] for e in events) == "Hello "  # "EN" may still become the stop string
     reason, cut = st.add(tok("D"), b"D")
     assert (reason, cut) == ("stop", 6)
-    gen = st.finish("stop", cut, model="m")
+    gen = st.finish("stop", cut)
     assert gen.text == "Hello " and events[-1] == ("done", gen)
     assert "".join(e[1][0] for e in events if e[0] == "token") == "Hello "
+
+
+def test_token_records_streams_and_finishes_in_one_call() -> None:
+    st, events = state(stop=["!"])
+    assert st.token(7, "Hi".encode(), -0.5, (), now=2.0) is None
+    assert st.first_token_at == 2.0 and events == [("token", ("Hi", TokenLogprob(7, "Hi", -0.5, (72, 105))))]
+    assert st.token(8, b" there!", -0.1, (), now=3.0) == "stop"
+    gen = events[-1][1]
+    assert events[-1][0] == "done" and gen.text == "Hi there" and gen.finish_reason == "stop"
+    assert st.first_token_at == 2.0 and gen.ttft_s == 2.0 and [t.token_id for t in gen.tokens] == [7]
+
+
+def test_an_end_of_sequence_token_ends_the_answer_without_joining_it() -> None:
+    st, events = state()
+    st.model, st.extra = "m", {"device": "cpu"}
+    st.token(5, b"ok", -0.2, (), now=1.0)
+    assert st.token(2, b"", -0.01, (), now=1.5, eos=True) == "stop"
+    gen = events[-1][1]
+    assert (gen.text, gen.finish_reason, gen.completion_tokens, gen.model) == ("ok", "stop", 1, "m")
+    assert gen.extra == {"device": "cpu"} and gen.extra is not st.extra  # each answer its own dict
+
+
+# ---- incremental detokenisation against the whole-text version it replaced ----
+
+
+@dataclass(eq=False)
+class WholeText(DecodeState):
+    """The reference: decodes the whole answer again at every token (the code before it was
+    made incremental), so every stream and answer can be compared with it."""
+
+    def add(self, tok: TokenLogprob, raw: bytes) -> tuple[FinishReason | None, int | None]:
+        self.tokens.append(tok)
+        self.out += raw
+        self.token_ends.append(len(self.out))
+        if self.params.stop:
+            text = self.out.decode("utf-8", errors="ignore")
+            hit = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=-1)
+            if hit >= 0:
+                return "stop", hit
+        if len(self.tokens) >= self.max_new:
+            return "length", None
+        return None, None
+
+    def emit(self, tok: TokenLogprob) -> None:
+        text = self.out.decode("utf-8", errors="ignore")
+        safe = len(text)
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece = text[self.emitted_chars : safe] if safe > self.emitted_chars else ""
+        self.emitted_chars = max(self.emitted_chars, safe)
+        self.emitted_tokens += 1
+        self.sink(("token", (piece, tok)))
+
+
+ALPHABET = ["a", "b", "E", "N", "D", " ", "\n", "é", "€", "😀", "中", "ab"]
+BAD_BYTES = [b"\xff", b"\xe2\x82", b"\x80", b"\xf0\x9f\x98"]  # invalid or cut-off UTF-8
+
+
+def _case(rng: random.Random) -> tuple[list[bytes], list[str], int, bool]:
+    """Random answer bytes (multi-byte characters, sometimes broken UTF-8), split into tokens at
+    random byte offsets (so characters and stop strings span tokens), with stop strings drawn
+    from the same characters so they do occur."""
+    text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40)))
+    data = bytearray(text.encode("utf-8"))
+    for _ in range(rng.choice([0, 0, 0, 1, 2])):
+        at = rng.randint(0, len(data))
+        data[at:at] = rng.choice(BAD_BYTES)
+    cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(0, len(data) + 2)))
+    pieces = [bytes(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    stops = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 4))) for _ in range(rng.choice([0, 1, 2, 3]))]
+    if rng.random() < 0.3:
+        stops.append("END")
+    return pieces, stops, rng.randint(1, len(pieces) + 3), rng.random() < 0.3
+
+
+def _run(cls: type[DecodeState], pieces: list[bytes], stops: list[str], max_new: int, eos: bool,
+         want_tokens: bool) -> tuple[list[tuple[str, Any]], list[FinishReason | None]]:
+    events: list[tuple[str, Any]] = []
+    st = cls("r", [1, 2], SamplingParams(stop=stops), max_new=max_new, sink=events.append, want_tokens=want_tokens,
+             submitted_at=0.0, model="m")
+    reasons: list[FinishReason | None] = []
+    for i, raw in enumerate(pieces):
+        reasons.append(st.token(i, raw, -0.1 * i, (), now=1.0))
+        if reasons[-1] is not None:
+            break
+    else:
+        reasons.append(st.token(99, b"", -0.01, (), now=1.0, eos=True) if eos else st.finish("length", None).finish_reason)
+    return events, reasons
+
+
+def _comparable(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Events with the Generation's wall-clock latency left out."""
+    out: list[tuple[str, Any]] = []
+    for kind, payload in events:
+        if isinstance(payload, Generation):
+            payload = (payload.text, payload.tokens, payload.finish_reason, payload.completion_tokens, payload.ttft_s)
+        out.append((kind, payload))
+    return out
+
+
+@pytest.mark.parametrize("want_tokens", [True, False])
+def test_incremental_detokenisation_matches_decoding_the_whole_text(want_tokens: bool) -> None:
+    rng = random.Random(1234)
+    stopped = multibyte_stops = 0
+    for _ in range(3000):
+        pieces, stops, max_new, eos = _case(rng)
+        got = _run(DecodeState, pieces, stops, max_new, eos, want_tokens)
+        want = _run(WholeText, pieces, stops, max_new, eos, want_tokens)
+        assert _comparable(got[0]) == _comparable(want[0]), (pieces, stops, max_new)
+        assert got[1] == want[1], (pieces, stops, max_new)
+        stopped += want[1][-1] == "stop" and not eos
+        multibyte_stops += any(ord(c) > 127 for s in stops for c in s) and want[1][-1] == "stop"
+    assert stopped > 300 and multibyte_stops > 50  # the cases do reach the stop-string paths
+
+
+def test_a_stop_string_split_inside_a_multibyte_character_is_found_and_held_back() -> None:
+    st, events = state(stop=["€!"])
+    for raw in [b"x\xe2", b"\x82", b"\xac"]:  # "€" arrives one byte at a time
+        assert st.token(0, raw, -0.1, (), now=1.0) is None
+    assert "".join(e[1][0] for e in events) == "x"  # "€" may start the stop string: held back
+    assert st.token(0, b"!y", -0.1, (), now=1.0) == "stop"
+    assert events[-1][1].text == "x" and "".join(e[1][0] for e in events if e[0] == "token") == "x"

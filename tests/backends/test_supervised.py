@@ -89,7 +89,10 @@ def test_same_tokens_and_logprobs_as_in_process() -> None:
     assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
     assert [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]  # bit-identical: same engine
     assert [t.top_logprobs for t in a.tokens] == [t.top_logprobs for t in b.tokens]
+    assert b.tokens == a.tokens and (b.text, b.finish_reason, b.extra) == (a.text, a.finish_reason, a.extra)
     assert deltas[-1].final is not None and deltas[-1].final.text == a.text
+    assert deltas[-1].final.tokens == a.tokens  # rebuilt from the pipe's tuples, field for field
+    assert [d.token for d in deltas if d.token is not None] == a.tokens
     assert "".join(d.text for d in deltas) == a.text
     assert outer.fingerprint()["model_file"] == Path(inner.engine.model_path).name
 
