@@ -54,24 +54,24 @@ def text_sha256(text: str | None) -> str:
     return hashlib.sha256((text or "").encode("utf-8")).hexdigest()
 
 
-def backend_fingerprint(backend: Any, model_path: Path | None = None) -> dict[str, Any]:
-    """What a threshold depends on, as seen on a loaded backend: model file hash and chat template.
-
-    Remote backends have no file: their model id stands in for the hash. A backend whose engine runs in
-    another process (backends/supervised.py) reports the fingerprint its engine computed there."""
-    own = getattr(backend, "fingerprint", None)
-    if callable(own) and model_path is None:
-        fingerprint: dict[str, Any] = own()
-        return fingerprint
-    engine = getattr(backend, "engine", None)
-    path = model_path or getattr(engine, "model_path", None)
-    template = engine.chat_template() if engine is not None and hasattr(engine, "chat_template") else None
+def model_fingerprint(model_path: Path | None, template: str | None, remote_model: str | None = None) -> dict[str, Any]:
+    """What a threshold depends on: the model file's hash and the chat template, or for a remote
+    tier (no file) its model id."""
     return {
-        "model_file": Path(path).name if path else None,
-        "model_sha256": file_sha256(Path(path)) if path else None,
+        "model_file": model_path.name if model_path else None,
+        "model_sha256": file_sha256(model_path) if model_path else None,
         "template_sha256": text_sha256(template),
-        "remote_model": None if path else getattr(backend, "model", getattr(backend, "name", None)),
+        "remote_model": None if model_path else remote_model,
     }
+
+
+def backend_fingerprint(backend: Any, model_path: Path | None = None) -> dict[str, Any]:
+    """A loaded backend's fingerprint (its own `fingerprint()`: a backend whose engine runs in
+    another process reports what its engine computed there), with `model_path`'s hash if given."""
+    fingerprint: dict[str, Any] = dict(backend.fingerprint())
+    if model_path is not None:  # the file the tier was loaded from, whatever the backend reports
+        fingerprint.update(model_file=model_path.name, model_sha256=file_sha256(model_path), remote_model=None)
+    return fingerprint
 
 
 class Certificate(BaseModel):

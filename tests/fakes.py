@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+from localroute.backends.capabilities import default_capabilities
+from localroute.calibration_file import model_fingerprint
 from localroute.types import (
     FinishReason,
     Generation,
@@ -56,6 +58,8 @@ class ScriptedBackend:
         self.kind = kind
         self.device = device
         self.uses_gpu = uses_gpu  # None: the cost ledger decides from health(), as for a real backend
+        self.model = name
+        self.capabilities = default_capabilities(kind, local)
         self.ok = error is None
         self.calls = 0
 
@@ -80,6 +84,9 @@ class ScriptedBackend:
         for tok in gen.tokens:
             yield StreamDelta(text=tok.token, token=tok)
         yield StreamDelta(text="", final=gen)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return model_fingerprint(None, None, self.name)
 
     def health(self) -> dict[str, Any]:
         h: dict[str, Any] = {"ok": self.ok, "kind": self.kind, "model": self.name, "active": 0, "waiting": 0}

@@ -6,6 +6,7 @@ import importlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from localroute.backends.capabilities import Capabilities
 from localroute.errors import ConfigError
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -19,6 +20,30 @@ class Backend(Protocol):
 
     name: str
     is_local: bool
+    @property
+    def kind(self) -> str:
+        """The engine kind (a tier's `kind` in settings): llama_cpp, transformers, vllm, openai, ..."""
+        ...
+
+    @property
+    def model(self) -> str:
+        """The model it serves: a GGUF file name, a checkpoint, a remote model id."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What it can serve (tools, images, context length, ...): its kind's defaults, at least."""
+        ...
+
+    @property
+    def uses_gpu(self) -> bool | None:
+        """Whether its tokens are priced as GPU time (None: unknown, the cost ledger decides)."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a calibrated threshold depends on: model file hash and chat template, or the
+        remote model id (calibration_file.backend_fingerprint)."""
+        ...
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """Answer the request in full."""

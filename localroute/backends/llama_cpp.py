@@ -619,7 +619,11 @@ class LlamaCppBackend(EngineBridge):
 
     engine: LlamaEngine
 
-    is_local = True
+    kind = "llama_cpp"
+
+    @property
+    def uses_gpu(self) -> bool | None:
+        return False  # this engine runs on the CPU (n_gpu_layers = 0)
 
     def __init__(self, name: str, engine: LlamaEngine, queue_timeout_s: float = 30.0) -> None:
         self.name = name

@@ -32,6 +32,7 @@ import httpx
 from localroute.backends.budget import current_key_id
 from localroute.backends.capabilities import Capabilities
 from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
+from localroute.calibration_file import model_fingerprint
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
 from localroute.redaction import redact, strip_query_strings
 from localroute.types import (
@@ -525,6 +526,11 @@ class OpenAIHTTPBackend:
                 yield delta
         finally:
             await attempts.aclose()
+
+    uses_gpu = None  # a provider's tokens are priced at its prices, not by our hardware
+
+    def fingerprint(self) -> dict[str, Any]:
+        return model_fingerprint(None, None, self.model)
 
     def health(self) -> dict[str, Any]:
         state = self.breaker.state

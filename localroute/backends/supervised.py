@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from localroute import errors
+from localroute.backends.capabilities import Capabilities, default_capabilities
 from localroute.errors import BackendUnavailableError, EngineDeadError, LocalrouteError
 from localroute.types import (
     FinishReason,
@@ -211,12 +212,11 @@ def _child_main(conn: Connection, tier: TierSettings, settings: Settings, health
     sys.setswitchinterval(settings.switch_interval_s)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s engine[%(process)d] %(message)s")
     from localroute.backends.base import load_backend
-    from localroute.calibration_file import backend_fingerprint
 
     try:
         backend = load_backend(tier, settings)
-        info = {"pid": os.getpid(), "fingerprint": backend_fingerprint(backend),
-                "uses_gpu": getattr(backend, "uses_gpu", None)}
+        info = {"pid": os.getpid(), "fingerprint": backend.fingerprint(), "uses_gpu": backend.uses_gpu,
+                "model": backend.model, "capabilities": backend.capabilities}
     except BaseException as exc:
         conn.send([("failed", _spec(exc))])
         return
@@ -476,6 +476,16 @@ class SupervisedBackend:
     def uses_gpu(self) -> bool | None:
         flag = self._info.get("uses_gpu")
         return None if flag is None else bool(flag)
+
+    @property
+    def model(self) -> str:
+        return str(self._info.get("model") or self._tier.model or "")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The engine's, as it reported them from its process (its kind's defaults before that)."""
+        own = self._info.get("capabilities")
+        return own if isinstance(own, Capabilities) else default_capabilities(self.kind, True)
 
     def fingerprint(self) -> dict[str, Any]:
         """The engine's model-file hash and chat template (calibration.backend_fingerprint)."""

@@ -16,9 +16,13 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
+from localroute.backends.capabilities import Capabilities, default_capabilities
 from localroute.backends.decoding import DecodeState, prompt_room
+from localroute.calibration_file import model_fingerprint
 from localroute.errors import BackendUnavailableError
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
@@ -77,6 +81,28 @@ class EngineBridge(ABC):
 
     engine: ThreadedEngine
     queue_timeout_s: float
+    name: str
+    kind: str
+    is_local = True
+
+    @property
+    def uses_gpu(self) -> bool | None:
+        return None  # unknown here: the cost ledger reads the engine's device from health()
+
+    @property
+    def model(self) -> str:
+        path = getattr(self.engine, "model_path", None)
+        return Path(path).name if path is not None else str(getattr(self.engine, "model_name", ""))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return replace(default_capabilities(self.kind, True), context_tokens=self.context_tokens)
+
+    def fingerprint(self) -> dict[str, Any]:
+        path = getattr(self.engine, "model_path", None)  # engines differ: a GGUF file, or a checkpoint
+        template = getattr(self.engine, "chat_template", None)
+        return model_fingerprint(Path(path) if path is not None else None,
+                                 template() if callable(template) else None, self.model or self.name)
 
     @property
     @abstractmethod

@@ -136,6 +136,7 @@ class TorchEngine:
             torch.set_num_threads(n_threads)
         self.dtype = self._pick_dtype(dtype)
         path = Path(model).expanduser()
+        self.model_name = path.name
         kwargs: dict[str, Any] = {"local_files_only": True}
         if path.suffix == ".gguf":
             src, kwargs["gguf_file"] = str(path.parent), path.name
@@ -395,7 +396,11 @@ class TransformersBackend(EngineBridge):
 
     engine: TorchEngine
 
-    is_local = True
+    kind = "transformers"
+
+    @property
+    def uses_gpu(self) -> bool | None:
+        return str(self.engine.device).startswith("cuda")
 
     def __init__(self, name: str, engine: TorchEngine, queue_timeout_s: float = 30.0) -> None:
         self.name = name

@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localroute.backends.capabilities import Capabilities, default_capabilities
+from localroute.calibration_file import model_fingerprint
 from localroute.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -166,6 +168,8 @@ class VllmBackend:
     """A local GPU tier served by one in-process vLLM async engine."""
 
     is_local = True
+    kind = "vllm"
+    uses_gpu = True
 
     def __init__(
         self,
@@ -278,6 +282,19 @@ class VllmBackend:
                 yield StreamDelta(text=text, token=tok)
         assert acc is not None
         yield StreamDelta(text="", final=acc.generation())
+
+    @property
+    def model(self) -> str:
+        return self.model_name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(default_capabilities(self.kind, True), context_tokens=self.max_model_len)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """vLLM loads a checkpoint (a folder): its name and chat template stand in for a file hash."""
+        template = getattr(self._tokenizer, "chat_template", None) if self._tokenizer is not None else None
+        return model_fingerprint(None, template if isinstance(template, str) else None, self.model_name)
 
     def health(self) -> dict[str, Any]:
         errored = bool(getattr(self.engine, "errored", False))

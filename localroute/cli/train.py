@@ -36,9 +36,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     from localroute.embeddings import load_encoder
     from localroute.errors import ConfigError
-    from localroute.routing.artifacts import save_artifact
     from localroute.evaluation.runs import from_eval_run
     from localroute.monitoring.log_report import from_routing_log
+    from localroute.routing.artifacts import save_artifact
     from localroute.routing.training import LabelledQueries, train_router
 
     settings = settings_from(args)

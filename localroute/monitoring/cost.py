@@ -119,7 +119,7 @@ class RequestCost:
 
 def _is_gpu(backend: Any) -> bool:
     """A backend may say so with `uses_gpu`; else vLLM, or a `device` of cuda in its health()."""
-    flag = getattr(backend, "uses_gpu", None)
+    flag = backend.uses_gpu
     if flag is not None:
         return bool(flag)
     try:
@@ -147,7 +147,7 @@ class CostAccountant:
                 continue
             self.tier_kind[t.name] = "frontier_usage"
             ts = ladder.get(t.name)
-            model = ts.model if ts is not None else str(getattr(t.backend, "model", t.name))
+            model = ts.model if ts is not None else (t.backend.model or t.name)
             self.tier_price[t.name] = self.prices.with_override(  # tiers built in code carry their own prices
                 model,
                 ts.input_usd_per_mtok if ts else getattr(t.backend, "input_usd_per_mtok", None),

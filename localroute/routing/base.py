@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from localroute.backends.base import Backend
-from localroute.backends.capabilities import Capabilities, default_capabilities
+from localroute.backends.capabilities import Capabilities
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
 
@@ -24,9 +24,7 @@ class Tier:
 
     def __post_init__(self) -> None:
         if self.capabilities is None:
-            own = getattr(self.backend, "capabilities", None)
-            self.capabilities = own if isinstance(own, Capabilities) else default_capabilities(
-                getattr(self.backend, "kind", None), bool(getattr(self.backend, "is_local", True)))
+            self.capabilities = self.backend.capabilities
 
     def lacks(self, needs: frozenset[str]) -> str | None:
         """The first of `needs` this tier cannot serve (localroute.backends.capabilities.NEEDS), or None."""
