@@ -1,0 +1,49 @@
+"""What the API translators share (server/anthropic/, server/responses/): the 400 for a field
+that has no Chat Completions counterpart, and the encoding of named SSE events.
+
+Every translator carries a field or refuses it with `untranslatable`: none is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from localroute.errors import InvalidRequestError
+from localroute.server.http import dumps
+
+__all__ = ["arguments_object", "refuse_set", "sse_event", "untranslatable"]
+
+
+def untranslatable(param: str, why: str = "") -> NoReturn:
+    """A field localroute cannot carry to a chat tier: a 400 naming it, never a silent drop."""
+    detail = f" ({why})" if why else ""
+    raise InvalidRequestError(f"{param}: cannot be translated to the router's chat request{detail}; remove it",
+                              param=param, code="unsupported_field")
+
+
+def refuse_set(obj: Mapping[str, Any], where: str, fields: Mapping[str, tuple[Any, ...]]) -> None:
+    """Refuse each of `fields` that `obj` sets to something other than one of its harmless values
+    (null, the API's default): those are accepted because they ask for nothing."""
+    for name, harmless in fields.items():
+        if name in obj and obj[name] is not None and obj[name] not in harmless:
+            untranslatable(f"{where}{name}")
+
+
+def arguments_object(arguments: str, where: str) -> dict[str, Any]:
+    """A chat tool call's JSON-string arguments as the object the Messages API carries."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        from localroute.errors import UpstreamError
+
+        raise UpstreamError(f"{where}: the tier's tool call arguments are not a JSON object", code="bad_tool_call")
+    return value
+
+
+def sse_event(event: str, data: Mapping[str, Any]) -> bytes:
+    """One named SSE event (`event:` and `data:` lines): both APIs dispatch on the event name."""
+    return b"event: " + event.encode() + b"\ndata: " + dumps(data) + b"\n\n"
