@@ -7,13 +7,18 @@ Every translator carries a field or refuses it with `untranslatable`: none is dr
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from localroute.errors import InvalidRequestError
-from localroute.server.http import dumps
+from pydantic import BaseModel
 
-__all__ = ["arguments_object", "refuse_set", "sse_event", "untranslatable"]
+from localroute.errors import InvalidRequestError, LocalrouteError
+from localroute.monitoring.record import RequestRecord
+from localroute.server.http import dumps, parse_body
+
+__all__ = ["arguments_object", "read_body", "refuse_set", "rejected", "sse_event", "untranslatable"]
 
 
 def untranslatable(param: str, why: str = "") -> NoReturn:
@@ -47,3 +52,16 @@ def arguments_object(arguments: str, where: str) -> dict[str, Any]:
 def sse_event(event: str, data: Mapping[str, Any]) -> bytes:
     """One named SSE event (`event:` and `data:` lines): both APIs dispatch on the event name."""
     return b"event: " + event.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+
+
+async def read_body(request: Any, model: type[BaseModel], max_depth: int) -> dict[str, Any]:
+    """The request body validated by `model` (a 400 naming the field otherwise), as the JSON the
+    client sent: only the fields it set, none filled in."""
+    body = await parse_body(request, model, max_depth)
+    return body.model_dump(by_alias=True, exclude_unset=True)
+
+
+def rejected(svc: Any, endpoint: str, exc: LocalrouteError, started: float) -> None:
+    """A request refused before routing still gets its row; the policy label is fixed (`rejected`)."""
+    svc.record(RequestRecord(f"{endpoint}-{uuid.uuid4().hex}", endpoint, "rejected", False, exc.status_code,
+                             started, time.perf_counter() - started, error=exc.code or exc.error_type))

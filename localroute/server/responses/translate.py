@@ -29,7 +29,7 @@ from typing import Any
 
 from localroute.server.translate import refuse_set, untranslatable
 
-__all__ = ["LOGPROBS_INCLUDE", "ResponsesStream", "from_chat", "response_from_chat", "to_chat"]
+__all__ = ["LOGPROBS_INCLUDE", "ResponsesStream", "assistant_turn", "from_chat", "response_from_chat", "to_chat"]
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -541,3 +541,13 @@ class ResponsesStream:
         self.response = response_from_chat(self.answer(), self.body, self.response_id, self.created_at)
         kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
         return events + [self._event(kind, response=self.response)]
+
+
+def assistant_turn(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer as the chat message a later turn (previous_response_id) sends back."""
+    msg = answer["choices"][0].get("message") or {}
+    turn: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
+    if msg.get("tool_calls"):
+        turn["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}} for c in msg["tool_calls"]]
+    return turn
