@@ -230,9 +230,9 @@ def _body_path(data: Any, loc: tuple[Any, ...], missing: bool) -> list[Any]:
     path: list[Any] = []
     node = data
     for i, seg in enumerate(loc):
-        if isinstance(node, dict) and seg in node:
-            node = node[seg]
-        elif isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node):
+        in_body = (isinstance(node, dict) and seg in node
+                   or isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node))
+        if in_body:
             node = node[seg]
         elif not (missing and i == len(loc) - 1):
             continue
