@@ -165,7 +165,7 @@ def test_unknown_model_and_bad_json(stack: Any) -> None:
 
 def test_upstream_failure_is_anthropic_shaped(stack: Any) -> None:
     client, up, _, _ = stack
-    up.script(*[Fault("status", status=500)] * 5)
+    up.script(*[Fault("status", status=500)] * 3)
     with pytest.raises(anthropic.APIStatusError) as err:
         client.messages.create(model="frontier", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 502 and err.value.body["error"]["type"] == "api_error"  # type: ignore[index]
