@@ -92,7 +92,10 @@ class FunctionCallOutputItem(_Wire):
 
 
 def _item_kind(value: Any) -> str:
-    return str(value.get("type", "message")) if isinstance(value, dict) else "message"
+    """An item's type; a message may leave it out (EasyInputMessage). Called on the body's dicts
+    (validation) and on the parsed items (serialisation)."""
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    return str(kind)
 
 
 Item = Annotated[
