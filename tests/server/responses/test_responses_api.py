@@ -225,3 +225,31 @@ def test_two_turn_tool_loop_through_the_frontier(stack: Any) -> None:
                                     input=[{"type": "function_call_output", "call_id": "call_1", "output": "18C"}])
     assert third.output_text == TEXT and up.requests[-1]["json"]["messages"][1:] == up.requests[-2]["json"][
         "messages"][1:]
+
+
+def test_routing_log_and_metrics_see_both_apis() -> None:
+    """A Responses and a Messages request are rows of the routing log (the chat request id, whose
+    suffix the answer's id carries) and count in the metrics, as chat requests do."""
+    import sqlite3
+
+    app, up, _ = _stack()
+    try:
+        with serve_app(app) as url:
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            response = client.responses.create(model="localroute/cascade", input="hi")
+            r = httpx.post(url + "/messages", headers={"x-api-key": KEY}, json={
+                "model": "localroute/cascade", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            httpx.post(url + "/messages", headers={"x-api-key": KEY}, json={"model": "x"})  # refused: a row too
+            metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"x-api-key": KEY}).text
+            svc = app.state.service
+            svc.monitoring.routing_log.flush()
+            path = svc.settings.routing_log_path
+    finally:
+        up.__exit__()
+    assert 'localroute_requests_total{outcome="ok",policy="localroute/cascade",tier="local"} 2.0' in metrics
+    rows = sqlite3.connect(path).execute("SELECT request_id, endpoint, policy, tier, status FROM requests").fetchall()
+    suffixes = {response.id.removeprefix("resp_"), r.json()["id"].removeprefix("msg_")}
+    assert {row[0].split("-", 1)[1] for row in rows if row[2] != "rejected"} == suffixes
+    assert sorted((row[1], row[2], row[4]) for row in rows) == [
+        ("chat", "localroute/cascade", 200), ("chat", "localroute/cascade", 200), ("messages", "rejected", 400)]
