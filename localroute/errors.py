@@ -4,6 +4,7 @@
     ├── ConfigError                 bad settings or calibration file (CLI exits non-zero)
     ├── InvalidRequestError  400    a client's mistake
     │   ├── ContextLengthExceededError  400 context_length_exceeded
+    │   ├── UnsupportedCapabilityError  400 unsupported_capability: no tier has what the request needs
     │   ├── RequestTooLargeError 413    the body is over max_body_bytes
     │   └── RequestTimeoutError  408    the body did not arrive in http_body_timeout_s
     ├── AuthenticationError  401
@@ -60,6 +61,12 @@ class InvalidRequestError(LocalrouteError):
 
 class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
+
+
+class UnsupportedCapabilityError(InvalidRequestError):
+    """No tier of the ladder can serve what the request needs (tools, images, n > 1, ...)."""
+
+    code = "unsupported_capability"
 
 
 class RequestTooLargeError(InvalidRequestError):

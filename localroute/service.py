@@ -11,6 +11,7 @@ from typing import Any
 
 from localroute.backends.base import load_backend
 from localroute.backends.budget import SpendBudget
+from localroute.backends.capabilities import capabilities_for
 from localroute.backends.supervised import supervised
 from localroute.errors import ConfigError, ModelNotFoundError
 from localroute.monitoring.cost import CostAccountant, RequestCost
@@ -38,25 +39,24 @@ class Service:
     def __init__(self, settings: Settings, tiers: Sequence[Tier]) -> None:
         self.settings = settings
         self.tiers = list(tiers)
-        self.routers: dict[str, Router] = {
-            CASCADE: CascadeRouter(
-                self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
-                on_failure=settings.escalation_failure_policy,
-                on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
-                repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
-            )
-        }
+        cascade = CascadeRouter(
+            self.tiers, settings.confidence_aggregator, settings.confidence_quantile_alpha, CASCADE,
+            on_failure=settings.escalation_failure_policy,
+            on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
+            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
+        )
+        self.routers: dict[str, Router] = {CASCADE: cascade}
         self.budget = attach_budget(self.tiers, settings)
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
-                [Tier(tier.name, tier.backend, None)], settings.confidence_aggregator,
+                [Tier(tier.name, tier.backend, None, tier.capabilities)], settings.confidence_aggregator,
                 settings.confidence_quantile_alpha, tier.name,
             )
         from localroute.routing.prerouter import (
             build_policies,  # classifier/embedding/hybrid/verified, if configured
         )
 
-        self.routers.update(build_policies(settings, self.tiers, self.routers[CASCADE]))
+        self.routers.update(build_policies(settings, self.tiers, cascade))
         self.feedback: Any = None  # localroute.monitoring.feedback.FeedbackStore when the routing log is on (lifespan)
         self.observers: list[Observer] = []
         self.monitoring: Monitoring | None = None  # telemetry, costs, metrics, routing log (lifespan)
@@ -108,7 +108,8 @@ def build_tiers(settings: Settings) -> list[Tier]:
         elif ts.name in calibrated and not last:
             log.warning("tier %s: configured threshold %s overrides the calibrated %s", ts.name, threshold,
                         calibrated[ts.name])
-        tiers.append(Tier(ts.name, backend, threshold))
+        context = ts.n_ctx or ts.max_model_len or settings.n_ctx
+        tiers.append(Tier(ts.name, backend, threshold, capabilities_for(ts, context)))
     return tiers
 
 

@@ -32,6 +32,23 @@ def _default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
+class CapabilitySettings(BaseModel):
+    """Per-tier overrides of what the tier's engine kind can serve (localroute/backends/capabilities.py).
+    Unset fields keep the kind's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tools: bool | None = Field(None, description="Tool calling (`tools`, tool history in messages).")
+    images: bool | None = Field(None, description="image_url content parts.")
+    audio: bool | None = Field(None, description="input_audio parts, audio output.")
+    files: bool | None = Field(None, description="file content parts.")
+    multiple_choices: bool | None = Field(None, description="n > 1.")
+    logit_bias: bool | None = Field(None, description="logit_bias honoured.")
+    penalties: bool | None = Field(None, description="presence_penalty / frequency_penalty honoured.")
+    json_schema: bool | None = Field(None, description="response_format json_schema.")
+    context_tokens: int | None = Field(None, ge=1, description="Longest prompt + answer, in tokens.")
+
+
 class TierSettings(BaseModel):
     """One rung of the cascade ladder."""
 
@@ -55,6 +72,10 @@ class TierSettings(BaseModel):
     n_ctx: int | None = Field(None, description="Context length per sequence; default from settings.n_ctx.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM: fraction of GPU memory to use.")
     max_model_len: int | None = Field(None, description="vLLM/transformers: maximum sequence length.")
+    capabilities: CapabilitySettings | None = Field(
+        None, description="What this tier can serve, over its engine kind's defaults (local: text only, one "
+        "answer, no tools/images/logit_bias/penalties; openai: everything). A request needing what a tier "
+        "lacks skips it.")
 
 
 class Settings(BaseSettings):

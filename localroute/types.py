@@ -5,7 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "error", "cancelled"]
+# "tool_calls", "content_filter" and "function_call" come from remote tiers and pass through as sent
+FinishReason = Literal["stop", "length", "error", "cancelled", "tool_calls", "content_filter", "function_call"]
+WireApi = Literal["chat", "completions"]
+
+
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    """The client's request body as sent (parsed JSON, every field, unknown ones included), for a
+    tier that speaks the same API: a remote OpenAI-compatible tier forwards it with only `model`
+    replaced and localroute's own fields removed. Never mutated."""
+
+    api: WireApi
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +43,16 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """Either chat `messages` or a raw completion `prompt`."""
+    """Either chat `messages` or a raw completion `prompt`: the text view a local engine renders.
+    `wire` is the body as the client sent it (remote tiers forward it); `needs` the capabilities
+    serving it takes (localroute.capabilities: "tools", "images", "n", ...), computed at the edge."""
 
     messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    wire: WireRequest | None = None
+    needs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +87,9 @@ class Generation:
     model: str = ""
     # Usage/cost inputs reported by the engine (frontier: provider usage; local: cpu/energy)
     extra: dict[str, Any] = field(default_factory=dict)
+    # A remote tier's answer as the provider sent it (chat.completion JSON), passed through to the
+    # client with only localroute's id, model and routing block set; None for local tiers.
+    raw: dict[str, Any] | None = None
 
     @property
     def logprobs(self) -> list[float]:
@@ -79,8 +98,10 @@ class Generation:
 
 @dataclass(frozen=True, slots=True)
 class StreamDelta:
-    """A piece of a streamed answer; the last one carries the finished Generation."""
+    """A piece of a streamed answer; the last one carries the finished Generation. `raw`: a remote
+    tier's stream chunk as the provider sent it (tool-call, refusal, audio deltas...), passed through."""
 
     text: str
     token: TokenLogprob | None = None
     final: Generation | None = None
+    raw: dict[str, Any] | None = None

@@ -1,6 +1,8 @@
 """A fault-injecting OpenAI-compatible upstream: a real HTTP/1.1 server on 127.0.0.1 whose
 behaviour each test scripts (answer, delay, 5xx, 429 + Retry-After, HTML with a 200, a stream cut
-mid-way, a stall that keeps sending keep-alives, a hang, an early close).
+mid-way, a stall that keeps sending keep-alives, a hang, an early close). It records every request
+it receives (`requests`: method, path, headers, JSON body), and can answer with a scripted
+chat.completion (`Fault.completion`) or scripted stream chunks (`Fault.chunks`), sent exactly.
 
 It is a raw asyncio socket server rather than a web framework so that faults are real at the
 wire: a cut stream is a closed socket without the terminating chunk, a stall really holds the
@@ -39,6 +41,8 @@ class Fault:
     keepalive_every_s: float = 0.1  # kind="stall": comment lines sent this often
     prompt_tokens: int | None = None  # usage reported; None: a count from the request
     completion_tokens: int | None = None
+    completion: dict[str, Any] | None = None  # the exact non-streamed answer (tool calls, refusals, n > 1)
+    chunks: list[dict[str, Any]] | None = None  # the exact stream: each a data event, then [DONE]
 
 
 def _free_port() -> int:
@@ -228,6 +232,13 @@ class FaultUpstream:
         self, fault: Fault, request: dict[str, Any], writer: asyncio.StreamWriter, eof: asyncio.Future[bytes]
     ) -> bool:
         writer.write(self._head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}))
+        if fault.chunks is not None:
+            for scripted in fault.chunks:
+                writer.write(self._event(scripted))
+            writer.write(self._chunk(b"data: [DONE]\n\n"))
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
         model = request["json"].get("model", "frontier-model")
         base = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         writer.write(self._event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -294,6 +305,8 @@ class FaultUpstream:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _completion(self, fault: Fault, request: dict[str, Any]) -> dict[str, Any]:
+        if fault.completion is not None:
+            return fault.completion
         words = self._words(fault.text)
         return {
             "id": "chatcmpl-fault",

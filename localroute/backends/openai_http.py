@@ -1,7 +1,13 @@
 """Frontier backend: any OpenAI-compatible /v1/chat/completions over httpx (OpenAI, vLLM,
 llama.cpp's server, another localroute). The API key is sent as a bearer token and never logged.
 
-Failure handling (see localroute/resilience.py for why): every call runs under separate connect,
+Passthrough: a Chat Completions request is forwarded as the client sent it (request.wire: every
+field, unknown ones included), with only `model` replaced, `stream` set for this call, and
+`stream_options.include_usage` added to streams (the cost and the spend budget need the usage; the
+server drops that chunk for a client that did not ask). The answer is kept as sent (`Generation.raw`,
+each chunk in `StreamDelta.raw`). A Completions request is translated to one user message.
+
+Failure handling (see localroute/backends/resilience.py for why): every call runs under separate connect,
 first-token, idle and total deadlines; it is retried (jitter, Retry-After, capped total wait) only
 while nothing has been handed to the caller, so a stream is never silently restarted; a circuit
 breaker per upstream fails fast once the upstream is presumed down. The first-token deadline runs
@@ -19,11 +25,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
 from localroute.backends.budget import current_key_id
+from localroute.backends.capabilities import Capabilities
 from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
 from localroute.redaction import redact, strip_query_strings
@@ -65,8 +72,14 @@ def _bytes(item: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(raw) if isinstance(raw, list) else None
 
 
+_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+# Completions fields with no Chat Completions counterpart (logprobs is translated)
+_COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
+_CAPABILITIES = Capabilities.everything()
+
+
 def _finish(reason: str | None) -> FinishReason:
-    return "length" if reason == "length" else "stop"
+    return cast(FinishReason, reason) if reason in _FINISH_REASONS else "stop"
 
 
 def scrub(text: str, secrets: list[str]) -> str:
@@ -94,6 +107,8 @@ class OpenAIHTTPBackend:
     """A remote tier. Confidence comes from the upstream's logprobs when it returns them."""
 
     is_local = False
+    kind = "openai"
+    capabilities = _CAPABILITIES
 
     def __init__(
         self,
@@ -136,6 +151,39 @@ class OpenAIHTTPBackend:
     # ---- request and errors ----
 
     def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
+        wire = request.wire
+        if wire is not None:
+            body = dict(wire.body) if wire.api == "chat" else self._from_completion(wire.body)
+            body["model"] = self.model
+            if stream:
+                body["stream"] = True
+                options = body.get("stream_options")
+                options = dict(options) if isinstance(options, dict) else {}
+                if not options.get("include_usage"):
+                    options["include_usage"] = True
+                body["stream_options"] = options
+            else:  # a buffered (non-final) call of a client's stream is not streamed
+                if "stream" in body:
+                    body["stream"] = False
+                body.pop("stream_options", None)
+            return body
+        return self._built_body(request, stream)
+
+    @staticmethod
+    def _from_completion(completion: dict[str, Any]) -> dict[str, Any]:
+        """A Completions body as a Chat Completions one: the prompt as the user's message."""
+        body = {k: v for k, v in completion.items() if k not in _COMPLETION_ONLY}
+        prompt = completion.get("prompt")
+        body["messages"] = [{"role": "user", "content": prompt[0] if isinstance(prompt, list) else prompt}]
+        k = completion.get("logprobs")
+        if isinstance(k, int) and not isinstance(k, bool):
+            body["logprobs"] = True
+            if k:
+                body["top_logprobs"] = k
+        return body
+
+    def _built_body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
+        """A body from the internal request alone (no client body: `localroute ask`, evaluation)."""
         p = request.params
         messages = list(request.messages or [{"role": "user", "content": request.prompt or ""}])
         body: dict[str, Any] = {
@@ -334,6 +382,8 @@ class OpenAIHTTPBackend:
             await resp.aclose()
         try:
             data = json.loads(bytes(raw))
+            if not isinstance(data, dict):
+                raise TypeError("answer is not an object")
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
@@ -358,6 +408,7 @@ class OpenAIHTTPBackend:
                 ttft_s=latency,
                 model=str(data.get("model", self.model)),
                 extra={"usage": usage, "upstream_id": data.get("id")},
+                raw=data,
             ),
         )
 
@@ -373,6 +424,7 @@ class OpenAIHTTPBackend:
         usage: dict[str, Any] = {}
         finish: str | None = None
         model = self.model
+        held: list[dict[str, Any]] = []  # chunks that say nothing yet (the role), not yet handed on
         resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
         progress: float | None = None  # last data event after the first token
@@ -403,17 +455,30 @@ class OpenAIHTTPBackend:
                     raise self._fail("stream ended with an error event", "upstream_error")
                 usage = chunk.get("usage") or usage
                 model = chunk.get("model", model)
+                text, token, substance = "", None, False
                 for choice in chunk.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content") or ""
                     finish = choice.get("finish_reason") or finish
                     new = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
-                    tokens.extend(new)
-                    if delta or finish:
-                        progress = loop.time()
-                    if delta:
-                        ttft = ttft if ttft is not None else time.perf_counter() - start
-                        parts.append(delta)
-                        yield StreamDelta(text=delta, token=new[-1] if new else None)
+                    if choice.get("index", 0) == 0:  # choice 0 is the one the cascade judges
+                        tokens.extend(new)
+                        parts.append(content)
+                        text, token = text + content, new[-1] if new else token
+                    # anything besides the opening role (tool calls, refusals, audio, a finish)
+                    substance = substance or bool(content or choice.get("finish_reason")
+                                                  or any(v for k, v in delta.items() if k != "role"))
+                if substance:
+                    progress = loop.time()
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    for early in held:  # the opening chunks, sent with the first that says something
+                        yield StreamDelta(text="", raw=early)
+                    held.clear()
+                    yield StreamDelta(text=text, token=token, raw=chunk)
+                elif chunk.get("choices"):
+                    held.append(chunk)
+                else:  # the usage chunk
+                    yield StreamDelta(text="", raw=chunk)
                 if progress is not None:
                     progress = loop.time()
         except httpx.HTTPError as exc:

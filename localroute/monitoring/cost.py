@@ -148,10 +148,10 @@ class CostAccountant:
             self.tier_kind[t.name] = "frontier_usage"
             ts = ladder.get(t.name)
             model = ts.model if ts is not None else str(getattr(t.backend, "model", t.name))
-            self.tier_price[t.name] = self.prices.with_override(
+            self.tier_price[t.name] = self.prices.with_override(  # tiers built in code carry their own prices
                 model,
-                ts.input_usd_per_mtok if ts else None,
-                ts.output_usd_per_mtok if ts else None,
+                ts.input_usd_per_mtok if ts else getattr(t.backend, "input_usd_per_mtok", None),
+                ts.output_usd_per_mtok if ts else getattr(t.backend, "output_usd_per_mtok", None),
                 getattr(ts, "cached_input_usd_per_mtok", None) if ts else None,
             )
         self.top_tier, self.top_price = self._top(tiers)

@@ -8,16 +8,29 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from localroute.backends.base import Backend
+from localroute.backends.capabilities import Capabilities, default_capabilities
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
 
 @dataclass(slots=True)
 class Tier:
-    """A backend on the ladder with the threshold its confidence must reach to answer."""
+    """A backend on the ladder with the threshold its confidence must reach to answer, and what it
+    can serve: given, else the backend's own `capabilities`, else its kind's defaults."""
 
     name: str
     backend: Backend
     threshold: float | None = None
+    capabilities: Capabilities | None = None
+
+    def __post_init__(self) -> None:
+        if self.capabilities is None:
+            own = getattr(self.backend, "capabilities", None)
+            self.capabilities = own if isinstance(own, Capabilities) else default_capabilities(
+                getattr(self.backend, "kind", None), bool(getattr(self.backend, "is_local", True)))
+
+    def lacks(self, needs: frozenset[str]) -> str | None:
+        """The first of `needs` this tier cannot serve (localroute.backends.capabilities.NEEDS), or None."""
+        return self.capabilities.missing(needs) if needs and self.capabilities is not None else None
 
 
 def finite(x: float | None) -> float | None:

@@ -5,6 +5,11 @@ generated in full (buffered) and its confidence computed before the first byte i
 is time-to-first-token: a streamed request that stays local sees its first token only once the
 local answer is complete (its whole decode time); an escalated one pays the local decode time plus
 the next tier's own TTFT. Only the last tier streams token by token as it decodes.
+
+Capabilities: a tier that lacks what the request needs (tools, images, n > 1, ... : request.needs)
+is skipped, and so is a non-final tier whose context the prompt does not fit; the reason is in
+`decision.evidence["skipped"]` ({tier: need}). The last tier that can serve the request is the one
+whose answer is always returned; none can: 400 `unsupported_capability` naming what is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
-from localroute.errors import EngineDeadError, InvalidRequestError, LocalrouteError
+from localroute.backends.capabilities import NEEDS
+from localroute.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    InvalidRequestError,
+    LocalrouteError,
+    UnsupportedCapabilityError,
+)
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
 from localroute.routing.confidence import TOP_K_NEEDED, get_aggregator
 from localroute.routing.repetition import RepetitionCheck
@@ -35,7 +47,11 @@ def vetoed(decision: Decision, tier: str) -> bool:
 
 
 def replay(gen: Generation) -> Iterator[StreamDelta]:
-    """A buffered answer as stream deltas, one per token, UTF-8 safe, text identical to gen.text."""
+    """A buffered answer as stream deltas, one per token, UTF-8 safe, text identical to gen.text.
+    A remote tier's answer kept as sent (gen.raw) yields nothing here: the server streams it
+    whole from the final delta (tool calls, refusals, every choice)."""
+    if gen.raw is not None:
+        return
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     emitted = 0
     for tok in gen.tokens:
@@ -77,10 +93,30 @@ class CascadeRouter:
         self.on_budget = on_budget
         self.repetition = repetition if repetition is not None else RepetitionCheck()
 
-    def _confidence(self, gen: Generation) -> float | None:
+    def _confidence(self, gen: Generation, tier: Tier | None = None) -> float | None:
+        """The aggregate of the answer's logprobs. No tokens: an empty local answer is -inf (it
+        escalates); an answer that came without logprobs (a remote tier's, a tool call) is None."""
         if not gen.tokens:
-            return None if gen.text else float("-inf")
+            local = tier is None or tier.backend.is_local
+            return float("-inf") if local and not gen.text and gen.raw is None else None
         return self._aggregate(gen.tokens, self._alpha)
+
+    def _ladder(self, request: GenerationRequest, decision: Decision, start: int) -> list[Tier]:
+        """The tiers from `start` that can serve the request, those that cannot in the evidence;
+        none: UnsupportedCapabilityError naming the need no tier (or no single tier) has."""
+        tiers = self.tiers if start == 0 else self.tiers[start:]
+        if not request.needs:
+            return tiers
+        able = []
+        for tier in tiers:
+            need = tier.lacks(request.needs)
+            if need is None:
+                able.append(tier)
+            else:
+                decision.evidence.setdefault("skipped", {})[tier.name] = need
+        if not able:
+            raise unsupported(request.needs, decision.evidence["skipped"])
+        return able
 
     def _tier_request(self, request: GenerationRequest) -> GenerationRequest:
         if request.params.top_logprobs >= self._top_k:
@@ -109,7 +145,7 @@ class CascadeRouter:
         response_format (unparsable JSON, schema violation) or loops (routing.repetition) escalates
         whatever its confidence, its evidence in decision.evidence (VETO_EVIDENCE).
         Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
-        conf = self._confidence(gen)
+        conf = self._confidence(gen, tier)
         if request.params.response_format is not None:
             from localroute.routing.response_format import schema_violation
 
@@ -124,16 +160,17 @@ class CascadeRouter:
         return conf, self._accepts(tier, conf)
 
     async def _buffered(
-        self, request: GenerationRequest, decision: Decision, start: int
-    ) -> tuple[Generation | None, int, _Fallback]:
-        """Run non-final tiers from `start` until one accepts and return its answer; else None, the
-        last tier's index, and the most recent rejected answer (the degraded fallback)."""
-        last = len(self.tiers) - 1
+        self, request: GenerationRequest, decision: Decision, ladder: list[Tier]
+    ) -> tuple[Generation | None, Tier, _Fallback]:
+        """Run the ladder's non-final tiers until one accepts and return its answer; else None, the
+        last tier, and the most recent rejected answer (the degraded fallback)."""
         fallback: _Fallback = None
-        for i in range(start, last):
-            tier = self.tiers[i]
+        for tier in ladder[:-1]:
             try:
                 gen = await tier.backend.generate(self._tier_request(request))
+            except ContextLengthExceededError:  # the next tier may have room
+                decision.evidence.setdefault("skipped", {})[tier.name] = "context_length"
+                continue
             except InvalidRequestError:
                 raise
             except LocalrouteError as exc:
@@ -145,16 +182,15 @@ class CascadeRouter:
             decision.attempts.append(self._attempt(tier, gen, conf, accepted))
             if accepted:
                 decision.answered_by = tier.name
-                return gen, i, None
+                return gen, tier, None
             fallback = (gen, tier.name)
-        return None, last, fallback
+        return None, ladder[-1], fallback
 
     async def route(self, request: GenerationRequest, start: int = 0) -> Routed:
         decision = Decision(policy=self.policy, signal=self.signal)
-        gen, index, fallback = await self._buffered(request, decision, start)
+        gen, tier, fallback = await self._buffered(request, decision, self._ladder(request, decision, start))
         if gen is not None:
             return Routed(gen, decision)
-        tier = self.tiers[index]
         t0 = time.perf_counter()
         try:
             gen = await tier.backend.generate(self._tier_request(request))
@@ -162,7 +198,7 @@ class CascadeRouter:
             raise
         except LocalrouteError as exc:
             return self._degrade(decision, tier, exc, fallback, time.perf_counter() - t0)
-        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen), True))
+        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen, tier), True))
         decision.answered_by = tier.name
         return Routed(gen, decision)
 
@@ -184,13 +220,12 @@ class CascadeRouter:
 
     async def route_stream(self, request: GenerationRequest, start: int = 0) -> AsyncIterator[RoutedDelta]:
         decision = Decision(policy=self.policy, signal=self.signal)
-        gen, index, fallback = await self._buffered(request, decision, start)
+        gen, tier, fallback = await self._buffered(request, decision, self._ladder(request, decision, start))
         if gen is not None:
             for delta in replay(gen):
                 yield RoutedDelta(delta, decision)
             yield RoutedDelta(StreamDelta(text="", final=gen), decision, Routed(gen, decision))
             return
-        tier = self.tiers[index]
         decision.answered_by = tier.name  # provisional, so headers can name the streaming tier
         sent = False
         t0 = time.perf_counter()
@@ -198,7 +233,7 @@ class CascadeRouter:
             async for delta in tier.backend.stream(self._tier_request(request)):
                 if delta.final is not None:
                     final = delta.final
-                    decision.attempts.append(self._attempt(tier, final, self._confidence(final), True))
+                    decision.attempts.append(self._attempt(tier, final, self._confidence(final, tier), True))
                     decision.answered_by = tier.name
                     yield RoutedDelta(delta, decision, Routed(final, decision))
                     return
@@ -213,3 +248,12 @@ class CascadeRouter:
             for delta in replay(routed.generation):
                 yield RoutedDelta(delta, decision)
             yield RoutedDelta(StreamDelta(text="", final=routed.generation), decision, routed)
+
+
+def unsupported(needs: frozenset[str], skipped: dict[str, str]) -> UnsupportedCapabilityError:
+    """The 400 for a request no tier can serve: each tier and the need it lacks."""
+    first = next(iter(skipped.values()))
+    reasons = ", ".join(f"{tier} lacks {need}" for tier, need in skipped.items())
+    return UnsupportedCapabilityError(
+        f"no tier can serve this request ({reasons}); configure a tier with these capabilities "
+        f"(tiers.<name>.capabilities) or a frontier tier", param=NEEDS[first][1] if first in NEEDS else None)

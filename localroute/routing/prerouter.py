@@ -87,7 +87,8 @@ class PreRouter:
         self.margin = margin
         names = [t.name for t in self.tiers]
         self._maps = [tier_mapping(m.tiers, names) for m in self.models]
-        self._single = {i: CascadeRouter([Tier(t.name, t.backend, None)], cascade.signal, policy=policy)
+        self._single = {i: CascadeRouter([Tier(t.name, t.backend, None, t.capabilities)], cascade.signal,
+                                         policy=policy)
                         for i, t in enumerate(self.tiers)}
         self.signal = "+".join(m.kind for m in self.models)
 
@@ -130,16 +131,22 @@ class PreRouter:
         decision.signal = self.signal if pre.tier_index is not None else f"{self.signal}>{decision.signal}"
         decision.evidence.update(pre.evidence)
 
+    def _router(self, request: GenerationRequest, pre: PreDecision) -> CascadeRouter:
+        """The chosen tier alone, unless it cannot serve the request (tools, images...): the cascade."""
+        if pre.tier_index is None or self.tiers[pre.tier_index].lacks(request.needs):
+            return self.cascade
+        return self._single[pre.tier_index]
+
     async def route(self, request: GenerationRequest) -> Routed:
         pre = await self.decide(request)
-        router = self.cascade if pre.tier_index is None else self._single[pre.tier_index]
+        router = self._router(request, pre)
         routed = await router.route(request)
         self._stamp(routed.decision, pre)
         return routed
 
     async def route_stream(self, request: GenerationRequest) -> AsyncIterator[RoutedDelta]:
         pre = await self.decide(request)
-        router = self.cascade if pre.tier_index is None else self._single[pre.tier_index]
+        router = self._router(request, pre)
         stamped = False
         async for item in router.route_stream(request):
             if not stamped:

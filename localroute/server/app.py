@@ -54,15 +54,21 @@ async def health(request: Request) -> JSONResponse:
                         status_code=200 if ok else 503)
 
 
+def _model(svc: Service, model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": svc.created, "owned_by": "localroute"}
+
+
 async def models(request: Request) -> dict[str, Any]:
     svc = service_of(request)
-    return {
-        "object": "list",
-        "data": [
-            {"id": model_id, "object": "model", "created": svc.created, "owned_by": "localroute"}
-            for model_id in svc.routers
-        ],
-    }
+    return {"object": "list", "data": [_model(svc, model_id) for model_id in svc.routers]}
+
+
+async def model_object(request: Request) -> dict[str, Any]:
+    """OpenAI's model object; an unknown id is OpenAI's 404 model_not_found. Ids may hold '/'."""
+    svc = service_of(request)
+    model_id = request.path_params["model_id"]
+    svc.router(model_id)  # ModelNotFoundError
+    return _model(svc, model_id)
 
 
 async def feedback(request: Request) -> JSONResponse:
@@ -129,6 +135,7 @@ def create_app(
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", model_object, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
     posts: list[tuple[str, Endpoint, type[Any]]] = [
         ("/v1/feedback", feedback, FeedbackRequest),

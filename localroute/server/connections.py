@@ -12,7 +12,7 @@ each. `guarded_protocol` returns uvicorn's own protocol class (httptools, or h11
 - a connection cap: a connection beyond `max_connections` gets an OpenAI-shaped 503 and is closed at
   once, before it can hold anything.
 
-The body's deadline (`http_body_timeout_s`, a 408) is the app's (server/app.py BodyLimitMiddleware):
+The body's deadline (`http_body_timeout_s`, a 408) is the app's (server/http.py BodyLimitMiddleware):
 the headers are in by then, so the client can be given an answer it can read.
 """
 

@@ -25,7 +25,7 @@ from localroute.errors import (
 from localroute.server.errors import api_for_path, error_response
 
 __all__ = ["AnswerResponse", "BodyLimitMiddleware", "RequestRoute", "dumps", "parse_body", "parse_json_body",
-           "request_body_schema", "until_disconnect"]
+           "request_body_schema", "until_disconnect", "validate"]
 
 M = TypeVar("M", bound=BaseModel)
 _KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.){1,100})"\s*:\s*-?$')  # the key whose value failed to parse
@@ -212,7 +212,11 @@ async def parse_body(request: Request, model: type[M], max_depth: int) -> M:
         raw = await request.body()
     except ClientDisconnect:  # the client left (or its connection was closed) mid-body
         raise ClientDisconnectedError("client disconnected") from None
-    data = parse_json_body(raw, max_depth)
+    return validate(parse_json_body(raw, max_depth), model)
+
+
+def validate(data: dict[str, Any], model: type[M]) -> M:
+    """A parsed JSON body as `model`, or a 400 naming the first field that fails."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -1,6 +1,7 @@
 """OpenAI wire format <-> the internal request and answer: Chat Completions and Completions bodies
-to a `GenerationRequest`, a routed `Generation` and its `Decision` back to OpenAI JSON (choices,
-logprobs, usage, the `localroute` routing block and the `x-localroute-*` headers)."""
+to a `GenerationRequest` (the body as sent for remote tiers, its text view for local ones, and what
+serving it needs), a routed `Generation` and its `Decision` back to OpenAI JSON (choices, logprobs,
+usage with its cost, the `localroute` routing block and the `x-localroute-*` headers)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,55 @@ from localroute.errors import InvalidRequestError
 from localroute.routing.base import Decision, finite
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
 from localroute.settings import Settings
-from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob
+from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, WireRequest
 
-__all__ = ["chat_logprobs", "chat_request", "completion_logprobs", "completion_request", "routing_headers",
-           "routing_info", "usage"]
+__all__ = ["LOCALROUTE_FIELDS", "chat_logprobs", "chat_needs", "chat_request", "completion_logprobs",
+           "completion_request", "routing_headers", "routing_info", "usage", "usage_with_cost"]
+
+# request fields that are localroute's own extensions: read here, never forwarded to a remote tier
+LOCALROUTE_FIELDS = frozenset({"ignore_eos"})
+_PART_NEEDS = {"image_url": "images", "input_audio": "audio", "file": "files"}
+
+
+def _wire(api: Any, data: dict[str, Any]) -> WireRequest:
+    if any(k in data for k in LOCALROUTE_FIELDS):
+        data = {k: v for k, v in data.items() if k not in LOCALROUTE_FIELDS}
+    return WireRequest(api, data)
+
+
+def _common_needs(body: ChatCompletionRequest | CompletionRequest, needs: set[str]) -> None:
+    if body.n is not None and body.n > 1:
+        needs.add("n")
+    if body.logit_bias:
+        needs.add("logit_bias")
+    if body.presence_penalty or body.frequency_penalty:
+        needs.add("penalties")
+
+
+def chat_needs(body: ChatCompletionRequest) -> frozenset[str]:
+    """What serving this chat request takes of a tier (localroute.backends.capabilities.NEEDS)."""
+    needs: set[str] = set()
+    extra = body.model_extra or {}
+    if (body.tools and body.tool_choice != "none") or extra.get("functions"):
+        needs.add("tools")
+    for m in body.messages:
+        if m.tool_calls or m.role in ("tool", "function") or (m.model_extra or {}).get("function_call"):
+            needs.add("tools")
+        if isinstance(m.content, list):
+            for part in m.content:
+                need = _PART_NEEDS.get(part["type"])
+                if need is not None:
+                    needs.add(need)
+    modalities = extra.get("modalities")
+    if extra.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        needs.add("audio")
+    if isinstance(body.response_format, dict) and body.response_format.get("type") == "json_schema":
+        needs.add("json_schema")
+    _common_needs(body, needs)
+    return frozenset(needs)
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Settings, top_logprobs: int) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise InvalidRequestError("n > 1 is not supported; send one request per answer", param="n")
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens
     return SamplingParams(
         max_tokens=max_tokens,
@@ -33,26 +74,26 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
     )
 
 
-def chat_request(body: ChatCompletionRequest, settings: Settings, request_id: str) -> GenerationRequest:
+def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Settings,
+                 request_id: str) -> GenerationRequest:
+    """`data`: the body as parsed JSON, `body` its validated form. Local tiers see the text of
+    each message; a request with more than text (tools, images) needs a tier that reads it."""
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
-    messages = []
-    for i, m in enumerate(body.messages):
-        try:
-            text = m.text()
-        except ValueError as exc:
-            raise InvalidRequestError(f"messages.{i}.content: {exc}", param=f"messages.{i}.content") from None
-        role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": text})
+    messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                     for m in body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    return GenerationRequest(
-        messages=tuple(messages), params=_sampling(body, settings, top), request_id=request_id
-    )
+    return GenerationRequest(messages=messages, params=_sampling(body, settings, top), request_id=request_id,
+                             wire=_wire("chat", data), needs=chat_needs(body))
 
 
-def completion_request(body: CompletionRequest, settings: Settings, request_id: str) -> GenerationRequest:
+def completion_request(body: CompletionRequest, data: dict[str, Any], settings: Settings,
+                       request_id: str) -> GenerationRequest:
+    needs: set[str] = set()
+    _common_needs(body, needs)
     return GenerationRequest(
-        prompt=body.prompt_text(), params=_sampling(body, settings, body.logprobs or 0), request_id=request_id
+        prompt=body.prompt_text(), params=_sampling(body, settings, body.logprobs or 0), request_id=request_id,
+        wire=_wire("completions", data), needs=frozenset(needs),
     )
 
 
@@ -119,3 +160,15 @@ def usage(gen: Generation) -> dict[str, int]:
         "completion_tokens": gen.completion_tokens,
         "total_tokens": gen.prompt_tokens + gen.completion_tokens,
     }
+
+
+def usage_with_cost(base: dict[str, Any], cost_usd: float | None) -> dict[str, Any]:
+    """A usage block with localroute's cost as `usage.cost` (USD): the field OpenAI-compatible
+    routers report their charge in, which litellm takes as the call's cost (its
+    `provider_reported_usage_cost`, read into `_hidden_params["response_cost"]`) and LangChain shows
+    in `response_metadata["token_usage"]`. A provider's own `cost` is replaced (it is kept in
+    the `localroute` block as `upstream_cost`): ours covers every attempt of the request."""
+    out = dict(base)
+    if cost_usd is not None:
+        out["cost"] = cost_usd
+    return out

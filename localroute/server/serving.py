@@ -1,28 +1,40 @@
 """Chat Completions and Completions served: wire request -> internal request -> router -> wire
 answer (vLLM's `serving_*.py`). Routing is the router's; what is OpenAI-shaped is protocol.py's.
 
+The entry point other APIs build on is `chat_completion(request, body)`: a Chat Completions body
+as a dict (the client's own, or one translated from the Responses or Messages API) in, the routed
+answer out, either a `ChatAnswer` (the chat.completion JSON, its headers, its record) or a
+`ChatStream` (chat.completion.chunk dicts and the headers to send before them). The caller turns
+either into its own wire format; `serve_chat` is the plain OpenAI one.
+
+A remote tier's answer is passed through as the provider sent it (tool calls, refusals, every
+choice and delta kind); localroute sets only `id` (its own request id, which the feedback API
+and the routing log know), `model` (the id the client asked for) and `usage.cost`, and adds its
+`localroute` routing block (in a stream: on the last chunk).
+
 Every request ends in exactly one `RequestRecord` for the observers: refused before routing, failed
 while routing, answered (after the answer is sent), or streamed (when the stream ends, however).
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from localroute.errors import ClientDisconnectedError, LocalrouteError
 from localroute.monitoring.cost import RequestCost, cost_fields, cost_headers
 from localroute.monitoring.record import RequestRecord
-from localroute.routing.base import Routed, RoutedDelta, Router
+from localroute.routing.base import Decision, Routed, RoutedDelta, Router
 from localroute.server.errors import error_body
-from localroute.server.http import AnswerResponse, dumps, parse_body, until_disconnect
+from localroute.server.http import AnswerResponse, dumps, parse_json_body, until_disconnect, validate
 from localroute.server.protocol import (
     chat_logprobs,
     chat_request,
@@ -31,63 +43,150 @@ from localroute.server.protocol import (
     routing_headers,
     routing_info,
     usage,
+    usage_with_cost,
 )
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
 from localroute.service import Service
-from localroute.settings import Settings
 from localroute.types import Generation, GenerationRequest
 
-__all__ = ["serve_chat", "serve_completion"]
+__all__ = ["ChatAnswer", "ChatStream", "chat_completion", "read_json", "serve_chat", "serve_completion",
+           "service_of", "sse_response"]
 
-Build = Callable[[Any, Settings, str], GenerationRequest]
+Api = Literal["chat", "completions"]
+Chunk = dict[str, Any]
 
 
 def service_of(request: Request) -> Service:
     return cast(Service, request.app.state.service)
 
 
+@dataclass(slots=True)
+class ChatAnswer:
+    """A routed, non-streamed answer. `payload`: the chat.completion (or text_completion) JSON a
+    Chat Completions client gets; `headers`: the x-localroute-* routing and cost headers;
+    `record`: handed to the observers once the answer is sent (`response` does that)."""
+
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    record: RequestRecord
+    service: Service
+
+    def response(self, content: Any = None) -> Response:
+        """The answer as JSON (`content`: a translation of `payload` for another API), its record
+        sent to the observers after the body (the client never waits for the routing log)."""
+        return AnswerResponse(self.payload if content is None else content, headers=self.headers,
+                              background=BackgroundTask(self.service.record_async, self.record))
+
+    def failed(self) -> None:
+        """Building the client's answer failed (a translation bug): record the request as a 500."""
+        self.record.status_code, self.record.error = 500, "internal_error"
+        self.service.record(self.record)
+
+
+@dataclass(slots=True)
+class ChatStream:
+    """A routed stream: `chunks` yields chat.completion.chunk dicts (text_completion for the
+    Completions API); the last one carries the `localroute` block (and `usage` when the client
+    asked for it). An error after the first chunk is raised from `chunks` as a LocalrouteError
+    (the caller ends its stream with an error event); the record is sent when `chunks` ends."""
+
+    chunks: AsyncIterator[Chunk]
+    headers: dict[str, str]
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (400 for bad JSON, 499 for a client that left mid-body)."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientDisconnectedError("client disconnected") from None
+    return parse_json_body(raw, service_of(request).settings.max_json_depth)
+
+
 async def serve_chat(request: Request) -> Response:
-    svc, body, router, gen_request, started = await _accept(request, ChatCompletionRequest, chat_request,
-                                                            "chat", "chatcmpl")
-    k = gen_request.params.top_logprobs
-    if body.stream:
-        return await _stream(svc, router, gen_request, "chat", bool(body.logprobs), k,
-                             bool(body.stream_options and body.stream_options.include_usage), body.model, request)
-    routed, cost, record = await _route(svc, router, gen_request, "chat", started, request)
-    return _answer(svc, request, routed, cost, record, "chat.completion", body.model, lambda gen: {
-        "message": {"role": "assistant", "content": gen.text},
-        "logprobs": chat_logprobs(gen.tokens, k) if body.logprobs else None,
-    })
+    return await _respond(request, "chat")
 
 
 async def serve_completion(request: Request) -> Response:
-    svc, body, router, gen_request, started = await _accept(request, CompletionRequest, completion_request,
-                                                            "completion", "cmpl")
-    k = gen_request.params.top_logprobs
-    want_lp = body.logprobs is not None
-    if body.stream:
-        return await _stream(svc, router, gen_request, "completion", want_lp, k,
-                             bool(body.stream_options and body.stream_options.include_usage), body.model, request)
-    routed, cost, record = await _route(svc, router, gen_request, "completion", started, request)
-    return _answer(svc, request, routed, cost, record, "text_completion", body.model, lambda gen: {
-        "text": gen.text,
-        "logprobs": completion_logprobs(gen.tokens, k) if want_lp else None,
-    })
+    return await _respond(request, "completions")
 
 
-async def _accept(request: Request, model: Any, build: Build, endpoint: str,
-                  id_prefix: str) -> tuple[Service, Any, Router, GenerationRequest, float]:
-    """Parse the body, pick the router, build the engine request; a refusal is logged, then raised."""
-    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    svc = service_of(request)
+async def _respond(request: Request, api: Api) -> Response:
     started = time.perf_counter()
     try:
-        body = await parse_body(request, model, svc.settings.max_json_depth)
+        data = await read_json(request)
+    except LocalrouteError as exc:
+        _rejected(service_of(request), _request_id(api), _endpoint(api), exc, started)
+        raise
+    result = await _serve(request, data, api, _endpoint(api), started)
+    if isinstance(result, ChatStream):
+        return sse_response(result)
+    return result.response()
+
+
+async def chat_completion(request: Request, body: dict[str, Any], endpoint: str = "chat") -> ChatAnswer | ChatStream:
+    """Route a Chat Completions body (a dict, as parsed from JSON): validated as the chat endpoint
+    validates it (400 naming the field), routed, answered. `endpoint` labels the request in the
+    metrics and the routing log (e.g. "responses", "messages")."""
+    return await _serve(request, body, "chat", endpoint, time.perf_counter())
+
+
+def sse_response(stream: ChatStream) -> StreamingResponse:
+    """OpenAI's server-sent events: `data: {chunk}` per chunk, `data: [DONE]` at the end; an error
+    after the first byte is one `data: {"error": ...}` event and no [DONE]."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream.chunks:
+                yield b"data: " + dumps(chunk) + b"\n\n"
+        except LocalrouteError as exc:
+            yield b"data: " + dumps(error_body(exc.message, exc.error_type, exc.param, exc.code)) + b"\n\n"
+            return
+        yield b"data: [DONE]\n\n"
+
+    headers = {**stream.headers, "Cache-Control": "no-cache"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _request_id(api: Api) -> str:
+    return f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def _endpoint(api: Api) -> str:
+    return "chat" if api == "chat" else "completion"
+
+
+async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str,
+                 started: float) -> ChatAnswer | ChatStream:
+    request_id = _request_id(api)
+    svc = service_of(request)
+    try:
+        if api == "chat":
+            chat = validate(data, ChatCompletionRequest)
+            body: ChatCompletionRequest | CompletionRequest = chat
+            req = chat_request(chat, data, svc.settings, request_id)
+        else:
+            completion = validate(data, CompletionRequest)
+            body = completion
+            req = completion_request(completion, data, svc.settings, request_id)
         router = svc.router(body.model)
-        return svc, body, router, build(body, svc.settings, request_id), started
     except LocalrouteError as exc:
         _rejected(svc, request_id, endpoint, exc, started)
         raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shape = _Shape(api, body.model, bool(body.logprobs) if api == "chat" else body.logprobs is not None,
+                   req.params.top_logprobs, include_usage)
+    if body.stream:
+        return await _stream(svc, router, req, endpoint, shape, request, started)
+    routed, cost, record = await _route(svc, router, req, endpoint, started, request)
+    request.state.engine_s = sum(a.latency_s for a in routed.decision.attempts)
+    try:
+        payload = shape.answer(record.request_id, routed, cost)
+    except Exception:
+        record.status_code, record.error = 500, "internal_error"
+        svc.record(record)
+        raise
+    return ChatAnswer(payload, {**routing_headers(routed.decision), **cost_headers(cost)}, record, svc)
 
 
 def _rejected(svc: Service, request_id: str, endpoint: str, exc: LocalrouteError, started: float) -> None:
@@ -115,105 +214,179 @@ async def _route(svc: Service, router: Router, req: GenerationRequest, endpoint:
     record = RequestRecord(req.request_id, endpoint, router.policy, False, 200, started,
                            time.perf_counter() - started, routed.generation.ttft_s, routed.decision,
                            routed.generation, extra={"cost": cost, "request": req})
-    return routed, cost, record  # recorded by _answer
+    return routed, cost, record  # recorded once the answer is sent
 
 
-def _answer(svc: Service, request: Request, routed: Routed, cost: RequestCost | None, record: RequestRecord,
-            obj: str, model: str, choice: Callable[[Generation], dict[str, Any]]) -> Response:
-    """A non-streamed answer. Its record goes to the observers once the answer has been sent (a
-    background task: the client never waits for metrics or the routing log), or at once, as a
-    500, if building the answer fails: a request the engines served is never left unrecorded."""
-    gen, decision = routed.generation, routed.decision
-    request.state.engine_s = sum(a.latency_s for a in decision.attempts)
-    try:
-        payload = {
-            "id": record.request_id,
-            "object": obj,
+def _info(decision: Decision, cost: RequestCost | None, gen: Generation) -> dict[str, Any]:
+    info = routing_info(decision, cost_fields(cost))
+    upstream_cost = (gen.extra.get("usage") or {}).get("cost") if gen.raw is not None else None
+    if upstream_cost is not None:
+        info["upstream_cost"] = upstream_cost
+    return info
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How answers to one request are written: its API, the model id it named, logprobs asked."""
+
+    api: Api
+    model: str
+    want_logprobs: bool
+    top_logprobs: int
+    include_usage: bool
+
+    @property
+    def chat(self) -> bool:
+        return self.api == "chat"
+
+    def answer(self, request_id: str, routed: Routed, cost: RequestCost | None) -> dict[str, Any]:
+        gen, decision = routed.generation, routed.decision
+        cost_usd = cost.cost_usd if cost is not None else None
+        if self.chat and gen.raw is not None:  # a remote tier's answer, as the provider sent it
+            out = {**gen.raw, "id": request_id, "model": self.model, "localroute": _info(decision, cost, gen)}
+            out["usage"] = usage_with_cost(gen.raw.get("usage") or usage(gen), cost_usd)
+            return out
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0, "message": {"role": "assistant", "content": gen.text},
+                "logprobs": chat_logprobs(gen.tokens, self.top_logprobs) if self.want_logprobs else None,
+            }
+        else:
+            choice = {"index": 0, "text": gen.text,
+                      "logprobs": completion_logprobs(gen.tokens, self.top_logprobs) if self.want_logprobs else None}
+        return {
+            "id": request_id,
+            "object": "chat.completion" if self.chat else "text_completion",
             "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, **choice(gen), "finish_reason": gen.finish_reason}],
-            "usage": usage(gen),
-            "localroute": routing_info(decision, cost_fields(cost)),
+            "model": self.model,
+            "choices": [{**choice, "finish_reason": gen.finish_reason}],
+            "usage": usage_with_cost(usage(gen), cost_usd),
+            "localroute": _info(decision, cost, gen),
         }
-        return AnswerResponse(payload, headers={**routing_headers(decision), **cost_headers(cost)},
-                              background=BackgroundTask(svc.record_async, record))
-    except Exception:
-        record.status_code, record.error = 500, "internal_error"
-        svc.record(record)
-        raise
 
 
-async def _stream(svc: Service, router: Router, req: GenerationRequest, kind: str, want_lp: bool,
-                  k: int, include_usage: bool, model: str, request: Request) -> Response:
-    started = time.perf_counter()
+async def _stream(svc: Service, router: Router, req: GenerationRequest, endpoint: str, shape: _Shape,
+                  request: Request, started: float) -> ChatStream:
     source = cast(AsyncGenerator[RoutedDelta, None], router.route_stream(req).__aiter__())
     try:  # route before the first byte: errors are still clean 4xx/5xx
         first = await until_disconnect(request, source.__anext__())
     except LocalrouteError as exc:
         await source.aclose()
-        svc.record(_failed(req, kind, router.policy, True, exc, started))
+        svc.record(_failed(req, endpoint, router.policy, True, exc, started))
         raise
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    head = (b'data: {"id":' + dumps(req.request_id) + b',"object":"' + obj.encode() + b'","created":'
-            + str(created).encode() + b',"model":' + dumps(model) + b',"choices":')
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        """One SSE event, encoded once: the fixed head, then the choices and any extra fields."""
-        tail = b"".join(b',"' + key.encode() + b'":' + dumps(value) for key, value in extra.items())
-        return head + dumps(choices) + tail + b"}\n\n"
-
-    def piece(item: RoutedDelta) -> bytes | None:
-        d = item.delta
-        if not d.text and d.token is None:
-            return None
-        tokens = [d.token] if d.token is not None else []
-        if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": d.text}, "finish_reason": None,
-                                      "logprobs": chat_logprobs(tokens, k) if want_lp else None}
-        else:
-            choice = {"index": 0, "text": d.text, "finish_reason": None,
-                      "logprobs": completion_logprobs(tokens, k) if want_lp else None}
-        return chunk([choice])
-
-    async def events() -> AsyncIterator[bytes]:
-        ttft: float | None = None
-        outcome = RequestRecord(req.request_id, kind, router.policy, True, 200, started, 0.0)
-        try:
-            if kind == "chat":
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None}])
-            item: RoutedDelta | None = first
-            while item is not None:
-                if item.routed is not None:
-                    gen, decision = item.routed.generation, item.routed.decision
-                    done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
-                    done.update({"delta": {}} if kind == "chat" else {"text": ""})
-                    cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
-                    outcome.extra.update(cost=cost, request=req)
-                    yield chunk([done], localroute=routing_info(decision, cost_fields(cost)))
-                    if include_usage:
-                        yield chunk([], usage=usage(gen))
-                    yield b"data: [DONE]\n\n"
-                    outcome.decision, outcome.generation = decision, gen
-                    break
-                data = piece(item)
-                if data is not None:
-                    ttft = ttft if ttft is not None else time.perf_counter() - started
-                    yield data
-                item = await source.__anext__()
-        except LocalrouteError as exc:  # bytes already sent: end with an error event, no [DONE]
-            outcome.status_code, outcome.error = exc.status_code, exc.code or exc.error_type
-            yield f"data: {json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))}\n\n".encode()
-        except BaseException:
-            outcome.disconnected, outcome.status_code, outcome.error = True, 499, "client_disconnected"
-            raise
-        finally:
-            await source.aclose()
-            outcome.latency_s = time.perf_counter() - started
-            outcome.ttft_s = ttft
-            svc.record(outcome)
-
     headers = routing_headers(first.decision, final=first.routed is not None)
-    headers["Cache-Control"] = "no-cache"
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return ChatStream(_chunks(svc, router, req, endpoint, shape, source, first, started), headers)
+
+
+def _stream_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed choice as one stream delta (a buffered remote answer sent to a streaming
+    client): the message becomes the delta, each tool call gets the `index` deltas carry."""
+    delta = dict(choice.get("message") or {})
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [{"index": i, **c} if isinstance(c, dict) else c for i, c in enumerate(calls)]
+    return {"index": choice.get("index", 0), "delta": delta, "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason")}
+
+
+async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint: str, shape: _Shape,
+                  source: AsyncGenerator[RoutedDelta, None], first: RoutedDelta,
+                  started: float) -> AsyncIterator[Chunk]:
+    """The stream's chunks. A remote tier's chunks pass as sent (id, model, created set), except
+    that its closing chunks (finish reasons, usage) are held until the end so the last one can
+    carry `localroute` and the cost; a usage chunk the client did not ask for is dropped."""
+    created = int(time.time())
+    obj = "chat.completion.chunk" if shape.chat else "text_completion"
+    base = {"id": req.request_id, "object": obj, "created": created, "model": shape.model}
+    ttft: float | None = None
+    outcome = RequestRecord(req.request_id, endpoint, router.policy, True, 200, started, 0.0)
+    role_sent = False
+    held: list[Chunk] = []
+
+    def local(choice: dict[str, Any]) -> list[Chunk]:
+        nonlocal role_sent
+        out = []
+        if shape.chat and not role_sent:
+            role_sent = True
+            out.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+        out.append({**base, "choices": [choice]})
+        return out
+
+    try:
+        item: RoutedDelta | None = first
+        while item is not None:
+            if item.routed is not None:
+                gen, decision = item.routed.generation, item.routed.decision
+                cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
+                outcome.extra.update(cost=cost, request=req)
+                for chunk in _closing(shape, base, gen, decision, held, local, cost):
+                    yield chunk
+                outcome.decision, outcome.generation = decision, gen
+                break
+            d = item.delta
+            if d.raw is not None and shape.chat:
+                role_sent = True
+                chunk = {**d.raw, "id": req.request_id, "model": shape.model}
+                if chunk.get("usage") is not None or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                    held.append(chunk)
+                else:
+                    ttft = ttft if ttft is not None else time.perf_counter() - started
+                    yield chunk
+            elif d.text or d.token is not None:
+                tokens = [d.token] if d.token is not None else []
+                if shape.chat:
+                    choice: dict[str, Any] = {
+                        "index": 0, "delta": {"content": d.text}, "finish_reason": None,
+                        "logprobs": chat_logprobs(tokens, shape.top_logprobs) if shape.want_logprobs else None}
+                else:
+                    choice = {"index": 0, "text": d.text, "finish_reason": None,
+                              "logprobs": completion_logprobs(tokens, shape.top_logprobs)
+                              if shape.want_logprobs else None}
+                ttft = ttft if ttft is not None else time.perf_counter() - started
+                for chunk in local(choice):
+                    yield chunk
+            item = await source.__anext__()
+    except LocalrouteError as exc:  # bytes already sent: the caller ends with an error event
+        outcome.status_code, outcome.error = exc.status_code, exc.code or exc.error_type
+        raise
+    except BaseException:
+        outcome.disconnected, outcome.status_code, outcome.error = True, 499, "client_disconnected"
+        raise
+    finally:
+        await source.aclose()
+        outcome.latency_s = time.perf_counter() - started
+        outcome.ttft_s = ttft
+        svc.record(outcome)
+
+
+def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, held: list[Chunk],
+             local: Callable[[dict[str, Any]], list[Chunk]], cost: RequestCost | None) -> list[Chunk]:
+    """The stream's last chunks, the routing block on the very last."""
+    cost_usd = cost.cost_usd if cost is not None else None
+    out: list[Chunk]
+    raw = gen.raw if shape.chat else None
+    if held or raw is not None:
+        if held:  # a remote stream's closing chunks
+            out = [c for c in held if c.get("choices") or shape.include_usage]
+        else:  # a buffered remote answer, whole, as one chunk
+            assert raw is not None
+            out = [{**base, "choices": [_stream_choice(c) for c in raw.get("choices") or ()]}]
+            if shape.include_usage:
+                out.append({**base, "choices": [], "usage": raw.get("usage") or usage(gen)})
+        for chunk in out:
+            if chunk.get("usage") is not None:
+                chunk["usage"] = usage_with_cost(chunk["usage"], cost_usd)
+        if not out:
+            out = [{**base, "choices": []}]
+    else:
+        done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
+        if shape.chat:
+            done["delta"] = {}
+        else:
+            done["text"] = ""
+        out = local(done)
+        if shape.include_usage:
+            out.append({**base, "choices": [], "usage": usage_with_cost(usage(gen), cost_usd)})
+    out[-1]["localroute"] = _info(decision, cost, gen)
+    return out

@@ -61,7 +61,7 @@ async def _stream(b: OpenAIHTTPBackend, pieces: list[str]) -> Any:
         async for delta in b.stream(request()):
             if delta.final is not None:
                 final = delta.final
-            else:
+            elif delta.text:  # the opening role chunk and the usage chunk carry no text
                 pieces.append(delta.text)
         return final
     finally:

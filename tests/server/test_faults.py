@@ -95,7 +95,7 @@ VALID_EXTREMES: list[dict[str, Any]] = [
     {"temperature": 0}, {"temperature": 2}, {"temperature": -0.0}, {"top_p": 1e-300}, {"top_p": 1},
     {"max_tokens": 1}, {"max_tokens": 2**31 - 1}, {"max_completion_tokens": 1}, {"n": 1},
     {"logprobs": True, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 20},
-    {"presence_penalty": -2, "frequency_penalty": 2}, {"logit_bias": {"1": -100, "2": 100}},
+    {"presence_penalty": 0, "frequency_penalty": 0}, {"logit_bias": {}},
     {"stop": ["a", "b", "c", "d"]}, {"stop": "x"}, {"stream": False}, {"temperature": 1e-300},
 ]
 
@@ -134,6 +134,20 @@ def test_valid_extremes_are_answered(fake: tuple[str, ScriptedBackend, Any], ext
     base, _, _ = fake
     r = httpx.post(f"{base}/chat/completions", json={**CHAT, **extra}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"presence_penalty": -2, "frequency_penalty": 2}, "presence_penalty"),
+    ({"logit_bias": {"1": -100, "2": 100}}, "logit_bias"), ({"n": 2}, "n"),
+])
+def test_valid_extremes_a_text_only_tier_cannot_honour_are_a_400_naming_them(
+        fake: tuple[str, ScriptedBackend, Any], extra: dict[str, Any], param: str) -> None:
+    """Never a 200 that quietly ignores them: the only tier declares it cannot (capabilities)."""
+    base, backend, _ = fake
+    calls = backend.calls
+    err = openai_error(httpx.post(f"{base}/chat/completions", json={**CHAT, **extra}, timeout=30), 400)
+    assert err["code"] == "unsupported_capability" and err["param"] == param, err
+    assert backend.calls == calls
 
 
 def _deep_list(n: int) -> str:
@@ -236,7 +250,7 @@ def test_every_sampling_extreme_then_the_tier_still_answers(real: tuple[str, Any
     for extra in [{"seed": -1, "temperature": 1}, {"seed": -(2**63), "temperature": 1.5, "top_p": 0.9},
                   {"seed": 2**63 - 1, "temperature": 2}, {"temperature": 1e-300, "top_p": 1e-300},
                   {"logprobs": True, "top_logprobs": 20, "temperature": 1, "seed": -7},
-                  {"stop": ["a", "b", "c", "d"], "presence_penalty": 2, "logit_bias": {"1": 100}}]:
+                  {"stop": ["a", "b", "c", "d"], "presence_penalty": 0, "logit_bias": {}}]:
         r = httpx.post(f"{base}/chat/completions", json={**chat, **extra}, timeout=60)
         assert r.status_code == 200, (extra, r.text)
     texts = [httpx.post(f"{base}/chat/completions", json={**chat, "temperature": t}, timeout=60)

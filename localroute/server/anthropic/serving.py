@@ -1,7 +1,7 @@
 """`POST /v1/messages` and `POST /v1/messages/count_tokens`: the Messages body validated
 (protocol.py), translated to a chat body (translate.py), routed through the chat path
-(server/chat_bridge.py: same policies, pricing, budget, routing log, metrics and x-localroute-*
-headers), and the answer or its stream translated back. The routing block rides in the answer's
+(serving.chat_completion: the same validation, policies, capability routing, pricing, budget,
+routing log, metrics and x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the answer's
 `localroute` field (in `message_delta` when streamed). Errors are Anthropic-shaped (server/errors.py).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -17,12 +18,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from localroute.errors import InvalidRequestError, LocalrouteError
 from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from localroute.server.anthropic.translate import MessagesStream, message_from_chat, message_id, to_chat
-from localroute.server.chat_bridge import ChatAnswer, refuse_what_the_chat_path_drops, serve_chat_body
 from localroute.server.errors import anthropic_error_body
-from localroute.server.http import AnswerResponse
+from localroute.server.http import until_disconnect, validate
 from localroute.server.protocol import chat_request
 from localroute.server.schemas import ChatCompletionRequest
-from localroute.server.serving import service_of
+from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import read_body, rejected, sse_event
 
 __all__ = ["serve_count_tokens", "serve_messages"]
@@ -43,16 +43,15 @@ async def _accept(request: Request, model: type[CountTokensRequest]) -> tuple[di
 
 async def serve_messages(request: Request) -> Response:
     body, chat = await _accept(request, MessagesRequest)
-    routed = await serve_chat_body(request, chat)
+    routed = await chat_completion(request, chat, ENDPOINT)
     if isinstance(routed, ChatAnswer):
         try:
-            message = message_from_chat(routed.answer, body["model"])
+            message = message_from_chat(routed.payload, body["model"])
         except BaseException:
-            if routed.background is not None:
-                await routed.background()  # the request was served: its record is still written
+            routed.failed()
             raise
-        return AnswerResponse(message, headers=routed.headers, background=routed.background)
-    chunks = routed.chunks
+        return routed.response(message)
+    chunks = routed.chunks.__aiter__()
     first = await chunks.__anext__()  # routed before the first byte: ids are known
     stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"])
 
@@ -68,24 +67,31 @@ async def serve_messages(request: Request) -> Response:
         except LocalrouteError as exc:  # bytes already sent: an error event ends the stream
             yield sse_event("error", anthropic_error_body(exc.status_code, exc.message))
         finally:
-            await chunks.aclose()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})
 
 
 async def serve_count_tokens(request: Request) -> Response:
-    """The prompt's token count by the router's first local tier (its tokenizer and chat template,
-    through one 1-token generation); a 400 when the model's route has no local tier."""
+    """The prompt's token count by the route's first local tier that can read the request (its
+    tokenizer and chat template, through one 1-token generation that is neither routed nor logged);
+    a 400 when the route has none (a remote tier is never called, or paid, to count)."""
     body, chat = await _accept(request, CountTokensRequest)
     svc = service_of(request)
-    router: Any = svc.router(body["model"])
-    local = next((t for t in getattr(router, "tiers", svc.tiers) if t.backend.is_local), None)
-    if local is None:
-        raise InvalidRequestError(f"count_tokens needs a local tier on {body['model']!r}'s route to tokenize with",
-                                  param="model", code="no_local_tier")
-    refuse_what_the_chat_path_drops(chat)
-    gen_request = chat_request(ChatCompletionRequest.model_validate({**chat, "max_completion_tokens": 1}),
-                               svc.settings, "count_tokens")
-    generation = await local.backend.generate(gen_request)
+    try:
+        gen_request = chat_request(validate(chat, ChatCompletionRequest), chat, svc.settings, "count_tokens")
+        router: Any = svc.router(body["model"])
+        local = next((t for t in getattr(router, "tiers", svc.tiers)
+                      if t.backend.is_local and t.lacks(gen_request.needs) is None), None)
+        if local is None:
+            raise InvalidRequestError(f"count_tokens needs a local tier on {body['model']!r}'s route that reads "
+                                      "this request, to tokenize with", param="model", code="no_local_tier")
+    except LocalrouteError as exc:
+        rejected(svc, ENDPOINT, exc, time.perf_counter())
+        raise
+    one = replace(gen_request, params=replace(gen_request.params, max_tokens=1))
+    generation = await until_disconnect(request, local.backend.generate(one))
     return JSONResponse({"input_tokens": generation.prompt_tokens})

@@ -177,7 +177,7 @@ def _assistant(blocks: list[Mapping[str, Any]], where: str) -> dict[str, Any]:
             if caller is not None and caller != {"type": "direct"}:
                 untranslatable(f"{where}.{j}.caller", "server-side tool callers")
             calls.append({"id": block["id"], "type": "function", "function": {
-                "name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}})
+                "name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False, separators=(",", ":"))}})
         else:
             untranslatable(f"{where}.{j}", f"an assistant turn cannot carry a {kind} block")
     msg: dict[str, Any] = {"role": "assistant", "content": parts or None}

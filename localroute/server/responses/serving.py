@@ -1,7 +1,7 @@
 """`POST /v1/responses` and `GET /v1/responses/{id}`: the Responses body validated (protocol.py),
-translated to a chat body (translate.py), routed through the chat path (server/chat_bridge.py:
-same policies, pricing, budget, routing log, metrics and x-localroute-* headers), and the answer
-or its stream translated back. The routing block rides in the Response's `localroute` field.
+translated to a chat body (translate.py), routed through the chat path (serving.chat_completion:
+the same validation, policies, capability routing, pricing, budget, routing log, metrics and
+x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the Response's `localroute` field.
 
 `store` and `previous_response_id` use the routing log's file (monitoring/response_store.py):
 without `routing_log_path`, `previous_response_id` and an explicit `store: true` are a 400, and
@@ -20,12 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
 from localroute.monitoring.response_store import ResponseStore
-from localroute.server.chat_bridge import ChatAnswer, serve_chat_body
 from localroute.server.errors import error_body
-from localroute.server.http import AnswerResponse
 from localroute.server.responses.protocol import ResponsesRequest
 from localroute.server.responses.translate import ResponsesStream, assistant_turn, response_from_chat, to_chat
-from localroute.server.serving import service_of
+from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import read_body, rejected, sse_event
 from localroute.service import Service
 
@@ -75,21 +73,20 @@ async def serve_responses(request: Request) -> Response:
     echo = {**body, "store": keep is not None}
     own = 1 if body.get("instructions") is not None else 0  # instructions are not carried over
     conversation = chat["messages"][own:]
-    routed = await serve_chat_body(request, chat)
+    routed = await chat_completion(request, chat, ENDPOINT)
     created_at = time.time()
     if isinstance(routed, ChatAnswer):
         try:
-            response_id = _response_id(str(routed.answer.get("id", "")))
-            response = response_from_chat(routed.answer, echo, response_id, created_at)
+            response_id = _response_id(str(routed.payload.get("id", "")))
+            response = response_from_chat(routed.payload, echo, response_id, created_at)
             if keep is not None:
                 await asyncio.to_thread(keep.put, response_id, response,
-                                        [*conversation, assistant_turn(routed.answer)])
+                                        [*conversation, assistant_turn(routed.payload)])
         except BaseException:
-            if routed.background is not None:
-                await routed.background()  # the request was served: its record is still written
+            routed.failed()
             raise
-        return AnswerResponse(response, headers=routed.headers, background=routed.background)
-    chunks = routed.chunks
+        return routed.response(response)
+    chunks = routed.chunks.__aiter__()
     first = await chunks.__anext__()  # routed before the first byte: ids are known
     chat_id = str(first.get("id", ""))
     stream = ResponsesStream(echo, _response_id(chat_id), created_at, chat_id)
@@ -110,7 +107,9 @@ async def serve_responses(request: Request) -> Response:
             for event in stream.feed({"error": error_body(exc.message, exc.error_type, exc.param, exc.code)["error"]}):
                 yield sse_event(*event)
         finally:
-            await chunks.aclose()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})

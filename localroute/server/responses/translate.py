@@ -322,6 +322,11 @@ def response_object(body: Mapping[str, Any], response_id: str, created_at: float
     }
 
 
+def wants_logprobs(body: Mapping[str, Any]) -> bool:
+    """Whether the client asked for logprobs (a remote tier may send them unasked)."""
+    return LOGPROBS_INCLUDE in (body.get("include") or ()) or (body.get("top_logprobs") or 0) > 0
+
+
 def response_from_chat(answer: Mapping[str, Any], body: Mapping[str, Any], response_id: str,
                        created_at: float) -> dict[str, Any]:
     """A chat completion (one choice) as a Response; the routing block stays `localroute`."""
@@ -333,8 +338,8 @@ def response_from_chat(answer: Mapping[str, Any], body: Mapping[str, Any], respo
     text = "".join(p.get("text", "") for p in content) if isinstance(content, list) else content
     if text:
         part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": msg.get("annotations") or []}
-        if choice.get("logprobs") is not None:
-            part["logprobs"] = response_logprobs(choice["logprobs"])
+        if wants_logprobs(body):
+            part["logprobs"] = response_logprobs(choice.get("logprobs"))
         parts.append(part)
     if msg.get("refusal"):
         parts.append({"type": "refusal", "refusal": msg["refusal"]})
@@ -376,7 +381,7 @@ class ResponsesStream:
         self._text: list[str] = []
         self._refusal: list[str] = []
         self._logprobs: list[dict[str, Any]] = []
-        self._want_logprobs = False
+        self._want_logprobs = wants_logprobs(body)
         self._calls: list[dict[str, Any]] = []
         self._open: str | None = None  # "text", "refusal" or "call"
         self._items = 0  # output items opened so far
@@ -481,10 +486,9 @@ class ResponsesStream:
             self._routing = chunk["localroute"]
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
-            if choice.get("logprobs") is not None:
-                self._want_logprobs = True
             if delta.get("content"):
-                events += self._piece("text", delta["content"], response_logprobs(choice.get("logprobs")))
+                logprobs = response_logprobs(choice.get("logprobs")) if self._want_logprobs else []
+                events += self._piece("text", delta["content"], logprobs)
             if delta.get("refusal"):
                 events += self._piece("refusal", delta["refusal"], [])
             for call in delta.get("tool_calls") or ():

@@ -15,14 +15,12 @@ import pytest
 from localroute.backends.openai_http import OpenAIHTTPBackend
 from localroute.routing.base import Tier
 from localroute.server import create_app
-from localroute.server.chat_bridge import _CARRIED
 from tests.conftest import local_settings, serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream
 
 KEY = "sk-local-test"
 TEXT = "The frontier answers: Paris."
-CHAT_PATH_CARRIES_TOOLS = "tools" in _CARRIED  # the adapter refuses them until issue 16's chat path lands
 
 
 @pytest.fixture
@@ -46,19 +44,20 @@ def test_create_through_the_frontier_forwards_the_translated_body(stack: Any) ->
         extra_body={"temperature": 0.5, "top_p": 0.9})
     assert up.requests[-1]["path"] == "/v1/chat/completions"
     assert up.requests[-1]["headers"]["authorization"] == "Bearer sk-upstream"
-    assert up.requests[-1]["json"] == {
-        "model": "frontier-model", "max_tokens": 50, "temperature": 0.5, "top_p": 0.9, "stream": False,
+    assert up.requests[-1]["json"] == {  # the translated chat body, model replaced
+        "model": "frontier-model", "max_completion_tokens": 50, "temperature": 0.5, "top_p": 0.9,
         "stop": ["END"], "messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "Let me think."}, {"role": "user", "content": "Answer now."}]}
+            {"role": "assistant", "content": "Let me think."},
+            {"role": "user", "content": [{"type": "text", "text": "Answer now."}]}]}
     assert raw.headers["x-localroute-tier"] == "frontier"
     message = raw.parse()
     assert message.type == "message" and message.role == "assistant" and message.model == "frontier"
     assert message.id.startswith("msg_")
     assert [b.model_dump() for b in message.content] == [{"type": "text", "text": TEXT, "citations": None}]
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
-    body = json.loads(raw.http_response.content)  # the upstream's usage: 4 words, 26 = words + 4 per message
-    assert body["usage"] == {"input_tokens": 26, "output_tokens": 4, "cache_creation_input_tokens": 0,
+    body = json.loads(raw.http_response.content)  # the usage the upstream reported (fault_upstream._usage)
+    assert body["usage"] == {"input_tokens": 29, "output_tokens": 4, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0}
     assert body["localroute"]["tier"] == "frontier"
 
@@ -171,20 +170,6 @@ def test_upstream_failure_is_anthropic_shaped(stack: Any) -> None:
     assert err.value.status_code == 502 and err.value.body["error"]["type"] == "api_error"  # type: ignore[index]
 
 
-@pytest.mark.skipif(CHAT_PATH_CARRIES_TOOLS, reason="the chat path carries tools (issue 16)")
-def test_tools_are_refused_until_the_chat_path_carries_them(stack: Any) -> None:
-    client, up, _, _ = stack
-    with pytest.raises(anthropic.BadRequestError) as err:
-        client.messages.create(model="frontier", max_tokens=50, messages=[{"role": "user", "content": "Weather?"}],
-                               tools=[{"name": "get_weather", "input_schema": {"type": "object"}}])
-    assert "tools" in err.value.message and up.requests == []
-    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
-    with pytest.raises(anthropic.BadRequestError) as err:
-        client.messages.create(model="frontier", max_tokens=50,
-                               messages=[{"role": "user", "content": [image, {"type": "text", "text": "?"}]}])
-    assert "messages.0.content.0" in err.value.message
-
-
 TOOL_ANSWER = {"id": "chatcmpl-tool", "object": "chat.completion", "created": 1, "model": "frontier-model",
                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                    "role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
@@ -193,7 +178,6 @@ TOOL_ANSWER = {"id": "chatcmpl-tool", "object": "chat.completion", "created": 1,
                "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}}
 
 
-@pytest.mark.skipif(not CHAT_PATH_CARRIES_TOOLS, reason="needs issue 16's chat path (tools, tool turns)")
 def test_tool_loop_through_the_frontier(stack: Any) -> None:
     client, up, _, _ = stack
     tools: Any = [{"name": "get_weather", "description": "Weather", "input_schema": {
@@ -214,3 +198,18 @@ def test_tool_loop_through_the_frontier(stack: Any) -> None:
     assert up.requests[-1]["json"]["messages"][1:] == [
         {"role": "assistant", "content": None, "tool_calls": TOOL_ANSWER["choices"][0]["message"]["tool_calls"]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+
+
+def test_an_image_goes_to_the_image_capable_tier(stack: Any) -> None:
+    client, up, local, _ = stack
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    raw = client.messages.with_raw_response.create(model="localroute/cascade", max_tokens=20, messages=[
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+            {"type": "text", "text": "What is this?"}]}])
+    assert raw.headers["x-localroute-tier"] == "frontier" and local.calls == 0  # the text-only tier is skipped
+    assert up.requests[-1]["json"]["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "text", "text": "What is this?"}]}]
+    assert raw.parse().content[0].text == TEXT  # type: ignore[union-attr]
+    assert json.loads(raw.http_response.content)["localroute"]["evidence"]["skipped"] == {"local": "images"}

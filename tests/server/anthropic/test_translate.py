@@ -99,7 +99,7 @@ def test_the_chat_body_is_what_a_chat_tier_reads() -> None:
     assert chat["tool_choice"] == "auto" and chat["service_tier"] == "auto"
     msgs = chat["messages"]
     assert msgs[1]["tool_calls"][1] == {"id": "toolu_2", "type": "function", "function": {
-        "name": "get_weather", "arguments": '{"city": "Rome", "n": [1, "é"]}'}}
+        "name": "get_weather", "arguments": '{"city":"Rome","n":[1,"é"]}'}}
     assert msgs[1]["content"] == [{"type": "text", "text": "Looking."}]
     assert msgs[2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "18C"}
     assert msgs[3] == {"role": "tool", "tool_call_id": "toolu_2", "is_error": True,

@@ -16,14 +16,12 @@ from openai import OpenAI
 from localroute.backends.openai_http import OpenAIHTTPBackend
 from localroute.routing.base import Tier
 from localroute.server import create_app
-from localroute.server.chat_bridge import _CARRIED
 from tests.conftest import local_settings, serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream
 
 KEY = "sk-local-test"
 TEXT = "The frontier answers: Paris."
-CHAT_PATH_CARRIES_TOOLS = "tools" in _CARRIED  # the adapter refuses them until issue 16's chat path lands
 WEATHER: Any = {"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                                "additionalProperties": False}}
@@ -56,10 +54,11 @@ def test_create_through_the_frontier_forwards_the_translated_body(stack: Any) ->
         input=[{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Hmm."},
                {"role": "user", "content": [{"type": "input_text", "text": "Answer now."}]}])
     assert up.requests[-1]["path"] == "/v1/chat/completions"
-    assert up.requests[-1]["json"] == {
-        "model": "frontier-model", "max_tokens": 40, "temperature": 0.3, "top_p": 0.8, "stream": False,
+    assert up.requests[-1]["json"] == {  # the translated chat body, model replaced
+        "model": "frontier-model", "max_completion_tokens": 40, "temperature": 0.3, "top_p": 0.8,
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                     {"role": "assistant", "content": "Hmm."}, {"role": "user", "content": "Answer now."}]}
+                     {"role": "assistant", "content": "Hmm."},
+                     {"role": "user", "content": [{"type": "text", "text": "Answer now."}]}]}
     assert raw.headers["x-localroute-tier"] == "frontier"
     response = raw.parse()
     assert response.output_text == TEXT and response.status == "completed" and response.model == "frontier"
@@ -68,8 +67,8 @@ def test_create_through_the_frontier_forwards_the_translated_body(stack: Any) ->
     assert body["output"] == [{"type": "message", "id": body["output"][0]["id"], "status": "completed",
                                "role": "assistant", "content": [{"type": "output_text", "text": TEXT,
                                                                  "annotations": []}]}]
-    assert body["usage"] == {"input_tokens": 24, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
-                             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 28}
+    assert body["usage"] == {"input_tokens": 27, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
+                             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 31}
     assert body["localroute"]["tier"] == "frontier" and body["store"] is True
 
 
@@ -186,14 +185,6 @@ def test_upstream_failure_mid_request_is_a_5xx_and_midstream_an_error_event(stac
     assert err.value.status_code == 502 and err.value.body["type"] == "upstream_error"  # type: ignore[index]
 
 
-@pytest.mark.skipif(CHAT_PATH_CARRIES_TOOLS, reason="the chat path carries tools (issue 16)")
-def test_function_tools_are_refused_until_the_chat_path_carries_them(stack: Any) -> None:
-    client, up, _, _ = stack
-    with pytest.raises(openai.BadRequestError) as err:
-        client.responses.create(model="frontier", input="Weather in Paris?", tools=[WEATHER])
-    assert err.value.body["param"] == "tools" and up.requests == []  # type: ignore[index]
-
-
 TOOL_ANSWER = {"id": "chatcmpl-tool", "object": "chat.completion", "created": 1, "model": "frontier-model",
                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                    "role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
@@ -202,7 +193,6 @@ TOOL_ANSWER = {"id": "chatcmpl-tool", "object": "chat.completion", "created": 1,
                "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}}
 
 
-@pytest.mark.skipif(not CHAT_PATH_CARRIES_TOOLS, reason="needs issue 16's chat path (tools, tool turns)")
 def test_two_turn_tool_loop_through_the_frontier(stack: Any) -> None:
     client, up, _, _ = stack
     up.script(Fault("status", status=200, body=json.dumps(TOOL_ANSWER)))
@@ -228,8 +218,8 @@ def test_two_turn_tool_loop_through_the_frontier(stack: Any) -> None:
 
 
 def test_routing_log_and_metrics_see_both_apis() -> None:
-    """A Responses and a Messages request are rows of the routing log (the chat request id, whose
-    suffix the answer's id carries) and count in the metrics, as chat requests do."""
+    """A Responses and a Messages request are rows of the routing log (labelled by their API, under
+    the chat request id whose suffix the answer's id carries) and count in the metrics."""
     import sqlite3
 
     app, up, _ = _stack()
@@ -252,4 +242,16 @@ def test_routing_log_and_metrics_see_both_apis() -> None:
     suffixes = {response.id.removeprefix("resp_"), r.json()["id"].removeprefix("msg_")}
     assert {row[0].split("-", 1)[1] for row in rows if row[2] != "rejected"} == suffixes
     assert sorted((row[1], row[2], row[4]) for row in rows) == [
-        ("chat", "localroute/cascade", 200), ("chat", "localroute/cascade", 200), ("messages", "rejected", 400)]
+        ("messages", "localroute/cascade", 200), ("messages", "rejected", 400), ("responses", "localroute/cascade", 200)]
+
+
+def test_an_image_goes_to_the_image_capable_tier(stack: Any) -> None:
+    client, up, local, _ = stack
+    raw = client.responses.with_raw_response.create(model="localroute/cascade", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": "https://example.com/cat.png", "detail": "low"}]}])
+    assert raw.headers["x-localroute-tier"] == "frontier" and local.calls == 0
+    assert up.requests[-1]["json"]["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}]}]
+    assert raw.parse().output_text == TEXT

@@ -12,7 +12,13 @@ from pydantic import TypeAdapter
 
 from localroute.errors import InvalidRequestError
 from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import ResponsesStream, from_chat, response_from_chat, to_chat
+from localroute.server.responses.translate import (
+    LOGPROBS_INCLUDE,
+    ResponsesStream,
+    from_chat,
+    response_from_chat,
+    to_chat,
+)
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
@@ -187,7 +193,7 @@ def _answer(message: dict[str, Any], finish: str = "stop", logprobs: Any = None)
 
 
 def test_answers() -> None:
-    body = {"model": "m", "input": "x", "instructions": "I", "tools": [TOOL]}
+    body = {"model": "m", "input": "x", "instructions": "I", "tools": [TOOL], "include": [LOGPROBS_INCLUDE]}
     out = response_from_chat(_answer({"content": "Hi"}, logprobs=LOGPROBS), body, "resp_1", 5.0)
     assert out["id"] == "resp_1" and out["object"] == "response" and out["status"] == "completed"
     assert out["output"] == [{"type": "message", "id": "msg_abc", "status": "completed", "role": "assistant",
@@ -205,6 +211,8 @@ def test_answers() -> None:
                                 "name": "get_weather", "arguments": "{}", "status": "completed"}]
     cut = response_from_chat(_answer({"content": "H"}, "length"), body, "resp_3", 5.0)
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    unasked = response_from_chat(_answer({"content": "Hi"}, logprobs=LOGPROBS), {"model": "m", "input": "x"}, "r", 5.0)
+    assert "logprobs" not in unasked["output"][0]["content"][0]  # a tier's logprobs, not asked for
 
 
 def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -248,7 +256,7 @@ def test_stream_text_then_tool_call_ends_with_the_non_streamed_response() -> Non
 
 
 def test_stream_logprobs_and_length() -> None:
-    s = ResponsesStream({"model": "m", "input": "x"}, "resp_1", 5.0, "chatcmpl-abc")
+    s = ResponsesStream({"model": "m", "input": "x", "top_logprobs": 1}, "resp_1", 5.0, "chatcmpl-abc")
     events = _run(s, [_chunk({"content": "Hi"}, logprobs=LOGPROBS), _chunk({}, "length")])
     assert events[4][1]["logprobs"][0]["token"] == "Hi"
     assert events[-1][0] == "response.incomplete"

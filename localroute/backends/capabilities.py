@@ -1,0 +1,94 @@
+"""What a tier can serve, and what a request needs of it.
+
+A request's needs are computed once at the HTTP edge from the client's body (server/protocol.py):
+a set of the names below. The cascade skips a tier whose `Capabilities` lack one of them (the
+reason goes into the decision's evidence) and answers 400 `unsupported_capability` only when no
+tier of the ladder has them all. Local engines declare what they still cannot do; remote
+OpenAI-compatible tiers can do everything the API can (the provider is the judge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from localroute.settings import TierSettings
+
+__all__ = ["NEEDS", "Capabilities", "capabilities_for", "default_capabilities"]
+
+# need name -> (the Capabilities field that grants it, the request field a 400 names)
+NEEDS: dict[str, tuple[str, str]] = {
+    "tools": ("tools", "tools"),
+    "images": ("images", "messages"),
+    "audio": ("audio", "messages"),
+    "files": ("files", "messages"),
+    "n": ("multiple_choices", "n"),
+    "logit_bias": ("logit_bias", "logit_bias"),
+    "penalties": ("penalties", "presence_penalty"),
+    "json_schema": ("json_schema", "response_format"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What one tier can serve. `context_tokens`: the longest prompt + answer it takes (None:
+    the engine's own check decides; a prompt too long for a non-final tier escalates)."""
+
+    tools: bool = False
+    images: bool = False
+    audio: bool = False
+    files: bool = False
+    multiple_choices: bool = False
+    logit_bias: bool = False
+    penalties: bool = False
+    json_schema: bool = True
+    context_tokens: int | None = None
+
+    @classmethod
+    def everything(cls) -> Capabilities:
+        """A remote OpenAI-compatible tier: the provider decides what it accepts."""
+        return cls(tools=True, images=True, audio=True, files=True, multiple_choices=True, logit_bias=True,
+                   penalties=True, json_schema=True)
+
+    def missing(self, needs: frozenset[str]) -> str | None:
+        """The first need (in NEEDS order) this tier cannot serve, or None."""
+        if not needs:
+            return None
+        for need, (attr, _) in NEEDS.items():
+            if need in needs and not getattr(self, attr):
+                return need
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Local engines as they are today: text in, text out, one answer, the sampler's own knobs; JSON
+# schema through a grammar (llama.cpp) or the cascade's schema check. What an engine learns to do
+# (tool calling, logit_bias, n > 1) is switched on here, or per tier in settings.
+_LOCAL = Capabilities()
+DEFAULTS: dict[str, Capabilities] = {
+    "llama_cpp": _LOCAL,
+    "transformers": _LOCAL,
+    "vllm": _LOCAL,
+    "openai": Capabilities.everything(),
+}
+
+
+def default_capabilities(kind: str | None, is_local: bool) -> Capabilities:
+    """The engine kind's defaults; an unknown kind: local ones, or everything if remote."""
+    if kind in DEFAULTS:
+        return DEFAULTS[kind]
+    return _LOCAL if is_local else Capabilities.everything()
+
+
+def capabilities_for(tier: TierSettings, context_tokens: int | None = None) -> Capabilities:
+    """A configured tier's capabilities: its kind's defaults, then the tier's `capabilities`
+    overrides. `context_tokens`: the local context length when the tier sets no override."""
+    base = default_capabilities(tier.kind, tier.kind != "openai")
+    if context_tokens is not None and tier.kind != "openai":
+        base = replace(base, context_tokens=context_tokens)
+    if tier.capabilities is None:
+        return base
+    return replace(base, **tier.capabilities.model_dump(exclude_none=True))
