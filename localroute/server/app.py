@@ -63,10 +63,9 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model(svc, model_id) for model_id in svc.routers]}
 
 
-async def model_object(request: Request) -> dict[str, Any]:
+async def model_object(request: Request, model_id: str) -> dict[str, Any]:
     """OpenAI's model object; an unknown id is OpenAI's 404 model_not_found. Ids may hold '/'."""
     svc = service_of(request)
-    model_id = request.path_params["model_id"]
     svc.router(model_id)  # ModelNotFoundError
     return _model(svc, model_id)
 

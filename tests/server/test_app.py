@@ -76,7 +76,10 @@ def test_stream_matches_non_stream_and_reports_usage(client: OpenAI) -> None:
     assert text == whole.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert len(finals) == 1 and finals[0].model_extra["localroute"]["tier"] == "smollm2-135m"
+    assert len(finals) == 1
+    # the routing block rides on the very last chunk (here the usage chunk, which also carries the cost)
+    assert chunks[-1].model_extra["localroute"]["tier"] == "smollm2-135m"
+    assert chunks[-1].usage.model_extra["cost"] == chunks[-1].model_extra["localroute"]["cost_usd"]
     assert any(c.choices and c.choices[0].logprobs for c in chunks)
 
 

@@ -500,3 +500,27 @@ def test_capabilities_are_configurable_per_tier() -> None:
     assert small.tools and not small.images and small.context_tokens == 512
     assert small.missing(frozenset({"tools", "images"})) == "images"
     assert frontier.missing(frozenset({"tools", "images", "n", "logit_bias"})) is None
+
+
+@pytest.mark.slow
+def test_a_prompt_too_long_for_the_local_context_goes_to_the_frontier() -> None:
+    """The real SmolLM2 tier (n_ctx 1024) under a frontier: a ~1,500-token prompt is the frontier's,
+    the skip in the evidence; the same prompt to the local tier alone stays a 400."""
+    from tests.conftest import local_settings
+
+    scripted = completion({"role": "assistant", "content": "A long text about words."})
+    with FaultUpstream() as up:
+        up.script(Fault(completion=scripted))
+        settings = local_settings(tiers=[
+            {"name": "smollm2", "kind": "llama_cpp", "model": "smollm2-135m"},
+            {"name": "frontier", "kind": "openai", "model": UPSTREAM_MODEL, "base_url": up.url}])
+        long = [{"role": "user", "content": "word " * 1500 + "Summarise."}]
+        with serve_app(create_app(settings)) as url:
+            r = httpx.post(f"{url}/chat/completions", json={"model": CASCADE, "messages": long}, timeout=120)
+            alone = httpx.post(f"{url}/chat/completions", json={"model": "smollm2", "messages": long}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert up.requests[0]["json"] == {"model": UPSTREAM_MODEL, "messages": long}
+    answer = r.json()
+    assert answer["choices"] == scripted["choices"] and r.headers["x-localroute-tier"] == "frontier"
+    assert answer["localroute"]["evidence"]["skipped"] == {"smollm2": "context_length"}
+    assert alone.status_code == 400 and alone.json()["error"]["code"] == "context_length_exceeded"
