@@ -213,3 +213,29 @@ def test_an_image_goes_to_the_image_capable_tier(stack: Any) -> None:
         {"type": "text", "text": "What is this?"}]}]
     assert raw.parse().content[0].text == TEXT  # type: ignore[union-attr]
     assert json.loads(raw.http_response.content)["localroute"]["evidence"]["skipped"] == {"local": "images"}
+
+
+def test_streamed_tool_use(stack: Any) -> None:
+    from tests.server.tool_stream_chunks import TOOL_CALL_CHUNKS
+
+    client, up, _, _ = stack
+    up.script(Fault(chunks=TOOL_CALL_CHUNKS))
+    tools: Any = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    with client.messages.stream(model="frontier", max_tokens=50, tools=tools,
+                                messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert "input_json" in kinds and final.stop_reason == "tool_use"
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]
+    assert final.usage.output_tokens == 8 and up.requests[-1]["json"]["stream"] is True
+
+
+def test_a_stream_cut_upstream_ends_with_an_error_event(stack: Any) -> None:
+    client, up, _, _ = stack
+    up.script(Fault("cut", cut_after=2))
+    with (pytest.raises(anthropic.APIStatusError) as err,  # the SDK raises on `event: error`
+          client.messages.stream(model="frontier", max_tokens=30, messages=[{"role": "user", "content": "x"}]) as stream):
+        for _ in stream:
+            pass
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "api_error"  # type: ignore[index]

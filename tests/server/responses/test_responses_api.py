@@ -255,3 +255,27 @@ def test_an_image_goes_to_the_image_capable_tier(stack: Any) -> None:
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}]}]
     assert raw.parse().output_text == TEXT
+
+
+def test_streamed_function_call(stack: Any) -> None:
+    from tests.server.tool_stream_chunks import TOOL_CALL_CHUNKS
+
+    client, up, _, _ = stack
+    up.script(Fault(chunks=TOOL_CALL_CHUNKS))
+    events = list(client.responses.create(model="frontier", input="Weather in Paris?", tools=[WEATHER], stream=True))
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    final = events[-1].response  # type: ignore[union-attr]
+    call = final.output[0]
+    assert call.type == "function_call" and call.call_id == "call_1" and call.arguments == '{"city":"Paris"}'
+    assert final.usage is not None and final.usage.output_tokens == 8
+    # the stored conversation continues from the call: its output goes back by previous_response_id
+    client.responses.create(model="frontier", previous_response_id=final.id, tools=[WEATHER],
+                            input=[{"type": "function_call_output", "call_id": "call_1", "output": "18C"}])
+    assert up.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
