@@ -1,7 +1,8 @@
 """Responses API objects stored in the routing log's SQLite file (table `responses`, migration
 `006_stored_responses`): the Response a client can fetch again (`GET /v1/responses/{id}`) and the
 chat messages of its conversation, which `previous_response_id` continues. They hold the
-conversation's text: a client that must not have it kept sends `store: false`.
+conversation's text: a client that must not have it kept sends `store: false`. They are kept for
+the routing log's retention (`routing_log_retention_days`), pruned as new ones are stored.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ class ResponseStore:
     """One short-lived connection per call, as the feedback store (the routing log's writer thread
     keeps its own)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention_days: float | None = None) -> None:
         self.path = Path(path)
+        self.retention_days = retention_days
 
     def _conn(self) -> Any:
         from localroute.monitoring.routing_log import connect, migrate
@@ -30,9 +32,12 @@ class ResponseStore:
 
     def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         conn = self._conn()
+        now = time.time()
         try:
             conn.execute("INSERT OR REPLACE INTO responses (response_id, ts, response, messages) VALUES (?, ?, ?, ?)",
-                         (response_id, time.time(), json.dumps(response), json.dumps(messages)))
+                         (response_id, now, json.dumps(response), json.dumps(messages)))
+            if self.retention_days is not None:
+                conn.execute("DELETE FROM responses WHERE ts < ?", (now - self.retention_days * 86400,))
         finally:
             conn.close()
 

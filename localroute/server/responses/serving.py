@@ -34,7 +34,7 @@ ENDPOINT = "responses"
 
 def _store(svc: Service) -> ResponseStore | None:
     path = svc.settings.routing_log_path
-    return ResponseStore(path) if path is not None else None
+    return ResponseStore(path, svc.settings.routing_log_retention_days) if path is not None else None
 
 
 def _response_id(chat_id: str) -> str:
