@@ -18,7 +18,7 @@ from localroute.errors import InvalidRequestError, LocalrouteError
 from localroute.monitoring.record import RequestRecord
 from localroute.server.http import dumps, parse_body
 
-__all__ = ["arguments_object", "read_body", "refuse_set", "rejected", "sse_event", "untranslatable"]
+__all__ = ["answer_failed", "arguments_object", "read_body", "refuse_set", "rejected", "sse_event", "untranslatable"]
 
 
 def untranslatable(param: str, why: str = "") -> NoReturn:
@@ -65,3 +65,13 @@ def rejected(svc: Any, endpoint: str, exc: LocalrouteError, started: float) -> N
     """A request refused before routing still gets its row; the policy label is fixed (`rejected`)."""
     svc.record(RequestRecord(f"{endpoint}-{uuid.uuid4().hex}", endpoint, "rejected", False, exc.status_code,
                              started, time.perf_counter() - started, error=exc.code or exc.error_type))
+
+
+def answer_failed(routed: Any, exc: BaseException) -> None:
+    """Translating a served answer failed: its record says how (a tier's untranslatable answer is
+    the error's own status, anything else a 500), then goes to the observers."""
+    if isinstance(exc, LocalrouteError):
+        routed.record.status_code, routed.record.error = exc.status_code, exc.code or exc.error_type
+        routed.service.record(routed.record)
+    else:
+        routed.failed()

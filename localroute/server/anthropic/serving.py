@@ -1,8 +1,9 @@
 """`POST /v1/messages` and `POST /v1/messages/count_tokens`: the Messages body validated
 (protocol.py), translated to a chat body (translate.py), routed through the chat path
 (serving.chat_completion: the same validation, policies, capability routing, pricing, budget,
-routing log, metrics and x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the answer's
-`localroute` field (in `message_delta` when streamed). Errors are Anthropic-shaped (server/errors.py).
+routing log, metrics and x-localroute-* headers), and the answer or its stream translated back.
+The routing block rides in the answer's `localroute` field (in `message_delta` when streamed).
+Errors are Anthropic-shaped (server/errors.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from localroute.server.http import until_disconnect, validate
 from localroute.server.protocol import chat_request
 from localroute.server.schemas import ChatCompletionRequest
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
-from localroute.server.translate import read_body, rejected, sse_event
+from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 
 __all__ = ["serve_count_tokens", "serve_messages"]
 
@@ -47,12 +48,12 @@ async def serve_messages(request: Request) -> Response:
     if isinstance(routed, ChatAnswer):
         try:
             message = message_from_chat(routed.payload, body["model"])
-        except BaseException:
-            routed.failed()
+        except BaseException as exc:
+            answer_failed(routed, exc)
             raise
         return routed.response(message)
     chunks = routed.chunks.__aiter__()
-    first = await chunks.__anext__()  # routed before the first byte: ids are known
+    first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
     stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"])
 
     async def events() -> AsyncIterator[bytes]:

@@ -24,7 +24,7 @@ from localroute.server.errors import error_body
 from localroute.server.responses.protocol import ResponsesRequest
 from localroute.server.responses.translate import ResponsesStream, assistant_turn, response_from_chat, to_chat
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
-from localroute.server.translate import read_body, rejected, sse_event
+from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.service import Service
 
 __all__ = ["get_response", "serve_responses"]
@@ -82,12 +82,12 @@ async def serve_responses(request: Request) -> Response:
             if keep is not None:
                 await asyncio.to_thread(keep.put, response_id, response,
                                         [*conversation, assistant_turn(routed.payload)])
-        except BaseException:
-            routed.failed()
+        except BaseException as exc:
+            answer_failed(routed, exc)
             raise
         return routed.response(response)
     chunks = routed.chunks.__aiter__()
-    first = await chunks.__anext__()  # routed before the first byte: ids are known
+    first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
     chat_id = str(first.get("id", ""))
     stream = ResponsesStream(echo, _response_id(chat_id), created_at, chat_id)
 

@@ -239,3 +239,14 @@ def test_a_stream_cut_upstream_ends_with_an_error_event(stack: Any) -> None:
         for _ in stream:
             pass
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+
+
+def test_a_tool_call_with_non_object_arguments_is_a_502_and_its_record_says_so(stack: Any) -> None:
+    client, up, _, _ = stack
+    bad = json.loads(json.dumps(TOOL_ANSWER))
+    bad["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = "[1, 2]"
+    up.script(Fault(completion=bad))
+    with pytest.raises(anthropic.APIStatusError) as err:
+        client.messages.create(model="frontier", max_tokens=50, messages=[{"role": "user", "content": "x"}],
+                               tools=[{"name": "get_weather", "input_schema": {"type": "object"}}])
+    assert err.value.status_code == 502 and "not a JSON object" in err.value.message
