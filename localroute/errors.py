@@ -9,6 +9,7 @@
     │   └── RequestTimeoutError  408    the body did not arrive in http_body_timeout_s
     ├── AuthenticationError  401
     ├── ModelNotFoundError   404
+    ├── NotFoundError        404    a stored object (a Response) that is not there
     ├── RateLimitError       429    queue full, budget exhausted (with retry_after_s)
     │   └── BudgetExceededError 429 budget_exceeded: the period's (or key's) frontier spend cap
     ├── GenerationError      500    one request failed inside a local engine; the engine goes on
@@ -94,6 +95,12 @@ class ModelNotFoundError(LocalrouteError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFoundError(LocalrouteError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
 
 
 class RateLimitError(LocalrouteError):

@@ -94,6 +94,17 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("005_decision_evidence", """
         ALTER TABLE requests ADD COLUMN evidence TEXT;
     """),
+    # Responses API objects kept for GET /v1/responses/{id} and previous_response_id, with the chat
+    # messages of their conversation (localroute.monitoring.response_store)
+    ("006_stored_responses", """
+        CREATE TABLE responses (
+            response_id TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            response TEXT NOT NULL,
+            messages TEXT NOT NULL
+        );
+        CREATE INDEX responses_ts ON responses(ts)
+    """),
 ]
 
 COLUMNS = (

@@ -3,6 +3,7 @@ start-up; tests may pass ready `tiers` instead (real or scripted backends).
 
 Endpoints are named functions; each reads the Service from `request.app.state.service`. What a
 Chat Completions or Completions request goes through is serving.py's; the wire format protocol.py's.
+Responses (server/responses/) and Anthropic Messages (server/anthropic/) translate to chat and back.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from localroute.monitoring.feedback import FeedbackRequest
 from localroute.monitoring.prometheus import CONTENT_TYPE_LATEST
 from localroute.monitoring.record import Observer
 from localroute.routing.base import Tier
+from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
+from localroute.server.anthropic.serving import serve_count_tokens, serve_messages
 from localroute.server.auth import ApiKeyStore, AuthMiddleware
 from localroute.server.errors import install_error_handlers
 from localroute.server.http import BodyLimitMiddleware, RequestRoute, parse_body, request_body_schema
+from localroute.server.responses.protocol import ResponsesRequest
+from localroute.server.responses.serving import get_response, serve_responses
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
 from localroute.server.serving import serve_chat, serve_completion, service_of
 from localroute.server.timing import ServerTimingMiddleware
@@ -130,10 +135,14 @@ def create_app(
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", model_object, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
     posts: list[tuple[str, Endpoint, type[Any]]] = [
         ("/v1/feedback", feedback, FeedbackRequest),
         ("/v1/chat/completions", serve_chat, ChatCompletionRequest),
         ("/v1/completions", serve_completion, CompletionRequest),
+        ("/v1/responses", serve_responses, ResponsesRequest),
+        ("/v1/messages", serve_messages, MessagesRequest),
+        ("/v1/messages/count_tokens", serve_count_tokens, CountTokensRequest),
     ]
     for path, endpoint, model in posts:  # each parses its own body (RequestRoute), documented with `model`
         app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=RequestRoute,

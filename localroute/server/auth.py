@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from localroute.backends.budget import current_key_id
 from localroute.errors import AuthenticationError, ConfigError
-from localroute.server.errors import error_response
+from localroute.server.errors import api_for_path, error_response
 
 if TYPE_CHECKING:
     from localroute.settings import Settings
@@ -124,7 +124,7 @@ def _presented_key(scope: Scope) -> str | None:
 
 def _unauthorized(presented: bool) -> AuthenticationError:
     return AuthenticationError("Incorrect API key provided." if presented else
-                               "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+                               "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
 
 
 class AuthMiddleware:
@@ -145,7 +145,8 @@ class AuthMiddleware:
         if key_id is None:
             log.info("rejected %s %s: %s API key", scope.get("method"), scope.get("path"),
                      "wrong" if presented else "no")
-            await error_response(_unauthorized(presented is not None))(scope, receive, send)
+            api = api_for_path(scope.get("path", ""))
+            await error_response(_unauthorized(presented is not None), api)(scope, receive, send)
             return
         token = current_key_id.set(key_id)
         try:

@@ -22,7 +22,7 @@ from localroute.errors import (
     RequestTimeoutError,
     RequestTooLargeError,
 )
-from localroute.server.errors import error_response
+from localroute.server.errors import api_for_path, error_response
 
 __all__ = ["AnswerResponse", "BodyLimitMiddleware", "RequestRoute", "dumps", "parse_body", "parse_json_body",
            "request_body_schema", "until_disconnect", "validate"]
@@ -53,7 +53,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope.get("headers") or ()).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await error_response(self._error())(scope, receive, send)
+            await error_response(self._error(), api_for_path(scope.get("path", "")))(scope, receive, send)
             return
         received = 0
         timeout_s = self.timeout_s
@@ -220,7 +220,25 @@ def validate(data: dict[str, Any], model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise InvalidRequestError(f"{param}: {first.get('msg')}" if param else str(first.get("msg")),
+        # the error that got deepest into the body: a union's branches each report one
+        loc, msg = max(((_body_path(data, e.get("loc", ()), e.get("type") == "missing"), e.get("msg"))
+                        for e in exc.errors()), key=lambda pair: len(pair[0]))
+        param = ".".join(str(p) for p in loc) or None
+        raise InvalidRequestError(f"{param}: {msg}" if param else str(msg),
                                   param=param, code="invalid_value") from None
+
+
+def _body_path(data: Any, loc: tuple[Any, ...], missing: bool) -> list[Any]:
+    """A validation error's location as a path in the body: pydantic's union branch labels
+    (`str`, `list[...]`, a discriminator's tag) are not keys of the body, so they are dropped."""
+    path: list[Any] = []
+    node = data
+    for i, seg in enumerate(loc):
+        in_body = (isinstance(node, dict) and seg in node
+                   or isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node))
+        if in_body:
+            node = node[seg]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        path.append(seg)
+    return path

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis), positive and
 negative inputs, at least 200 examples per operation: never a 5xx, and every error body has the
-OpenAI shape. The same generated bodies are then sent again with one field (a sampling parameter,
+shape of its API (Anthropic's on /v1/messages*, OpenAI's elsewhere). The same generated bodies are then sent again with one field (a sampling parameter,
 the messages, the prompt, an unknown field) replaced by a numeric edge (NaN, Infinity, 1e400,
 2**64, a bool, a string) or by deep nesting (100,000 brackets, 50,000 objects): never a 5xx, and
 what JSON or the OpenAI API forbids is a 400. A scripted backend answers, so the run is about the
@@ -29,6 +29,17 @@ from tests.fakes import ScriptedBackend
 
 MIN_EXAMPLES = 200
 ERROR_KEYS = {"message", "type", "param", "code"}
+BODY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+
+
+def assert_error_shape(path: str, body: Any) -> None:
+    """OpenAI's {"error": {message, type, param, code}}, or Anthropic's on /v1/messages*."""
+    if path.startswith("/v1/messages"):
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and isinstance(body["error"]["message"], str), body
+    else:
+        assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+        assert isinstance(body["error"]["message"], str)
 
 
 def _app() -> Any:
@@ -40,7 +51,7 @@ def _schema_dict() -> dict[str, Any]:
     """The app's own schema; `model` narrowed to served ids so positive cases reach the router
     (negative cases still send anything)."""
     raw = copy.deepcopy(_app().openapi())
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in BODY_ROUTES:
         body = raw["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["model"] = {"type": "string", "enum": ["fake", "localroute/cascade"]}
     return raw
@@ -50,7 +61,7 @@ schema = schemathesis.openapi.from_dict(_schema_dict())
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 WITH_BODY = {f"{method.upper()} {path}" for path, ops in _schema_dict()["paths"].items() for method, op in ops.items()
              if isinstance(op, dict) and "requestBody" in op}
-ANSWERING = {"POST /v1/chat/completions", "POST /v1/completions"}  # routes that reach the router
+ANSWERING = {f"POST {path}" for path in BODY_ROUTES}  # routes that reach the router
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +115,7 @@ def test_api_never_5xx_and_errors_are_openai_shaped(case: Any, base_url: str, se
     op = f"{case.method} {case.path}"
     assert response.status_code < 500, (op, response.status_code, response.text[:500])
     if response.status_code >= 400:
-        body = json.loads(response.text)
-        assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-        assert isinstance(body["error"]["message"], str)
+        assert_error_shape(case.path, json.loads(response.text))
 
 
 # ---------- numeric edges and deep nesting inside generated bodies ----------
@@ -141,7 +150,7 @@ def _with_edge(body: Any, field: str, literal: str) -> bytes:
     return json.dumps(body).replace('"@EDGE@"', literal, 1).encode()
 
 
-@schema.include(method="POST", path_regex=r"completions$").parametrize()
+@schema.include(method="POST", path_regex=r"(completions|responses|messages)$").parametrize()
 @schema.given(field=st.sampled_from(FIELDS), edge=st.sampled_from(list(EDGES)))
 @fuzzing(MIN_EDGE_EXAMPLES + 50)
 def test_numeric_edges_and_deep_nesting_never_5xx(case: Any, field: str, edge: str, base_url: str,
@@ -156,8 +165,7 @@ def test_numeric_edges_and_deep_nesting_never_5xx(case: Any, field: str, edge: s
     if edge in REFUSED:
         assert response.status_code in (400, 413), (op, field, edge, response.text[:300])
     if response.status_code >= 400:
-        body = json.loads(response.text)
-        assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+        assert_error_shape(case.path, json.loads(response.text))
 
 
 def test_every_edge_operation_got_enough_examples() -> None:
@@ -165,6 +173,6 @@ def test_every_edge_operation_got_enough_examples() -> None:
     if not EDGE_SEEN:
         pytest.skip("run together with test_numeric_edges_and_deep_nesting_never_5xx")
     print("\nedge examples per operation:", dict(EDGE_SEEN), "statuses:", dict(sorted(EDGE_STATUSES.items())))
-    for op in ("POST /v1/chat/completions", "POST /v1/completions"):
+    for op in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses", "POST /v1/messages"):
         assert EDGE_SEEN[op] >= MIN_EDGE_EXAMPLES, (op, EDGE_SEEN[op])
     assert EDGE_STATUSES[400] > 0

@@ -1,0 +1,123 @@
+"""`POST /v1/responses` and `GET /v1/responses/{id}`: the Responses body validated (protocol.py),
+translated to a chat body (translate.py), routed through the chat path (serving.chat_completion:
+the same validation, policies, capability routing, pricing, budget, routing log, metrics and
+x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the Response's `localroute` field.
+
+`store` and `previous_response_id` use the routing log's file (monitoring/response_store.py):
+without `routing_log_path`, `previous_response_id` and an explicit `store: true` are a 400, and
+answers say `"store": false`. Responses are stored unless the client sends `store: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
+from localroute.monitoring.response_store import ResponseStore
+from localroute.server.errors import error_body
+from localroute.server.responses.protocol import ResponsesRequest
+from localroute.server.responses.translate import ResponsesStream, assistant_turn, response_from_chat, to_chat
+from localroute.server.serving import ChatAnswer, chat_completion, service_of
+from localroute.server.translate import answer_failed, read_body, rejected, sse_event
+from localroute.service import Service
+
+__all__ = ["get_response", "serve_responses"]
+
+ENDPOINT = "responses"
+
+
+def _store(svc: Service) -> ResponseStore | None:
+    path = svc.settings.routing_log_path
+    return ResponseStore(path, svc.settings.routing_log_retention_days) if path is not None else None
+
+
+def _response_id(chat_id: str) -> str:
+    return "resp_" + chat_id.split("-", 1)[-1]
+
+
+async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[str, Any], ResponseStore | None]:
+    started = time.perf_counter()
+    try:
+        body = await read_body(request, ResponsesRequest, svc.settings.max_json_depth)
+        store = _store(svc)
+        history: list[dict[str, Any]] = []
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if store is None:
+                raise InvalidRequestError("previous_response_id needs the response store: set routing_log_path",
+                                          param="previous_response_id", code="store_disabled")
+            found = await asyncio.to_thread(store.get, previous)
+            if found is None:
+                raise InvalidRequestError(f"Previous response with id {previous!r} not found.",
+                                          param="previous_response_id", code="previous_response_not_found")
+            history = found[1]
+        if body.get("store") is True and store is None:
+            raise InvalidRequestError("store: true needs the response store: set routing_log_path",
+                                      param="store", code="store_disabled")
+        return body, to_chat(body, history), store
+    except LocalrouteError as exc:
+        rejected(svc, ENDPOINT, exc, started)
+        raise
+
+
+async def serve_responses(request: Request) -> Response:
+    svc = service_of(request)
+    body, chat, store = await _accept(request, svc)
+    keep = store if body.get("store") is not False else None
+    echo = {**body, "store": keep is not None}
+    own = 1 if body.get("instructions") is not None else 0  # instructions are not carried over
+    conversation = chat["messages"][own:]
+    routed = await chat_completion(request, chat, ENDPOINT)
+    created_at = time.time()
+    if isinstance(routed, ChatAnswer):
+        try:
+            response_id = _response_id(str(routed.payload.get("id", "")))
+            response = response_from_chat(routed.payload, echo, response_id, created_at)
+            if keep is not None:
+                await asyncio.to_thread(keep.put, response_id, response,
+                                        [*conversation, assistant_turn(routed.payload)])
+        except BaseException as exc:
+            answer_failed(routed, exc)
+            raise
+        return routed.response(response)
+    chunks = routed.chunks.__aiter__()
+    first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
+    chat_id = str(first.get("id", ""))
+    stream = ResponsesStream(echo, _response_id(chat_id), created_at, chat_id)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            for event in stream.start() + stream.feed(first):
+                yield sse_event(*event)
+            async for chunk in chunks:
+                for event in stream.feed(chunk):
+                    yield sse_event(*event)
+            for event in stream.finish():
+                yield sse_event(*event)
+            if keep is not None and stream.response is not None:
+                await asyncio.to_thread(keep.put, stream.response_id, stream.response,
+                                        [*conversation, assistant_turn(stream.answer())])
+        except LocalrouteError as exc:  # bytes already sent: an error event ends the stream
+            for event in stream.feed({"error": error_body(exc.message, exc.error_type, exc.param, exc.code)["error"]}):
+                yield sse_event(*event)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**routed.headers, "Cache-Control": "no-cache"})
+
+
+async def get_response(request: Request, response_id: str) -> Response:
+    store = _store(service_of(request))
+    found = await asyncio.to_thread(store.get, response_id) if store is not None else None
+    if found is None:
+        raise NotFoundError(f"No response found with id {response_id!r}.", param="response_id")
+    return JSONResponse(found[0])

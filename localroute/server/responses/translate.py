@@ -1,0 +1,557 @@
+"""OpenAI Responses <-> Chat Completions, as pure functions over JSON dicts.
+
+Requests go Responses -> chat (`to_chat`, and back with `from_chat`, which the round-trip tests
+use); answers chat -> Response (`response_from_chat`); streams as `ResponsesStream`, which turns
+chat chunks into the Responses event sequence and ends with the same Response object. Field pairs:
+
+- `instructions` -> a leading system message; a string `input` -> one user message; message items
+  -> messages (`input_text`/`output_text` -> text parts, `input_image` -> `image_url`,
+  `input_file` -> `file`, `refusal` -> refusal part); `function_call` items -> the assistant's
+  `tool_calls` (call_id -> id); `function_call_output` -> a `tool` message (call_id -> tool_call_id).
+- Flat function tools -> chat's nested `function`; `tool_choice` {function, name} ->
+  {function: {name}}, allowed_tools likewise; `text.format` -> `response_format` (json_schema
+  nested under `json_schema`); `text.verbosity` -> `verbosity`; `reasoning.effort` ->
+  `reasoning_effort`; `max_output_tokens` -> `max_completion_tokens`; include
+  `message.output_text.logprobs` -> `logprobs`; temperature, top_p, top_logprobs,
+  parallel_tool_calls, metadata, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
+  service_tier as they are.
+
+Refused with a 400 naming the field: non-function tools, `conversation`, `prompt`, background
+mode, truncation auto, other `include` values, reasoning summaries, file ids for images, file
+URLs, annotations sent back, `phase`, tool namespaces. `store` / `previous_response_id` are the
+server's (serving.py), never the chat tier's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from localroute.server.translate import refuse_set, untranslatable
+
+__all__ = ["LOGPROBS_INCLUDE", "ResponsesStream", "assistant_turn", "from_chat", "response_from_chat", "to_chat"]
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "conversation": (), "prompt": (), "prompt_cache_options": (), "context_management": (), "moderation": (),
+    "max_tool_calls": (), "access_programs": (), "background_options": (), "image": (), "background": (False,),
+    "truncation": ("disabled",),
+}
+_SAME = ("temperature", "top_p", "top_logprobs", "parallel_tool_calls", "metadata", "user", "safety_identifier",
+         "prompt_cache_key", "prompt_cache_retention", "service_tier")
+
+
+# ---- requests: Responses -> chat ----
+
+
+def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """A validated Responses body as a Chat Completions body; `history` is the chat messages of
+    the stored conversation `previous_response_id` names (instructions are not carried over)."""
+    refuse_set(body, "", _UNSUPPORTED)
+    messages: list[dict[str, Any]] = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "system", "content": body["instructions"]})
+    messages.extend(dict(m) for m in history)
+    if isinstance(body["input"], str):
+        messages.append({"role": "user", "content": body["input"]})
+    else:
+        _items(body["input"], messages)
+    chat: dict[str, Any] = {"model": body["model"], "messages": messages}
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    for name in _SAME:
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    include = body.get("include") or []
+    for i, value in enumerate(include):
+        if value != LOGPROBS_INCLUDE:
+            untranslatable(f"include.{i}", f"{value!r}")
+    if LOGPROBS_INCLUDE in include or (body.get("top_logprobs") or 0) > 0:
+        chat["logprobs"] = True
+    text = body.get("text") or {}
+    if text.get("format") is not None:
+        chat["response_format"] = _format(text["format"])
+    if text.get("verbosity") is not None:
+        chat["verbosity"] = text["verbosity"]
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        refuse_set(reasoning, "reasoning.", {"summary": (), "generate_summary": (), "context": (), "mode": ()})
+        if reasoning.get("effort") is not None:
+            chat["reasoning_effort"] = reasoning["effort"]
+    if body.get("stream") is not None:
+        chat["stream"] = body["stream"]
+        if body["stream"]:
+            options: dict[str, Any] = {"include_usage": True}  # usage for response.completed
+            include_obfuscation = (body.get("stream_options") or {}).get("include_obfuscation")
+            if include_obfuscation is not None:
+                options["include_obfuscation"] = include_obfuscation
+            chat["stream_options"] = options
+    if body.get("tools") is not None:
+        chat["tools"] = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"])]
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    return chat
+
+
+def _format(fmt: Mapping[str, Any]) -> dict[str, Any]:
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    schema: dict[str, Any] = {"name": fmt["name"]}
+    if fmt.get("description") is not None:
+        schema["description"] = fmt["description"]
+    schema["schema"] = fmt["schema"]
+    if fmt.get("strict") is not None:
+        schema["strict"] = fmt["strict"]
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def _part(part: Mapping[str, Any], where: str) -> dict[str, Any]:
+    refuse_set(part, f"{where}.", {"prompt_cache_breakpoint": ()})
+    kind = part["type"]
+    if kind in ("input_text", "output_text"):
+        if part.get("annotations"):
+            untranslatable(f"{where}.annotations")
+        return {"type": "text", "text": part["text"]}  # logprobs of an earlier answer: bookkeeping
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": part["refusal"]}
+    if kind == "input_image":
+        if part.get("image_url") is None:
+            untranslatable(f"{where}.file_id", "images by file id need a file store; send image_url")
+        refuse_set(part, f"{where}.", {"file_id": (), "detail": ("low", "high", "auto")})
+        image: dict[str, Any] = {"url": part["image_url"]}
+        if part.get("detail") is not None:
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    refuse_set(part, f"{where}.", {"file_url": (), "detail": ()})
+    file = {k: part[k] for k in ("file_data", "file_id", "filename") if part.get(k) is not None}
+    return {"type": "file", "file": file}
+
+
+def _content(content: str | list[Mapping[str, Any]], where: str) -> str | list[dict[str, Any]]:
+    return content if isinstance(content, str) else [_part(p, f"{where}.{j}") for j, p in enumerate(content)]
+
+
+def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]]) -> None:
+    for i, item in enumerate(items):
+        where = f"input.{i}"
+        kind = item.get("type", "message")
+        if kind == "message":
+            refuse_set(item, f"{where}.", {"phase": ()})
+            messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content")})
+        elif kind == "function_call":
+            refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("_from_items"):
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
+            output = item["output"]
+            if not isinstance(output, str):
+                for j, part in enumerate(output):
+                    if part["type"] != "input_text":
+                        untranslatable(f"{where}.output.{j}", "chat tool results carry text only")
+                output = _content(output, f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+        if kind == "message" and item["role"] == "assistant":
+            messages[-1]["_from_items"] = True
+    for m in messages:
+        m.pop("_from_items", None)
+
+
+def _tool(tool: Mapping[str, Any], where: str) -> dict[str, Any]:
+    refuse_set(tool, f"{where}.", {"defer_loading": (False,), "allowed_callers": (), "output_schema": ()})
+    function: dict[str, Any] = {"name": tool["name"]}
+    if tool.get("description") is not None:
+        function["description"] = tool["description"]
+    if tool.get("parameters") is not None:
+        function["parameters"] = tool["parameters"]
+    if tool.get("strict") is not None:
+        function["strict"] = tool["strict"]
+    return {"type": "function", "function": function}
+
+
+def _named(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+        untranslatable("tool_choice.tools", "only function tools")
+    return {"type": "function", "function": {"name": tool["name"]}}
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, str):
+        return choice
+    if choice["type"] == "function":
+        return _named(choice)
+    return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"],
+                                                       "tools": [_named(t) for t in choice["tools"]]}}
+
+
+# ---- requests: chat -> Responses (the inverse, for round trips) ----
+
+
+def from_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
+    """The Responses body that `to_chat` maps onto `chat` (item ids and status aside)."""
+    body: dict[str, Any] = {"model": chat["model"]}
+    messages = list(chat["messages"])
+    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+        body["instructions"] = messages.pop(0)["content"]
+    items: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "tool":
+            out = m["content"]
+            out = out if isinstance(out, str) else [{"type": "input_text", "text": p["text"]} for p in out]
+            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": out})
+            continue
+        if m.get("content") is not None:
+            items.append({"role": m["role"], "content": _parts_back(m["content"], m["role"])})
+        for c in m.get("tool_calls") or ():
+            items.append({"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                          "arguments": c["function"]["arguments"]})
+    body["input"] = items
+    if "max_completion_tokens" in chat:
+        body["max_output_tokens"] = chat["max_completion_tokens"]
+    for name in _SAME:
+        if name in chat:
+            body[name] = chat[name]
+    if chat.get("logprobs"):
+        body["include"] = [LOGPROBS_INCLUDE]
+    text: dict[str, Any] = {}
+    if "response_format" in chat:
+        rf = chat["response_format"]
+        text["format"] = {"type": "json_schema", **rf["json_schema"]} if rf["type"] == "json_schema" else rf
+    if "verbosity" in chat:
+        text["verbosity"] = chat["verbosity"]
+    if text:
+        body["text"] = text
+    if "reasoning_effort" in chat:
+        body["reasoning"] = {"effort": chat["reasoning_effort"]}
+    if "stream" in chat:
+        body["stream"] = chat["stream"]
+        extra = {k: v for k, v in (chat.get("stream_options") or {}).items() if k != "include_usage"}
+        if extra:
+            body["stream_options"] = extra
+    if "tools" in chat:
+        body["tools"] = [{"type": "function", "name": t["function"]["name"],
+                          **({"description": t["function"]["description"]} if "description" in t["function"] else {}),
+                          "parameters": t["function"].get("parameters"), "strict": t["function"].get("strict")}
+                         for t in chat["tools"]]
+    if "tool_choice" in chat:
+        tc = chat["tool_choice"]
+        if isinstance(tc, str):
+            body["tool_choice"] = tc
+        elif tc["type"] == "function":
+            body["tool_choice"] = {"type": "function", "name": tc["function"]["name"]}
+        else:
+            body["tool_choice"] = {"type": "allowed_tools", "mode": tc["allowed_tools"]["mode"], "tools": [
+                {"type": "function", "name": t["function"]["name"]} for t in tc["allowed_tools"]["tools"]]}
+    return body
+
+
+def _parts_back(content: Any, role: str) -> Any:
+    if isinstance(content, str):
+        return content
+    out: list[dict[str, Any]] = []
+    for p in content:
+        if p["type"] == "text":
+            out.append({"type": "output_text", "text": p["text"], "annotations": []} if role == "assistant"
+                       else {"type": "input_text", "text": p["text"]})
+        elif p["type"] == "refusal":
+            out.append({"type": "refusal", "refusal": p["refusal"]})
+        elif p["type"] == "image_url":
+            out.append({"type": "input_image", "image_url": p["image_url"]["url"],
+                        **({"detail": p["image_url"]["detail"]} if "detail" in p["image_url"] else {})})
+        else:
+            out.append({"type": "input_file", **p["file"]})
+    return out
+
+
+# ---- answers: chat -> Response ----
+
+
+def _suffix(chat_id: str) -> str:
+    return chat_id.split("-", 1)[-1]
+
+
+def message_item_id(chat_id: str) -> str:
+    return "msg_" + _suffix(chat_id)
+
+
+def call_item_id(chat_id: str, index: int) -> str:
+    return f"fc_{_suffix(chat_id)}_{index}"
+
+
+def response_logprobs(logprobs: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    def one(t: Mapping[str, Any]) -> dict[str, Any]:
+        return {"token": t["token"], "bytes": t.get("bytes") or [], "logprob": t["logprob"]}
+
+    return [{**one(t), "top_logprobs": [one(a) for a in t.get("top_logprobs") or ()]}
+            for t in (logprobs or {}).get("content") or ()]
+
+
+def usage_from_chat(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not usage:
+        return None
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": int((usage.get("prompt_tokens_details") or {})
+                                                          .get("cached_tokens") or 0)},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": int((usage.get("completion_tokens_details") or {})
+                                                              .get("reasoning_tokens") or 0)},
+            "total_tokens": prompt + completion}
+
+
+def response_object(body: Mapping[str, Any], response_id: str, created_at: float, status: str,
+                    output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The Response object, echoing the request's settings as OpenAI does."""
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "status": status,
+        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": output,
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
+        "service_tier": body.get("service_tier"), "store": body.get("store", True),
+        "temperature": body.get("temperature"), "text": body.get("text") or {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+        "top_logprobs": body.get("top_logprobs"), "top_p": body.get("top_p"),
+        "truncation": body.get("truncation", "disabled"), "usage": usage, "user": body.get("user"),
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def wants_logprobs(body: Mapping[str, Any]) -> bool:
+    """Whether the client asked for logprobs (a remote tier may send them unasked)."""
+    return LOGPROBS_INCLUDE in (body.get("include") or ()) or (body.get("top_logprobs") or 0) > 0
+
+
+def response_from_chat(answer: Mapping[str, Any], body: Mapping[str, Any], response_id: str,
+                       created_at: float) -> dict[str, Any]:
+    """A chat completion (one choice) as a Response; the routing block stays `localroute`."""
+    chat_id = str(answer.get("id", ""))
+    choice = answer["choices"][0]
+    msg = choice.get("message") or {}
+    parts: list[dict[str, Any]] = []
+    content = msg.get("content")
+    text = "".join(p.get("text", "") for p in content) if isinstance(content, list) else content
+    if text:
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": msg.get("annotations") or []}
+        if wants_logprobs(body):
+            part["logprobs"] = response_logprobs(choice.get("logprobs"))
+        parts.append(part)
+    if msg.get("refusal"):
+        parts.append({"type": "refusal", "refusal": msg["refusal"]})
+    output: list[dict[str, Any]] = []
+    if parts:
+        output.append({"type": "message", "id": message_item_id(chat_id), "status": "completed",
+                       "role": "assistant", "content": parts})
+    for i, call in enumerate(msg.get("tool_calls") or ()):
+        if call.get("type", "function") != "function":
+            untranslatable(f"choices.0.message.tool_calls.{i}", f"a {call.get('type')} tool call")
+        output.append({"type": "function_call", "id": call_item_id(chat_id, i), "call_id": call["id"],
+                       "name": call["function"]["name"], "arguments": call["function"].get("arguments", ""),
+                       "status": "completed"})
+    finish = choice.get("finish_reason")
+    incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish or "")
+    out = response_object(body, response_id, created_at, "incomplete" if incomplete else "completed", output,
+                          usage_from_chat(answer.get("usage")))
+    if incomplete:
+        out["incomplete_details"] = {"reason": incomplete}
+    if "localroute" in answer:
+        out["localroute"] = answer["localroute"]
+    return out
+
+
+# ---- streams: chat chunks -> Responses events ----
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+class ResponsesStream:
+    """Chat chunks in, Responses events out: `start()`, `feed(chunk)` per chunk, `finish()` once.
+    The chunks are also gathered into one chat answer, so the terminal event carries exactly the
+    Response a non-streamed request would have got (`self.response`)."""
+
+    def __init__(self, body: Mapping[str, Any], response_id: str, created_at: float, chat_id: str) -> None:
+        self.body, self.response_id, self.created_at, self.chat_id = body, response_id, created_at, chat_id
+        self._seq = 0
+        self._text: list[str] = []
+        self._refusal: list[str] = []
+        self._logprobs: list[dict[str, Any]] = []
+        self._want_logprobs = wants_logprobs(body)
+        self._calls: list[dict[str, Any]] = []
+        self._open: str | None = None  # "text", "refusal" or "call"
+        self._items = 0  # output items opened so far
+        self._message_index: int | None = None
+        self._message_done = False
+        self._parts = 0
+        self._finish: str | None = None
+        self._usage: Any = None
+        self._routing: Any = None
+        self.failed = False
+        self.response: dict[str, Any] | None = None
+
+    def _event(self, kind: str, **data: Any) -> Event:
+        self._seq += 1
+        return kind, {"type": kind, "sequence_number": self._seq - 1, **data}
+
+    def start(self) -> list[Event]:
+        skeleton = response_object(self.body, self.response_id, self.created_at, "in_progress", [], None)
+        return [self._event("response.created", response=skeleton),
+                self._event("response.in_progress", response=skeleton)]
+
+    def _msg_id(self) -> str:
+        return message_item_id(self.chat_id)
+
+    def _message_item(self, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self._msg_id(), "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def _part(self, kind: str) -> dict[str, Any]:
+        if kind == "text":
+            part: dict[str, Any] = {"type": "output_text", "text": "".join(self._text), "annotations": []}
+            if self._want_logprobs:
+                part["logprobs"] = list(self._logprobs)
+            return part
+        return {"type": "refusal", "refusal": "".join(self._refusal)}
+
+    def _close(self) -> list[Event]:
+        kind, self._open = self._open, None
+        if kind is None:
+            return []
+        if kind == "call":
+            call = self._calls[-1]
+            i = len(self._calls) - 1
+            item = {"type": "function_call", "id": call_item_id(self.chat_id, i), "call_id": call["id"],
+                    "name": call["name"], "arguments": call["arguments"], "status": "completed"}
+            return [self._event("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=call["output_index"], name=call["name"], arguments=call["arguments"]),
+                    self._event("response.output_item.done", output_index=call["output_index"], item=item)]
+        part = self._part(kind)
+        where = {"item_id": self._msg_id(), "output_index": self._message_index, "content_index": self._parts - 1}
+        events = []
+        if kind == "text":
+            events.append(self._event("response.output_text.done", **where, text=part["text"],
+                                      logprobs=part.get("logprobs", [])))
+        else:
+            events.append(self._event("response.refusal.done", **where, refusal=part["refusal"]))
+        events.append(self._event("response.content_part.done", **where, part=part))
+        return events
+
+    def _close_message(self) -> list[Event]:
+        events = self._close()
+        if self._message_index is not None and not self._message_done:
+            self._message_done = True
+            content = [self._part(k) for k in ("text", "refusal") if (self._text if k == "text" else self._refusal)]
+            events.append(self._event("response.output_item.done", output_index=self._message_index,
+                                      item=self._message_item("completed", content)))
+        return events
+
+    def _piece(self, kind: str, delta: str, logprobs: list[dict[str, Any]]) -> list[Event]:
+        events: list[Event] = []
+        if self._open == "call" or (self._open is None and self._calls):
+            untranslatable("choices.0.delta", "text after a tool call")
+        if self._message_index is None:
+            self._message_index = self._items
+            self._items += 1
+            events.append(self._event("response.output_item.added", output_index=self._message_index,
+                                      item=self._message_item("in_progress", [])))
+        if self._open != kind:
+            events += self._close()
+            self._open = kind
+            self._parts += 1
+            empty = ({"type": "output_text", "text": "", "annotations": []} if kind == "text"
+                     else {"type": "refusal", "refusal": ""})
+            events.append(self._event("response.content_part.added", item_id=self._msg_id(),
+                                      output_index=self._message_index, content_index=self._parts - 1, part=empty))
+        where = {"item_id": self._msg_id(), "output_index": self._message_index, "content_index": self._parts - 1}
+        if kind == "text":
+            self._text.append(delta)
+            self._logprobs += logprobs
+            events.append(self._event("response.output_text.delta", **where, delta=delta, logprobs=logprobs))
+        else:
+            self._refusal.append(delta)
+            events.append(self._event("response.refusal.delta", **where, delta=delta))
+        return events
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[Event]:
+        if chunk.get("error") is not None:
+            return self._fail(chunk["error"])
+        events: list[Event] = []
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        if chunk.get("localroute") is not None:
+            self._routing = chunk["localroute"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                logprobs = response_logprobs(choice.get("logprobs")) if self._want_logprobs else []
+                events += self._piece("text", delta["content"], logprobs)
+            if delta.get("refusal"):
+                events += self._piece("refusal", delta["refusal"], [])
+            for call in delta.get("tool_calls") or ():
+                f = call.get("function") or {}
+                if call.get("id"):
+                    events += self._close() if self._open == "call" else self._close_message()
+                    self._open = "call"
+                    self._calls.append({"id": call["id"], "name": f.get("name", ""), "arguments": "",
+                                        "output_index": self._items, "index": call.get("index", 0)})
+                    self._items += 1
+                    item = {"type": "function_call", "id": call_item_id(self.chat_id, len(self._calls) - 1),
+                            "call_id": call["id"], "name": f.get("name", ""), "arguments": "", "status": "in_progress"}
+                    events.append(self._event("response.output_item.added", output_index=self._items - 1, item=item))
+                elif self._open != "call" or self._calls[-1]["index"] != call.get("index", 0):
+                    untranslatable("choices.0.delta.tool_calls", "tool call deltas interleaved across calls")
+                if f.get("arguments"):
+                    current = self._calls[-1]
+                    current["arguments"] += f["arguments"]
+                    events.append(self._event("response.function_call_arguments.delta",
+                                              item_id=call_item_id(self.chat_id, len(self._calls) - 1),
+                                              output_index=current["output_index"], delta=f["arguments"]))
+            if choice.get("finish_reason") is not None:
+                self._finish = choice["finish_reason"]
+        return events
+
+    def _fail(self, error: Any) -> list[Event]:
+        self.failed = True
+        err = error if isinstance(error, dict) else {"message": str(error)}
+        code, message = err.get("code") or err.get("type") or "server_error", str(err.get("message", "error"))
+        failed = response_object(self.body, self.response_id, self.created_at, "failed", [], None)
+        failed["error"] = {"code": code, "message": message}
+        return [self._event("error", code=code, message=message, param=err.get("param")),
+                self._event("response.failed", response=failed)]
+
+    def answer(self) -> dict[str, Any]:
+        """The chunks gathered into one chat answer."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None,
+                                   "refusal": "".join(self._refusal) or None}
+        if self._calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for c in self._calls]
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self._finish,
+                                  "logprobs": {"content": self._logprobs} if self._want_logprobs else None}
+        answer: dict[str, Any] = {"id": self.chat_id, "choices": [choice], "usage": self._usage}
+        if self._routing is not None:
+            answer["localroute"] = self._routing
+        return answer
+
+    def finish(self) -> list[Event]:
+        if self.failed:
+            return []
+        events = self._close() if self._open == "call" else self._close_message()
+        self.response = response_from_chat(self.answer(), self.body, self.response_id, self.created_at)
+        kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
+        return events + [self._event(kind, response=self.response)]
+
+
+def assistant_turn(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer as the chat message a later turn (previous_response_id) sends back."""
+    msg = answer["choices"][0].get("message") or {}
+    turn: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
+    if msg.get("tool_calls"):
+        turn["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}} for c in msg["tool_calls"]]
+    return turn
