@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, adjuster_for, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
@@ -538,17 +538,20 @@ class LlamaEngine:
 
     def _pick(self, row: np.ndarray, seq: _Seq) -> tuple[int, float, float]:
         """Choose the next token; return (token, its raw logprob, log-sum-exp of the row). The
-        request's RNG is only touched (and so only built) when it samples."""
+        choice is made on the row after logit_bias and penalties, the logprob read from the row
+        before them (decoding.LogitsAdjuster). The request's RNG is only touched (and so only
+        built) when it samples."""
         params = seq.params
         work = self._work
         top = float(row.max())
         np.subtract(row, top, out=work)
         np.exp(work, out=work)
         lse = top + float(np.log(work.sum(dtype=np.float64)))
+        choose, choose_top = (row, top) if seq.adjuster is None else (seq.adjuster.apply(row), None)
         if params.temperature <= 0:
-            token = int(row.argmax())
+            token = int(choose.argmax())
         else:
-            token = sample_token(row, params, seq.rng, top)
+            token = sample_token(choose, params, seq.rng, choose_top)
         return token, float(row[token]) - lse, lse
 
     def _top(self, row: np.ndarray, k: int, lse: float) -> tuple[TopLogprob, ...]:
@@ -660,6 +663,7 @@ class LlamaCppBackend(EngineBridge):
     def _state(self, request: GenerationRequest, **common: Any) -> _Seq:
         fmt = request.params.response_format
         return _Seq(**common, model=self.engine.model_path.name,
+                    adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     grammar=constraint_for(self.engine, fmt) if fmt else None)
 
     def health(self) -> dict[str, Any]:

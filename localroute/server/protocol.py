@@ -60,6 +60,18 @@ def chat_needs(body: ChatCompletionRequest) -> frozenset[str]:
     return frozenset(needs)
 
 
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"<token id>": bias}` as sorted (id, bias) pairs; a key that is not a token id is a 400."""
+    if not bias:
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit():
+            raise InvalidRequestError(f"logit_bias: key {key[:32]!r} is not a token id", param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
 def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Settings, top_logprobs: int) -> SamplingParams:
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens
     return SamplingParams(
@@ -71,6 +83,9 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
         top_logprobs=top_logprobs,
         response_format=getattr(body, "response_format", None),
         ignore_eos=body.ignore_eos,
+        logit_bias=_logit_bias(body.logit_bias),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
 
 
