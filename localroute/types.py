@@ -63,6 +63,9 @@ class GenerationRequest:
     request_id: str = ""
     wire: WireRequest | None = None
     needs: frozenset[str] = frozenset()
+    # OpenAI function definitions (name, description, parameters) the answer must call, after
+    # tool_choice ("none": empty; a named function: that one); a local tier with tools answers a call
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

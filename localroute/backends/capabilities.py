@@ -71,7 +71,8 @@ _LOCAL = Capabilities()
 # the llama.cpp and transformers samplers apply logit_bias and the penalties (decoding.LogitsAdjuster)
 _LOCAL_SAMPLER = replace(_LOCAL, logit_bias=True, penalties=True)
 DEFAULTS: dict[str, Capabilities] = {
-    "llama_cpp": _LOCAL_SAMPLER,
+    # tool calls through a grammar from the tools' schemas (backends/tool_calls.py); n > 1 not yet
+    "llama_cpp": replace(_LOCAL_SAMPLER, tools=True),
     "transformers": _LOCAL_SAMPLER,
     "vllm": _LOCAL,
     "openai": Capabilities.everything(),
