@@ -7,8 +7,8 @@ the answer's form. The answer: `{"name": <one of the tools>, "arguments": <that 
 a JSON schema compiled to a GBNF grammar (backends/grammar.py), so every call parses and its
 arguments validate against the tool's schema (as far as llama.cpp's schema converter goes: types,
 required keys, enums, consts, nesting). The name comes first, so the grammar's branch, and the
-answer's confidence, follow from the name and then the argument tokens; the JSON punctuation the
-grammar forces has a renormalised logprob of 0.
+answer's confidence, follow from the name and then the argument tokens (the tokens the grammar
+forces, with a renormalised logprob of exactly 0, are left out of the answer's tokens).
 
 `tool_choice`: "none" sends no tools (a text answer); "required" and a named function force a call
 (named: that function's branch only); "auto" is treated as "required" when tools are given, since a
@@ -74,6 +74,10 @@ def tool_call_answer(gen: Generation) -> Generation:
         "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments)},
     }]}
+    # the tokens the grammar left no choice (its punctuation, the rest of a name once it is
+    # unambiguous) have a renormalised logprob of exactly 0: they say nothing of the model, and
+    # kept they would only dilute a mean; the confidence comes from the name and argument choices
+    chosen = [t for t in gen.tokens if t.logprob != 0.0]
     raw = {"object": "chat.completion", "created": int(time.time()), "model": gen.model,
            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}]}
-    return replace(gen, finish_reason="tool_calls", raw=raw)
+    return replace(gen, tokens=chosen, finish_reason="tool_calls", raw=raw)

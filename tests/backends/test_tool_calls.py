@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from localroute.backends.tool_calls import call_schema, tool_call_answer, with_tools_preamble
-from localroute.types import Generation
+from localroute.types import Generation, TokenLogprob
 
 ADD = {"name": "add", "description": "Add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
 NOW = {"name": "now"}
@@ -45,3 +45,10 @@ def test_a_call_becomes_openais_tool_calls_shape() -> None:
 def test_a_call_cut_by_max_tokens_stays_text() -> None:
     cut = gen('{"name": "add", "argu', "length")
     assert tool_call_answer(cut) is cut and cut.raw is None
+
+
+def test_tokens_the_grammar_forced_leave_the_confidence() -> None:
+    tokens = [TokenLogprob(1, "{", 0.0), TokenLogprob(2, "add", -0.4), TokenLogprob(3, "1", -1.2)]
+    answer = gen('{"name": "add", "arguments": {"a": 1}}')
+    answer.tokens = tokens
+    assert [t.token for t in tool_call_answer(answer).tokens] == ["add", "1"]
