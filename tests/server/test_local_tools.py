@@ -154,3 +154,52 @@ def test_logit_bias_and_penalties_are_served_by_the_local_tier(client: OpenAI) -
                                                            presence_penalty=0.5, frequency_penalty=0.5)
     assert raw.headers["x-localroute-tier"] == "smollm2"
     assert raw.parse().choices[0].logprobs.content[0].token != first
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_in_a_cascade_a_confident_call_is_the_local_tiers_and_an_unsure_one_escalates(stream: bool) -> None:
+    """The local tier as a non-final tier (its answer judged, then replayed): a call it is sure of
+    (threshold far below any confidence) comes back from it; with the threshold above any
+    confidence the frontier gets the body as sent, tools included, and its call comes back."""
+    from tests.fault_upstream import Fault, FaultUpstream
+    from tests.server.test_clients import completion, tool_chunks, tool_message
+
+    sent: dict[str, Any] = {"model": "localroute/cascade", "messages": ask("What's the weather in Paris?"),
+                            "tools": [WEATHER], "tool_choice": "required", "max_tokens": 60, "temperature": 0,
+                            "stream": stream}
+    with FaultUpstream() as up:
+        for threshold, tier in ((-100.0, "smollm2"), (0.5, "frontier")):
+            args = {"city": "Paris", "unit": "celsius"}
+            if tier == "frontier":
+                up.script(Fault(chunks=tool_chunks("get_weather", args)) if stream else
+                          Fault(completion=completion(tool_message("get_weather", args), finish="tool_calls")))
+            settings = local_settings(tiers=[
+                {"name": "smollm2", "model": "smollm2-135m", "threshold": threshold},
+                {"name": "frontier", "kind": "openai", "model": "gpt-test", "base_url": up.url, "api_key": "k"}],
+                n_parallel=1, engine_isolation="thread")
+            before = len(up.requests)
+            with serve_app(create_app(settings)) as base:
+                r = httpx.post(f"{base}/chat/completions", json=sent, timeout=120)
+            assert r.status_code == 200 and r.headers["x-localroute-tier"] == tier, r.text
+            if stream:
+                events = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+                choices = [c for e in events for c in e["choices"]]
+                assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["tool_calls"]
+                pieces = [tc for c in choices for tc in c["delta"].get("tool_calls") or ()]
+                assert {p["index"] for p in pieces} == {0}
+                call = {"id": "".join(p.get("id") or "" for p in pieces), "function": {
+                    "name": "".join(p["function"].get("name") or "" for p in pieces),
+                    "arguments": "".join(p["function"].get("arguments") or "" for p in pieces)}}
+            else:
+                (choice,) = r.json()["choices"]
+                assert choice["finish_reason"] == "tool_calls"
+                (call,) = choice["message"]["tool_calls"]
+            assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["get_weather"])
+            forwarded = [q["json"] for q in up.requests[before:]]
+            if tier == "smollm2":
+                assert forwarded == []
+            else:
+                assert len(forwarded) == 1 and forwarded[0]["tools"] == [WEATHER]
+                assert forwarded[0]["tool_choice"] == "required"
