@@ -23,7 +23,9 @@ class WireRequest:
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """What a request asks of the decoder. temperature 0 means greedy. `seed` is the client's own
-    (any int64, as OpenAI allows; forwarded unchanged to a frontier); local samplers use `rng_seed`."""
+    (any int64, as OpenAI allows; forwarded unchanged to a frontier); local samplers use `rng_seed`.
+    `logit_bias`: (token id, bias) pairs added to the logits; the penalties are OpenAI's, over the
+    tokens generated so far (backends/decoding.py: `LogitsAdjuster`)."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -33,6 +35,14 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     response_format: dict[str, Any] | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler must change the logits row before choosing (bias or penalties)."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     @property
     def rng_seed(self) -> int | None:
@@ -53,6 +63,9 @@ class GenerationRequest:
     request_id: str = ""
     wire: WireRequest | None = None
     needs: frozenset[str] = frozenset()
+    # OpenAI function definitions (name, description, parameters) the answer must call, after
+    # tool_choice ("none": empty; a named function: that one); a local tier with tools answers a call
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

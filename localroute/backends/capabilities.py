@@ -66,11 +66,14 @@ class Capabilities:
 
 # Local engines as they are today: text in, text out, one answer, the sampler's own knobs; JSON
 # schema through a grammar (llama.cpp) or the cascade's schema check. What an engine learns to do
-# (tool calling, logit_bias, n > 1) is switched on here, or per tier in settings.
+# (tool calling, n > 1) is switched on here, or per tier in settings.
 _LOCAL = Capabilities()
+# the llama.cpp and transformers samplers apply logit_bias and the penalties (decoding.LogitsAdjuster)
+_LOCAL_SAMPLER = replace(_LOCAL, logit_bias=True, penalties=True)
 DEFAULTS: dict[str, Capabilities] = {
-    "llama_cpp": _LOCAL,
-    "transformers": _LOCAL,
+    # tool calls through a grammar from the tools' schemas (backends/tool_calls.py); n > 1 not yet
+    "llama_cpp": replace(_LOCAL_SAMPLER, tools=True),
+    "transformers": _LOCAL_SAMPLER,
     "vllm": _LOCAL,
     "openai": Capabilities.everything(),
 }

@@ -42,6 +42,49 @@ def request_failure(exc: Exception) -> GenerationError:
     return GenerationError(f"local tier: this request failed while decoding ({type(exc).__name__})")
 
 
+class LogitsAdjuster:
+    """One request's `logit_bias` and presence/frequency penalties, with OpenAI's semantics:
+    `logits[t] += bias[t] - presence_penalty * (count[t] > 0) - frequency_penalty * count[t]`, the
+    counts over the tokens generated so far (not the prompt). It changes the row the token is
+    chosen from (greedy too), never the logprobs reported: those stay the model's own, as vLLM's
+    default `raw_logprobs` mode, so the cascade's confidence still measures the model."""
+
+    __slots__ = ("_bias", "_bias_ids", "_counts", "_frequency", "_presence")
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        ids = [t for t, _ in params.logit_bias]
+        if ids and (min(ids) < 0 or max(ids) >= n_vocab):
+            bad = next(t for t in ids if t < 0 or t >= n_vocab)
+            raise InvalidRequestError(f"logit_bias: token id {bad} is not in this model's vocabulary of "
+                                      f"{n_vocab} tokens", param="logit_bias")
+        self._bias_ids = np.array(ids, dtype=np.int64)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+        self._presence = float(params.presence_penalty)
+        self._frequency = float(params.frequency_penalty)
+        self._counts: dict[int, int] | None = {} if (self._presence or self._frequency) else None
+
+    def observe(self, token_id: int) -> None:
+        """Count a generated token (for the penalties)."""
+        if self._counts is not None:
+            self._counts[token_id] = self._counts.get(token_id, 0) + 1
+
+    def apply(self, row: np.ndarray) -> np.ndarray:
+        """A float32 copy of the logits row with the bias and penalties applied."""
+        out = np.array(row, dtype=np.float32)
+        if self._bias_ids.size:
+            out[self._bias_ids] += self._bias
+        if self._counts:
+            idx = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+            out[idx] -= self._presence + self._frequency * counts
+        return out
+
+
+def adjuster_for(params: SamplingParams, n_vocab: int) -> LogitsAdjuster | None:
+    """The request's adjuster, or None when it asks for no bias or penalty (the usual case)."""
+    return LogitsAdjuster(params, n_vocab) if params.adjusts_logits else None
+
+
 @dataclass(eq=False)
 class DecodeState:
     """One request inside an engine (touched only by the engine thread after submit).
@@ -63,6 +106,7 @@ class DecodeState:
     submitted_at: float
     model: str = ""  # Generation.model
     extra: dict[str, Any] = field(default_factory=dict)  # copied into Generation.extra
+    adjuster: LogitsAdjuster | None = None  # logit_bias and penalties, when the request has any
     tokens: list[TokenLogprob] = field(default_factory=list)
     token_ends: list[int] = field(default_factory=list)  # byte offset where each token ends
     out: bytearray = field(default_factory=bytearray)
@@ -111,6 +155,8 @@ class DecodeState:
     def add(self, tok: TokenLogprob, raw: bytes) -> tuple[FinishReason | None, int | None]:
         """Record a generated token; say whether the answer ends here (and where a stop cuts it)."""
         self.tokens.append(tok)
+        if self.adjuster is not None:
+            self.adjuster.observe(tok.token_id)
         self.out += raw
         self.token_ends.append(len(self.out))
         if self._decoding:

@@ -33,7 +33,7 @@ def gbnf_for(response_format: dict[str, Any]) -> str | None:
     kind = response_format.get("type")
     if kind in (None, "text"):
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     if kind == "json_object":
         return str(JSON_GBNF)
@@ -42,12 +42,18 @@ def gbnf_for(response_format: dict[str, Any]) -> str | None:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             return str(JSON_GBNF)
-        try:
-            return str(LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar)
-        except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions for unsupported schemas
-            raise InvalidRequestError(f"response_format.json_schema: unsupported schema ({exc})",
-                                      param="response_format") from None
+        return schema_gbnf(schema, "response_format.json_schema", "response_format")
     raise InvalidRequestError(f"response_format.type {kind!r} is not supported", param="response_format")
+
+
+def schema_gbnf(schema: dict[str, Any], where: str, param: str) -> str:
+    """The GBNF grammar of a JSON schema; a 400 naming `where` when the converter cannot take it."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return str(LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar)
+    except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions for unsupported schemas
+        raise InvalidRequestError(f"{where}: unsupported schema ({exc})", param=param) from None
 
 
 class GrammarConstraint:
@@ -89,11 +95,18 @@ class GrammarConstraint:
         self._finalizer()
 
 
-def constraint_for(engine: Any, response_format: dict[str, Any] | None) -> GrammarConstraint | None:
-    """A constraint for a LlamaEngine request, or None when the request needs none."""
-    if not response_format:
+def constraint_for(engine: Any, response_format: dict[str, Any] | None,
+                   tools: tuple[dict[str, Any], ...] = ()) -> GrammarConstraint | None:
+    """A constraint for a LlamaEngine request, or None when the request needs none. `tools`: the
+    answer is one call of one of them (backends/tool_calls.py), whatever the response_format."""
+    if tools:
+        from localroute.backends.tool_calls import call_schema
+
+        gbnf: str | None = schema_gbnf(call_schema(tools), "tools.function.parameters", "tools")
+    elif not response_format:
         return None
-    gbnf = gbnf_for(response_format)
+    else:
+        gbnf = gbnf_for(response_format)
     if gbnf is None:
         return None
     return GrammarConstraint(engine._ll, engine._vocab, engine.n_vocab, engine._eog, gbnf)

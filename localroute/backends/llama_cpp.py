@@ -24,17 +24,18 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, adjuster_for, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
+from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -44,7 +45,9 @@ from localroute.errors import (
     RateLimitError,
 )
 from localroute.types import (
+    Generation,
     GenerationRequest,
+    StreamDelta,
     TopLogprob,
 )
 
@@ -538,17 +541,20 @@ class LlamaEngine:
 
     def _pick(self, row: np.ndarray, seq: _Seq) -> tuple[int, float, float]:
         """Choose the next token; return (token, its raw logprob, log-sum-exp of the row). The
-        request's RNG is only touched (and so only built) when it samples."""
+        choice is made on the row after logit_bias and penalties, the logprob read from the row
+        before them (decoding.LogitsAdjuster). The request's RNG is only touched (and so only
+        built) when it samples."""
         params = seq.params
         work = self._work
         top = float(row.max())
         np.subtract(row, top, out=work)
         np.exp(work, out=work)
         lse = top + float(np.log(work.sum(dtype=np.float64)))
+        choose, choose_top = (row, top) if seq.adjuster is None else (seq.adjuster.apply(row), None)
         if params.temperature <= 0:
-            token = int(row.argmax())
+            token = int(choose.argmax())
         else:
-            token = sample_token(row, params, seq.rng, top)
+            token = sample_token(choose, params, seq.rng, choose_top)
         return token, float(row[token]) - lse, lse
 
     def _top(self, row: np.ndarray, k: int, lse: float) -> tuple[TopLogprob, ...]:
@@ -630,6 +636,7 @@ class LlamaCppBackend(EngineBridge):
         self.engine = engine
         self.queue_timeout_s = queue_timeout_s
         self._formatter = self._make_formatter()
+        self._template_reads_tools = "tools" in (engine.chat_template() or "")
 
     def _make_formatter(self) -> Any:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -648,11 +655,14 @@ class LlamaCppBackend(EngineBridge):
         if request.messages is None:
             return self.engine.tokenize(request.prompt or "", add_special=True, parse_special=False)
         messages = [dict(m) for m in request.messages]
+        if request.tools and not self._template_reads_tools:
+            messages = with_tools_preamble(messages, request.tools)
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
             return self.engine.tokenize(text, add_special=True, parse_special=False)
         try:
-            result = self._formatter(messages=messages)
+            tools = [{"type": "function", "function": f} for f in request.tools] if self._template_reads_tools else None
+            result = self._formatter(messages=messages, tools=tools)
         except Exception as exc:  # jinja raise_exception(): the template rejects these messages
             raise InvalidRequestError(f"messages rejected by the model's chat template: {exc}", param="messages") from None
         return self.engine.tokenize(result.prompt, add_special=not result.added_special, parse_special=True)
@@ -664,7 +674,20 @@ class LlamaCppBackend(EngineBridge):
     def _state(self, request: GenerationRequest, **common: Any) -> _Seq:
         fmt = request.params.response_format
         return _Seq(**common, model=self.engine.model_path.name,
-                    grammar=constraint_for(self.engine, fmt) if fmt else None)
+                    adjuster=adjuster_for(request.params, self.engine.n_vocab),
+                    grammar=constraint_for(self.engine, fmt, request.tools) if fmt or request.tools else None)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        gen = await super().generate(request)
+        return tool_call_answer(gen) if request.tools else gen
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """A tool call is streamed whole, as one delta (the server writes OpenAI's tool-call chunk)."""
+        if request.tools:
+            yield StreamDelta(text="", final=await self.generate(request))
+            return
+        async for delta in super().stream(request):
+            yield delta
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running

@@ -68,7 +68,8 @@ ErrorSpec = tuple[str, str, str | None, str | None, float | None]
 # answer with 5 top logprobs took ~5 ms to pickle and unpickle, as tuples ~1 ms with the rebuild.
 TopWire = tuple[str, float, tuple[int, ...] | None]
 TokenWire = tuple[int, str, float, tuple[int, ...] | None, tuple[TopWire, ...]]
-GenerationWire = tuple[str, list[TokenWire], FinishReason, int, int, float, float | None, str, dict[str, Any]]
+GenerationWire = tuple[str, list[TokenWire], FinishReason, int, int, float, float | None, str, dict[str, Any],
+                       dict[str, Any] | None]
 
 
 def _token_wire(tok: TokenLogprob) -> TokenWire:
@@ -83,13 +84,13 @@ def _token(wire: TokenWire) -> TokenLogprob:
 
 def _generation_wire(gen: Generation) -> GenerationWire:
     return (gen.text, [_token_wire(t) for t in gen.tokens], gen.finish_reason, gen.prompt_tokens,
-            gen.completion_tokens, gen.latency_s, gen.ttft_s, gen.model, gen.extra)
+            gen.completion_tokens, gen.latency_s, gen.ttft_s, gen.model, gen.extra, gen.raw)
 
 
 def _generation(wire: GenerationWire) -> Generation:
-    text, tokens, reason, prompt_tokens, completion_tokens, latency_s, ttft_s, model, extra = wire
+    text, tokens, reason, prompt_tokens, completion_tokens, latency_s, ttft_s, model, extra, raw = wire
     return Generation(text, [_token(t) for t in tokens], reason, prompt_tokens, completion_tokens, latency_s,
-                      ttft_s, model, extra)
+                      ttft_s, model, extra, raw)  # raw: a local tool call's chat.completion
 
 
 def _spec(exc: BaseException) -> ErrorSpec:

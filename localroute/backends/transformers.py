@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localroute.backends.decoding import DecodeState, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, adjuster_for, request_failure, sample_token
 from localroute.backends.threaded import EngineBridge
 from localroute.errors import (
     BackendUnavailableError,
@@ -360,7 +360,10 @@ class TorchEngine:
 
     def _row(self, req: _Req, i: int, chosen: list[int], logprobs: Any, top_vals: Any, top_idx: Any) -> bool:
         """Choose row i's token (into `chosen`) and record it; False when the request is finished."""
-        if req.params.temperature > 0:
+        if req.adjuster is not None:  # bias and penalties pick the token; the logprob stays the model's
+            row = req.adjuster.apply(logprobs[i].cpu().numpy())
+            chosen[i] = sample_token(row, req.params, req.rng) if req.params.temperature > 0 else int(row.argmax())
+        elif req.params.temperature > 0:
             chosen[i] = sample_token(logprobs[i].cpu().numpy(), req.params, req.rng)
         token = chosen[i]
         lp = float(logprobs[i, token])
@@ -418,7 +421,7 @@ class TransformersBackend(EngineBridge):
         return self.engine.max_len
 
     def _state(self, request: GenerationRequest, **common: Any) -> _Req:
-        return _Req(**common, model=self.engine.model_name,
+        return _Req(**common, model=self.engine.model_name, adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     extra={"logprobs_mode": LOGPROBS_MODE, "device": self.engine.device})
 
     def health(self) -> dict[str, Any]:

@@ -5,12 +5,13 @@ usage with its cost, the `localroute` routing block and the `x-localroute-*` hea
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from localroute.errors import InvalidRequestError
 from localroute.routing.base import Decision, finite
-from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
+from localroute.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from localroute.settings import Settings
 from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, WireRequest
 
@@ -60,6 +61,18 @@ def chat_needs(body: ChatCompletionRequest) -> frozenset[str]:
     return frozenset(needs)
 
 
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"<token id>": bias}` as sorted (id, bias) pairs; a key that is not a token id is a 400."""
+    if not bias:
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit():
+            raise InvalidRequestError(f"logit_bias: key {key[:32]!r} is not a token id", param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
 def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Settings, top_logprobs: int) -> SamplingParams:
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens
     return SamplingParams(
@@ -71,6 +84,9 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
         top_logprobs=top_logprobs,
         response_format=getattr(body, "response_format", None),
         ignore_eos=body.ignore_eos,
+        logit_bias=_logit_bias(body.logit_bias),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
 
 
@@ -80,11 +96,36 @@ def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Se
     each message; a request with more than text (tools, images) needs a tier that reads it."""
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
-    messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": _local_text(m)}
                      for m in body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     return GenerationRequest(messages=messages, params=_sampling(body, settings, top), request_id=request_id,
-                             wire=_wire("chat", data), needs=chat_needs(body))
+                             wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body))
+
+
+def _local_text(m: ChatMessage) -> str:
+    """A message as a local template renders it: its text, and an assistant's tool calls in the
+    JSON form a local tier answers them in (backends/tool_calls.py)."""
+    text = m.text()
+    for call in m.tool_calls or ():
+        if call.function is not None:
+            try:
+                arguments: Any = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = call.function.arguments
+            text += json.dumps({"name": call.function.name, "arguments": arguments})
+    return text
+
+
+def _called_tools(body: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
+    """The function definitions a local answer may call, after tool_choice."""
+    if not body.tools or body.tool_choice == "none":
+        return ()
+    fns = [t.function.model_dump(exclude_none=True) for t in body.tools if t.type == "function" and t.function]
+    if isinstance(body.tool_choice, dict):
+        name = (body.tool_choice.get("function") or {}).get("name")
+        fns = [f for f in fns if f["name"] == name]
+    return tuple(fns)
 
 
 def completion_request(body: CompletionRequest, data: dict[str, Any], settings: Settings,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localroute.backends.decoding import DecodeState, prompt_room, sample_token
+from localroute.backends.decoding import DecodeState, LogitsAdjuster, adjuster_for, prompt_room, sample_token
 from localroute.errors import ContextLengthExceededError, InvalidRequestError
 from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
 
@@ -203,3 +203,46 @@ def test_a_stop_string_split_inside_a_multibyte_character_is_found_and_held_back
     assert "".join(e[1][0] for e in events) == "x"  # "€" may start the stop string: held back
     assert st.token(0, b"!y", -0.1, (), now=1.0) == "stop"
     assert events[-1][1].text == "x" and "".join(e[1][0] for e in events if e[0] == "token") == "x"
+
+
+def test_logit_bias_and_penalties_follow_openais_formula() -> None:
+    """logits[t] + bias[t] - presence * (count[t] > 0) - frequency * count[t], counts over generated tokens."""
+    params = SamplingParams(logit_bias=((1, -100.0), (4, 2.5)), presence_penalty=0.5, frequency_penalty=0.25)
+    adj = LogitsAdjuster(params, n_vocab=6)
+    row = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
+    assert adj.apply(row).tolist() == [0.0, -99.0, 2.0, 3.0, 6.5, 5.0]  # no tokens yet: bias only
+    for t in (2, 2, 2, 5):
+        adj.observe(t)
+    expected = [0.0, -99.0, 2.0 - 0.5 - 0.75, 3.0, 6.5, 5.0 - 0.5 - 0.25]
+    assert np.allclose(adj.apply(row), expected)
+    assert row.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the engine's row is never written
+
+
+def test_negative_penalties_encourage_repetition() -> None:
+    adj = LogitsAdjuster(SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5), n_vocab=3)
+    adj.observe(0)
+    assert adj.apply(np.zeros(3, dtype=np.float32)).tolist() == [1.5, 0.0, 0.0]
+
+
+def test_no_bias_or_penalty_means_no_adjuster() -> None:
+    assert adjuster_for(SamplingParams(), 10) is None
+    assert adjuster_for(SamplingParams(presence_penalty=0.0, logit_bias=()), 10) is None
+    assert adjuster_for(SamplingParams(frequency_penalty=0.1), 10) is not None
+
+
+def test_a_bias_outside_the_vocabulary_is_a_400_naming_logit_bias() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        LogitsAdjuster(SamplingParams(logit_bias=((3, 1.0), (99, 1.0))), n_vocab=10)
+    assert err.value.param == "logit_bias" and "99" in str(err.value)
+
+
+def test_decode_state_counts_its_generated_tokens_for_the_penalties() -> None:
+    params = SamplingParams(frequency_penalty=1.0)
+    events: list[tuple[str, Any]] = []
+    st = DecodeState("r", [7, 7, 7], params, max_new=8, sink=events.append, want_tokens=False, submitted_at=0.0,
+                     adjuster=adjuster_for(params, 10))
+    assert st.adjuster is not None
+    st.token(3, b"a", -0.1, (), 0.0)
+    st.token(3, b"a", -0.1, (), 0.0)
+    out = st.adjuster.apply(np.zeros(10, dtype=np.float32))
+    assert out[3] == -2.0 and out[7] == 0.0  # the prompt's tokens are not penalised

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -163,3 +164,50 @@ def test_engine_answers_through_each_extra_buffer_mode(mode: str) -> None:
         assert gen.text.strip() and gen.completion_tokens > 0 and all(t.logprob <= 0 for t in gen.tokens)
     finally:
         backend.engine.close()
+
+
+def test_logit_bias_of_minus_100_on_the_greedy_token_changes_the_first_token(backend: LlamaCppBackend) -> None:
+    """OpenAI semantics, applied before the greedy argmax; the logprobs reported stay the model's own."""
+    plain = run(backend.generate(chat("What is the capital of France?", max_tokens=4, temperature=0, top_logprobs=5)))
+    first = plain.tokens[0]
+    biased = run(backend.generate(chat("What is the capital of France?", max_tokens=4, temperature=0, top_logprobs=5,
+                                       logit_bias=((first.token_id, -100.0),))))
+    assert biased.tokens[0].token_id != first.token_id
+    # the new first token is the model's runner-up, with its unbiased logprob (raw logprobs)
+    runner_up = plain.tokens[0].top_logprobs[1]
+    assert biased.tokens[0].token == runner_up.token
+    assert abs(biased.tokens[0].logprob - runner_up.logprob) < 1e-4
+    assert [a.logprob for a in biased.tokens[0].top_logprobs] == [a.logprob for a in first.top_logprobs]
+    boosted = run(backend.generate(chat("What is the capital of France?", max_tokens=2, temperature=0,
+                                        logit_bias=((backend.engine.tokenize("zebra", add_special=False)[0], 100.0),))))
+    assert boosted.tokens[0].token_id == backend.engine.tokenize("zebra", add_special=False)[0]
+
+
+def test_logit_bias_is_applied_when_sampling_too(backend: LlamaCppBackend) -> None:
+    banned = {t.token_id for t in run(backend.generate(chat("Count: one two", max_tokens=8, temperature=0))).tokens}
+    params: dict[str, Any] = {"max_tokens": 8, "temperature": 1.0, "seed": 3,
+                              "logit_bias": tuple((t, -100.0) for t in sorted(banned))}
+    gen = run(backend.generate(chat("Count: one two", **params)))
+    assert gen.tokens and not banned & {t.token_id for t in gen.tokens}
+
+
+def test_penalties_reduce_repetition(backend: LlamaCppBackend) -> None:
+    prompt = "Repeat the word 'apple' many times: apple apple apple apple apple apple"
+    plain = run(backend.generate(GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=24, temperature=0))))
+    penalised = run(backend.generate(GenerationRequest(prompt=prompt, params=SamplingParams(
+        max_tokens=24, temperature=0, presence_penalty=1.5, frequency_penalty=1.5))))
+
+    def most_repeated(gen: object) -> int:
+        ids = [t.token_id for t in gen.tokens]  # type: ignore[attr-defined]
+        return max(ids.count(t) for t in set(ids))
+
+    assert most_repeated(plain) >= 8, plain.text  # the model does repeat itself here
+    assert most_repeated(penalised) < most_repeated(plain) / 2, penalised.text
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400(backend: LlamaCppBackend) -> None:
+    from localroute.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as err:
+        run(backend.generate(chat("Hi", max_tokens=2, logit_bias=((backend.engine.n_vocab, 1.0),))))
+    assert err.value.param == "logit_bias"

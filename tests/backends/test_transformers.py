@@ -160,3 +160,23 @@ def test_a_directory_without_config_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(BackendUnavailableError, match="config.json"):
         model_source(str(tmp_path), tmp_path)
+
+
+def test_logit_bias_and_penalties_are_honoured(tb: TransformersBackend) -> None:
+    """Applied before the greedy argmax; the logprobs reported stay the model's own (raw)."""
+    plain: Generation = run(tb.generate(chat("What is the capital of France?", max_tokens=3, temperature=0,
+                                             top_logprobs=3)))
+    first = plain.tokens[0]
+    biased: Generation = run(tb.generate(chat("What is the capital of France?", max_tokens=3, temperature=0,
+                                              logit_bias=((first.token_id, -100.0),))))
+    assert biased.tokens[0].token_id != first.token_id
+    assert biased.tokens[0].token == first.top_logprobs[1].token
+    assert abs(biased.tokens[0].logprob - first.top_logprobs[1].logprob) < 1e-4
+    prompt = "Repeat the word 'apple' many times: apple apple apple apple apple apple"
+    counts = []
+    for penalty in (0.0, 1.5):
+        gen: Generation = run(tb.generate(GenerationRequest(prompt=prompt, params=SamplingParams(
+            max_tokens=16, temperature=0, presence_penalty=penalty, frequency_penalty=penalty))))
+        ids = [t.token_id for t in gen.tokens]
+        counts.append(max(ids.count(t) for t in set(ids)))
+    assert counts[0] >= 6 and counts[1] < counts[0] / 2, counts

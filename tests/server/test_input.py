@@ -192,14 +192,13 @@ def test_real_model_takes_odd_but_valid_input(real: tuple[str, Any]) -> None:
     plain = ask([{"role": "user", "content": "name parts"}])
     assert parts["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
     assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
-    # tool history needs a tier that can read it: this ladder has none, and says so (never a 200 that drops it)
-    call = {"id": "c", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
-    r = httpx.post(f"{base}/chat/completions", timeout=60, json={
-        "model": "smollm2", "max_tokens": 4, "messages": [
-            {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "content": "42", "tool_call_id": "c"}]})
-    err = assert_openai_error(r, 400)
-    assert err["code"] == "unsupported_capability" and err["param"] == "tools", err
+    # tool history: the llama.cpp tier reads it (the call as the JSON it answers calls in, the result
+    # as a tool turn), so both reach the prompt
+    call = {"id": "c", "type": "function", "function": {"name": "lookup", "arguments": '{"k": 1}'}}
+    turn = ask([{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "42", "tool_call_id": "c"}])
+    bare = ask([{"role": "user", "content": "q"}])
+    assert turn["usage"]["prompt_tokens"] > bare["usage"]["prompt_tokens"] + 15  # the call's JSON and the result
 
 
 def test_saturation_rejects_overflow_fast_and_health_stays_prompt(real: tuple[str, Any]) -> None:
