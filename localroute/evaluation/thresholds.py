@@ -29,6 +29,7 @@ escalation rate.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ import numpy as np
 from localroute.calibration_file import (
     ESCALATE_ALL,
     CalibrationFile,
+    CategoryCalibration,
     Certificate,
     TierCalibration,
     confidence_distribution,
@@ -203,9 +205,12 @@ def calibrate_run(
     delta: float = 0.05,
     holdout: float = 0.5,
     seed: int = 0,
+    per_category: bool = False,
+    min_category_rows: int = 30,
 ) -> dict[str, Any]:
     """Fit the threshold on a random calibration split of the run, check it on the rest, and write
-    (or update) the calibration file. Returns the summary printed by the CLI."""
+    (or update) the calibration file. Returns the summary printed by the CLI. `per_category`: also
+    one threshold per task category of the rows (`fit_categories`)."""
     _check_targets(target_quality, target_escalation, holdout)
     if aggregator not in AGGREGATORS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS)}", param="aggregator")
@@ -222,10 +227,17 @@ def calibrate_run(
     fp = table.meta.get("fingerprint") or {}
     if not fp.get("template_sha256"):
         raise ConfigError(f"run {run_dir} has no model fingerprint (was it interrupted before loading?)", param="run")
+    categories: dict[str, CategoryCalibration] = {}
+    if per_category:
+        row_categories = np.array(run_categories(table), dtype=object)
+        categories = fit_categories(conf, table.cheap, table.frontier, row_categories, threshold, cert,
+                                    holdout=holdout, seed=seed, oracle=fmode == "oracle",
+                                    target_quality=target_quality, target_escalation=target_escalation,
+                                    delta=delta, min_rows=min_category_rows)
     entry = TierCalibration(
         threshold=threshold, model_file=fp.get("model_file"), model_sha256=fp.get("model_sha256"),
         template_sha256=fp["template_sha256"], remote_model=fp.get("remote_model"), certificate=cert,
-        confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(cal),
+        confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(cal), categories=categories,
     )
     tiers: dict[str, TierCalibration] = {}
     if out.is_file():
@@ -252,7 +264,53 @@ def calibrate_run(
         "upper_bound": fmode == "oracle",
         "certificate": cert.model_dump(),
         "calibration_split": cert_cal,
+        "categories": {name: c.model_dump() for name, c in categories.items()},
     }
+
+
+def run_categories(table: RunTable) -> list[str]:
+    """Each usable row's task category: its dataset item's `meta.localroute_category` when the run's
+    dataset file is readable and sets one, else the item id's prefix (`banking77-12` -> banking77,
+    as `localroute data convert` names items)."""
+    named: dict[str, str] = {}
+    dataset = Path(str(table.meta.get("dataset") or ""))
+    if dataset.is_file():
+        for line in dataset.read_text(encoding="utf-8").splitlines():
+            try:
+                item = json.loads(line)
+                category = (item.get("meta") or {}).get("localroute_category")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(category, str):
+                named[str(item.get("id"))] = category
+    return [named.get(str(i)) or str(i).split("-", 1)[0] for i in table.ids]
+
+
+def fit_categories(conf: Array, cheap: Array, frontier: Array, categories: np.ndarray, pooled_threshold: float,
+                   pooled_cert: Certificate, *, holdout: float, seed: int, oracle: bool,
+                   target_quality: float | None, target_escalation: float | None, delta: float,
+                   min_rows: int) -> dict[str, CategoryCalibration]:
+    """One threshold per category, each by `fit_threshold` on that category's rows alone, with
+    delta split evenly over the K categories certified (delta / K each): by the union bound, every
+    category's target holds at once with probability >= 1 - delta. A category with fewer than
+    `min_rows` rows is not fitted: it keeps the pooled threshold and its certificate, flagged
+    `fallback` (the pooled certificate is about the pooled traffic, not this category)."""
+    names = sorted({str(c) for c in categories})
+    fitted = [c for c in names if int(np.sum(categories == c)) >= min_rows]
+    out: dict[str, CategoryCalibration] = {}
+    share = delta / max(1, len(fitted))
+    for name in names:
+        rows = np.nonzero(categories == name)[0]
+        if name not in fitted:
+            out[name] = CategoryCalibration(
+                threshold=pooled_threshold, certificate=pooled_cert, n=len(rows),
+                fallback=f"pooled: {len(rows)} rows < {min_rows} needed to certify this category")
+            continue
+        threshold, cert, cal = fit_threshold(conf[rows], cheap[rows], frontier[rows], holdout=holdout, seed=seed,
+                                             oracle=oracle, target_quality=target_quality,
+                                             target_escalation=target_escalation, delta=share)
+        out[name] = CategoryCalibration(threshold=threshold, certificate=cert, n=len(cal))
+    return out
 
 
 def calibrate_router(
