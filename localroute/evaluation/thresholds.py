@@ -29,6 +29,7 @@ escalation rate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -381,3 +382,173 @@ def calibrate_router(
         "certificate": cert.model_dump(),
         "calibration_split": realised(score[cal], cheap[cal], frontier[cal], threshold),
     }
+
+
+# ---------- recalibration from production (issue 19) ----------
+
+
+@dataclass(slots=True)
+class LogSample:
+    """One (tier, category)'s evidence from the routing log for `certify_from_log`: the scored
+    shadow pairs (confidence, label, draw probability, stratum) and the traffic they were drawn from."""
+
+    confidence: Array
+    label: Array  # 1: the local answer agreed with the frontier (or passed human feedback)
+    sample_rate: Array
+    stratum: list[str]
+    n_population: int  # requests of the category that reached the tier
+    n_accepted: dict[str, int]  # of those, accepted by the tier, per stratum
+    floor: float  # the highest threshold the tier had over the window
+
+
+def certify_from_log(sample: LogSample, target: float, delta: float, seed: int = 0) -> QualityThreshold:
+    """The most permissive threshold >= `sample.floor` whose agreement with the frontier over all
+    of the category's traffic provably reaches `target`, at level 1 - delta. Loss of a request at
+    threshold t: kept (conf >= t) and wrong. Only Bernoulli draws count, at their realised rates
+    (draws that failed or were dropped are taken as missing at random: the effective rate of a
+    stratum is its scored pairs over its accepted requests).
+
+    One rate (no stratification): the scored pairs plus a Binomial(n_other, rate) count of the
+    requests not accepted (their loss is 0 at any t >= floor: they are escalated) form a uniform
+    random sample of the traffic, and `certify_quality` (Clopper-Pearson, fixed sequence) applies
+    as offline. Several strata: each pair weighs 1 / its stratum's rate (Horvitz-Thompson); the mean
+    weighted loss over the population gets a Hoeffding bound with range max weight."""
+    n_pop = sample.n_population
+    if n_pop == 0 or len(sample.confidence) == 0:
+        return QualityThreshold(ESCALATE_ALL, "none", 0.0, 1.0, 1.0, 0)
+    conf = np.where(sample.confidence >= sample.floor, sample.confidence, -np.inf)  # below floor: not kept
+    label = np.where(np.isfinite(conf), sample.label, 1.0)
+    strata = sorted(set(sample.stratum))
+    counts = {s: sample.stratum.count(s) for s in strata}
+    rates = {s: counts[s] / max(1, sample.n_accepted.get(s, 0)) for s in strata}
+    if len(strata) == 1:
+        rate = min(1.0, rates[strata[0]])
+        n_other = max(0, n_pop - sum(sample.n_accepted.values()))
+        m = int(np.random.default_rng(seed).binomial(n_other, rate)) if n_other else 0
+        return certify_quality(np.concatenate([conf, np.full(m, -np.inf)]),
+                               np.concatenate([label, np.ones(m)]), np.ones(len(conf) + m), target, delta,
+                               frontier_known=1.0)
+    weight = np.array([1.0 / min(1.0, rates[s]) for s in sample.stratum])
+    loss = weight * (1.0 - label)
+    radius = float(weight.max()) * hoeffding_radius(n_pop, delta)
+    budget = 1 - target
+    chosen, upper = ESCALATE_ALL, 0.0
+    finite = np.isfinite(conf)
+    order = np.argsort(-conf[finite], kind="mergesort")
+    sc, sl = conf[finite][order], loss[finite][order]
+    if len(sc):
+        last = np.nonzero(np.append(sc[1:] != sc[:-1], True))[0]
+        ucb = np.minimum(1.0, np.cumsum(sl)[last] / n_pop + radius)
+        fails = np.nonzero(ucb > budget)[0]
+        passed = int(fails[0]) if len(fails) else len(ucb)
+        if passed > 0:
+            chosen, upper = float(sc[last[passed - 1]]), float(ucb[passed - 1])
+    return QualityThreshold(chosen, "hoeffding (reweighted)", upper, 1.0, 1.0 - upper, n_pop)
+
+
+def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin: float,
+                default_category: str = "default") -> dict[tuple[str, str], LogSample]:
+    """(tier, category) -> LogSample from the routing log's requests and shadow pairs."""
+    from localroute.monitoring.log_report import row_category
+
+    pop: dict[tuple[str, str], dict[str, Any]] = {}
+    stratified = any(p.get("stratum") in ("near", "far") for p in pairs)
+    for r in rows:
+        if r.get("status") != 200:
+            continue
+        cat = row_category(r, default_category)
+        for a in r.get("attempts") or []:
+            if a.get("threshold") is None or a.get("error"):
+                continue
+            e = pop.setdefault((a["tier"], cat), {"n": 0, "acc": {}, "floor": -math.inf})
+            e["n"] += 1
+            e["floor"] = max(e["floor"], float(a["threshold"]))
+            if a.get("accepted") and r.get("tier") == a["tier"] and not r.get("degraded"):
+                conf = a.get("confidence")
+                near = stratified and conf is not None and conf - a["threshold"] < margin
+                s = ("near" if near else "far") if stratified else "all"
+                e["acc"][s] = e["acc"].get(s, 0) + 1
+    out: dict[tuple[str, str], LogSample] = {}
+    for key, e in pop.items():
+        ps = [p for p in pairs if (p["tier"], p["category"]) == key and p["status"] == "scored"
+              and p.get("label") is not None and p.get("confidence") is not None]
+        out[key] = LogSample(np.array([p["confidence"] for p in ps], dtype=np.float64),
+                             np.array([float(p["label"]) for p in ps], dtype=np.float64),
+                             np.array([p["sample_rate"] for p in ps], dtype=np.float64),
+                             [str(p.get("stratum") or "all") for p in ps], e["n"], e["acc"], e["floor"])
+    return out
+
+
+def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality: float, delta: float = 0.05,
+                       min_category_rows: int = 30, since: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Refit the per-category thresholds of every local tier from the routing log's shadow pairs
+    (and feedback on them), with the same guarantee as offline (`certify_from_log`), delta split
+    evenly over the (tier, category) pairs certified; write them into the calibration file (the
+    pooled thresholds and fingerprints are kept; with no file yet, the tiers are fingerprinted by
+    loading them and the pooled threshold is fitted on all of the log's pairs)."""
+    from localroute.monitoring.log_report import read_rows, read_shadow_pairs
+
+    if not 0 < target_quality <= 1 or not 0 < delta < 1:
+        raise ConfigError("need 0 < target-quality <= 1 and 0 < delta < 1", param="target_quality")
+    if not Path(log_path).is_file():
+        raise ConfigError(f"routing log not found: {log_path}", param="routing_log_path")
+    rows, pairs = read_rows(log_path, since), read_shadow_pairs(log_path, since)
+    samples = log_samples(rows, pairs, settings.shadow_near_threshold_margin, settings.default_category)
+    if not samples:
+        raise ConfigError(f"routing log {log_path} has no cascade requests to recalibrate from", param="log")
+    cal_file = load_calibration(out) if out.is_file() else _new_calibration(settings, samples)
+    certify = [k for k, s in samples.items() if len(s.confidence) >= min_category_rows and k[0] in cal_file.tiers]
+    share = delta / max(1, len(certify))
+    result: dict[str, Any] = {}
+    for (tier, cat), sample in sorted(samples.items()):
+        entry = cal_file.tiers.get(tier)
+        if entry is None:
+            continue
+        if (tier, cat) not in certify:
+            entry.categories[cat] = CategoryCalibration(
+                threshold=entry.threshold, certificate=entry.certificate, n=len(sample.confidence), source="log",
+                fallback=f"pooled: {len(sample.confidence)} shadow pairs < {min_category_rows} needed to certify")
+        else:
+            fit = certify_from_log(sample, target_quality, share, seed)
+            cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
+                               certified_loss_upper=round(fit.loss_upper, 6),
+                               certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
+                               n_calibration=len(sample.confidence), n_holdout=0,
+                               n_population=sample.n_population, floor=sample.floor)
+            entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert,
+                                                        n=len(sample.confidence), source="log")
+        c = entry.categories[cat]
+        result.setdefault(tier, {})[cat] = {"threshold": c.threshold, "escalate_all": c.threshold >= ESCALATE_ALL,
+                                            "pairs": len(sample.confidence), "population": sample.n_population,
+                                            "fallback": c.fallback, "certificate": c.certificate.model_dump()}
+    cal_file.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    write_calibration(cal_file, out)
+    return {"calibration_file": str(out), "log": str(log_path), "target_quality": target_quality, "delta": delta,
+            "certified": len(certify), "tiers": result}
+
+
+def _new_calibration(settings: Any, samples: dict[tuple[str, str], LogSample]) -> CalibrationFile:
+    """A calibration file for a ladder never calibrated offline: each local tier fingerprinted by
+    loading it, its pooled threshold certified on all of the log's pairs at the whole delta."""
+    from localroute.backends.base import load_backend
+    from localroute.calibration_file import backend_fingerprint
+
+    tiers: dict[str, TierCalibration] = {}
+    for ts in settings.ladder()[:-1]:
+        backend = load_backend(ts, settings)
+        try:
+            fp = backend_fingerprint(backend)
+        finally:
+            asyncio.run(backend.aclose())
+        mine = [s for (t, _), s in samples.items() if t == ts.name]
+        confs = np.concatenate([s.confidence for s in mine]) if mine else np.array([])
+        quantiles, histogram = confidence_distribution(confs)
+        tiers[ts.name] = TierCalibration(
+            threshold=settings.default_threshold, model_file=fp.get("model_file"), model_sha256=fp.get("model_sha256"),
+            template_sha256=fp["template_sha256"], remote_model=fp.get("remote_model"),
+            certificate=Certificate(target="escalation", target_value=0.0, n_calibration=0, n_holdout=0,
+                                    note="no offline calibration: the pooled threshold is default_threshold"),
+            confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(confs))
+    return CalibrationFile(created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                           aggregator=settings.confidence_aggregator, alpha=settings.confidence_quantile_alpha,
+                           source_run="routing log", tiers=tiers)
