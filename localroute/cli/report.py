@@ -140,8 +140,8 @@ def _render_categories(s: dict[str, Any]) -> list[str]:
     if not names or names == ["default"] and not live["categories"]:
         return []
     level = round(live.get("level", 0.95) * 100)
-    lines = ["", f"{'category':<16}{'answered':>9}{'escal.':>8}{'pairs':>7}{'kept agree':>12}"
-             f"{f'{level}% CI':>17}{'all agree':>11}{f'{level}% CI':>17}{'target':>8}"]
+    lines = ["", (f"{'category':<16}{'answered':>9}{'escal.':>8}{'pairs':>7}{'kept agree':>12}"
+             f"{f'{level}% CI':>17}{'all agree':>11}{f'{level}% CI':>17}{'target':>8}")]
     for name in names:
         c, q = cats.get(name) or {}, live["categories"].get(name) or {}
         ki, ai = q.get("kept_interval"), q.get("agreement_interval")
