@@ -44,6 +44,8 @@ def agreement(scorer: str, local: str, frontier: str, choices: list[str] | None 
     if gold is None:
         return None
     task, answer = gold
-    item = EvalItem(id="shadow", task=task, choices=choices if task == "choice" else None, answer=answer)  # type: ignore[arg-type]
+    # the scorers read only task, choices and answer; no prompt to validate here
+    item = EvalItem.model_construct(id="shadow", task=task, choices=choices if task == "choice" else None,
+                                    answer=answer, schema_=None)
     score = LOCAL_SCORERS[task](local, item)
     return score.value, score.correct

@@ -401,49 +401,52 @@ class LogSample:
     floor: float  # the highest threshold the tier had over the window
 
 
-def certify_from_log(sample: LogSample, target: float, delta: float, seed: int = 0) -> QualityThreshold:
-    """The most permissive threshold >= `sample.floor` whose agreement with the frontier over all
-    of the category's traffic provably reaches `target`, at level 1 - delta. Loss of a request at
-    threshold t: kept (conf >= t) and wrong. Only Bernoulli draws count, at their realised rates
-    (draws that failed or were dropped are taken as missing at random: the effective rate of a
-    stratum is its scored pairs over its accepted requests).
+def certify_from_log(sample: LogSample, target: float, delta: float) -> QualityThreshold:
+    """The most permissive threshold >= `sample.floor` whose agreement with the frontier over the
+    category's traffic provably reaches `target`, at level 1 - delta.
 
-    One rate (no stratification): the scored pairs plus a Binomial(n_other, rate) count of the
-    requests not accepted (their loss is 0 at any t >= floor: they are escalated) form a uniform
-    random sample of the traffic, and `certify_quality` (Clopper-Pearson, fixed sequence) applies
-    as offline. Several strata: each pair weighs 1 / its stratum's rate (Horvitz-Thompson); the mean
-    weighted loss over the population gets a Hoeffding bound with range max weight."""
+    A request's loss at threshold t: kept (conf >= t) and wrong. For t >= floor only accepted
+    requests can be kept, so with strata s (one when sampling is uniform), pi_s the share of the
+    traffic the tier accepted in stratum s (counted over the whole log window) and L_s(t) the loss
+    rate among them, E[loss(t)] = sum_s pi_s L_s(t). The scored pairs of stratum s are a uniform
+    random sample of its accepted answers (Bernoulli draws; draws that failed or were dropped are
+    taken as missing at random), so a one-sided Clopper-Pearson bound at delta / S bounds each
+    L_s(t), and sum_s pi_s ucb_s(t) bounds E[loss(t)] with probability >= 1 - delta. Thresholds are
+    tested as offline (fixed sequence from the most conservative down, `certify_quality`): the
+    losses only shrink as t rises, so the chosen one misses the target with probability <= delta.
+    This is the reweighting of stratified draws: each stratum counts at its share of the traffic,
+    not at its share of the pairs. (pi_s is the window's realised mix, taken as the traffic's.)"""
     n_pop = sample.n_population
     if n_pop == 0 or len(sample.confidence) == 0:
         return QualityThreshold(ESCALATE_ALL, "none", 0.0, 1.0, 1.0, 0)
-    conf = np.where(sample.confidence >= sample.floor, sample.confidence, -np.inf)  # below floor: not kept
-    label = np.where(np.isfinite(conf), sample.label, 1.0)
-    strata = sorted(set(sample.stratum))
-    counts = {s: sample.stratum.count(s) for s in strata}
-    rates = {s: counts[s] / max(1, sample.n_accepted.get(s, 0)) for s in strata}
-    if len(strata) == 1:
-        rate = min(1.0, rates[strata[0]])
-        n_other = max(0, n_pop - sum(sample.n_accepted.values()))
-        m = int(np.random.default_rng(seed).binomial(n_other, rate)) if n_other else 0
-        return certify_quality(np.concatenate([conf, np.full(m, -np.inf)]),
-                               np.concatenate([label, np.ones(m)]), np.ones(len(conf) + m), target, delta,
-                               frontier_known=1.0)
-    weight = np.array([1.0 / min(1.0, rates[s]) for s in sample.stratum])
-    loss = weight * (1.0 - label)
-    radius = float(weight.max()) * hoeffding_radius(n_pop, delta)
-    budget = 1 - target
-    chosen, upper = ESCALATE_ALL, 0.0
-    finite = np.isfinite(conf)
-    order = np.argsort(-conf[finite], kind="mergesort")
-    sc, sl = conf[finite][order], loss[finite][order]
-    if len(sc):
-        last = np.nonzero(np.append(sc[1:] != sc[:-1], True))[0]
-        ucb = np.minimum(1.0, np.cumsum(sl)[last] / n_pop + radius)
-        fails = np.nonzero(ucb > budget)[0]
-        passed = int(fails[0]) if len(fails) else len(ucb)
-        if passed > 0:
-            chosen, upper = float(sc[last[passed - 1]]), float(ucb[passed - 1])
-    return QualityThreshold(chosen, "hoeffding (reweighted)", upper, 1.0, 1.0 - upper, n_pop)
+    strata = sorted(set(sample.stratum) | set(sample.n_accepted))
+    d_s = delta / len(strata)
+    stratum = np.array(sample.stratum, dtype=object)
+    keep_conf = sample.confidence >= sample.floor  # below the floor: escalated at some point, never kept at t >= floor
+    candidates = np.unique(sample.confidence[keep_conf])[::-1]  # highest first
+    if len(candidates) == 0:
+        return QualityThreshold(ESCALATE_ALL, "clopper-pearson (stratified)", 0.0, 1.0, 1.0, n_pop)
+    beta = _beta()
+    ucb = np.zeros(len(candidates))
+    for s in strata:
+        rows = stratum == s
+        n_s = int(rows.sum())
+        share = sample.n_accepted.get(s, 0) / n_pop
+        if share == 0:
+            continue
+        if n_s == 0:
+            ucb += share
+            continue
+        wrong = np.sort(sample.confidence[rows & keep_conf & (sample.label < 0.5)])
+        k = len(wrong) - np.searchsorted(wrong, candidates, side="left")  # wrong pairs with conf >= t
+        ucb += share * np.where(k >= n_s, 1.0, beta.ppf(1 - d_s, k + 1, np.maximum(n_s - k, 1)))
+    ucb = np.minimum(ucb, 1.0)
+    fails = np.nonzero(ucb > 1 - target)[0]
+    passed = int(fails[0]) if len(fails) else len(ucb)
+    if passed == 0:
+        return QualityThreshold(ESCALATE_ALL, "clopper-pearson (stratified)", 0.0, 1.0, 1.0, n_pop)
+    return QualityThreshold(float(candidates[passed - 1]), "clopper-pearson (stratified)", float(ucb[passed - 1]),
+                            1.0, 1.0 - float(ucb[passed - 1]), n_pop)
 
 
 def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin: float,
@@ -509,7 +512,7 @@ def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality:
                 threshold=entry.threshold, certificate=entry.certificate, n=len(sample.confidence), source="log",
                 fallback=f"pooled: {len(sample.confidence)} shadow pairs < {min_category_rows} needed to certify")
         else:
-            fit = certify_from_log(sample, target_quality, share, seed)
+            fit = certify_from_log(sample, target_quality, share)
             cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
                                certified_loss_upper=round(fit.loss_upper, 6),
                                certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
