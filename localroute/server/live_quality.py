@@ -90,7 +90,7 @@ class LiveQualityRuntime:
         svc = self.service
         path = self.settings.calibration_path
         self.targets = targets_of(path)
-        if path is not None:
+        if path is not None and path.is_file():
             self._mtime = self._stat(path)
             changes = await asyncio.to_thread(apply_calibration, svc)
             if changes:

@@ -130,7 +130,7 @@ def test_shadow_pairs_live_quality_and_recalibration_without_restart(live: Any, 
     assert {p["request_id"] for p in pairs} == set(kept)  # every kept answer shadowed (rate 1), nothing else
     assert all(p["status"] == "scored" and p["category"] == kept[p["request_id"]] for p in pairs)
 
-    metrics = client.get(str(client.base_url).removesuffix("/v1") + "/metrics").text
+    metrics = client.get(str(client.base_url.copy_with(path="/metrics"))).text
     assert 'localroute_category_requests_total{category="sentiment",tier="smollm2-135m"}' in metrics
     assert 'localroute_live_quality{category="math"}' in metrics
 
