@@ -180,30 +180,40 @@ def test_shadow_faults_leave_client_answers_and_latency_alone(fault_server: Any)
     app, client, up, items = fault_server
     shadow = app.state.live_quality.shadow
 
-    def replay() -> tuple[list[str], float]:
-        texts, latencies = [], []
+    def replay() -> tuple[list[str], list[float], list[float]]:
+        """Answers, end-to-end latencies and what localroute added to each (Server-Timing `router`:
+        server time minus the engine's, the part a shadow call could delay)."""
+        texts, latencies, added = [], [], []
         for item in items:
             t0 = time.perf_counter()
             r = ask(client, item)
             latencies.append(time.perf_counter() - t0)
             assert r.status_code == 200 and not r.json()["localroute"]["escalated"]
             texts.append(r.json()["choices"][0]["message"]["content"])
+            timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+            added.append(float(timing["router"]) / 1000)
             assert shadow.pending <= 2  # bounded: queue_size
-        return texts, statistics.median(latencies)
+        return texts, latencies, added
 
     ask(client, items[0])  # warm up
-    base_texts, base_s = replay()
-    up.default = Fault(delay_s=3.0)  # slow: every shadow call runs past shadow_timeout_s
-    slow_texts, slow_s = replay()
+    base_texts, base_lat, base_added = replay()
+    up.default = Fault(delay_s=3.0)  # slow: every shadow call runs past shadow_timeout_s (1 s)
+    slow_texts, slow_lat, slow_added = replay()
     up.default = Fault("status", status=503)  # down
-    down_texts, down_s = replay()
+    down_texts, down_lat, down_added = replay()
     up.default = Fault(text="positive")
     shadow.backend.budget.cap_usd = 0.0  # over the shadow budget from now on
     sent = len(up.requests)
-    budget_texts, budget_s = replay()
+    budget_texts, budget_lat, budget_added = replay()
     assert base_texts == slow_texts == down_texts == budget_texts
-    for name, s in (("slow", slow_s), ("down", down_s), ("over budget", budget_s)):
-        assert s <= 2 * base_s + 0.05, f"{name}: median {s:.3f}s vs {base_s:.3f}s with a healthy frontier"
-    assert shadow.stats["over_budget"] >= 1 and shadow.stats["failed"] >= 1 and shadow.stats["dropped"] >= 1
+    for name, lat, added in (("slow", slow_lat, slow_added), ("down", down_lat, down_added),
+                             ("over budget", budget_lat, budget_added)):
+        # no request waited on a shadow call: what localroute adds to the engine's time stays in
+        # milliseconds (a shadow call on the path would add >= 1 s, its timeout). End-to-end times
+        # include the engine's, which CPU contention from other work moves, hence the loose bound.
+        assert max(added) < 0.25, f"{name}: localroute added {max(added):.3f}s to an answer"
+        assert statistics.median(added) <= statistics.median(base_added) + 0.02, name
+        assert statistics.median(lat) <= 3 * statistics.median(base_lat) + 1.0, name
+    assert shadow.stats["scored"] >= 1 and shadow.stats["failed"] >= 1 and shadow.stats["over_budget"] >= 1
     time.sleep(1.5)
     assert len(up.requests) - sent <= 1  # over budget: nothing more reaches the frontier (one may have been queued)
