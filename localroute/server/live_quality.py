@@ -84,11 +84,13 @@ class LiveQualityRuntime:
         self._watch: asyncio.Task[None] | None = None
         self._mtime: int | None = None
         self._hup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
 
     async def start(self) -> None:
         svc = self.service
         path = self.settings.calibration_path
+        self._loop = asyncio.get_running_loop()
         self.targets = targets_of(path)
         if path is not None and path.is_file():
             self._mtime = self._stat(path)
@@ -111,6 +113,11 @@ class LiveQualityRuntime:
 
     def _on_sighup(self) -> None:
         self._hup.set()
+
+    def request_reload(self) -> None:
+        """Re-read the calibration file now, as SIGHUP does; callable from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._hup.set)
 
     def _shadow(self) -> ShadowEvaluator | None:
         from localroute.backends.base import load_backend

@@ -25,8 +25,6 @@ from localroute.settings import load_settings
 from tests.conftest import MODELS_DIR, SENTIMENT_FIXTURE, serve_app
 from tests.fault_upstream import Fault, FaultUpstream
 
-pytestmark = pytest.mark.slow
-
 SENTIMENT = ["negative", "neutral", "positive"]
 CATEGORIES = {
     "sentiment": {"scorer": "choice", "choices": SENTIMENT},
@@ -104,6 +102,7 @@ def live(tmp_path: Path) -> Iterator[tuple[Any, httpx.Client, Path, Path, list[d
             yield app, client, cfg, tmp_path / "routing.db", items
 
 
+@pytest.mark.slow
 def test_shadow_pairs_live_quality_and_recalibration_without_restart(live: Any, capsys: pytest.CaptureFixture[str]) -> None:
     app, client, cfg, log, items = live
     kept: dict[str, str] = {}
@@ -176,6 +175,7 @@ def fault_server(tmp_path: Path) -> Iterator[tuple[Any, httpx.Client, FaultUpstr
             yield app, client, up, items
 
 
+@pytest.mark.slow
 def test_shadow_faults_leave_client_answers_and_latency_alone(fault_server: Any) -> None:
     app, client, up, items = fault_server
     shadow = app.state.live_quality.shadow
@@ -217,3 +217,57 @@ def test_shadow_faults_leave_client_answers_and_latency_alone(fault_server: Any)
     assert shadow.stats["scored"] >= 1 and shadow.stats["failed"] >= 1 and shadow.stats["over_budget"] >= 1
     time.sleep(1.5)
     assert len(up.requests) - sent <= 1  # over budget: nothing more reaches the frontier (one may have been queued)
+
+
+def _calibration(path: Path, pooled: float, categories: dict[str, float]) -> None:
+    from localroute.calibration_file import (
+        CalibrationFile,
+        CategoryCalibration,
+        Certificate,
+        TierCalibration,
+        model_fingerprint,
+        write_calibration,
+    )
+
+    fp = model_fingerprint(None, None, "local")  # what the scripted tier reports
+    cert = Certificate(target="quality", target_value=0.9, delta=0.05, n_calibration=40, n_holdout=0)
+    entry = TierCalibration(threshold=pooled, template_sha256=fp["template_sha256"], remote_model="local",
+                            certificate=cert, confidence_quantiles={}, confidence_histogram={}, n=40,
+                            categories={c: CategoryCalibration(threshold=t, certificate=cert, n=40)
+                                        for c, t in categories.items()})
+    write_calibration(CalibrationFile(created_at="2026-12-03T00:00:00+00:00", aggregator="mean_logprob",
+                                      alpha=0.1, tiers={"local": entry}), path)
+
+
+def _threshold(client: httpx.Client, category: str) -> float:
+    r = client.post("/chat/completions", json={"model": "localroute/cascade", "messages": [
+        {"role": "user", "content": "hi"}], "metadata": {"localroute_category": category}})
+    return float(r.json()["localroute"]["attempts"][0]["threshold"])
+
+
+@pytest.mark.parametrize("watch_s", [0.1, 0.0])
+def test_a_new_calibration_file_is_applied_without_a_restart(tmp_path: Path, watch_s: float) -> None:
+    from localroute.routing import Tier
+    from localroute.settings import Settings
+    from tests.fakes import ScriptedBackend
+
+    cal = tmp_path / "calibration.json"
+    _calibration(cal, -1.0, {"math": -0.3})
+    tiers = [Tier("local", ScriptedBackend("local", "4", [-0.5]), None),
+             Tier("frontier", ScriptedBackend("frontier", "4", [-0.01], local=False), None)]
+    settings = Settings(calibration_path=cal, calibration_watch_s=watch_s)
+    app = create_app(settings, tiers=tiers)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert _threshold(client, "math") == -0.3 and _threshold(client, "chat") == -1.0
+        runtime = app.state.live_quality
+        _calibration(cal, -2.0, {"math": -0.1, "chat": -0.7})
+        if watch_s == 0:  # no file watch: SIGHUP's path (the handler is only installed in a main thread)
+            time.sleep(0.3)
+            assert _threshold(client, "math") == -0.3  # not polled
+            runtime.request_reload()
+        deadline = time.monotonic() + 10
+        while runtime.reloads == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runtime.reloads == 1
+        assert _threshold(client, "math") == -0.1 and _threshold(client, "chat") == -0.7
+        assert _threshold(client, "other") == -2.0  # the pooled one, reloaded too
