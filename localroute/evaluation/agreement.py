@@ -45,7 +45,7 @@ def agreement(scorer: str, local: str, frontier: str, choices: list[str] | None 
         return None
     task, answer = gold
     # the scorers read only task, choices and answer; no prompt to validate here
-    item = EvalItem.model_construct(id="shadow", task=task, choices=choices if task == "choice" else None,
+    item = EvalItem.model_construct(id="shadow", task=task, choices=choices if task == "choice" else None,  # type: ignore[arg-type]
                                     answer=answer, schema_=None)
     score = LOCAL_SCORERS[task](local, item)
     return score.value, score.correct

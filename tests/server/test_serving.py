@@ -52,7 +52,7 @@ def test_category_in_the_answer_the_header_and_the_record(served: tuple[httpx.Cl
 
 def test_a_model_alias_names_the_category_and_its_threshold_applies(
         served: tuple[httpx.Client, list[RequestRecord], ScriptedBackend]) -> None:
-    client, _, frontier = served
+    client, _, _ = served
     r = chat(client, model="localroute/cascade:strict")
     body = r.json()
     assert r.status_code == 200 and body["model"] == "localroute/cascade:strict"
