@@ -341,6 +341,15 @@ class Settings(BaseSettings):
         64, ge=1, description="Shadow calls waiting at most; a sample drawn while the queue is full is dropped "
         "(counted), so a slow or dead frontier never piles work up in memory.")
     shadow_timeout_s: float = Field(30.0, gt=0, description="Deadline of one shadow call, retries included.")
+    auto_recalibrate_s: float = Field(
+        0.0, ge=0, description="`serve` refits the per-category thresholds from the routing log's shadow pairs this "
+        "often (`calibrate --from-log` at auto_recalibrate_target / auto_recalibrate_delta) and applies those it "
+        "certifies; needs routing_log_path and an existing calibration file. 0: off.")
+    auto_recalibrate_target: float | None = Field(
+        None, gt=0, le=1, description="auto_recalibrate: the agreement with the frontier to certify per category.")
+    auto_recalibrate_delta: float = Field(0.05, gt=0, lt=1, description="auto_recalibrate: the certificate's delta.")
+    auto_recalibrate_min_pairs: int = Field(
+        30, ge=1, description="auto_recalibrate: a (tier, category) with fewer shadow pairs is not refitted.")
     calibration_watch_s: float = Field(
         5.0, ge=0, description="`serve` re-reads calibration_path when it changes, polled this often (0: only on "
         "SIGHUP), and applies its thresholds without a restart.")

@@ -508,6 +508,15 @@ def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality:
         if entry is None:
             continue
         if (tier, cat) not in certify:
+            old = entry.categories.get(cat)
+            if old is not None and old.fallback is None:  # certified before (an eval run, an earlier refit): kept
+                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": len(sample.confidence),
+                                                    "population": sample.n_population, "fallback": None,
+                                                    "kept": f"too few shadow pairs ({len(sample.confidence)}) to "
+                                                    "refit; the earlier certified threshold stays",
+                                                    "escalate_all": old.threshold >= ESCALATE_ALL,
+                                                    "certificate": old.certificate.model_dump()}
+                continue
             entry.categories[cat] = CategoryCalibration(
                 threshold=entry.threshold, certificate=entry.certificate, n=len(sample.confidence), source="log",
                 fallback=f"pooled: {len(sample.confidence)} shadow pairs < {min_category_rows} needed to certify")

@@ -82,6 +82,8 @@ class LiveQualityRuntime:
         self.shadow: ShadowEvaluator | None = None
         self.targets: dict[str, float] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._auto: asyncio.Task[None] | None = None
+        self.last_recalibration: dict[str, Any] | None = None
         self._mtime: int | None = None
         self._hup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +108,12 @@ class LiveQualityRuntime:
             if self.shadow is not None:
                 self.shadow.start()
                 svc.observers.append(self.shadow)
+        if path is not None and self.settings.auto_recalibrate_s > 0:
+            if self.settings.auto_recalibrate_target is None or self.settings.routing_log_path is None:
+                raise ConfigError("auto_recalibrate_s needs auto_recalibrate_target and routing_log_path",
+                                  param="auto_recalibrate_target")
+            self._auto = asyncio.get_running_loop().create_task(self._auto_recalibrate(path),
+                                                                name="localroute-auto-recalibrate")
         if path is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watcher(path), name="localroute-calibration")
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
@@ -187,6 +195,36 @@ class LiveQualityRuntime:
             except Exception:
                 log.exception("calibration reload failed; thresholds unchanged")
 
+    async def _auto_recalibrate(self, path: Path) -> None:
+        """Refit from the log on a schedule; only certified thresholds are applied (a category with too
+        few pairs keeps what it had, an uncertified one falls back to the pooled threshold)."""
+        from localroute.evaluation.thresholds import calibrate_from_log
+
+        s = self.settings
+        assert s.routing_log_path is not None and s.auto_recalibrate_target is not None
+        while True:
+            await asyncio.sleep(s.auto_recalibrate_s)
+            if not path.is_file():
+                log.warning("auto_recalibrate: no calibration file at %s yet (run `localroute calibrate` once); "
+                            "skipped", path)
+                continue
+            monitoring = self.service.monitoring
+            try:
+                if monitoring is not None and monitoring.routing_log is not None:
+                    await asyncio.to_thread(monitoring.routing_log.flush)
+                result = await asyncio.to_thread(calibrate_from_log, s.routing_log_path, path, s,
+                                                 s.auto_recalibrate_target, s.auto_recalibrate_delta,
+                                                 s.auto_recalibrate_min_pairs)
+            except ConfigError as exc:
+                log.warning("auto_recalibrate skipped: %s", exc.message)
+                continue
+            except Exception:
+                log.exception("auto_recalibrate failed; thresholds unchanged")
+                continue
+            self.last_recalibration = result
+            self._mtime = self._stat(path)  # applied here, not again by the file watch
+            await self.reload("auto_recalibrate")
+
     async def reload(self, why: str = "requested") -> dict[str, Any]:
         """Apply the calibration file now (the watcher's and SIGHUP's action)."""
         path = self.settings.calibration_path
@@ -197,10 +235,11 @@ class LiveQualityRuntime:
         return changes
 
     async def aclose(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._auto):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.shadow is not None:

@@ -271,3 +271,42 @@ def test_a_new_calibration_file_is_applied_without_a_restart(tmp_path: Path, wat
         assert runtime.reloads == 1
         assert _threshold(client, "math") == -0.1 and _threshold(client, "chat") == -0.7
         assert _threshold(client, "other") == -2.0  # the pooled one, reloaded too
+
+
+def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path) -> None:
+    from localroute.monitoring.record import RequestRecord
+    from localroute.monitoring.routing_log import RoutingLog
+    from localroute.monitoring.shadow import insert_pairs
+    from localroute.routing import Tier
+    from localroute.routing.base import Decision, TierAttempt
+    from localroute.settings import Settings
+    from tests.fakes import ScriptedBackend
+
+    log, cal = tmp_path / "routing.db", tmp_path / "calibration.json"
+    _calibration(cal, -1.0, {"math": -0.05})  # certified offline, strict
+    writer = RoutingLog(log)  # 80 math requests served at threshold -1, 60 of them shadowed, all agreeing
+    confs = [-0.9 + 0.8 * i / 79 for i in range(80)]
+    for i, conf in enumerate(confs):
+        d = Decision("localroute/cascade", "mean_logprob", [TierAttempt("local", conf, -1.0, True)], "local",
+                     evidence={"category": "math"})
+        writer.observe(RequestRecord(f"r{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1,
+                                     decision=d))
+    writer.close()
+    insert_pairs(log, [(time.time(), f"r{i}", "math", "local", conf, -1.0, 0.75, "all", "scored", "numeric", 1.0, 1,
+                        None, 0.0, 0.1) for i, conf in enumerate(confs) if i % 4])
+    tiers = [Tier("local", ScriptedBackend("local", "4", [-0.5]), None),
+             Tier("frontier", ScriptedBackend("frontier", "4", [-0.01], local=False), None)]
+    settings = Settings(calibration_path=cal, routing_log_path=log, calibration_watch_s=0, auto_recalibrate_s=0.2,
+                        auto_recalibrate_target=0.9, auto_recalibrate_delta=0.1, auto_recalibrate_min_pairs=30)
+    app = create_app(settings, tiers=tiers)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        runtime = app.state.live_quality
+        assert _threshold(client, "chat") == -1.0
+        deadline = time.monotonic() + 20
+        while runtime.reloads == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runtime.reloads >= 1
+        refit = runtime.last_recalibration["tiers"]["local"]["math"]
+        assert refit["fallback"] is None and refit["certificate"]["bound"] == "clopper-pearson (stratified)"
+        assert refit["threshold"] == pytest.approx(min(c for i, c in enumerate(confs) if i % 4))
+        assert _threshold(client, "math") == pytest.approx(refit["threshold"])  # applied, no restart
