@@ -133,10 +133,9 @@ class _LiveCollector(Collector):
                                   "localroute_live_quality.", labels=["category"])
         target = GaugeMetricFamily("localroute_live_quality_target", "The calibration's quality target of the "
                                    "category.", labels=["category"])
-        for cat, (n_eff, k_eff, n) in sorted(self.live.snapshot().items()):
+        for lab, (n_eff, k_eff, n) in sorted(self.live.snapshot().items()):  # keyed by label already
             if n == 0:
                 continue
-            lab = self.label(cat)
             lo, hi = clopper_pearson(k_eff, n_eff)
             point.add_metric([lab], k_eff / n_eff if n_eff > 0 else math.nan)
             lower.add_metric([lab], lo)
@@ -329,7 +328,8 @@ class ShadowEvaluator:
             if cost:
                 self.metrics.shadow_cost.inc(cost)
             if agrees is not None:
-                self.metrics.live.add(draw.category, 1.0 / draw.sample_rate, agrees)
+                # keyed by the capped label: clients naming ever new categories cannot grow this
+                self.metrics.live.add(self.metrics.label(draw.category), 1.0 / draw.sample_rate, agrees)
         row = (draw.ts, draw.request.request_id.removeprefix("shadow-"), draw.category, draw.tier, draw.confidence,
                draw.threshold, draw.sample_rate, draw.stratum, status, scorer, score,
                None if agrees is None else int(agrees), error, cost, round(latency, 6))

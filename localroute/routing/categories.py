@@ -99,8 +99,8 @@ def strip_category(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class CategoryLabels:
-    """Category -> metrics label, at most `cap` distinct labels: the configured categories and the
-    default first, then the first others seen; the rest are OTHER."""
+    """Category -> metrics label, at most `cap` distinct labels (and OTHER): the configured
+    categories and the default first, then the first others seen; the rest are OTHER."""
 
     def __init__(self, settings: Settings) -> None:
         self.cap = settings.category_max_labels
@@ -109,7 +109,7 @@ class CategoryLabels:
         self._lock = threading.Lock()
 
     def label(self, category: str) -> str:
-        if category in self._labels:
+        if category in self._labels or category == OTHER:
             return category
         with self._lock:
             if len(self._labels) < self.cap:
