@@ -46,6 +46,7 @@ class CapabilitySettings(BaseModel):
     logit_bias: bool | None = Field(None, description="logit_bias honoured.")
     penalties: bool | None = Field(None, description="presence_penalty / frequency_penalty honoured.")
     json_schema: bool | None = Field(None, description="response_format json_schema.")
+    logprobs: bool | None = Field(None, description="Token logprobs in the answer (`logprobs`).")
     context_tokens: int | None = Field(None, ge=1, description="Longest prompt + answer, in tokens.")
 
 
