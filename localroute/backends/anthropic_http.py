@@ -6,7 +6,10 @@ any gateway that speaks it. Everything but the wire format is the OpenAI-compati
   as the client sent it, with only `model` replaced and `stream` set for this call; the answer is
   kept as sent (`Generation.extra["native"]`) and the Messages endpoint returns it unchanged but
   for localroute's id, model and routing block. A streamed one is translated event by event (the
-  chat path carries it) and back, so the client gets the same events with localroute's ids.
+  chat path carries it) and back: the same text, tool calls and usage with localroute's ids, but
+  a `stop_sequence` stop comes back as `end_turn` with `stop_sequence` null, and thinking blocks
+  are not carried (not yet: native event passthrough). `system`-role messages (accepted by
+  /v1/messages for local tiers) are moved into `system`, where the Messages API takes them.
 - A Chat Completions or Completions request is translated (`messages_request`): system and
   developer messages -> `system`, tool calls and results -> `tool_use` / `tool_result` blocks,
   images -> image blocks, `stop` -> `stop_sequences`, `response_format` json_schema ->
@@ -65,6 +68,10 @@ def _refuse(param: str, why: str) -> InvalidRequestError:
 # ---- requests: chat -> Messages ----
 
 
+def _is_base64_url(url: str) -> bool:
+    return url.startswith("data:") and ";base64," in url
+
+
 def blocks_from_parts(content: Any) -> Any:
     """Chat content (a string, or text / image_url / file parts) as Messages content."""
     if isinstance(content, str) or content is None:
@@ -76,12 +83,12 @@ def blocks_from_parts(content: Any) -> Any:
             block: dict[str, Any] = {"type": "text", "text": part["text"]}
         elif kind == "image_url":
             url = part["image_url"]["url"]
-            if url.startswith("data:") and ";base64," in url:
+            if _is_base64_url(url):
                 media_type, data = url[5:].split(";base64,", 1)
                 block = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
             else:
                 block = {"type": "image", "source": {"type": "url", "url": url}}
-        elif kind == "file" and str((part.get("file") or {}).get("file_data", "")).startswith("data:"):
+        elif kind == "file" and _is_base64_url(str((part.get("file") or {}).get("file_data", ""))):
             media_type, data = part["file"]["file_data"][5:].split(";base64,", 1)
             block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": data}}
         else:
@@ -109,9 +116,15 @@ def tool_from_chat(tool: Mapping[str, Any]) -> dict[str, Any]:
 
 def tool_choice_from_chat(choice: Any, parallel: bool | None) -> dict[str, Any]:
     if isinstance(choice, dict):
-        out: dict[str, Any] = {"type": "tool", "name": choice["function"]["name"]}
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if not isinstance(name, str):
+            raise _refuse("tool_choice", f"a {choice.get('type')!r} tool choice")
+        out: dict[str, Any] = {"type": "tool", "name": name}
     else:
-        out = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice or "auto"]}
+        kind = {"auto": "auto", "required": "any", "none": "none"}.get(choice or "auto")
+        if kind is None:
+            raise _refuse("tool_choice", f"tool_choice {choice!r}")
+        out = {"type": kind}
     if parallel is not None and out["type"] != "none":
         out["disable_parallel_tool_use"] = not parallel
     return out
@@ -141,6 +154,8 @@ def _turns(messages: list[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], lis
     turns: list[dict[str, Any]] = []
 
     def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:  # an empty chat message: Messages refuses empty turns
+            return
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += blocks
         else:
@@ -194,9 +209,16 @@ def messages_request(chat: Mapping[str, Any], model: str, default_max_tokens: in
     stop = chat.get("stop")
     if stop:
         body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    for name in ("temperature", "top_p", "top_k"):
-        if chat.get(name) is not None:
-            body[name] = chat[name]
+    temperature = chat.get("temperature")
+    if temperature is not None:
+        if not 0 <= temperature <= 1:
+            raise _refuse("temperature", "Messages takes a temperature from 0 to 1")
+        body["temperature"] = temperature
+    # top_p 1 is no nucleus cut: not sent (current Claude models refuse temperature and top_p together)
+    if chat.get("top_p") is not None and chat["top_p"] != 1:
+        body["top_p"] = chat["top_p"]
+    if chat.get("top_k") is not None:
+        body["top_k"] = chat["top_k"]
     if chat.get("user"):
         body["metadata"] = {"user_id": chat["user"]}
     if chat.get("service_tier") in _SERVICE_TIER:
@@ -209,7 +231,11 @@ def messages_request(chat: Mapping[str, Any], model: str, default_max_tokens: in
     if isinstance(fmt, Mapping) and fmt.get("type") not in (None, "text"):
         if fmt.get("type") != "json_schema":
             raise _refuse("response_format", f"type {fmt.get('type')!r}: Messages takes a JSON schema only")
-        body["output_config"] = {"format": {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}}
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise _refuse("response_format", "a json_schema format without a schema")
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     if stream:
         body["stream"] = True
     return body
@@ -262,6 +288,7 @@ class ChunkDecoder:
                                       "model": ""}
         self._usage: dict[str, Any] = {}
         self._calls: dict[int, int] = {}  # content block index -> tool call index
+        self._args: dict[int, bool] = {}  # content block index -> any argument text sent yet
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**self._base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -277,7 +304,9 @@ class ChunkDecoder:
             block = event["content_block"]
             if block.get("type") == "tool_use":
                 index = self._calls[event["index"]] = len(self._calls)
-                return self._chunk({"tool_calls": [_call(block, index, "")]})
+                given = block.get("input")  # normally {} with the input in deltas; a gateway may send it whole
+                self._args[event["index"]] = bool(given)
+                return self._chunk({"tool_calls": [_call(block, index, json.dumps(given) if given else "")]})
             if block.get("type") == "text" and block.get("text"):
                 return self._chunk({"content": block["text"]})
             return None
@@ -286,9 +315,15 @@ class ChunkDecoder:
             if delta.get("type") == "text_delta":
                 return self._chunk({"content": delta["text"]}) if delta["text"] else None
             if delta.get("type") == "input_json_delta" and event["index"] in self._calls:
+                if not delta.get("partial_json"):
+                    return None
+                self._args[event["index"]] = True
                 return self._chunk({"tool_calls": [{"index": self._calls[event["index"]],
                                                     "function": {"arguments": delta.get("partial_json", "")}}]})
             return None  # thinking and signature deltas are not carried to chat
+        if kind == "content_block_stop" and event.get("index") in self._calls and not self._args.get(event["index"]):
+            self._args[event["index"]] = True  # a call with no input: "{}", as the non-streamed answer says
+            return self._chunk({"tool_calls": [{"index": self._calls[event["index"]], "function": {"arguments": "{}"}}]})
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             reason = (event.get("delta") or {}).get("stop_reason") or "end_turn"
@@ -301,6 +336,21 @@ class ChunkDecoder:
 
 
 # ---- the backend ----
+
+
+def _hoist_system(body: dict[str, Any]) -> dict[str, Any]:
+    """A native body with localroute's `system`-role messages (an extension /v1/messages accepts
+    for local tiers) moved into `system`, which is where the Messages API takes them."""
+    messages = body.get("messages") or []
+    if not any(m.get("role") == "system" for m in messages):
+        return body
+    system = body.get("system") or []
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+    for m in messages:
+        if m.get("role") == "system":
+            content = m.get("content")
+            blocks += [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    return {**body, "system": blocks, "messages": [m for m in messages if m.get("role") != "system"]}
 
 
 class AnthropicHTTPBackend(OpenAIHTTPBackend):
@@ -321,7 +371,7 @@ class AnthropicHTTPBackend(OpenAIHTTPBackend):
     def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
         native = request.native
         if native is not None and native.api == "messages":
-            body = dict(native.body)
+            body = _hoist_system(dict(native.body))
             body["model"] = self.model
             if stream:
                 body["stream"] = True

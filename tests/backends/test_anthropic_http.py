@@ -102,6 +102,46 @@ def test_what_messages_cannot_express_is_a_400_naming_it(field: str, value: Any)
     assert err.value.param == field and err.value.status_code == 400
 
 
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, "response_format"),
+    ("tool_choice", {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}, "tool_choice"),
+    ("temperature", 1.5, "temperature"),
+    ("messages", [{"role": "user", "content": [{"type": "file", "file": {"file_data": "data:application/pdf,xx"}}]}],
+     "messages")])
+def test_odd_but_valid_chat_fields_are_a_400_not_a_crash(field: str, value: Any, param: str) -> None:
+    chat = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], field: value}
+    with pytest.raises(InvalidRequestError) as err:
+        messages_request(chat, "m", 9, False)
+    assert err.value.param == param
+
+
+def test_top_p_one_is_not_sent_and_empty_turns_are_dropped() -> None:
+    body = messages_request({"model": "x", "temperature": 0.5, "top_p": 1.0,
+                             "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                                          {"role": "user", "content": "again"}]}, "m", 9, False)
+    assert body == {"model": "m", "max_tokens": 9, "temperature": 0.5,
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                              {"type": "text", "text": "again"}]}]}
+
+
+def test_a_streamed_call_without_input_has_empty_object_arguments() -> None:
+    decode = ChunkDecoder()
+    events = [{"type": "message_start", "message": {**message(), "content": []}},
+              {"type": "content_block_start", "index": 0,
+               "content_block": {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+              {"type": "content_block_stop", "index": 0},
+              {"type": "content_block_start", "index": 1,
+               "content_block": {"type": "tool_use", "id": "toolu_2", "name": "at", "input": {"city": "Oslo"}}},
+              {"type": "content_block_stop", "index": 1}]
+    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in map(decode, events) if c and c["choices"]
+             and "tool_calls" in c["choices"][0]["delta"]]
+    args = {0: "", 1: ""}
+    for call in calls:
+        args[call["index"]] += call["function"]["arguments"]
+    assert args == {0: "{}", 1: '{"city": "Oslo"}'}
+
+
 def test_a_system_message_after_the_first_turn_is_refused() -> None:
     with pytest.raises(InvalidRequestError) as err:
         messages_request({"model": "x", "messages": [{"role": "user", "content": "hi"},
@@ -169,6 +209,7 @@ async def _a_native_request_is_forwarded_unchanged_and_its_answer_kept() -> None
     native = {"model": "claude-alias", "max_tokens": 30, "system": [{"type": "text", "text": "Be brief.",
                                                                    "cache_control": {"type": "ephemeral"}}],
               "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}, "top_k": 5}
+    with_system_role = {**native, "messages": [{"role": "system", "content": "No jokes."}, *native["messages"]]}
     answer = message({"type": "text", "text": "Hello."})
     with FaultUpstream(Fault(completion=answer)) as up:
         backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY)
@@ -184,6 +225,14 @@ async def _a_native_request_is_forwarded_unchanged_and_its_answer_kept() -> None
     assert gen.text == "Hello." and gen.extra["native"] == answer and gen.tokens == []
     assert (gen.prompt_tokens, gen.completion_tokens, gen.finish_reason) == (15, 7, "stop")
     assert gen.raw is not None and gen.raw["choices"][0]["message"]["content"] == "Hello."
+    with FaultUpstream(Fault(completion=answer)) as up:  # a system-role message goes where Messages takes it
+        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY)
+        try:
+            await backend.generate(chat_req({"model": "x", "messages": []}, with_system_role))
+        finally:
+            await backend.aclose()
+    assert up.requests[-1]["json"] == {**native, "model": "claude-test", "system": [
+        *native["system"], {"type": "text", "text": "No jokes."}]}
 
 
 def test_a_chat_request_is_translated_and_its_stream_decoded() -> None:
