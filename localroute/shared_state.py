@@ -64,8 +64,8 @@ class SharedStateDown(Exception):
 
 # KEYS: per scope (global, then the key's) three keys: budget hash {spent, held}, holds zset
 # (rid -> deadline ms), amounts hash (rid -> nano-USD held, or 'done' once settled).
-# ARGV: rid, amount (nano-USD), hold ttl ms, expire-at (epoch s), then one limit per scope (-1: none).
-# -> {1, committed_of_scope_0} or {0, index of the scope that refused}
+# ARGV: rid, amount (nano-USD; -1: only reap expired holds), hold ttl ms, expire-at (epoch s), then
+# one limit per scope (-1: none). -> {1, committed_of_scope_0} or {0, index of the scope that refused}
 RESERVE = """
 local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local rid, amt, ttl, exp = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -78,7 +78,9 @@ for s = 0, n - 1 do
     if a then redis.call('HINCRBY', bud, 'held', -a) end
     redis.call('HDEL', amts, old); redis.call('ZREM', holds, old)
   end
-  if redis.call('HEXISTS', amts, rid) == 1 then return {1, -1} end
+  if amt < 0 then
+    if s == n - 1 then return {1, -1} end
+  elseif redis.call('HEXISTS', amts, rid) == 1 then return {1, -1} end
   local committed = tonumber(redis.call('HGET', bud, 'spent') or '0') + tonumber(redis.call('HGET', bud, 'held') or '0')
   if s == 0 then first = committed end
   local limit = tonumber(ARGV[5 + s])

@@ -350,8 +350,11 @@ class SharedSpendBudget:
         return int(value or 0) / NANO
 
     async def areserved_usd(self) -> float:
-        label, _ = _period_bounds(self._clock(), self.period)
-        key = self._keys(label, None)[0]
+        """Held now, after reaping the holds whose TTL passed (a crashed replica's)."""
+        label, ends_at = _period_bounds(self._clock(), self.period)
+        keys = self._keys(label, None)
+        await self.state.call(self.state.script("reserve", keys, ["reap", -1, 0, int(ends_at) + 86400, -1]))
+        key = keys[0]
         state = self.state
         value = await state.call(lambda: state.client.hget(key, "held"))
         return int(value or 0) / NANO
