@@ -272,7 +272,8 @@ class Settings(BaseSettings):
         None, description="redis://[user:password@]host:port/db for state shared by replicas: budget "
         "reservations, rate limits, circuit breakers (localroute[shared]). None: per-process state.")
     shared_state_timeout_s: float = Field(
-        0.1, gt=0, le=10, description="Bound on every Redis call (connect and reply); no client retries.")
+        0.25, gt=0, le=10, description="Bound on every Redis call (connect and reply, the event loop's own lag "
+        "included); no client retries. Too tight a bound on a busy host turns load into fallbacks.")
     shared_state_failure: Literal["fail_open", "fail_closed"] = Field(
         "fail_open", description="When Redis does not answer in time: 'fail_open' serves on this process's own "
         "counters (flagged by x-localroute-shared-state: local and localroute_shared_state_fallbacks_total); "

@@ -166,7 +166,7 @@ return 1
 class SharedState:
     """One Redis connection pool with bounded calls, the failure policy and its counters."""
 
-    def __init__(self, url: str, timeout_s: float = 0.1, failure: FailurePolicy = "fail_open",
+    def __init__(self, url: str, timeout_s: float = 0.25, failure: FailurePolicy = "fail_open",
                  retry_s: float = 1.0, prefix: str = "localroute:") -> None:
         try:
             import redis.asyncio as aioredis
