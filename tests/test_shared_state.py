@@ -49,6 +49,8 @@ def test_fifty_concurrent_reservations_from_two_replicas_never_pass_the_cap(url:
         for r in granted:
             await r.asettle(0.1)
             await r.asettle(0.1)  # a second settle is ignored
+        await a.drain()
+        await b.drain()
         spent = await bb.aspent_usd()
         await a.aclose()
         await b.aclose()
@@ -77,6 +79,7 @@ def test_per_key_cap_and_holds_that_expire(url: str) -> None:
         assert await budget.areserved_usd() == 0.0  # both expired
         res = await budget.areserve(0.9, key_id="k1")
         await res.asettle(0.5)
+        await state.drain()
         assert await budget.aspent_usd("k1") == pytest.approx(0.5)
         await state.aclose()
 
@@ -113,7 +116,7 @@ def test_rate_limits_across_two_replicas(url: str) -> None:
 
         await la.admit("t", "t1")
         la.add_tokens("t", 120)
-        await asyncio.sleep(0.1)  # counted by a background task
+        await a.drain()  # counted by a background task
         with pytest.raises(RateLimitError) as info:
             await lb.admit("t", "t2")
         assert "tokens" in info.value.message
@@ -169,6 +172,7 @@ def test_failure_policy_when_redis_is_gone() -> None:
         assert flags.local == {"budget", "rate_limit"}
         assert state.fallbacks == {"budget": 2, "rate_limit": 2} and not state.up
         await res.asettle(0.5)
+        await state.drain()
         assert budget.snapshot()["pending_replays"] == 1  # charged to Redis once it is back
         await state.aclose()
 
@@ -196,12 +200,15 @@ async def _paused(server: RedisServer) -> None:
     state = SharedState(server.url, timeout_s=0.1, failure="fail_open", retry_s=0.2)
     budget = SharedSpendBudget(state, 10.0)
     await (await budget.areserve(0.5)).asettle(0.5)
+    await state.drain()
     server.pause(700)
     started = time.monotonic()
     res = await budget.areserve(1.0)
     assert res.local is not None and time.monotonic() - started < 0.5
     await res.asettle(1.0)
+    await state.drain()
     await asyncio.sleep(0.8)  # the pause is over
     await (await budget.areserve(0.1)).asettle(0.0)  # first call back replays the charge
+    await state.drain()
     assert await budget.aspent_usd() == pytest.approx(1.5)
     await state.aclose()

@@ -255,10 +255,12 @@ class SharedReservation:
     settled: bool = field(default=False)
 
     async def asettle(self, actual_usd: float) -> None:
+        """Settle off the request path: the hold stays counted (it is at least the actual cost)
+        until Redis has the charge, so the cap holds meanwhile."""
         if self.settled:
             return
         self.settled = True
-        await self.budget._asettle(self, max(0.0, actual_usd))
+        self.budget.state.spawn(self.budget._asettle(self, max(0.0, actual_usd)))
 
 
 class SharedSpendBudget:
