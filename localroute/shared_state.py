@@ -171,7 +171,7 @@ class SharedState:
         try:
             import redis.asyncio as aioredis
         except ImportError as exc:
-            raise MissingExtraError("redis_url needs redis-py: pip install 'localroute[shared]'") from exc
+            raise MissingExtraError("redis-py (for redis_url)", "shared") from exc
         self.url = url
         self.timeout_s = timeout_s
         self.failure: FailurePolicy = failure
@@ -284,8 +284,9 @@ class SharedState:
         while True:
             await asyncio.sleep(self._poll_s)
             for breaker in self.breakers:
+                key = self.key("breaker", breaker.name)
                 try:
-                    ttl_ms = await self.call(lambda b=breaker: self.client.pttl(self.key("breaker", b.name)))
+                    ttl_ms = await self.call(lambda key=key: self.client.pttl(key))  # type: ignore[misc]
                 except SharedStateDown:
                     break
                 if ttl_ms > 0:

@@ -112,7 +112,7 @@ def _psycopg() -> Any:
     try:
         import psycopg
     except ImportError as exc:
-        raise MissingExtraError("routing_log_url postgresql:// needs psycopg: pip install 'localroute[shared]'") from exc
+        raise MissingExtraError("psycopg (for a postgresql:// routing_log_url)", "shared") from exc
     return psycopg
 
 

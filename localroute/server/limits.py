@@ -70,7 +70,7 @@ class SharedStateMiddleware:
             await self.app(scope, receive, flagged_send)
         finally:
             request_flags.reset(token)
-            if admission is not None:
+            if admission is not None and limiter is not None:
                 await limiter.release(admission)
 
 
