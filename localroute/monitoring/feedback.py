@@ -12,6 +12,7 @@ nothing would train on nothing.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -131,4 +132,14 @@ class ReviewSampler:
         if rec.status_code != 200 or self.rate <= 0 or self._rng.random() >= self.rate:
             return
         tier = rec.decision.answered_by if rec.decision is not None else None
-        self.store.mark_review(rec.request_id, rec.policy, tier)
+        if getattr(self.store._store, "engine", "") != "postgresql":
+            self.store.mark_review(rec.request_id, rec.policy, tier)
+            return
+        # a network database: never on the event loop (a server that is down would stall every request)
+        threading.Thread(target=self._mark, args=(rec.request_id, rec.policy, tier), daemon=True).start()
+
+    def _mark(self, request_id: str, policy: str, tier: str | None) -> None:
+        try:
+            self.store.mark_review(request_id, policy, tier)
+        except Exception as exc:  # a lost review mark costs one sampled request, never a response
+            logging.getLogger(__name__).warning("review mark for %s not stored: %s", request_id, type(exc).__name__)
