@@ -106,3 +106,19 @@ def test_postgres_down_rows_spill_and_replay_none_lost(pg: PostgresServer, tmp_p
     assert log.replayed_total == 20 and spill.read_text() == ""
     ids = [r["request_id"] for r in read_rows(url)]
     assert sorted(ids) == sorted(f"chatcmpl-{i}" for i in range(35)) and len(ids) == 35
+
+
+def test_train_from_log_reads_postgres(pg: PostgresServer, tmp_path: Path) -> None:
+    """`localroute train --from-log postgresql://...`: requests with prompt text and feedback."""
+    from localroute.monitoring.log_report import from_routing_log
+
+    url = _fresh_db(pg, "log_train")
+    store = open_store(url)
+    store.migrate()
+    row = {c: None for c in COLUMNS} | {"ts": time.time(), "request_id": "r1", "stream": 0, "status": 200,
+                                          "disconnected": 0, "tier": "frontier", "prompt_text": "user: is it good?"}
+    store.insert([tuple(row[c] for c in COLUMNS)])
+    store.add_feedback(time.time(), "r1", 0.75, None, "human")
+    store.close()
+    data = from_routing_log(url, ["local", "frontier"])
+    assert data.texts == ["is it good?"] and data.labels[0][1] == 0.75 and data.source.startswith("log:postgresql")
