@@ -166,8 +166,14 @@ return 1
 class SharedState:
     """One Redis connection pool with bounded calls, the failure policy and its counters."""
 
-    def __init__(self, url: str, timeout_s: float = 0.25, failure: FailurePolicy = "fail_open",
-                 retry_s: float = 1.0, prefix: str = "localroute:") -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.25,
+        failure: FailurePolicy = "fail_open",
+        retry_s: float = 1.0,
+        prefix: str = "localroute:",
+    ) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError as exc:
@@ -177,10 +183,23 @@ class SharedState:
         self.failure: FailurePolicy = failure
         self.retry_s = retry_s
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=None, retry_on_timeout=False, health_check_interval=0)
-        self.scripts = {name: self.client.register_script(src) for name, src in
-                        (("reserve", RESERVE), ("settle", SETTLE), ("admit", ADMIT), ("add_tokens", ADD_TOKENS))}
+        self.client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=None,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.scripts = {
+            name: self.client.register_script(src)
+            for name, src in (
+                ("reserve", RESERVE),
+                ("settle", SETTLE),
+                ("admit", ADMIT),
+                ("add_tokens", ADD_TOKENS),
+            )
+        }
         self._down_until = 0.0
         self.errors_total = 0
         self.fallbacks: dict[str, int] = {}
@@ -210,7 +229,9 @@ class SharedState:
         except (RedisError, OSError, TimeoutError) as exc:
             self.errors_total += 1
             if self.up:
-                log.warning("shared state (redis) unavailable for %.1fs: %s", self.retry_s, type(exc).__name__)
+                log.warning(
+                    "shared state (redis) unavailable for %.1fs: %s", self.retry_s, type(exc).__name__
+                )
             self._down_until = time.monotonic() + self.retry_s
             self.last_error = type(exc).__name__
             raise SharedStateDown(self.last_error) from None
@@ -226,7 +247,9 @@ class SharedState:
             self.refusals[part] = self.refusals.get(part, 0) + 1
             raise BackendUnavailableError(
                 "shared state (redis) is unavailable and shared_state_failure is fail_closed; retry shortly",
-                code="shared_state_unavailable", retry_after_s=max(1.0, retry_after_s or self.retry_s))
+                code="shared_state_unavailable",
+                retry_after_s=max(1.0, retry_after_s or self.retry_s),
+            )
         self.fallbacks[part] = self.fallbacks.get(part, 0) + 1
         flags = request_flags.get()
         if flags is not None:
@@ -255,7 +278,9 @@ class SharedState:
 
     def _breaker_opened(self, name: str, reset_s: float) -> None:
         key = self.key("breaker", name)
-        self._in_loop(lambda: self.spawn(self._quiet(lambda: self.client.set(key, "open", px=int(reset_s * 1000)))))
+        self._in_loop(
+            lambda: self.spawn(self._quiet(lambda: self.client.set(key, "open", px=int(reset_s * 1000))))
+        )
 
     def _breaker_closed(self, name: str) -> None:
         key = self.key("breaker", name)
@@ -302,24 +327,40 @@ class SharedState:
             await self.client.aclose()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"backend": "redis", "up": self.up, "failure": self.failure, "errors_total": self.errors_total,
-                "fallbacks": dict(self.fallbacks), "refusals": dict(self.refusals)}
+        return {
+            "backend": "redis",
+            "up": self.up,
+            "failure": self.failure,
+            "errors_total": self.errors_total,
+            "fallbacks": dict(self.fallbacks),
+            "refusals": dict(self.refusals),
+        }
 
     def metrics(self) -> Iterator[Any]:
         """Prometheus families for /metrics."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        yield GaugeMetricFamily("localroute_shared_state_up", "1 when Redis (shared state) answers, 0 while "
-                                "this replica uses local state or refuses.", value=1.0 if self.up else 0.0)
-        yield CounterMetricFamily("localroute_shared_state_errors", "Redis calls that failed or timed out.",
-                                  value=self.errors_total)
-        fb = CounterMetricFamily("localroute_shared_state_fallbacks", "Requests served on local state while "
-                                 "Redis was unavailable (fail_open).", labels=["part"])
+        yield GaugeMetricFamily(
+            "localroute_shared_state_up",
+            "1 when Redis (shared state) answers, 0 while this replica uses local state or refuses.",
+            value=1.0 if self.up else 0.0,
+        )
+        yield CounterMetricFamily(
+            "localroute_shared_state_errors", "Redis calls that failed or timed out.", value=self.errors_total
+        )
+        fb = CounterMetricFamily(
+            "localroute_shared_state_fallbacks",
+            "Requests served on local state while Redis was unavailable (fail_open).",
+            labels=["part"],
+        )
         for part, n in sorted(self.fallbacks.items()):
             fb.add_metric([part], n)
         yield fb
-        rf = CounterMetricFamily("localroute_shared_state_refusals", "Requests refused with 503 because Redis "
-                                 "was unavailable (fail_closed).", labels=["part"])
+        rf = CounterMetricFamily(
+            "localroute_shared_state_refusals",
+            "Requests refused with 503 because Redis was unavailable (fail_closed).",
+            labels=["part"],
+        )
         for part, n in sorted(self.refusals.items()):
             rf.add_metric([part], n)
         yield rf
@@ -400,8 +441,13 @@ class RateLimiter:
     Tokens are counted when a request ends (prompt + completion), so a request is admitted while
     the window's tokens are under the limit and one request may take it past."""
 
-    def __init__(self, state: SharedState | None, default: Limits | None, per_key: dict[str, Limits],
-                 lease_ttl_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        state: SharedState | None,
+        default: Limits | None,
+        per_key: dict[str, Limits],
+        lease_ttl_s: float = 600.0,
+    ) -> None:
         self.state = state
         self.default = default
         self.per_key = per_key
@@ -415,7 +461,11 @@ class RateLimiter:
 
     def _keys(self, key: str) -> list[str]:
         assert self.state is not None
-        return [self.state.key("rl", key, "req"), self.state.key("rl", key, "lease"), self.state.key("rl", key, "tok")]
+        return [
+            self.state.key("rl", key, "req"),
+            self.state.key("rl", key, "lease"),
+            self.state.key("rl", key, "tok"),
+        ]
 
     async def admit(self, key_id: str | None, request_id: str) -> Admission | None:
         """None when the key has no limits; RateLimitError (429, Retry-After) when one is reached."""
@@ -427,9 +477,19 @@ class RateLimiter:
         shared = False
         if self.state is not None:
             try:
-                ok, which, retry_ms = await self.state.call(self.state.script("admit", self._keys(key), [
-                    request_id, limits.requests_per_min or 0, limits.tokens_per_min or 0, limits.concurrent or 0,
-                    self.lease_ttl_ms]))
+                ok, which, retry_ms = await self.state.call(
+                    self.state.script(
+                        "admit",
+                        self._keys(key),
+                        [
+                            request_id,
+                            limits.requests_per_min or 0,
+                            limits.tokens_per_min or 0,
+                            limits.concurrent or 0,
+                            self.lease_ttl_ms,
+                        ],
+                    )
+                )
                 shared = True
                 refused = None if int(ok) else (_text(which), max(0.0, float(retry_ms)) / 1000)
             except SharedStateDown:
@@ -440,8 +500,11 @@ class RateLimiter:
         if refused is not None:
             which_limit, wait = refused
             self.rejected[which_limit] = self.rejected.get(which_limit, 0) + 1
-            raise RateLimitError(f"rate limit reached for this API key ({which_limit.replace('_', ' ')})",
-                                 code="rate_limit_exceeded", retry_after_s=max(1.0, wait))
+            raise RateLimitError(
+                f"rate limit reached for this API key ({which_limit.replace('_', ' ')})",
+                code="rate_limit_exceeded",
+                retry_after_s=max(1.0, wait),
+            )
         return Admission(key, request_id, shared, limits.concurrent is not None)
 
     async def release(self, admission: Admission | None) -> None:

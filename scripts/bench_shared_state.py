@@ -41,7 +41,9 @@ def _serve(app: Any) -> Iterator[str]:
     from tests.services import free_port
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -66,11 +68,23 @@ def run(upstream_url: str, redis_url: str | None, n: int) -> dict[str, Any]:
     from localroute.settings import Settings
 
     settings = Settings(
-        tiers=[{"name": "frontier", "kind": "openai", "model": "gpt-test", "base_url": upstream_url,
-                "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0}],
-        api_keys="sk-bench-0123456789", redis_url=redis_url, budget_usd=1e6, budget_state_path=None,
+        tiers=[
+            {
+                "name": "frontier",
+                "kind": "openai",
+                "model": "gpt-test",
+                "base_url": upstream_url,
+                "input_usd_per_mtok": 1.0,
+                "output_usd_per_mtok": 1.0,
+            }
+        ],
+        api_keys="sk-bench-0123456789",
+        redis_url=redis_url,
+        budget_usd=1e6,
+        budget_state_path=None,
         rate_limit_default={"requests_per_min": 10**7, "tokens_per_min": 10**9, "concurrent": 1000},
-        routing_log_path=None, frontier_max_retries=0,
+        routing_log_path=None,
+        frontier_max_retries=0,
     )
     app = create_app(settings)
     budget_s: list[float] = []
@@ -88,24 +102,36 @@ def run(upstream_url: str, redis_url: str | None, n: int) -> dict[str, Any]:
                     budget_s.append(time.perf_counter() - t)
 
             budget.areserve = timed_reserve  # type: ignore[method-assign]
-        body = {"model": "localroute/cascade", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        body = {
+            "model": "localroute/cascade",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
         for i in range(n + 20):
             r = client.post(f"{base}/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
             if "x-localroute-shared-state" in r.headers:
-                raise SystemExit("Redis fell back to local state during the bench: " + r.headers["x-localroute-shared-state"])
-            timing = dict(part.split(";dur=") for part in r.headers["server-timing"].replace(" ", "").split(","))
+                raise SystemExit(
+                    "Redis fell back to local state during the bench: "
+                    + r.headers["x-localroute-shared-state"]
+                )
+            timing = dict(
+                part.split(";dur=") for part in r.headers["server-timing"].replace(" ", "").split(",")
+            )
             if i >= 20:  # warm-up: connections, script loading
                 router_s.append(float(timing["router"]) / 1000)
             elif budget_s:
                 budget_s.pop()
     extra = budget_s[-n:] if budget_s else [0.0] * n
     total = [a + b for a, b in zip(router_s, extra)]
-    return {"requests": n, "shared": redis_url is not None,
-            "overhead_p50_ms": round(statistics.median(total) * 1000, 3),
-            "overhead_p99_ms": round(_pct(total, 0.99) * 1000, 3),
-            "server_timing_router_p50_ms": round(statistics.median(router_s) * 1000, 3),
-            "budget_redis_p50_ms": round(statistics.median(extra) * 1000, 3)}
+    return {
+        "requests": n,
+        "shared": redis_url is not None,
+        "overhead_p50_ms": round(statistics.median(total) * 1000, 3),
+        "overhead_p99_ms": round(_pct(total, 0.99) * 1000, 3),
+        "server_timing_router_p50_ms": round(statistics.median(router_s) * 1000, 3),
+        "budget_redis_p50_ms": round(statistics.median(extra) * 1000, 3),
+    }
 
 
 def main() -> int:
@@ -128,9 +154,11 @@ def main() -> int:
         print(json.dumps(out, indent=2))
     else:
         for name, r in out.items():
-            print(f"{name:10s} overhead p50 {r['overhead_p50_ms']:.3f} ms  p99 {r['overhead_p99_ms']:.3f} ms  "
-                  f"(Server-Timing router p50 {r['server_timing_router_p50_ms']:.3f} ms + budget in Redis p50 "
-                  f"{r['budget_redis_p50_ms']:.3f} ms)")
+            print(
+                f"{name:10s} overhead p50 {r['overhead_p50_ms']:.3f} ms  p99 {r['overhead_p99_ms']:.3f} ms  "
+                f"(Server-Timing router p50 {r['server_timing_router_p50_ms']:.3f} ms + budget in Redis p50 "
+                f"{r['budget_redis_p50_ms']:.3f} ms)"
+            )
     return 0
 
 

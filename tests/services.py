@@ -31,8 +31,13 @@ import pytest
 
 __all__ = ["PostgresServer", "RedisServer", "postgres_server", "redis_server", "require_or_skip"]
 
-PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
-               "/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/14/bin")
+PG_BIN_DIRS = (
+    "/usr/local/bin",
+    "/usr/lib/postgresql/17/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/15/bin",
+    "/usr/lib/postgresql/14/bin",
+)
 
 
 def require_or_skip(reason: str) -> None:
@@ -72,17 +77,35 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--logfile",
+                str(self.dir / "redis.log"),
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(self.port, 10)
 
     def command(self, *args: str) -> str:
         """One command through redis-cli (works while redis-py clients are blocked)."""
         cli = shutil.which("redis-cli")
         if cli is not None:
-            out = subprocess.run([cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10,
-                                 check=False)
+            out = subprocess.run(
+                [cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10, check=False
+            )
             return out.stdout.strip()
         import redis
 
@@ -145,8 +168,12 @@ class PostgresServer:
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _ctl(self, *args: str) -> None:
-        subprocess.run([*self.as_user, self.pg_ctl, "-D", str(self.dir / "data"), *args], check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.dir / "data"), *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -F -c max_connections=100"
@@ -163,8 +190,10 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL (skips, or fails under require, when the server binaries are missing)."""
     initdb, pg_ctl, postgres = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("postgres")
     if initdb is None or pg_ctl is None or postgres is None:
-        require_or_skip("needs the PostgreSQL server binaries initdb, pg_ctl, postgres (apt-get install "
-                        "postgresql) or LOCALROUTE_TEST_POSTGRES_URL")
+        require_or_skip(
+            "needs the PostgreSQL server binaries initdb, pg_ctl, postgres (apt-get install "
+            "postgresql) or LOCALROUTE_TEST_POSTGRES_URL"
+        )
     assert initdb is not None and pg_ctl is not None
     directory = Path(tempfile.mkdtemp(prefix="localroute-pg-"))
     as_user: list[str] = []
@@ -177,8 +206,24 @@ def postgres_server() -> Iterator[PostgresServer]:
             raise
         os.chown(directory, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_user, initdb, "-D", str(directory / "data"), "-U", "postgres", "--auth=trust",
-                    "--no-sync", "-E", "UTF8", "--locale=C"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            *as_user,
+            initdb,
+            "-D",
+            str(directory / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     server = PostgresServer(directory, pg_ctl, as_user)
     try:
         server.start()

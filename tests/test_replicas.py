@@ -62,8 +62,12 @@ class Replica:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop("LOCALROUTE_ROUTING_LOG_PATH", None)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "localroute", "serve", "--config", str(self.config)],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "localroute", "serve", "--config", str(self.config)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,40 +120,51 @@ class Cluster:
 
 
 def config_toml(c: Cluster, r: Replica, policy: str, budget_usd: float) -> str:
-    tier = {"name": "frontier", "kind": "openai", "model": "gpt-test", "base_url": c.upstream.url,
-            "input_usd_per_mtok": PRICE, "output_usd_per_mtok": PRICE}
-    return "\n".join([
-        f"port = {r.port}",
-        'log_level = "warning"',
-        f"api_keys = {json.dumps(','.join(KEYS.values()))}",
-        f"redis_url = {json.dumps(c.redis.url)}",
-        f'shared_state_failure = "{policy}"',
-        "shared_state_timeout_s = 0.5",  # 2 shared cores: an event loop under 25 requests lags
-        "shared_state_retry_s = 0.5",
-        f"routing_log_url = {json.dumps(c.pg.url)}",
-        f"routing_log_spill_path = {json.dumps(str(c.dir / f'{r.name}-spill.jsonl'))}",
-        "routing_log_batch_s = 0.02",
-        f"budget_usd = {budget_usd}",
-        'budget_exhausted_policy = "reject"',
-        "budget_hold_ttl_s = 3.0",
-        "frontier_timeout_s = 2.0",
-        "frontier_max_retries = 0",
-        "engine_isolation = \"thread\"",
-        "[rate_limit_default]",
-        "requests_per_min = 100000",
-        "[rate_limits." + key_id(KEYS["rate"]) + "]",
-        f"requests_per_min = {RATE_PER_MIN}",
-        "[[tiers]]",
-        *[f"{k} = {json.dumps(v)}" for k, v in tier.items()],
-        "",
-    ])
+    tier = {
+        "name": "frontier",
+        "kind": "openai",
+        "model": "gpt-test",
+        "base_url": c.upstream.url,
+        "input_usd_per_mtok": PRICE,
+        "output_usd_per_mtok": PRICE,
+    }
+    return "\n".join(
+        [
+            f"port = {r.port}",
+            'log_level = "warning"',
+            f"api_keys = {json.dumps(','.join(KEYS.values()))}",
+            f"redis_url = {json.dumps(c.redis.url)}",
+            f'shared_state_failure = "{policy}"',
+            "shared_state_timeout_s = 0.5",  # 2 shared cores: an event loop under 25 requests lags
+            "shared_state_retry_s = 0.5",
+            f"routing_log_url = {json.dumps(c.pg.url)}",
+            f"routing_log_spill_path = {json.dumps(str(c.dir / f'{r.name}-spill.jsonl'))}",
+            "routing_log_batch_s = 0.02",
+            f"budget_usd = {budget_usd}",
+            'budget_exhausted_policy = "reject"',
+            "budget_hold_ttl_s = 3.0",
+            "frontier_timeout_s = 2.0",
+            "frontier_max_retries = 0",
+            'engine_isolation = "thread"',
+            "[rate_limit_default]",
+            "requests_per_min = 100000",
+            "[rate_limits." + key_id(KEYS["rate"]) + "]",
+            f"requests_per_min = {RATE_PER_MIN}",
+            "[[tiers]]",
+            *[f"{k} = {json.dumps(v)}" for k, v in tier.items()],
+            "",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     d = tmp_path_factory.mktemp("replicas")
-    with redis_server() as redis, postgres_server() as pg, \
-            FaultUpstream(Fault(prompt_tokens=10, completion_tokens=5, delay_s=0.02)) as up:
+    with (
+        redis_server() as redis,
+        postgres_server() as pg,
+        FaultUpstream(Fault(prompt_tokens=10, completion_tokens=5, delay_s=0.02)) as up,
+    ):
         a = Replica("a", d / "a.toml", free_port(), d / "a.log")
         b = Replica("b", d / "b.toml", free_port(), d / "b.log")
         c = Cluster(redis, pg, up, d, a, b)
@@ -164,9 +179,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def ask(base: str, key: str, timeout: float = 10.0) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", timeout=timeout, headers={"Authorization": f"Bearer {KEYS[key]}"},
-                      json={"model": "localroute/cascade", "max_tokens": MAX_TOKENS,
-                            "messages": [{"role": "user", "content": "q"}]})
+    return httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {KEYS[key]}"},
+        json={
+            "model": "localroute/cascade",
+            "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "q"}],
+        },
+    )
 
 
 def spread(c: Cluster, key: str, n: int, workers: int = 25) -> list[httpx.Response]:
@@ -181,7 +203,9 @@ def test_budget_holds_across_replicas_and_restarts(cluster: Cluster) -> None:
     ok = [r for r in answers if r.status_code == 200]
     refused = [r for r in answers if r.status_code == 429]
     assert len(ok) + len(refused) == 50, [r.text for r in answers if r.status_code not in (200, 429)]
-    assert all(r.json()["error"]["code"] == "budget_exceeded" and int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(
+        r.json()["error"]["code"] == "budget_exceeded" and int(r.headers["retry-after"]) >= 1 for r in refused
+    )
     assert {r.headers["x-localroute-tier"] for r in ok} == {"frontier"}
     assert len(c.upstream.requests) - calls_before == len(ok)
     for _ in range(20):  # settles run just after each answer, off the request path
@@ -201,21 +225,33 @@ def test_feedback_posted_to_the_other_replica_and_report_on_either(cluster: Clus
     c = cluster
     answer = ask(c.a.url, "feedback")
     assert answer.status_code == 200
-    fb = httpx.post(f"{c.b.url}/v1/feedback", timeout=10, headers={"Authorization": f"Bearer {KEYS['feedback']}"},
-                    json={"request_id": answer.json()["id"], "correct": True})
+    fb = httpx.post(
+        f"{c.b.url}/v1/feedback",
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEYS['feedback']}"},
+        json={"request_id": answer.json()["id"], "correct": True},
+    )
     assert fb.status_code == 200, fb.text
     assert fb.json()["tier"] == "frontier"
     import psycopg
 
     with psycopg.connect(c.pg.url) as conn:
         logged = conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-        stored = conn.execute("SELECT COUNT(*) FROM feedback WHERE request_id = %s", (answer.json()["id"],)).fetchone()
+        stored = conn.execute(
+            "SELECT COUNT(*) FROM feedback WHERE request_id = %s", (answer.json()["id"],)
+        ).fetchone()
     assert stored[0] == 1
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("LOCALROUTE_ROUTING_LOG_PATH", None)
     for r in (c.a, c.b):  # `report` with either replica's settings sees every row of both
-        out = subprocess.run([sys.executable, "-m", "localroute", "report", "--config", str(r.config), "--json"],
-                             capture_output=True, text=True, timeout=60, env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "localroute", "report", "--config", str(r.config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=True,
+        )
         summary = json.loads(out.stdout)
         assert summary["requests"] == logged and logged >= 51
 
@@ -262,7 +298,9 @@ def test_postgres_stopped_under_load_loses_no_row(cluster: Cluster) -> None:
     stored = 0
     while time.monotonic() < deadline:
         with psycopg.connect(c.pg.url) as conn:
-            stored = conn.execute("SELECT COUNT(*) FROM requests WHERE request_id = ANY(%s)", (ids,)).fetchone()[0]
+            stored = conn.execute(
+                "SELECT COUNT(*) FROM requests WHERE request_id = ANY(%s)", (ids,)
+            ).fetchone()[0]
         if stored == len(ids):
             break
         time.sleep(0.3)
@@ -330,11 +368,15 @@ def test_redis_paused_then_killed_fail_open_serves_fail_closed_refuses(cluster: 
     assert a and all(code == 200 for code, _, _ in a), {code for code, _, _ in a}
     latencies = [s for _, s, _ in a]
     p99 = _p(latencies, 0.99)
-    print(f"fail_open under Redis pause+kill: {len(a)} answered, p50 {_p(latencies, 0.5) * 1000:.0f} ms, "
-          f"p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
+    print(
+        f"fail_open under Redis pause+kill: {len(a)} answered, p50 {_p(latencies, 0.5) * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+    )
     assert p99 < 2.0  # within the request's deadline (frontier_timeout_s): Redis cost at most its timeout
     assert any("local" in r.headers.get("x-localroute-shared-state", "") for _, _, r in a)
-    metrics = httpx.get(f"{c.a.url}/metrics", timeout=5, headers={"Authorization": f"Bearer {KEYS['load']}"}).text
+    metrics = httpx.get(
+        f"{c.a.url}/metrics", timeout=5, headers={"Authorization": f"Bearer {KEYS['load']}"}
+    ).text
     assert "localroute_shared_state_fallbacks_total" in metrics
     refused = [r for code, _, r in b if code == 503]
     assert refused and all(code in (200, 503) for code, _, _ in b)

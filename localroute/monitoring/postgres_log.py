@@ -122,12 +122,16 @@ class PostgresLogStore:
 
     engine = "postgresql"
 
-    def __init__(self, url: str, columns: Sequence[str], migration_names: Sequence[str],
-                 connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, columns: Sequence[str], migration_names: Sequence[str], connect_timeout_s: float = 5.0
+    ) -> None:
         missing = [n for n in migration_names if n not in POSTGRES_MIGRATIONS]
         if missing:
-            raise ConfigError(f"routing_log_url: no PostgreSQL version of migration(s) {', '.join(missing)} "
-                              f"(localroute/monitoring/postgres_log.py)", param="routing_log_url")
+            raise ConfigError(
+                f"routing_log_url: no PostgreSQL version of migration(s) {', '.join(missing)} "
+                f"(localroute/monitoring/postgres_log.py)",
+                param="routing_log_url",
+            )
         self.url = url
         self.columns = tuple(columns)
         self.migration_names = list(migration_names)
@@ -147,7 +151,9 @@ class PostgresLogStore:
     def conn(self) -> Any:
         if self._conn is None or self._conn.closed:
             psycopg = _psycopg()
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s)))
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s))
+            )
         return self._conn
 
     def close(self) -> None:
@@ -168,8 +174,10 @@ class PostgresLogStore:
 
     def migrate(self) -> list[str]:
         conn = self.conn()
-        conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION "
-                     "NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION "
+            "NOT NULL)"
+        )
         applied = []
         for name in self.migration_names:
             with conn.transaction():
@@ -179,7 +187,9 @@ class PostgresLogStore:
                 for statement in (s.strip() for s in POSTGRES_MIGRATIONS[name].split(";")):
                     if statement:
                         conn.execute(statement)
-                conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (%s, %s)", (name, time.time()))
+                conn.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES (%s, %s)", (name, time.time())
+                )
             applied.append(name)
         self.ensure_partitions([time.time() + d * 86400 for d in range(3)])
         return applied
@@ -200,14 +210,22 @@ class PostgresLogStore:
             for table, day in wanted:
                 name = f"{table}_d{day.strftime('%Y%m%d')}"
                 lo, hi = day.timestamp(), (day + timedelta(days=1)).timestamp()
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ({lo!r}) "
-                             f"TO ({hi!r})")
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM ({lo!r}) "
+                    f"TO ({hi!r})"
+                )
         self._days.update((table, day.strftime("%Y%m%d")) for table, day in wanted)
 
     def partitions(self, table: str = "requests") -> list[str]:
-        rows = self.conn().execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s ORDER BY c.relname", (table,)).fetchall()
+        rows = (
+            self.conn()
+            .execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s ORDER BY c.relname",
+                (table,),
+            )
+            .fetchall()
+        )
         return [r[0] for r in rows]
 
     def prune(self, retention_days: float | None) -> int:
@@ -237,27 +255,43 @@ class PostgresLogStore:
     def insert(self, rows: Sequence[Sequence[Any]]) -> None:
         ts_index = self.columns.index("ts")
         self.ensure_partitions(r[ts_index] for r in rows)
-        sql = (f"INSERT INTO requests ({', '.join(self.columns)}) VALUES ({', '.join(['%s'] * len(self.columns))}) "
-               "ON CONFLICT DO NOTHING")
+        sql = (
+            f"INSERT INTO requests ({', '.join(self.columns)}) VALUES ({', '.join(['%s'] * len(self.columns))}) "
+            "ON CONFLICT DO NOTHING"
+        )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
             cur.executemany(sql, [tuple(r) for r in rows])
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
-        row = self.conn().execute("SELECT policy, tier FROM requests WHERE request_id = %s ORDER BY ts DESC LIMIT 1",
-                                  (request_id,)).fetchone()
+        row = (
+            self.conn()
+            .execute(
+                "SELECT policy, tier FROM requests WHERE request_id = %s ORDER BY ts DESC LIMIT 1",
+                (request_id,),
+            )
+            .fetchone()
+        )
         return (row[0], row[1]) if row is not None else None
 
     def add_feedback(self, ts: float, request_id: str, score: float, correct: int | None, source: str) -> int:
         self.ensure_partitions([ts])
-        row = self.conn().execute(
-            "INSERT INTO feedback (ts, request_id, score, correct, source) VALUES (%s, %s, %s, %s, %s) RETURNING id",
-            (ts, request_id, score, correct, source)).fetchone()
+        row = (
+            self.conn()
+            .execute(
+                "INSERT INTO feedback (ts, request_id, score, correct, source) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (ts, request_id, score, correct, source),
+            )
+            .fetchone()
+        )
         return int(row[0])
 
     def mark_review(self, request_id: str, ts: float, policy: str, tier: str | None) -> None:
-        self.conn().execute("INSERT INTO review_sample (request_id, ts, policy, tier) VALUES (%s, %s, %s, %s) "
-                            "ON CONFLICT DO NOTHING", (request_id, ts, policy, tier))
+        self.conn().execute(
+            "INSERT INTO review_sample (request_id, ts, policy, tier) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (request_id, ts, policy, tier),
+        )
 
     # ---- reads ----
 
@@ -278,15 +312,24 @@ class PostgresLogStore:
         return int(self.conn().execute("SELECT COUNT(*) FROM requests").fetchone()[0])
 
     def review_queue(self, pending_only: bool = True, limit: int = 100) -> list[tuple[Any, ...]]:
-        sql = ("SELECT s.request_id, s.ts, s.policy, s.tier, COUNT(f.id), AVG(f.score) FROM review_sample s "
-               "LEFT JOIN feedback f ON f.request_id = s.request_id GROUP BY s.request_id, s.ts, s.policy, s.tier "
-               + ("HAVING COUNT(f.id) = 0 " if pending_only else "") + "ORDER BY s.ts DESC LIMIT %s")
+        sql = (
+            "SELECT s.request_id, s.ts, s.policy, s.tier, COUNT(f.id), AVG(f.score) FROM review_sample s "
+            "LEFT JOIN feedback f ON f.request_id = s.request_id GROUP BY s.request_id, s.ts, s.policy, s.tier "
+            + ("HAVING COUNT(f.id) = 0 " if pending_only else "")
+            + "ORDER BY s.ts DESC LIMIT %s"
+        )
         return [tuple(r) for r in self.conn().execute(sql, (limit,)).fetchall()]
 
     def labelled(self) -> list[tuple[Any, ...]]:
         """(request_id, prompt_text, tier, mean score) of requests with feedback, for `train --from-log`."""
-        return [tuple(r) for r in self.conn().execute(
-            "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
-            "JOIN feedback f ON f.request_id = r.request_id "
-            "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
-            "GROUP BY r.request_id, r.prompt_text, r.tier").fetchall()]
+        return [
+            tuple(r)
+            for r in self.conn()
+            .execute(
+                "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
+                "JOIN feedback f ON f.request_id = r.request_id "
+                "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
+                "GROUP BY r.request_id, r.prompt_text, r.tier"
+            )
+            .fetchall()
+        ]

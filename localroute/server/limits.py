@@ -62,8 +62,12 @@ class SharedStateMiddleware:
             async def flagged_send(message: Message) -> None:
                 if message["type"] == "http.response.start" and flags.local:
                     headers = list(message.get("headers") or [])
-                    headers.append((b"x-localroute-shared-state",
-                                    f"local; parts={','.join(sorted(flags.local))}".encode()))
+                    headers.append(
+                        (
+                            b"x-localroute-shared-state",
+                            f"local; parts={','.join(sorted(flags.local))}".encode(),
+                        )
+                    )
                     message = {**message, "headers": headers}
                 await send(message)
 

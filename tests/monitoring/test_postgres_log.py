@@ -74,8 +74,13 @@ def test_retention_drops_day_partitions(pg: PostgresServer) -> None:
     assert isinstance(store, PostgresLogStore)
     store.migrate()
     old = time.time() - 10 * 86400
-    row = {c: None for c in COLUMNS} | {"ts": old, "request_id": "old", "stream": 0, "status": 200,
-                                          "disconnected": 0}
+    row = {c: None for c in COLUMNS} | {
+        "ts": old,
+        "request_id": "old",
+        "stream": 0,
+        "status": 200,
+        "disconnected": 0,
+    }
     store.insert([tuple(row[c] for c in COLUMNS)])
     before = store.partitions("requests")
     assert store.count_requests() == 1 and len(before) == 4
@@ -115,10 +120,21 @@ def test_train_from_log_reads_postgres(pg: PostgresServer, tmp_path: Path) -> No
     url = _fresh_db(pg, "log_train")
     store = open_store(url)
     store.migrate()
-    row = {c: None for c in COLUMNS} | {"ts": time.time(), "request_id": "r1", "stream": 0, "status": 200,
-                                          "disconnected": 0, "tier": "frontier", "prompt_text": "user: is it good?"}
+    row = {c: None for c in COLUMNS} | {
+        "ts": time.time(),
+        "request_id": "r1",
+        "stream": 0,
+        "status": 200,
+        "disconnected": 0,
+        "tier": "frontier",
+        "prompt_text": "user: is it good?",
+    }
     store.insert([tuple(row[c] for c in COLUMNS)])
     store.add_feedback(time.time(), "r1", 0.75, None, "human")
     store.close()
     data = from_routing_log(url, ["local", "frontier"])
-    assert data.texts == ["is it good?"] and data.labels[0][1] == 0.75 and data.source.startswith("log:postgresql")
+    assert (
+        data.texts == ["is it good?"]
+        and data.labels[0][1] == 0.75
+        and data.source.startswith("log:postgresql")
+    )

@@ -18,14 +18,22 @@ BODY = {"model": "localroute/cascade", "max_tokens": 4, "messages": [{"role": "u
 
 
 def _post(base: str, key: str) -> httpx.Response:
-    return httpx.post(f"{base}/chat/completions", json=BODY, timeout=30, headers={"Authorization": f"Bearer {key}"})
+    return httpx.post(
+        f"{base}/chat/completions", json=BODY, timeout=30, headers={"Authorization": f"Bearer {key}"}
+    )
 
 
 def test_requests_per_minute_per_key_in_process() -> None:
     two = hashlib.sha256(KEYS[1].encode()).hexdigest()[:12]
-    settings = Settings(api_keys=",".join(KEYS), rate_limit_default={"requests_per_min": 2},
-                        rate_limits={two: {"requests_per_min": 1}}, public_paths=["/metrics"])
-    app = create_app(settings, tiers=[Tier("local", ScriptedBackend("local", text="ok", logprobs=-0.1), None)])
+    settings = Settings(
+        api_keys=",".join(KEYS),
+        rate_limit_default={"requests_per_min": 2},
+        rate_limits={two: {"requests_per_min": 1}},
+        public_paths=["/metrics"],
+    )
+    app = create_app(
+        settings, tiers=[Tier("local", ScriptedBackend("local", text="ok", logprobs=-0.1), None)]
+    )
     with serve_app(app) as base:
         one = [_post(base, KEYS[0]) for _ in range(3)]
         other = [_post(base, KEYS[1]) for _ in range(2)]
