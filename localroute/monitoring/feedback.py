@@ -66,7 +66,11 @@ class FeedbackStore:
         self.lookup_wait_s = lookup_wait_s
         self._store: LogStore = open_store(target)
         self._lock = threading.Lock()
-        self._run(lambda s: s.migrate())  # at start-up: a bad target fails now, not on a request
+        self._migrated = False
+        try:  # at start-up: a bad target fails now, not on a request
+            self._run(lambda s: None)
+        except BackendUnavailableError:  # PostgreSQL down at start-up: serve; migrate on first use
+            logging.getLogger(__name__).warning("feedback store %s unavailable at start-up", self._store.target)
 
     @contextmanager
     def _locked(self) -> Iterator[LogStore]:
@@ -78,6 +82,9 @@ class FeedbackStore:
 
         with self._locked() as store:
             try:
+                if not self._migrated:
+                    store.migrate()
+                    self._migrated = True
                 return fn(store)
             except (InvalidRequestError, sqlite3.Error):
                 raise

@@ -138,3 +138,29 @@ def test_train_from_log_reads_postgres(pg: PostgresServer, tmp_path: Path) -> No
         and data.labels[0][1] == 0.75
         and data.source.startswith("log:postgresql")
     )
+
+
+def test_a_replica_starts_while_postgres_is_down(pg: PostgresServer, tmp_path: Path) -> None:
+    """Start-up does not need the database: rows spill, feedback is a clean 503, and once the
+    server is back the log migrates and the rows are replayed."""
+    from localroute.errors import BackendUnavailableError
+
+    url = _fresh_db(pg, "log_down_at_start")
+    pg.stop()
+    try:
+        log = RoutingLog(url, spill_path=tmp_path / "spill.jsonl", batch_s=0.01)
+        fb = FeedbackStore(url)
+        for i in range(3):
+            log.observe(_record(i))
+        log.flush()
+        assert log.spilled_total == 3
+        with pytest.raises(BackendUnavailableError) as info:
+            fb.add(FeedbackRequest(request_id="chatcmpl-0", score=1.0))
+        assert info.value.status_code == 503 and info.value.code == "routing_log_unavailable"
+    finally:
+        pg.start()
+    log.observe(_record(3))
+    log.flush()
+    log.close()
+    assert sorted(r["request_id"] for r in read_rows(url)) == [f"chatcmpl-{i}" for i in range(4)]
+    assert fb.add(FeedbackRequest(request_id="chatcmpl-0", score=1.0))["score"] == 1.0
