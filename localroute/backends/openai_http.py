@@ -45,7 +45,7 @@ from localroute.types import (
 )
 
 if TYPE_CHECKING:
-    from localroute.backends.budget import Reservation, SpendBudget
+    from localroute.backends.budget import Budget
     from localroute.settings import Settings, TierSettings
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class OpenAIHTTPBackend:
         self.breaker = breaker or CircuitBreaker(name)
         self.input_usd_per_mtok = input_usd_per_mtok
         self.output_usd_per_mtok = output_usd_per_mtok
-        self.budget: SpendBudget | None = None  # attached by the app when a spend cap is set
+        self.budget: Budget | None = None  # attached by the app when a spend cap is set (local or shared)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # httpx's own read timeout is only a backstop: keep-alives reset it, our deadlines do not.
         backstop = max(d.first_token_s, d.idle_s)
@@ -263,30 +263,30 @@ class OpenAIHTTPBackend:
         return (prompt_tokens * (self.input_usd_per_mtok or 0.0)
                 + completion_tokens * (self.output_usd_per_mtok or 0.0)) / 1e6
 
-    def _reserve(self, request: GenerationRequest) -> Reservation | None:
+    async def _reserve(self, request: GenerationRequest) -> Any:
         if self.budget is None:
             return None
-        return self.budget.reserve(self._worst_cost_usd(request), key_id=current_key_id.get())
+        return await self.budget.areserve(self._worst_cost_usd(request), key_id=current_key_id.get())
 
-    def _settle(self, reservation: Reservation | None, usage: dict[str, Any] | None, billed: bool) -> None:
+    async def _settle(self, reservation: Any, usage: dict[str, Any] | None, billed: bool) -> None:
         """Reconcile: the provider's usage when known; the reservation when the call may have been
         billed but usage is unknown (a cut stream); nothing when it never reached the model."""
         if reservation is None:
             return
         if usage and "prompt_tokens" in usage:
             actual = self._cost_usd(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-            reservation.settle(actual)
+            await reservation.asettle(actual)
         elif billed:
-            reservation.settle(reservation.amount_usd)
+            await reservation.asettle(reservation.amount_usd)
         else:
-            reservation.settle(0.0)
+            await reservation.asettle(0.0)
 
     # ---- the retry loop shared by generate and stream ----
 
     async def _attempts(self, request: GenerationRequest, stream: bool) -> AsyncGenerator[StreamDelta, None]:
         """Yield deltas (the last carries the Generation). Retries only until the first delta."""
         loop = asyncio.get_running_loop()
-        reservation = self._reserve(request)
+        reservation = await self._reserve(request)
         deadline = loop.time() + self.deadlines.total_s
         retries, waited = 0, 0.0
         sent = False
@@ -331,7 +331,7 @@ class OpenAIHTTPBackend:
         finally:
             if not verdict:
                 self.breaker.release_probe()
-            self._settle(reservation, state["usage"], state["billed"])
+            await self._settle(reservation, state["usage"], state["billed"])
 
     async def _wait(self, aw: Any, until: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
