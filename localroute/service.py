@@ -1,16 +1,18 @@
-"""The composition root: the tiers from settings, the routers by model id, the spend budget and
-the monitoring that watches them. The HTTP app (server/app.py), `localroute ask` and the
+"""The composition root: the tiers from settings, the routers by model id, the spend budget, the
+rate limits, the shared state (Redis) they may keep, and the monitoring that watches them. The HTTP app (server/app.py), `localroute ask` and the
 benchmarks all build the same `Service`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from localroute.backends.base import load_backend
-from localroute.backends.budget import SpendBudget
+from localroute.backends.budget import Budget, SharedSpendBudget, SpendBudget, SpendStore
 from localroute.backends.capabilities import capabilities_for
 from localroute.backends.supervised import supervised
 from localroute.errors import ConfigError, ModelNotFoundError
@@ -23,11 +25,13 @@ from localroute.routing.base import Decision, Router, Tier
 from localroute.routing.cascade import CascadeRouter
 from localroute.routing.repetition import RepetitionCheck
 from localroute.settings import Settings
+from localroute.shared_state import Limits, RateLimiter, SharedState
 from localroute.types import Generation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CASCADE", "Monitoring", "Service", "attach_budget", "build_tiers"]
+__all__ = ["CASCADE", "Monitoring", "Service", "attach_budget", "build_rate_limiter", "build_shared_state",
+           "build_tiers"]
 
 
 CASCADE = "localroute/cascade"
@@ -46,7 +50,20 @@ class Service:
             repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
         )
         self.routers: dict[str, Router] = {CASCADE: cascade}
-        self.budget = attach_budget(self.tiers, settings)
+        self.shared_state = build_shared_state(settings)
+        self.budget = attach_budget(self.tiers, settings, self.shared_state)
+        self.rate_limiter = build_rate_limiter(settings, self.shared_state)
+        if self.shared_state is not None:
+            for tier in self.tiers:  # a remote tier's breaker is shared by every replica
+                breaker = getattr(tier.backend, "breaker", None)
+                if breaker is not None and not tier.backend.is_local:
+                    self.shared_state.attach_breaker(breaker)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                self.shared_state.start()
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
                 [Tier(tier.name, tier.backend, None, tier.capabilities)], settings.confidence_aggregator,
@@ -83,8 +100,23 @@ class Service:
         self.record(rec)
 
     async def aclose(self) -> None:
-        for tier in self.tiers:
-            await tier.backend.aclose()
+        try:
+            for tier in self.tiers:
+                await tier.backend.aclose()
+        finally:
+            if self.shared_state is not None:
+                await self.shared_state.aclose()
+            store = getattr(self.budget, "store", None)
+            if store is not None:
+                store.close()
+
+    async def budget_snapshot(self) -> dict[str, Any] | None:
+        """The budget's period, cap and spend (Redis's when shared), for /health."""
+        if self.budget is None:
+            return None
+        if isinstance(self.budget, SharedSpendBudget):
+            return await self.budget.asnapshot()
+        return self.budget.snapshot()
 
 
 def build_tiers(settings: Settings) -> list[Tier]:
@@ -113,12 +145,40 @@ def build_tiers(settings: Settings) -> list[Tier]:
     return tiers
 
 
-def attach_budget(tiers: Sequence[Tier], settings: Settings) -> SpendBudget | None:
-    """Give every remote tier one shared budget when a cap is configured. A remote tier must
-    have prices (its own, or the price table's) or the cap could not be enforced: ConfigError."""
+def build_shared_state(settings: Settings) -> SharedState | None:
+    """The Redis connection when `redis_url` is set (nothing is connected until first use)."""
+    if settings.redis_url is None:
+        return None
+    return SharedState(settings.redis_url.get_secret_value(), settings.shared_state_timeout_s,
+                       settings.shared_state_failure, settings.shared_state_retry_s)
+
+
+def build_rate_limiter(settings: Settings, state: SharedState | None) -> RateLimiter | None:
+    """Per-key limits when any are configured (in Redis when `state` is given)."""
+    def limits(rl: Any) -> Limits:
+        return Limits(rl.requests_per_min, rl.tokens_per_min, rl.concurrent)
+
+    if settings.rate_limit_default is None and not settings.rate_limits:
+        return None
+    default = limits(settings.rate_limit_default) if settings.rate_limit_default is not None else None
+    lease_ttl_s = max(settings.frontier_timeout_s, settings.queue_timeout_s) + 60
+    return RateLimiter(state, default, {k: limits(v) for k, v in settings.rate_limits.items()}, lease_ttl_s)
+
+
+def attach_budget(tiers: Sequence[Tier], settings: Settings, state: SharedState | None = None) -> Budget | None:
+    """Give every remote tier one budget when a cap is configured: in Redis with `state` (one cap
+    across replicas), else in process with its spend persisted to `budget_state_path`. A remote
+    tier must have prices (its own, or the price table's) or the cap could not be enforced."""
     if settings.budget_usd is None and settings.budget_per_key_usd is None:
         return None
-    budget = SpendBudget(settings.budget_usd, settings.budget_per_key_usd, settings.budget_period)
+    budget: Budget
+    if state is not None:
+        ttl = settings.budget_hold_ttl_s or settings.frontier_timeout_s + 30
+        budget = SharedSpendBudget(state, settings.budget_usd, settings.budget_per_key_usd, settings.budget_period,
+                                   hold_ttl_s=ttl)
+    else:
+        store = SpendStore(Path(settings.budget_state_path)) if settings.budget_state_path is not None else None
+        budget = SpendBudget(settings.budget_usd, settings.budget_per_key_usd, settings.budget_period, store=store)
     for tier in tiers:
         backend: Any = tier.backend
         if backend.is_local or not hasattr(backend, "budget"):
@@ -146,16 +206,21 @@ class Monitoring:
     Prometheus metrics and (when `routing_log_path` is set) the routing log. Built in the app's
     lifespan; `close()` stops the sampler and drains the log."""
 
-    def __init__(self, settings: Settings, tiers: Sequence[Tier], nvml: Nvml | None = None) -> None:
+    def __init__(self, settings: Settings, tiers: Sequence[Tier], nvml: Nvml | None = None,
+                 shared_state: SharedState | None = None) -> None:
         self.telemetry = Telemetry(settings.telemetry_interval_s, nvml=nvml)
         self.costs = CostAccountant(settings, tiers, self.telemetry)
         self.telemetry.load = self.costs.load
         tier_list = list(tiers)
         self.metrics = Metrics(lambda: tier_list, self.telemetry)
+        if shared_state is not None:
+            self.metrics.registry.register(_SharedStateCollector(shared_state))
         self.routing_log: RoutingLog | None = None
-        if settings.routing_log_path is not None:
-            self.routing_log = RoutingLog(settings.routing_log_path, settings.routing_log_retention_days,
-                                          settings.log_prompts, self.telemetry)
+        target = settings.routing_log_target()
+        if target is not None:
+            self.routing_log = RoutingLog(target, settings.routing_log_retention_days, settings.log_prompts,
+                                          self.telemetry, spill_path=settings.routing_log_spill_path,
+                                          batch_s=settings.routing_log_batch_s)
         self.telemetry.start()
 
     @property
@@ -178,3 +243,13 @@ class Monitoring:
         if self.routing_log is not None:
             self.routing_log.close()
 
+
+
+class _SharedStateCollector:
+    """/metrics families of the shared state (read at scrape time)."""
+
+    def __init__(self, state: SharedState) -> None:
+        self.state = state
+
+    def collect(self) -> Any:
+        return self.state.metrics()

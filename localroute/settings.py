@@ -17,7 +17,7 @@ from pydantic_settings import (
 
 from localroute.errors import ConfigError
 
-BackendKind = Literal["llama_cpp", "openai", "vllm", "transformers"]
+BackendKind = Literal["llama_cpp", "openai", "anthropic", "vllm", "transformers"]
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("localroute_config_file", default=None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,7 @@ class CapabilitySettings(BaseModel):
     logit_bias: bool | None = Field(None, description="logit_bias honoured.")
     penalties: bool | None = Field(None, description="presence_penalty / frequency_penalty honoured.")
     json_schema: bool | None = Field(None, description="response_format json_schema.")
+    logprobs: bool | None = Field(None, description="Token logprobs in the answer (`logprobs`).")
     context_tokens: int | None = Field(None, ge=1, description="Longest prompt + answer, in tokens.")
 
 
@@ -65,6 +66,18 @@ class CategorySettings(BaseModel):
         None, ge=0, le=1, description="This category's shadow_sample_rate (None: the global one).")
 
 
+class RateLimitSettings(BaseModel):
+    """Limits of one API key (or the default for every key); unset: no limit of that kind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_min: int | None = Field(None, ge=1, description="Requests admitted in any 60 s window.")
+    tokens_per_min: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens in any 60 s window; counted when a request ends, "
+        "so a request is admitted while the window is under the limit.")
+    concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+
+
 class TierSettings(BaseModel):
     """One rung of the cascade ladder."""
 
@@ -78,7 +91,9 @@ class TierSettings(BaseModel):
         description="Escalate when confidence is below this. None: use the aggregator's default. "
         "Ignored on the last tier, whose answer is always returned.",
     )
-    base_url: str | None = Field(None, description="OpenAI-compatible base URL (kind=openai).")
+    base_url: str | None = Field(
+        None, description="Remote tier's base URL: OpenAI-compatible (kind=openai, e.g. https://api.openai.com/v1) "
+        "or Anthropic Messages (kind=anthropic, e.g. https://api.anthropic.com/v1).")
     api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
     input_usd_per_mtok: float | None = Field(None, description="Price of a million prompt tokens (remote tiers).")
     output_usd_per_mtok: float | None = Field(None, description="Price of a million completion tokens.")
@@ -261,7 +276,46 @@ class Settings(BaseSettings):
         "429 budget_exceeded.",
     )
 
+    budget_state_path: Path | None = Field(
+        default_factory=lambda: Path.home() / ".cache" / "localroute" / "budget.sqlite",
+        description="Without redis_url: SQLite file the budget's settled spend is written to, so a restart "
+        "remembers what the period spent. None: in memory only (a restart starts the period afresh).",
+    )
+    budget_hold_ttl_s: float | None = Field(
+        None, gt=0, description="With redis_url: a budget reservation not settled within this expires (a "
+        "crashed replica's holds). None: frontier_timeout_s + 30.")
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[user:password@]host:port/db for state shared by replicas: budget "
+        "reservations, rate limits, circuit breakers (localroute[shared]). None: per-process state.")
+    shared_state_timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Bound on every Redis call (connect and reply, the event loop's own lag "
+        "included); no client retries. Too tight a bound on a busy host turns load into fallbacks.")
+    shared_state_failure: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="When Redis does not answer in time: 'fail_open' serves on this process's own "
+        "counters (flagged by x-localroute-shared-state: local and localroute_shared_state_fallbacks_total); "
+        "'fail_closed' refuses with 503, Retry-After and error code shared_state_unavailable.")
+    shared_state_retry_s: float = Field(
+        1.0, gt=0, description="After a failed Redis call, Redis is not tried again for this long.")
+    rate_limit_default: RateLimitSettings | None = Field(
+        None, description="Rate limits of every API key without its own entry in rate_limits (with auth off, "
+        "of all clients together). None: no default limits.")
+    rate_limits: dict[str, RateLimitSettings] = Field(
+        default_factory=dict, description="Rate limits per API key id (the first 12 hex digits of the key's "
+        "SHA-256: `printf %s KEY | sha256sum | cut -c1-12`); 429 with Retry-After when one is reached. "
+        "Shared by replicas with redis_url.")
+
     routing_log_path: Path | None = Field(None, description="SQLite routing log; None: no log.")
+    routing_log_url: str | None = Field(
+        None, description="The routing log (with feedback and the review sample) in PostgreSQL "
+        "('postgresql://user@host:port/db', localroute[shared]) or SQLite (a path or sqlite:///path); "
+        "overrides routing_log_path for them. Stored Responses stay in routing_log_path's SQLite file.")
+    routing_log_spill_path: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "localroute" / "routing-log-spill.jsonl",
+        description="PostgreSQL routing log: rows that could not be written (server down) are appended here "
+        "and replayed, in order, once it is back.")
+    routing_log_batch_s: float = Field(
+        0.05, ge=0, le=10, description="The routing log writer waits up to this long to batch rows into one "
+        "transaction (off the request path).")
     log_prompts: bool = Field(False, description="Store prompt/answer text in the routing log (redacted).")
     routing_log_retention_days: float | None = Field(
         30.0, gt=0, description="Routing-log rows older than this are deleted (at start-up and hourly); None: keep all."
@@ -385,7 +439,8 @@ class Settings(BaseSettings):
         ladder = self._base_ladder()
         if self.backend is None:
             return ladder
-        return [t if t.kind == "openai" else t.model_copy(update={"kind": self.backend}) for t in ladder]
+        return [t if t.kind in ("openai", "anthropic") else t.model_copy(update={"kind": self.backend})
+                for t in ladder]
 
     def _base_ladder(self) -> list[TierSettings]:
         if self.tiers:
@@ -408,9 +463,25 @@ class Settings(BaseSettings):
             output_usd_per_mtok=self.frontier_output_usd_per_mtok,
         )
 
+    def routing_log_target(self) -> str | Path | None:
+        """Where the routing log lives: a postgresql:// URL, a SQLite path, or None (no log)."""
+        url = self.routing_log_url
+        if url:
+            if url.startswith(("postgresql://", "postgres://")):
+                return url
+            return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else Path(url)
+        return self.routing_log_path
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able data with secrets masked (for `config show`)."""
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        url = out.get("routing_log_url")
+        if url and "@" in url and "://" in url:  # a password in the URL's user part
+            scheme, rest = url.split("://", 1)
+            user, host = rest.rsplit("@", 1)
+            if ":" in user:
+                out["routing_log_url"] = f"{scheme}://{user.split(':', 1)[0]}:**********@{host}"
+        return out
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:

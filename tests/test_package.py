@@ -26,7 +26,7 @@ def test_version_is_exported() -> None:
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("localroute", "localroute.errors", "localroute.types", "localroute.fileio", "localroute.redaction"),
     ("localroute.settings", "localroute.registry", "localroute.calibration_file"),
-    ("localroute.backends", "localroute.embeddings"),
+    ("localroute.backends", "localroute.embeddings", "localroute.shared_state"),
     ("localroute.routing",),
     ("localroute.monitoring",),
     ("localroute.evaluation",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localroute.errors import ConfigError
-from localroute.settings import load_settings
+from localroute.settings import Settings, load_settings
 
 
 def test_default_ladder_is_smollm2_alone_until_a_frontier_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,3 +68,17 @@ def test_cli_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "localroute", "config", "show", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "n_parallel" in proc.stderr
+
+
+def test_routing_log_target_and_shared_state_settings(tmp_path: Path) -> None:
+    s = Settings(routing_log_url="postgresql://lr:s3cret@db:5432/lr", routing_log_path=tmp_path / "x.db")
+    assert s.routing_log_target() == "postgresql://lr:s3cret@db:5432/lr"  # the URL wins
+    shown = s.public_dict()
+    assert "s3cret" not in json.dumps(shown) and shown["routing_log_url"].startswith("postgresql://lr:")
+    assert Settings(routing_log_url=f"sqlite:///{tmp_path}/a.db").routing_log_target() == tmp_path / "a.db"
+    assert Settings(routing_log_path=tmp_path / "b.db").routing_log_target() == tmp_path / "b.db"
+    assert Settings(redis_url="redis://:pw@r:6379/0").public_dict()["redis_url"] == "**********"
+    with pytest.raises(ConfigError, match="shared_state_failure"):
+        load_settings(shared_state_failure="maybe")
+    with pytest.raises(ConfigError, match="rate_limits"):
+        load_settings(rate_limits={"abc": {"requests_per_min": 0}})

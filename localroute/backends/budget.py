@@ -8,26 +8,44 @@ pass the cap; when it ends, the reservation is replaced by the provider-reported
 then pass the cap only if a call costs more than its own worst case, i.e. by at most one
 reservation under any concurrency.
 
-Spend is kept in memory for the current UTC calendar period (hour, day, ISO week or month) and
-resets when the period rolls over; a restart resets it too.
+Spend is counted for the current UTC calendar period (hour, day, ISO week or month) and resets
+when the period rolls over. Where it lives:
+
+- one node: in memory, each settled call also added to a small SQLite file (`budget_state_path`),
+  so a restart remembers what the period has spent (`SpendBudget` with a `SpendStore`);
+- several replicas (`redis_url`): in Redis (`SharedSpendBudget`), reserved and settled by Lua
+  scripts that run atomically, so the cap holds across every replica; each hold carries a TTL, so
+  the holds of a replica that crashed expire. When Redis does not answer in time,
+  `shared_state_failure` decides: fail_open reserves against this process's counters (starting
+  from the last spend Redis reported, the call's charge replayed to Redis once it is back),
+  fail_closed refuses with 503.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from localroute.errors import BudgetExceededError
 
 if TYPE_CHECKING:
-    pass
+    from localroute.shared_state import SharedState
 
-__all__ = ["BudgetExceededError", "Reservation", "SpendBudget", "current_key_id"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Budget", "BudgetExceededError", "Reservation", "SharedSpendBudget", "SpendBudget", "SpendStore",
+           "current_key_id"]
+
+NANO = 1e9  # Redis keeps nano-USD integers: exact sums, no float drift across replicas
 
 # The key id of the request being served (None when auth is off): set by the HTTP edge's auth
 # middleware (server/auth.py), read by per-key budgets.
@@ -54,6 +72,14 @@ def _period_bounds(now: float, period: Period) -> tuple[str, float]:
     return start.isoformat(), end.timestamp()
 
 
+class Budget(Protocol):
+    """What a remote tier needs from a budget (in-process or shared)."""
+
+    async def areserve(self, amount_usd: float, key_id: str | None = None) -> Any: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 @dataclass(slots=True)
 class Reservation:
     """A worst-case hold on the budget; `settle` swaps it for the actual cost, once."""
@@ -67,10 +93,41 @@ class Reservation:
     def settle(self, actual_usd: float) -> None:
         self.budget._settle(self, max(0.0, actual_usd))
 
+    async def asettle(self, actual_usd: float) -> None:
+        self.settle(actual_usd)
+
+
+class SpendStore:
+    """The spend of each period (global and per key) in SQLite: a single node's restart
+    remembers it. One row per (period, scope), added to on every settle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS budget_spend (period TEXT NOT NULL, scope TEXT NOT NULL, "
+                           "spent_usd REAL NOT NULL, PRIMARY KEY (period, scope))")
+
+    def load(self, period: str) -> dict[str, float]:
+        """scope -> spent; scope '' is the global total, others are key ids."""
+        return {r[0]: float(r[1]) for r in
+                self._conn.execute("SELECT scope, spent_usd FROM budget_spend WHERE period = ?", (period,))}
+
+    def add(self, period: str, amounts: dict[str, float]) -> None:
+        self._conn.executemany(
+            "INSERT INTO budget_spend (period, scope, spent_usd) VALUES (?, ?, ?) "
+            "ON CONFLICT (period, scope) DO UPDATE SET spent_usd = spent_usd + excluded.spent_usd",
+            [(period, scope, amount) for scope, amount in amounts.items()])
+
+    def close(self) -> None:
+        self._conn.close()
+
 
 class SpendBudget:
     """Global and per-key caps over one period. All bookkeeping happens under one lock, so a
-    reservation is atomic even when called from several threads."""
+    reservation is atomic even when called from several threads. With a `store`, settled spend
+    is written through to SQLite and read back at start-up (and at each period's start)."""
 
     def __init__(
         self,
@@ -78,18 +135,28 @@ class SpendBudget:
         per_key_usd: float | None = None,
         period: Period = "day",
         clock: Callable[[], float] = time.time,
+        store: SpendStore | None = None,
     ) -> None:
         self.cap_usd = cap_usd
         self.per_key_usd = per_key_usd
         self.period = period
         self._clock = clock
         self._lock = threading.Lock()
+        self.store = store
         self._label, self._ends_at = _period_bounds(clock(), period)
         self._spent = 0.0
         self._reserved = 0.0
         self._key_spent: dict[str, float] = {}
         self._key_reserved: dict[str, float] = {}
         self.rejected_total = 0
+        self._load()
+
+    def _load(self) -> None:
+        if self.store is None:
+            return
+        saved = self.store.load(self._label)
+        self._spent = saved.pop("", 0.0)
+        self._key_spent = saved
 
     def _roll(self) -> None:
         now = self._clock()
@@ -98,6 +165,10 @@ class SpendBudget:
             self._spent = self._reserved = 0.0
             self._key_spent.clear()
             self._key_reserved.clear()
+            self._load()
+
+    async def areserve(self, amount_usd: float, key_id: str | None = None) -> Reservation:
+        return self.reserve(amount_usd, key_id)
 
     def reserve(self, amount_usd: float, key_id: str | None = None) -> Reservation:
         """Hold `amount_usd` or raise BudgetExceededError (429, Retry-After: the period's end)."""
@@ -135,6 +206,21 @@ class SpendBudget:
                 k = res.key_id
                 self._key_reserved[k] = max(0.0, self._key_reserved.get(k, 0.0) - res.amount_usd)
                 self._key_spent[k] = self._key_spent.get(k, 0.0) + actual
+            if self.store is not None and actual > 0:
+                try:
+                    self.store.add(res.period, {"": actual, **({res.key_id: actual} if res.key_id else {})})
+                except sqlite3.Error:
+                    log.exception("budget: could not persist spend (kept in memory)")
+
+    def charge(self, actual_usd: float, key_id: str | None = None) -> None:
+        """Count spend that was not reserved here (another replica's, replayed)."""
+        self._settle(Reservation(self, 0.0, key_id, self._label), max(0.0, actual_usd))
+
+    def seed(self, spent_usd: float) -> None:
+        """Start from a known total (the last one shared state reported), if it is higher."""
+        with self._lock:
+            self._roll()
+            self._spent = max(self._spent, spent_usd)
 
     def spent_usd(self, key_id: str | None = None) -> float:
         with self._lock:
@@ -154,3 +240,141 @@ class SpendBudget:
                     "rejected_total": self.rejected_total}
 
 
+
+
+@dataclass(slots=True)
+class SharedReservation:
+    """A hold in Redis (or, when Redis failed under fail_open, in the local fallback)."""
+
+    budget: SharedSpendBudget
+    rid: str
+    amount_usd: float
+    key_id: str | None
+    period: str
+    local: Reservation | None = None
+    settled: bool = field(default=False)
+
+    async def asettle(self, actual_usd: float) -> None:
+        """Settle off the request path: the hold stays counted (it is at least the actual cost)
+        until Redis has the charge, so the cap holds meanwhile."""
+        if self.settled:
+            return
+        self.settled = True
+        self.budget.state.spawn(self.budget._asettle(self, max(0.0, actual_usd)))
+
+
+class SharedSpendBudget:
+    """The cap across every replica, in Redis (module docstring). Holds expire after `hold_ttl_s`
+    (a crashed replica's too): keep it above the longest frontier call (`frontier_timeout_s`)."""
+
+    def __init__(self, state: SharedState, cap_usd: float | None, per_key_usd: float | None = None,
+                 period: Period = "day", hold_ttl_s: float = 150.0, clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.cap_usd = cap_usd
+        self.per_key_usd = per_key_usd
+        self.period = period
+        self.hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._clock = clock
+        self.fallback = SpendBudget(cap_usd, per_key_usd, period, clock)
+        self._last_committed = 0.0
+        self._pending: list[tuple[str, float, str | None, str, float]] = []  # charges to replay
+        self.rejected_total = 0
+
+    def _keys(self, label: str, key_id: str | None) -> list[str]:
+        scopes = ["all"] + ([f"key:{key_id}"] if key_id is not None else [])
+        return [self.state.key("budget", label, scope, part) for scope in scopes for part in ("b", "h", "a")]
+
+    def _limits(self, key_id: str | None) -> list[int]:
+        out = [int(self.cap_usd * NANO) if self.cap_usd is not None else -1]
+        if key_id is not None:
+            out.append(int(self.per_key_usd * NANO) if self.per_key_usd is not None else -1)
+        return out
+
+    async def areserve(self, amount_usd: float, key_id: str | None = None) -> SharedReservation:
+        amount = max(0.0, amount_usd)
+        label, ends_at = _period_bounds(self._clock(), self.period)
+        rid = uuid.uuid4().hex
+        from localroute.shared_state import SharedStateDown
+
+        await self._replay()
+        try:
+            ok, value = await self.state.call(self.state.script("reserve", self._keys(label, key_id), [
+                rid, int(amount * NANO), self.hold_ttl_ms, int(ends_at) + 86400, *self._limits(key_id)]))
+        except SharedStateDown:
+            self.state.fallback("budget", retry_after_s=None)  # fail_closed raises the 503 here
+            self.fallback.seed(self._last_committed)
+            local = self.fallback.reserve(amount, key_id)
+            return SharedReservation(self, rid, amount, key_id, label, local=local)
+        if not int(ok):
+            self.rejected_total += 1
+            scope = "this API key's" if int(value) == 1 else "the"
+            raise BudgetExceededError(f"{scope} frontier budget for this {self.period} is spent",
+                                      retry_after_s=max(1.0, ends_at - self._clock()))
+        if int(value) >= 0:
+            self._last_committed = int(value) / NANO
+        return SharedReservation(self, rid, amount, key_id, label)
+
+    async def _asettle(self, res: SharedReservation, actual: float) -> None:
+        if res.local is not None:  # reserved locally during an outage: settle there, replay the charge
+            res.local.settle(actual)
+            if actual > 0:
+                self._pending.append((res.rid, actual, res.key_id, res.period, self._clock()))
+            return
+        if not await self._send_settle(res.rid, actual, res.key_id, res.period):
+            self._pending.append((res.rid, actual, res.key_id, res.period, self._clock()))
+
+    async def _send_settle(self, rid: str, actual: float, key_id: str | None, label: str) -> bool:
+        from localroute.shared_state import SharedStateDown
+
+        _, ends_at = _period_bounds(self._clock(), self.period)
+        try:
+            await self.state.call(self.state.script("settle", self._keys(label, key_id), [
+                rid, int(actual * NANO), self.hold_ttl_ms * 2, int(ends_at) + 86400]))
+        except SharedStateDown:
+            return False
+        return True
+
+    async def _replay(self) -> None:
+        """Charges settled while Redis was away, sent once it answers again (each at most once)."""
+        while self._pending and self.state.up:
+            rid, actual, key_id, label, _ = self._pending[0]
+            if not await self._send_settle(rid, actual, key_id, label):
+                return
+            self._pending.pop(0)
+
+    async def aspent_usd(self, key_id: str | None = None) -> float:
+        """The period's settled spend in Redis (global, or one key's)."""
+        label, _ = _period_bounds(self._clock(), self.period)
+        keys = self._keys(label, key_id)
+        key = keys[3] if key_id is not None else keys[0]
+        state = self.state
+        value = await state.call(lambda: state.client.hget(key, "spent"))
+        return int(value or 0) / NANO
+
+    async def areserved_usd(self) -> float:
+        """Held now, after reaping the holds whose TTL passed (a crashed replica's)."""
+        label, ends_at = _period_bounds(self._clock(), self.period)
+        keys = self._keys(label, None)
+        await self.state.call(self.state.script("reserve", keys, ["reap", -1, 0, int(ends_at) + 86400, -1]))
+        key = keys[0]
+        state = self.state
+        value = await state.call(lambda: state.client.hget(key, "held"))
+        return int(value or 0) / NANO
+
+    async def asnapshot(self) -> dict[str, Any]:
+        from localroute.shared_state import SharedStateDown
+
+        snap = {"period": _period_bounds(self._clock(), self.period)[0], "cap_usd": self.cap_usd,
+                "per_key_usd": self.per_key_usd, "rejected_total": self.rejected_total, "shared": True,
+                "pending_replays": len(self._pending)}
+        try:
+            snap["spent_usd"] = round(await self.aspent_usd(), 6)
+            snap["reserved_usd"] = round(await self.areserved_usd(), 6)
+        except SharedStateDown:
+            snap["spent_usd"] = snap["reserved_usd"] = None
+        return snap
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"period": _period_bounds(self._clock(), self.period)[0], "cap_usd": self.cap_usd,
+                "per_key_usd": self.per_key_usd, "rejected_total": self.rejected_total, "shared": True,
+                "last_committed_usd": round(self._last_committed, 6), "pending_replays": len(self._pending)}

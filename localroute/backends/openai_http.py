@@ -24,8 +24,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 
@@ -45,12 +45,13 @@ from localroute.types import (
 )
 
 if TYPE_CHECKING:
-    from localroute.backends.budget import Reservation, SpendBudget
+    from localroute.backends.budget import Budget
     from localroute.settings import Settings, TierSettings
 
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = {408, 409, 425, 429}
+B = TypeVar("B", bound="OpenAIHTTPBackend")
 
 
 def _token_logprob(item: dict[str, Any]) -> TokenLogprob:
@@ -77,6 +78,10 @@ _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "co
 # Completions fields with no Chat Completions counterpart (logprobs is translated)
 _COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
 _CAPABILITIES = Capabilities.everything()
+
+
+def _same(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    return chunk
 
 
 def _finish(reason: str | None) -> FinishReason:
@@ -110,6 +115,7 @@ class OpenAIHTTPBackend:
     is_local = False
     kind = "openai"
     capabilities = _CAPABILITIES
+    path = "/chat/completions"  # under base_url
 
     def __init__(
         self,
@@ -138,7 +144,7 @@ class OpenAIHTTPBackend:
         self.breaker = breaker or CircuitBreaker(name)
         self.input_usd_per_mtok = input_usd_per_mtok
         self.output_usd_per_mtok = output_usd_per_mtok
-        self.budget: SpendBudget | None = None  # attached by the app when a spend cap is set
+        self.budget: Budget | None = None  # attached by the app when a spend cap is set (local or shared)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # httpx's own read timeout is only a backstop: keep-alives reset it, our deadlines do not.
         backstop = max(d.first_token_s, d.idle_s)
@@ -257,30 +263,30 @@ class OpenAIHTTPBackend:
         return (prompt_tokens * (self.input_usd_per_mtok or 0.0)
                 + completion_tokens * (self.output_usd_per_mtok or 0.0)) / 1e6
 
-    def _reserve(self, request: GenerationRequest) -> Reservation | None:
+    async def _reserve(self, request: GenerationRequest) -> Any:
         if self.budget is None:
             return None
-        return self.budget.reserve(self._worst_cost_usd(request), key_id=current_key_id.get())
+        return await self.budget.areserve(self._worst_cost_usd(request), key_id=current_key_id.get())
 
-    def _settle(self, reservation: Reservation | None, usage: dict[str, Any] | None, billed: bool) -> None:
+    async def _settle(self, reservation: Any, usage: dict[str, Any] | None, billed: bool) -> None:
         """Reconcile: the provider's usage when known; the reservation when the call may have been
         billed but usage is unknown (a cut stream); nothing when it never reached the model."""
         if reservation is None:
             return
         if usage and "prompt_tokens" in usage:
             actual = self._cost_usd(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-            reservation.settle(actual)
+            await reservation.asettle(actual)
         elif billed:
-            reservation.settle(reservation.amount_usd)
+            await reservation.asettle(reservation.amount_usd)
         else:
-            reservation.settle(0.0)
+            await reservation.asettle(0.0)
 
     # ---- the retry loop shared by generate and stream ----
 
     async def _attempts(self, request: GenerationRequest, stream: bool) -> AsyncGenerator[StreamDelta, None]:
         """Yield deltas (the last carries the Generation). Retries only until the first delta."""
         loop = asyncio.get_running_loop()
-        reservation = self._reserve(request)
+        reservation = await self._reserve(request)
         deadline = loop.time() + self.deadlines.total_s
         retries, waited = 0, 0.0
         sent = False
@@ -325,7 +331,7 @@ class OpenAIHTTPBackend:
         finally:
             if not verdict:
                 self.breaker.release_probe()
-            self._settle(reservation, state["usage"], state["billed"])
+            await self._settle(reservation, state["usage"], state["billed"])
 
     async def _wait(self, aw: Any, until: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
@@ -341,7 +347,7 @@ class OpenAIHTTPBackend:
                     state: dict[str, Any]) -> httpx.Response:
         """Send the request; return a 200 response whose body is still unread. An error's body is
         its answer: it too must come by the first-token deadline (else it is read as empty)."""
-        req = self._client.build_request("POST", "/chat/completions", json=self._body(request, stream))
+        req = self._client.build_request("POST", self.path, json=self._body(request, stream))
         try:
             resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
         except httpx.HTTPError as exc:
@@ -382,9 +388,10 @@ class OpenAIHTTPBackend:
         finally:
             await resp.aclose()
         try:
-            data = json.loads(bytes(raw))
-            if not isinstance(data, dict):
+            native = json.loads(bytes(raw))
+            if not isinstance(native, dict):
                 raise TypeError("answer is not an object")
+            data = self._decode_answer(native)
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
@@ -408,7 +415,8 @@ class OpenAIHTTPBackend:
                 latency_s=latency,
                 ttft_s=latency,
                 model=str(data.get("model", self.model)),
-                extra={"usage": usage, "upstream_id": data.get("id")},
+                extra={"usage": usage, "upstream_id": data.get("id"),
+                       **({"native": native} if native is not data else {})},
                 raw=data,
             ),
         )
@@ -426,6 +434,7 @@ class OpenAIHTTPBackend:
         finish: str | None = None
         model = self.model
         held: list[dict[str, Any]] = []  # chunks that say nothing yet (the role), not yet handed on
+        decode = self._chunk_decoder()
         resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
         progress: float | None = None  # last data event after the first token
@@ -447,11 +456,15 @@ class OpenAIHTTPBackend:
                 if payload == "[DONE]":
                     break
                 try:
-                    chunk = json.loads(payload)
-                    if not isinstance(chunk, dict):
+                    event = json.loads(payload)
+                    if not isinstance(event, dict):
                         raise TypeError("chunk is not an object")
-                except (ValueError, TypeError, RecursionError):
+                    decoded = decode(event)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
+                if decoded is None:
+                    continue  # an event with nothing for the chat stream (a ping, a block's end)
+                chunk = decoded
                 if "error" in chunk:
                     raise self._fail("stream ended with an error event", "upstream_error")
                 usage = chunk.get("usage") or usage
@@ -504,6 +517,16 @@ class OpenAIHTTPBackend:
             ),
         )
 
+    # ---- the provider's wire format (a subclass speaking another API overrides these) ----
+
+    def _decode_answer(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The provider's answer as a chat.completion (the identity here)."""
+        return data
+
+    def _chunk_decoder(self) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+        """Per stream: one provider event in, a chat.completion.chunk (or None: skip it) out."""
+        return _same
+
     # ---- the Backend protocol ----
 
     async def generate(self, request: GenerationRequest) -> Generation:
@@ -534,16 +557,17 @@ class OpenAIHTTPBackend:
 
     def health(self) -> dict[str, Any]:
         state = self.breaker.state
-        return {"ok": state != "open", "kind": "openai", "model": self.model, "circuit": state}
+        return {"ok": state != "open", "kind": self.kind, "model": self.model, "circuit": state}
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
+def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]
+    """A remote tier of `cls` (this backend or a subclass speaking another API) from its settings."""
     if not tier.base_url:
-        raise ConfigError(f"tiers.{tier.name}.base_url: required for kind=openai", param="base_url")
-    return OpenAIHTTPBackend(
+        raise ConfigError(f"tiers.{tier.name}.base_url: required for kind={tier.kind}", param="base_url")
+    return cls(
         name=tier.name,
         base_url=tier.base_url,
         model=tier.model,

@@ -16,6 +16,8 @@ Why each piece exists:
   A probe is one attempt, never retried, and its whole answer (or error) must come within the
   first-token deadline: its failure reopens the circuit, so a retry could only fail fast (or, with
   a short `reset_s`, take the next probe's place), while its client waited on backoff for nothing.
+  With `redis_url` the open state is shared by every replica (`localroute.shared_state`): the
+  `on_open` / `on_close` hooks publish it and `adopt_open` takes another replica's.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probes = 0
         self.opened_total = 0
+        self.adopted_total = 0
+        # called (outside the lock) when this breaker opens or a probe closes it: shared state
+        self.on_open: Callable[[str, float], None] | None = None
+        self.on_close: Callable[[str], None] | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -159,18 +165,37 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         with self._lock:
+            was = self._state
             self._state = "closed"
             self._failures = 0
             self._probes = 0
+        if was != "closed" and self.on_close is not None:
+            self.on_close(self.name)
 
     def record_failure(self) -> None:
         with self._lock:
+            opened = False
             if self._state == "half_open":
                 self._open()
+                opened = True
+            else:
+                self._failures += 1
+                if self._state == "closed" and self._failures >= self.failure_threshold:
+                    self._open()
+                    opened = True
+        if opened and self.on_open is not None:
+            self.on_open(self.name, self.reset_s)
+
+    def adopt_open(self, remaining_s: float) -> None:
+        """Another replica opened this upstream's breaker with `remaining_s` of its reset left:
+        open here too (a closed breaker only; an open or probing one keeps its own timing)."""
+        with self._lock:
+            if self._state != "closed":
                 return
-            self._failures += 1
-            if self._state == "closed" and self._failures >= self.failure_threshold:
-                self._open()
+            self._open()
+            self._opened_at = self._clock() - max(0.0, self.reset_s - remaining_s)
+            self.opened_total -= 1
+            self.adopted_total += 1
 
     def release_probe(self) -> None:
         """A half-open probe ended without a verdict (e.g. the client went away): free its place."""

@@ -41,7 +41,8 @@ def parse_time(text: str, now: float | None = None) -> float:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="summarise the routing log: escalations, confidence, cost, latency")
     add_config_flag(p)
-    p.add_argument("--log", type=Path, default=None, help="routing log (default: setting routing_log_path)")
+    p.add_argument("--log", default=None,
+                   help="routing log: a SQLite file or a postgresql:// URL (default: routing_log_url or routing_log_path)")
     p.add_argument("--since", default=None, help="start of the window: 24h, 7d, unix seconds or ISO 8601")
     p.add_argument("--until", default=None, help="end of the window (exclusive)")
     p.add_argument("--bucket", choices=("hour", "day"), default="day", help="time bucket of the series")
@@ -57,18 +58,20 @@ def run(args: argparse.Namespace) -> int:
     from localroute.monitoring.log_report import report
 
     settings = settings_from(args)
-    path = args.log or settings.routing_log_path
+    from localroute.monitoring.postgres_log import is_postgres_url
+
+    path = args.log or settings.routing_log_target()
     if path is None:
         raise ConfigError("no routing log: pass --log or set routing_log_path (LOCALROUTE_ROUTING_LOG_PATH)",
                           param="routing_log_path")
-    if not Path(path).is_file():
+    if not is_postgres_url(path) and not Path(path).is_file():
         raise ConfigError(f"routing log not found: {path}", param="routing_log_path")
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     calibration = args.calibration
     if calibration is None and settings.calibration_path is not None and settings.calibration_path.exists():
         calibration = settings.calibration_path  # configured but not yet written: nothing to compare with
-    summary, rows = report(Path(path), since, until, args.bucket, calibration)
+    summary, rows = report(path if is_postgres_url(path) else Path(path), since, until, args.bucket, calibration)
     if args.plot is not None:
         summary["plots"] = [str(p) for p in write_plots(summary, rows, args.plot)]
     if args.json:

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-eval", type=Path, metavar="RUN_DIR", help="an eval run folder (rows.jsonl + meta.json)")
     src.add_argument("--from-log", nargs="?", const="", metavar="DB",
-                     help="the routing log with feedback (default: routing_log_path)")
+                     help="the routing log with feedback: a SQLite file or a postgresql:// URL (default: "
+                     "routing_log_url or routing_log_path)")
     src.add_argument("--from-routellm", metavar="DATASETS", help="comma list of mmlu, gsm8k, mt_bench")
     p.add_argument("--data-dir", type=Path, default=None, help="folder holding routellm/ (default ../shared/data)")
     p.add_argument("--tiers", default=None, help="--from-log: tier names cheapest first (default: the ladder)")
@@ -45,7 +46,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.from_eval is not None:
         data = from_eval_run(args.from_eval)
     elif args.from_log is not None:
-        db = Path(args.from_log) if args.from_log else settings.routing_log_path
+        from localroute.monitoring.postgres_log import is_postgres_url
+
+        db: Path | str | None = args.from_log or settings.routing_log_target()
+        if db is not None and not is_postgres_url(db):
+            db = Path(db)
         if db is None:
             raise ConfigError("--from-log needs a path or routing_log_path", param="from_log")
         tiers = args.tiers.split(",") if args.tiers else [t.name for t in settings.ladder()]

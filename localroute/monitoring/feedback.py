@@ -1,6 +1,8 @@
-"""Feedback on answered requests and the human-review sample, stored in the routing log's SQLite
-file next to the `requests` rows they refer to (tables `feedback` and `review_sample`, created by
-the routing log's migration `004_feedback_and_review`).
+"""Feedback on answered requests and the human-review sample, stored in the routing log (SQLite
+or PostgreSQL, through its store: routing_log.open_store) next to the `requests` rows they refer
+to (tables `feedback` and `review_sample`, created by the migration `004_feedback_and_review`).
+With PostgreSQL every replica sees every replica's rows, so feedback on an answer from one
+replica may be posted to any other.
 
 Feedback comes from a human reviewer or a downstream metric through `POST /v1/feedback`
 (`{request_id, score | correct, source}`); `localroute train --from-log` turns (prompt, tier,
@@ -10,18 +12,24 @@ nothing would train on nothing.
 
 from __future__ import annotations
 
+import logging
 import random
-import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from localroute.errors import InvalidRequestError
+from localroute.errors import BackendUnavailableError, InvalidRequestError
 
 if TYPE_CHECKING:
     from localroute.monitoring.record import RequestRecord
+    from localroute.monitoring.routing_log import LogStore
+
+T = TypeVar("T")
 
 
 class FeedbackRequest(BaseModel):
@@ -47,57 +55,76 @@ class FeedbackRequest(BaseModel):
         return float(self.score) if self.score is not None else float(bool(self.correct))
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    from localroute.monitoring.routing_log import connect, migrate
-
-    conn = connect(path)
-    migrate(conn)
-    return conn
-
-
 class FeedbackStore:
-    """Reads and writes the two tables; one short-lived connection per call (calls are rare)."""
+    """Reads and writes the two tables. `target`: a SQLite path or a postgresql:// URL. One
+    connection, used under a lock (calls are rare); reconnected after an error."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        _connect(self.path).close()  # migrate at start-up: a bad path fails now, not on a request
+    def __init__(self, target: str | Path, lookup_wait_s: float = 1.0) -> None:
+        from localroute.monitoring.routing_log import open_store
+
+        self.target = target
+        self.lookup_wait_s = lookup_wait_s
+        self._store: LogStore = open_store(target)
+        self._lock = threading.Lock()
+        self._migrated = False
+        try:  # at start-up: a bad target fails now, not on a request
+            self._run(lambda s: None)
+        except BackendUnavailableError:  # PostgreSQL down at start-up: serve; migrate on first use
+            logging.getLogger(__name__).warning("feedback store %s unavailable at start-up", self._store.target)
+
+    @contextmanager
+    def _locked(self) -> Iterator[LogStore]:
+        with self._lock:
+            yield self._store
+
+    def _run(self, fn: Callable[[LogStore], T]) -> T:
+        import sqlite3
+
+        with self._locked() as store:
+            try:
+                if not self._migrated:
+                    store.migrate()
+                    self._migrated = True
+                return fn(store)
+            except (InvalidRequestError, sqlite3.Error):
+                raise
+            except Exception as exc:  # PostgreSQL unreachable: a clean 503, retry later
+                store.reset()
+                if getattr(store, "engine", "") != "postgresql":
+                    raise
+                raise BackendUnavailableError(f"routing log database unavailable ({type(exc).__name__})",
+                                              code="routing_log_unavailable", retry_after_s=5.0) from None
 
     def add(self, fb: FeedbackRequest) -> dict[str, Any]:
-        conn = _connect(self.path)
-        try:
-            row = conn.execute("SELECT policy, tier FROM requests WHERE request_id = ? ORDER BY ts DESC LIMIT 1",
-                               (fb.request_id,)).fetchone()
-            if row is None:
-                raise InvalidRequestError(f"no logged request with id {fb.request_id!r}", param="request_id",
-                                          code="unknown_request_id")
-            ts = time.time()
-            correct = None if fb.correct is None else int(fb.correct)
-            cur = conn.execute("INSERT INTO feedback (ts, request_id, score, correct, source) VALUES (?, ?, ?, ?, ?)",
-                               (ts, fb.request_id, fb.value, correct, fb.source))
-            return {"object": "feedback", "id": cur.lastrowid, "request_id": fb.request_id, "score": fb.value,
-                    "source": fb.source, "policy": row[0], "tier": row[1], "created": int(ts)}
-        finally:
-            conn.close()
+        """Store `fb`; the request must be logged. Another replica's row may still be in its writer's
+        batch: the lookup is retried for up to `lookup_wait_s` before the id counts as unknown."""
+        deadline = time.monotonic() + self.lookup_wait_s
+        while True:
+            row = self._run(lambda s: s.latest_request(fb.request_id))
+            if row is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if row is None:
+            raise InvalidRequestError(f"no logged request with id {fb.request_id!r}", param="request_id",
+                                      code="unknown_request_id")
+        ts = time.time()
+        correct = None if fb.correct is None else int(fb.correct)
+        fid = self._run(lambda s: s.add_feedback(ts, fb.request_id, fb.value, correct, fb.source))
+        return {"object": "feedback", "id": fid, "request_id": fb.request_id, "score": fb.value,
+                "source": fb.source, "policy": row[0], "tier": row[1], "created": int(ts)}
 
     def mark_review(self, request_id: str, policy: str, tier: str | None) -> None:
-        conn = _connect(self.path)
-        try:
-            conn.execute("INSERT OR IGNORE INTO review_sample (request_id, ts, policy, tier) VALUES (?, ?, ?, ?)",
-                         (request_id, time.time(), policy, tier))
-        finally:
-            conn.close()
+        self._run(lambda s: s.mark_review(request_id, time.time(), policy, tier))
 
     def review_queue(self, pending_only: bool = True, limit: int = 100) -> list[dict[str, Any]]:
         """Requests sampled for review, newest first, with their feedback count."""
-        conn = _connect(self.path)
-        try:
-            sql = ("SELECT s.request_id, s.ts, s.policy, s.tier, COUNT(f.id), AVG(f.score) FROM review_sample s "
-                   "LEFT JOIN feedback f ON f.request_id = s.request_id GROUP BY s.request_id "
-                   + ("HAVING COUNT(f.id) = 0 " if pending_only else "") + "ORDER BY s.ts DESC LIMIT ?")
-            return [{"request_id": r[0], "ts": r[1], "policy": r[2], "tier": r[3], "feedback": r[4], "score": r[5]}
-                    for r in conn.execute(sql, (limit,))]
-        finally:
-            conn.close()
+        rows = self._run(lambda s: s.review_queue(pending_only, limit))
+        return [{"request_id": r[0], "ts": r[1], "policy": r[2], "tier": r[3], "feedback": r[4], "score": r[5]}
+                for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._store.close()
 
 
 class ReviewSampler:
@@ -112,4 +139,14 @@ class ReviewSampler:
         if rec.status_code != 200 or self.rate <= 0 or self._rng.random() >= self.rate:
             return
         tier = rec.decision.answered_by if rec.decision is not None else None
-        self.store.mark_review(rec.request_id, rec.policy, tier)
+        if getattr(self.store._store, "engine", "") != "postgresql":
+            self.store.mark_review(rec.request_id, rec.policy, tier)
+            return
+        # a network database: never on the event loop (a server that is down would stall every request)
+        threading.Thread(target=self._mark, args=(rec.request_id, rec.policy, tier), daemon=True).start()
+
+    def _mark(self, request_id: str, policy: str, tier: str | None) -> None:
+        try:
+            self.store.mark_review(request_id, policy, tier)
+        except Exception as exc:  # a lost review mark costs one sampled request, never a response
+            logging.getLogger(__name__).warning("review mark for %s not stored: %s", request_id, type(exc).__name__)

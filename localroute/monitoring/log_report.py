@@ -25,30 +25,17 @@ __all__ = ["category_summary", "escalation_health", "from_routing_log", "live_qu
            "summarize"]
 
 
-def read_rows(path: Path, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+def read_rows(path: Path | str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
     """Rows in [since, until) (unix seconds) as dicts, oldest first; missing columns of an older
-    schema read as None. Opening does not migrate: reporting never writes to the log."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
+    schema read as None. `path`: a SQLite file or a postgresql:// URL. Opening does not migrate:
+    reporting never writes to the log."""
+    from localroute.monitoring.routing_log import open_store
+
+    store = open_store(path, read_only=True)
     try:
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("ts < ?")
-            args.append(until)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = [dict(r) for r in conn.execute(f"SELECT * FROM requests{where} ORDER BY ts", args)]
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
+        rows = store.read_requests(since, until)
     finally:
-        conn.close()
+        store.close()
     for r in rows:
         for c in COLUMNS:
             r.setdefault(c, None)
@@ -209,13 +196,13 @@ def summarize(rows: Sequence[dict[str, Any]], bucket: str = "day",
     }
 
 
-def report(path: Path, since: float | None = None, until: float | None = None, bucket: str = "day",
+def report(path: Path | str, since: float | None = None, until: float | None = None, bucket: str = "day",
            calibration_path: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`localroute report`'s one library call: the summary and the rows it came from."""
     calibration = read_calibration(calibration_path)  # a broken file fails before any work
     rows = read_rows(path, since, until)
     summary = summarize(rows, bucket, calibration)
-    summary["log"] = str(path)
+    summary["log"] = _shown(path)
     summary["window"] = {"since": since, "until": until}
     summary["review"] = review_summary(path)
     summary["categories"] = category_summary(rows)
@@ -240,7 +227,7 @@ def category_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
     return dict(sorted(out.items()))
 
 
-def review_summary(path: Path, limit: int = 20) -> dict[str, Any]:
+def review_summary(path: Path | str, limit: int = 20) -> dict[str, Any]:
     """The human-review sample (review_sample_rate): how many were marked, which still await feedback."""
     from localroute.monitoring.feedback import FeedbackStore
 
@@ -255,24 +242,23 @@ def review_summary(path: Path, limit: int = 20) -> dict[str, Any]:
 
 
 
-def from_routing_log(db: Path, tiers: list[str]) -> LabelledQueries:
+def from_routing_log(db: Path | str, tiers: list[str]) -> LabelledQueries:
     """Requests with stored prompt text and at least one feedback row, for `localroute train`: the
     answering tier's outcome is the mean feedback score; the tiers that did not answer are unknown
-    (NaN). A request answered by a tier not in `tiers` is skipped and counted."""
-    if not db.is_file():
+    (NaN). A request answered by a tier not in `tiers` is skipped and counted. `db`: a SQLite file
+    or a postgresql:// URL."""
+    from localroute.monitoring.postgres_log import is_postgres_url
+    from localroute.monitoring.routing_log import open_store
+
+    if not is_postgres_url(db) and not Path(db).is_file():
         raise ConfigError(f"routing log not found: {db}", param="routing_log_path")
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    store = open_store(db, read_only=True)
     try:
-        rows = conn.execute(
-            "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
-            "JOIN feedback f ON f.request_id = r.request_id "
-            "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
-            "GROUP BY r.request_id, r.prompt_text, r.tier"
-        ).fetchall()
+        rows = store.labelled()
     except sqlite3.OperationalError as exc:
         raise ConfigError(f"routing log {db} has no feedback yet ({exc})", param="routing_log_path") from None
     finally:
-        conn.close()
+        store.close()
     index = {t: i for i, t in enumerate(tiers)}
     texts, labels, ids, skipped = [], [], [], 0
     for request_id, prompt_text, tier, score in rows:
@@ -285,7 +271,14 @@ def from_routing_log(db: Path, tiers: list[str]) -> LabelledQueries:
         labels.append(label)
         ids.append(str(request_id))
     return LabelledQueries(texts, list(tiers), np.asarray(labels, dtype=np.float32).reshape(-1, len(tiers)),
-                           f"log:{db}", skipped, ids)
+                           f"log:{_shown(db)}", skipped, ids)
+
+
+def _shown(target: Path | str) -> str:
+    """The log's name for output: a URL without its password."""
+    from localroute.monitoring.routing_log import open_store
+
+    return open_store(target, read_only=True).target
 
 
 def _last_user(logged: str) -> str:

@@ -1,10 +1,18 @@
-"""The routing log's writer: one SQLite row per request (successes, 4xx/5xx errors, streams,
-disconnects). Its reader and the summaries `localroute report` prints are log_report.py's.
+"""The routing log's writer: one row per request (successes, 4xx/5xx errors, streams,
+disconnects), in SQLite (a path) or PostgreSQL (`routing_log_url`, postgres_log.py). Its reader and
+the summaries `localroute report` prints are log_report.py's.
 
-- WAL mode, so `localroute report` can read while the server writes.
+- One store interface for both engines (`SQLiteLogStore` here, `PostgresLogStore`), opened by
+  `open_store(target)`; feedback, reports and training read through it too.
+- SQLite: WAL mode, so `localroute report` can read while the server writes.
 - Named, ordered migrations recorded in `_migrations`; an old log is upgraded in place on open.
-- Rows are built on the response path (cheap: numbers and a little JSON) and written by one writer
-  thread; `close()` drains the queue, so a completed response's row is not lost on shutdown.
+  PostgreSQL has the same names (postgres_log.POSTGRES_MIGRATIONS), each in its own dialect.
+- Rows are built on the response path (cheap: numbers and a little JSON) and written in batches
+  by one writer thread (`routing_log_batch_s`); `close()` drains the queue, so a completed
+  response's row is not lost on shutdown.
+- A batch the store refuses (PostgreSQL down, a locked disk) is appended to a local spill file
+  (`routing_log_spill_path`, fsynced) and replayed in order once the store takes writes again;
+  the PostgreSQL insert ignores a row already stored, so a replay never doubles one.
 - Prompt and answer text are not stored unless `log_prompts` is on, and then with obvious secrets
   (API keys, bearer tokens, private keys, passwords) redacted.
 """
@@ -13,13 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from localroute.redaction import redact
 from localroute.routing.base import finite
@@ -31,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIGRATIONS", "RoutingLog", "migrate", "redact"]
+__all__ = ["MIGRATIONS", "LogStore", "RoutingLog", "SQLiteLogStore", "migrate", "open_store", "redact"]
 
 # (name, SQL). Append only: a released migration is never edited, renamed or reordered.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -170,26 +179,194 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     return applied
 
 
+# ---------- the stores ----------
+
+
+class LogStore(Protocol):
+    """What the writer, feedback, reports and training need from the log's database."""
+
+    engine: str
+
+    @property
+    def target(self) -> str: ...
+
+    def migrate(self) -> list[str]: ...
+
+    def insert(self, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def prune(self, retention_days: float | None) -> int: ...
+
+    def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None: ...
+
+    def add_feedback(self, ts: float, request_id: str, score: float, correct: int | None, source: str) -> int: ...
+
+    def mark_review(self, request_id: str, ts: float, policy: str, tier: str | None) -> None: ...
+
+    def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
+
+    def count_requests(self) -> int: ...
+
+    def review_queue(self, pending_only: bool = True, limit: int = 100) -> list[tuple[Any, ...]]: ...
+
+    def labelled(self) -> list[tuple[Any, ...]]: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteLogStore:
+    """The log in one SQLite file. `read_only` opens without creating or migrating (reports)."""
+
+    engine = "sqlite"
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if self.read_only:
+                self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            else:  # as connect(), usable from the writer thread and from close() after it
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                             check_same_thread=False)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def reset(self) -> None:
+        self.close()
+
+    def migrate(self) -> list[str]:
+        return migrate(self.conn())
+
+    def insert(self, rows: Sequence[Sequence[Any]]) -> None:
+        conn = self.conn()
+        sql = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def prune(self, retention_days: float | None) -> int:
+        if retention_days is None:
+            return 0
+        cur = self.conn().execute("DELETE FROM requests WHERE ts < ?", (time.time() - retention_days * 86400,))
+        return int(cur.rowcount or 0)
+
+    def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
+        row = self.conn().execute("SELECT policy, tier FROM requests WHERE request_id = ? ORDER BY ts DESC LIMIT 1",
+                                  (request_id,)).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
+    def add_feedback(self, ts: float, request_id: str, score: float, correct: int | None, source: str) -> int:
+        cur = self.conn().execute("INSERT INTO feedback (ts, request_id, score, correct, source) VALUES (?, ?, ?, ?, ?)",
+                                  (ts, request_id, score, correct, source))
+        return int(cur.lastrowid or 0)
+
+    def mark_review(self, request_id: str, ts: float, policy: str, tier: str | None) -> None:
+        self.conn().execute("INSERT OR IGNORE INTO review_sample (request_id, ts, policy, tier) VALUES (?, ?, ?, ?)",
+                            (request_id, ts, policy, tier))
+
+    def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        conn = self.conn()
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("ts < ?")
+            args.append(until)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        try:
+            cur = conn.execute(f"SELECT * FROM requests{where} ORDER BY ts", args)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def count_requests(self) -> int:
+        return int(self.conn().execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+    def review_queue(self, pending_only: bool = True, limit: int = 100) -> list[tuple[Any, ...]]:
+        sql = ("SELECT s.request_id, s.ts, s.policy, s.tier, COUNT(f.id), AVG(f.score) FROM review_sample s "
+               "LEFT JOIN feedback f ON f.request_id = s.request_id GROUP BY s.request_id "
+               + ("HAVING COUNT(f.id) = 0 " if pending_only else "") + "ORDER BY s.ts DESC LIMIT ?")
+        return [tuple(r) for r in self.conn().execute(sql, (limit,))]
+
+    def labelled(self) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn().execute(
+            "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
+            "JOIN feedback f ON f.request_id = r.request_id "
+            "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
+            "GROUP BY r.request_id, r.prompt_text, r.tier").fetchall()]
+
+
+def open_store(target: str | Path, read_only: bool = False) -> LogStore:
+    """The store for a postgresql:// URL or a SQLite path (not yet connected)."""
+    from localroute.monitoring.postgres_log import PostgresLogStore, is_postgres_url
+
+    if is_postgres_url(target):
+        return PostgresLogStore(str(target), COLUMNS, [name for name, _ in MIGRATIONS])
+    return SQLiteLogStore(Path(target), read_only=read_only)
+
+
 # ---------- the writer ----------
 
 
 class RoutingLog:
-    """Observer of finished requests (`observe`) that appends rows through a writer thread."""
+    """Observer of finished requests (`observe`) that appends rows through a writer thread.
+    `target`: a SQLite path or a postgresql:// URL."""
 
-    def __init__(self, path: Path, retention_days: float | None = None, log_prompts: bool = False,
-                 telemetry: Telemetry | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, target: str | Path, retention_days: float | None = None, log_prompts: bool = False,
+                 telemetry: Telemetry | None = None, spill_path: Path | None = None, batch_s: float = 0.0) -> None:
+        self.store = open_store(target)
+        self.path = Path(target) if self.store.engine == "sqlite" else None
         self.retention_days = retention_days
         self.log_prompts = log_prompts
         self.telemetry = telemetry
-        conn = connect(self.path)  # migrate now, so a bad path fails at start-up, not on a request
-        try:
-            self.applied = migrate(conn)
-            self._prune(conn)
-        finally:
-            conn.close()
+        self.batch_s = batch_s
+        self.spill_path = Path(spill_path) if spill_path is not None else None
+        self.spilled_total = 0
+        self.replayed_total = 0
+        try:  # migrate now, so a bad target fails at start-up, not on a request
+            self.applied = self.store.migrate()
+            self.store.prune(self.retention_days)
+        except Exception:
+            if self.store.engine == "sqlite" or self.spill_path is None:
+                raise
+            # PostgreSQL down at start-up: serve anyway, spill, migrate when it is back
+            log.exception("routing log %s unavailable at start-up; rows spill to %s", self.store.target,
+                          self.spill_path)
+            self.store.reset()
+            self.applied = []
+            self._migrated = False
+        else:
+            self._migrated = True
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._closed = False
+        self._lock = threading.Lock()  # the store and the spill file: the writer's, or close()'s
+        if self.store.engine == "sqlite":
+            self.store.close()  # the writer thread opens its own
         self._thread = threading.Thread(target=self._writer, name="localroute-routing-log", daemon=True)
         self._thread.start()
 
@@ -261,56 +438,100 @@ class RoutingLog:
         return {**evidence, "repetition": kept}
 
     def _writer(self) -> None:
-        conn = connect(self.path)
         last_prune = time.monotonic()
-        try:
-            while True:
-                item = self._queue.get()
-                batch = [item]
-                while len(batch) < 512:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                rows = [r for r in batch if r is not None]
+        stop = False
+        while not stop:
+            try:
+                item = self._queue.get(timeout=1.0 if self._spilled() else None)
+            except queue.Empty:
+                with self._lock:
+                    self._replay()
+                continue
+            batch = [item]
+            deadline = time.monotonic() + self.batch_s
+            while len(batch) < 512:
                 try:
+                    left = deadline - time.monotonic()
+                    batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [r for r in batch if r is not None]
+            stop = any(r is None for r in batch)
+            try:
+                with self._lock:
                     if rows:
-                        self._insert(conn, rows)
-                    if time.monotonic() - last_prune > 3600:
-                        self._prune(conn)
+                        self._write(rows)
+                    if time.monotonic() - last_prune > 3600 and self._migrated:
+                        self.store.prune(self.retention_days)
                         last_prune = time.monotonic()
-                except sqlite3.Error:
-                    log.exception("routing log write failed (%d rows)", len(rows))
-                finally:
-                    for _ in batch:
-                        self._queue.task_done()
-                if any(r is None for r in batch):
-                    return
-        finally:
-            conn.close()
+            except Exception:
+                log.exception("routing log maintenance failed")
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+        with self._lock:
+            self.store.close()
 
-    def _insert(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        sql = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-        conn.execute("BEGIN IMMEDIATE")
+    def _write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert (after any spilled rows, to keep their order), or spill."""
+        if self._spilled() and not self._replay():
+            self._spill(rows)
+            return
         try:
-            conn.executemany(sql, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            if not self._migrated:
+                self.applied = self.store.migrate()
+                self._migrated = True
+            self.store.insert(rows)
+        except Exception as exc:
+            self.store.reset()
+            if self.spill_path is None:
+                log.exception("routing log write failed (%d rows lost)", len(rows))
+                return
+            log.warning("routing log %s unavailable (%s); %d rows spilled to %s", self.store.target,
+                        type(exc).__name__, len(rows), self.spill_path)
+            self._spill(rows)
+
+    def _spilled(self) -> bool:
+        return self.spill_path is not None and self.spill_path.is_file() and self.spill_path.stat().st_size > 0
+
+    def _spill(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        assert self.spill_path is not None
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spill_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(list(r)) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        self.spilled_total += len(rows)
+
+    def _replay(self) -> bool:
+        """Write the spill file's rows; True when it is empty afterwards."""
+        if not self._spilled():
+            return True
+        assert self.spill_path is not None
+        lines = self.spill_path.read_text(encoding="utf-8").splitlines()
+        rows = []
+        for line in lines:
+            try:
+                rows.append(tuple(json.loads(line)))
+            except ValueError:  # a line cut by a crash mid-write
+                log.warning("routing log spill: skipping an unreadable line")
+        try:
+            if not self._migrated:
+                self.applied = self.store.migrate()
+                self._migrated = True
+            for i in range(0, len(rows), 512):
+                self.store.insert(rows[i:i + 512])
+        except Exception:
+            self.store.reset()
+            return False
+        self.spill_path.write_text("", encoding="utf-8")
+        self.replayed_total += len(rows)
+        log.info("routing log: %d spilled rows replayed into %s", len(rows), self.store.target)
+        return True
 
     def _write_now(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        conn = connect(self.path)
-        try:
-            self._insert(conn, rows)
-        finally:
-            conn.close()
-
-    def _prune(self, conn: sqlite3.Connection) -> int:
-        if self.retention_days is None:
-            return 0
-        cur = conn.execute("DELETE FROM requests WHERE ts < ?", (time.time() - self.retention_days * 86400,))
-        return int(cur.rowcount or 0)
+        with self._lock:
+            self._write(rows)
 
     def flush(self) -> None:
         """Block until every queued row is on disk."""
@@ -331,8 +552,15 @@ class RoutingLog:
                 break
             if item is not None:
                 leftover.append(item)
-        if leftover:
-            self._write_now(leftover)
+        with self._lock:
+            if leftover:
+                self._write(leftover)
+            self._replay()  # a last try; what stays spilled is replayed by the next start
+            self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": self.store.engine, "spilled_total": self.spilled_total,
+                "replayed_total": self.replayed_total, "spill_pending": self._spilled()}
 
 
 def _request_text(request: Any) -> str:

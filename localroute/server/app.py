@@ -27,6 +27,7 @@ from localroute.server.anthropic.serving import serve_count_tokens, serve_messag
 from localroute.server.auth import ApiKeyStore, AuthMiddleware
 from localroute.server.errors import install_error_handlers
 from localroute.server.http import BodyLimitMiddleware, RequestRoute, parse_body, request_body_schema
+from localroute.server.limits import SharedStateMiddleware
 from localroute.server.responses.protocol import ResponsesRequest
 from localroute.server.responses.serving import get_response, serve_responses
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -50,8 +51,12 @@ async def health(request: Request) -> JSONResponse:
     svc = service_of(request)
     tiers_health = {t.name: t.backend.health() for t in svc.tiers}
     ok = all(h.get("ok") for t, h in zip(svc.tiers, tiers_health.values()) if t.backend.is_local)
-    return JSONResponse({"status": "ok" if ok else "unavailable", "tiers": tiers_health},
-                        status_code=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "tiers": tiers_health}
+    if svc.budget is not None:
+        body["budget"] = await svc.budget_snapshot()
+    if svc.shared_state is not None:  # reported, never a reason for 503: fail_open serves without it
+        body["shared_state"] = svc.shared_state.snapshot()
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 def _model(svc: Service, model_id: str) -> dict[str, Any]:
@@ -75,7 +80,8 @@ async def feedback(request: Request) -> JSONResponse:
     svc = service_of(request)
     body = await parse_body(request, FeedbackRequest, svc.settings.max_json_depth)
     if svc.feedback is None:
-        raise InvalidRequestError("feedback needs the routing log: set routing_log_path", code="feedback_disabled")
+        raise InvalidRequestError("feedback needs the routing log: set routing_log_path or routing_log_url",
+                                  code="feedback_disabled")
     if svc.monitoring is not None and svc.monitoring.routing_log is not None:
         await asyncio.to_thread(svc.monitoring.routing_log.flush)  # the row may still be queued
     return JSONResponse(await asyncio.to_thread(svc.feedback.add, body))
@@ -84,15 +90,31 @@ async def feedback(request: Request) -> JSONResponse:
 def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: Sequence[Observer]) -> Service:
     service = Service(settings, tiers if tiers is not None else build_tiers(settings))
     service.observers.extend(observers)
-    service.monitoring = Monitoring(settings, service.tiers)
+    service.monitoring = Monitoring(settings, service.tiers, shared_state=service.shared_state)
     service.observers.extend(service.monitoring.observers)
-    if settings.routing_log_path is not None:  # feedback and the review sample live in the routing log
+    if service.rate_limiter is not None:
+        service.observers.append(_token_counter(service))
+    target = settings.routing_log_target()
+    if target is not None:  # feedback and the review sample live in the routing log
         from localroute.monitoring.feedback import FeedbackStore, ReviewSampler
 
-        service.feedback = FeedbackStore(settings.routing_log_path)
+        service.feedback = FeedbackStore(target)
         if settings.review_sample_rate > 0:
             service.observers.append(ReviewSampler(service.feedback, settings.review_sample_rate))
     return service
+
+
+def _token_counter(service: Service) -> Observer:
+    """Count each finished request's tokens against its key's tokens/min (observers run in the
+    request's context, so the key id is the request's)."""
+    from localroute.backends.budget import current_key_id
+
+    def observe(rec: Any) -> None:
+        gen = rec.generation
+        if gen is not None and service.rate_limiter is not None:
+            service.rate_limiter.add_tokens(current_key_id.get(), (gen.prompt_tokens or 0) + (gen.completion_tokens or 0))
+
+    return observe
 
 
 def create_app(
@@ -124,6 +146,8 @@ def create_app(
     app = FastAPI(title="localroute", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.http_body_timeout_s)
+    # inside auth (it needs the key id), outside the body limit (a refused request's body is never read)
+    app.add_middleware(SharedStateMiddleware)
     api_keys = ApiKeyStore.from_settings(settings)
     if api_keys is not None:  # added after the body limit: no body is read for a caller without a key
         app.add_middleware(AuthMiddleware, keys=api_keys, public_paths=settings.public_paths)

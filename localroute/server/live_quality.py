@@ -163,9 +163,14 @@ class LiveQualityRuntime:
             scorer = cat.scorer if cat is not None else "exact"
             return scorer, agreement(scorer, local, frontier, cat.choices if cat is not None else None)
 
+        log_path = s.routing_log_path
+        if s.routing_log_url is not None:
+            log.warning("shadow pairs are stored in the SQLite routing log only: with routing_log_url they are "
+                        "counted in /metrics but not stored (no report or --from-log on them)")
+            log_path = None
         return ShadowEvaluator(
             backend=backend, local_tiers={t.name for t in self.service.tiers[:-1]}, rate_of=rate_of,
-            compare=compare, log_path=s.routing_log_path, near_rate=s.shadow_near_threshold_rate,
+            compare=compare, log_path=log_path, near_rate=s.shadow_near_threshold_rate,
             near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
             concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
             default_category=s.default_category)

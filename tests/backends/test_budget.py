@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from localroute.backends.budget import BudgetExceededError, SpendBudget
+from localroute.backends.budget import BudgetExceededError, SpendBudget, SpendStore
 from localroute.backends.openai_http import OpenAIHTTPBackend
 from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy
 from localroute.errors import ConfigError, UpstreamError
@@ -175,7 +175,7 @@ def test_attach_needs_prices_for_every_remote_tier() -> None:
 def _app(url: str, **kw: Any) -> Any:
     local = ScriptedBackend("local", text="local answer here", logprobs=-3.0)
     tiers = [Tier("local", local, -1.0), Tier("frontier", _backend(url), None)]
-    return create_app(Settings(**kw), tiers=tiers)
+    return create_app(Settings(**{"budget_state_path": None, **kw}), tiers=tiers)
 
 
 def _ask(base: str, key: str | None = None) -> httpx.Response:
@@ -208,3 +208,30 @@ def test_server_per_key_budget() -> None:
     assert a1.headers["x-localroute-tier"] == "frontier"
     assert a2.headers["x-localroute-degraded"] == "frontier_budget_exceeded"
     assert b1.headers["x-localroute-tier"] == "frontier"
+
+
+def test_single_node_spend_persists_across_restarts(tmp_path: Any) -> None:
+    """Without Redis the settled spend is written to SQLite (budget_state_path): a new process
+    (here a new budget over the same file) starts from what the period already spent."""
+    path = tmp_path / "budget.sqlite"
+    b = SpendBudget(cap_usd=1.0, per_key_usd=0.5, store=SpendStore(path))
+    b.reserve(0.3, key_id="k").settle(0.25)
+    b.reserve(0.3).settle(0.3)
+    restarted = SpendBudget(cap_usd=1.0, per_key_usd=0.5, store=SpendStore(path))
+    assert restarted.spent_usd() == pytest.approx(0.55) and restarted.spent_usd("k") == pytest.approx(0.25)
+    with pytest.raises(BudgetExceededError):
+        restarted.reserve(0.5)  # 0.55 + 0.5 > 1.0: the restart did not forget
+    other_day = Clock(restarted._ends_at + 1)
+    assert SpendBudget(1.0, store=SpendStore(path), clock=other_day).spent_usd() == 0.0  # a new period
+
+
+def test_server_restart_remembers_spend(tmp_path: Any) -> None:
+    """The default settings persist spend: a second app over the same file refuses what the first spent."""
+    state = tmp_path / "spend.sqlite"
+    with fault_upstream(Fault(prompt_tokens=40, completion_tokens=10)) as up:
+        with serve_app(_app(up.url, budget_usd=70.0, budget_state_path=state, budget_exhausted_policy="reject")) as base:
+            assert _ask(base).status_code == 200
+        with serve_app(_app(up.url, budget_usd=70.0, budget_state_path=state, budget_exhausted_policy="reject")) as base:
+            again = _ask(base)
+    assert again.status_code == 429 and again.json()["error"]["code"] == "budget_exceeded"
+    assert SpendBudget(70.0, store=SpendStore(state)).spent_usd() > 0

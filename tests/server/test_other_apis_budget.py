@@ -29,7 +29,8 @@ def _app(url: str) -> object:
         input_usd_per_mtok=1e6, output_usd_per_mtok=1e6)  # a dollar a token
     local = ScriptedBackend("local", text="local answer", logprobs=-3.0)  # never confident: escalates
     # worst case per call: (2 + 16) prompt + 16 output tokens = $34; the first costs $19, so a second cannot fit
-    return create_app(Settings(budget_usd=40.0, budget_exhausted_policy="reject"),
+    # budget_state_path=None: each app starts the period afresh (the default file would carry the spend over)
+    return create_app(Settings(budget_usd=40.0, budget_exhausted_policy="reject", budget_state_path=None),
                       tiers=[Tier("local", local, -1.0), Tier("frontier", frontier, None)])
 
 
