@@ -64,6 +64,9 @@ class TierSettings(BaseModel):
     )
     base_url: str | None = Field(None, description="OpenAI-compatible base URL (kind=openai).")
     api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding this tier's API key (a Kubernetes Secret, a compose "
+        "env), read at start-up when api_key is unset, so the key stays out of the config file.")
     input_usd_per_mtok: float | None = Field(None, description="Price of a million prompt tokens (remote tiers).")
     output_usd_per_mtok: float | None = Field(None, description="Price of a million completion tokens.")
     cached_input_usd_per_mtok: float | None = Field(

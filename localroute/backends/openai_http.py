@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -598,11 +599,17 @@ def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
         raise ConfigError(f"tiers.{tier.name}.base_url: required for kind=openai", param="base_url")
     ladder = settings.ladder()
     final = not ladder or ladder[-1].name == tier.name
+    api_key = tier.api_key.get_secret_value() if tier.api_key else None
+    if api_key is None and tier.api_key_env:
+        api_key = os.environ.get(tier.api_key_env)
+        if not api_key:
+            raise ConfigError(f"tiers.{tier.name}.api_key_env: environment variable {tier.api_key_env} is not set",
+                              param="api_key_env")
     return OpenAIHTTPBackend(
         name=tier.name,
         base_url=tier.base_url,
         model=tier.model,
-        api_key=tier.api_key.get_secret_value() if tier.api_key else None,
+        api_key=api_key,
         deadlines=Deadlines(
             connect_s=settings.frontier_connect_timeout_s,
             first_token_s=settings.frontier_first_token_timeout_s,
