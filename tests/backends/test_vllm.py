@@ -114,16 +114,11 @@ class StandInEngineArgs:
     distributed_executor_backend: str | None = None
 
 
-@dataclasses.dataclass
-class OldEngineArgs:  # a vLLM without pipeline/data parallel fields, as far back as logprobs_mode goes
-    model: str = ""
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    max_logprobs: int = 20
-    logprobs_mode: str = "raw_logprobs"
-    disable_log_stats: bool = False
-    tensor_parallel_size: int = 1
+# a vLLM without pipeline/data/expert parallel fields (as far back as logprobs_mode goes)
+OldEngineArgs = dataclasses.make_dataclass("OldEngineArgs", [
+    (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(StandInEngineArgs)
+    if f.name not in {"pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
+                      "distributed_executor_backend", "enable_log_requests"}])
 
 
 def stand_in_vllm(args: type = StandInEngineArgs) -> SimpleNamespace:
