@@ -47,7 +47,7 @@ def cascade_settings(upstream: FaultUpstream, threshold: float, **kw: Any) -> Se
         {"name": "smollm2-135m", "kind": "llama_cpp", "model": "smollm2-135m", "threshold": threshold},
         {"name": "frontier", "kind": "openai", "model": "gpt-4o-mini", "base_url": upstream.url,
          "api_key": "sk-test-frontier", "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6},
-    ], engine_isolation="thread", n_parallel=2, **kw)
+    ], n_parallel=2, **kw)  # the engine in its own process, as `serve` runs it
 
 
 def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
@@ -151,6 +151,20 @@ def test_streamed_escalation_and_a_new_trace_without_traceparent(
     assert root.attributes["localroute.decision"] == "escalated"
     assert remote.attributes is not None and remote.attributes["localroute.accepted"] is True
     assert remote.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+
+
+def test_other_apis_are_traced_through_the_same_router(exporter: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    provider, exp = exporter
+    with FaultUpstream() as up, serve_app(scripted_app(provider, up)) as url:
+        r = httpx.post(f"{url}/messages", timeout=30, headers={"traceparent": TRACEPARENT},
+                       json={"model": "localroute/cascade", "max_tokens": 16,
+                             "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert up.requests[-1]["headers"]["traceparent"].split("-")[1] == CALLER_TRACE
+    root = by_name(exp.get_finished_spans())["POST /v1/messages"]
+    assert root.attributes is not None and root.attributes["localroute.endpoint"] == "messages"
+    assert root.attributes["localroute.decision"] == "escalated" and root.attributes["localroute.tier"] == "frontier"
+    assert hexid(root.context.trace_id, 32) == CALLER_TRACE
 
 
 def test_refused_and_failed_requests_are_traced(exporter: tuple[TracerProvider, InMemorySpanExporter]) -> None:

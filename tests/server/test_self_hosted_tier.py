@@ -78,10 +78,25 @@ def test_a_confident_fleet_answers_priced_by_its_gpu_hours(upstreams: tuple[Faul
 
 def test_an_unsure_fleet_escalates_and_its_gpu_time_is_still_billed(
         upstreams: tuple[FaultUpstream, FaultUpstream]) -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed: pip install 'localroute[otel]'")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     fleet, frontier = upstreams
     fleet.script(Fault(completion=completion(-3.0, "Maybe Lyon, or Paris?")))
-    with serve_app(create_app(ladder(fleet, frontier))) as url:
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with serve_app(create_app(ladder(fleet, frontier), tracer_provider=provider)) as url:
         r = httpx.post(f"{url}/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 1}, timeout=30)
+    # one trace: each upstream was sent its own attempt span as parent
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    fleet_span, frontier_span = spans["chat qwen2.5-7b"], spans["chat gpt-4o-mini"]
+    for up, span in ((fleet, fleet_span), (frontier, frontier_span)):
+        _, trace_id, parent, _ = up.requests[0]["headers"]["traceparent"].split("-")
+        assert (trace_id, parent) == (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}")
+    assert fleet_span.attributes is not None and fleet_span.attributes["localroute.accepted"] is False
+    assert fleet_span.attributes["localroute.cost_method"] == "self_hosted_gpu"
     assert r.status_code == 200, r.text
     info = r.json()["localroute"]
     assert [(a["tier"], a["accepted"]) for a in info["attempts"]] == [("fleet", False), ("frontier", True)]
