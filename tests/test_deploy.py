@@ -162,3 +162,34 @@ def test_deploy_paths_exist() -> None:
     for rel in ("Dockerfile.cpu", "validate.sh", "helm/localroute/Chart.yaml", "compose/nginx.conf"):
         assert (DEPLOY / rel).is_file(), rel
     assert Path(DEPLOY / "helm" / "localroute" / "templates" / "hpa.yaml").read_text().count("HorizontalPodAutoscaler")
+
+
+def test_a_tier_key_from_the_secret_reaches_the_frontier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's frontier tier names its key's variable (api_key_env), filled from the Secret:
+    the key is sent as the bearer token, and a missing variable stops start-up naming it."""
+    import asyncio
+
+    from localroute.backends.openai_http import from_settings
+    from localroute.errors import ConfigError
+    from localroute.types import GenerationRequest
+
+    values = yaml.safe_load((DEPLOY / "helm" / "localroute" / "values.yaml").read_text())
+    with FaultUpstream() as up:
+        config = {**values["config"], "backend": None}
+        config["tiers"] = [{**t, "base_url": up.url} if t["kind"] == "openai" else t for t in config["tiers"]]
+        settings = Settings(**config)
+        tier = settings.ladder()[-1]
+        monkeypatch.delenv("LOCALROUTE_FRONTIER_API_KEY", raising=False)
+        with pytest.raises(ConfigError, match="LOCALROUTE_FRONTIER_API_KEY is not set"):
+            from_settings(tier, settings)
+        monkeypatch.setenv("LOCALROUTE_FRONTIER_API_KEY", "sk-from-the-secret")
+        backend = from_settings(tier, settings)
+
+        async def ask() -> None:
+            try:
+                await backend.generate(GenerationRequest(messages=({"role": "user", "content": "hi"},)))
+            finally:
+                await backend.aclose()
+
+        asyncio.run(ask())
+    assert up.requests[0]["headers"]["authorization"] == "Bearer sk-from-the-secret"
