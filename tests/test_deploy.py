@@ -193,3 +193,21 @@ def test_a_tier_key_from_the_secret_reaches_the_frontier(monkeypatch: pytest.Mon
 
         asyncio.run(ask())
     assert up.requests[0]["headers"]["authorization"] == "Bearer sk-from-the-secret"
+
+
+def test_deploy_yaml_lints_and_the_compose_file_matches_the_compose_spec() -> None:
+    """The part of deploy/validate.sh that needs only Python packages of the dev extra (helm,
+    docker-compose, hadolint and kubernetes-validate run there when installed)."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    yamls = [DEPLOY / "compose", DEPLOY / "helm" / "localroute" / "Chart.yaml",
+             DEPLOY / "helm" / "localroute" / "values.yaml"]
+    lint = subprocess.run([sys.executable, "-m", "yamllint", "-f", "parsable", "-c", str(DEPLOY / ".yamllint.yaml"),
+                           *map(str, yamls)], check=False, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    spec = subprocess.run([str(bin_dir / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                           str(DEPLOY / "compose" / "docker-compose.yml")], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert spec.returncode == 0, spec.stdout + spec.stderr
