@@ -17,7 +17,7 @@ from pydantic_settings import (
 
 from localroute.errors import ConfigError
 
-BackendKind = Literal["llama_cpp", "openai", "vllm", "transformers"]
+BackendKind = Literal["llama_cpp", "openai", "anthropic", "vllm", "transformers"]
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("localroute_config_file", default=None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,7 @@ class CapabilitySettings(BaseModel):
     logit_bias: bool | None = Field(None, description="logit_bias honoured.")
     penalties: bool | None = Field(None, description="presence_penalty / frequency_penalty honoured.")
     json_schema: bool | None = Field(None, description="response_format json_schema.")
+    logprobs: bool | None = Field(None, description="Token logprobs in the answer (`logprobs`).")
     context_tokens: int | None = Field(None, ge=1, description="Longest prompt + answer, in tokens.")
 
 
@@ -62,7 +63,9 @@ class TierSettings(BaseModel):
         description="Escalate when confidence is below this. None: use the aggregator's default. "
         "Ignored on the last tier, whose answer is always returned.",
     )
-    base_url: str | None = Field(None, description="OpenAI-compatible base URL (kind=openai).")
+    base_url: str | None = Field(
+        None, description="Remote tier's base URL: OpenAI-compatible (kind=openai, e.g. https://api.openai.com/v1) "
+        "or Anthropic Messages (kind=anthropic, e.g. https://api.anthropic.com/v1).")
     api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
     api_key_env: str | None = Field(
         None, description="Environment variable holding this tier's API key (a Kubernetes Secret, a compose "
@@ -367,7 +370,8 @@ class Settings(BaseSettings):
         ladder = self._base_ladder()
         if self.backend is None:
             return ladder
-        return [t if t.kind == "openai" else t.model_copy(update={"kind": self.backend}) for t in ladder]
+        return [t if t.kind in ("openai", "anthropic") else t.model_copy(update={"kind": self.backend})
+                for t in ladder]
 
     def _base_ladder(self) -> list[TierSettings]:
         if self.tiers:

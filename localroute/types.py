@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 # "tool_calls", "content_filter" and "function_call" come from remote tiers and pass through as sent
 FinishReason = Literal["stop", "length", "error", "cancelled", "tool_calls", "content_filter", "function_call"]
-WireApi = Literal["chat", "completions"]
+WireApi = Literal["chat", "completions", "messages"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     wire: WireRequest | None = None
+    # the client's body in the API it spoke when that is not chat (a Messages request routed
+    # through the chat path): a tier speaking that API natively forwards this one unchanged
+    native: WireRequest | None = None
     needs: frozenset[str] = frozenset()
     # OpenAI function definitions (name, description, parameters) the answer must call, after
     # tool_choice ("none": empty; a named function: that one); a local tier with tools answers a call

@@ -43,6 +43,8 @@ class Fault:
     completion_tokens: int | None = None
     completion: dict[str, Any] | None = None  # the exact non-streamed answer (tool calls, refusals, n > 1)
     chunks: list[dict[str, Any]] | None = None  # the exact stream: each a data event, then [DONE]
+    # the exact stream as named events (Anthropic Messages: `event: <type>` then its data, no [DONE])
+    events: list[dict[str, Any]] | None = None
 
 
 def _free_port() -> int:
@@ -232,6 +234,17 @@ class FaultUpstream:
         self, fault: Fault, request: dict[str, Any], writer: asyncio.StreamWriter, eof: asyncio.Future[bytes]
     ) -> bool:
         writer.write(self._head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}))
+        if fault.events is not None:
+            for i, event in enumerate(fault.events):
+                if fault.kind == "cut" and i >= fault.cut_after:
+                    return True
+                if i and not await self._pause(fault.token_delay_s, eof):
+                    return False
+                writer.write(self._chunk(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
         if fault.chunks is not None:
             for scripted in fault.chunks:
                 writer.write(self._event(scripted))

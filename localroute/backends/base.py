@@ -66,6 +66,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, str] = {
     "llama_cpp": "localroute.backends.llama_cpp:from_settings",
     "openai": "localroute.backends.openai_http:from_settings",
+    "anthropic": "localroute.backends.anthropic_http:from_settings",
     "vllm": "localroute.backends.vllm:from_settings",
     "transformers": "localroute.backends.transformers:from_settings",
 }

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from localroute.settings import TierSettings
 
-__all__ = ["NEEDS", "Capabilities", "capabilities_for", "default_capabilities"]
+__all__ = ["NEEDS", "REMOTE_KINDS", "Capabilities", "capabilities_for", "default_capabilities"]
+
+# engine kinds that are a remote API rather than an engine in this process
+REMOTE_KINDS = frozenset({"openai", "anthropic"})
 
 # need name -> (the Capabilities field that grants it, the request field a 400 names)
 NEEDS: dict[str, tuple[str, str]] = {
@@ -27,6 +30,7 @@ NEEDS: dict[str, tuple[str, str]] = {
     "logit_bias": ("logit_bias", "logit_bias"),
     "penalties": ("penalties", "presence_penalty"),
     "json_schema": ("json_schema", "response_format"),
+    "logprobs": ("logprobs", "logprobs"),
 }
 
 
@@ -43,6 +47,7 @@ class Capabilities:
     logit_bias: bool = False
     penalties: bool = False
     json_schema: bool = True
+    logprobs: bool = True
     context_tokens: int | None = None
 
     @classmethod
@@ -76,6 +81,9 @@ DEFAULTS: dict[str, Capabilities] = {
     "transformers": _LOCAL_SAMPLER,
     "vllm": _LOCAL,
     "openai": Capabilities.everything(),
+    # Anthropic Messages (backends/anthropic_http.py): tools, images, PDFs and JSON schemas; no
+    # token logprobs, one answer per call, no logit_bias, penalties or audio
+    "anthropic": Capabilities(tools=True, images=True, files=True, json_schema=True, logprobs=False),
 }
 
 
@@ -89,8 +97,9 @@ def default_capabilities(kind: str | None, is_local: bool) -> Capabilities:
 def capabilities_for(tier: TierSettings, context_tokens: int | None = None) -> Capabilities:
     """A configured tier's capabilities: its kind's defaults, then the tier's `capabilities`
     overrides. `context_tokens`: the local context length when the tier sets no override."""
-    base = default_capabilities(tier.kind, tier.kind != "openai")
-    if context_tokens is not None and tier.kind != "openai":
+    remote = tier.kind in REMOTE_KINDS
+    base = default_capabilities(tier.kind, not remote)
+    if context_tokens is not None and not remote:
         base = replace(base, context_tokens=context_tokens)
     if tier.capabilities is None:
         return base

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = {408, 409, 425, 429}
+B = TypeVar("B", bound="OpenAIHTTPBackend")
 
 
 def _token_logprob(item: dict[str, Any]) -> TokenLogprob:
@@ -78,6 +79,10 @@ _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "co
 # Completions fields with no Chat Completions counterpart (logprobs is translated)
 _COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
 _CAPABILITIES = Capabilities.everything()
+
+
+def _same(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    return chunk
 
 
 def _finish(reason: str | None) -> FinishReason:
@@ -111,6 +116,7 @@ class OpenAIHTTPBackend:
     is_local = False
     kind = "openai"
     capabilities = _CAPABILITIES
+    path = "/chat/completions"  # under base_url
 
     def __init__(
         self,
@@ -358,8 +364,7 @@ class OpenAIHTTPBackend:
         """Send the request; return a 200 response whose body is still unread. An error's body is
         its answer: it too must come by the first-token deadline (else it is read as empty)."""
         headers = self.trace_headers(request) if self.trace_headers is not None else None
-        req = self._client.build_request("POST", "/chat/completions", json=self._body(request, stream),
-                                         headers=headers)
+        req = self._client.build_request("POST", self.path, json=self._body(request, stream), headers=headers)
         try:
             resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
         except httpx.HTTPError as exc:
@@ -400,9 +405,10 @@ class OpenAIHTTPBackend:
         finally:
             await resp.aclose()
         try:
-            data = json.loads(bytes(raw))
-            if not isinstance(data, dict):
+            native = json.loads(bytes(raw))
+            if not isinstance(native, dict):
                 raise TypeError("answer is not an object")
+            data = self._decode_answer(native)
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
@@ -428,7 +434,8 @@ class OpenAIHTTPBackend:
                 latency_s=latency,
                 ttft_s=latency,
                 model=str(data.get("model", self.model)),
-                extra={"usage": usage, "upstream_id": data.get("id")},
+                extra={"usage": usage, "upstream_id": data.get("id"),
+                       **({"native": native} if native is not data else {})},
                 raw=data,
             ),
         )
@@ -446,6 +453,7 @@ class OpenAIHTTPBackend:
         finish: str | None = None
         model = self.model
         held: list[dict[str, Any]] = []  # chunks that say nothing yet (the role), not yet handed on
+        decode = self._chunk_decoder()
         resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
         progress: float | None = None  # last data event after the first token
@@ -467,11 +475,15 @@ class OpenAIHTTPBackend:
                 if payload == "[DONE]":
                     break
                 try:
-                    chunk = json.loads(payload)
-                    if not isinstance(chunk, dict):
+                    event = json.loads(payload)
+                    if not isinstance(event, dict):
                         raise TypeError("chunk is not an object")
-                except (ValueError, TypeError, RecursionError):
+                    decoded = decode(event)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
+                if decoded is None:
+                    continue  # an event with nothing for the chat stream (a ping, a block's end)
+                chunk = decoded
                 if "error" in chunk:
                     raise self._fail("stream ended with an error event", "upstream_error")
                 usage = chunk.get("usage") or usage
@@ -524,6 +536,16 @@ class OpenAIHTTPBackend:
             ),
         )
 
+    # ---- the provider's wire format (a subclass speaking another API overrides these) ----
+
+    def _decode_answer(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The provider's answer as a chat.completion (the identity here)."""
+        return data
+
+    def _chunk_decoder(self) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+        """Per stream: one provider event in, a chat.completion.chunk (or None: skip it) out."""
+        return _same
+
     # ---- the Backend protocol ----
 
     async def generate(self, request: GenerationRequest) -> Generation:
@@ -554,7 +576,7 @@ class OpenAIHTTPBackend:
 
     def health(self) -> dict[str, Any]:
         state = self.breaker.state
-        return {"ok": state != "open", "kind": "openai", "model": self.model, "circuit": state}
+        return {"ok": state != "open", "kind": self.kind, "model": self.model, "circuit": state}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -594,9 +616,10 @@ def _as_client_asked(data: dict[str, Any], request: GenerationRequest) -> dict[s
     return {**data, "choices": choices}
 
 
-def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
+def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]
+    """A remote tier of `cls` (this backend or a subclass speaking another API) from its settings."""
     if not tier.base_url:
-        raise ConfigError(f"tiers.{tier.name}.base_url: required for kind=openai", param="base_url")
+        raise ConfigError(f"tiers.{tier.name}.base_url: required for kind={tier.kind}", param="base_url")
     ladder = settings.ladder()
     final = not ladder or ladder[-1].name == tier.name
     api_key = tier.api_key.get_secret_value() if tier.api_key else None
@@ -605,7 +628,7 @@ def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
         if not api_key:
             raise ConfigError(f"tiers.{tier.name}.api_key_env: environment variable {tier.api_key_env} is not set",
                               param="api_key_env")
-    return OpenAIHTTPBackend(
+    return cls(
         name=tier.name,
         base_url=tier.base_url,
         model=tier.model,
@@ -628,6 +651,6 @@ def from_settings(tier: TierSettings, settings: Settings) -> OpenAIHTTPBackend:
         ),
         input_usd_per_mtok=tier.input_usd_per_mtok,
         output_usd_per_mtok=tier.output_usd_per_mtok,
-        confidence_logprobs=not final,
+        confidence_logprobs=not final and tier.kind == "openai",  # other APIs have no logprobs to ask for
         self_hosted=tier.gpu_hour_usd is not None,
     )

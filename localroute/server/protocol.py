@@ -57,6 +57,8 @@ def chat_needs(body: ChatCompletionRequest) -> frozenset[str]:
         needs.add("audio")
     if isinstance(body.response_format, dict) and body.response_format.get("type") == "json_schema":
         needs.add("json_schema")
+    if body.logprobs:
+        needs.add("logprobs")
     _common_needs(body, needs)
     return frozenset(needs)
 
@@ -130,7 +132,7 @@ def _called_tools(body: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
 
 def completion_request(body: CompletionRequest, data: dict[str, Any], settings: Settings,
                        request_id: str) -> GenerationRequest:
-    needs: set[str] = set()
+    needs: set[str] = {"logprobs"} if body.logprobs is not None else set()
     _common_needs(body, needs)
     return GenerationRequest(
         prompt=body.prompt_text(), params=_sampling(body, settings, body.logprobs or 0), request_id=request_id,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 from fastapi import Request
@@ -47,7 +47,7 @@ from localroute.server.protocol import (
 )
 from localroute.server.schemas import ChatCompletionRequest, CompletionRequest
 from localroute.service import Service
-from localroute.types import Generation, GenerationRequest
+from localroute.types import Generation, GenerationRequest, WireRequest
 
 __all__ = ["ChatAnswer", "ChatStream", "chat_completion", "read_json", "serve_chat", "serve_completion",
            "service_of", "sse_response"]
@@ -124,11 +124,13 @@ async def _respond(request: Request, api: Api) -> Response:
     return result.response()
 
 
-async def chat_completion(request: Request, body: dict[str, Any], endpoint: str = "chat") -> ChatAnswer | ChatStream:
+async def chat_completion(request: Request, body: dict[str, Any], endpoint: str = "chat",
+                          native: WireRequest | None = None) -> ChatAnswer | ChatStream:
     """Route a Chat Completions body (a dict, as parsed from JSON): validated as the chat endpoint
     validates it (400 naming the field), routed, answered. `endpoint` labels the request in the
-    metrics and the routing log (e.g. "responses", "messages")."""
-    return await _serve(request, body, "chat", endpoint, time.perf_counter())
+    metrics and the routing log (e.g. "responses", "messages"); `native`: the client's own body,
+    for a tier that speaks its API (GenerationRequest.native)."""
+    return await _serve(request, body, "chat", endpoint, time.perf_counter(), native)
 
 
 def sse_response(stream: ChatStream) -> StreamingResponse:
@@ -157,7 +159,7 @@ def _endpoint(api: Api) -> str:
 
 
 async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str,
-                 started: float) -> ChatAnswer | ChatStream:
+                 started: float, native: WireRequest | None = None) -> ChatAnswer | ChatStream:
     request_id = _request_id(api)
     svc = service_of(request)
     try:
@@ -165,6 +167,8 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
             chat = validate(data, ChatCompletionRequest)
             body: ChatCompletionRequest | CompletionRequest = chat
             req = chat_request(chat, data, svc.settings, request_id)
+            if native is not None:
+                req = replace(req, native=native)
         else:
             completion = validate(data, CompletionRequest)
             body = completion

@@ -25,6 +25,7 @@ from localroute.server.protocol import chat_request
 from localroute.server.schemas import ChatCompletionRequest
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
+from localroute.types import WireRequest
 
 __all__ = ["serve_count_tokens", "serve_messages"]
 
@@ -44,10 +45,10 @@ async def _accept(request: Request, model: type[CountTokensRequest]) -> tuple[di
 
 async def serve_messages(request: Request) -> Response:
     body, chat = await _accept(request, MessagesRequest)
-    routed = await chat_completion(request, chat, ENDPOINT)
+    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("messages", body))
     if isinstance(routed, ChatAnswer):
         try:
-            message = message_from_chat(routed.payload, body["model"])
+            message = message_from_chat(routed.payload, body["model"], _native(routed))
         except BaseException as exc:
             answer_failed(routed, exc)
             raise
@@ -74,6 +75,13 @@ async def serve_messages(request: Request) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})
+
+
+def _native(routed: ChatAnswer) -> dict[str, Any] | None:
+    """The Messages answer as a tier speaking Messages sent it, when one answered."""
+    gen = routed.record.generation
+    native = gen.extra.get("native") if gen is not None else None
+    return native if isinstance(native, dict) and native.get("type") == "message" else None
 
 
 async def serve_count_tokens(request: Request) -> Response:

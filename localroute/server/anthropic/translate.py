@@ -28,6 +28,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from localroute.backends.anthropic_http import blocks_from_parts, tool_choice_from_chat, tool_from_chat
 from localroute.server.translate import arguments_object, refuse_set, untranslatable
 
 __all__ = ["MessagesStream", "from_chat", "message_from_chat", "stop_reason", "to_chat", "usage_from_chat"]
@@ -221,28 +222,28 @@ def from_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
         body["max_tokens"] = chat["max_completion_tokens"]
     messages = list(chat["messages"])
     if messages and messages[0]["role"] == "system":
-        body["system"] = _blocks_from_parts(messages.pop(0)["content"])
+        body["system"] = blocks_from_parts(messages.pop(0)["content"])
     out: list[dict[str, Any]] = []
     for m in messages:
         if m["role"] == "tool":
             block: dict[str, Any] = {"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                                     "content": _blocks_from_parts(m["content"])}
+                                     "content": blocks_from_parts(m["content"])}
             block.update({k: m[k] for k in ("is_error", "cache_control") if k in m})
             if out and out[-1]["role"] == "user" and out[-1].get("_open"):
                 out[-1]["content"].append(block)
             else:
                 out.append({"role": "user", "content": [block], "_open": True})
         elif m["role"] == "user" and out and out[-1].get("_open"):
-            out[-1]["content"].extend(_blocks_from_parts(m["content"]))
+            out[-1]["content"].extend(blocks_from_parts(m["content"]))
             del out[-1]["_open"]
         elif m["role"] == "assistant" and (m.get("tool_calls") or not isinstance(m.get("content"), str)):
-            blocks = _blocks_from_parts(m.get("content") or [])
+            blocks = blocks_from_parts(m.get("content") or [])
             assert isinstance(blocks, list)
             blocks += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
                         "input": json.loads(c["function"]["arguments"])} for c in m.get("tool_calls") or ()]
             out.append({"role": "assistant", "content": blocks})
         else:
-            out.append({"role": m["role"], "content": _blocks_from_parts(m["content"])})
+            out.append({"role": m["role"], "content": blocks_from_parts(m["content"])})
     for m in out:
         m.pop("_open", None)
     body["messages"] = out
@@ -258,56 +259,13 @@ def from_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     if "service_tier" in chat:
         body["service_tier"] = _TIER_FROM_CHAT[chat["service_tier"]]
     if "tools" in chat:
-        body["tools"] = [_tool_from_chat(t) for t in chat["tools"]]
+        body["tools"] = [tool_from_chat(t) for t in chat["tools"]]
     if "tool_choice" in chat:
-        body["tool_choice"] = _choice_from_chat(chat["tool_choice"], chat.get("parallel_tool_calls"))
+        body["tool_choice"] = tool_choice_from_chat(chat["tool_choice"], chat.get("parallel_tool_calls"))
     if "response_format" in chat:
         body["output_config"] = {"format": {"type": "json_schema",
                                             "schema": chat["response_format"]["json_schema"]["schema"]}}
     return body
-
-
-def _blocks_from_parts(content: Any) -> Any:
-    if isinstance(content, str):
-        return content
-    blocks = []
-    for part in content:
-        if part["type"] == "text":
-            block: dict[str, Any] = {"type": "text", "text": part["text"]}
-        else:
-            url = part["image_url"]["url"]
-            if url.startswith("data:") and ";base64," in url:
-                media_type, data = url[5:].split(";base64,", 1)
-                block = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-            else:
-                block = {"type": "image", "source": {"type": "url", "url": url}}
-        if "cache_control" in part:
-            block["cache_control"] = part["cache_control"]
-        blocks.append(block)
-    return blocks
-
-
-def _tool_from_chat(tool: Mapping[str, Any]) -> dict[str, Any]:
-    f = tool["function"]
-    out: dict[str, Any] = {"name": f["name"]}
-    if "description" in f:
-        out["description"] = f["description"]
-    out["input_schema"] = f["parameters"]
-    if "strict" in f:
-        out["strict"] = f["strict"]
-    if "cache_control" in tool:
-        out["cache_control"] = tool["cache_control"]
-    return out
-
-
-def _choice_from_chat(choice: Any, parallel: bool | None) -> dict[str, Any]:
-    if isinstance(choice, dict):
-        out: dict[str, Any] = {"type": "tool", "name": choice["function"]["name"]}
-    else:
-        out = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
-    if parallel is not None:
-        out["disable_parallel_tool_use"] = not parallel
-    return out
 
 
 # ---- answers: chat -> Messages ----
@@ -338,8 +296,16 @@ def _text_of(content: Any) -> str:
     return content or ""
 
 
-def message_from_chat(answer: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """A chat completion (one choice) as a Messages answer; the routing block stays `localroute`."""
+def message_from_chat(answer: Mapping[str, Any], model: str,
+                      native: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A chat completion (one choice) as a Messages answer; the routing block stays `localroute`.
+    `native`: the answer as a tier speaking Messages sent it, returned as it is but for the id,
+    the model and the routing block."""
+    if native is not None:
+        out = {**native, "id": message_id(str(answer.get("id", ""))), "model": model}
+        if "localroute" in answer:
+            out["localroute"] = answer["localroute"]
+        return out
     choice = answer["choices"][0]
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []

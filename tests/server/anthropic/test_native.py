@@ -1,0 +1,133 @@
+"""A frontier that speaks Anthropic Messages natively, end to end: the official anthropic client's
+request reaches it unchanged (but for `model`) and its answer comes back unchanged (but for
+localroute's id, model and routing block); an OpenAI client's chat request reaches it translated
+and its answer comes back as a chat completion; streams both ways; capability routing keeps a
+logprobs request off it. The upstream is a real HTTP server on 127.0.0.1 that records every request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from localroute.backends.anthropic_http import AnthropicHTTPBackend
+from localroute.routing.base import Tier
+from localroute.server import create_app
+from tests.backends.test_anthropic_http import message, text_events
+from tests.conftest import local_settings, serve_app
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream
+
+KEY = "sk-local-test"
+UPSTREAM_KEY = "sk-ant-upstream"
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city.",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[str, FaultUpstream, ScriptedBackend]]:
+    local = ScriptedBackend("local", text="Local answer here", logprobs=-5.0)  # below its threshold: escalates
+    with FaultUpstream() as up:
+        frontier = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=UPSTREAM_KEY)
+        app = create_app(local_settings(api_keys=KEY), tiers=[Tier("local", local, -1.0), Tier("claude", frontier)])
+        with serve_app(app) as url:
+            yield url, up, local
+
+
+def test_a_messages_request_is_passed_through_and_its_answer_returned_unchanged(stack: Any) -> None:
+    url, up, local = stack
+    answer = message({"type": "text", "text": "Let me check."},
+                     {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                     stop="tool_use")
+    up.script(Fault(completion=answer))
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    request = {"model": "localroute/cascade", "max_tokens": 50, "system": "Be brief.", "tools": [WEATHER_TOOL],
+               "tool_choice": {"type": "auto"}, "stop_sequences": ["END"], "metadata": {"user_id": "u-7"},
+               "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                                          "cache_control": {"type": "ephemeral"}}]}]}
+    raw = client.messages.with_raw_response.create(**request)
+    got = up.requests[-1]
+    assert got["path"] == "/v1/messages" and got["headers"]["x-api-key"] == UPSTREAM_KEY
+    assert got["json"] == {**request, "model": "claude-test"}  # exactly what the client sent
+    assert raw.headers["x-localroute-tier"] == "claude"
+    body = json.loads(raw.http_response.content)
+    routing = body.pop("localroute")
+    assert routing["tier"] == "claude"
+    assert body["id"].startswith("msg_") and body["id"] != answer["id"]
+    assert {**body, "id": answer["id"], "model": answer["model"]} == answer  # the provider's answer as sent
+    assert body["model"] == "localroute/cascade"
+    parsed = raw.parse()
+    assert parsed.stop_reason == "tool_use" and parsed.content[1].input == {"city": "Paris"}
+    assert local.calls == 0  # tools: the text-only local tier was skipped
+
+
+def test_a_streamed_messages_request_reaches_the_tier_unchanged(stack: Any) -> None:
+    url, up, local = stack
+    up.script(Fault(events=text_events("Par", "is.")))
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    request = {"model": "localroute/cascade", "max_tokens": 20, "messages": [{"role": "user", "content": "Capital of France?"}],
+               "stop_sequences": ["END"]}
+    with client.messages.stream(**request) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert up.requests[-1]["json"] == {**request, "model": "claude-test", "stream": True}
+    assert text == "Paris." and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 2 and final.usage.input_tokens == 12
+    assert final.usage.cache_read_input_tokens == 3
+    assert local.calls == 1  # the local tier answered first, below its threshold: escalated
+
+
+def test_an_openai_client_gets_a_chat_answer_from_the_messages_tier(stack: Any) -> None:
+    url, up, _ = stack
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    up.script(Fault(completion=message({"type": "tool_use", "id": "toolu_9", "name": "get_weather",
+                                        "input": {"city": "Oslo"}}, stop="tool_use")))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                               "parameters": WEATHER_TOOL["input_schema"]}}]
+    out = client.chat.completions.create(model="claude", max_tokens=30, tools=tools,  # type: ignore[arg-type]
+                                         messages=[{"role": "system", "content": "Use tools."},
+                                                   {"role": "user", "content": "Weather in Oslo?"}])
+    assert up.requests[-1]["json"] == {"model": "claude-test", "max_tokens": 30, "system": "Use tools.",
+                                       "tools": [WEATHER_TOOL],
+                                       "messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert call.id == "toolu_9" and call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+    assert out.usage is not None and out.usage.prompt_tokens == 15 and out.usage.completion_tokens == 7
+    assert out.model == "claude"
+
+    up.script(Fault(events=text_events("Hi", " there")))
+    chunks = list(client.chat.completions.create(model="claude", stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi there"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+
+
+def test_a_request_the_messages_tier_cannot_serve_is_kept_off_it(stack: Any) -> None:
+    url, up, _ = stack
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:  # logprobs: no tier of "claude"'s route gives them
+        client.chat.completions.create(model="claude", logprobs=True, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "unsupported_capability" and up.requests == []
+    with pytest.raises(openai.BadRequestError) as err:  # no Messages counterpart: a 400 naming it, nothing sent
+        client.chat.completions.create(model="claude", response_format={"type": "json_object"},
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "unsupported_field" and "response_format" in str(err.value) and up.requests == []
+
+
+def test_an_upstream_400_is_an_anthropic_shaped_400(stack: Any) -> None:
+    url, up, _ = stack
+    up.script(Fault("status", status=400, body=json.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "messages.0: bad block"}})))
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client.messages.create(model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400 and "bad block" in str(err.value)
+    assert UPSTREAM_KEY not in str(err.value.body)
