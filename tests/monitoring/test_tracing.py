@@ -280,3 +280,25 @@ def test_spans_reach_a_real_otlp_http_receiver(
     attrs = {kv.key: kv.value for kv in root.attributes}
     assert attrs["localroute.tier"].string_value == "frontier"
     assert attrs["gen_ai.request.model"].string_value == "frontier"
+
+
+def test_an_anthropic_tier_gets_the_trace_too(exporter: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    """The Anthropic Messages tier is the same HTTP client underneath: its call carries the trace."""
+    provider, exp = exporter
+    answer = {"id": "msg_upstream", "type": "message", "role": "assistant", "model": "claude-test-1",
+              "content": [{"type": "text", "text": "Hello."}], "stop_reason": "end_turn", "stop_sequence": None,
+              "usage": {"input_tokens": 12, "output_tokens": 2}}
+    with FaultUpstream(Fault(completion=answer)) as up:
+        settings = local_settings(tiers=[{"name": "claude", "kind": "anthropic", "model": "claude-test",
+                                          "base_url": up.url, "api_key": "sk-ant-test"}])
+        with serve_app(create_app(settings, tracer_provider=provider)) as url:
+            r = httpx.post(f"{url}/chat/completions", timeout=30, headers={"traceparent": TRACEPARENT},
+                           json={"model": "claude", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        sent = up.requests[-1]
+    span = by_name(exp.get_finished_spans())["chat claude-test"]
+    assert sent["path"] == "/v1/messages" and span.kind == SpanKind.CLIENT
+    assert sent["headers"]["traceparent"] == f"00-{CALLER_TRACE}-{hexid(span.context.span_id, 16)}-01"
+    assert span.attributes is not None and span.attributes["gen_ai.provider.name"] == "anthropic"
+    assert span.attributes["gen_ai.response.model"] == "claude-test-1"
+    assert span.attributes["gen_ai.usage.output_tokens"] == 2
