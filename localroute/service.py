@@ -181,8 +181,8 @@ def attach_budget(tiers: Sequence[Tier], settings: Settings, state: SharedState 
         budget = SpendBudget(settings.budget_usd, settings.budget_per_key_usd, settings.budget_period, store=store)
     for tier in tiers:
         backend: Any = tier.backend
-        if backend.is_local or not hasattr(backend, "budget"):
-            continue
+        if backend.is_local or not hasattr(backend, "budget") or getattr(backend, "self_hosted", False):
+            continue  # a self-hosted fleet is priced by its GPU-hours, not spent from the frontier budget
         if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
             from localroute.monitoring.pricing import load_price_table
 

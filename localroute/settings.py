@@ -95,6 +95,9 @@ class TierSettings(BaseModel):
         None, description="Remote tier's base URL: OpenAI-compatible (kind=openai, e.g. https://api.openai.com/v1) "
         "or Anthropic Messages (kind=anthropic, e.g. https://api.anthropic.com/v1).")
     api_key: SecretStr | None = Field(None, description="API key for base_url; never logged.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding this tier's API key (a Kubernetes Secret, a compose "
+        "env), read at start-up when api_key is unset, so the key stays out of the config file.")
     input_usd_per_mtok: float | None = Field(None, description="Price of a million prompt tokens (remote tiers).")
     output_usd_per_mtok: float | None = Field(None, description="Price of a million completion tokens.")
     cached_input_usd_per_mtok: float | None = Field(
@@ -107,6 +110,32 @@ class TierSettings(BaseModel):
         None, description="What this tier can serve, over its engine kind's defaults (local: text only, one "
         "answer, no tools/images/logit_bias/penalties; openai: everything). A request needing what a tier "
         "lacks skips it.")
+    # vLLM past one GPU: its own parallelism (vLLM's engine args of the same names)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: GPUs each layer is split across (tensor parallelism; within one node).")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="vLLM: pipeline stages the layers are split into (across GPUs or nodes). A tier "
+        "needs tensor_parallel_size x pipeline_parallel_size GPUs.")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM: engine replicas in this tier (data parallelism).")
+    enable_expert_parallel: bool = Field(False, description="vLLM: expert parallelism for MoE layers.")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None, description="vLLM: how its workers run ('mp' one host, 'ray' several); None: vLLM's choice.")
+    # A remote self-hosted engine (kind=openai on a vLLM / llama-server fleet): priced by GPU-hours
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="kind=openai on a self-hosted fleet: what one of its GPUs costs per hour. Set, "
+        "the tier is priced by its share of GPU time (monitoring/pricing.py SelfHostedPrice) instead of "
+        "per-token list prices, and no frontier budget applies to it.")
+    gpus: int = Field(1, ge=1, description="Self-hosted tier: GPUs one replica of its engine occupies.")
+    tokens_per_s: float | None = Field(
+        None, gt=0, description="Self-hosted tier: output tokens per second one replica sustains at its usual "
+        "batch (measured, e.g. `localroute bench` against it); an answer's GPU time is its tokens over this. "
+        "None: the attempt's wall time x gpu_share.")
+    prompt_tokens_per_s: float | None = Field(
+        None, gt=0, description="Self-hosted tier with tokens_per_s: prompt tokens per second of prefill; None: "
+        "prefill is not charged (decode dominates).")
+    gpu_share: float = Field(
+        1.0, gt=0, le=1, description="Self-hosted tier without tokens_per_s: share of the replica's GPUs one "
+        "request holds while it runs (1 / mean concurrent requests; 1: an upper bound).")
 
 
 class Settings(BaseSettings):
@@ -367,6 +396,15 @@ class Settings(BaseSettings):
     review_sample_rate: float = Field(
         0.0, ge=0, le=1, description="Share of answered requests marked for human review in the routing log "
         "(their feedback comes back through POST /v1/feedback).")
+
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry collector (OTLP/HTTP) base URL, e.g. http://127.0.0.1:4318: a span per "
+        "request and per tier attempt goes to <url>/v1/traces. None: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT when set, else no tracing (zero cost). Needs the otel extra; the other "
+        "OTEL_* variables (headers, timeout, service name, sampler, propagators) are honoured.")
+    trace_sample_ratio: float | None = Field(
+        None, ge=0, le=1, description="Share of new traces sampled (parent-based: a caller's sampled "
+        "traceparent is always followed). None: OTEL_TRACES_SAMPLER, else every trace.")
 
     categories: dict[str, CategorySettings] = Field(
         default_factory=dict, description="Task categories by name (scorer, choices, system-prompt rule, shadow "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -132,9 +133,19 @@ class OpenAIHTTPBackend:
         breaker: CircuitBreaker | None = None,
         input_usd_per_mtok: float | None = None,
         output_usd_per_mtok: float | None = None,
+        confidence_logprobs: bool = False,
+        self_hosted: bool = False,
     ) -> None:
+        """`confidence_logprobs`: a non-final tier, judged on its logprobs: they are asked for on
+        every buffered call (and taken out of the answer again for a client that did not ask).
+        `self_hosted`: an engine we run (priced by GPU time, outside the frontier budget)."""
         self.name = name
         self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.confidence_logprobs = confidence_logprobs
+        self.self_hosted = self_hosted
+        # attached by the app when tracing is on: W3C trace-context headers for a request's call
+        self.trace_headers: Callable[[GenerationRequest], dict[str, str]] | None = None
         self._api_key = api_key
         d = deadlines or Deadlines()
         if connect_timeout_s is not None or timeout_s is not None:
@@ -173,8 +184,13 @@ class OpenAIHTTPBackend:
                 if "stream" in body:
                     body["stream"] = False
                 body.pop("stream_options", None)
+                if self.confidence_logprobs:
+                    _ask_logprobs(body, request.params.top_logprobs)
             return body
-        return self._built_body(request, stream)
+        body = self._built_body(request, stream)
+        if self.confidence_logprobs and not stream:
+            _ask_logprobs(body, request.params.top_logprobs)
+        return body
 
     @staticmethod
     def _from_completion(completion: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +363,8 @@ class OpenAIHTTPBackend:
                     state: dict[str, Any]) -> httpx.Response:
         """Send the request; return a 200 response whose body is still unread. An error's body is
         its answer: it too must come by the first-token deadline (else it is read as empty)."""
-        req = self._client.build_request("POST", self.path, json=self._body(request, stream))
+        headers = self.trace_headers(request) if self.trace_headers is not None else None
+        req = self._client.build_request("POST", self.path, json=self._body(request, stream), headers=headers)
         try:
             resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
         except httpx.HTTPError as exc:
@@ -404,6 +421,8 @@ class OpenAIHTTPBackend:
             raise self._fail("malformed response body", "upstream_bad_response") from None
         state["usage"] = usage
         latency = time.perf_counter() - start
+        if self.confidence_logprobs:
+            data = _as_client_asked(data, request)
         yield StreamDelta(
             text="",
             final=Generation(
@@ -563,15 +582,57 @@ class OpenAIHTTPBackend:
         await self._client.aclose()
 
 
+def _ask_logprobs(body: dict[str, Any], top_logprobs: int) -> None:
+    """A non-final tier's call asks for the logprobs its confidence is computed from."""
+    body["logprobs"] = True
+    if top_logprobs > int(body.get("top_logprobs") or 0):
+        body["top_logprobs"] = top_logprobs
+
+
+def _as_client_asked(data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
+    """The answer as the client asked for it: logprobs we asked for on its behalf removed, top
+    lists cut to its own top_logprobs."""
+    wire = request.wire.body if request.wire is not None else {}
+    asked = wire.get("logprobs")
+    if request.wire is not None and request.wire.api == "completions":
+        asked = isinstance(asked, int) and not isinstance(asked, bool)
+        k = int(wire.get("logprobs") or 0) if asked else 0
+    else:
+        k = int(wire.get("top_logprobs") or 0) if asked else 0
+    if asked is True and k >= request.params.top_logprobs:
+        return data
+    choices = []
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            choices.append(choice)
+            continue
+        lp = choice.get("logprobs")
+        if not asked:
+            lp = None
+        elif isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            lp = {**lp, "content": [{**t, "top_logprobs": (t.get("top_logprobs") or [])[:k]}
+                                    if isinstance(t, dict) else t for t in lp["content"]]}
+        choices.append({**choice, "logprobs": lp})
+    return {**data, "choices": choices}
+
+
 def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]
     """A remote tier of `cls` (this backend or a subclass speaking another API) from its settings."""
     if not tier.base_url:
         raise ConfigError(f"tiers.{tier.name}.base_url: required for kind={tier.kind}", param="base_url")
+    ladder = settings.ladder()
+    final = not ladder or ladder[-1].name == tier.name
+    api_key = tier.api_key.get_secret_value() if tier.api_key else None
+    if api_key is None and tier.api_key_env:
+        api_key = os.environ.get(tier.api_key_env)
+        if not api_key:
+            raise ConfigError(f"tiers.{tier.name}.api_key_env: environment variable {tier.api_key_env} is not set",
+                              param="api_key_env")
     return cls(
         name=tier.name,
         base_url=tier.base_url,
         model=tier.model,
-        api_key=tier.api_key.get_secret_value() if tier.api_key else None,
+        api_key=api_key,
         deadlines=Deadlines(
             connect_s=settings.frontier_connect_timeout_s,
             first_token_s=settings.frontier_first_token_timeout_s,
@@ -590,4 +651,6 @@ def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIH
         ),
         input_usd_per_mtok=tier.input_usd_per_mtok,
         output_usd_per_mtok=tier.output_usd_per_mtok,
+        confidence_logprobs=not final and tier.kind == "openai",  # other APIs have no logprobs to ask for
+        self_hosted=tier.gpu_hour_usd is not None,
     )

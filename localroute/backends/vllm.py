@@ -2,8 +2,11 @@
 
 The engine is vLLM's V1 `AsyncLLM` (the older `AsyncLLMEngine` where that is all there is), built
 from `AsyncEngineArgs` with `max_model_len`, `gpu_memory_utilization` and `max_num_seqs` from the
-settings. Weights come from a local path only: a GGUF file (vLLM reads its config and tokenizer) or a
-directory of HF-format weights; nothing is downloaded.
+settings, and vLLM's own parallelism past one GPU per tier (`tensor_parallel_size`,
+`pipeline_parallel_size`, `data_parallel_size`, `enable_expert_parallel`,
+`distributed_executor_backend`: `parallel_args`), checked against the GPUs the host has before the
+engine starts (`check_gpus`). Weights come from a local path only: a GGUF file (vLLM reads its
+config and tokenizer) or a directory of HF-format weights; nothing is downloaded.
 
 Logprobs: vLLM can return them raw (the model's distribution before temperature, penalties and
 top-p; its default) or processed. Which one matters for the cascade, since thresholds are
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -181,6 +185,7 @@ class VllmBackend:
         logprobs_mode: str,
         max_model_len: int,
         gpu_memory_utilization: float,
+        parallel: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.engine = engine
@@ -189,6 +194,7 @@ class VllmBackend:
         self.logprobs_mode = logprobs_mode
         self.max_model_len = max_model_len
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.parallel = dict(parallel or {})  # vLLM parallelism args past one GPU (parallel_args)
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self.in_flight = 0
@@ -305,6 +311,7 @@ class VllmBackend:
             "logprobs_mode": self.logprobs_mode,
             "max_model_len": self.max_model_len,
             "gpu_memory_utilization": self.gpu_memory_utilization,
+            **self.parallel,
             "active": self.in_flight,
             "error": "engine dead" if errored else None,
         }
@@ -338,7 +345,68 @@ def engine_args(vllm: Any, model: Path, tier: TierSettings, settings: Settings) 
         kwargs["enable_log_requests"] = False  # never log prompts
     elif "disable_log_requests" in fields:
         kwargs["disable_log_requests"] = True
+    parallel = parallel_args(tier)
+    unknown = sorted(k for k in parallel if k not in fields)
+    if unknown:  # asked for and silently dropped would load the model on one GPU, or not at all
+        raise ConfigError(
+            f"tiers.{tier.name}: vllm {getattr(vllm, '__version__', '?')} has no engine argument {', '.join(unknown)}; "
+            "upgrade vllm (pip install -U 'localroute[gpu]')", param=unknown[0],
+        )
+    kwargs.update(parallel)
     return vllm.AsyncEngineArgs(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def parallel_args(tier: TierSettings) -> dict[str, Any]:
+    """vLLM's own parallelism engine args for the tier; only those set away from one GPU, so a
+    single-GPU tier passes nothing new to any vLLM version."""
+    out: dict[str, Any] = {}
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(tier, name) != 1:
+            out[name] = getattr(tier, name)
+    if tier.enable_expert_parallel:
+        out["enable_expert_parallel"] = True
+    if tier.distributed_executor_backend is not None:
+        out["distributed_executor_backend"] = tier.distributed_executor_backend
+    return out
+
+
+def gpus_needed(tier: TierSettings) -> int:
+    return tier.tensor_parallel_size * tier.pipeline_parallel_size * tier.data_parallel_size
+
+
+def check_gpus(tier: TierSettings, visible: int | None) -> None:
+    """Fail before vLLM starts (which on a host without the GPUs it needs hangs or dies deep in
+    its workers) with what the tier needs and what this host has. `visible`: CUDA devices torch
+    sees (None: unknown, not checked). Pipeline stages on other nodes (ray) are not counted here."""
+    if visible is None:
+        return
+    need = gpus_needed(tier)
+    where = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"CUDA_VISIBLE_DEVICES={where!r}" if where is not None else "CUDA_VISIBLE_DEVICES unset"
+    if visible == 0:
+        raise BackendUnavailableError(
+            f"tier {tier.name}: vLLM needs a CUDA GPU and this host has none visible ({seen}); run it on a GPU "
+            "host, or give the tier kind = 'llama_cpp' (CPU)", code="no_gpu",
+        )
+    if tier.distributed_executor_backend == "ray" and tier.pipeline_parallel_size > 1:
+        return  # the stages may live on other nodes of the ray cluster
+    if need > visible:
+        raise ConfigError(
+            f"tiers.{tier.name}: needs {need} GPUs (tensor_parallel_size={tier.tensor_parallel_size} x "
+            f"pipeline_parallel_size={tier.pipeline_parallel_size} x data_parallel_size={tier.data_parallel_size}) "
+            f"and this host has {visible} visible ({seen}); lower them or set distributed_executor_backend = 'ray' "
+            "for stages on other nodes", param="tensor_parallel_size",
+        )
+
+
+def visible_gpus() -> int | None:
+    """CUDA devices torch (vLLM's own dependency, already imported with it) can use; None if unknown."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch, a broken CUDA install: leave the check to vLLM
+        return None
 
 
 def from_settings(tier: TierSettings, settings: Settings) -> VllmBackend:
@@ -347,6 +415,7 @@ def from_settings(tier: TierSettings, settings: Settings) -> VllmBackend:
 
     model = model_source(tier.model, settings.models_dir)
     args = engine_args(vllm, model, tier, settings)
+    check_gpus(tier, visible_gpus())
     try:
         engine = _async_engine_class(vllm).from_engine_args(args)
     except (RuntimeError, ValueError, OSError) as exc:  # no GPU, not enough memory, unsupported model
@@ -354,5 +423,5 @@ def from_settings(tier: TierSettings, settings: Settings) -> VllmBackend:
     max_len = int(getattr(getattr(engine, "model_config", None), "max_model_len", 0) or args.max_model_len)
     return VllmBackend(
         tier.name, engine, vllm=vllm, model_name=model.name, logprobs_mode=settings.vllm_logprobs_mode,
-        max_model_len=max_len, gpu_memory_utilization=tier.gpu_memory_utilization,
+        max_model_len=max_len, gpu_memory_utilization=tier.gpu_memory_utilization, parallel=parallel_args(tier),
     )

@@ -12,6 +12,10 @@ Method (every figure carries the inputs it used, in `cost_inputs`):
 - Local GPU attempt: the GPUs' NVML energy delta over the window (or power x time) x `usd_per_kwh`,
   plus the window's GPU-seconds x `usd_per_gpu_hour`, both divided by the mean number of
   sequences batched together on GPU engines.
+- Self-hosted remote attempt (a tier with `gpu_hour_usd`: a vLLM / llama-server fleet we run): its
+  share of the fleet's GPU-hours (pricing.SelfHostedPrice): tokens over the replica's measured
+  throughput, or wall time x `gpu_share`, x `gpus` x `gpu_hour_usd`. Never the counterfactual's top
+  tier (that is the last list-priced remote tier).
 - A rejected local attempt is billed like an accepted one: the escalation does not refund it.
 - Counterfactual: the answer's own prompt and completion token counts priced at the top tier
   (the last remote tier, else `frontier_model` from the price table). Tokenizers differ, so unless
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from localroute.monitoring.pricing import Price, PriceTable, load_price_table
+from localroute.monitoring.pricing import Price, PriceTable, SelfHostedPrice, load_price_table
 from localroute.monitoring.telemetry import Telemetry, Usage
 
 if TYPE_CHECKING:
@@ -69,7 +73,8 @@ def cached_tokens(usage: dict[str, Any]) -> int:
 
 @dataclass(slots=True)
 class AttemptCost:
-    """One tier's share of the bill. `method`: frontier_usage | local_cpu | local_gpu | unpriced."""
+    """One tier's share of the bill. `method`: frontier_usage | self_hosted_gpu | local_cpu | local_gpu
+    | unpriced."""
 
     tier: str
     method: str
@@ -141,12 +146,18 @@ class CostAccountant:
         ladder = {ts.name: ts for ts in settings.ladder()}
         self.tier_price: dict[str, Price | None] = {}
         self.tier_kind: dict[str, str] = {}
+        self.self_hosted: dict[str, SelfHostedPrice] = {}
         for t in tiers:
             if t.backend.is_local:
                 self.tier_kind[t.name] = "local_gpu" if _is_gpu(t.backend) else "local_cpu"
                 continue
-            self.tier_kind[t.name] = "frontier_usage"
             ts = ladder.get(t.name)
+            hosted = SelfHostedPrice.from_tier(ts) if ts is not None else None
+            if hosted is not None:
+                self.tier_kind[t.name] = "self_hosted_gpu"
+                self.self_hosted[t.name] = hosted
+                continue
+            self.tier_kind[t.name] = "frontier_usage"
             model = ts.model if ts is not None else (t.backend.model or t.name)
             self.tier_price[t.name] = self.prices.with_override(  # tiers built in code carry their own prices
                 model,
@@ -157,7 +168,7 @@ class CostAccountant:
         self.top_tier, self.top_price = self._top(tiers)
 
     def _top(self, tiers: Sequence[Tier]) -> tuple[str, Price | None]:
-        remote = [t.name for t in tiers if not t.backend.is_local]
+        remote = [t.name for t in tiers if self.tier_kind.get(t.name) == "frontier_usage"]
         if remote and self.tier_price.get(remote[-1]) is not None:
             return remote[-1], self.tier_price[remote[-1]]
         model = self.settings.frontier_model
@@ -201,6 +212,8 @@ class CostAccountant:
         kind = self.tier_kind.get(a.tier, "unpriced")
         if kind == "frontier_usage":
             return self._frontier(a, usage)
+        if kind == "self_hosted_gpu":
+            return self._self_hosted(a, usage)
         if kind in ("local_cpu", "local_gpu"):
             if self.telemetry is None:
                 return AttemptCost(a.tier, "unpriced", 0.0, inputs={"reason": "no telemetry"})
@@ -224,6 +237,21 @@ class CostAccountant:
             return AttemptCost(a.tier, "unpriced", 0.0, inputs=inputs)
         inputs["price"] = price.as_dict()
         return AttemptCost(a.tier, "frontier_usage", price.cost_usd(prompt, completion, cached), inputs=inputs)
+
+    def _self_hosted(self, a: TierAttempt, usage: dict[str, Any] | None) -> AttemptCost:
+        price = self.self_hosted[a.tier]
+        prompt = int(usage.get("prompt_tokens", a.prompt_tokens)) if usage else a.prompt_tokens
+        completion = int(usage.get("completion_tokens", a.completion_tokens)) if usage else a.completion_tokens
+        gpu_s, method = price.gpu_s(prompt, completion, a.latency_s)
+        return AttemptCost(a.tier, "self_hosted_gpu", gpu_s / 3600.0 * price.gpu_hour_usd, inputs={
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "usage_source": "provider_usage" if usage else "attempt_counts",
+            "latency_s": round(a.latency_s, 6),
+            "gpu_s": round(gpu_s, 6),
+            "gpu_s_method": method,
+            **price.as_dict(),
+        })
 
     def _local_cpu(self, a: TierAttempt, u: Usage) -> AttemptCost:
         s = self.settings

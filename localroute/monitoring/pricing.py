@@ -1,5 +1,8 @@
 """Frontier token prices: a small shipped table (`prices.toml`, dated, with sources), a user file
 that overrides it, and a tier's own configured prices that override both. Never fetched at run time.
+
+A remote engine we run ourselves (a vLLM or llama-server fleet behind an OpenAI-compatible URL)
+has no list price: `SelfHostedPrice` charges an answer its share of the fleet's GPU-hours.
 """
 
 from __future__ import annotations
@@ -8,11 +11,14 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localroute.errors import ConfigError
 
-__all__ = ["Price", "PriceTable", "load_price_table"]
+if TYPE_CHECKING:
+    from localroute.settings import TierSettings
+
+__all__ = ["Price", "PriceTable", "SelfHostedPrice", "load_price_table"]
 
 _MTOK = 1_000_000
 
@@ -47,6 +53,46 @@ class Price:
             "source": self.source,
             "as_of": self.as_of,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SelfHostedPrice:
+    """A self-hosted remote tier priced by GPU time: `gpu_hour_usd` per GPU, `gpus` per replica.
+
+    An answer's GPU-seconds are, when the replica's measured aggregate throughput is known
+    (`tokens_per_s`, output tokens per second over all its concurrent requests), its completion
+    tokens over that rate (plus its prompt tokens over `prompt_tokens_per_s` when given): its
+    share of a continuously batched replica. Without a measured rate: the attempt's wall time x
+    `gpu_share` (the share of the replica one request holds; 1, the default, is an upper bound).
+    Both times `gpus`."""
+
+    gpu_hour_usd: float
+    gpus: int = 1
+    tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    gpu_share: float = 1.0
+
+    @classmethod
+    def from_tier(cls, tier: TierSettings) -> SelfHostedPrice | None:
+        if tier.gpu_hour_usd is None:
+            return None
+        return cls(tier.gpu_hour_usd, tier.gpus, tier.tokens_per_s, tier.prompt_tokens_per_s, tier.gpu_share)
+
+    def gpu_s(self, prompt_tokens: int, completion_tokens: int, latency_s: float) -> tuple[float, str]:
+        """(GPU-seconds charged, the method: "measured_throughput" | "wall_time_share")."""
+        if self.tokens_per_s:
+            replica_s = completion_tokens / self.tokens_per_s
+            if self.prompt_tokens_per_s:
+                replica_s += prompt_tokens / self.prompt_tokens_per_s
+            return replica_s * self.gpus, "measured_throughput"
+        return max(latency_s, 0.0) * self.gpu_share * self.gpus, "wall_time_share"
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, latency_s: float) -> float:
+        return self.gpu_s(prompt_tokens, completion_tokens, latency_s)[0] / 3600.0 * self.gpu_hour_usd
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gpu_hour_usd": self.gpu_hour_usd, "gpus": self.gpus, "tokens_per_s": self.tokens_per_s,
+                "prompt_tokens_per_s": self.prompt_tokens_per_s, "gpu_share": self.gpu_share}
 
 
 def _parse(data: dict[str, Any], origin: str) -> dict[str, Price]:

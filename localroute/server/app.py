@@ -21,6 +21,7 @@ from localroute.errors import InvalidRequestError
 from localroute.monitoring.feedback import FeedbackRequest
 from localroute.monitoring.prometheus import CONTENT_TYPE_LATEST
 from localroute.monitoring.record import Observer
+from localroute.monitoring.tracing import Tracing, TracingMiddleware, tracing_configured
 from localroute.routing.base import Tier
 from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from localroute.server.anthropic.serving import serve_count_tokens, serve_messages
@@ -87,8 +88,12 @@ async def feedback(request: Request) -> JSONResponse:
     return JSONResponse(await asyncio.to_thread(svc.feedback.add, body))
 
 
-def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: Sequence[Observer]) -> Service:
-    service = Service(settings, tiers if tiers is not None else build_tiers(settings))
+def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: Sequence[Observer],
+                   tracing: Tracing | None = None) -> Service:
+    ladder = tiers if tiers is not None else build_tiers(settings)
+    service = Service(settings, tracing.instrument(ladder) if tracing is not None else ladder)
+    if tracing is not None:  # first: the request's span gets its routing outcome before it ends
+        service.observers.append(tracing.observe)
     service.observers.extend(observers)
     service.monitoring = Monitoring(settings, service.tiers, shared_state=service.shared_state)
     service.observers.extend(service.monitoring.observers)
@@ -121,13 +126,19 @@ def create_app(
     settings: Settings | None = None,
     tiers: Sequence[Tier] | None = None,
     observers: Sequence[Observer] = (),
+    tracer_provider: Any = None,
 ) -> FastAPI:
-    """Build the app. Backends are loaded at start-up (lifespan) unless `tiers` is given."""
+    """Build the app. Backends are loaded at start-up (lifespan) unless `tiers` is given.
+    `tracer_provider`: an OpenTelemetry TracerProvider to trace with instead of the one the
+    settings configure (monitoring/tracing.py)."""
     settings = settings or Settings()
+    tracing: Tracing | None = None
+    if tracer_provider is not None or tracing_configured(settings):
+        tracing = Tracing.from_settings(settings, tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = _start_service(settings, tiers, observers)
+        service = _start_service(settings, tiers, observers, tracing)
         app.state.service = service
         from localroute.server.live_quality import LiveQualityRuntime  # categories, shadow, recalibration
 
@@ -142,6 +153,8 @@ def create_app(
             finally:
                 if service.monitoring is not None:
                     service.monitoring.close()  # after the backends: late rows still reach the log
+                if tracing is not None:
+                    tracing.close()
 
     app = FastAPI(title="localroute", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
@@ -157,6 +170,8 @@ def create_app(
         monitoring = service.monitoring if service is not None else None
         return monitoring.metrics.router_overhead.observe if monitoring is not None else None
 
+    if tracing is not None:  # inside the timing: the router overhead includes the tracing's cost
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     # outermost: the router overhead it reports includes auth and the body limit
     app.add_middleware(ServerTimingMiddleware, observe=overhead_observer)
 

@@ -70,3 +70,21 @@ def test_tier_prices_override_the_table() -> None:
     assert table.with_override("unknown-model", 1.0, None) is None  # half a price for an unknown model
     q = table.with_override("unknown-model", 1.0, 2.0)
     assert q is not None and q.cost_usd(1_000_000, 1_000_000) == pytest.approx(3.0)
+
+
+def test_self_hosted_price_is_a_share_of_gpu_hours() -> None:
+    from localroute.monitoring.pricing import SelfHostedPrice
+    from localroute.settings import TierSettings
+
+    # measured throughput: 100 output tokens / 500 tok/s + 2000 prompt tokens / 10000 tok/s = 0.4 s of
+    # a 4-GPU replica = 1.6 GPU-s at $3 per GPU-hour
+    price = SelfHostedPrice(3.0, gpus=4, tokens_per_s=500.0, prompt_tokens_per_s=10_000.0)
+    assert price.gpu_s(2000, 100, latency_s=9.0) == (pytest.approx(1.6), "measured_throughput")
+    assert price.cost_usd(2000, 100, 9.0) == pytest.approx(1.6 / 3600 * 3.0)
+    # without a prefill rate the prompt is not charged; without any rate, wall time x share
+    assert SelfHostedPrice(3.0, gpus=4, tokens_per_s=500.0).gpu_s(2000, 100, 9.0)[0] == pytest.approx(0.8)
+    assert SelfHostedPrice(3.0, gpus=2, gpu_share=0.25).gpu_s(2000, 100, 8.0) == (pytest.approx(4.0),
+                                                                                    "wall_time_share")
+    tier = TierSettings(name="fleet", kind="openai", model="m", base_url="http://fleet/v1", gpu_hour_usd=2.0, gpus=8)
+    assert SelfHostedPrice.from_tier(tier) == SelfHostedPrice(2.0, gpus=8)
+    assert SelfHostedPrice.from_tier(tier.model_copy(update={"gpu_hour_usd": None})) is None

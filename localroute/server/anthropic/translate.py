@@ -302,10 +302,10 @@ def message_from_chat(answer: Mapping[str, Any], model: str,
     `native`: the answer as a tier speaking Messages sent it, returned as it is but for the id,
     the model and the routing block."""
     if native is not None:
-        out = {**native, "id": message_id(str(answer.get("id", ""))), "model": model}
+        passed = {**native, "id": message_id(str(answer.get("id", ""))), "model": model}
         if "localroute" in answer:
-            out["localroute"] = answer["localroute"]
-        return out
+            passed["localroute"] = answer["localroute"]
+        return passed
     choice = answer["choices"][0]
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
