@@ -112,6 +112,20 @@ def confidence_distribution(values: Any) -> tuple[dict[str, float], dict[str, li
                 "non_finite": [float(len(arr) - len(finite))]}
 
 
+class CategoryCalibration(BaseModel):
+    """A tier's threshold for one task category (issue 19). `fallback` set: the category had too
+    few rows to certify anything, so it uses the tier's pooled threshold, and `certificate` is the
+    pooled one (it says nothing about this category alone)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float
+    certificate: Certificate
+    n: int
+    fallback: str | None = Field(None, description="'pooled' when the pooled threshold stands in, with why")
+    source: Literal["eval", "log"] = Field("eval", description="fitted on an eval run or on the routing log")
+
+
 class TierCalibration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -124,6 +138,8 @@ class TierCalibration(BaseModel):
     confidence_quantiles: dict[str, float] = Field(description="Quantiles of the calibration confidences.")
     confidence_histogram: dict[str, list[float]] = Field(description="{'edges': [...], 'counts': [...]}")
     n: int
+    categories: dict[str, CategoryCalibration] = Field(
+        default_factory=dict, description="Thresholds per task category (calibrate --per-category / --from-log).")
 
     @field_validator("confidence_quantiles")
     @classmethod
@@ -234,6 +250,36 @@ def calibrated_thresholds(
     unknown = sorted(set(cal.tiers) - set(fingerprints))
     if unknown:
         log.warning("calibration file %s names tiers not calibratable on this ladder: %s", path, ", ".join(unknown))
+    return out
+
+
+def calibrated_category_thresholds(
+    path: Path, aggregator: str, alpha: float, fingerprints: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Per tier, the thresholds per category from the file, for the tiers whose fingerprint still
+    matches (the same checks as `calibrated_thresholds`, which logs why one is left out). A category
+    that fell back to the pooled threshold is left out too: the tier's own threshold serves it."""
+    if not calibrated_thresholds(path, aggregator, alpha, fingerprints):
+        return {}
+    cal = load_calibration(path)
+    out: dict[str, dict[str, float]] = {}
+    for name, fp in fingerprints.items():
+        entry = cal.tiers.get(name)
+        if entry is None or mismatches(entry, fp):
+            continue
+        out[name] = {cat: c.threshold for cat, c in entry.categories.items() if c.fallback is None}
+    return out
+
+
+def quality_targets(cal: CalibrationFile) -> dict[str, float]:
+    """Category -> the quality target its threshold was certified for; the pooled one under '*'."""
+    out: dict[str, float] = {}
+    for entry in cal.tiers.values():
+        if entry.certificate.target == "quality":
+            out.setdefault("*", entry.certificate.target_value)
+        for name, c in entry.categories.items():
+            if c.certificate.target == "quality":
+                out.setdefault(name, c.certificate.target_value)
     return out
 
 

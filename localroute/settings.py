@@ -50,6 +50,22 @@ class CapabilitySettings(BaseModel):
     context_tokens: int | None = Field(None, ge=1, description="Longest prompt + answer, in tokens.")
 
 
+class CategorySettings(BaseModel):
+    """One task category (issue 19): how a request is put in it by rule, how its answers are compared
+    with the frontier's when shadowed, and its own shadow sampling rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: Literal["choice", "exact", "numeric", "json", "spans"] = Field(
+        "exact", description="How a shadowed local answer is compared with the frontier's (evaluation/scorers.py).")
+    choices: list[str] | None = Field(None, description="scorer 'choice': the labels an answer may name.")
+    system_prompt_pattern: str | None = Field(
+        None, description="Regular expression; a request whose system prompt matches it (re.search) gets this "
+        "category unless the client named one.")
+    shadow_sample_rate: float | None = Field(
+        None, ge=0, le=1, description="This category's shadow_sample_rate (None: the global one).")
+
+
 class RateLimitSettings(BaseModel):
     """Limits of one API key (or the default for every key); unset: no limit of that kind."""
 
@@ -389,6 +405,46 @@ class Settings(BaseSettings):
     trace_sample_ratio: float | None = Field(
         None, ge=0, le=1, description="Share of new traces sampled (parent-based: a caller's sampled "
         "traceparent is always followed). None: OTEL_TRACES_SAMPLER, else every trace.")
+
+    categories: dict[str, CategorySettings] = Field(
+        default_factory=dict, description="Task categories by name (scorer, choices, system-prompt rule, shadow "
+        "rate). A request's category: metadata.localroute_category or category_header from the client, else a "
+        "model alias such as localroute/cascade:<category>, else the first matching system_prompt_pattern, else "
+        "default_category.")
+    default_category: str = Field("default", description="The category of a request nothing else places.")
+    category_header: str = Field("x-localroute-category", description="Request header naming the category.")
+    category_max_labels: int = Field(
+        16, ge=1, description="At most this many distinct category labels in /metrics (configured ones first); "
+        "the rest are counted as 'other'.")
+    shadow_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of locally accepted answers also sent to the frontier, off the "
+        "response path, to measure live quality (issue 19). 0: no shadowing.")
+    shadow_near_threshold_rate: float | None = Field(
+        None, ge=0, le=1, description="Confidence stratification: accepted answers whose confidence is within "
+        "shadow_near_threshold_margin of the threshold are shadowed at this rate instead (reweighted in reports "
+        "and recalibration).")
+    shadow_near_threshold_margin: float = Field(0.5, ge=0, description="Width of the near-threshold stratum.")
+    shadow_budget_usd: float | None = Field(
+        None, ge=0, description="Spend cap of shadow calls per shadow_budget_period, separate from budget_usd; "
+        "None: no cap.")
+    shadow_budget_period: Literal["hour", "day", "week", "month"] = Field("day", description="Shadow budget period.")
+    shadow_concurrency: int = Field(2, ge=1, description="Shadow calls in flight at most.")
+    shadow_queue_size: int = Field(
+        64, ge=1, description="Shadow calls waiting at most; a sample drawn while the queue is full is dropped "
+        "(counted), so a slow or dead frontier never piles work up in memory.")
+    shadow_timeout_s: float = Field(30.0, gt=0, description="Deadline of one shadow call, retries included.")
+    auto_recalibrate_s: float = Field(
+        0.0, ge=0, description="`serve` refits the per-category thresholds from the routing log's shadow pairs this "
+        "often (`calibrate --from-log` at auto_recalibrate_target / auto_recalibrate_delta) and applies those it "
+        "certifies; needs routing_log_path and an existing calibration file. 0: off.")
+    auto_recalibrate_target: float | None = Field(
+        None, gt=0, le=1, description="auto_recalibrate: the agreement with the frontier to certify per category.")
+    auto_recalibrate_delta: float = Field(0.05, gt=0, lt=1, description="auto_recalibrate: the certificate's delta.")
+    auto_recalibrate_min_pairs: int = Field(
+        30, ge=1, description="auto_recalibrate: a (tier, category) with fewer shadow pairs is not refitted.")
+    calibration_watch_s: float = Field(
+        5.0, ge=0, description="`serve` re-reads calibration_path when it changes, polled this often (0: only on "
+        "SIGHUP), and applies its thresholds without a restart.")
 
     @model_validator(mode="after")
     def _openai_fallbacks(self) -> Settings:

@@ -69,6 +69,9 @@ class GenerationRequest:
     # OpenAI function definitions (name, description, parameters) the answer must call, after
     # tool_choice ("none": empty; a named function: that one); a local tier with tools answers a call
     tools: tuple[dict[str, Any], ...] = ()
+    # the request's task category (issue 19: routing/categories.py): picks the tier thresholds
+    # calibrated for it, labels it in the log, metrics and reports
+    category: str = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,8 @@ class FaultUpstream:
     def __init__(self, default: Fault | None = None) -> None:
         self.default = default or Fault()
         self.chooser: Callable[[], Fault] | None = None  # when set, picks each unscripted behaviour
+        # when set, picks each unscripted behaviour from the request (method, path, headers, json)
+        self.responder: Callable[[dict[str, Any]], Fault] | None = None
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
@@ -83,10 +85,12 @@ class FaultUpstream:
         with self._lock:
             self._queue.extend(faults)
 
-    def _next(self) -> Fault:
+    def _next(self, request: dict[str, Any] | None = None) -> Fault:
         with self._lock:
             if self._queue:
                 return self._queue.popleft()
+            if self.responder is not None and request is not None:
+                return self.responder(request)
             return self.chooser() if self.chooser is not None else self.default
 
     def __enter__(self) -> Self:
@@ -145,7 +149,7 @@ class FaultUpstream:
             return
         with self._lock:
             self.requests.append(request)
-        fault = self._next()
+        fault = self._next(request)
         eof = asyncio.ensure_future(reader.read(1))  # completes when the client goes away
         try:
             finished = await self._respond(fault, request, writer, eof)

@@ -245,3 +245,24 @@ def test_quantiles_other_than_the_written_ones_are_invalid(tmp_path: Path) -> No
                                                     "n_calibration": 1, "n_holdout": 0}}}}))
     with pytest.raises(ConfigError, match="tiers.cheap.confidence_quantiles"):
         load_calibration(path)
+
+
+def test_category_thresholds_are_served_only_when_certified_and_the_tier_matches(tmp_path: Path) -> None:
+    from localroute.calibration_file import (
+        CategoryCalibration,
+        calibrated_category_thresholds,
+        quality_targets,
+    )
+
+    cal = _file()
+    cert = Certificate(target="quality", target_value=0.9, delta=0.05, n_calibration=50, n_holdout=0)
+    cal.tiers["cheap"].categories = {
+        "math": CategoryCalibration(threshold=-0.2, certificate=cert, n=50),
+        "tiny": CategoryCalibration(threshold=-0.7, certificate=cert, n=3, fallback="pooled: 3 rows < 30"),
+    }
+    path = write_calibration(cal, tmp_path / "calibration.json")
+    assert load_calibration(path).tiers["cheap"].categories["tiny"].fallback == "pooled: 3 rows < 30"
+    assert calibrated_category_thresholds(path, "mean_logprob", 0.1, FP) == {"cheap": {"math": -0.2}}
+    changed = {"cheap": {**FP["cheap"], "model_sha256": "b" * 64}}
+    assert calibrated_category_thresholds(path, "mean_logprob", 0.1, changed) == {}
+    assert quality_targets(load_calibration(path)) == {"math": 0.9, "tiny": 0.9}

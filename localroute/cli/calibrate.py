@@ -7,12 +7,22 @@ from pathlib import Path
 from typing import Any
 
 from localroute.cli.common import add_config_flag, print_json, settings_from
+from localroute.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("calibrate", help="choose a threshold with a finite-sample guarantee from an eval run")
     add_config_flag(p)
-    p.add_argument("--run", type=Path, required=True, help="eval run folder")
+    p.add_argument("--run", type=Path, default=None, help="eval run folder")
+    p.add_argument("--from-log", nargs="?", const=True, default=None, metavar="LOG",
+                   help="refit the per-category thresholds from the routing log's shadow pairs and feedback "
+                   "(default log: setting routing_log_path) instead of an eval run; needs --target-quality")
+    p.add_argument("--since", default=None, help="--from-log: only the log since then (24h, 7d, ISO 8601)")
+    p.add_argument("--per-category", action="store_true",
+                   help="also fit one threshold per task category of the run's rows (item meta.localroute_category, "
+                   "else the item id's prefix), delta split across the categories")
+    p.add_argument("--min-category-rows", type=int, default=30,
+                   help="a category with fewer rows keeps the pooled threshold (said so in the file)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-quality", type=float, help="cascade quality >= this share of the frontier's")
     target.add_argument("--target-escalation", type=float, help="escalate this share of queries (a quantile)")
@@ -34,12 +44,17 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     out = args.out or settings.calibration_path or Path("calibration.json")
+    if args.from_log is not None:
+        return _from_log(args, settings, out)
+    if args.run is None:
+        raise ConfigError("give --run (an eval run folder) or --from-log", param="run")
     if args.router:
         return _router(args, settings, out)
     result = calibrate_run(
         args.run, out, args.aggregator or settings.confidence_aggregator,
         target_quality=args.target_quality, target_escalation=args.target_escalation,
         delta=args.delta, holdout=args.holdout, seed=args.seed,
+        per_category=args.per_category, min_category_rows=args.min_category_rows,
     )
     if args.json:
         print_json(result)
@@ -58,7 +73,44 @@ def run(args: argparse.Namespace) -> int:
     if h:
         print(f"held-out (n={h['n']}): cascade quality {h['cascade_quality']:.4f} = {h['quality_ratio']:.3f} x frontier "
               f"{h['frontier_quality']:.4f}; escalation rate {h['escalation_rate']:.3f}")
+    _print_categories(result.get("categories") or {})
     print(f"wrote {result['calibration_file']}")
+    return 0
+
+
+def _print_categories(categories: dict[str, Any]) -> None:
+    for name, c in categories.items():
+        thr = "escalate everything" if c["threshold"] >= 1e9 else f"{c['threshold']:.6f}"
+        cert = c["certificate"]
+        if c.get("fallback"):
+            print(f"  category {name:<16} threshold {thr}  POOLED ({c['fallback']})")
+        elif cert["target"] == "quality":
+            print(f"  category {name:<16} threshold {thr}  certified at delta={cert['delta']:.4g}, quality lower "
+                  f"bound {cert['certified_quality_lower']:.4f} (n={cert['n_calibration']})")
+        else:
+            print(f"  category {name:<16} threshold {thr}  (escalation quantile, n={cert['n_calibration']})")
+
+
+def _from_log(args: argparse.Namespace, settings: Any, out: Path) -> int:
+    from localroute.cli.report import parse_time
+    from localroute.evaluation.thresholds import calibrate_from_log
+
+    if args.target_quality is None:
+        raise ConfigError("--from-log certifies a quality target: give --target-quality", param="target_quality")
+    log = settings.routing_log_path if args.from_log is True else Path(args.from_log)
+    if log is None:
+        raise ConfigError("--from-log: no routing log; pass its path or set routing_log_path", param="routing_log_path")
+    result = calibrate_from_log(log, out, settings, args.target_quality, args.delta, args.min_category_rows,
+                                since=parse_time(args.since) if args.since else None, seed=args.seed)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"recalibrated from {result['log']}: target quality {result['target_quality']} (agreement with the "
+          f"frontier), delta {result['delta']} split over {result['certified']} (tier, category) pairs")
+    for tier, cats in result["tiers"].items():
+        print(f"tier {tier}")
+        _print_categories(cats)
+    print(f"wrote {result['calibration_file']}; a running `serve` applies it without a restart")
     return 0
 
 

@@ -116,6 +116,7 @@ def render(s: dict[str, Any]) -> str:
             f"{_num(cal.get('p50')):>11}{_num(c.get('median_shift')):>9}"
             f"{_num(share * 100 if share is not None else None, '{:.0f}%'):>12}"
         )
+    lines += _render_categories(s)
     review = s.get("review") or {}
     if review.get("sampled"):
         lines += ["", (f"review sample: {review['sampled']} marked, {review['reviewed']} reviewed, "
@@ -129,6 +130,41 @@ def render(s: dict[str, Any]) -> str:
             lines.append(f"{start:<22}{b['requests']:>9}{_num(er * 100 if er is not None else None, '{:.1f}%'):>11}"
                          f"{_usd(b['cost_per_query_usd']):>14}{_usd(b['counterfactual_per_query_usd']):>16}")
     return "\n".join(lines)
+
+
+def _pct_or_dash(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def _render_categories(s: dict[str, Any]) -> list[str]:
+    """Requests, escalation and live quality (shadow pairs) per task category."""
+    cats, live = s.get("categories") or {}, s.get("live_quality") or {"categories": {}}
+    names = sorted(set(cats) | set(live["categories"]))
+    if not names or names == ["default"] and not live["categories"]:
+        return []
+    level = round(live.get("level", 0.95) * 100)
+    lines = ["", (f"{'category':<16}{'answered':>9}{'escal.':>8}{'pairs':>7}{'kept agree':>12}"
+             f"{f'{level}% CI':>17}{'all agree':>11}{f'{level}% CI':>17}{'target':>8}")]
+    for name in names:
+        c, q = cats.get(name) or {}, live["categories"].get(name) or {}
+        ki, ai = q.get("kept_interval"), q.get("agreement_interval")
+        flag = "  BELOW TARGET" if q.get("below_target") else ""
+        lines.append(
+            f"{name:<16}{c.get('answered', 0):>9}{_pct_or_dash(c.get('escalation_rate')):>8}{q.get('pairs', 0):>7}"
+            f"{_pct_or_dash(q.get('kept_agreement')):>12}"
+            f"{(f'[{ki[0]:.3f}, {ki[1]:.3f}]' if ki else '-'):>17}{_pct_or_dash(q.get('agreement')):>11}"
+            f"{(f'[{ai[0]:.3f}, {ai[1]:.3f}]' if ai else '-'):>17}{_num(q.get('target')):>8}{flag}")
+    draws: dict[str, int] = {}
+    for q in live["categories"].values():
+        for k, v in (q.get("draws") or {}).items():
+            draws[k] = draws.get(k, 0) + v
+    if draws:
+        lines.append("shadow draws     " + ", ".join(f"{k} {v}" for k, v in sorted(draws.items()))
+                     + f"   shadow spend {_usd(live.get('shadow_cost_usd'))} (apart from the serving budget)")
+    for name in live.get("below_target") or []:
+        lines.append(f"WARNING: category {name}: live quality's upper bound is below its calibration target; "
+                     "recalibrate (`localroute calibrate --from-log`)")
+    return lines
 
 
 def write_plots(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -183,6 +219,21 @@ def write_plots(summary: dict[str, Any], rows: list[dict[str, Any]], out_dir: Pa
         ax.set_title(f"Confidence, tier {tier}")
         ax.set_xlabel("confidence (aggregated token logprob)")
     written.append(_save(fig, out_dir / "confidence_histograms.png"))
+
+    live = summary.get("live_quality") or {}
+    if live.get("series"):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for name, points in sorted(live["series"].items()):
+            when: Any = [datetime.fromtimestamp(p["start"], UTC) for p in points]
+            line = ax.plot(when, [p["kept_agreement"] * 100 for p in points], marker="o", label=name)
+            target = (live["categories"].get(name) or {}).get("target")
+            if target is not None:
+                ax.axhline(target * 100, color=line[0].get_color(), linestyle="--", linewidth=1)
+        ax.set_ylabel("% of shadowed kept answers agreeing")
+        ax.set_title(f"Live quality per category per {summary['bucket']} (dashed: calibration target)")
+        ax.legend()
+        fig.autofmt_xdate()
+        written.append(_save(fig, out_dir / "live_quality.png"))
     return written
 
 

@@ -29,6 +29,8 @@ escalation rate.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +42,7 @@ import numpy as np
 from localroute.calibration_file import (
     ESCALATE_ALL,
     CalibrationFile,
+    CategoryCalibration,
     Certificate,
     TierCalibration,
     confidence_distribution,
@@ -203,9 +206,12 @@ def calibrate_run(
     delta: float = 0.05,
     holdout: float = 0.5,
     seed: int = 0,
+    per_category: bool = False,
+    min_category_rows: int = 30,
 ) -> dict[str, Any]:
     """Fit the threshold on a random calibration split of the run, check it on the rest, and write
-    (or update) the calibration file. Returns the summary printed by the CLI."""
+    (or update) the calibration file. Returns the summary printed by the CLI. `per_category`: also
+    one threshold per task category of the rows (`fit_categories`)."""
     _check_targets(target_quality, target_escalation, holdout)
     if aggregator not in AGGREGATORS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS)}", param="aggregator")
@@ -222,10 +228,17 @@ def calibrate_run(
     fp = table.meta.get("fingerprint") or {}
     if not fp.get("template_sha256"):
         raise ConfigError(f"run {run_dir} has no model fingerprint (was it interrupted before loading?)", param="run")
+    categories: dict[str, CategoryCalibration] = {}
+    if per_category:
+        row_categories = np.array(run_categories(table), dtype=object)
+        categories = fit_categories(conf, table.cheap, table.frontier, row_categories, threshold, cert,
+                                    holdout=holdout, seed=seed, oracle=fmode == "oracle",
+                                    target_quality=target_quality, target_escalation=target_escalation,
+                                    delta=delta, min_rows=min_category_rows)
     entry = TierCalibration(
         threshold=threshold, model_file=fp.get("model_file"), model_sha256=fp.get("model_sha256"),
         template_sha256=fp["template_sha256"], remote_model=fp.get("remote_model"), certificate=cert,
-        confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(cal),
+        confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(cal), categories=categories,
     )
     tiers: dict[str, TierCalibration] = {}
     if out.is_file():
@@ -252,7 +265,53 @@ def calibrate_run(
         "upper_bound": fmode == "oracle",
         "certificate": cert.model_dump(),
         "calibration_split": cert_cal,
+        "categories": {name: c.model_dump() for name, c in categories.items()},
     }
+
+
+def run_categories(table: RunTable) -> list[str]:
+    """Each usable row's task category: its dataset item's `meta.localroute_category` when the run's
+    dataset file is readable and sets one, else the item id's prefix (`banking77-12` -> banking77,
+    as `localroute data convert` names items)."""
+    named: dict[str, str] = {}
+    dataset = Path(str(table.meta.get("dataset") or ""))
+    if dataset.is_file():
+        for line in dataset.read_text(encoding="utf-8").splitlines():
+            try:
+                item = json.loads(line)
+                category = (item.get("meta") or {}).get("localroute_category")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(category, str):
+                named[str(item.get("id"))] = category
+    return [named.get(str(i)) or str(i).split("-", 1)[0] for i in table.ids]
+
+
+def fit_categories(conf: Array, cheap: Array, frontier: Array, categories: np.ndarray, pooled_threshold: float,
+                   pooled_cert: Certificate, *, holdout: float, seed: int, oracle: bool,
+                   target_quality: float | None, target_escalation: float | None, delta: float,
+                   min_rows: int) -> dict[str, CategoryCalibration]:
+    """One threshold per category, each by `fit_threshold` on that category's rows alone, with
+    delta split evenly over the K categories certified (delta / K each): by the union bound, every
+    category's target holds at once with probability >= 1 - delta. A category with fewer than
+    `min_rows` rows is not fitted: it keeps the pooled threshold and its certificate, flagged
+    `fallback` (the pooled certificate is about the pooled traffic, not this category)."""
+    names = sorted({str(c) for c in categories})
+    fitted = [c for c in names if int(np.sum(categories == c)) >= min_rows]
+    out: dict[str, CategoryCalibration] = {}
+    share = delta / max(1, len(fitted))
+    for name in names:
+        rows = np.nonzero(categories == name)[0]
+        if name not in fitted:
+            out[name] = CategoryCalibration(
+                threshold=pooled_threshold, certificate=pooled_cert, n=len(rows),
+                fallback=f"pooled: {len(rows)} rows < {min_rows} needed to certify this category")
+            continue
+        threshold, cert, cal = fit_threshold(conf[rows], cheap[rows], frontier[rows], holdout=holdout, seed=seed,
+                                             oracle=oracle, target_quality=target_quality,
+                                             target_escalation=target_escalation, delta=share)
+        out[name] = CategoryCalibration(threshold=threshold, certificate=cert, n=len(cal))
+    return out
 
 
 def calibrate_router(
@@ -323,3 +382,185 @@ def calibrate_router(
         "certificate": cert.model_dump(),
         "calibration_split": realised(score[cal], cheap[cal], frontier[cal], threshold),
     }
+
+
+# ---------- recalibration from production (issue 19) ----------
+
+
+@dataclass(slots=True)
+class LogSample:
+    """One (tier, category)'s evidence from the routing log for `certify_from_log`: the scored
+    shadow pairs (confidence, label, draw probability, stratum) and the traffic they were drawn from."""
+
+    confidence: Array
+    label: Array  # 1: the local answer agreed with the frontier (or passed human feedback)
+    sample_rate: Array
+    stratum: list[str]
+    n_population: int  # requests of the category that reached the tier
+    n_accepted: dict[str, int]  # of those, accepted by the tier, per stratum
+    floor: float  # the highest threshold the tier had over the window
+
+
+def certify_from_log(sample: LogSample, target: float, delta: float) -> QualityThreshold:
+    """The most permissive threshold >= `sample.floor` whose agreement with the frontier over the
+    category's traffic provably reaches `target`, at level 1 - delta.
+
+    A request's loss at threshold t: kept (conf >= t) and wrong. For t >= floor only accepted
+    requests can be kept, so with strata s (one when sampling is uniform), pi_s the share of the
+    traffic the tier accepted in stratum s (counted over the whole log window) and L_s(t) the loss
+    rate among them, E[loss(t)] = sum_s pi_s L_s(t). The scored pairs of stratum s are a uniform
+    random sample of its accepted answers (Bernoulli draws; draws that failed or were dropped are
+    taken as missing at random), so a one-sided Clopper-Pearson bound at delta / S bounds each
+    L_s(t), and sum_s pi_s ucb_s(t) bounds E[loss(t)] with probability >= 1 - delta. Thresholds are
+    tested as offline (fixed sequence from the most conservative down, `certify_quality`): the
+    losses only shrink as t rises, so the chosen one misses the target with probability <= delta.
+    This is the reweighting of stratified draws: each stratum counts at its share of the traffic,
+    not at its share of the pairs. (pi_s is the window's realised mix, taken as the traffic's.)"""
+    n_pop = sample.n_population
+    if n_pop == 0 or len(sample.confidence) == 0:
+        return QualityThreshold(ESCALATE_ALL, "none", 0.0, 1.0, 1.0, 0)
+    strata = sorted(set(sample.stratum) | set(sample.n_accepted))
+    d_s = delta / len(strata)
+    stratum = np.array(sample.stratum, dtype=object)
+    keep_conf = sample.confidence >= sample.floor  # below the floor: escalated at some point, never kept at t >= floor
+    candidates = np.unique(sample.confidence[keep_conf])[::-1]  # highest first
+    if len(candidates) == 0:
+        return QualityThreshold(ESCALATE_ALL, "clopper-pearson (stratified)", 0.0, 1.0, 1.0, n_pop)
+    beta = _beta()
+    ucb = np.zeros(len(candidates))
+    for s in strata:
+        rows = stratum == s
+        n_s = int(rows.sum())
+        share = sample.n_accepted.get(s, 0) / n_pop
+        if share == 0:
+            continue
+        if n_s == 0:
+            ucb += share
+            continue
+        wrong = np.sort(sample.confidence[rows & keep_conf & (sample.label < 0.5)])
+        k = len(wrong) - np.searchsorted(wrong, candidates, side="left")  # wrong pairs with conf >= t
+        ucb += share * np.where(k >= n_s, 1.0, beta.ppf(1 - d_s, k + 1, np.maximum(n_s - k, 1)))
+    ucb = np.minimum(ucb, 1.0)
+    fails = np.nonzero(ucb > 1 - target)[0]
+    passed = int(fails[0]) if len(fails) else len(ucb)
+    if passed == 0:
+        return QualityThreshold(ESCALATE_ALL, "clopper-pearson (stratified)", 0.0, 1.0, 1.0, n_pop)
+    return QualityThreshold(float(candidates[passed - 1]), "clopper-pearson (stratified)", float(ucb[passed - 1]),
+                            1.0, 1.0 - float(ucb[passed - 1]), n_pop)
+
+
+def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin: float,
+                default_category: str = "default") -> dict[tuple[str, str], LogSample]:
+    """(tier, category) -> LogSample from the routing log's requests and shadow pairs."""
+    from localroute.monitoring.log_report import row_category
+
+    pop: dict[tuple[str, str], dict[str, Any]] = {}
+    stratified = any(p.get("stratum") in ("near", "far") for p in pairs)
+    for r in rows:
+        if r.get("status") != 200:
+            continue
+        cat = row_category(r, default_category)
+        for a in r.get("attempts") or []:
+            if a.get("threshold") is None or a.get("error"):
+                continue
+            e = pop.setdefault((a["tier"], cat), {"n": 0, "acc": {}, "floor": -math.inf})
+            e["n"] += 1
+            e["floor"] = max(e["floor"], float(a["threshold"]))
+            if a.get("accepted") and r.get("tier") == a["tier"] and not r.get("degraded"):
+                conf = a.get("confidence")
+                near = stratified and conf is not None and conf - a["threshold"] < margin
+                s = ("near" if near else "far") if stratified else "all"
+                e["acc"][s] = e["acc"].get(s, 0) + 1
+    out: dict[tuple[str, str], LogSample] = {}
+    for key, e in pop.items():
+        ps = [p for p in pairs if (p["tier"], p["category"]) == key and p["status"] == "scored"
+              and p.get("label") is not None and p.get("confidence") is not None]
+        out[key] = LogSample(np.array([p["confidence"] for p in ps], dtype=np.float64),
+                             np.array([float(p["label"]) for p in ps], dtype=np.float64),
+                             np.array([p["sample_rate"] for p in ps], dtype=np.float64),
+                             [str(p.get("stratum") or "all") for p in ps], e["n"], e["acc"], e["floor"])
+    return out
+
+
+def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality: float, delta: float = 0.05,
+                       min_category_rows: int = 30, since: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Refit the per-category thresholds of every local tier from the routing log's shadow pairs
+    (and feedback on them), with the same guarantee as offline (`certify_from_log`), delta split
+    evenly over the (tier, category) pairs certified; write them into the calibration file (the
+    pooled thresholds and fingerprints are kept; with no file yet, the tiers are fingerprinted by
+    loading them and the pooled threshold is fitted on all of the log's pairs)."""
+    from localroute.monitoring.log_report import read_rows, read_shadow_pairs
+
+    if not 0 < target_quality <= 1 or not 0 < delta < 1:
+        raise ConfigError("need 0 < target-quality <= 1 and 0 < delta < 1", param="target_quality")
+    if not Path(log_path).is_file():
+        raise ConfigError(f"routing log not found: {log_path}", param="routing_log_path")
+    rows, pairs = read_rows(log_path, since), read_shadow_pairs(log_path, since)
+    samples = log_samples(rows, pairs, settings.shadow_near_threshold_margin, settings.default_category)
+    if not samples:
+        raise ConfigError(f"routing log {log_path} has no cascade requests to recalibrate from", param="log")
+    cal_file = load_calibration(out) if out.is_file() else _new_calibration(settings, samples)
+    certify = [k for k, s in samples.items() if len(s.confidence) >= min_category_rows and k[0] in cal_file.tiers]
+    share = delta / max(1, len(certify))
+    result: dict[str, Any] = {}
+    for (tier, cat), sample in sorted(samples.items()):
+        entry = cal_file.tiers.get(tier)
+        if entry is None:
+            continue
+        if (tier, cat) not in certify:
+            old = entry.categories.get(cat)
+            if old is not None and old.fallback is None:  # certified before (an eval run, an earlier refit): kept
+                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": len(sample.confidence),
+                                                    "population": sample.n_population, "fallback": None,
+                                                    "kept": f"too few shadow pairs ({len(sample.confidence)}) to "
+                                                    "refit; the earlier certified threshold stays",
+                                                    "escalate_all": old.threshold >= ESCALATE_ALL,
+                                                    "certificate": old.certificate.model_dump()}
+                continue
+            entry.categories[cat] = CategoryCalibration(
+                threshold=entry.threshold, certificate=entry.certificate, n=len(sample.confidence), source="log",
+                fallback=f"pooled: {len(sample.confidence)} shadow pairs < {min_category_rows} needed to certify")
+        else:
+            fit = certify_from_log(sample, target_quality, share)
+            cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
+                               certified_loss_upper=round(fit.loss_upper, 6),
+                               certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
+                               n_calibration=len(sample.confidence), n_holdout=0,
+                               n_population=sample.n_population, floor=sample.floor)
+            entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert,
+                                                        n=len(sample.confidence), source="log")
+        c = entry.categories[cat]
+        result.setdefault(tier, {})[cat] = {"threshold": c.threshold, "escalate_all": c.threshold >= ESCALATE_ALL,
+                                            "pairs": len(sample.confidence), "population": sample.n_population,
+                                            "fallback": c.fallback, "certificate": c.certificate.model_dump()}
+    cal_file.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    write_calibration(cal_file, out)
+    return {"calibration_file": str(out), "log": str(log_path), "target_quality": target_quality, "delta": delta,
+            "certified": len(certify), "tiers": result}
+
+
+def _new_calibration(settings: Any, samples: dict[tuple[str, str], LogSample]) -> CalibrationFile:
+    """A calibration file for a ladder never calibrated offline: each local tier fingerprinted by
+    loading it, its pooled threshold certified on all of the log's pairs at the whole delta."""
+    from localroute.backends.base import load_backend
+    from localroute.calibration_file import backend_fingerprint
+
+    tiers: dict[str, TierCalibration] = {}
+    for ts in settings.ladder()[:-1]:
+        backend = load_backend(ts, settings)
+        try:
+            fp = backend_fingerprint(backend)
+        finally:
+            asyncio.run(backend.aclose())
+        mine = [s for (t, _), s in samples.items() if t == ts.name]
+        confs = np.concatenate([s.confidence for s in mine]) if mine else np.array([])
+        quantiles, histogram = confidence_distribution(confs)
+        tiers[ts.name] = TierCalibration(
+            threshold=settings.default_threshold, model_file=fp.get("model_file"), model_sha256=fp.get("model_sha256"),
+            template_sha256=fp["template_sha256"], remote_model=fp.get("remote_model"),
+            certificate=Certificate(target="escalation", target_value=0.0, n_calibration=0, n_holdout=0,
+                                    note="no offline calibration: the pooled threshold is default_threshold"),
+            confidence_quantiles=quantiles, confidence_histogram=histogram, n=len(confs))
+    return CalibrationFile(created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                           aggregator=settings.confidence_aggregator, alpha=settings.confidence_quantile_alpha,
+                           source_run="routing log", tiers=tiers)

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from localroute.calibration_file import CalibrationFile, load_calibration
+from localroute.calibration_file import CalibrationFile, load_calibration, quality_targets
 from localroute.errors import ConfigError
 from localroute.monitoring.routing_log import COLUMNS
 from localroute.routing.training import LabelledQueries
 
-__all__ = ["escalation_health", "from_routing_log", "read_calibration", "read_rows", "report", "review_summary",
+__all__ = ["category_summary", "escalation_health", "from_routing_log", "live_quality", "live_quality_series",
+           "read_calibration", "read_rows", "read_shadow_pairs", "report", "review_summary", "row_category",
            "summarize"]
 
 
@@ -204,7 +205,26 @@ def report(path: Path | str, since: float | None = None, until: float | None = N
     summary["log"] = _shown(path)
     summary["window"] = {"since": since, "until": until}
     summary["review"] = review_summary(path)
+    summary["categories"] = category_summary(rows)
+    targets = quality_targets(calibration) if calibration is not None else {}
+    pairs = read_shadow_pairs(path, since, until)
+    summary["live_quality"] = live_quality(rows, pairs, targets)
+    summary["live_quality"]["series"] = live_quality_series(pairs, bucket)
     return summary, rows
+
+
+def category_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Answered requests and escalation rate per task category."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("status") != 200:
+            continue
+        c = out.setdefault(row_category(r), {"answered": 0, "escalated": 0})
+        c["answered"] += 1
+        c["escalated"] += int(bool(r.get("escalated")))
+    for c in out.values():
+        c["escalation_rate"] = round(c["escalated"] / c["answered"], 6) if c["answered"] else None
+    return dict(sorted(out.items()))
 
 
 def review_summary(path: Path | str, limit: int = 20) -> dict[str, Any]:
@@ -268,3 +288,125 @@ def _last_user(logged: str) -> str:
     if pos >= 0:
         return logged[pos + 1 + len(marker):]
     return logged.removeprefix(marker)
+
+
+# ---------- live quality (issue 19): shadow pairs and categories ----------
+
+
+def _ro(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_shadow_pairs(path: Path, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+    """The shadow_pairs rows in [since, until), oldest first, each with `label`: the human feedback's
+    `correct` on that request when there is one (it beats the frontier), else `agrees`. An older log
+    without the table reads as no pairs."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    conn = _ro(path)
+    try:
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("p.ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("p.ts < ?")
+            args.append(until)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = ("SELECT p.*, (SELECT f.correct FROM feedback f WHERE f.request_id = p.request_id AND f.correct "
+               f"IS NOT NULL ORDER BY f.ts DESC LIMIT 1) AS feedback_correct FROM shadow_pairs p{where} ORDER BY p.ts")
+        rows = [dict(r) for r in conn.execute(sql, args)]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+    for r in rows:
+        fb = r.get("feedback_correct")
+        r["label"] = int(fb) if fb is not None else r.get("agrees")
+    return rows
+
+
+def row_category(row: dict[str, Any], default: str = "default") -> str:
+    """A requests row's task category (in its decision evidence since issue 19)."""
+    evidence = row.get("evidence") or {}
+    return str(evidence.get("category") or default)
+
+
+def _clopper_pearson(k: float, n: float, level: float) -> tuple[float, float]:
+    from localroute.monitoring.shadow import clopper_pearson
+
+    return clopper_pearson(k, n, level)
+
+
+def live_quality(rows: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]], targets: dict[str, float],
+                 level: float = 0.95, default_category: str = "default") -> dict[str, Any]:
+    """Per category: the share of shadowed kept local answers that agree with the frontier (or pass
+    human feedback), reweighted by 1 / draw probability, with a Clopper-Pearson interval at `level`
+    (exact when every draw had the same probability; at Kish's effective size otherwise); the
+    implied agreement of all the category's answers (escalated ones are the frontier's own:
+    1 - accepted share x disagreement), its interval, the calibration's target, and `below_target`
+    when that interval's upper bound falls below the target. Shadow draws by outcome and spend."""
+    answered: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("status") != 200 or not r.get("tier"):
+            continue
+        c = answered.setdefault(row_category(r, default_category), [0, 0])
+        c[0] += 1
+        c[1] += int(not r.get("escalated") and any(a.get("accepted") and a.get("threshold") is not None
+                                                    for a in r.get("attempts") or []))
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for p in pairs:
+        by_cat.setdefault(str(p["category"]), []).append(p)
+    out: dict[str, Any] = {}
+    for cat in sorted(set(answered) | set(by_cat)):
+        ps = by_cat.get(cat, [])
+        statuses: dict[str, int] = {}
+        for p in ps:
+            statuses[p["status"]] = statuses.get(p["status"], 0) + 1
+        labelled = [p for p in ps if p["status"] == "scored" and p.get("label") is not None]
+        n_answered, n_kept = answered.get(cat, [0, 0])
+        accept_share = n_kept / n_answered if n_answered else None
+        entry: dict[str, Any] = {
+            "answered": n_answered, "kept_local": n_kept, "accept_share": accept_share, "draws": statuses,
+            "pairs": len(labelled), "shadow_cost_usd": round(sum(p.get("cost_usd") or 0.0 for p in ps), 6),
+            "target": targets.get(cat, targets.get("*")),
+        }
+        if labelled:
+            w = np.array([1.0 / p["sample_rate"] for p in labelled])
+            y = np.array([float(p["label"]) for p in labelled])
+            uniform = bool(np.allclose(w, w[0]))
+            n_eff = float(w.sum() ** 2 / (w * w).sum())
+            share = float((w * y).sum() / w.sum())
+            lo, hi = _clopper_pearson(share * n_eff if not uniform else float(y.sum()),
+                                      n_eff if not uniform else float(len(y)), level)
+            entry.update(kept_agreement=round(share, 6), kept_interval=[round(lo, 6), round(hi, 6)],
+                         interval="clopper-pearson" if uniform else "clopper-pearson at Kish effective n",
+                         level=level, n_effective=round(n_eff, 3))
+            if accept_share is not None:
+                cl, cp, ch = (1 - accept_share * (1 - v) for v in (lo, share, hi))
+                entry.update(agreement=round(cp, 6), agreement_interval=[round(cl, 6), round(ch, 6)])
+                target = entry["target"]
+                entry["below_target"] = bool(target is not None and ch < target)
+        out[cat] = entry
+    return {"level": level, "categories": out,
+            "below_target": sorted(c for c, e in out.items() if e.get("below_target")),
+            "shadow_cost_usd": round(sum(e["shadow_cost_usd"] for e in out.values()), 6)}
+
+
+def live_quality_series(pairs: Sequence[dict[str, Any]], bucket: str = "day") -> dict[str, list[dict[str, Any]]]:
+    """Per category and time bucket: pairs and reweighted kept agreement (for the PNG over time)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for p in pairs:
+        if p["status"] == "scored" and p.get("label") is not None:
+            groups.setdefault((str(p["category"]), _bucket_start(p["ts"], bucket)), []).append(p)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (cat, start), ps in sorted(groups.items()):
+        w = np.array([1.0 / p["sample_rate"] for p in ps])
+        y = np.array([float(p["label"]) for p in ps])
+        out.setdefault(cat, []).append({"start": start, "pairs": len(ps), "kept_agreement": float((w * y).sum() / w.sum())})
+    return out

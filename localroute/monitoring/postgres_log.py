@@ -97,6 +97,29 @@ POSTGRES_MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX responses_ts ON responses(ts)
     """,
+    # issue 19's shadow evaluation; its writer and readers use the SQLite log only for now
+    "007_shadow_pairs": """
+        CREATE TABLE shadow_pairs (
+            id BIGSERIAL PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            request_id TEXT NOT NULL,
+            category TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            confidence DOUBLE PRECISION,
+            threshold DOUBLE PRECISION,
+            sample_rate DOUBLE PRECISION NOT NULL,
+            stratum TEXT,
+            status TEXT NOT NULL,
+            scorer TEXT,
+            score DOUBLE PRECISION,
+            agrees INTEGER,
+            error TEXT,
+            cost_usd DOUBLE PRECISION,
+            frontier_latency_s DOUBLE PRECISION
+        );
+        CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
+        CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier)
+    """,
 }
 
 

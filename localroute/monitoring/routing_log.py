@@ -114,6 +114,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX responses_ts ON responses(ts)
     """),
+    # shadow evaluation (issue 19, localroute.monitoring.shadow): each locally accepted answer drawn
+    # for a frontier comparison, whatever came of the draw (scored, failed, over the shadow budget,
+    # dropped); `sample_rate` is the draw's probability (reweighting, recalibration)
+    ("007_shadow_pairs", """
+        CREATE TABLE shadow_pairs (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            request_id TEXT NOT NULL,
+            category TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            confidence REAL,
+            threshold REAL,
+            sample_rate REAL NOT NULL,
+            stratum TEXT,
+            status TEXT NOT NULL,
+            scorer TEXT,
+            score REAL,
+            agrees INTEGER,
+            error TEXT,
+            cost_usd REAL,
+            frontier_latency_s REAL
+        );
+        CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
+        CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier)
+    """),
 ]
 
 COLUMNS = (

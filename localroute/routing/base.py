@@ -21,10 +21,19 @@ class Tier:
     backend: Backend
     threshold: float | None = None
     capabilities: Capabilities | None = None
+    # thresholds calibrated per task category (issue 19); a category not here uses `threshold`.
+    # Replaced whole (never mutated) when a new calibration file is applied, so readers see one version.
+    category_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capabilities is None:
             self.capabilities = self.backend.capabilities
+
+    def threshold_for(self, category: str | None) -> float | None:
+        """The threshold an answer to a request of this category must reach (None: always accepted)."""
+        if self.threshold is None:
+            return None
+        return self.category_thresholds.get(category, self.threshold) if category is not None else self.threshold
 
     def lacks(self, needs: frozenset[str]) -> str | None:
         """The first of `needs` this tier cannot serve (localroute.backends.capabilities.NEEDS), or None."""

@@ -124,11 +124,12 @@ class CascadeRouter:
             return request
         return replace(request, params=replace(request.params, top_logprobs=self._top_k))
 
-    def _attempt(self, tier: Tier, gen: Generation, conf: float | None, accepted: bool) -> TierAttempt:
+    def _attempt(self, tier: Tier, gen: Generation, conf: float | None, accepted: bool,
+                 category: str | None = None) -> TierAttempt:
         return TierAttempt(
             tier=tier.name,
             confidence=conf,
-            threshold=tier.threshold,
+            threshold=tier.threshold_for(category),
             accepted=accepted,
             prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.completion_tokens,
@@ -136,8 +137,9 @@ class CascadeRouter:
             ttft_s=gen.ttft_s,
         )
 
-    def _accepts(self, tier: Tier, conf: float | None) -> bool:
-        return tier.threshold is None or (conf is not None and conf >= tier.threshold)
+    def _accepts(self, tier: Tier, conf: float | None, category: str | None = None) -> bool:
+        threshold = tier.threshold_for(category)  # the request category's calibrated threshold (issue 19)
+        return threshold is None or (conf is not None and conf >= threshold)
 
     async def _judge(
         self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
@@ -158,7 +160,7 @@ class CascadeRouter:
             decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
         if vetoed(decision, tier.name):
             return conf, False
-        return conf, self._accepts(tier, conf)
+        return conf, self._accepts(tier, conf, request.category)
 
     async def _buffered(
         self, request: GenerationRequest, decision: Decision, ladder: list[Tier]
@@ -180,7 +182,7 @@ class CascadeRouter:
                     decision.degraded = decision.degraded or f"{tier.name}_{exc.code}"
                 continue
             conf, accepted = await self._judge(tier, request, gen, decision)
-            decision.attempts.append(self._attempt(tier, gen, conf, accepted))
+            decision.attempts.append(self._attempt(tier, gen, conf, accepted, request.category))
             if accepted:
                 decision.answered_by = tier.name
                 return gen, tier, None

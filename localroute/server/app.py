@@ -140,10 +140,15 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = _start_service(settings, tiers, observers, tracing)
         app.state.service = service
+        from localroute.server.live_quality import LiveQualityRuntime  # categories, shadow, recalibration
+
+        app.state.live_quality = live = LiveQualityRuntime(service)
+        await live.start()
         try:
             yield
         finally:
             try:
+                await live.aclose()
                 await service.aclose()
             finally:
                 if service.monitoring is not None:

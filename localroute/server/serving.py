@@ -33,6 +33,12 @@ from localroute.errors import ClientDisconnectedError, LocalrouteError
 from localroute.monitoring.cost import RequestCost, cost_fields, cost_headers
 from localroute.monitoring.record import RequestRecord
 from localroute.routing.base import Decision, Routed, RoutedDelta, Router
+from localroute.routing.categories import (
+    ResolvedCategory,
+    resolve_category,
+    split_model_alias,
+    strip_category,
+)
 from localroute.server.errors import error_body
 from localroute.server.http import AnswerResponse, dumps, parse_json_body, until_disconnect, validate
 from localroute.server.protocol import (
@@ -163,6 +169,11 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
     request_id = _request_id(api)
     svc = service_of(request)
     try:
+        policy, alias = split_model_alias(str(data.get("model", "")), svc.routers)
+        category = resolve_category(svc.settings, data, request.headers, alias)
+        data = strip_category(data)
+        if alias is not None:
+            data = {**data, "model": policy}
         if api == "chat":
             chat = validate(data, ChatCompletionRequest)
             body: ChatCompletionRequest | CompletionRequest = chat
@@ -177,12 +188,15 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
     except LocalrouteError as exc:
         _rejected(svc, request_id, endpoint, exc, started)
         raise
+    req = replace(req, category=category.name)
+    model_named = policy if alias is None else f"{policy}:{alias}"  # answers name the model as asked
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shape = _Shape(api, body.model, bool(body.logprobs) if api == "chat" else body.logprobs is not None,
+    shape = _Shape(api, model_named, bool(body.logprobs) if api == "chat" else body.logprobs is not None,
                    req.params.top_logprobs, include_usage)
     if body.stream:
-        return await _stream(svc, router, req, endpoint, shape, request, started)
+        return await _stream(svc, router, req, endpoint, shape, request, started, category)
     routed, cost, record = await _route(svc, router, req, endpoint, started, request)
+    _label(routed.decision, category)
     request.state.engine_s = sum(a.latency_s for a in routed.decision.attempts)
     try:
         payload = shape.answer(record.request_id, routed, cost)
@@ -190,7 +204,14 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
         record.status_code, record.error = 500, "internal_error"
         svc.record(record)
         raise
-    return ChatAnswer(payload, {**routing_headers(routed.decision), **cost_headers(cost)}, record, svc)
+    headers = {**routing_headers(routed.decision), **cost_headers(cost), "x-localroute-category": category.name}
+    return ChatAnswer(payload, headers, record, svc)
+
+
+def _label(decision: Decision, category: ResolvedCategory) -> None:
+    """The category in the decision's evidence: the answer's `localroute` block and the routing log."""
+    decision.evidence["category"] = category.name
+    decision.evidence["category_source"] = category.source
 
 
 def _rejected(svc: Service, request_id: str, endpoint: str, exc: LocalrouteError, started: float) -> None:
@@ -270,7 +291,7 @@ class _Shape:
 
 
 async def _stream(svc: Service, router: Router, req: GenerationRequest, endpoint: str, shape: _Shape,
-                  request: Request, started: float) -> ChatStream:
+                  request: Request, started: float, category: ResolvedCategory) -> ChatStream:
     source = cast(AsyncGenerator[RoutedDelta, None], router.route_stream(req).__aiter__())
     try:  # route before the first byte: errors are still clean 4xx/5xx
         first = await until_disconnect(request, source.__anext__())
@@ -278,7 +299,9 @@ async def _stream(svc: Service, router: Router, req: GenerationRequest, endpoint
         await source.aclose()
         svc.record(_failed(req, endpoint, router.policy, True, exc, started))
         raise
-    headers = routing_headers(first.decision, final=first.routed is not None)
+    _label(first.decision, category)
+    headers = {**routing_headers(first.decision, final=first.routed is not None),
+               "x-localroute-category": category.name}
     return ChatStream(_chunks(svc, router, req, endpoint, shape, source, first, started), headers)
 
 

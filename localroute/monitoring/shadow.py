@@ -1,0 +1,342 @@
+"""Shadow evaluation (issue 19): a random share of the locally accepted answers is also asked of
+the frontier, off the response path, and the two answers are compared with the category's scorer;
+each draw is a row of the routing log's `shadow_pairs` table.
+
+Off the response path means: the draw happens in an observer, which runs after the client's answer
+was sent (serving.py hands records over in the response's background task, or when a stream has
+ended), and it only puts the draw on a bounded queue (`put_nowait`; a full queue drops the draw and
+counts it). A fixed number of worker tasks take draws from the queue and call a frontier backend of
+their own (its own connection pool, circuit breaker and spend budget, `shadow_budget_usd`), each
+call under `shadow_timeout_s`. A frontier that is down, slow or over its shadow budget therefore
+costs the serving path nothing and holds at most `shadow_queue_size + shadow_concurrency` draws
+(each a request and an answer text) in memory.
+
+Sampling is Bernoulli per accepted answer at the category's rate; with confidence stratification
+(`shadow_near_threshold_rate`), answers whose confidence lies within the margin above the threshold
+are drawn at that rate instead. Every row stores its draw probability, so estimates are reweighted
+(Horvitz-Thompson) and recalibration (evaluation/thresholds.py `calibrate_from_log`) can tell what
+counts toward a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from localroute.backends.budget import SpendBudget
+from localroute.errors import LocalrouteError
+from localroute.monitoring.record import RequestRecord
+from localroute.types import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CategoryMetrics", "Draw", "LiveQuality", "ShadowEvaluator", "clopper_pearson", "insert_pairs"]
+
+# (category, local answer, frontier answer) -> (scorer name, (score, agrees) or None if not comparable)
+Compare = Callable[[str, str, str], tuple[str, tuple[float, bool] | None]]
+
+PAIR_COLUMNS = ("ts", "request_id", "category", "tier", "confidence", "threshold", "sample_rate", "stratum",
+                "status", "scorer", "score", "agrees", "error", "cost_usd", "frontier_latency_s")
+
+
+def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a binomial proportion at `level` (k, n may be
+    fractional effective counts: the Beta quantiles still apply as an approximation)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 0.0, 1.0
+    a = (1 - level) / 2
+    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+@dataclass(slots=True)
+class Draw:
+    """An accepted answer drawn for a shadow call: what the worker needs, no more."""
+
+    request: GenerationRequest
+    answer: str
+    category: str
+    tier: str
+    confidence: float | None
+    threshold: float | None
+    sample_rate: float
+    stratum: str
+    ts: float
+
+
+def insert_pairs(path: Path, rows: list[tuple[Any, ...]]) -> None:
+    """Append shadow_pairs rows (the routing log's migrations created the table)."""
+    from localroute.monitoring.routing_log import connect
+
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(f"INSERT INTO shadow_pairs ({', '.join(PAIR_COLUMNS)}) "
+                         f"VALUES ({', '.join('?' * len(PAIR_COLUMNS))})", rows)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+class LiveQuality:
+    """Running per-category agreement of shadowed answers (reweighted by 1 / draw probability),
+    for /metrics; `localroute report` computes the same from the routing log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._w: dict[str, list[float]] = {}  # category -> [sum w, sum w * agrees, sum w^2, n]
+
+    def add(self, category: str, weight: float, agrees: bool) -> None:
+        with self._lock:
+            s = self._w.setdefault(category, [0.0, 0.0, 0.0, 0.0])
+            s[0] += weight
+            s[1] += weight * agrees
+            s[2] += weight * weight
+            s[3] += 1
+
+    def snapshot(self) -> dict[str, tuple[float, float, int]]:
+        """category -> (effective n (Kish), effective agreements, pairs)."""
+        with self._lock:
+            out = {}
+            for cat, (w, wa, w2, n) in self._w.items():
+                n_eff = w * w / w2 if w2 > 0 else 0.0
+                out[cat] = (n_eff, n_eff * wa / w if w > 0 else 0.0, int(n))
+            return out
+
+
+class _LiveCollector(Collector):
+    def __init__(self, live: LiveQuality, label: Callable[[str], str], targets: Callable[[], dict[str, float]]) -> None:
+        self.live, self.label, self.targets = live, label, targets
+
+    def collect(self) -> Any:
+        point = GaugeMetricFamily("localroute_live_quality", "Share of shadowed local answers that agree with the "
+                                  "frontier, per category (reweighted).", labels=["category"])
+        lower = GaugeMetricFamily("localroute_live_quality_lower", "Clopper-Pearson 95% lower bound of "
+                                  "localroute_live_quality.", labels=["category"])
+        upper = GaugeMetricFamily("localroute_live_quality_upper", "Clopper-Pearson 95% upper bound of "
+                                  "localroute_live_quality.", labels=["category"])
+        target = GaugeMetricFamily("localroute_live_quality_target", "The calibration's quality target of the "
+                                   "category.", labels=["category"])
+        for lab, (n_eff, k_eff, n) in sorted(self.live.snapshot().items()):  # keyed by label already
+            if n == 0:
+                continue
+            lo, hi = clopper_pearson(k_eff, n_eff)
+            point.add_metric([lab], k_eff / n_eff if n_eff > 0 else math.nan)
+            lower.add_metric([lab], lo)
+            upper.add_metric([lab], hi)
+        for cat, value in sorted(self.targets().items()):
+            target.add_metric([self.label(cat)], value)
+        yield from (point, lower, upper, target)
+
+
+class CategoryMetrics:
+    """The per-category /metrics series: requests by category and answering tier (an observer),
+    shadow draws by outcome, shadow spend, and the live quality gauges."""
+
+    def __init__(self, registry: CollectorRegistry, label: Callable[[str], str],
+                 targets: Callable[[], dict[str, float]] = dict) -> None:
+        self.label = label
+        self.live = LiveQuality()
+        self.requests = Counter("localroute_category_requests", "Finished requests by task category and answering "
+                                "tier (category labels capped: category_max_labels).", ["category", "tier"],
+                                registry=registry)
+        self.shadow = Counter("localroute_shadow_draws", "Shadow draws by category and outcome (scored, "
+                              "unscorable, failed, over_budget, dropped).", ["category", "outcome"],
+                              registry=registry)
+        self.shadow_cost = Counter("localroute_shadow_cost_usd", "What shadow calls cost (counted apart from the "
+                                   "serving budget).", registry=registry)
+        registry.register(_LiveCollector(self.live, label, targets))
+
+    def __call__(self, rec: RequestRecord) -> None:
+        decision = rec.decision
+        if decision is None:
+            return
+        category = str(decision.evidence.get("category", ""))
+        if category:
+            self.requests.labels(self.label(category), decision.answered_by or "none").inc()
+
+
+class ShadowEvaluator:
+    """Observer of finished requests that shadows a sample of the locally accepted answers (module
+    docstring). `start()` on the serving loop; `aclose()` stops the workers (pending draws dropped)."""
+
+    def __init__(self, *, backend: Any, local_tiers: set[str], rate_of: Callable[[str], float],
+                 compare: Compare, log_path: Path | None, near_rate: float | None = None,
+                 near_margin: float = 0.5, queue_size: int = 64, concurrency: int = 2, timeout_s: float = 30.0,
+                 budget: SpendBudget | None = None, metrics: CategoryMetrics | None = None,
+                 default_category: str = "default", rng: random.Random | None = None) -> None:
+        self.backend = backend
+        self.local_tiers = local_tiers
+        self.rate_of = rate_of
+        self.compare = compare
+        self.log_path = log_path
+        self.near_rate, self.near_margin = near_rate, near_margin
+        self.queue_size, self.concurrency, self.timeout_s = queue_size, concurrency, timeout_s
+        self.budget = budget
+        self.metrics = metrics
+        self.default_category = default_category
+        self.rng = rng or random.Random()
+        self.stats = {"drawn": 0, "dropped": 0, "scored": 0, "unscorable": 0, "failed": 0, "over_budget": 0}
+        self._queue: asyncio.Queue[Draw] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.queue_size)
+        self._workers = [self._loop.create_task(self._work(), name=f"localroute-shadow-{i}")
+                         for i in range(self.concurrency)]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._workers = []
+        await self.backend.aclose()
+
+    @property
+    def pending(self) -> int:
+        """Draws waiting in the queue (in flight ones not counted)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued draw is done (tests, shutdown)."""
+        if self._queue is not None:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+
+    # ---- the observer (after the answer was sent) ----
+
+    def __call__(self, rec: RequestRecord) -> None:
+        self.observe(rec)
+
+    def observe(self, rec: RequestRecord) -> None:
+        """Draw or not; never raises, never waits."""
+        try:
+            draw = self._draw(rec)
+        except Exception:
+            log.exception("shadow draw failed")
+            return
+        if draw is None or self._loop is None or self._closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._enqueue(draw)
+        else:
+            self._loop.call_soon_threadsafe(self._enqueue, draw)
+
+    def _rate(self, category: str, conf: float | None, threshold: float | None) -> tuple[float, str]:
+        if (self.near_rate is not None and conf is not None and threshold is not None
+                and conf - threshold < self.near_margin):
+            return self.near_rate, "near"
+        return self.rate_of(category), "all" if self.near_rate is None else "far"
+
+    def _draw(self, rec: RequestRecord) -> Draw | None:
+        decision, gen = rec.decision, rec.generation
+        request = rec.extra.get("request")
+        if (rec.status_code != 200 or decision is None or gen is None or request is None or decision.degraded
+                or gen.raw is not None or decision.answered_by not in self.local_tiers):
+            return None
+        attempt = next((a for a in reversed(decision.attempts) if a.tier == decision.answered_by and a.accepted), None)
+        if attempt is None or attempt.threshold is None:  # a tier answering alone (its name as model) is no cascade
+            return None
+        category = str(decision.evidence.get("category", self.default_category))
+        rate, stratum = self._rate(category, attempt.confidence, attempt.threshold)
+        if rate <= 0 or self.rng.random() >= rate:
+            return None
+        shadow = replace(request, params=replace(request.params, top_logprobs=0),
+                         request_id=f"shadow-{rec.request_id}", category=category)
+        return Draw(shadow, gen.text, category, decision.answered_by, attempt.confidence, attempt.threshold,
+                    rate, stratum, time.time())
+
+    def _enqueue(self, draw: Draw) -> None:
+        assert self._queue is not None
+        self.stats["drawn"] += 1
+        try:
+            self._queue.put_nowait(draw)
+        except asyncio.QueueFull:
+            self.stats["dropped"] += 1
+            self._count(draw.category, "dropped")
+
+    def _count(self, category: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.shadow.labels(self.metrics.label(category), outcome).inc()
+
+    # ---- the workers ----
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            draw = await self._queue.get()
+            try:
+                await self._shadow(draw)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("shadow evaluation failed")
+            finally:
+                self._queue.task_done()
+
+    async def _shadow(self, draw: Draw) -> None:
+        from localroute.backends.budget import BudgetExceededError
+
+        t0 = time.perf_counter()
+        status, scorer, score, agrees, error, cost = "scored", None, None, None, None, None
+        try:
+            gen = await asyncio.wait_for(self.backend.generate(draw.request), self.timeout_s)
+        except BudgetExceededError:
+            status, error = "over_budget", "budget_exceeded"
+        except TimeoutError:
+            status, error = "failed", "shadow_timeout"
+        except LocalrouteError as exc:
+            status, error = "failed", exc.code or exc.error_type
+        else:
+            cost = self._cost(gen.prompt_tokens, gen.completion_tokens)
+            scorer, result = self.compare(draw.category, draw.answer, gen.text)
+            if result is None:
+                status = "unscorable"
+            else:
+                score, agrees = result
+        latency = time.perf_counter() - t0
+        self.stats[status] += 1
+        self._count(draw.category, status)
+        if self.metrics is not None:
+            if cost:
+                self.metrics.shadow_cost.inc(cost)
+            if agrees is not None:
+                # keyed by the capped label: clients naming ever new categories cannot grow this
+                self.metrics.live.add(self.metrics.label(draw.category), 1.0 / draw.sample_rate, agrees)
+        row = (draw.ts, draw.request.request_id.removeprefix("shadow-"), draw.category, draw.tier, draw.confidence,
+               draw.threshold, draw.sample_rate, draw.stratum, status, scorer, score,
+               None if agrees is None else int(agrees), error, cost, round(latency, 6))
+        if self.log_path is not None:
+            await asyncio.to_thread(insert_pairs, self.log_path, [row])
+
+    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        backend = self.backend
+        return (prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
+                + completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6

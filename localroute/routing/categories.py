@@ -1,0 +1,118 @@
+"""A request's task category (issue 19): which per-category threshold it gets, and how it is
+labelled in the answer, the routing log, /metrics and reports.
+
+Where it comes from, first that applies:
+1. the client: `metadata.localroute_category` in the body, or the `category_header` header;
+2. a model alias: `localroute/cascade:classify` is the cascade with category `classify`;
+3. a configured rule: the first `categories.<name>.system_prompt_pattern` matching the system prompt;
+4. `default_category`.
+
+A client-named category must be a short plain name (letters, digits, `_ . : -`, at most 64), else
+400: it becomes a metrics label and a log value. Metrics labels are capped separately
+(`CategoryLabels`), so clients cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from localroute.errors import InvalidRequestError
+from localroute.settings import Settings
+
+__all__ = ["OTHER", "CategoryLabels", "ResolvedCategory", "resolve_category", "split_model_alias"]
+
+NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+OTHER = "other"  # the metrics label of categories over the cap
+METADATA_KEY = "localroute_category"
+
+Source = Literal["client", "alias", "rule", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedCategory:
+    name: str
+    source: Source
+
+
+def _checked(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        raise InvalidRequestError(
+            f"{param} must be a category name: 1-64 letters, digits or _ . : - characters", param=param,
+            code="invalid_category")
+    return value
+
+
+def split_model_alias(model: str, routers: Iterable[str]) -> tuple[str, str | None]:
+    """`policy:category` -> (policy, category) when `model` is no router itself but its part
+    before the last ':' is; else (model, None)."""
+    known = set(routers)
+    if model in known or ":" not in model:
+        return model, None
+    policy, _, category = model.rpartition(":")
+    if policy in known and category:
+        return policy, _checked(category, "model")
+    return model, None
+
+
+def _system_text(messages: Iterable[Mapping[str, Any]] | None) -> str:
+    return "\n".join(str(m.get("content") or "") for m in messages or () if m.get("role") in ("system", "developer"))
+
+
+def resolve_category(settings: Settings, body: Mapping[str, Any], headers: Mapping[str, str],
+                     alias: str | None = None) -> ResolvedCategory:
+    """The request's category (module docstring). `body`: the parsed JSON; `alias`: the category
+    named by the model alias, if any."""
+    metadata = body.get("metadata")
+    if isinstance(metadata, Mapping) and metadata.get(METADATA_KEY) is not None:
+        return ResolvedCategory(_checked(metadata[METADATA_KEY], f"metadata.{METADATA_KEY}"), "client")
+    header = headers.get(settings.category_header)
+    if header:
+        return ResolvedCategory(_checked(header.strip(), settings.category_header), "client")
+    if alias is not None:
+        return ResolvedCategory(alias, "alias")
+    if settings.categories:
+        messages = body.get("messages")
+        system = _system_text(messages if isinstance(messages, list) else None)
+        if isinstance(body.get("system"), str):  # the Messages API's top-level system prompt
+            system = f"{body['system']}\n{system}"
+        if system:
+            for name, cat in settings.categories.items():
+                if cat.system_prompt_pattern and re.search(cat.system_prompt_pattern, system):
+                    return ResolvedCategory(name, "rule")
+    return ResolvedCategory(settings.default_category, "default")
+
+
+def strip_category(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without localroute's own metadata key (a provider may reject unknown metadata)."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        return body
+    rest = {k: v for k, v in metadata.items() if k != METADATA_KEY}
+    out = {k: v for k, v in body.items() if k != "metadata"}
+    if rest:
+        out["metadata"] = rest
+    return out
+
+
+class CategoryLabels:
+    """Category -> metrics label, at most `cap` distinct labels (and OTHER): the configured
+    categories and the default first, then the first others seen; the rest are OTHER."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.cap = settings.category_max_labels
+        self._known = [settings.default_category, *settings.categories][: self.cap]
+        self._labels = set(self._known)
+        self._lock = threading.Lock()
+
+    def label(self, category: str) -> str:
+        if category in self._labels or category == OTHER:
+            return category
+        with self._lock:
+            if len(self._labels) < self.cap:
+                self._labels.add(category)
+                return category
+        return OTHER

@@ -1,0 +1,251 @@
+"""What `serve` runs for issue 19 next to the routers: the per-category metrics, the shadow
+evaluator (monitoring/shadow.py) with its own frontier backend and budget, and the calibration
+watcher that applies a new calibration file (pooled and per-category thresholds) without a restart,
+on a change of the file (polled every `calibration_watch_s`) or on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from localroute.calibration_file import (
+    backend_fingerprint,
+    calibrated_category_thresholds,
+    calibrated_thresholds,
+    load_calibration,
+    quality_targets,
+)
+from localroute.errors import ConfigError
+from localroute.monitoring.shadow import CategoryMetrics, ShadowEvaluator
+from localroute.routing.categories import CategoryLabels
+from localroute.service import Service
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LiveQualityRuntime", "apply_calibration"]
+
+
+def _configured(service: Service) -> dict[str, float | None]:
+    return {ts.name: ts.threshold for ts in service.settings.ladder()}
+
+
+def apply_calibration(service: Service) -> dict[str, Any]:
+    """Read the calibration file and set every non-final tier's pooled and per-category thresholds
+    in place (a tier's configured `threshold` still wins over the pooled one). Returns what changed."""
+    settings, path = service.settings, service.settings.calibration_path
+    local = service.tiers[:-1]
+    if path is None or not local:
+        return {}
+    fingerprints = {t.name: backend_fingerprint(t.backend) for t in local}
+    pooled = calibrated_thresholds(path, settings.confidence_aggregator, settings.confidence_quantile_alpha,
+                                   fingerprints)
+    per_category = calibrated_category_thresholds(path, settings.confidence_aggregator,
+                                                  settings.confidence_quantile_alpha, fingerprints)
+    configured = _configured(service)
+    changes: dict[str, Any] = {}
+    for tier in local:
+        own = configured.get(tier.name)
+        threshold = own if own is not None else pooled.get(tier.name, settings.default_threshold)
+        categories = per_category.get(tier.name, {})
+        if threshold != tier.threshold or categories != tier.category_thresholds:
+            changes[tier.name] = {"threshold": [tier.threshold, threshold],
+                                  "categories": {c: [tier.category_thresholds.get(c), v]
+                                                 for c, v in categories.items()
+                                                 if tier.category_thresholds.get(c) != v}}
+            tier.threshold = threshold
+            tier.category_thresholds = dict(categories)  # replaced whole: a request sees one version
+    return changes
+
+
+def targets_of(path: Path | None) -> dict[str, float]:
+    """The calibration file's quality targets by category (none when it is absent or unreadable)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return quality_targets(load_calibration(path))
+    except ConfigError:
+        return {}
+
+
+class LiveQualityRuntime:
+    """Started in the app's lifespan after the Service; `aclose()` before the backends close."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.labels = CategoryLabels(self.settings)
+        self.metrics: CategoryMetrics | None = None
+        self.shadow: ShadowEvaluator | None = None
+        self.targets: dict[str, float] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._auto: asyncio.Task[None] | None = None
+        self.last_recalibration: dict[str, Any] | None = None
+        self._mtime: int | None = None
+        self._hup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.reloads = 0
+
+    async def start(self) -> None:
+        svc = self.service
+        path = self.settings.calibration_path
+        self._loop = asyncio.get_running_loop()
+        self.targets = targets_of(path)
+        if path is not None and path.is_file():
+            self._mtime = self._stat(path)
+            changes = await asyncio.to_thread(apply_calibration, svc)
+            if changes:
+                log.info("calibration %s: per-category thresholds applied: %s", path, changes)
+        if svc.monitoring is not None:
+            self.metrics = CategoryMetrics(svc.monitoring.metrics.registry, self.labels.label, lambda: self.targets)
+            svc.observers.append(self.metrics)
+        if self.settings.shadow_sample_rate > 0 or any(
+                c.shadow_sample_rate for c in self.settings.categories.values()):
+            self.shadow = self._shadow()
+            if self.shadow is not None:
+                self.shadow.start()
+                svc.observers.append(self.shadow)
+        if path is not None and self.settings.auto_recalibrate_s > 0:
+            if self.settings.auto_recalibrate_target is None or self.settings.routing_log_path is None:
+                raise ConfigError("auto_recalibrate_s needs auto_recalibrate_target and routing_log_path",
+                                  param="auto_recalibrate_target")
+            self._auto = asyncio.get_running_loop().create_task(self._auto_recalibrate(path),
+                                                                name="localroute-auto-recalibrate")
+        if path is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._watcher(path), name="localroute-calibration")
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        self._hup.set()
+
+    def request_reload(self) -> None:
+        """Re-read the calibration file now, as SIGHUP does; callable from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._hup.set)
+
+    def _shadow(self) -> ShadowEvaluator | None:
+        from localroute.backends.base import load_backend
+        from localroute.backends.budget import SpendBudget
+        from localroute.evaluation.agreement import agreement
+
+        s = self.settings
+        top = s.ladder()[-1]
+        if top.kind != "openai" or len(s.ladder()) < 2:
+            log.warning("shadow_sample_rate is set but the top tier %s is not a remote frontier: no shadowing",
+                        top.name)
+            return None
+        backend: Any = load_backend(top, s)
+        if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
+            from localroute.monitoring.pricing import load_price_table
+
+            price = load_price_table(s.price_file).with_override(backend.model, backend.input_usd_per_mtok,
+                                                                 backend.output_usd_per_mtok)
+            if price is None and s.shadow_budget_usd is not None:
+                raise ConfigError(f"shadow_budget_usd: the frontier model {backend.model!r} has no price; set "
+                                  "frontier_input_usd_per_mtok/frontier_output_usd_per_mtok", param="shadow_budget_usd")
+            if price is not None:
+                backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
+                                                                          price.output_usd_per_mtok)
+        budget = SpendBudget(s.shadow_budget_usd, None, s.shadow_budget_period)
+        backend.budget = budget  # the shadow's own cap, never the serving budget
+
+        def rate_of(category: str) -> float:
+            cat = s.categories.get(category)
+            return cat.shadow_sample_rate if cat is not None and cat.shadow_sample_rate is not None \
+                else s.shadow_sample_rate
+
+        def compare(category: str, local: str, frontier: str) -> tuple[str, tuple[float, bool] | None]:
+            cat = s.categories.get(category)
+            scorer = cat.scorer if cat is not None else "exact"
+            return scorer, agreement(scorer, local, frontier, cat.choices if cat is not None else None)
+
+        log_path = s.routing_log_path
+        if s.routing_log_url is not None:
+            log.warning("shadow pairs are stored in the SQLite routing log only: with routing_log_url they are "
+                        "counted in /metrics but not stored (no report or --from-log on them)")
+            log_path = None
+        return ShadowEvaluator(
+            backend=backend, local_tiers={t.name for t in self.service.tiers[:-1]}, rate_of=rate_of,
+            compare=compare, log_path=log_path, near_rate=s.shadow_near_threshold_rate,
+            near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
+            concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
+            default_category=s.default_category)
+
+    @staticmethod
+    def _stat(path: Path) -> int | None:
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    async def _watcher(self, path: Path) -> None:
+        interval = self.settings.calibration_watch_s
+        while True:
+            try:
+                await asyncio.wait_for(self._hup.wait(), interval if interval > 0 else None)
+                self._hup.clear()
+                why = "SIGHUP"
+            except TimeoutError:
+                mtime = self._stat(path)
+                if mtime is None or mtime == self._mtime:
+                    continue
+                why = "file changed"
+            self._mtime = self._stat(path)
+            try:
+                await self.reload(why)
+            except Exception:
+                log.exception("calibration reload failed; thresholds unchanged")
+
+    async def _auto_recalibrate(self, path: Path) -> None:
+        """Refit from the log on a schedule; only certified thresholds are applied (a category with too
+        few pairs keeps what it had, an uncertified one falls back to the pooled threshold)."""
+        from localroute.evaluation.thresholds import calibrate_from_log
+
+        s = self.settings
+        assert s.routing_log_path is not None and s.auto_recalibrate_target is not None
+        while True:
+            await asyncio.sleep(s.auto_recalibrate_s)
+            if not path.is_file():
+                log.warning("auto_recalibrate: no calibration file at %s yet (run `localroute calibrate` once); "
+                            "skipped", path)
+                continue
+            monitoring = self.service.monitoring
+            try:
+                if monitoring is not None and monitoring.routing_log is not None:
+                    await asyncio.to_thread(monitoring.routing_log.flush)
+                result = await asyncio.to_thread(calibrate_from_log, s.routing_log_path, path, s,
+                                                 s.auto_recalibrate_target, s.auto_recalibrate_delta,
+                                                 s.auto_recalibrate_min_pairs)
+            except ConfigError as exc:
+                log.warning("auto_recalibrate skipped: %s", exc.message)
+                continue
+            except Exception:
+                log.exception("auto_recalibrate failed; thresholds unchanged")
+                continue
+            self.last_recalibration = result
+            self._mtime = self._stat(path)  # applied here, not again by the file watch
+            await self.reload("auto_recalibrate")
+
+    async def reload(self, why: str = "requested") -> dict[str, Any]:
+        """Apply the calibration file now (the watcher's and SIGHUP's action)."""
+        path = self.settings.calibration_path
+        changes = await asyncio.to_thread(apply_calibration, self.service)
+        self.targets = targets_of(path)
+        self.reloads += 1
+        log.warning("CALIBRATION RELOADED from %s (%s): %s", path, why, changes or "no threshold changed")
+        return changes
+
+    async def aclose(self) -> None:
+        for task in (self._watch, self._auto):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.shadow is not None:
+            await self.shadow.aclose()

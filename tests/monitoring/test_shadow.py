@@ -1,0 +1,153 @@
+"""The shadow evaluator against a real OpenAI-compatible frontier stand-in on 127.0.0.1
+(tests/fault_upstream.py): pairs land in the routing log, and a frontier that is slow, down or
+over the shadow budget never makes the observer wait and never piles draws up in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from localroute.backends.budget import SpendBudget
+from localroute.backends.openai_http import from_settings
+from localroute.evaluation.agreement import agreement
+from localroute.monitoring.record import RequestRecord
+from localroute.monitoring.routing_log import RoutingLog
+from localroute.monitoring.shadow import ShadowEvaluator, clopper_pearson
+from localroute.routing.base import Decision, TierAttempt
+from localroute.settings import Settings, TierSettings
+from localroute.types import Generation, GenerationRequest
+from tests.fault_upstream import Fault, FaultUpstream, refused_url
+
+
+def record(i: int, answer: str = "positive", category: str = "sentiment", conf: float = -0.2) -> RequestRecord:
+    decision = Decision("localroute/cascade", "mean_logprob", [TierAttempt("local", conf, -1.0, True)], "local",
+                        evidence={"category": category})
+    req = GenerationRequest(messages=({"role": "user", "content": f"review {i}"},), request_id=f"chatcmpl-{i}",
+                            category=category)
+    gen = Generation(answer, [], "stop", 5, 1)
+    return RequestRecord(f"chatcmpl-{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1,
+                         decision=decision, generation=gen, extra={"request": req})
+
+
+def evaluator(url: str, log: Path | None, **kw: Any) -> ShadowEvaluator:
+    settings = Settings(frontier_max_retries=0, frontier_timeout_s=5)
+    backend = from_settings(TierSettings(name="frontier", kind="openai", model="gold", base_url=url,
+                                         input_usd_per_mtok=1.0, output_usd_per_mtok=2.0), settings)
+    budget = kw.pop("budget", None) or SpendBudget(None)
+    backend.budget = budget
+
+    def compare(category: str, local: str, frontier: str) -> tuple[str, tuple[float, bool] | None]:
+        return "choice", agreement("choice", local, frontier, ["negative", "neutral", "positive"])
+
+    return ShadowEvaluator(backend=backend, local_tiers={"local"}, rate_of=lambda c: 1.0, compare=compare,
+                           log_path=log, budget=budget, **kw)
+
+
+def pairs(log: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(log)
+    try:
+        return conn.execute("SELECT request_id, category, status, agrees, sample_rate, cost_usd FROM shadow_pairs "
+                            "ORDER BY request_id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_pairs_land_in_the_routing_log(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()  # migrations create shadow_pairs
+    with FaultUpstream(Fault(text="Positive.")) as up:
+        async def main() -> dict[str, int]:
+            shadow = evaluator(up.url, log)
+            shadow.start()
+            shadow.observe(record(1, "positive"))
+            shadow.observe(record(2, "negative"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        sent = up.requests[0]["json"]
+    assert stats["scored"] == 2
+    got = pairs(log)
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in got] == [
+        ("chatcmpl-1", "sentiment", "scored", 1, 1.0), ("chatcmpl-2", "sentiment", "scored", 0, 1.0)]
+    assert all(r[5] > 0 for r in got)  # priced, at the shadow's own prices
+    assert sent["messages"][0]["content"] in ("review 1", "review 2") and "top_logprobs" not in sent
+
+
+def test_only_locally_accepted_answers_are_drawn(tmp_path: Path) -> None:
+    with FaultUpstream() as up:
+        async def main() -> int:
+            shadow = evaluator(up.url, None)
+            shadow.start()
+            escalated = record(1)
+            assert escalated.decision is not None
+            escalated.decision.answered_by = "frontier"
+            degraded = record(2)
+            assert degraded.decision is not None
+            degraded.decision.degraded = "frontier_upstream_unavailable"
+            failed = record(3)
+            failed.status_code = 502
+            for rec in (escalated, degraded, failed):
+                shadow.observe(rec)
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats["drawn"]
+
+        assert asyncio.run(main()) == 0
+        assert up.requests == []
+
+
+def _flood(url: str, log: Path | None, n: int = 200, **kw: Any) -> tuple[ShadowEvaluator, float, int]:
+    async def main() -> tuple[ShadowEvaluator, float, int]:
+        shadow = evaluator(url, log, queue_size=4, concurrency=1, timeout_s=1.0, **kw)
+        shadow.start()
+        worst = 0.0
+        peak = 0
+        for i in range(n):
+            t0 = time.perf_counter()
+            shadow.observe(record(i))
+            worst = max(worst, time.perf_counter() - t0)
+            peak = max(peak, shadow.pending)
+            await asyncio.sleep(0)
+        await shadow.drain(10)
+        await shadow.aclose()
+        return shadow, worst, peak
+
+    return asyncio.run(main())
+
+
+def test_a_slow_frontier_costs_the_observer_nothing_and_memory_stays_bounded() -> None:
+    with FaultUpstream(Fault(delay_s=5.0)) as up:
+        shadow, worst, peak = _flood(up.url, None)
+    assert worst < 0.005  # the observer never waits for the frontier
+    assert peak <= 4  # queue_size
+    assert shadow.stats["dropped"] >= 190 and shadow.stats["failed"] == shadow.stats["drawn"] - shadow.stats["dropped"]
+
+
+def test_a_dead_frontier_fails_draws_quickly(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    shadow, worst, _ = _flood(refused_url(), log, n=20)
+    assert worst < 0.005
+    assert shadow.stats["failed"] + shadow.stats["dropped"] == 20 and shadow.stats["scored"] == 0
+    assert {r[2] for r in pairs(log)} == {"failed"}
+
+
+def test_over_the_shadow_budget_nothing_is_sent(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    with FaultUpstream() as up:
+        shadow, _, _ = _flood(up.url, log, n=10, budget=SpendBudget(0.0))
+        assert up.requests == []
+    assert shadow.stats["over_budget"] + shadow.stats["dropped"] == 10
+    assert "over_budget" in {r[2] for r in pairs(log)}
+
+
+def test_clopper_pearson_is_exact_at_the_edges() -> None:
+    assert clopper_pearson(0, 10)[0] == 0.0 and clopper_pearson(10, 10)[1] == 1.0
+    lo, hi = clopper_pearson(5, 10)
+    assert 0.18 < lo < 0.19 and 0.81 < hi < 0.82
