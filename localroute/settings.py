@@ -76,6 +76,10 @@ class TierSettings(BaseModel):
         None, description="What this tier can serve, over its engine kind's defaults (local: text only, one "
         "answer, no tools/images/logit_bias/penalties; openai: everything). A request needing what a tier "
         "lacks skips it.")
+    confidence_fields: list[str] = Field(
+        default_factory=list, description="With confidence_aggregator = field_confidence: the answer fields "
+        "whose confidence decides (e.g. ['label']; nested as 'a.b'); the least confident of them is the "
+        "tier's confidence. Empty: every field of the answer.")
 
 
 class Settings(BaseSettings):
@@ -133,6 +137,11 @@ class Settings(BaseSettings):
         "mean_logprob", description="Aggregator of token logprobs used as the cascade's confidence."
     )
     confidence_quantile_alpha: float = Field(0.1, gt=0, lt=1, description="alpha of the quantile aggregator.")
+    # -- routing signals (issue 18): early escalation
+    early_escalation: bool = Field(
+        True, description="Stop a non-final local tier's decode as soon as its threshold is out of reach "
+        "(sum/mean/min/quantile_logprob, neg_mean_entropy) and escalate at once: the same decisions, less "
+        "local time on escalated answers. A degraded fallback (frontier down) is then the truncated answer.")
     default_threshold: float = Field(
         -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
     )
