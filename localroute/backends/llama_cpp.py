@@ -632,7 +632,8 @@ class LlamaEngine:
         The context is the prompt plus the answer tokens before the one where the label starts; the
         KV cache already holds it, so only its last token is fed again (its logits start every
         label), then each label's tokens, shared label prefixes once (LabelPlan.feeds). The cache
-        is cut back to the context afterwards and the slot keeps only what it kept before."""
+        is cut back to the context afterwards and the slot keeps only what it kept before.
+        `raw`: each label's log P(label | context), unnormalised (rounded to 1e-6)."""
         from bisect import bisect_right
 
         from localroute.backends.labels import LabelPlan, locate_label, normalise
@@ -647,14 +648,15 @@ class LlamaEngine:
         i = bisect_right(ends, start_byte)
         lead = bytes(seq.out[(ends[i - 1] if i else 0):start_byte])
         context = [*seq.prompt, *(t.token_id for t in gen.tokens[:i])]
-        base = len(context) - 1
+        root = tuple(context[-2:])
+        base = len(context) - len(root)
         paths = tuple((label, tuple(self._llama_tokenize(lead + text.encode("utf-8"), False, False)))
                       for label, text in span.candidates)
-        plan = LabelPlan(base=base, root=context[-1], paths=paths)
+        plan = LabelPlan(base=base, root=root, paths=paths)
         children: dict[tuple[int, ...], set[int]] = {}
         for _, path in paths:
-            full = (plan.root, *path)
-            for d in range(1, len(full)):
+            full = (*root, *path)
+            for d in range(len(root), len(full)):
                 children.setdefault(full[:d], set()).add(full[d])
         cond: dict[tuple[tuple[int, ...], int], float] = {}
         fed = 0
@@ -692,11 +694,11 @@ class LlamaEngine:
             seq.n_past = min(seq.n_past, base)
         raw: dict[str, float] = {}
         for label, path in paths:
-            full = (plan.root, *path)
-            lp = sum(cond[(full[:d], full[d])] for d in range(1, len(full)))
-            raw[label] = max(raw.get(label, float("-inf")), lp)
+            full = (*root, *path)
+            raw[label] = sum(cond[(full[:d], full[d])] for d in range(len(root), len(full)))
         logprob = normalise(raw, span.label)
-        return info | {"chosen": span.label, "logprob": logprob, "tokens_fed": fed,
+        return info | {
+            "raw": {k: round(v, 6) for k, v in raw.items()},"chosen": span.label, "logprob": logprob, "tokens_fed": fed,
                        "cost_s": round((time.perf_counter_ns() - t0) / 1e9, 6)}
 
     def close(self) -> None:

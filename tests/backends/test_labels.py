@@ -80,12 +80,13 @@ def test_normalise_over_the_allowed_labels() -> None:
     assert normalise({"a": -1.0}, "a") == 0.0  # one label: certain
 
 
-def test_label_plan_feeds_each_shared_prefix_once() -> None:
-    """card_arrival / card_linking share `card _`; after the context's last token (9) each label's
-    tokens but its last are fed, and what the cache already holds is kept."""
-    plan = LabelPlan(base=100, root=9, paths=(("card_arrival", (5, 6, 7)), ("card_linking", (5, 6, 8, 1)),
-                                              ("cash", (4,)), ("card", (5, 6))))
+def test_label_plan_feeds_each_shared_prefix_once_and_never_one_token_alone() -> None:
+    """card_arrival / card_linking share `card _`; after the context's last two tokens (8, 9) each
+    label's tokens but its last are fed, the cache keeps what it holds, and a step that would feed
+    one token feeds the one before it again (llama.cpp's one-token path changes the numbers)."""
+    plan = LabelPlan(base=100, root=(8, 9), paths=(("card_arrival", (5, 6, 7)), ("card_linking", (5, 6, 3, 1)),
+                                                   ("cash", (4,)), ("card", (5, 6))))
     feeds = plan.feeds()
-    assert feeds == [(0, (9,)), (1, (9, 5)), (2, (9, 5, 6)), (3, (9, 5, 6, 8))]
-    fed = sum(len(need) - keep for keep, need in feeds)
-    assert fed == 4  # 9, 5, 6, 8: every internal trie node once, nothing twice
+    # card_arrival needs no step: the row after `card _` came with card_linking's
+    assert feeds == [(0, (8, 9)), (1, (8, 9, 5)), (3, (8, 9, 5, 6, 3))]
+    assert all(len(need) - keep >= 2 for keep, need in feeds)
