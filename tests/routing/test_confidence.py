@@ -176,3 +176,63 @@ def test_label_confidence_is_the_engine_score() -> None:
     c.check_signal("label_confidence")
     with pytest.raises(KeyError):
         c.check_signal("nope")
+
+
+# ---------------------------------------------------------------- serve == eval, real model and server
+
+
+@pytest.mark.slow
+def test_served_confidence_equals_the_eval_runs_rescoring(tmp_path: Path) -> None:
+    """One answer, two ways: served by `localroute serve` (real SmolLM2, real HTTP server, the
+    openai client asking top_logprobs 20 and naming the labels in metadata) and recorded by
+    `localroute eval` (5 alternatives kept) then rescored by RunTable as `calibrate` does. The
+    cascade's confidence (neg_mean_entropy: the aggregator that reads alternatives), the label
+    confidence and every aggregator over the served tokens equal the eval run's, exactly."""
+    import json as _json
+
+    from fastapi import FastAPI
+    from openai import OpenAI
+
+    from localroute.evaluation.datasets import EvalItem, write_items
+    from localroute.evaluation.runner import EvalConfig, run_eval
+    from localroute.server.app import create_app
+    from tests.conftest import local_settings, serve_app
+
+    frontier = FastAPI()
+
+    @frontier.post("/v1/chat/completions")
+    async def _chat(body: dict[str, object]) -> dict[str, object]:  # only reached if the answer escalates
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "f",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "positive"},
+                             "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                                  "total_tokens": 2}}
+
+    labels = ["negative", "neutral", "positive"]
+    messages = [{"role": "system", "content": "Reply with the answer alone, exactly as one of the options."},
+                {"role": "user", "content": "Sentiment of this tweet? Options: negative, neutral, positive.\n\n"
+                                            "Tweet: the update broke my phone again"}]
+    with serve_app(frontier) as frontier_url:
+        settings = local_settings(tiers=[
+            {"name": "cheap", "model": "smollm2-135m", "threshold": -100.0},
+            {"name": "frontier", "kind": "openai", "model": "f", "base_url": frontier_url}],
+            confidence_aggregator="neg_mean_entropy")
+        with serve_app(create_app(settings)) as url:
+            body = OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+                model="localroute/cascade", messages=messages, max_tokens=8, temperature=0, stop=["\n"],
+                logprobs=True, top_logprobs=20, extra_body={"metadata": {"labels": _json.dumps(labels)}})
+        dataset = tmp_path / "one.jsonl"
+        write_items([EvalItem(id="q", task="choice", messages=messages, choices=labels, answer="negative",
+                              max_tokens=8, stop=["\n"])], dataset)
+        asyncio.run(run_eval(settings, EvalConfig(dataset=dataset, out_dir=tmp_path / "run", progress=False)))
+    info = body.model_extra["localroute"]
+    served = info["attempts"][0]
+    assert served["tier"] == "cheap" and served["accepted"]
+    table = RunTable(tmp_path / "run")
+    assert served["confidence"] == table.conf["neg_mean_entropy"][0]
+    assert info["evidence"]["label"]["cheap"]["logprob"] == table.conf["label_confidence"][0]
+    content = body.choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 20 for t in content)  # the client saw what it asked for
+    served_tokens = [TokenLogprob(0, t.token, t.logprob, None,
+                                  tuple(TopLogprob(a.token, a.logprob) for a in t.top_logprobs)) for t in content]
+    for name in c.AGGREGATORS:
+        assert c.confidence(name, served_tokens, table.alpha) == table.conf[name][0], name
