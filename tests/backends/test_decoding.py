@@ -9,9 +9,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localroute.backends.decoding import DecodeState, LogitsAdjuster, adjuster_for, prompt_room, sample_token
+from localroute.backends.decoding import (
+    EARLY_EXIT_AGGREGATORS,
+    DecodeState,
+    EarlyExit,
+    LogitsAdjuster,
+    adjuster_for,
+    prompt_room,
+    sample_token,
+)
 from localroute.errors import ContextLengthExceededError, InvalidRequestError
-from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
+from localroute.routing.confidence import answer_confidence
+from localroute.types import (
+    EscalationBound,
+    FinishReason,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 def state(**params: Any) -> tuple[DecodeState, list[tuple[str, Any]]]:
@@ -249,10 +265,6 @@ def test_decode_state_counts_its_generated_tokens_for_the_penalties() -> None:
 
 
 # ---------------------------------------------------------------- early escalation
-
-from localroute.backends.decoding import EARLY_EXIT_AGGREGATORS, EarlyExit  # noqa: E402
-from localroute.routing.confidence import answer_confidence  # noqa: E402
-from localroute.types import EscalationBound, TopLogprob  # noqa: E402
 
 _PIECES = ["a", " b", "c", "\n", "##", "é", " the", "x\n", "END", "#"]
 
