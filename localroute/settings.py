@@ -134,7 +134,10 @@ class Settings(BaseSettings):
     )
 
     confidence_aggregator: str = Field(
-        "mean_logprob", description="Aggregator of token logprobs used as the cascade's confidence."
+        "label_confidence", description="The cascade's confidence signal: a token-logprob aggregator (mean_logprob, "
+        "sum_logprob, min_logprob, quantile_logprob, mean_margin, neg_mean_entropy) or label_confidence (default: "
+        "P(chosen label) over the allowed labels when a request names them, by a json_schema enum or "
+        "metadata.labels, else mean_logprob; README, Routing signals) or field_confidence."
     )
     confidence_quantile_alpha: float = Field(0.1, gt=0, lt=1, description="alpha of the quantile aggregator.")
     # -- routing signals (issue 18): early escalation

@@ -78,6 +78,8 @@ def table(reports: list[dict[str, Any]]) -> str:
             if m is None:
                 continue
             name = f"**{sig}**" if sig == best else sig
+            if sig == "field_confidence":  # the other answers fall back to mean_logprob
+                name += f" ({r.get('n_structured', 0)} structured)"
             lines.append(f"| {r['set']} | {r['n']} | {100 * (r['cheap_quality'] or 0):.0f}% | {front} | {name} | "
                          f"{_cell(m, 'auroc')} | {_cell(m, 'apgr')} | {_cell(m, 'cpt95', pct=True)} |")
     return "\n".join(lines)

@@ -42,6 +42,8 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
     cq, fq = float(t.cheap.mean()), float(t.frontier.mean())
     aggs: dict[str, Any] = {}
     for name in t.conf:
+        if (name == "label_confidence" and not t.n_labelled) or (name == "field_confidence" and not t.n_structured):
+            continue  # no row had labels / structure: the signal would only repeat mean_logprob
         m, _ = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         aggs[name] = m.as_dict()
         if bootstrap > 0:
@@ -68,6 +70,7 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
         "frontier": frontier,
         "upper_bound": t.upper_bound,
         "mean_completion_tokens": _r(float(np.mean(t.completion_tokens)), 2),
+        "n_labelled": t.n_labelled,  # rows whose request named labels (label confidence)
         "n_structured": t.n_structured,  # answers field confidence reads as fields (JSON, `key: value` lines)
         "label_cost_s": _label_cost(t),
         "choice_method": t.meta.get("sampling", {}).get("choice_method"),
@@ -159,7 +162,7 @@ def plot_report(out_dir: Path, report: dict[str, Any]) -> list[str]:
     x = np.arange(t.n + 1) / t.n * 100
     suffix = " (oracle frontier: upper bound)" if t.upper_bound else ""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in t.conf:
+    for name in report["aggregators"]:
         _, curve = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         ax.plot(x, curve, label=f"{name} (APGR {_f(report['aggregators'][name]['apgr'])})", linewidth=1.2)
     ax.plot(x, random_curve(t.cheap, t.frontier), "k--", label="random", linewidth=1)

@@ -22,7 +22,7 @@ import numpy as np
 from localroute.embeddings import request_text
 from localroute.errors import ConfigError
 from localroute.evaluation.metrics import Array
-from localroute.routing.confidence import AGGREGATORS, answer_confidence, field_confidences
+from localroute.routing.confidence import AGGREGATORS, SIGNALS, answer_confidence, field_confidences
 from localroute.routing.training import LabelledQueries
 from localroute.types import TokenLogprob, TopLogprob
 
@@ -145,15 +145,13 @@ class RunTable:
             name: np.array([_confidence(t, text, name, self.alpha) for t, text, _ in answers], dtype=np.float64)
             for name in AGGREGATORS
         }
-        # the decision-carrying signals: label confidence where the rows had labels (choice tasks),
-        # field confidence where answers are structured (JSON or `key: value` lines)
-        if self.usable and any("label" in r for r in self.usable):
-            self.conf["label_confidence"] = np.array(
-                [_confidence(t, text, "label_confidence", self.alpha, x) for t, text, x in answers], dtype=np.float64)
+        # the decision-carrying signals, as the cascade computes them (rows without labels or without
+        # structure fall back to mean_logprob there too, so calibrate can fit either on any run)
+        for name in SIGNALS:
+            self.conf[name] = np.array([_confidence(t, text, name, self.alpha, x) for t, text, x in answers],
+                                       dtype=np.float64)
+        self.n_labelled = sum(1 for r in self.usable if isinstance(r.get("label"), dict))
         self.n_structured = sum(1 for t, _, _ in answers if t and field_confidences(t))
-        if self.n_structured:
-            self.conf["field_confidence"] = np.array(
-                [_confidence(t, text, "field_confidence", self.alpha, x) for t, text, x in answers], dtype=np.float64)
         if self.usable and all("verifier_p_yes" in r for r in self.usable):  # eval --verifier TIER
             self.conf["verifier"] = np.array([r["verifier_p_yes"] for r in self.usable], dtype=np.float64)
         self.completion_tokens = [int(r.get("completion_tokens", 0)) for r in self.usable]
