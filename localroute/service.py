@@ -48,6 +48,8 @@ class Service:
             on_failure=settings.escalation_failure_policy,
             on_budget="degrade" if settings.budget_exhausted_policy == "degrade" else "fail",
             repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
+            early_escalation=settings.early_escalation,
+            fields={ts.name: tuple(ts.confidence_fields) for ts in settings.ladder() if ts.confidence_fields},
         )
         self.routers: dict[str, Router] = {CASCADE: cascade}
         self.shared_state = build_shared_state(settings)

@@ -136,6 +136,10 @@ class TierSettings(BaseModel):
     gpu_share: float = Field(
         1.0, gt=0, le=1, description="Self-hosted tier without tokens_per_s: share of the replica's GPUs one "
         "request holds while it runs (1 / mean concurrent requests; 1: an upper bound).")
+    confidence_fields: list[str] = Field(
+        default_factory=list, description="With confidence_aggregator = field_confidence: the answer fields "
+        "whose confidence decides (e.g. ['label']; nested as 'a.b'); the least confident of them is the "
+        "tier's confidence. Empty: every field of the answer.")
 
 
 class Settings(BaseSettings):
@@ -190,9 +194,17 @@ class Settings(BaseSettings):
     )
 
     confidence_aggregator: str = Field(
-        "mean_logprob", description="Aggregator of token logprobs used as the cascade's confidence."
+        "label_confidence", description="The cascade's confidence signal: a token-logprob aggregator (mean_logprob, "
+        "sum_logprob, min_logprob, quantile_logprob, mean_margin, neg_mean_entropy) or label_confidence (default: "
+        "P(chosen label) over the allowed labels when a request names them, by a json_schema enum or "
+        "metadata.labels, else mean_logprob; README, Routing signals) or field_confidence."
     )
     confidence_quantile_alpha: float = Field(0.1, gt=0, lt=1, description="alpha of the quantile aggregator.")
+    # -- routing signals (issue 18): early escalation
+    early_escalation: bool = Field(
+        True, description="Stop a non-final local tier's decode as soon as its threshold is out of reach "
+        "(sum/mean/min/quantile_logprob, neg_mean_entropy) and escalate at once: the same decisions, less "
+        "local time on escalated answers. A degraded fallback (frontier down) is then the truncated answer.")
     default_threshold: float = Field(
         -1.0, description="Threshold for tiers that set none (units of the chosen aggregator)."
     )

@@ -52,6 +52,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class EscalationBound:
+    """A non-final tier's acceptance test, handed to its engine so the decode can stop as soon as
+    the answer can no longer reach `threshold` on `aggregator` (backends/decoding.py `EarlyExit`):
+    an answer stopped this way would have been escalated anyway."""
+
+    aggregator: str
+    threshold: float
+    alpha: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """Either chat `messages` or a raw completion `prompt`: the text view a local engine renders.
     `wire` is the body as the client sent it (remote tiers forward it); `needs` the capabilities
@@ -72,6 +83,11 @@ class GenerationRequest:
     # the request's task category (issue 19: routing/categories.py): picks the tier thresholds
     # calibrated for it, labels it in the log, metrics and reports
     category: str = "default"
+    # the allowed answers of a choice task (a json_schema enum, eval choices, metadata.labels): a
+    # local engine scores each at the chosen label's position (backends/labels.py, Generation.extra["label"])
+    labels: tuple[str, ...] = ()
+    # set by the cascade for a non-final local tier: stop decoding once acceptance is impossible
+    escalate_below: EscalationBound | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from localroute.errors import ContextLengthExceededError, GenerationError, InvalidRequestError
-from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob, TopLogprob
+from localroute.types import (
+    EscalationBound,
+    FinishReason,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 
 Event = tuple[str, Any]
 
@@ -80,6 +87,79 @@ class LogitsAdjuster:
         return out
 
 
+# Aggregators whose running value bounds the final one (routing/confidence.py defines them): more
+# tokens can only lower a sum or a min, and at best (logprob 0, entropy 0) lift a mean or a
+# quantile as far as max_tokens allows. mean_margin has no such bound (a margin is unbounded).
+EARLY_EXIT_AGGREGATORS = ("sum_logprob", "mean_logprob", "min_logprob", "quantile_logprob", "neg_mean_entropy")
+ENTROPY_TOP_K = 5  # as routing.confidence.ENTROPY_TOP_K
+
+
+def neg_token_entropy(tok: TokenLogprob) -> float:
+    """-entropy of one token's top-5 renormalised (routing.confidence.neg_mean_entropy's term)."""
+    top = tok.top_logprobs[:ENTROPY_TOP_K]
+    lps = np.array([a.logprob for a in top] or [tok.logprob], dtype=np.float64)
+    p = np.exp(lps - lps.max())
+    p /= p.sum()
+    return -float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
+
+
+class EarlyExit:
+    """Whether an answer still being decoded can reach its tier's threshold at all.
+
+    Only tokens certain to stay in the answer count: with stop strings, the last 4 bytes per stop
+    character could still be cut with a stop string, so those wait. Every completion of the answer
+    adds at most `max_new - n` tokens, each at logprob (and -entropy) <= 0, so with S the sum of the
+    n certain ones: sum <= S, min <= min so far, mean <= S / max_new, and the alpha-quantile is at
+    most that of the certain ones plus `max_new - n` zeros. When that best case is already below
+    the threshold the answer would be escalated whatever comes next (tests/backends/test_decoding.py
+    checks this against routing.confidence on random sequences)."""
+
+    __slots__ = ("_alpha", "_kind", "_margin", "_max_new", "_n", "_sum", "_threshold", "_values", "best")
+
+    def __init__(self, bound: EscalationBound, max_new: int, stop: tuple[str, ...]) -> None:
+        self._kind = bound.aggregator
+        self._threshold = float(bound.threshold)
+        self._alpha = float(bound.alpha)
+        self._max_new = max(1, max_new)
+        self._margin = 4 * (max((len(s) for s in stop), default=0) + 1) if stop else 0
+        self._n = 0
+        self._sum = 0.0
+        self._values: list[float] = []
+        self.best = 0.0  # the best final value still possible
+
+    @staticmethod
+    def supports(bound: EscalationBound | None) -> bool:
+        return bound is not None and bound.aggregator in EARLY_EXIT_AGGREGATORS
+
+    def lost(self, tokens: list[TokenLogprob], token_ends: list[int], out_bytes: int) -> bool:
+        """Take the tokens now certain to stay; True when acceptance is out of reach."""
+        safe_end = out_bytes - self._margin
+        grew = False
+        while self._n < len(tokens) and token_ends[self._n] <= safe_end:
+            tok = tokens[self._n]
+            value = neg_token_entropy(tok) if self._kind == "neg_mean_entropy" else tok.logprob
+            self._sum += value
+            self._values.append(value)
+            self._n += 1
+            grew = True
+        if not grew:
+            return False
+        kind = self._kind
+        if kind == "sum_logprob":
+            self.best = self._sum
+        elif kind == "min_logprob":
+            self.best = min(self._values)
+        elif kind in ("mean_logprob", "neg_mean_entropy"):
+            self.best = self._sum / self._max_new
+        else:  # quantile_logprob (a token above the threshold can still lower it: recompute each time)
+            pad = self._max_new - self._n
+            values = np.fromiter(self._values, dtype=np.float64, count=self._n)
+            if pad > 0:
+                values = np.concatenate([values, np.zeros(pad)])
+            self.best = float(np.quantile(values, self._alpha))
+        return self.best < self._threshold
+
+
 def adjuster_for(params: SamplingParams, n_vocab: int) -> LogitsAdjuster | None:
     """The request's adjuster, or None when it asks for no bias or penalty (the usual case)."""
     return LogitsAdjuster(params, n_vocab) if params.adjusts_logits else None
@@ -107,6 +187,10 @@ class DecodeState:
     model: str = ""  # Generation.model
     extra: dict[str, Any] = field(default_factory=dict)  # copied into Generation.extra
     adjuster: LogitsAdjuster | None = None  # logit_bias and penalties, when the request has any
+    early_exit: EarlyExit | None = None  # the tier's acceptance bound (request.escalate_below)
+    hold_done: bool = False  # keep the finished Generation in `held` (the engine adds label scores)
+    held: Generation | None = None
+    forced: list[int] = field(default_factory=list)  # indices of tokens the grammar allowed alone
     tokens: list[TokenLogprob] = field(default_factory=list)
     token_ends: list[int] = field(default_factory=list)  # byte offset where each token ends
     out: bytearray = field(default_factory=bytearray)
@@ -174,6 +258,9 @@ class DecodeState:
                 self._unsent += new
         if len(self.tokens) >= self.max_new:
             return "length", None
+        if self.early_exit is not None and self.early_exit.lost(self.tokens, self.token_ends, len(self.out)):
+            self.extra["early_exit"] = {"after_tokens": len(self.tokens), "best": self.early_exit.best}
+            return "length", None
         return None, None
 
     def _decode(self, raw: bytes) -> str:
@@ -231,6 +318,12 @@ class DecodeState:
             model=self.model,
             extra=dict(self.extra),
         )
+        forced = [i for i in self.forced if i < len(tokens)]
+        if forced:
+            gen.extra["forced_tokens"] = forced
+        if self.hold_done:
+            self.held = gen
+            return gen
         self.sink(("done", gen))
         return gen
 

@@ -10,7 +10,9 @@ requests with a response_format pay for this (one vocabulary-sized copy and a gr
 token); the per-token path of every other request is unchanged.
 
 Reported logprobs of a constrained answer are over the allowed tokens (renormalised), i.e. the
-model's confidence among the continuations the grammar permits.
+model's confidence among the continuations the grammar permits. `allowed` counts them at the last
+step: a token the grammar allowed alone (`allowed == 1`) was forced and carries no evidence, so the
+engine lists it in `Generation.extra["forced_tokens"]` and field confidence leaves it out.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class GrammarConstraint:
         self._data["id"] = np.arange(n_vocab, dtype=np.int32)
         self._ptr = ctypes.cast(self._data.ctypes.data, ll.llama_token_data_p)
         self._array = ll.llama_token_data_array(data=self._ptr, size=n_vocab, selected=-1, sorted=False)
+        self.allowed = n_vocab  # tokens the grammar allowed at the last `mask`
 
     def mask(self, row: np.ndarray) -> np.ndarray:
         """The logits row with every token the grammar forbids pushed to -1e30 (probability 0)."""
@@ -84,7 +87,8 @@ class GrammarConstraint:
         kept = data[: arr.size]
         ok = np.isfinite(kept["logit"])
         out[kept["id"][ok]] = kept["logit"][ok]
-        if not (out > _FORBIDDEN).any():  # nothing may follow: the document is complete, end it
+        self.allowed = int(ok.sum())
+        if not self.allowed:  # nothing may follow: the document is complete, end it
             out[self._eog] = 0.0
         return out
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from localroute.backends.decoding import DecodeState, adjuster_for, request_failure, sample_token
+from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
@@ -100,6 +100,7 @@ class _Seq(DecodeState):
     cancel_step: int = 0  # decode_steps_total when cancel() was called
     reserved: int = 0
     grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
+    labels: tuple[str, ...] = ()  # a choice task's allowed answers: scored when the answer is done
 
 
 class LlamaEngine:
@@ -535,6 +536,9 @@ class LlamaEngine:
                 budget -= self._prefill(seq, budget)
             if not seq.pending:  # it generates now: the rest of this round would stall it
                 budget = 0
+        for seq in active:  # answers finished this round whose labels are to be scored (still in their slot)
+            if seq.held is not None:
+                self._finish_labels(seq)
         with self._cond:
             for seq in [s for s in active if s.slot >= 0 and s.last_token == -2]:
                 self._release(seq)
@@ -598,6 +602,8 @@ class LlamaEngine:
                     top = self._top(row, params.top_logprobs, lse)
                 seq.last_token = token
                 if seq.grammar is not None:
+                    if seq.grammar.allowed == 1:
+                        seq.forced.append(len(seq.tokens))
                     seq.grammar.accept(token)
                 self.stats["tokens_generated_total"] += 1
             if seq.token(token, raw, logprob, top, now, eos) is not None:
@@ -606,6 +612,94 @@ class LlamaEngine:
         except Exception as exc:
             log.exception("request %s failed in the llama engine; the engine goes on", seq.request_id)
             self._drop(seq, "request failed", error=request_failure(exc), keep=True)
+
+    def _finish_labels(self, seq: _Seq) -> None:
+        """Score the labels of a finished answer, then send it. A failure here costs the answer its
+        label score, never the answer."""
+        gen, seq.held = seq.held, None
+        assert gen is not None
+        if not seq.cancelled:
+            try:
+                gen.extra["label"] = self.score_labels(seq, gen)
+            except Exception:
+                log.exception("request %s: label scoring failed", seq.request_id)
+                gen.extra["label"] = {"chosen": None, "logprob": None, "error": "label scoring failed"}
+        seq.sink(("done", gen))
+
+    def score_labels(self, seq: _Seq, gen: Generation) -> dict[str, Any]:
+        """log P(chosen label) over the allowed labels, from raw logits at the label's position.
+
+        The context is the prompt plus the answer tokens before the one where the label starts; the
+        KV cache already holds it, so only its last token is fed again (its logits start every
+        label), then each label's tokens, shared label prefixes once (LabelPlan.feeds). The cache
+        is cut back to the context afterwards and the slot keeps only what it kept before.
+        `raw`: each label's log P(label | context), unnormalised (rounded to 1e-6)."""
+        from bisect import bisect_right
+
+        from localroute.backends.labels import LabelPlan, locate_label, normalise
+
+        t0 = time.perf_counter_ns()
+        info: dict[str, Any] = {"n_labels": len(seq.labels)}
+        span = locate_label(gen.text, seq.labels, seq.params.response_format)
+        if span is None:
+            return info | {"chosen": None, "logprob": None, "cost_s": (time.perf_counter_ns() - t0) / 1e9}
+        start_byte = len(gen.text[: span.start].encode("utf-8"))
+        ends = seq.token_ends[: len(gen.tokens)]
+        i = bisect_right(ends, start_byte)
+        lead = bytes(seq.out[(ends[i - 1] if i else 0):start_byte])
+        context = [*seq.prompt, *(t.token_id for t in gen.tokens[:i])]
+        root = tuple(context[-2:])
+        base = len(context) - len(root)
+        paths = tuple((label, tuple(self._llama_tokenize(lead + text.encode("utf-8"), False, False)))
+                      for label, text in span.candidates)
+        plan = LabelPlan(base=base, root=root, paths=paths)
+        children: dict[tuple[int, ...], set[int]] = {}
+        for _, path in paths:
+            full = (*root, *path)
+            for d in range(len(root), len(full)):
+                children.setdefault(full[:d], set()).add(full[d])
+        cond: dict[tuple[tuple[int, ...], int], float] = {}
+        fed = 0
+        longest = max((len(p) for _, p in paths), default=0)
+        if base + longest + 1 > self.kv_cells_per_seq or not all(p for _, p in paths):
+            return info | {"chosen": span.label, "logprob": None, "error": "no room to score the labels"}
+        try:
+            for keep, need in plan.feeds():
+                toks = need[keep:]
+                self._ll.llama_memory_seq_rm(self._mem, seq.slot, base + keep, -1)
+                for start in range(0, len(toks), self.n_batch):
+                    chunk = toks[start:start + self.n_batch]
+                    n = len(chunk)
+                    self._b_token[:n] = chunk
+                    self._b_pos[:n] = np.arange(base + keep + start, base + keep + start + n)
+                    self._b_logits[:n] = 1
+                    for j in range(n):
+                        self._batch.seq_id[j][0] = seq.slot
+                    rc = self._decode(n)
+                    if rc != 0:
+                        return info | {"chosen": span.label, "logprob": None, "error": f"decode error {rc}"}
+                    fed += n
+                    for j in range(n):
+                        prefix = need[: keep + start + j + 1]
+                        kids = children.get(prefix)
+                        if not kids:
+                            continue
+                        row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, j), shape=(self.n_vocab,))
+                        top = float(row.max())
+                        lse = top + float(np.log(np.exp(row - top, dtype=np.float64).sum()))
+                        for k in kids:
+                            cond[(prefix, k)] = float(row[k]) - lse
+        finally:
+            self._ll.llama_memory_seq_rm(self._mem, seq.slot, base, -1)
+            seq.n_past = min(seq.n_past, base)
+        raw: dict[str, float] = {}
+        for label, path in paths:
+            full = (*root, *path)
+            raw[label] = sum(cond[(full[:d], full[d])] for d in range(len(root), len(full)))
+        logprob = normalise(raw, span.label)
+        return info | {
+            "raw": {k: round(v, 6) for k, v in raw.items()},"chosen": span.label, "logprob": logprob, "tokens_fed": fed,
+                       "cost_s": round((time.perf_counter_ns() - t0) / 1e9, 6)}
 
     def close(self) -> None:
         """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
@@ -672,10 +766,17 @@ class LlamaCppBackend(EngineBridge):
         return self.engine.n_ctx_seq
 
     def _state(self, request: GenerationRequest, **common: Any) -> _Seq:
+        from localroute.backends.labels import labels_of
+
         fmt = request.params.response_format
+        labels = () if request.tools else labels_of(request.labels, fmt)
+        bound = request.escalate_below
+        early = (EarlyExit(bound, common["max_new"], request.params.stop)
+                 if bound is not None and EarlyExit.supports(bound) else None)
         return _Seq(**common, model=self.engine.model_path.name,
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
-                    grammar=constraint_for(self.engine, fmt, request.tools) if fmt or request.tools else None)
+                    grammar=constraint_for(self.engine, fmt, request.tools) if fmt or request.tools else None,
+                    labels=labels, hold_done=bool(labels), early_exit=early)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         gen = await super().generate(request)

@@ -8,7 +8,8 @@ One object per line:
 
 `task` picks the scorer (see scorers.py). `outcomes` are recorded results of other models on the
 same query: `{"correct": bool}` or `{"score": float in [0, 1]}`; `--frontier recorded:<model>` uses
-them. Optional keys: `schema` (task json), `max_tokens`, `stop`, `meta` (free-form, e.g. subject).
+them. Optional keys: `schema` (task json), `max_tokens`, `stop`, `system` (a system prompt sent
+first; `data convert` gives the choice sets LABEL_FIRST), `meta` (free-form, e.g. subject).
 
 Adapters read the folder layout documented in the data README (default ../shared/data) and never
 copy the data into the repository; `--limit` takes a seeded random sample, kept in file order,
@@ -67,6 +68,9 @@ class EvalItem(BaseModel):
     outcomes: dict[str, Outcome] = Field(default_factory=dict)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = None
+    # a system prompt sent first (merged into the row's own system message): `data convert` gives the
+    # choice sets LABEL_FIRST, so the label is the answer's first token and the signal reads it
+    system: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -141,6 +145,9 @@ def write_items(items: Iterable[EvalItem], out: Path) -> int:
 
 # ---------------------------------------------------------------- adapters
 
+LABEL_FIRST = ("Reply with the answer alone, written exactly as one of the options the user gives, "
+               "on the first line. No explanation, no other words.")
+
 def _user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
@@ -163,7 +170,7 @@ def banking77(data: Path) -> Iterator[EvalItem]:
         for i, row in enumerate(csv.DictReader(fh)):
             messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": row["text"]}]
             yield EvalItem(id=f"banking77-{i}", task="choice", messages=messages, choices=labels,
-                           answer=row["category"], stop=["\n"])
+                           answer=row["category"], stop=["\n"], system=LABEL_FIRST)
 
 
 def _tweeteval(data: Path, name: str, question: str) -> Iterator[EvalItem]:
@@ -177,7 +184,7 @@ def _tweeteval(data: Path, name: str, question: str) -> Iterator[EvalItem]:
     for i, (text, gold) in enumerate(zip(texts, golds)):
         prompt = f"{question} Answer with one word: {', '.join(labels)}.\n\nTweet: {text.strip()}"
         yield EvalItem(id=f"tweeteval-{name}-{i}", task="choice", messages=_user(prompt), choices=labels,
-                       answer=mapping[gold.strip()], stop=["\n"])
+                       answer=mapping[gold.strip()], stop=["\n"], system=LABEL_FIRST)
 
 
 def tweeteval_sentiment(data: Path) -> Iterator[EvalItem]:
@@ -223,7 +230,7 @@ def mmlu(data: Path) -> Iterator[EvalItem]:
             yield EvalItem(id=f"mmlu-{subject}-{i}", task="choice", messages=_user(text),
                            choices=["A", "B", "C", "D"], answer=letter.strip(),
                            outcomes=_bool_outcomes(rec, ROUTELLM_MODELS), stop=["\n"],
-                           meta={"subject": subject})
+                           meta={"subject": subject}, system=LABEL_FIRST)
 
 
 def gsm8k(data: Path) -> Iterator[EvalItem]:
@@ -261,11 +268,11 @@ def bbh(data: Path) -> Iterator[EvalItem]:
                 if target not in letters:
                     letters.append(target)
                 yield EvalItem(task="choice", messages=_user(base + " Answer with the option letter, e.g. (A)."),
-                               choices=letters, answer=target, stop=["\n"], **common)
+                               choices=letters, answer=target, stop=["\n"], system=LABEL_FIRST, **common)
             elif (pair := next((s for s in _BINARY if target in s), None)) is not None:
                 choices = sorted(pair)
                 yield EvalItem(task="choice", messages=_user(base + f" Answer {' or '.join(choices)}."),
-                               choices=choices, answer=target, stop=["\n"], **common)
+                               choices=choices, answer=target, stop=["\n"], system=LABEL_FIRST, **common)
             elif re.fullmatch(r"-?\d+", target):
                 yield EvalItem(task="numeric", messages=_user(base), answer=target, max_tokens=32, **common)
             else:

@@ -173,3 +173,31 @@ def routing_metrics(conf: Array, cheap: Array, frontier: Array, correct: NDArray
         cpt80=m["cpt80"],
         cpt95=m["cpt95"],
     ), curve
+
+
+def bootstrap_intervals(conf: Array, cheap: Array, frontier: Array, correct: NDArray[np.bool_], n_boot: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals of AUROC, APGR and CPT(95%): rows resampled with replacement
+    `n_boot` times (seeded), each metric recomputed; a metric undefined in more than half of the
+    resamples (no wrong answers, no gap to recover) has no interval (None)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    cheap = np.asarray(cheap, dtype=np.float64)
+    frontier = np.asarray(frontier, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    n = len(conf)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {"auroc": [], "apgr": [], "cpt95": []}
+    for _ in range(n_boot if n else 0):
+        idx = rng.integers(0, n, n)
+        a = auroc(conf[idx], correct[idx])
+        if a is not None:
+            samples["auroc"].append(a)
+        m = curve_metrics(deferral_curve(conf[idx], cheap[idx], frontier[idx]),
+                          float(np.mean(cheap[idx])), float(np.mean(frontier[idx])))
+        if m["apgr"] is not None:
+            samples["apgr"].append(float(m["apgr"]))
+        if m["cpt95"] is not None:
+            samples["cpt95"].append(float(m["cpt95"]))
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return {k: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) if len(v) * 2 > n_boot else None
+            for k, v in samples.items()}

@@ -17,6 +17,7 @@ import numpy as np
 
 from localroute.evaluation.metrics import (
     as_probability,
+    bootstrap_intervals,
     curve_metrics,
     oracle_curve,
     random_curve,
@@ -31,7 +32,9 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(x, nd)
 
 
-def build_report(out_dir: Path) -> dict[str, Any]:
+def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
+    """The report of a run; `bootstrap` > 0 adds 95% percentile-bootstrap intervals of AUROC, APGR
+    and CPT(95%) per signal (`ci`), from that many resamples."""
     t = RunTable(out_dir)
     if t.n == 0:
         return {"run": str(out_dir), "n": 0, "n_excluded": t.n_excluded, "aggregators": {},
@@ -39,8 +42,13 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     cq, fq = float(t.cheap.mean()), float(t.frontier.mean())
     aggs: dict[str, Any] = {}
     for name in t.conf:
+        if (name == "label_confidence" and not t.n_labelled) or (name == "field_confidence" and not t.n_structured):
+            continue  # no row had labels / structure: the signal would only repeat mean_logprob
         m, _ = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         aggs[name] = m.as_dict()
+        if bootstrap > 0:
+            ci = bootstrap_intervals(t.conf[name], t.cheap, t.frontier, t.correct, n_boot=bootstrap)
+            aggs[name]["ci"] = {k: None if v is None else [round(v[0], 4), round(v[1], 4)] for k, v in ci.items()}
     # AUROC is undefined when the cheap tier is always right or always wrong: then no signal "wins".
     ranked = [a for a in aggs if aggs[a]["auroc"] is not None]
     best = max(ranked, key=lambda a: (aggs[a]["auroc"], aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1),
@@ -62,6 +70,9 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "frontier": frontier,
         "upper_bound": t.upper_bound,
         "mean_completion_tokens": _r(float(np.mean(t.completion_tokens)), 2),
+        "n_labelled": t.n_labelled,  # rows whose request named labels (label confidence)
+        "n_structured": t.n_structured,  # answers field confidence reads as fields (JSON, `key: value` lines)
+        "label_cost_s": _label_cost(t),
         "choice_method": t.meta.get("sampling", {}).get("choice_method"),
         "aggregators": aggs,
         "best_aggregator": best,
@@ -69,6 +80,17 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "random": {k: _r(v) for k, v in curve_metrics(random_curve(t.cheap, t.frontier), cq, fq).items()},
         "oracle_router": {k: _r(v) for k, v in curve_metrics(oracle_curve(t.cheap, t.frontier), cq, fq).items()},
     }
+
+
+def _label_cost(t: RunTable) -> dict[str, float] | None:
+    """What label scoring cost per request (engine seconds; mean, p50, p95), from the rows."""
+    costs = [float(r["label"]["cost_s"]) for r in t.usable if isinstance(r.get("label"), dict)
+             and isinstance(r["label"].get("cost_s"), (int, float))]
+    if not costs:
+        return None
+    arr = np.asarray(costs)
+    return {"mean": round(float(arr.mean()), 5), "p50": round(float(np.quantile(arr, 0.5)), 5),
+            "p95": round(float(np.quantile(arr, 0.95)), 5), "n": len(costs)}
 
 
 def _pct(x: float | None) -> str:
@@ -140,7 +162,7 @@ def plot_report(out_dir: Path, report: dict[str, Any]) -> list[str]:
     x = np.arange(t.n + 1) / t.n * 100
     suffix = " (oracle frontier: upper bound)" if t.upper_bound else ""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name in t.conf:
+    for name in report["aggregators"]:
         _, curve = routing_metrics(t.conf[name], t.cheap, t.frontier, t.correct, name)
         ax.plot(x, curve, label=f"{name} (APGR {_f(report['aggregators'][name]['apgr'])})", linewidth=1.2)
     ax.plot(x, random_curve(t.cheap, t.frontier), "k--", label="random", linewidth=1)

@@ -5,13 +5,16 @@ writer. Rerunning the same command skips ids already in the run, so an interrupt
 where it stopped; a folder holding a different run is refused.
 
 Decoding is greedy (temperature 0) with the model's own chat template, as `serve` runs it; choice
-tasks are scored on the free-form answer (the first choice it names), not on choice logprobs.
+tasks are scored on the free-form answer (the first choice it names), not on choice logprobs. A
+choice row's request names its choices as labels, so the engine also scores every label at the
+chosen one's position (label confidence, `row["label"]`), as `serve` does for a request with labels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,10 +116,27 @@ def _sampling(cfg: EvalConfig, item: EvalItem) -> SamplingParams:
     )
 
 
+def with_system(item: EvalItem) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
+    """(messages, prompt) with the row's `system` prompt first: a system message (merged into one
+    the row already starts with), or the prompt's first paragraph."""
+    if item.messages is None:
+        prompt = item.prompt or ""
+        return None, f"{item.system}\n\n{prompt}" if item.system else prompt
+    messages = [dict(m) for m in item.messages]
+    if item.system:
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = f"{item.system}\n\n{messages[0].get('content') or ''}"
+        else:
+            messages.insert(0, {"role": "system", "content": item.system})
+    return tuple(messages), None
+
+
 def _request(cfg: EvalConfig, item: EvalItem) -> GenerationRequest:
-    messages = tuple(dict(m) for m in item.messages) if item.messages is not None else None
-    return GenerationRequest(messages=messages, prompt=item.prompt, params=_sampling(cfg, item),
-                             request_id=f"eval-{item.id}")
+    """The request `serve` would get for this row; a choice row names its labels (label confidence)."""
+    messages, prompt = with_system(item)
+    labels = tuple(item.choices or ()) if item.task == "choice" else ()
+    return GenerationRequest(messages=messages, prompt=prompt, params=_sampling(cfg, item),
+                             request_id=f"eval-{item.id}", labels=labels)
 
 
 def _score_json(s: Score | None) -> dict[str, Any] | None:
@@ -124,6 +144,11 @@ def _score_json(s: Score | None) -> dict[str, Any] | None:
         return None
     extracted = s.extracted if isinstance(s.extracted, (str, int, float, bool, type(None), list, dict)) else str(s.extracted)
     return {"score": s.value, "correct": s.correct, "extracted": extracted}
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite numbers as None (a run row is strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 class _Runner:
@@ -186,6 +211,10 @@ class _Runner:
             "completion_tokens": gen.completion_tokens if gen else 0,
             "latency_s": round(gen.latency_s if gen else time.perf_counter() - started, 6),
         })
+        if gen is not None and isinstance(gen.extra.get("label"), dict):  # label confidence (choice rows)
+            row["label"] = _json_safe(gen.extra["label"])
+        if gen is not None and gen.extra.get("forced_tokens"):  # grammar-forced tokens (field confidence)
+            row["forced_tokens"] = list(gen.extra["forced_tokens"])
         if self.verifier is not None and gen is not None:
             try:
                 row["verifier_p_yes"] = await self.verifier.score(_request(self.cfg, item), gen.text)

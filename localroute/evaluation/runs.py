@@ -22,7 +22,7 @@ import numpy as np
 from localroute.embeddings import request_text
 from localroute.errors import ConfigError
 from localroute.evaluation.metrics import Array
-from localroute.routing.confidence import AGGREGATORS, answer_confidence
+from localroute.routing.confidence import AGGREGATORS, SIGNALS, answer_confidence, field_confidences
 from localroute.routing.training import LabelledQueries
 from localroute.types import TokenLogprob, TopLogprob
 
@@ -105,10 +105,21 @@ def append_rows(run_dir: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield append
 
 
-def _confidence(tokens: list[TokenLogprob], output: str, aggregator: str, alpha: float) -> float:
+def row_extra(row: dict[str, Any]) -> dict[str, Any]:
+    """The Generation.extra parts a row keeps (label scores, grammar-forced tokens)."""
+    extra: dict[str, Any] = {}
+    if isinstance(row.get("label"), dict):
+        extra["label"] = row["label"]
+    if row.get("forced_tokens"):
+        extra["forced_tokens"] = row["forced_tokens"]
+    return extra
+
+
+def _confidence(tokens: list[TokenLogprob], output: str, aggregator: str, alpha: float,
+                extra: dict[str, Any] | None = None) -> float:
     """What the cascade would have computed for this answer; an answer without evidence (None) can
     only escalate, as -inf does."""
-    conf = answer_confidence(aggregator, tokens, alpha, output)
+    conf = answer_confidence(aggregator, tokens, alpha, output, extra)
     return float("-inf") if conf is None else conf
 
 
@@ -128,11 +139,19 @@ class RunTable:
         self.frontier: Array = np.array([r["frontier"]["score"] for r in self.usable], dtype=np.float64)
         self.generation_errors = sum(1 for r in self.usable if r.get("error"))
         self.alpha = float(self.meta.get("confidence_quantile_alpha", 0.1))
-        answers = [(tokens_from_json(r.get("tokens") or []), str(r.get("output") or "")) for r in self.usable]
+        answers = [(tokens_from_json(r.get("tokens") or []), str(r.get("output") or ""), row_extra(r))
+                   for r in self.usable]
         self.conf: dict[str, Array] = {
-            name: np.array([_confidence(t, text, name, self.alpha) for t, text in answers], dtype=np.float64)
+            name: np.array([_confidence(t, text, name, self.alpha) for t, text, _ in answers], dtype=np.float64)
             for name in AGGREGATORS
         }
+        # the decision-carrying signals, as the cascade computes them (rows without labels or without
+        # structure fall back to mean_logprob there too, so calibrate can fit either on any run)
+        for name in SIGNALS:
+            self.conf[name] = np.array([_confidence(t, text, name, self.alpha, x) for t, text, x in answers],
+                                       dtype=np.float64)
+        self.n_labelled = sum(1 for r in self.usable if isinstance(r.get("label"), dict))
+        self.n_structured = sum(1 for t, _, _ in answers if t and field_confidences(t))
         if self.usable and all("verifier_p_yes" in r for r in self.usable):  # eval --verifier TIER
             self.conf["verifier"] = np.array([r["verifier_p_yes"] for r in self.usable], dtype=np.float64)
         self.completion_tokens = [int(r.get("completion_tokens", 0)) for r in self.usable]

@@ -52,7 +52,7 @@ from localroute.calibration_file import (
 from localroute.errors import ConfigError, MissingExtraError
 from localroute.evaluation.metrics import Array
 from localroute.evaluation.runs import RunTable, from_eval_run, read_meta
-from localroute.routing.confidence import AGGREGATORS
+from localroute.routing.confidence import AGGREGATORS, SIGNALS
 
 
 def _beta() -> Any:
@@ -213,8 +213,9 @@ def calibrate_run(
     (or update) the calibration file. Returns the summary printed by the CLI. `per_category`: also
     one threshold per task category of the rows (`fit_categories`)."""
     _check_targets(target_quality, target_escalation, holdout)
-    if aggregator not in AGGREGATORS:
-        raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS)}", param="aggregator")
+    if aggregator not in AGGREGATORS and aggregator not in SIGNALS:
+        raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS) + list(SIGNALS)}",
+                          param="aggregator")
     table = RunTable(run_dir)
     if table.n < 2:
         raise ConfigError(f"run {run_dir} has {table.n} usable rows; need at least 2", param="run")

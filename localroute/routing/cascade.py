@@ -28,17 +28,17 @@ from localroute.errors import (
     LocalrouteError,
     UnsupportedCapabilityError,
 )
-from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt
-from localroute.routing.confidence import TOP_K_NEEDED, answer_confidence, get_aggregator
+from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt, finite
+from localroute.routing.confidence import TOP_K_NEEDED, answer_confidence, check_signal, field_confidences
 from localroute.routing.repetition import RepetitionCheck
-from localroute.types import Generation, GenerationRequest, StreamDelta
+from localroute.types import EscalationBound, Generation, GenerationRequest, StreamDelta
 
 log = logging.getLogger(__name__)
 
 _Fallback = tuple[Generation, str] | None
 
 # decision.evidence keys of the checks that reject an answer whatever its confidence
-VETO_EVIDENCE = ("schema_violations", "repetition")
+VETO_EVIDENCE = ("schema_violations", "repetition", "truncated_tool_call")
 
 
 def vetoed(decision: Decision, tier: str) -> bool:
@@ -76,18 +76,25 @@ class CascadeRouter:
         on_failure: str = "degrade",
         on_budget: str = "degrade",
         repetition: RepetitionCheck | None = None,
+        early_escalation: bool = True,
+        fields: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         """`on_failure` ('degrade' | 'fail') and `on_budget` ('degrade' | 'reject') say what a
         failed last tier yields when an earlier answer exists: that answer, flagged degraded, or
         the last tier's own error (502/503, or 429 budget_exceeded). `repetition`: the loop
-        check's thresholds (default RepetitionCheck())."""
+        check's thresholds (default RepetitionCheck()). `early_escalation`: a non-final local
+        tier stops decoding once its threshold is out of reach (types.EscalationBound; the same
+        decisions, less local time on escalated answers). `fields`: per tier, the fields whose
+        confidence decides (field_confidence; default every field)."""
         if not tiers:
             raise ValueError("a cascade needs at least one tier")
         self.tiers = list(tiers)
         self.signal = aggregator  # what the decision reports; subclasses add theirs (verifier)
         self.aggregator = aggregator
-        get_aggregator(aggregator)  # an unknown name fails here, at construction
+        check_signal(aggregator)  # an unknown name fails here, at construction
         self._alpha = alpha
+        self.early_escalation = early_escalation
+        self.fields = dict(fields or {})
         self._top_k = TOP_K_NEEDED.get(aggregator, 0)
         self.policy = policy
         self.on_failure = on_failure
@@ -100,7 +107,8 @@ class CascadeRouter:
         answer) is None: no evidence either way; an empty local answer is -inf (it escalates)."""
         if not gen.tokens and (gen.raw is not None or (tier is not None and not tier.backend.is_local)):
             return None
-        return answer_confidence(self.aggregator, gen.tokens, self._alpha, gen.text)
+        fields = self.fields.get(tier.name, ()) if tier is not None else ()
+        return answer_confidence(self.aggregator, gen.tokens, self._alpha, gen.text, gen.extra, fields)
 
     def _ladder(self, request: GenerationRequest, decision: Decision, start: int) -> list[Tier]:
         """The tiers from `start` that can serve the request, those that cannot in the evidence;
@@ -119,10 +127,24 @@ class CascadeRouter:
             raise unsupported(request.needs, decision.evidence["skipped"])
         return able
 
-    def _tier_request(self, request: GenerationRequest) -> GenerationRequest:
-        if request.params.top_logprobs >= self._top_k:
-            return request
-        return replace(request, params=replace(request.params, top_logprobs=self._top_k))
+    def _tier_request(self, request: GenerationRequest, tier: Tier | None = None) -> GenerationRequest:
+        """What a tier is asked: at least the aggregator's top-k (it reads exactly that many, so a
+        client's larger top_logprobs changes nothing), and for a non-final local tier the
+        early-escalation bound (`tier` given only for those)."""
+        if request.params.top_logprobs < self._top_k:
+            request = replace(request, params=replace(request.params, top_logprobs=self._top_k))
+        bound = self._bound(tier, request.category) if tier is not None else None
+        if bound is not None:
+            request = replace(request, escalate_below=bound)
+        return request
+
+    def _bound(self, tier: Tier, category: str | None = None) -> EscalationBound | None:
+        """The acceptance test a non-final local tier's engine may stop on (the request category's
+        threshold, the one `_accepts` applies); None: decode in full."""
+        threshold = tier.threshold_for(category)
+        if not self.early_escalation or threshold is None or not tier.backend.is_local:
+            return None
+        return EscalationBound(self.aggregator, threshold, self._alpha)
 
     def _attempt(self, tier: Tier, gen: Generation, conf: float | None, accepted: bool,
                  category: str | None = None) -> TierAttempt:
@@ -145,16 +167,32 @@ class CascadeRouter:
         self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
     ) -> tuple[float | None, bool]:
         """(confidence, accepted) for a non-final tier's answer. An answer that breaks the requested
-        response_format (unparsable JSON, schema violation) or loops (routing.repetition) escalates
-        whatever its confidence, its evidence in decision.evidence (VETO_EVIDENCE).
-        Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
+        response_format (unparsable JSON, schema violation), loops (routing.repetition) or is a tool
+        call cut by max_tokens escalates whatever its confidence, its evidence in decision.evidence
+        (VETO_EVIDENCE). An answer the engine stopped early (gen.extra["early_exit"]: its threshold was already out
+        of reach) escalates at once. Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
         conf = self._confidence(gen, tier)
+        early = gen.extra.get("early_exit")
+        if early is not None:
+            decision.evidence.setdefault("early_exit", {})[tier.name] = early
+            return conf, False
+        label = gen.extra.get("label")
+        if isinstance(label, dict) and label.get("chosen") is not None:
+            decision.evidence.setdefault("label", {})[tier.name] = {
+                "chosen": label["chosen"], "logprob": finite(label.get("logprob")), "n_labels": label.get("n_labels")}
+        fmt = request.params.response_format
+        if fmt is not None and fmt.get("type") in ("json_object", "json_schema"):
+            per_field = field_confidences(gen.tokens, gen.extra.get("forced_tokens") or ())
+            if per_field:
+                decision.evidence.setdefault("fields", {})[tier.name] = {k: round(v, 6) for k, v in per_field.items()}
         if request.params.response_format is not None:
             from localroute.routing.response_format import schema_violation
 
             problem = schema_violation(request.params.response_format, gen.text)
             if problem is not None:
                 decision.evidence.setdefault("schema_violations", {})[tier.name] = problem
+        if request.tools and gen.finish_reason == "length":  # a call cut by max_tokens is no call
+            decision.evidence.setdefault("truncated_tool_call", {})[tier.name] = gen.completion_tokens
         loop = self.repetition.find(gen.text)
         if loop is not None:
             decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
@@ -170,7 +208,7 @@ class CascadeRouter:
         fallback: _Fallback = None
         for tier in ladder[:-1]:
             try:
-                gen = await tier.backend.generate(self._tier_request(request))
+                gen = await tier.backend.generate(self._tier_request(request, tier))
             except ContextLengthExceededError:  # the next tier may have room
                 decision.evidence.setdefault("skipped", {})[tier.name] = "context_length"
                 continue

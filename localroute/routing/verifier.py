@@ -20,7 +20,14 @@ from localroute.embeddings import request_text
 from localroute.routing.base import Decision, Tier
 from localroute.routing.cascade import CascadeRouter, vetoed
 from localroute.routing.repetition import RepetitionCheck
-from localroute.types import Generation, GenerationRequest, SamplingParams, TokenLogprob, TopLogprob
+from localroute.types import (
+    EscalationBound,
+    Generation,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 
 VERIFY_TEMPLATE = (
     "Question:\n{question}\n\nProposed answer:\n{answer}\n\n"
@@ -100,10 +107,17 @@ class VerifiedCascadeRouter(CascadeRouter):
         self.verifier_threshold = verifier_threshold
         self.signal = "verifier" if mode == "alone" else f"{aggregator}+verifier"
 
+    def _bound(self, tier: Tier, category: str | None = None) -> EscalationBound | None:
+        """Early escalation only where the logprob threshold must pass too (mode `and`); alone,
+        the verifier may accept an answer whatever its logprobs."""
+        return super()._bound(tier, category) if self.mode == "and" else None
+
     async def _judge(
         self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
     ) -> tuple[float | None, bool]:
         conf, accepted = await super()._judge(tier, request, gen, decision)
+        if "early_exit" in gen.extra:  # stopped early: the logprob threshold already failed
+            return conf, False
         if vetoed(decision, tier.name):  # broken format or a loop: no verdict can save it
             return conf, False
         from localroute.errors import LocalrouteError

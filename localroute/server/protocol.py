@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+from localroute.backends.labels import labels_from_metadata
 from localroute.errors import InvalidRequestError
 from localroute.routing.base import Decision, finite
 from localroute.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -102,7 +103,8 @@ def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Se
                      for m in body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     return GenerationRequest(messages=messages, params=_sampling(body, settings, top), request_id=request_id,
-                             wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body))
+                             wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body),
+                             labels=labels_from_metadata(data.get("metadata")))
 
 
 def _local_text(m: ChatMessage) -> str:

@@ -9,9 +9,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localroute.backends.decoding import DecodeState, LogitsAdjuster, adjuster_for, prompt_room, sample_token
+from localroute.backends.decoding import (
+    EARLY_EXIT_AGGREGATORS,
+    DecodeState,
+    EarlyExit,
+    LogitsAdjuster,
+    adjuster_for,
+    prompt_room,
+    sample_token,
+)
 from localroute.errors import ContextLengthExceededError, InvalidRequestError
-from localroute.types import FinishReason, Generation, SamplingParams, TokenLogprob
+from localroute.routing.confidence import answer_confidence
+from localroute.types import (
+    EscalationBound,
+    FinishReason,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 def state(**params: Any) -> tuple[DecodeState, list[tuple[str, Any]]]:
@@ -246,3 +262,83 @@ def test_decode_state_counts_its_generated_tokens_for_the_penalties() -> None:
     st.token(3, b"a", -0.1, (), 0.0)
     out = st.adjuster.apply(np.zeros(10, dtype=np.float32))
     assert out[3] == -2.0 and out[7] == 0.0  # the prompt's tokens are not penalised
+
+
+# ---------------------------------------------------------------- early escalation
+
+_PIECES = ["a", " b", "c", "\n", "##", "é", " the", "x\n", "END", "#"]
+
+
+def _random_answer(rng: random.Random, n: int) -> list[tuple[bytes, float, tuple[TopLogprob, ...]]]:
+    out = []
+    for _ in range(n):
+        lp = -rng.expovariate(rng.choice([0.5, 3.0, 20.0]))  # mostly sure tokens, some unsure ones
+        alts = sorted([lp, *(-rng.expovariate(1.0) - 0.01 for _ in range(rng.randint(0, 5)))], reverse=True)
+        out.append((rng.choice(_PIECES).encode(), lp, tuple(TopLogprob(str(i), a) for i, a in enumerate(alts))))
+    return out
+
+
+def _decode(answer: list[tuple[bytes, float, tuple[TopLogprob, ...]]], stop: tuple[str, ...], max_new: int,
+            bound: EscalationBound | None) -> Generation:
+    """Feed a scripted answer through DecodeState as an engine would; end with EOS if nothing ends it."""
+    events: list[tuple[str, Any]] = []
+    st = DecodeState("r", [1, 2], SamplingParams(stop=stop, max_tokens=max_new), max_new=max_new,
+                     sink=events.append, want_tokens=False, submitted_at=0.0)
+    if bound is not None:
+        st.early_exit = EarlyExit(bound, max_new, stop)
+    for i, (raw, lp, top) in enumerate(answer):
+        if st.token(i + 10, raw, lp, top, 0.0) is not None:
+            break
+    else:
+        st.token(0, b"", 0.0, (), 0.0, eos=True)
+    done = [p for k, p in events if k == "done"]
+    assert len(done) == 1
+    gen: Generation = done[0]
+    return gen
+
+
+@pytest.mark.parametrize("aggregator", EARLY_EXIT_AGGREGATORS)
+def test_early_exit_never_escalates_an_answer_that_would_be_accepted(aggregator: str) -> None:
+    """Property over random answers, stop strings, max_tokens and thresholds: whenever the bound
+    stops a decode, the full answer (decoded without it) scores below the threshold too, computed
+    by routing.confidence, the cascade's own function. And the bound is not vacuous."""
+    rng = random.Random(sum(map(ord, aggregator)))
+    fired = 0
+    for _ in range(400):
+        max_new = rng.randint(1, 40)
+        answer = _random_answer(rng, rng.randint(1, max_new + 3))
+        stop = rng.choice([(), ("\n",), ("END", "##")])
+        bound = EscalationBound(aggregator, rng.uniform(-3.0, -0.01), rng.choice([0.1, 0.5, 0.9]))
+        full = _decode(answer, stop, max_new, None)
+        early = _decode(answer, stop, max_new, bound)
+        conf = answer_confidence(aggregator, full.tokens, bound.alpha, full.text)
+        accepted = conf is not None and conf >= bound.threshold
+        if "early_exit" in early.extra:
+            fired += 1
+            assert not accepted, (aggregator, bound, [t.logprob for t in full.tokens], stop)
+            # the tokens it kept are the start of the full answer
+            assert [t.logprob for t in early.tokens] == [t.logprob for t in full.tokens[: len(early.tokens)]]
+        else:
+            assert [t.logprob for t in early.tokens] == [t.logprob for t in full.tokens]
+    assert fired >= 10  # the bound does stop decodes (not a vacuous pass)
+
+
+def test_early_exit_mean_bound_is_what_max_tokens_allows() -> None:
+    """mean_logprob: one -8 token with 4 of max 8 tokens to go can still reach -1 (at 0 each), at
+    -8.1 it cannot: S / max_new < threshold."""
+    bound = EscalationBound("mean_logprob", -1.0)
+    ok = EarlyExit(bound, 8, ())
+    toks = [TokenLogprob(1, "a", -8.0)]
+    assert not ok.lost(toks, [1], 1)
+    lost = EarlyExit(bound, 8, ())
+    assert lost.lost([TokenLogprob(1, "a", -8.1)], [1], 1) and lost.best == pytest.approx(-8.1 / 8)
+    assert not EarlyExit.supports(EscalationBound("mean_margin", 1.0))
+
+
+def test_early_exit_waits_for_tokens_a_stop_string_could_still_cut() -> None:
+    """With a stop string the last few bytes are not yet certain: a -50 token that the stop
+    string then removes must not stop the decode."""
+    bound = EscalationBound("min_logprob", -5.0)
+    answer = [(b"ok", -0.1, ()), (b"#", -50.0, ()), (b"#", -0.1, ())]
+    gen = _decode(answer, ("##",), 10, bound)
+    assert "early_exit" not in gen.extra and gen.text == "ok" and gen.finish_reason == "stop"

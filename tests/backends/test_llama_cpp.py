@@ -211,3 +211,126 @@ def test_a_logit_bias_outside_the_vocabulary_is_a_400(backend: LlamaCppBackend) 
     with pytest.raises(InvalidRequestError) as err:
         run(backend.generate(chat("Hi", max_tokens=2, logit_bias=((backend.engine.n_vocab, 1.0),))))
     assert err.value.param == "logit_bias"
+
+
+# ---------------------------------------------------------------- routing signals (issue 18)
+
+SENTIMENT = ("negative", "neutral", "positive")
+LABEL_FIRST = "Reply with the answer alone, written exactly as one of the options the user gives. No explanation."
+
+
+def _choice(text: str, labels: tuple[str, ...], **params: Any) -> GenerationRequest:
+    messages = ({"role": "system", "content": LABEL_FIRST},
+                {"role": "user", "content": f"{text} Options: {', '.join(labels)}."})
+    return GenerationRequest(messages=messages, params=SamplingParams(**{"max_tokens": 12, "temperature": 0,
+                                                                       "stop": ("\n",), **params}), labels=labels)
+
+
+def _reference_label_logprobs(smollm2_path: Path, context: list[int], conts: dict[str, list[int]]) -> dict[str, float]:
+    """log P(continuation | context) from llama-cpp-python's own logits (logits_all), each label
+    from a fresh evaluation of context + label."""
+    from localroute.backends.cpu_features import llama_class
+
+    Llama = llama_class(False)
+    ref = Llama(str(smollm2_path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    out = {}
+    for label, toks in conts.items():
+        ref.reset()
+        ref.eval(context + toks)
+        total = 0.0
+        for j, t in enumerate(toks):
+            row = np.asarray(ref.scores[len(context) + j - 1], dtype=np.float64)
+            total += float(row[t] - (row.max() + np.log(np.exp(row - row.max()).sum())))
+        out[label] = total
+    return out
+
+
+@pytest.mark.parametrize("labels", [SENTIMENT, ("card_arrival", "card_linking", "card_not_working", "cash_withdrawal")])
+def test_label_scores_equal_a_full_evaluation_of_each_label(backend: LlamaCppBackend, smollm2_path: Path,
+                                                            labels: tuple[str, ...]) -> None:
+    """Every label's log P(label | prompt + answer before it), scored in the request's KV cache with
+    shared prefixes fed once, equals llama-cpp-python's logits for context + label evaluated from
+    scratch; the signal is the chosen label's share of the labels' mass."""
+    request = _choice("Classify this bank customer message: my new card has not arrived yet.", labels)
+    gen = run(backend.generate(request))
+    info = gen.extra["label"]
+    assert info["chosen"] in labels, gen.text
+    from localroute.backends.labels import locate_label
+
+    span = locate_label(gen.text, labels)
+    assert span is not None
+    start = len(gen.text[: span.start].encode())
+    ends, pos = [], 0
+    for t in gen.tokens:
+        pos += len(bytes(t.bytes or b""))
+        ends.append(pos)
+    i = sum(1 for e in ends if e <= start)
+    lead = b"".join(bytes(t.bytes or b"") for t in gen.tokens)[(ends[i - 1] if i else 0):start]
+    context = backend.prompt_tokens(request) + [t.token_id for t in gen.tokens[:i]]
+    conts = {lab: backend.engine.tokenize((lead + text.encode()).decode(), add_special=False)
+             for lab, text in span.candidates}
+    ref = _reference_label_logprobs(smollm2_path, context, conts)
+    for lab in labels:
+        assert abs(info["raw"][lab] - ref[lab]) < 1e-3, (lab, info["raw"][lab], ref[lab])
+    probs = {k: np.exp(v) for k, v in info["raw"].items()}
+    assert info["logprob"] == pytest.approx(np.log(probs[info["chosen"]] / sum(probs.values())), abs=1e-5)
+    assert info["cost_s"] > 0 and info["tokens_fed"] >= 2
+
+
+def test_label_scoring_leaves_the_next_answer_unchanged(backend: LlamaCppBackend) -> None:
+    """The cache is cut back after scoring: the same request again (its prompt now a prefix-cache
+    hit) gives the same tokens, logprobs and label score."""
+    request = _choice("What is the sentiment of: I love this phone!", SENTIMENT, top_logprobs=5)
+    first, second = run(backend.generate(request)), run(backend.generate(request))
+    assert [(t.token_id, t.logprob) for t in first.tokens] == [(t.token_id, t.logprob) for t in second.tokens]
+    assert first.extra["label"] == {**second.extra["label"], "cost_s": first.extra["label"]["cost_s"]}
+    plain = run(backend.generate(chat("What is the sentiment of: I love this phone!", max_tokens=8, temperature=0)))
+    assert "label" not in plain.extra  # no labels, no scoring
+
+
+def test_json_enum_label_and_grammar_forced_tokens(backend: LlamaCppBackend) -> None:
+    """A json_schema enum names the labels; tokens the grammar allowed alone are listed (each has
+    logprob 0 over the allowed tokens) and field confidence leaves them out."""
+    from localroute.routing.confidence import field_confidences
+
+    schema = {"type": "object", "properties": {"label": {"type": "string", "enum": list(SENTIMENT)}},
+              "required": ["label"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    request = GenerationRequest(messages=({"role": "user", "content": "Sentiment of 'I love it' as JSON."},),
+                                params=SamplingParams(max_tokens=24, temperature=0, response_format=fmt))
+    gen = run(backend.generate(request))
+    label = gen.extra["label"]
+    assert label["chosen"] in SENTIMENT and label["logprob"] <= 0.0, gen.text
+    assert set(label["raw"]) == set(SENTIMENT)
+    forced = gen.extra.get("forced_tokens", [])
+    assert forced, "the grammar forces some tokens of a one-key enum document"
+    assert all(gen.tokens[i].logprob == pytest.approx(0.0, abs=1e-6) for i in forced)
+    per_field = field_confidences(gen.tokens, forced)
+    assert per_field is not None and set(per_field) == {"label"}
+
+
+@pytest.mark.parametrize("aggregator", ["mean_logprob", "min_logprob", "quantile_logprob", "sum_logprob"])
+def test_early_exit_gives_the_same_decision_with_less_decoding(backend: LlamaCppBackend, aggregator: str) -> None:
+    """The real engine with the bound: wherever it stops early, the full answer (decoded without
+    the bound) is below the threshold too; otherwise the answer is the same token for token."""
+    from localroute.routing.confidence import answer_confidence
+    from localroute.types import EscalationBound
+
+    stopped = 0
+    for prompt in ("Write a long poem about the sea.", "What is 2+2?", "Name a colour."):
+        for threshold in (-0.3, -1.0, -3.0):
+            params = SamplingParams(max_tokens=32, temperature=0, top_logprobs=5)
+            req = GenerationRequest(messages=({"role": "user", "content": prompt},), params=params)
+            full = run(backend.generate(req))
+            bound = EscalationBound(aggregator, threshold, 0.1)
+            early = run(backend.generate(GenerationRequest(messages=req.messages, params=params, escalate_below=bound)))
+            conf = answer_confidence(aggregator, full.tokens, 0.1, full.text)
+            assert conf is not None
+            if "early_exit" in early.extra:
+                stopped += 1
+                assert conf < threshold
+                assert early.completion_tokens < full.completion_tokens or conf < threshold
+                assert [t.logprob for t in early.tokens] == [t.logprob for t in full.tokens[: len(early.tokens)]]
+            else:
+                assert [t.token_id for t in early.tokens] == [t.token_id for t in full.tokens]
+    assert stopped > 0

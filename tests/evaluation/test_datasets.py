@@ -139,3 +139,16 @@ def test_unknown_adapter_and_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         convert("banking77", tmp_path / "nowhere")
     assert set(ADAPTERS) >= {"banking77", "mmlu", "gsm8k", "mt_bench"}
+
+
+def test_choice_sets_carry_the_label_first_system_prompt() -> None:
+    """`data convert` gives every choice row the prompt that puts the label first (issue 18 part 5);
+    the other tasks keep none, and the field round-trips through the JSONL format."""
+    from localroute.evaluation.datasets import LABEL_FIRST
+
+    for name in ("banking77", "tweeteval-sentiment", "mmlu", "bbh"):
+        items = convert(name, DATA, limit=20, seed=1)
+        assert all(it.system == LABEL_FIRST for it in items if it.task == "choice"), name
+    assert all(it.system is None for it in convert("gsm8k", DATA, limit=5, seed=1))
+    item = convert("tweeteval-sentiment", DATA, limit=1, seed=1)[0]
+    assert EvalItem.model_validate(json.loads(item.to_json())).system == LABEL_FIRST

@@ -69,3 +69,23 @@ def test_probability_reading() -> None:
     assert as_probability(np.array([0.0, np.log(0.5)]), "mean_logprob") == pytest.approx([1.0, 0.5])
     assert as_probability(np.array([0.0]), "mean_margin") == pytest.approx([0.5])
     assert as_probability(np.array([-np.inf]), "sum_logprob") == pytest.approx([0.0])
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_rows() -> None:
+    from localroute.evaluation.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+
+    def widths(n: int) -> dict[str, float]:
+        correct = rng.random(n) < 0.5
+        conf = correct + rng.normal(0, 1.0, n)  # a useful but noisy signal
+        cheap = correct.astype(float)
+        ci = bootstrap_intervals(conf, cheap, np.ones(n), correct, n_boot=300)
+        a = auroc(conf, correct)
+        assert ci["auroc"] is not None and ci["auroc"][0] <= a <= ci["auroc"][1]
+        return {k: v[1] - v[0] for k, v in ci.items() if v is not None}
+
+    small, large = widths(40), widths(800)
+    assert large["auroc"] < small["auroc"] and large["apgr"] < small["apgr"]
+    none = bootstrap_intervals(np.zeros(5), np.ones(5), np.ones(5), np.ones(5, dtype=bool), n_boot=50)
+    assert none["auroc"] is None and none["apgr"] is None  # all right: no AUROC, no gap to recover

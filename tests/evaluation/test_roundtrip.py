@@ -117,7 +117,7 @@ def test_eval_calibrate_serve_round_trip(source: str, tmp_path: Path, capsys: py
         threshold = result["threshold"]
         assert -20 < threshold <= 0 and result["certificate"]["holdout"]["n"] == 3
         cal = load_calibration(cal_path)
-        assert cal.aggregator == "mean_logprob" and cal.tiers["cheap"].threshold == threshold
+        assert cal.aggregator == Settings().confidence_aggregator and cal.tiers["cheap"].threshold == threshold
         assert cal.tiers["cheap"].model_sha256 and cal.tiers["cheap"].confidence_quantiles["p50"] <= 0
         assert main(["calibrate", "--run", str(run), "--target-quality", "0.95", "--out",
                      str(tmp_path / "strict.json"), "--json"]) == 0

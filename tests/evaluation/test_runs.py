@@ -24,7 +24,7 @@ from localroute.evaluation.runs import (
     tokens_to_json,
     write_meta,
 )
-from localroute.routing.confidence import AGGREGATORS, TOP_K_NEEDED, confidence
+from localroute.routing.confidence import AGGREGATORS, SIGNALS, TOP_K_NEEDED, confidence
 from localroute.types import TokenLogprob, TopLogprob
 
 TOKENS = [
@@ -85,9 +85,10 @@ def test_run_table_rescores_every_aggregator_from_the_stored_tokens(tmp_path: Pa
     t = RunTable(run)
     assert t.n == 3 and t.n_excluded == 1 and t.generation_errors == 1 and t.alpha == 0.25
     assert t.cheap.tolist() == [1.0, 0.0, 0.0] and t.correct.tolist() == [True, False, False]
-    assert set(t.conf) == set(AGGREGATORS)
-    for name, values in t.conf.items():
-        assert values[0] == values[1] == confidence(name, TOKENS, 0.25)
+    assert set(t.conf) == set(AGGREGATORS) | set(SIGNALS)
+    for name, values in t.conf.items():  # no labels, no structure: the two signals are mean_logprob here
+        expected = confidence("mean_logprob" if name in SIGNALS else name, TOKENS, 0.25)
+        assert values[0] == values[1] == expected
         assert values[2] == float("-inf")  # the failed generation: no evidence, escalated
     assert t.upper_bound
 

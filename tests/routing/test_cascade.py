@@ -9,7 +9,7 @@ import pytest
 from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.routing import CascadeRouter, Tier
 from localroute.routing.base import Routed
-from localroute.types import GenerationRequest
+from localroute.types import EscalationBound, Generation, GenerationRequest, SamplingParams
 from tests.fakes import ScriptedBackend
 
 REQ = GenerationRequest(messages=({"role": "user", "content": "hi"},))
@@ -159,3 +159,86 @@ def test_verified_policy_rejects_a_loop_whatever_the_verifier_says() -> None:
     routed = asyncio.run(VerifiedCascadeRouter([Tier("a", cheap, -5.0), Tier("f", f)], Verifier(judge)).route(REQ))
     assert routed.decision.answered_by == "f" and "a" in routed.decision.evidence["repetition"]
     assert judge.calls == 0  # no verdict asked for an answer already rejected
+
+
+# ---------------------------------------------------------------- early escalation, signals
+
+
+class _Recording(ScriptedBackend):
+    """Scripted tier that keeps the requests it got and adds `extra` to its answers."""
+
+    def __init__(self, *args: object, extra: dict[str, object] | None = None, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.requests: list[GenerationRequest] = []
+        self.extra = extra or {}
+
+    def _generation(self, request: GenerationRequest) -> Generation:
+        self.requests.append(request)
+        gen = super()._generation(request)
+        gen.extra.update(self.extra)
+        return gen
+
+
+def test_non_final_local_tier_gets_the_escalation_bound_and_the_last_tier_none() -> None:
+    a = _Recording("a", "local answer", [-0.2, -0.2])
+    f = _Recording("f", "frontier", [-0.1], local=False)
+    router = CascadeRouter([Tier("a", a, -1.0), Tier("f", f, None)], aggregator="min_logprob", alpha=0.2)
+    asyncio.run(router.route(REQ))
+    assert a.requests[0].escalate_below == EscalationBound("min_logprob", -1.0, 0.2)
+    off = CascadeRouter([Tier("a", a, -1.0), Tier("f", f, None)], early_escalation=False)
+    asyncio.run(off.route(REQ))
+    assert a.requests[-1].escalate_below is None
+
+
+def test_an_answer_stopped_early_escalates_with_its_evidence() -> None:
+    a = _Recording("a", "local", [-0.01], extra={"early_exit": {"after_tokens": 1, "best": -3.0}})
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False)
+    routed = asyncio.run(CascadeRouter([Tier("a", a, -1.0), Tier("f", f, None)]).route(REQ))
+    assert routed.decision.answered_by == "f"
+    assert routed.decision.evidence["early_exit"] == {"a": {"after_tokens": 1, "best": -3.0}}
+
+
+def test_field_confidence_decides_on_the_named_fields_and_shows_every_field() -> None:
+    text = '{"label": "spam", "note": "whatever text"}'
+    a = _Recording("a", text, [-0.01, -0.01, -0.01, -5.0])  # the last piece (the note's tail) is unsure
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False)
+    fmt = {"type": "json_object"}
+    req = GenerationRequest(messages=REQ.messages, params=SamplingParams(response_format=fmt))
+    tiers = [Tier("a", a, -1.0), Tier("f", f, None)]
+    by_label = asyncio.run(CascadeRouter(tiers, "field_confidence", fields={"a": ("label",)}).route(req))
+    assert by_label.decision.answered_by == "a"
+    fields = by_label.decision.evidence["fields"]["a"]
+    assert set(fields) == {"label", "note"} and fields["note"] < -1.0 <= fields["label"]
+    by_all = asyncio.run(CascadeRouter(tiers, "field_confidence").route(req))
+    assert by_all.decision.answered_by == "f"
+
+
+def test_label_evidence_and_label_confidence() -> None:
+    a = _Recording("a", "positive", [-2.0], extra={"label": {"chosen": "positive", "logprob": -0.1, "n_labels": 3}})
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False)
+    routed = asyncio.run(CascadeRouter([Tier("a", a, -0.5), Tier("f", f, None)], "label_confidence").route(REQ))
+    assert routed.decision.answered_by == "a" and routed.decision.confidence == -0.1
+    assert routed.decision.evidence["label"]["a"] == {"chosen": "positive", "logprob": -0.1, "n_labels": 3}
+    with pytest.raises(KeyError):
+        CascadeRouter([Tier("a", a, -0.5)], "no_such_signal")
+
+
+def test_a_tool_call_cut_by_max_tokens_escalates_whatever_its_confidence() -> None:
+    router, a, f = ladder(-0.01)
+    tools = ({"name": "get_weather", "parameters": {"type": "object"}},)
+    cut = GenerationRequest(prompt="weather?", params=SamplingParams(max_tokens=1), tools=tools)
+    routed = asyncio.run(router.route(cut))
+    assert routed.decision.answered_by == "f" and routed.decision.escalated
+    assert routed.decision.evidence["truncated_tool_call"] == {"a": 1}
+    whole = GenerationRequest(prompt="weather?", params=SamplingParams(max_tokens=64), tools=tools)
+    routed = asyncio.run(router.route(whole))  # the same call, finished: confident, kept
+    assert routed.decision.answered_by == "a" and "truncated_tool_call" not in routed.decision.evidence
+
+
+def test_the_early_escalation_bound_is_the_request_category_threshold() -> None:
+    a, f = ScriptedBackend("a", "A", [-0.1]), ScriptedBackend("f", "F", [-0.1], local=False)
+    tier = Tier("a", a, -1.0, category_thresholds={"classify": -3.0})
+    router = CascadeRouter([tier, Tier("f", f, None)])
+    for category, threshold in (("classify", -3.0), ("default", -1.0)):
+        asked = router._tier_request(GenerationRequest(prompt="x", category=category), tier)
+        assert asked.escalate_below is not None and asked.escalate_below.threshold == threshold
