@@ -255,7 +255,7 @@ def test_a_new_calibration_file_is_applied_without_a_restart(tmp_path: Path, wat
     _calibration(cal, -1.0, {"math": -0.3})
     tiers = [Tier("local", ScriptedBackend("local", "4", [-0.5]), None),
              Tier("frontier", ScriptedBackend("frontier", "4", [-0.01], local=False), None)]
-    settings = Settings(calibration_path=cal, calibration_watch_s=watch_s)
+    settings = Settings(calibration_path=cal, calibration_watch_s=watch_s, confidence_aggregator="mean_logprob")
     app = create_app(settings, tiers=tiers)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert _threshold(client, "math") == -0.3 and _threshold(client, "chat") == -1.0
@@ -297,6 +297,7 @@ def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path) -> None:
     tiers = [Tier("local", ScriptedBackend("local", "4", [-0.5]), None),
              Tier("frontier", ScriptedBackend("frontier", "4", [-0.01], local=False), None)]
     settings = Settings(calibration_path=cal, routing_log_path=log, calibration_watch_s=0, auto_recalibrate_s=0.2,
+                        confidence_aggregator="mean_logprob",
                         auto_recalibrate_target=0.9, auto_recalibrate_delta=0.1, auto_recalibrate_min_pairs=30)
     app = create_app(settings, tiers=tiers)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
