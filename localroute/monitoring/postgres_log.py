@@ -411,7 +411,9 @@ class PostgresLogStore:
             .fetchall()
         ]
 
-    def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+    def read_shadow_pairs(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
         """shadow_pairs rows in [since, until), oldest first, each with `feedback_correct`."""
         clauses, args = [], []
         if since is not None:

@@ -38,18 +38,42 @@ def _record(i: int) -> RequestRecord:
     return RequestRecord(f"chatcmpl-{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.01)
 
 
-def _pair(ts: float, request_id: str, agrees: int = 1, rate: float = 1.0, conf: float = -0.2) -> tuple[object, ...]:
+def _pair(
+    ts: float, request_id: str, agrees: int = 1, rate: float = 1.0, conf: float = -0.2
+) -> tuple[object, ...]:
     """A shadow_pairs row (PAIR_COLUMNS)."""
-    return (ts, request_id, "math", "local", conf, -1.0, rate, "all", "scored", "numeric", float(agrees), agrees,
-            None, 0.001, 0.2)
+    return (
+        ts,
+        request_id,
+        "math",
+        "local",
+        conf,
+        -1.0,
+        rate,
+        "all",
+        "scored",
+        "numeric",
+        float(agrees),
+        agrees,
+        None,
+        0.001,
+        0.2,
+    )
 
 
 def _cascade_record(i: int, conf: float = -0.2, category: str = "math") -> RequestRecord:
     from localroute.routing.base import Decision, TierAttempt
 
-    d = Decision("localroute/cascade", "mean_logprob", [TierAttempt("local", conf, -1.0, True)], "local",
-                 evidence={"category": category})
-    return RequestRecord(f"r{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1, decision=d)
+    d = Decision(
+        "localroute/cascade",
+        "mean_logprob",
+        [TierAttempt("local", conf, -1.0, True)],
+        "local",
+        evidence={"category": category},
+    )
+    return RequestRecord(
+        f"r{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1, decision=d
+    )
 
 
 def _same_log(target: str | Path, n: int, spill: Path | None = None) -> list[tuple[object, ...]]:
@@ -57,8 +81,10 @@ def _same_log(target: str | Path, n: int, spill: Path | None = None) -> list[tup
     drawn at two rates), and human feedback overriding the frontier on r1 (correct where it disagreed)."""
     confs = [-0.9 + 0.8 * i / (n - 1) for i in range(n)]
     now = time.time()
-    pairs = [_pair(now + i * 1e-3, f"r{i}", int(i % 4 != 1), 0.5 if i % 2 else 1.0, conf)
-             for i, conf in enumerate(confs)]
+    pairs = [
+        _pair(now + i * 1e-3, f"r{i}", int(i % 4 != 1), 0.5 if i % 2 else 1.0, conf)
+        for i, conf in enumerate(confs)
+    ]
     log = RoutingLog(target, spill_path=spill, batch_s=0.01)
     for i, conf in enumerate(confs):
         log.observe(_cascade_record(i, conf))
@@ -75,7 +101,16 @@ def test_shadow_pairs_written_and_read_back_through_postgres(pg: PostgresServer,
     pairs = _same_log(url, 8)
     got = read_shadow_pairs(url)
     assert [tuple(p[c] for c in PAIR_COLUMNS) for p in got] == pairs
-    assert [p["label"] for p in got] == [1, 1, 1, 1, 1, 0, 1, 1]  # r1: feedback beats the frontier; r5 disagrees
+    assert [p["label"] for p in got] == [
+        1,
+        1,
+        1,
+        1,
+        1,
+        0,
+        1,
+        1,
+    ]  # r1: feedback beats the frontier; r5 disagrees
     assert read_shadow_pairs(url, since=pairs[4][0]) == got[4:]
     store = open_store(url)
     assert isinstance(store, PostgresLogStore)
@@ -87,7 +122,8 @@ def test_shadow_pairs_written_and_read_back_through_postgres(pg: PostgresServer,
     _same_log(sqlite, 8)
     from_sqlite = read_shadow_pairs(sqlite)
     assert [{k: v for k, v in p.items() if k not in ("id", "ts")} for p in from_sqlite] == [
-        {k: v for k, v in p.items() if k not in ("id", "ts")} for p in got]
+        {k: v for k, v in p.items() if k not in ("id", "ts")} for p in got
+    ]
 
 
 def test_live_quality_from_postgres_equals_sqlite(pg: PostgresServer, tmp_path: Path) -> None:
@@ -101,13 +137,17 @@ def test_live_quality_from_postgres_equals_sqlite(pg: PostgresServer, tmp_path: 
     math = from_pg["live_quality"]["categories"]["math"]
     assert math["pairs"] == 40 and math["draws"] == {"scored": 40} and math["answered"] == 40
     # reweighted: the 9 disagreements left (r1 overridden) were all drawn at 0.5, so weigh 2: 1 - 18/60
-    assert math["kept_agreement"] == pytest.approx(0.7) and math["interval"] == "clopper-pearson at Kish effective n"
+    assert (
+        math["kept_agreement"] == pytest.approx(0.7)
+        and math["interval"] == "clopper-pearson at Kish effective n"
+    )
     assert from_pg["live_quality"] == from_sqlite["live_quality"]
     assert from_pg["categories"] == from_sqlite["categories"]
 
 
-def test_calibrate_from_log_reads_postgres(pg: PostgresServer, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_from_log_reads_postgres(
+    pg: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`localroute calibrate --from-log postgresql://...` refits from the pairs stored there, to the
     thresholds the same rows in SQLite give."""
     import json
@@ -123,8 +163,23 @@ def test_calibrate_from_log_reads_postgres(pg: PostgresServer, tmp_path: Path,
     for name, target in (("pg", url), ("sqlite", str(sqlite))):
         cal = tmp_path / f"calibration-{name}.json"
         _calibration(cal, -1.0, {"math": -0.05})
-        assert main(["calibrate", "--from-log", target, "--target-quality", "0.7", "--delta", "0.1",
-                     "--out", str(cal), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--from-log",
+                    target,
+                    "--target-quality",
+                    "0.7",
+                    "--delta",
+                    "0.1",
+                    "--out",
+                    str(cal),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         out[name] = json.loads(capsys.readouterr().out)
     refit = out["pg"]["tiers"]["local"]["math"]
     assert out["pg"]["log"].startswith("postgresql://") and refit["pairs"] == 80 and refit["fallback"] is None
