@@ -342,3 +342,35 @@ def test_a_replica_starts_while_postgres_is_down(pg: PostgresServer, tmp_path: P
     log.close()
     assert sorted(r["request_id"] for r in read_rows(url)) == [f"chatcmpl-{i}" for i in range(4)]
     assert fb.add(FeedbackRequest(request_id="chatcmpl-0", score=1.0))["score"] == 1.0
+
+
+def test_shadow_evaluator_pairs_reach_postgres_through_the_writer(pg: PostgresServer, tmp_path: Path) -> None:
+    """What `serve` wires up with routing_log_url: the shadow evaluator (against a real frontier
+    stand-in on 127.0.0.1) hands its pairs to the routing log's writer, which stores them in PostgreSQL."""
+    import asyncio
+
+    from tests.fault_upstream import Fault, FaultUpstream
+    from tests.monitoring.test_shadow import evaluator, record
+
+    url = _fresh_db(pg, "log_shadow_writer")
+    log = RoutingLog(url, spill_path=tmp_path / "spill.jsonl", batch_s=0.01)
+    with FaultUpstream(Fault(text="Positive.")) as up:
+
+        async def main() -> dict[str, int]:
+            shadow = evaluator(up.url, None, sink=log.add_pairs)
+            shadow.start()
+            shadow.observe(record(1, "positive"))
+            shadow.observe(record(2, "negative"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+    log.close()
+    assert stats["scored"] == 2
+    got = sorted(read_shadow_pairs(url), key=lambda p: p["request_id"])
+    assert [(p["request_id"], p["status"], p["agrees"], p["sample_rate"]) for p in got] == [
+        ("chatcmpl-1", "scored", 1, 1.0),
+        ("chatcmpl-2", "scored", 0, 1.0),
+    ]
+    assert all(p["cost_usd"] > 0 for p in got)
