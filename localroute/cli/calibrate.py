@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--run", type=Path, default=None, help="eval run folder")
     p.add_argument("--from-log", nargs="?", const=True, default=None, metavar="LOG",
                    help="refit the per-category thresholds from the routing log's shadow pairs and feedback "
-                   "(a SQLite file or a postgresql:// URL; default: routing_log_url or routing_log_path) instead of an eval run; needs --target-quality")
+                   "(a SQLite file or a postgresql:// URL; default: routing_log_url or routing_log_path) "
+                   "instead of an eval run; needs --target-quality")
     p.add_argument("--since", default=None, help="--from-log: only the log since then (24h, 7d, ISO 8601)")
     p.add_argument("--per-category", action="store_true",
                    help="also fit one threshold per task category of the run's rows (item meta.localroute_category, "

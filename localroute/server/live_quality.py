@@ -171,7 +171,8 @@ class LiveQualityRuntime:
                         "/metrics, not stored (no report or --from-log on them)")
         return ShadowEvaluator(
             backend=backend, local_tiers={t.name for t in self.service.tiers[:-1]}, rate_of=rate_of,
-            compare=compare, sink=routing_log.add_pairs if routing_log is not None else None, near_rate=s.shadow_near_threshold_rate,
+            compare=compare, sink=routing_log.add_pairs if routing_log is not None else None,
+            near_rate=s.shadow_near_threshold_rate,
             near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
             concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
             default_category=s.default_category)
