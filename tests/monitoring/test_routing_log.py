@@ -177,16 +177,21 @@ def test_repetition_evidence_quotes_the_answer_only_with_log_prompts(tmp_path: P
 
 def test_retention_prunes_old_rows(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
+    from localroute.monitoring.log_report import read_shadow_pairs
+
+    old = time.time() - 10 * 86400
     log = RoutingLog(path)
     log.observe(_record("new", "x"))
+    log.add_pairs([(t, "new", "math", "local", -0.2, -1.0, 1.0, "all", "scored", "numeric", 1.0, 1, None, 0.0, 0.1)
+                   for t in (old, time.time())])
     log.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE requests SET ts = ? WHERE request_id = 'new'", (time.time() - 10 * 86400,))
+    conn.execute("UPDATE requests SET ts = ? WHERE request_id = 'new'", (old,))
     conn.close()
     RoutingLog(path, retention_days=30).close()
-    assert len(read_rows(path)) == 1
+    assert len(read_rows(path)) == 1 and len(read_shadow_pairs(path)) == 2
     RoutingLog(path, retention_days=7).close()
-    assert read_rows(path) == []
+    assert read_rows(path) == [] and [p["ts"] > old + 86400 for p in read_shadow_pairs(path)] == [True]
 
 
 def test_window_filter(tmp_path: Path) -> None:
