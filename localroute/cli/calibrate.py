@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--run", type=Path, default=None, help="eval run folder")
     p.add_argument("--from-log", nargs="?", const=True, default=None, metavar="LOG",
                    help="refit the per-category thresholds from the routing log's shadow pairs and feedback "
-                   "(default log: setting routing_log_path) instead of an eval run; needs --target-quality")
+                   "(a SQLite file or a postgresql:// URL; default: routing_log_url or routing_log_path) "
+                   "instead of an eval run; needs --target-quality")
     p.add_argument("--since", default=None, help="--from-log: only the log since then (24h, 7d, ISO 8601)")
     p.add_argument("--per-category", action="store_true",
                    help="also fit one threshold per task category of the run's rows (item meta.localroute_category, "
@@ -97,9 +98,13 @@ def _from_log(args: argparse.Namespace, settings: Any, out: Path) -> int:
 
     if args.target_quality is None:
         raise ConfigError("--from-log certifies a quality target: give --target-quality", param="target_quality")
-    log = settings.routing_log_path if args.from_log is True else Path(args.from_log)
+    from localroute.monitoring.postgres_log import is_postgres_url
+
+    log = settings.routing_log_target() if args.from_log is True else args.from_log
     if log is None:
-        raise ConfigError("--from-log: no routing log; pass its path or set routing_log_path", param="routing_log_path")
+        raise ConfigError("--from-log: no routing log; pass its path or postgresql:// URL, or set routing_log_path "
+                          "or routing_log_url", param="routing_log_path")
+    log = log if is_postgres_url(log) else Path(log)
     result = calibrate_from_log(log, out, settings, args.target_quality, args.delta, args.min_category_rows,
                                 since=parse_time(args.since) if args.since else None, seed=args.seed)
     if args.json:

@@ -483,23 +483,26 @@ def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin:
     return out
 
 
-def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality: float, delta: float = 0.05,
+def calibrate_from_log(log_path: Path | str, out: Path, settings: Any, target_quality: float, delta: float = 0.05,
                        min_category_rows: int = 30, since: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Refit the per-category thresholds of every local tier from the routing log's shadow pairs
     (and feedback on them), with the same guarantee as offline (`certify_from_log`), delta split
     evenly over the (tier, category) pairs certified; write them into the calibration file (the
     pooled thresholds and fingerprints are kept; with no file yet, the tiers are fingerprinted by
     loading them and the pooled threshold is fitted on all of the log's pairs)."""
-    from localroute.monitoring.log_report import read_rows, read_shadow_pairs
+    from localroute.monitoring.log_report import read_rows, read_shadow_pairs, shown_log
 
     if not 0 < target_quality <= 1 or not 0 < delta < 1:
         raise ConfigError("need 0 < target-quality <= 1 and 0 < delta < 1", param="target_quality")
-    if not Path(log_path).is_file():
+    from localroute.monitoring.postgres_log import is_postgres_url
+
+    if not is_postgres_url(log_path) and not Path(log_path).is_file():
         raise ConfigError(f"routing log not found: {log_path}", param="routing_log_path")
+    shown = shown_log(log_path)
     rows, pairs = read_rows(log_path, since), read_shadow_pairs(log_path, since)
     samples = log_samples(rows, pairs, settings.shadow_near_threshold_margin, settings.default_category)
     if not samples:
-        raise ConfigError(f"routing log {log_path} has no cascade requests to recalibrate from", param="log")
+        raise ConfigError(f"routing log {shown} has no cascade requests to recalibrate from", param="log")
     cal_file = load_calibration(out) if out.is_file() else _new_calibration(settings, samples)
     certify = [k for k, s in samples.items() if len(s.confidence) >= min_category_rows and k[0] in cal_file.tiers]
     share = delta / max(1, len(certify))
@@ -536,7 +539,7 @@ def calibrate_from_log(log_path: Path, out: Path, settings: Any, target_quality:
                                             "fallback": c.fallback, "certificate": c.certificate.model_dump()}
     cal_file.created_at = datetime.now(UTC).isoformat(timespec="seconds")
     write_calibration(cal_file, out)
-    return {"calibration_file": str(out), "log": str(log_path), "target_quality": target_quality, "delta": delta,
+    return {"calibration_file": str(out), "log": shown, "target_quality": target_quality, "delta": delta,
             "certified": len(certify), "tiers": result}
 
 

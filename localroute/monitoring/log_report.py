@@ -22,7 +22,7 @@ from localroute.routing.training import LabelledQueries
 
 __all__ = ["category_summary", "escalation_health", "from_routing_log", "live_quality", "live_quality_series",
            "read_calibration", "read_rows", "read_shadow_pairs", "report", "review_summary", "row_category",
-           "summarize"]
+           "shown_log", "summarize"]
 
 
 def read_rows(path: Path | str, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
@@ -202,7 +202,7 @@ def report(path: Path | str, since: float | None = None, until: float | None = N
     calibration = read_calibration(calibration_path)  # a broken file fails before any work
     rows = read_rows(path, since, until)
     summary = summarize(rows, bucket, calibration)
-    summary["log"] = _shown(path)
+    summary["log"] = shown_log(path)
     summary["window"] = {"since": since, "until": until}
     summary["review"] = review_summary(path)
     summary["categories"] = category_summary(rows)
@@ -271,10 +271,10 @@ def from_routing_log(db: Path | str, tiers: list[str]) -> LabelledQueries:
         labels.append(label)
         ids.append(str(request_id))
     return LabelledQueries(texts, list(tiers), np.asarray(labels, dtype=np.float32).reshape(-1, len(tiers)),
-                           f"log:{_shown(db)}", skipped, ids)
+                           f"log:{shown_log(db)}", skipped, ids)
 
 
-def _shown(target: Path | str) -> str:
+def shown_log(target: Path | str) -> str:
     """The log's name for output: a URL without its password."""
     from localroute.monitoring.routing_log import open_store
 
@@ -293,38 +293,19 @@ def _last_user(logged: str) -> str:
 # ---------- live quality (issue 19): shadow pairs and categories ----------
 
 
-def _ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def read_shadow_pairs(path: Path, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+def read_shadow_pairs(path: Path | str, since: float | None = None,
+                      until: float | None = None) -> list[dict[str, Any]]:
     """The shadow_pairs rows in [since, until), oldest first, each with `label`: the human feedback's
-    `correct` on that request when there is one (it beats the frontier), else `agrees`. An older log
-    without the table reads as no pairs."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    conn = _ro(path)
+    `correct` on that request when there is one (it beats the frontier), else `agrees`. `path`: a
+    SQLite file or a postgresql:// URL, read through the log's store without migrating; an older
+    SQLite log without the table reads as no pairs."""
+    from localroute.monitoring.routing_log import open_store
+
+    store = open_store(path, read_only=True)
     try:
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("p.ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("p.ts < ?")
-            args.append(until)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = ("SELECT p.*, (SELECT f.correct FROM feedback f WHERE f.request_id = p.request_id AND f.correct "
-               f"IS NOT NULL ORDER BY f.ts DESC LIMIT 1) AS feedback_correct FROM shadow_pairs p{where} ORDER BY p.ts")
-        rows = [dict(r) for r in conn.execute(sql, args)]
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
+        rows = store.read_shadow_pairs(since, until)
     finally:
-        conn.close()
+        store.close()
     for r in rows:
         fb = r.get("feedback_correct")
         r["label"] = int(fb) if fb is not None else r.get("agrees")

@@ -5,11 +5,11 @@ migrations: `POSTGRES_MIGRATIONS` has one entry per name in routing_log's `MIGRA
 store refuses to open while one is missing (a new SQLite migration, e.g. a new table, needs its
 PostgreSQL twin here). Both record what they applied in `_migrations`.
 
-- `requests` and `feedback` are range-partitioned by day on `ts` (epoch seconds, as in SQLite).
+- `requests`, `feedback` and `shadow_pairs` are range-partitioned by day on `ts` (epoch seconds, as in SQLite).
   Retention drops whole day partitions older than `routing_log_retention_days`: the disk comes
   back at once, with no DELETE and no VACUUM. Partitions for today and the next two days are made
   at start-up and hourly, and for any other day a batch holds before it is written.
-- `(request_id, ts)` is unique, and rows are inserted `ON CONFLICT DO NOTHING`, so a spilled batch
+- `(request_id, ts)` is unique (requests, shadow_pairs), and rows are inserted `ON CONFLICT DO NOTHING`, so a spilled batch
   replayed twice (routing_log.py) is stored once.
 - Replicas starting together serialise migrations and partition creation on an advisory lock.
 """
@@ -26,7 +26,14 @@ from localroute.errors import ConfigError, MissingExtraError
 __all__ = ["POSTGRES_MIGRATIONS", "PostgresLogStore", "is_postgres_url"]
 
 LOCK_ID = 7_262_020  # pg_advisory_xact_lock key for migrations and partition DDL
-PARTITIONED = ("requests", "feedback")
+PARTITIONED = ("requests", "feedback", "shadow_pairs")
+
+# both engines' read of the shadow pairs, with the latest feedback's `correct` on each pair's request
+SHADOW_PAIRS_SQL = (
+    "SELECT p.*, (SELECT f.correct FROM feedback f WHERE f.request_id = p.request_id AND "
+    "f.correct IS NOT NULL ORDER BY f.ts DESC LIMIT 1) AS feedback_correct FROM shadow_pairs p"
+    "{where} ORDER BY p.ts"
+)
 
 # name -> SQL, one per routing_log.MIGRATIONS name. Append only, as there.
 POSTGRES_MIGRATIONS: dict[str, str] = {
@@ -97,7 +104,7 @@ POSTGRES_MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX responses_ts ON responses(ts)
     """,
-    # issue 19's shadow evaluation; its writer and readers use the SQLite log only for now
+    # issue 19's shadow evaluation (made day-partitioned by 008)
     "007_shadow_pairs": """
         CREATE TABLE shadow_pairs (
             id BIGSERIAL PRIMARY KEY,
@@ -119,6 +126,35 @@ POSTGRES_MIGRATIONS: dict[str, str] = {
         );
         CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
         CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier)
+    """,
+    # shadow pairs written through the store (routing_log.py RoutingLog.add_pairs): day-partitioned
+    # like requests, for retention by dropping partitions, and unique on (request_id, ts) for
+    # ON CONFLICT DO NOTHING replays. 007's table is dropped, not copied: before this migration no
+    # writer stored pairs in PostgreSQL (they were only counted in /metrics), so it is empty.
+    "008_shadow_pairs_through_store": """
+        DROP TABLE shadow_pairs;
+        CREATE TABLE shadow_pairs (
+            id BIGINT GENERATED ALWAYS AS IDENTITY,
+            ts DOUBLE PRECISION NOT NULL,
+            request_id TEXT NOT NULL,
+            category TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            confidence DOUBLE PRECISION,
+            threshold DOUBLE PRECISION,
+            sample_rate DOUBLE PRECISION NOT NULL,
+            stratum TEXT,
+            status TEXT NOT NULL,
+            scorer TEXT,
+            score DOUBLE PRECISION,
+            agrees INTEGER,
+            error TEXT,
+            cost_usd DOUBLE PRECISION,
+            frontier_latency_s DOUBLE PRECISION,
+            PRIMARY KEY (id, ts)
+        ) PARTITION BY RANGE (ts);
+        CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
+        CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier);
+        CREATE UNIQUE INDEX shadow_pairs_request_ts ON shadow_pairs(request_id, ts)
     """,
 }
 
@@ -146,7 +182,12 @@ class PostgresLogStore:
     engine = "postgresql"
 
     def __init__(
-        self, url: str, columns: Sequence[str], migration_names: Sequence[str], connect_timeout_s: float = 5.0
+        self,
+        url: str,
+        columns: Sequence[str],
+        migration_names: Sequence[str],
+        pair_columns: Sequence[str] = (),
+        connect_timeout_s: float = 5.0,
     ) -> None:
         missing = [n for n in migration_names if n not in POSTGRES_MIGRATIONS]
         if missing:
@@ -157,6 +198,7 @@ class PostgresLogStore:
             )
         self.url = url
         self.columns = tuple(columns)
+        self.pair_columns = tuple(pair_columns)
         self.migration_names = list(migration_names)
         self.connect_timeout_s = connect_timeout_s
         self._conn: Any = None
@@ -218,7 +260,7 @@ class PostgresLogStore:
         return applied
 
     def ensure_partitions(self, timestamps: Iterable[float]) -> None:
-        """Day partitions of both partitioned tables for every day in `timestamps`."""
+        """Day partitions of every partitioned table for every day in `timestamps`."""
         wanted = []
         for ts in timestamps:
             day = _day(ts)
@@ -281,6 +323,18 @@ class PostgresLogStore:
         sql = (
             f"INSERT INTO requests ({', '.join(self.columns)}) VALUES ({', '.join(['%s'] * len(self.columns))}) "
             "ON CONFLICT DO NOTHING"
+        )
+        conn = self.conn()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(sql, [tuple(r) for r in rows])
+
+    def insert_pairs(self, rows: Sequence[Sequence[Any]]) -> None:
+        """shadow_pairs rows (`pair_columns`); one already stored (a replay) is ignored."""
+        ts_index = self.pair_columns.index("ts")
+        self.ensure_partitions(r[ts_index] for r in rows)
+        sql = (
+            f"INSERT INTO shadow_pairs ({', '.join(self.pair_columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(self.pair_columns))}) ON CONFLICT DO NOTHING"
         )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
@@ -356,3 +410,19 @@ class PostgresLogStore:
             )
             .fetchall()
         ]
+
+    def read_shadow_pairs(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        """shadow_pairs rows in [since, until), oldest first, each with `feedback_correct`."""
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("p.ts >= %s")
+            args.append(since)
+        if until is not None:
+            clauses.append("p.ts < %s")
+            args.append(until)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        cur = self.conn().execute(SHADOW_PAIRS_SQL.format(where=where), args)
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]

@@ -10,6 +10,8 @@ the summaries `localroute report` prints are log_report.py's.
 - Rows are built on the response path (cheap: numbers and a little JSON) and written in batches
   by one writer thread (`routing_log_batch_s`); `close()` drains the queue, so a completed
   response's row is not lost on shutdown.
+- Shadow pairs (monitoring/shadow.py, `add_pairs`) take the same way: queued, batched with the
+  request rows, spilled and replayed.
 - A batch the store refuses (PostgreSQL down, a locked disk) is appended to a local spill file
   (`routing_log_spill_path`, fsynced) and replayed in order once the store takes writes again;
   the PostgreSQL insert ignores a row already stored, so a replay never doubles one.
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from localroute.monitoring.postgres_log import SHADOW_PAIRS_SQL
 from localroute.redaction import redact
 from localroute.routing.base import finite
 
@@ -40,7 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIGRATIONS", "LogStore", "RoutingLog", "SQLiteLogStore", "migrate", "open_store", "redact"]
+__all__ = ["MIGRATIONS", "PAIR_COLUMNS", "LogStore", "RoutingLog", "SQLiteLogStore", "migrate", "open_store",
+           "redact"]
 
 # (name, SQL). Append only: a released migration is never edited, renamed or reordered.
 MIGRATIONS: list[tuple[str, str]] = [
@@ -139,6 +143,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
         CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier)
     """),
+    # shadow pairs go through the writer (batched, spilled, replayed) on both engines: one pair per
+    # (request_id, ts), so a replayed batch is stored once (PostgreSQL: the table becomes day-partitioned)
+    ("008_shadow_pairs_through_store", """
+        DELETE FROM shadow_pairs WHERE id NOT IN (SELECT MIN(id) FROM shadow_pairs GROUP BY request_id, ts);
+        CREATE UNIQUE INDEX shadow_pairs_request_ts ON shadow_pairs(request_id, ts)
+    """),
 ]
 
 COLUMNS = (
@@ -147,6 +157,13 @@ COLUMNS = (
     "counterfactual_cost_usd", "energy_j", "gpu_utilization_ratio", "gpu_power_w", "disconnected",
     "prompt_text", "answer_text", "evidence",
 )
+
+# the shadow_pairs columns a writer fills (monitoring/shadow.py builds the rows)
+PAIR_COLUMNS = ("ts", "request_id", "category", "tier", "confidence", "threshold", "sample_rate", "stratum",
+                "status", "scorer", "score", "agrees", "error", "cost_usd", "frontier_latency_s")
+
+# tables the writer appends to: a queued or spilled row names one (requests when it names none)
+TABLES = ("requests", "shadow_pairs")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -194,6 +211,8 @@ class LogStore(Protocol):
 
     def insert(self, rows: Sequence[Sequence[Any]]) -> None: ...
 
+    def insert_pairs(self, rows: Sequence[Sequence[Any]]) -> None: ...
+
     def prune(self, retention_days: float | None) -> int: ...
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None: ...
@@ -209,6 +228,8 @@ class LogStore(Protocol):
     def review_queue(self, pending_only: bool = True, limit: int = 100) -> list[tuple[Any, ...]]: ...
 
     def labelled(self) -> list[tuple[Any, ...]]: ...
+
+    def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
 
     def reset(self) -> None: ...
 
@@ -253,8 +274,15 @@ class SQLiteLogStore:
         return migrate(self.conn())
 
     def insert(self, rows: Sequence[Sequence[Any]]) -> None:
+        self._insert(f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+
+    def insert_pairs(self, rows: Sequence[Sequence[Any]]) -> None:
+        """shadow_pairs rows (PAIR_COLUMNS); one already stored (a replay) is ignored."""
+        self._insert(f"INSERT OR IGNORE INTO shadow_pairs ({', '.join(PAIR_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(PAIR_COLUMNS))})", rows)
+
+    def _insert(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         conn = self.conn()
-        sql = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(sql, rows)
@@ -266,7 +294,9 @@ class SQLiteLogStore:
     def prune(self, retention_days: float | None) -> int:
         if retention_days is None:
             return 0
-        cur = self.conn().execute("DELETE FROM requests WHERE ts < ?", (time.time() - retention_days * 86400,))
+        cutoff = time.time() - retention_days * 86400
+        cur = self.conn().execute("DELETE FROM requests WHERE ts < ?", (cutoff,))
+        self.conn().execute("DELETE FROM shadow_pairs WHERE ts < ?", (cutoff,))
         return int(cur.rowcount or 0)
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
@@ -320,13 +350,35 @@ class SQLiteLogStore:
             "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
             "GROUP BY r.request_id, r.prompt_text, r.tier").fetchall()]
 
+    def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        """shadow_pairs rows in [since, until), oldest first, each with `feedback_correct` (the latest
+        feedback's `correct` on its request, or None). A log older than the table reads as none."""
+        if not self.path.is_file():
+            return []
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("p.ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("p.ts < ?")
+            args.append(until)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        try:
+            cur = self.conn().execute(SHADOW_PAIRS_SQL.format(where=where), args)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
 
 def open_store(target: str | Path, read_only: bool = False) -> LogStore:
     """The store for a postgresql:// URL or a SQLite path (not yet connected)."""
     from localroute.monitoring.postgres_log import PostgresLogStore, is_postgres_url
 
     if is_postgres_url(target):
-        return PostgresLogStore(str(target), COLUMNS, [name for name, _ in MIGRATIONS])
+        return PostgresLogStore(str(target), COLUMNS, [name for name, _ in MIGRATIONS], PAIR_COLUMNS)
     return SQLiteLogStore(Path(target), read_only=read_only)
 
 
@@ -362,7 +414,7 @@ class RoutingLog:
             self._migrated = False
         else:
             self._migrated = True
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # the store and the spill file: the writer's, or close()'s
         if self.store.engine == "sqlite":
@@ -377,9 +429,20 @@ class RoutingLog:
         """Build the row now (cheap) and queue it; never raises into the request."""
         if self._closed:
             log.warning("routing log closed; row for %s written synchronously", rec.request_id)
-            self._write_now([self.row(rec)])
+            self._write_now([("requests", self.row(rec))])
             return
-        self._queue.put(self.row(rec))
+        self._queue.put(("requests", self.row(rec)))
+
+    def add_pairs(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Queue shadow_pairs rows (PAIR_COLUMNS, monitoring/shadow.py) for the writer: batched with
+        the request rows, spilled and replayed as they are. Never waits on the database."""
+        items = [("shadow_pairs", tuple(r)) for r in rows]
+        if self._closed:
+            log.warning("routing log closed; %d shadow pairs written synchronously", len(items))
+            self._write_now(items)
+            return
+        for item in items:
+            self._queue.put(item)
 
     def row(self, rec: RequestRecord) -> tuple[Any, ...]:
         cost: RequestCost | None = rec.extra.get("cost")
@@ -472,36 +535,51 @@ class RoutingLog:
         with self._lock:
             self.store.close()
 
-    def _write(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert (after any spilled rows, to keep their order), or spill."""
-        if self._spilled() and not self._replay():
-            self._spill(rows)
-            return
+    def _insert(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Insert (table, row) items: the request rows, then the shadow pairs, each in order, in
+        transactions of up to 512 rows. On an error the exception's `pending` holds the items not
+        stored (so a spill does not store a committed part twice)."""
+        by_table = {t: [r for tt, r in items if tt == t] for t in TABLES}
+        stored = dict.fromkeys(TABLES, 0)
         try:
             if not self._migrated:
                 self.applied = self.store.migrate()
                 self._migrated = True
-            self.store.insert(rows)
+            for table, insert in (("requests", self.store.insert), ("shadow_pairs", self.store.insert_pairs)):
+                rows = by_table[table]
+                for i in range(0, len(rows), 512):
+                    insert(rows[i:i + 512])
+                    stored[table] = min(len(rows), i + 512)
+        except Exception as exc:
+            exc.pending = [(t, r) for t in TABLES for r in by_table[t][stored[t]:]]  # type: ignore[attr-defined]
+            raise
+
+    def _write(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Insert (after any spilled rows, to keep their order), or spill."""
+        if self._spilled() and not self._replay():
+            self._spill(items)
+            return
+        try:
+            self._insert(items)
         except Exception as exc:
             self.store.reset()
+            pending = getattr(exc, "pending", items)
             if self.spill_path is None:
-                log.exception("routing log write failed (%d rows lost)", len(rows))
+                log.exception("routing log write failed (%d rows lost)", len(pending))
                 return
             log.warning("routing log %s unavailable (%s); %d rows spilled to %s", self.store.target,
-                        type(exc).__name__, len(rows), self.spill_path)
-            self._spill(rows)
+                        type(exc).__name__, len(pending), self.spill_path)
+            self._spill(pending)
 
     def _spilled(self) -> bool:
         return self.spill_path is not None and self.spill_path.is_file() and self.spill_path.stat().st_size > 0
 
-    def _spill(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _spill(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Append items to the spill file: a request row as a JSON list (the format before shadow
+        pairs were spilled too), another table's row as {"table": row}."""
         assert self.spill_path is not None
-        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spill_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(list(r)) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        self.spilled_total += len(rows)
+        _append_lines(self.spill_path, items)
+        self.spilled_total += len(items)
 
     def _replay(self) -> bool:
         """Write the spill file's rows; True when it is empty afterwards."""
@@ -509,29 +587,39 @@ class RoutingLog:
             return True
         assert self.spill_path is not None
         lines = self.spill_path.read_text(encoding="utf-8").splitlines()
-        rows = []
+        rows: list[tuple[str, tuple[Any, ...]]] = []
         for line in lines:
             try:
-                rows.append(tuple(json.loads(line)))
+                value = json.loads(line)
             except ValueError:  # a line cut by a crash mid-write
                 log.warning("routing log spill: skipping an unreadable line")
+                continue
+            if isinstance(value, list):
+                rows.append(("requests", tuple(value)))
+            elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in TABLES:
+                table, row = next(iter(value.items()))
+                rows.append((table, tuple(row)))
+            else:
+                log.warning("routing log spill: skipping a line of an unknown shape")
         try:
-            if not self._migrated:
-                self.applied = self.store.migrate()
-                self._migrated = True
-            for i in range(0, len(rows), 512):
-                self.store.insert(rows[i:i + 512])
-        except Exception:
+            self._insert(rows)
+        except Exception as exc:
             self.store.reset()
+            pending = getattr(exc, "pending", rows)
+            if len(pending) < len(rows):  # keep only what is not stored yet
+                tmp = self.spill_path.with_name(self.spill_path.name + ".tmp")
+                tmp.unlink(missing_ok=True)
+                _append_lines(tmp, pending)
+                os.replace(tmp, self.spill_path)
             return False
         self.spill_path.write_text("", encoding="utf-8")
         self.replayed_total += len(rows)
         log.info("routing log: %d spilled rows replayed into %s", len(rows), self.store.target)
         return True
 
-    def _write_now(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _write_now(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
-            self._write(rows)
+            self._write(items)
 
     def flush(self) -> None:
         """Block until every queued row is on disk."""
@@ -561,6 +649,15 @@ class RoutingLog:
     def stats(self) -> dict[str, Any]:
         return {"engine": self.store.engine, "spilled_total": self.spilled_total,
                 "replayed_total": self.replayed_total, "spill_pending": self._spilled()}
+
+
+def _append_lines(path: Path, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """Spill file lines, fsynced: a request row as a JSON list, another table's as {table: row}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(list(r) if t == "requests" else {t: list(r)}) + "\n" for t, r in items)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _request_text(request: Any) -> str:

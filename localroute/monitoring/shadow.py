@@ -1,6 +1,8 @@
 """Shadow evaluation (issue 19): a random share of the locally accepted answers is also asked of
 the frontier, off the response path, and the two answers are compared with the category's scorer;
-each draw is a row of the routing log's `shadow_pairs` table.
+each draw is a row of the routing log's `shadow_pairs` table, handed to the routing log's writer
+(`RoutingLog.add_pairs`: batched, spilled and replayed when the database is down, on SQLite or
+PostgreSQL alike).
 
 Off the response path means: the draw happens in an observer, which runs after the client's answer
 was sent (serving.py hands records over in the response's background task, or when a stream has
@@ -39,17 +41,19 @@ from prometheus_client.registry import Collector
 from localroute.backends.budget import SpendBudget
 from localroute.errors import LocalrouteError
 from localroute.monitoring.record import RequestRecord
+from localroute.monitoring.routing_log import PAIR_COLUMNS, open_store
 from localroute.types import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CategoryMetrics", "Draw", "LiveQuality", "ShadowEvaluator", "clopper_pearson", "insert_pairs"]
+__all__ = ["PAIR_COLUMNS", "CategoryMetrics", "Draw", "LiveQuality", "PairSink", "ShadowEvaluator", "clopper_pearson",
+           "insert_pairs"]
 
 # (category, local answer, frontier answer) -> (scorer name, (score, agrees) or None if not comparable)
 Compare = Callable[[str, str, str], tuple[str, tuple[float, bool] | None]]
 
-PAIR_COLUMNS = ("ts", "request_id", "category", "tier", "confidence", "threshold", "sample_rate", "stratum",
-                "status", "scorer", "score", "agrees", "error", "cost_usd", "frontier_latency_s")
+# a shadow_pairs row's columns (routing_log.PAIR_COLUMNS) -> nothing; must not wait on a database
+PairSink = Callable[[list[tuple[Any, ...]]], None]
 
 
 def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -80,18 +84,15 @@ class Draw:
     ts: float
 
 
-def insert_pairs(path: Path, rows: list[tuple[Any, ...]]) -> None:
-    """Append shadow_pairs rows (the routing log's migrations created the table)."""
-    from localroute.monitoring.routing_log import connect
-
-    conn = connect(path)
+def insert_pairs(target: Path | str, rows: list[tuple[Any, ...]]) -> None:
+    """Append shadow_pairs rows (PAIR_COLUMNS) to the routing log at `target` (a SQLite path or a
+    postgresql:// URL; its migrations created the table) at once, in the calling thread. `serve`
+    queues them on the routing log's writer instead (RoutingLog.add_pairs)."""
+    store = open_store(target)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(f"INSERT INTO shadow_pairs ({', '.join(PAIR_COLUMNS)}) "
-                         f"VALUES ({', '.join('?' * len(PAIR_COLUMNS))})", rows)
-        conn.execute("COMMIT")
+        store.insert_pairs(rows)
     finally:
-        conn.close()
+        store.close()
 
 
 class LiveQuality:
@@ -177,7 +178,8 @@ class ShadowEvaluator:
     docstring). `start()` on the serving loop; `aclose()` stops the workers (pending draws dropped)."""
 
     def __init__(self, *, backend: Any, local_tiers: set[str], rate_of: Callable[[str], float],
-                 compare: Compare, log_path: Path | None, near_rate: float | None = None,
+                 compare: Compare, log_path: Path | str | None = None, sink: PairSink | None = None,
+                 near_rate: float | None = None,
                  near_margin: float = 0.5, queue_size: int = 64, concurrency: int = 2, timeout_s: float = 30.0,
                  budget: SpendBudget | None = None, metrics: CategoryMetrics | None = None,
                  default_category: str = "default", rng: random.Random | None = None) -> None:
@@ -186,6 +188,7 @@ class ShadowEvaluator:
         self.rate_of = rate_of
         self.compare = compare
         self.log_path = log_path
+        self.sink = sink  # the routing log's writer queue; else, with log_path, inserted from a thread
         self.near_rate, self.near_margin = near_rate, near_margin
         self.queue_size, self.concurrency, self.timeout_s = queue_size, concurrency, timeout_s
         self.budget = budget
@@ -333,7 +336,9 @@ class ShadowEvaluator:
         row = (draw.ts, draw.request.request_id.removeprefix("shadow-"), draw.category, draw.tier, draw.confidence,
                draw.threshold, draw.sample_rate, draw.stratum, status, scorer, score,
                None if agrees is None else int(agrees), error, cost, round(latency, 6))
-        if self.log_path is not None:
+        if self.sink is not None:
+            self.sink([row])
+        elif self.log_path is not None:
             await asyncio.to_thread(insert_pairs, self.log_path, [row])
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:

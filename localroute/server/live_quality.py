@@ -109,8 +109,9 @@ class LiveQualityRuntime:
                 self.shadow.start()
                 svc.observers.append(self.shadow)
         if path is not None and self.settings.auto_recalibrate_s > 0:
-            if self.settings.auto_recalibrate_target is None or self.settings.routing_log_path is None:
-                raise ConfigError("auto_recalibrate_s needs auto_recalibrate_target and routing_log_path",
+            if self.settings.auto_recalibrate_target is None or self.settings.routing_log_target() is None:
+                raise ConfigError("auto_recalibrate_s needs auto_recalibrate_target and the routing log "
+                                  "(routing_log_path or routing_log_url)",
                                   param="auto_recalibrate_target")
             self._auto = asyncio.get_running_loop().create_task(self._auto_recalibrate(path),
                                                                 name="localroute-auto-recalibrate")
@@ -163,14 +164,15 @@ class LiveQualityRuntime:
             scorer = cat.scorer if cat is not None else "exact"
             return scorer, agreement(scorer, local, frontier, cat.choices if cat is not None else None)
 
-        log_path = s.routing_log_path
-        if s.routing_log_url is not None:
-            log.warning("shadow pairs are stored in the SQLite routing log only: with routing_log_url they are "
-                        "counted in /metrics but not stored (no report or --from-log on them)")
-            log_path = None
+        monitoring = self.service.monitoring
+        routing_log = monitoring.routing_log if monitoring is not None else None
+        if routing_log is None:
+            log.warning("shadow_sample_rate is set but there is no routing log: shadow pairs are counted in "
+                        "/metrics, not stored (no report or --from-log on them)")
         return ShadowEvaluator(
             backend=backend, local_tiers={t.name for t in self.service.tiers[:-1]}, rate_of=rate_of,
-            compare=compare, log_path=log_path, near_rate=s.shadow_near_threshold_rate,
+            compare=compare, sink=routing_log.add_pairs if routing_log is not None else None,
+            near_rate=s.shadow_near_threshold_rate,
             near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
             concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
             default_category=s.default_category)
@@ -206,7 +208,8 @@ class LiveQualityRuntime:
         from localroute.evaluation.thresholds import calibrate_from_log
 
         s = self.settings
-        assert s.routing_log_path is not None and s.auto_recalibrate_target is not None
+        target = s.routing_log_target()
+        assert target is not None and s.auto_recalibrate_target is not None
         while True:
             await asyncio.sleep(s.auto_recalibrate_s)
             if not path.is_file():
@@ -217,7 +220,7 @@ class LiveQualityRuntime:
             try:
                 if monitoring is not None and monitoring.routing_log is not None:
                     await asyncio.to_thread(monitoring.routing_log.flush)
-                result = await asyncio.to_thread(calibrate_from_log, s.routing_log_path, path, s,
+                result = await asyncio.to_thread(calibrate_from_log, target, path, s,
                                                  s.auto_recalibrate_target, s.auto_recalibrate_delta,
                                                  s.auto_recalibrate_min_pairs)
             except ConfigError as exc:

@@ -1,6 +1,7 @@
 """The routing log in a real PostgreSQL (tests/services.py): the same named migrations as SQLite,
-rows and feedback written and read through the same interface, day partitions dropped by
-retention, and rows spilled while the server is down and replayed, none lost."""
+rows, feedback and shadow pairs written and read through the same interface, live quality and
+`calibrate --from-log` equal to the same rows in SQLite, day partitions dropped by retention, and
+rows and pairs spilled while the server is down and replayed, none lost or doubled."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from localroute.monitoring.feedback import FeedbackRequest, FeedbackStore
-from localroute.monitoring.log_report import read_rows, report
+from localroute.monitoring.log_report import read_rows, read_shadow_pairs, report
 from localroute.monitoring.postgres_log import POSTGRES_MIGRATIONS, PostgresLogStore
 from localroute.monitoring.record import RequestRecord
-from localroute.monitoring.routing_log import COLUMNS, MIGRATIONS, RoutingLog, open_store
+from localroute.monitoring.routing_log import COLUMNS, MIGRATIONS, PAIR_COLUMNS, RoutingLog, open_store
 from tests.services import PostgresServer, postgres_server
 
 
@@ -35,6 +36,181 @@ def _fresh_db(pg: PostgresServer, name: str) -> str:
 
 def _record(i: int) -> RequestRecord:
     return RequestRecord(f"chatcmpl-{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.01)
+
+
+def _pair(
+    ts: float, request_id: str, agrees: int = 1, rate: float = 1.0, conf: float = -0.2
+) -> tuple[object, ...]:
+    """A shadow_pairs row (PAIR_COLUMNS)."""
+    return (
+        ts,
+        request_id,
+        "math",
+        "local",
+        conf,
+        -1.0,
+        rate,
+        "all",
+        "scored",
+        "numeric",
+        float(agrees),
+        agrees,
+        None,
+        0.001,
+        0.2,
+    )
+
+
+def _cascade_record(i: int, conf: float = -0.2, category: str = "math") -> RequestRecord:
+    from localroute.routing.base import Decision, TierAttempt
+
+    d = Decision(
+        "localroute/cascade",
+        "mean_logprob",
+        [TierAttempt("local", conf, -1.0, True)],
+        "local",
+        evidence={"category": category},
+    )
+    return RequestRecord(
+        f"r{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1, decision=d
+    )
+
+
+def _same_log(target: str | Path, n: int, spill: Path | None = None) -> list[tuple[object, ...]]:
+    """n cascade requests of category math answered locally, every one shadowed (3 of 4 agreeing,
+    drawn at two rates), and human feedback overriding the frontier on r1 (correct where it disagreed)."""
+    confs = [-0.9 + 0.8 * i / (n - 1) for i in range(n)]
+    now = time.time()
+    pairs = [
+        _pair(now + i * 1e-3, f"r{i}", int(i % 4 != 1), 0.5 if i % 2 else 1.0, conf)
+        for i, conf in enumerate(confs)
+    ]
+    log = RoutingLog(target, spill_path=spill, batch_s=0.01)
+    for i, conf in enumerate(confs):
+        log.observe(_cascade_record(i, conf))
+    log.add_pairs(pairs)
+    log.close()
+    FeedbackStore(target).add(FeedbackRequest(request_id="r1", correct=True))
+    return pairs
+
+
+def test_shadow_pairs_written_and_read_back_through_postgres(pg: PostgresServer, tmp_path: Path) -> None:
+    """Pairs queued on the routing log's writer land in PostgreSQL's day-partitioned table, read back
+    as SQLite's are (same columns, oldest first, with the feedback's label); a replay is stored once."""
+    url = _fresh_db(pg, "log_pairs")
+    pairs = _same_log(url, 8)
+    got = read_shadow_pairs(url)
+    assert [tuple(p[c] for c in PAIR_COLUMNS) for p in got] == pairs
+    assert [p["label"] for p in got] == [
+        1,
+        1,
+        1,
+        1,
+        1,
+        0,
+        1,
+        1,
+    ]  # r1: feedback beats the frontier; r5 disagrees
+    assert read_shadow_pairs(url, since=pairs[4][0]) == got[4:]
+    store = open_store(url)
+    assert isinstance(store, PostgresLogStore)
+    assert len(store.partitions("shadow_pairs")) >= 3
+    store.insert_pairs(pairs[:3])  # a spilled batch replayed twice
+    assert len(store.read_shadow_pairs()) == 8
+    store.close()
+    sqlite = tmp_path / "routing.db"
+    _same_log(sqlite, 8)
+    from_sqlite = read_shadow_pairs(sqlite)
+    assert [{k: v for k, v in p.items() if k not in ("id", "ts")} for p in from_sqlite] == [
+        {k: v for k, v in p.items() if k not in ("id", "ts")} for p in got
+    ]
+
+
+def test_live_quality_from_postgres_equals_sqlite(pg: PostgresServer, tmp_path: Path) -> None:
+    """`localroute report`'s live quality on a PostgreSQL log is the one of the same rows in SQLite."""
+    url = _fresh_db(pg, "log_live_quality")
+    sqlite = tmp_path / "routing.db"
+    _same_log(url, 40)
+    _same_log(sqlite, 40)
+    from_pg, _ = report(url)
+    from_sqlite, _ = report(sqlite)
+    math = from_pg["live_quality"]["categories"]["math"]
+    assert math["pairs"] == 40 and math["draws"] == {"scored": 40} and math["answered"] == 40
+    # reweighted: the 9 disagreements left (r1 overridden) were all drawn at 0.5, so weigh 2: 1 - 18/60
+    assert (
+        math["kept_agreement"] == pytest.approx(0.7)
+        and math["interval"] == "clopper-pearson at Kish effective n"
+    )
+    assert from_pg["live_quality"] == from_sqlite["live_quality"]
+    assert from_pg["categories"] == from_sqlite["categories"]
+
+
+def test_calibrate_from_log_reads_postgres(
+    pg: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`localroute calibrate --from-log postgresql://...` refits from the pairs stored there, to the
+    thresholds the same rows in SQLite give."""
+    import json
+
+    from localroute.cli import main
+    from tests.server.test_live_quality import _calibration
+
+    url = _fresh_db(pg, "log_calibrate")
+    sqlite = tmp_path / "routing.db"
+    _same_log(url, 80)
+    _same_log(sqlite, 80)
+    out = {}
+    for name, target in (("pg", url), ("sqlite", str(sqlite))):
+        cal = tmp_path / f"calibration-{name}.json"
+        _calibration(cal, -1.0, {"math": -0.05})
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--from-log",
+                    target,
+                    "--target-quality",
+                    "0.7",
+                    "--delta",
+                    "0.1",
+                    "--out",
+                    str(cal),
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        out[name] = json.loads(capsys.readouterr().out)
+    refit = out["pg"]["tiers"]["local"]["math"]
+    assert out["pg"]["log"].startswith("postgresql://") and refit["pairs"] == 80 and refit["fallback"] is None
+    assert refit == out["sqlite"]["tiers"]["local"]["math"]
+
+
+def test_postgres_down_shadow_pairs_spill_and_replay(pg: PostgresServer, tmp_path: Path) -> None:
+    """Pairs handed over while the database is down go to the spill file with the request rows and
+    are replayed, in order, once it is back: none lost, none doubled."""
+    url = _fresh_db(pg, "log_pairs_spill")
+    spill = tmp_path / "spill.jsonl"
+    log = RoutingLog(url, spill_path=spill, batch_s=0.01)
+    now = time.time()
+    log.add_pairs([_pair(now, "r0")])
+    log.flush()
+    pg.stop()
+    try:
+        for i in range(1, 6):
+            log.observe(_cascade_record(i))
+            log.add_pairs([_pair(now + i, f"r{i}")])
+        log.flush()
+        assert log.spilled_total == 10
+        assert sum('"shadow_pairs"' in line for line in spill.read_text().splitlines()) == 5
+    finally:
+        pg.start()
+    log.add_pairs([_pair(now + 6, "r6")])
+    log.flush()
+    log.close()
+    assert log.replayed_total == 10 and spill.read_text() == ""
+    assert [p["request_id"] for p in read_shadow_pairs(url)] == [f"r{i}" for i in range(7)]
+    assert sorted(r["request_id"] for r in read_rows(url)) == [f"r{i}" for i in range(1, 6)]
 
 
 def test_every_sqlite_migration_has_its_postgres_twin() -> None:
@@ -82,10 +258,12 @@ def test_retention_drops_day_partitions(pg: PostgresServer) -> None:
         "disconnected": 0,
     }
     store.insert([tuple(row[c] for c in COLUMNS)])
+    store.insert_pairs([_pair(old, "old"), _pair(time.time(), "new")])
     before = store.partitions("requests")
-    assert store.count_requests() == 1 and len(before) == 4
-    assert store.prune(retention_days=5) == 2  # the old day's requests and feedback partitions
+    assert store.count_requests() == 1 and len(before) == 4 and len(store.partitions("shadow_pairs")) == 4
+    assert store.prune(retention_days=5) == 3  # the old day's requests, feedback and shadow_pairs partitions
     assert store.count_requests() == 0 and len(store.partitions("requests")) == 3
+    assert [p["request_id"] for p in store.read_shadow_pairs()] == ["new"]
     store.close()
 
 
@@ -164,3 +342,35 @@ def test_a_replica_starts_while_postgres_is_down(pg: PostgresServer, tmp_path: P
     log.close()
     assert sorted(r["request_id"] for r in read_rows(url)) == [f"chatcmpl-{i}" for i in range(4)]
     assert fb.add(FeedbackRequest(request_id="chatcmpl-0", score=1.0))["score"] == 1.0
+
+
+def test_shadow_evaluator_pairs_reach_postgres_through_the_writer(pg: PostgresServer, tmp_path: Path) -> None:
+    """What `serve` wires up with routing_log_url: the shadow evaluator (against a real frontier
+    stand-in on 127.0.0.1) hands its pairs to the routing log's writer, which stores them in PostgreSQL."""
+    import asyncio
+
+    from tests.fault_upstream import Fault, FaultUpstream
+    from tests.monitoring.test_shadow import evaluator, record
+
+    url = _fresh_db(pg, "log_shadow_writer")
+    log = RoutingLog(url, spill_path=tmp_path / "spill.jsonl", batch_s=0.01)
+    with FaultUpstream(Fault(text="Positive.")) as up:
+
+        async def main() -> dict[str, int]:
+            shadow = evaluator(up.url, None, sink=log.add_pairs)
+            shadow.start()
+            shadow.observe(record(1, "positive"))
+            shadow.observe(record(2, "negative"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+    log.close()
+    assert stats["scored"] == 2
+    got = sorted(read_shadow_pairs(url), key=lambda p: p["request_id"])
+    assert [(p["request_id"], p["status"], p["agrees"], p["sample_rate"]) for p in got] == [
+        ("chatcmpl-1", "scored", 1, 1.0),
+        ("chatcmpl-2", "scored", 0, 1.0),
+    ]
+    assert all(p["cost_usd"] > 0 for p in got)

@@ -177,16 +177,21 @@ def test_repetition_evidence_quotes_the_answer_only_with_log_prompts(tmp_path: P
 
 def test_retention_prunes_old_rows(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
+    from localroute.monitoring.log_report import read_shadow_pairs
+
+    old = time.time() - 10 * 86400
     log = RoutingLog(path)
     log.observe(_record("new", "x"))
+    log.add_pairs([(t, "new", "math", "local", -0.2, -1.0, 1.0, "all", "scored", "numeric", 1.0, 1, None, 0.0, 0.1)
+                   for t in (old, time.time())])
     log.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE requests SET ts = ? WHERE request_id = 'new'", (time.time() - 10 * 86400,))
+    conn.execute("UPDATE requests SET ts = ? WHERE request_id = 'new'", (old,))
     conn.close()
     RoutingLog(path, retention_days=30).close()
-    assert len(read_rows(path)) == 1
+    assert len(read_rows(path)) == 1 and len(read_shadow_pairs(path)) == 2
     RoutingLog(path, retention_days=7).close()
-    assert read_rows(path) == []
+    assert read_rows(path) == [] and [p["ts"] > old + 86400 for p in read_shadow_pairs(path)] == [True]
 
 
 def test_window_filter(tmp_path: Path) -> None:
@@ -199,3 +204,30 @@ def test_window_filter(tmp_path: Path) -> None:
     assert read_rows(path, since=now + 60) == []
     assert read_rows(path, until=now - 60) == []
     assert read_rows(tmp_path / "missing.db") == []
+
+
+def test_a_spill_file_of_request_rows_and_shadow_pairs_replays_into_sqlite(tmp_path: Path) -> None:
+    """The spill file's two line shapes (a request row as a list, as before shadow pairs were
+    spilled; a pair as {"shadow_pairs": row}) replay into their tables; a cut line is skipped, and
+    a pair replayed twice is stored once."""
+    import json
+
+    from localroute.monitoring.log_report import read_shadow_pairs
+    from localroute.monitoring.routing_log import PAIR_COLUMNS
+
+    db, spill = tmp_path / "log.db", tmp_path / "spill.jsonl"
+    RoutingLog(db).close()
+    req = {c: None for c in COLUMNS} | {"ts": time.time(), "request_id": "r0", "stream": 0, "status": 200,
+                                       "disconnected": 0}
+    pair = [time.time(), "r0", "math", "local", -0.2, -1.0, 0.5, "all", "scored", "numeric", 1.0, 1, None, 0.0, 0.1]
+    assert len(pair) == len(PAIR_COLUMNS)
+    lines = [json.dumps([req[c] for c in COLUMNS]), json.dumps({"shadow_pairs": pair}),
+             json.dumps({"shadow_pairs": pair}), '{"shadow_pa']
+    spill.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log = RoutingLog(db, spill_path=spill)
+    log.observe(RequestRecord("r1", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.01))
+    log.add_pairs([[time.time(), "r1", *pair[2:]]])
+    log.close()
+    assert spill.read_text() == "" and log.replayed_total == 3
+    assert [r["request_id"] for r in read_rows(db)] == ["r0", "r1"]
+    assert [(p["request_id"], p["sample_rate"]) for p in read_shadow_pairs(db)] == [("r0", 0.5), ("r1", 0.5)]
