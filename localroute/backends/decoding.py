@@ -7,6 +7,7 @@ start of a stop string, and incomplete UTF-8, so no client ever sees text that i
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import time
 from collections.abc import Callable
@@ -198,7 +199,8 @@ class DecodeState:
     emitted_tokens: int = 0
     first_token_at: float | None = None
     cancelled: bool = False
-    # incremental detokenisation: the answer decoded with errors="ignore", as far as it is complete
+    # incremental detokenisation: the answer decoded with errors="replace", as far as it is complete
+    # (the final text's own decoding, so a stop string's character offset indexes that text)
     n_chars: int = field(default=0, init=False)  # characters decoded so far
     _decoding: bool = field(default=False, init=False, repr=False)
     _pending: bytes = field(default=b"", init=False, repr=False)  # an incomplete UTF-8 sequence so far
@@ -264,14 +266,14 @@ class DecodeState:
         return None, None
 
     def _decode(self, raw: bytes) -> str:
-        """The new complete characters (an incremental UTF-8 decoder with errors="ignore", as
+        """The new complete characters (an incremental UTF-8 decoder with errors="replace", as
         codecs' own, without its Python-level buffering on the usual complete token)."""
         if self._pending:
             raw, self._pending = self._pending + raw, b""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:  # a character split across tokens, or bytes that are not UTF-8
-            new, used = codecs.utf_8_decode(raw, "ignore", False)
+            new, used = codecs.utf_8_decode(raw, "replace", False)
             self._pending = raw[used:]
             return new
 
@@ -298,8 +300,12 @@ class DecodeState:
         tokens = self.tokens
         if cut_chars is not None:  # a stop string: drop it and the tokens that made it
             text = text[:cut_chars]
-            cut_bytes = len(text.encode("utf-8"))
-            tokens = tokens[: sum(1 for end in self.token_ends if end <= cut_bytes)]
+            # the tokens whose bytes decode within the cut (counted as decoded, not re-encoded:
+            # a broken byte is one U+FFFD, three bytes once encoded); prefixes only grow
+            out = bytes(self.out)
+            kept = bisect.bisect_right(range(len(self.token_ends)), cut_chars,
+                                       key=lambda i: len(codecs.utf_8_decode(out[: self.token_ends[i]], "replace", False)[0]))
+            tokens = tokens[:kept]
         if self.want_tokens:  # the rest of the text, and every kept token not streamed yet
             unsent = tokens[self.emitted_tokens :]
             rest = text[self.emitted_chars :]

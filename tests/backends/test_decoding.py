@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ def test_a_stream_holds_back_a_possible_stop_string_and_cuts_it() -> None:
 
 def test_token_records_streams_and_finishes_in_one_call() -> None:
     st, events = state(stop=["!"])
-    assert st.token(7, "Hi".encode(), -0.5, (), now=2.0) is None
+    assert st.token(7, b"Hi", -0.5, (), now=2.0) is None
     assert st.first_token_at == 2.0 and events == [("token", ("Hi", TokenLogprob(7, "Hi", -0.5, (72, 105))))]
     assert st.token(8, b" there!", -0.1, (), now=3.0) == "stop"
     gen = events[-1][1]
@@ -129,7 +130,7 @@ class WholeText(DecodeState):
         self.out += raw
         self.token_ends.append(len(self.out))
         if self.params.stop:
-            text = self.out.decode("utf-8", errors="ignore")
+            text = codecs.utf_8_decode(bytes(self.out), "replace", False)[0]
             hit = min((i for s in self.params.stop if (i := text.find(s)) >= 0), default=-1)
             if hit >= 0:
                 return "stop", hit
@@ -138,7 +139,7 @@ class WholeText(DecodeState):
         return None, None
 
     def emit(self, tok: TokenLogprob) -> None:
-        text = self.out.decode("utf-8", errors="ignore")
+        text = codecs.utf_8_decode(bytes(self.out), "replace", False)[0]
         safe = len(text)
         for s in self.params.stop:
             for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -219,6 +220,18 @@ def test_a_stop_string_split_inside_a_multibyte_character_is_found_and_held_back
     assert "".join(e[1][0] for e in events) == "x"  # "€" may start the stop string: held back
     assert st.token(0, b"!y", -0.1, (), now=1.0) == "stop"
     assert events[-1][1].text == "x" and "".join(e[1][0] for e in events if e[0] == "token") == "x"
+
+
+def test_a_stop_string_after_invalid_bytes_cuts_at_the_stop_string() -> None:
+    """Broken UTF-8 before the stop (a model emitting half an emoji) is a U+FFFD in the text; the
+    cut lands at the stop string, not one character early per broken byte."""
+    st, events = state(stop=["\n"])
+    for raw in [b"\xf0\x9f", b"Neg", b"ative", b"\n", b"x"]:
+        if st.token(0, raw, -0.1, (), now=1.0) == "stop":
+            break
+    gen = events[-1][1]
+    assert gen.text == "\ufffdNegative" and gen.finish_reason == "stop"
+    assert len(gen.tokens) == 3 and gen.completion_tokens == 4  # the stop's token is counted, not kept
 
 
 def test_logit_bias_and_penalties_follow_openais_formula() -> None:
