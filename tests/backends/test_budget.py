@@ -205,6 +205,11 @@ def test_server_per_key_budget() -> None:
     with fault_upstream(default=Fault(prompt_tokens=10, completion_tokens=9)) as up, \
             serve_app(_app(up.url, api_keys="key-a,key-b", budget_per_key_usd=70.0)) as base:
         a1, a2, b1 = _ask(base, "key-a"), _ask(base, "key-a"), _ask(base, "key-b")
+        health = httpx.get(f"{base.removesuffix('/v1')}/health", timeout=30)
+    assert health.status_code == 200 and "budget" in health.json()  # /health needs no key
+    shown = health.json()["budget"]
+    assert set(shown) == {"period", "cap_usd", "per_key_usd", "spent_usd", "reserved_usd", "rejected_total"}
+    assert all(not isinstance(v, dict | list) for v in shown.values())  # totals only: no key's own spend
     assert a1.headers["x-localroute-tier"] == "frontier"
     assert a2.headers["x-localroute-degraded"] == "frontier_budget_exceeded"
     assert b1.headers["x-localroute-tier"] == "frontier"
