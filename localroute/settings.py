@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from localroute.errors import ConfigError
+from localroute.redaction import mask_url
 
 BackendKind = Literal["llama_cpp", "openai", "anthropic", "vllm", "transformers"]
 
@@ -526,11 +527,8 @@ class Settings(BaseSettings):
         """Settings as JSON-able data with secrets masked (for `config show`)."""
         out = self.model_dump(mode="json")
         url = out.get("routing_log_url")
-        if url and "@" in url and "://" in url:  # a password in the URL's user part
-            scheme, rest = url.split("://", 1)
-            user, host = rest.rsplit("@", 1)
-            if ":" in user:
-                out["routing_log_url"] = f"{scheme}://{user.split(':', 1)[0]}:**********@{host}"
+        if url:  # a password in the user part or the query string (`?password=`, `sslpassword`)
+            out["routing_log_url"] = mask_url(url)
         return out
 
 

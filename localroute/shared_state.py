@@ -94,11 +94,13 @@ end
 return {1, first + amt}
 """
 
-# Same KEYS; ARGV: rid, actual (nano-USD), marker ttl ms, expire-at. Releases the hold if it is
-# still there and charges `actual` once (a replayed settle of the same rid is a no-op).
+# Same KEYS; ARGV: rid, actual (nano-USD), expire-at. Releases the hold if it is still there and
+# charges `actual` once (a replayed settle of the same rid is a no-op). The 'done' marker stays in
+# the amounts hash until the period's keys expire (not on the holds zset, whose entries the reaper
+# drops after a hold's TTL): a settle replayed after a long outage, whose first send did reach
+# Redis, must still find it. Cost: one hash field (~70 bytes) per settled call per scope and period.
 SETTLE = """
-local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local rid, actual, ttl, exp = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local rid, actual, exp = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = #KEYS / 3
 local charged = 0
 for s = 0, n - 1 do
@@ -108,7 +110,7 @@ for s = 0, n - 1 do
     local a = tonumber(held or '')
     if a then redis.call('HINCRBY', bud, 'held', -a) end
     redis.call('HINCRBY', bud, 'spent', actual)
-    redis.call('HSET', amts, rid, 'done'); redis.call('ZADD', holds, now + ttl, rid)
+    redis.call('HSET', amts, rid, 'done'); redis.call('ZREM', holds, rid)
     redis.call('EXPIREAT', bud, exp); redis.call('EXPIREAT', holds, exp); redis.call('EXPIREAT', amts, exp)
     charged = 1
   end
@@ -454,6 +456,38 @@ class RateLimiter:
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self.local = _LocalWindows()
         self.rejected: dict[str, int] = {}
+        # Redis leases whose release failed (or whose admission fell back after ADMIT may have
+        # run): lease zset key, request id. ZREM is idempotent, so they are retried until Redis
+        # takes them, before the next admission, rather than left blocking a key for lease_ttl.
+        self._unreleased: deque[tuple[str, str]] = deque(maxlen=10_000)  # beyond: they expire
+        self._flush_lock = asyncio.Lock()
+
+    @property
+    def unreleased(self) -> int:
+        """Concurrency leases still to be removed from Redis."""
+        return len(self._unreleased)
+
+    async def _flush_releases(self) -> None:
+        """Send the queued releases in one pipelined call; put them back if Redis fails again."""
+        state = self.state
+        if state is None or not self._unreleased or not state.up:
+            return
+        async with self._flush_lock:
+            batch = list(self._unreleased)
+            self._unreleased.clear()
+            if not batch:
+                return
+
+            async def send() -> Any:
+                pipe = state.client.pipeline(transaction=False)
+                for lease, rid in batch:
+                    pipe.zrem(lease, rid)
+                return await pipe.execute()
+
+            try:
+                await state.call(send)
+            except SharedStateDown:
+                self._unreleased.extendleft(reversed(batch))
 
     def limits_for(self, key_id: str | None) -> Limits | None:
         limits = self.per_key.get(key_id or "", self.default)
@@ -476,6 +510,7 @@ class RateLimiter:
         refused: tuple[str, float] | None
         shared = False
         if self.state is not None:
+            await self._flush_releases()
             try:
                 ok, which, retry_ms = await self.state.call(
                     self.state.script(
@@ -508,18 +543,17 @@ class RateLimiter:
         return Admission(key, request_id, shared, limits.concurrent is not None)
 
     async def release(self, admission: Admission | None) -> None:
+        """End a request's concurrency lease. With Redis the ZREM is always sent, also for an
+        admission that fell back locally (its ADMIT may have run with the reply lost); one that
+        fails is queued and retried once Redis answers."""
         if admission is None or not admission.concurrent:
             return
-        if admission.shared and self.state is not None:
-            lease = self._keys(admission.key)[1]
-            assert self.state is not None
-            state = self.state
-            try:
-                await state.call(lambda: state.client.zrem(lease, admission.request_id))
-            except SharedStateDown:
-                pass  # the lease expires on its own
-        else:
+        if not admission.shared:
             self.local.release(admission.key)
+        if self.state is None:
+            return
+        self._unreleased.append((self._keys(admission.key)[1], admission.request_id))
+        await self._flush_releases()
 
     def add_tokens(self, key_id: str | None, tokens: int) -> None:
         """Count a finished request's tokens (called by an observer, on the event loop)."""

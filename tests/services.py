@@ -15,6 +15,7 @@ the `postgres` user (`runuser -u postgres --`), in a directory that user owns.
 
 from __future__ import annotations
 
+import glob
 import os
 import pwd
 import shutil
@@ -31,13 +32,18 @@ import pytest
 
 __all__ = ["PostgresServer", "RedisServer", "postgres_server", "redis_server", "require_or_skip"]
 
-PG_BIN_DIRS = (
-    "/usr/local/bin",
-    "/usr/lib/postgresql/17/bin",
-    "/usr/lib/postgresql/16/bin",
-    "/usr/lib/postgresql/15/bin",
-    "/usr/lib/postgresql/14/bin",
-)
+
+def _pg_bin_dirs() -> tuple[str, ...]:
+    """/usr/local/bin, then every installed PostgreSQL's bin (Debian's layout), newest first."""
+
+    def version(d: str) -> tuple[int, ...]:
+        name = Path(d).parent.name
+        return tuple(int(p) for p in name.split(".") if p.isdigit()) or (0,)
+
+    return ("/usr/local/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True))
+
+
+PG_BIN_DIRS = _pg_bin_dirs()
 
 
 def require_or_skip(reason: str) -> None:

@@ -78,6 +78,9 @@ def test_routing_log_target_and_shared_state_settings(tmp_path: Path) -> None:
     assert Settings(routing_log_url=f"sqlite:///{tmp_path}/a.db").routing_log_target() == tmp_path / "a.db"
     assert Settings(routing_log_path=tmp_path / "b.db").routing_log_target() == tmp_path / "b.db"
     assert Settings(redis_url="redis://:pw@r:6379/0").public_dict()["redis_url"] == "**********"
+    query = Settings(routing_log_url="postgresql://lr@db/lr?password=hunter2&sslpassword=keypw").public_dict()
+    assert "hunter2" not in json.dumps(query) and "keypw" not in json.dumps(query)
+    assert query["routing_log_url"].startswith("postgresql://lr@db/lr?password=")
     with pytest.raises(ConfigError, match="shared_state_failure"):
         load_settings(shared_state_failure="maybe")
     with pytest.raises(ConfigError, match="rate_limits"):

@@ -212,3 +212,166 @@ async def _paused(server: RedisServer) -> None:
     await state.drain()
     assert await budget.aspent_usd() == pytest.approx(1.5)
     await state.aclose()
+
+
+def test_overlapping_reservations_after_an_outage_replay_each_charge_once() -> None:
+    """Charges made locally during an outage, then 20 overlapping reservations once Redis is back:
+    none fails (no IndexError from two drains popping one queue), every charge reaches Redis once."""
+    with redis_server() as server:
+        asyncio.run(_overlapping_replays(server))
+
+
+async def _overlapping_replays(server: RedisServer) -> None:
+    state = SharedState(server.url, timeout_s=0.1, failure="fail_open", retry_s=0.2)
+    budget = SharedSpendBudget(state, 100.0)
+    server.pause(600)
+    local = [await budget.areserve(0.5) for _ in range(5)]
+    assert all(r.local is not None for r in local)
+    for r in local:
+        await r.asettle(0.25)
+    await state.drain()
+    assert budget.snapshot()["pending_replays"] == 5
+    await asyncio.sleep(0.8)  # the pause and the retry window are over
+    got = await asyncio.gather(*(budget.areserve(0.1) for _ in range(20)), return_exceptions=True)
+    assert not [g for g in got if isinstance(g, BaseException)]
+    await state.drain()
+    assert budget.snapshot()["pending_replays"] == 0
+    assert await budget.aspent_usd() == pytest.approx(1.25)
+    await state.aclose()
+
+
+def test_a_settle_replayed_after_its_hold_ttl_charges_once(url: str) -> None:
+    """The 'done' marker outlives the hold TTL (it lasts the period): a settle whose first send did
+    reach Redis, sent again after a long outage, is not charged twice."""
+    prefix = f"t{time.time_ns()}:"
+
+    async def run() -> None:
+        state = _state(url, prefix)
+        budget = SharedSpendBudget(state, 10.0, hold_ttl_s=0.1)
+        res = await budget.areserve(1.0)
+        assert await budget._send_settle(res.rid, 0.4, None, res.period)
+        await asyncio.sleep(0.35)  # past hold_ttl * 2 (the old marker's life)
+        assert await budget.areserved_usd() == 0.0  # runs the reaper
+        assert await budget._send_settle(res.rid, 0.4, None, res.period)  # the replay
+        assert await budget.aspent_usd() == pytest.approx(0.4)
+        await state.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_lease_released_while_redis_is_down_is_released_once_it_is_back() -> None:
+    """A release that meets the retry window is queued, not dropped: with concurrent=1 the key is
+    admitted again as soon as Redis answers, not after lease_ttl."""
+    with redis_server() as server:
+        asyncio.run(_release_after_outage(server))
+
+
+async def _release_after_outage(server: RedisServer) -> None:
+    state = SharedState(server.url, timeout_s=0.1, failure="fail_open", retry_s=0.2)
+    limiter = RateLimiter(state, None, {"k": Limits(concurrent=1), "o": Limits(concurrent=5)})
+    first = await limiter.admit("k", "r1")
+    assert first is not None and first.shared
+    server.pause(400)
+    other = await limiter.admit("o", "o1")  # times out: Redis is now down for retry_s
+    assert other is not None and not other.shared and not state.up
+    await limiter.release(first)  # refused at once (the retry window): queued
+    await limiter.release(other)  # fell back, yet its ADMIT may have run: queued too
+    assert limiter.unreleased == 2
+    await asyncio.sleep(0.6)
+    again = await limiter.admit("k", "r2")  # the queued releases are sent first
+    assert again is not None and again.shared and limiter.unreleased == 0
+    await limiter.release(again)
+    await state.aclose()
+
+
+class SlowReplies:
+    """A TCP proxy in front of Redis that, while `delay_s` > 0, holds Redis's replies back that
+    long (the commands reach Redis at once): a call that ran but whose reply timed out."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay_s = 0.0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    if slow and self.delay_s > 0:
+                        await asyncio.sleep(self.delay_s)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(cr, sw, False), pipe(sr, cw, True))
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_fail_closed_releases_a_hold_whose_reply_timed_out() -> None:
+    """Under fail_closed a reserve that ran in Redis but whose reply timed out (a slow link): the
+    background settle of 0 releases that hold instead of leaving it counted for hold_ttl."""
+    with redis_server() as server:
+        asyncio.run(_fail_closed_lost_reply(server))
+
+
+async def _fail_closed_lost_reply(server: RedisServer) -> None:
+    proxy = SlowReplies(server.port)
+    await proxy.start()
+    state = SharedState(proxy.url, timeout_s=0.1, failure="fail_closed", retry_s=0.2)
+    budget = SharedSpendBudget(state, 10.0, hold_ttl_s=60)
+    watcher = SharedState(server.url, timeout_s=1.0)
+    await budget.areserved_usd()  # the scripts loaded, the connection made
+    proxy.delay_s = 0.5
+    with pytest.raises(BackendUnavailableError):
+        await budget.areserve(2.0)  # ran in Redis; the reply comes too late
+    assert await SharedSpendBudget(watcher, 10.0).areserved_usd() == pytest.approx(2.0)
+    proxy.delay_s = 0.0
+    await asyncio.sleep(0.3)  # the retry window is over
+    await budget.areserve(0.1)  # starts the replay of the queued release
+    await state.drain()
+    held = await SharedSpendBudget(watcher, 10.0).areserved_usd()
+    assert held == pytest.approx(0.1)  # only the second hold; 2.0 released
+    await state.aclose()
+    await watcher.aclose()
+    await proxy.aclose()
+
+
+def test_a_fallback_admission_also_releases_a_lease_its_lost_admit_wrote() -> None:
+    """An ADMIT that ran in Redis with its reply lost left a lease there while the request was
+    admitted locally: releasing that admission removes the Redis lease too (concurrent=1 admits
+    the next request instead of a 429 for lease_ttl)."""
+    with redis_server() as server:
+        asyncio.run(_lost_admit(server))
+
+
+async def _lost_admit(server: RedisServer) -> None:
+    proxy = SlowReplies(server.port)
+    await proxy.start()
+    state = SharedState(proxy.url, timeout_s=0.1, failure="fail_open", retry_s=0.2)
+    limiter = RateLimiter(state, None, {"k": Limits(concurrent=1)})
+    await limiter.release(await limiter.admit("k", "warm"))  # the script loaded, a connection made
+    proxy.delay_s = 0.5
+    lost = await limiter.admit("k", "lost")  # ran in Redis; the reply comes too late
+    assert lost is not None and not lost.shared
+    proxy.delay_s = 0.0
+    await limiter.release(lost)
+    assert limiter.local.leases["k"] == 0
+    await asyncio.sleep(0.3)  # the retry window is over
+    nxt = await limiter.admit("k", "next")
+    assert nxt is not None and nxt.shared
+    await limiter.release(nxt)
+    await state.aclose()
+    await proxy.aclose()

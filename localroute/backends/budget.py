@@ -23,11 +23,13 @@ when the period rolls over. Where it lives:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -42,8 +44,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Budget", "BudgetExceededError", "Reservation", "SharedSpendBudget", "SpendBudget", "SpendStore",
-           "current_key_id"]
+__all__ = [
+    "Budget",
+    "BudgetExceededError",
+    "Reservation",
+    "SharedSpendBudget",
+    "SpendBudget",
+    "SpendStore",
+    "current_key_id",
+]
 
 NANO = 1e9  # Redis keeps nano-USD integers: exact sums, no float drift across replicas
 
@@ -68,7 +77,11 @@ def _period_bounds(now: float, period: Period) -> tuple[str, float]:
         end = start + timedelta(days=7)
     else:
         start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
     return start.isoformat(), end.timestamp()
 
 
@@ -91,37 +104,56 @@ class Reservation:
     settled: bool = field(default=False)
 
     def settle(self, actual_usd: float) -> None:
-        self.budget._settle(self, max(0.0, actual_usd))
+        self.budget._persist(self.budget._settle(self, max(0.0, actual_usd)))
 
     async def asettle(self, actual_usd: float) -> None:
-        self.settle(actual_usd)
+        """The books change at once; the SQLite write runs in a thread, off the event loop."""
+        write = self.budget._settle(self, max(0.0, actual_usd))
+        if write is not None:
+            await asyncio.to_thread(self.budget._persist, write)
 
 
 class SpendStore:
     """The spend of each period (global and per key) in SQLite: a single node's restart
-    remembers it. One row per (period, scope), added to on every settle."""
+    remembers it. One row per (period, scope), added to on every settle. Writes run in a worker
+    thread (`Reservation.asettle`), one at a time (a lock: one connection), waiting at most
+    `busy_timeout_s` for another writer of the file; a write that fails is logged, the spend kept
+    in memory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 2.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS budget_spend (period TEXT NOT NULL, scope TEXT NOT NULL, "
-                           "spent_usd REAL NOT NULL, PRIMARY KEY (period, scope))")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS budget_spend (period TEXT NOT NULL, scope TEXT NOT NULL, "
+            "spent_usd REAL NOT NULL, PRIMARY KEY (period, scope))"
+        )
 
     def load(self, period: str) -> dict[str, float]:
         """scope -> spent; scope '' is the global total, others are key ids."""
-        return {r[0]: float(r[1]) for r in
-                self._conn.execute("SELECT scope, spent_usd FROM budget_spend WHERE period = ?", (period,))}
+        with self._lock:
+            return {
+                r[0]: float(r[1])
+                for r in self._conn.execute(
+                    "SELECT scope, spent_usd FROM budget_spend WHERE period = ?", (period,)
+                )
+            }
 
     def add(self, period: str, amounts: dict[str, float]) -> None:
-        self._conn.executemany(
-            "INSERT INTO budget_spend (period, scope, spent_usd) VALUES (?, ?, ?) "
-            "ON CONFLICT (period, scope) DO UPDATE SET spent_usd = spent_usd + excluded.spent_usd",
-            [(period, scope, amount) for scope, amount in amounts.items()])
+        with self._lock:
+            self._conn.executemany(
+                "INSERT INTO budget_spend (period, scope, spent_usd) VALUES (?, ?, ?) "
+                "ON CONFLICT (period, scope) DO UPDATE SET spent_usd = spent_usd + excluded.spent_usd",
+                [(period, scope, amount) for scope, amount in amounts.items()],
+            )
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
 
 
 class SpendBudget:
@@ -179,7 +211,8 @@ class SpendBudget:
             over_key = (
                 key_id is not None
                 and self.per_key_usd is not None
-                and self._key_spent.get(key_id, 0.0) + self._key_reserved.get(key_id, 0.0) + amount > self.per_key_usd
+                and self._key_spent.get(key_id, 0.0) + self._key_reserved.get(key_id, 0.0) + amount
+                > self.per_key_usd
             )
             if over_global or over_key:
                 self.rejected_total += 1
@@ -193,28 +226,35 @@ class SpendBudget:
                 self._key_reserved[key_id] = self._key_reserved.get(key_id, 0.0) + amount
             return Reservation(self, amount, key_id, self._label)
 
-    def _settle(self, res: Reservation, actual: float) -> None:
+    def _settle(self, res: Reservation, actual: float) -> tuple[str, dict[str, float]] | None:
+        """Update the books; returns the write for the store (None: nothing to persist)."""
         with self._lock:
             if res.settled:
-                return
+                return None
             res.settled = True
             if res.period != self._label:  # the period rolled over meanwhile: its books are closed
-                return
+                return None
             self._reserved = max(0.0, self._reserved - res.amount_usd)
             self._spent += actual
             if res.key_id is not None:
                 k = res.key_id
                 self._key_reserved[k] = max(0.0, self._key_reserved.get(k, 0.0) - res.amount_usd)
                 self._key_spent[k] = self._key_spent.get(k, 0.0) + actual
-            if self.store is not None and actual > 0:
-                try:
-                    self.store.add(res.period, {"": actual, **({res.key_id: actual} if res.key_id else {})})
-                except sqlite3.Error:
-                    log.exception("budget: could not persist spend (kept in memory)")
+            if self.store is None or actual <= 0:
+                return None
+            return res.period, {"": actual, **({res.key_id: actual} if res.key_id else {})}
+
+    def _persist(self, write: tuple[str, dict[str, float]] | None) -> None:
+        if write is None or self.store is None:
+            return
+        try:
+            self.store.add(*write)
+        except sqlite3.Error:
+            log.exception("budget: could not persist spend (kept in memory)")
 
     def charge(self, actual_usd: float, key_id: str | None = None) -> None:
         """Count spend that was not reserved here (another replica's, replayed)."""
-        self._settle(Reservation(self, 0.0, key_id, self._label), max(0.0, actual_usd))
+        self._persist(self._settle(Reservation(self, 0.0, key_id, self._label), max(0.0, actual_usd)))
 
     def seed(self, spent_usd: float) -> None:
         """Start from a known total (the last one shared state reported), if it is higher."""
@@ -235,11 +275,14 @@ class SpendBudget:
         """For /health and reports: no key ids, only totals."""
         with self._lock:
             self._roll()
-            return {"period": self._label, "cap_usd": self.cap_usd, "per_key_usd": self.per_key_usd,
-                    "spent_usd": round(self._spent, 6), "reserved_usd": round(self._reserved, 6),
-                    "rejected_total": self.rejected_total}
-
-
+            return {
+                "period": self._label,
+                "cap_usd": self.cap_usd,
+                "per_key_usd": self.per_key_usd,
+                "spent_usd": round(self._spent, 6),
+                "reserved_usd": round(self._reserved, 6),
+                "rejected_total": self.rejected_total,
+            }
 
 
 @dataclass(slots=True)
@@ -267,8 +310,15 @@ class SharedSpendBudget:
     """The cap across every replica, in Redis (module docstring). Holds expire after `hold_ttl_s`
     (a crashed replica's too): keep it above the longest frontier call (`frontier_timeout_s`)."""
 
-    def __init__(self, state: SharedState, cap_usd: float | None, per_key_usd: float | None = None,
-                 period: Period = "day", hold_ttl_s: float = 150.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state: SharedState,
+        cap_usd: float | None,
+        per_key_usd: float | None = None,
+        period: Period = "day",
+        hold_ttl_s: float = 150.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state = state
         self.cap_usd = cap_usd
         self.per_key_usd = per_key_usd
@@ -277,7 +327,10 @@ class SharedSpendBudget:
         self._clock = clock
         self.fallback = SpendBudget(cap_usd, per_key_usd, period, clock)
         self._last_committed = 0.0
-        self._pending: list[tuple[str, float, str | None, str, float]] = []  # charges to replay
+        # charges (and fail_closed releases) to replay: rid, actual, key id, period label, when
+        self._pending: deque[tuple[str, float, str | None, str, float]] = deque()
+        self._replay_lock = asyncio.Lock()
+        self._replaying = False
         self.rejected_total = 0
 
     def _keys(self, label: str, key_id: str | None) -> list[str]:
@@ -296,11 +349,22 @@ class SharedSpendBudget:
         rid = uuid.uuid4().hex
         from localroute.shared_state import SharedStateDown
 
-        await self._replay()
+        self._start_replay()
+        attempted = self.state.up
         try:
-            ok, value = await self.state.call(self.state.script("reserve", self._keys(label, key_id), [
-                rid, int(amount * NANO), self.hold_ttl_ms, int(ends_at) + 86400, *self._limits(key_id)]))
+            ok, value = await self.state.call(
+                self.state.script(
+                    "reserve",
+                    self._keys(label, key_id),
+                    [rid, int(amount * NANO), self.hold_ttl_ms, int(ends_at) + 86400, *self._limits(key_id)],
+                )
+            )
         except SharedStateDown:
+            if attempted and self.state.failure == "fail_closed":
+                # The script may have run with its reply lost: release that hold (a settle of 0,
+                # a no-op if it never ran) rather than leave it counted for hold_ttl. Under
+                # fail_open the local reservation's replayed settle of this rid does the same.
+                self.state.spawn(self._asettle(SharedReservation(self, rid, amount, key_id, label), 0.0))
             self.state.fallback("budget", retry_after_s=None)  # fail_closed raises the 503 here
             self.fallback.seed(self._last_committed)
             local = self.fallback.reserve(amount, key_id)
@@ -308,8 +372,10 @@ class SharedSpendBudget:
         if not int(ok):
             self.rejected_total += 1
             scope = "this API key's" if int(value) == 1 else "the"
-            raise BudgetExceededError(f"{scope} frontier budget for this {self.period} is spent",
-                                      retry_after_s=max(1.0, ends_at - self._clock()))
+            raise BudgetExceededError(
+                f"{scope} frontier budget for this {self.period} is spent",
+                retry_after_s=max(1.0, ends_at - self._clock()),
+            )
         if int(value) >= 0:
             self._last_committed = int(value) / NANO
         return SharedReservation(self, rid, amount, key_id, label)
@@ -328,19 +394,37 @@ class SharedSpendBudget:
 
         _, ends_at = _period_bounds(self._clock(), self.period)
         try:
-            await self.state.call(self.state.script("settle", self._keys(label, key_id), [
-                rid, int(actual * NANO), self.hold_ttl_ms * 2, int(ends_at) + 86400]))
+            await self.state.call(
+                self.state.script(
+                    "settle", self._keys(label, key_id), [rid, int(actual * NANO), int(ends_at) + 86400]
+                )
+            )
         except SharedStateDown:
             return False
         return True
 
+    def _start_replay(self) -> None:
+        """Replay pending charges in one background task (never on the request path), at most one
+        running at a time."""
+        if self._pending and self.state.up and not self._replaying:
+            self._replaying = True
+            self.state.spawn(self._replay())
+
     async def _replay(self) -> None:
-        """Charges settled while Redis was away, sent once it answers again (each at most once)."""
-        while self._pending and self.state.up:
-            rid, actual, key_id, label, _ = self._pending[0]
-            if not await self._send_settle(rid, actual, key_id, label):
-                return
-            self._pending.pop(0)
+        """Charges settled while Redis was away, sent once it answers again. One drain at a time
+        (the lock); each entry is taken off the queue before its send and put back at the front if
+        the send fails, so concurrent drains can neither lose nor repeat a charge (a settle that
+        did reach Redis but is sent again is a no-op: its 'done' marker lasts the period)."""
+        try:
+            async with self._replay_lock:
+                while self._pending and self.state.up:
+                    entry = self._pending.popleft()
+                    rid, actual, key_id, label, _ = entry
+                    if not await self._send_settle(rid, actual, key_id, label):
+                        self._pending.appendleft(entry)
+                        return
+        finally:
+            self._replaying = False
 
     async def aspent_usd(self, key_id: str | None = None) -> float:
         """The period's settled spend in Redis (global, or one key's)."""
@@ -364,9 +448,14 @@ class SharedSpendBudget:
     async def asnapshot(self) -> dict[str, Any]:
         from localroute.shared_state import SharedStateDown
 
-        snap = {"period": _period_bounds(self._clock(), self.period)[0], "cap_usd": self.cap_usd,
-                "per_key_usd": self.per_key_usd, "rejected_total": self.rejected_total, "shared": True,
-                "pending_replays": len(self._pending)}
+        snap = {
+            "period": _period_bounds(self._clock(), self.period)[0],
+            "cap_usd": self.cap_usd,
+            "per_key_usd": self.per_key_usd,
+            "rejected_total": self.rejected_total,
+            "shared": True,
+            "pending_replays": len(self._pending),
+        }
         try:
             snap["spent_usd"] = round(await self.aspent_usd(), 6)
             snap["reserved_usd"] = round(await self.areserved_usd(), 6)
@@ -375,6 +464,12 @@ class SharedSpendBudget:
         return snap
 
     def snapshot(self) -> dict[str, Any]:
-        return {"period": _period_bounds(self._clock(), self.period)[0], "cap_usd": self.cap_usd,
-                "per_key_usd": self.per_key_usd, "rejected_total": self.rejected_total, "shared": True,
-                "last_committed_usd": round(self._last_committed, 6), "pending_replays": len(self._pending)}
+        return {
+            "period": _period_bounds(self._clock(), self.period)[0],
+            "cap_usd": self.cap_usd,
+            "per_key_usd": self.per_key_usd,
+            "rejected_total": self.rejected_total,
+            "shared": True,
+            "last_committed_usd": round(self._last_committed, 6),
+            "pending_replays": len(self._pending),
+        }

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from localroute.errors import BackendUnavailableError, InvalidRequestError
 
@@ -41,6 +41,13 @@ class FeedbackRequest(BaseModel):
     score: float | None = Field(None, ge=0.0, le=1.0, description="Quality in [0, 1].")
     correct: bool | None = Field(None, description="Shorthand for score 1 (true) or 0 (false).")
     source: str = Field("human", max_length=100, description="Who judged: human, a metric's name, ...")
+
+    @field_validator("request_id", "source")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL: a client mistake, not a 503
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> FeedbackRequest:

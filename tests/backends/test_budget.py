@@ -205,6 +205,11 @@ def test_server_per_key_budget() -> None:
     with fault_upstream(default=Fault(prompt_tokens=10, completion_tokens=9)) as up, \
             serve_app(_app(up.url, api_keys="key-a,key-b", budget_per_key_usd=70.0)) as base:
         a1, a2, b1 = _ask(base, "key-a"), _ask(base, "key-a"), _ask(base, "key-b")
+        health = httpx.get(f"{base.removesuffix('/v1')}/health", timeout=30)
+    assert health.status_code == 200 and "budget" in health.json()  # /health needs no key
+    shown = health.json()["budget"]
+    assert set(shown) == {"period", "cap_usd", "per_key_usd", "spent_usd", "reserved_usd", "rejected_total"}
+    assert all(not isinstance(v, dict | list) for v in shown.values())  # totals only: no key's own spend
     assert a1.headers["x-localroute-tier"] == "frontier"
     assert a2.headers["x-localroute-degraded"] == "frontier_budget_exceeded"
     assert b1.headers["x-localroute-tier"] == "frontier"
@@ -235,3 +240,41 @@ def test_server_restart_remembers_spend(tmp_path: Any) -> None:
             again = _ask(base)
     assert again.status_code == 429 and again.json()["error"]["code"] == "budget_exceeded"
     assert SpendBudget(70.0, store=SpendStore(state)).spent_usd() > 0
+
+
+def test_settle_writes_spend_off_the_event_loop(tmp_path: Any) -> None:
+    """Another writer holds the SQLite file for 0.4 s: `asettle` waits for it in a thread while the
+    event loop keeps running other requests' work (a ticker keeps ticking), then persists."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "budget.sqlite"
+    budget = SpendBudget(cap_usd=10.0, store=SpendStore(path, busy_timeout_s=2.0))
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # the write lock
+    threading.Timer(0.4, lambda: other.execute("COMMIT")).start()
+
+    async def run() -> int:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await budget.reserve(1.0).asettle(0.5)
+        assert time.monotonic() - started >= 0.3  # it did wait for the lock
+        done = True
+        await task
+        return ticks
+
+    ticks = asyncio.run(run())
+    other.close()
+    assert ticks >= 15  # the loop ran meanwhile (blocked, it would tick about once)
+    assert SpendStore(path).load(budget._label) == {"": pytest.approx(0.5)}

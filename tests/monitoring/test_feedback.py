@@ -89,6 +89,17 @@ def test_feedback_without_routing_log_is_a_clean_400(smol: LlamaCppBackend, monk
         assert r.status_code == 400 and r.json()["error"]["code"] == "feedback_disabled"
 
 
+def test_feedback_with_a_nul_character_is_a_clean_400(smol: LlamaCppBackend, tmp_path: Path) -> None:
+    """NUL cannot be stored in PostgreSQL text: refused in validation (400, OpenAI-shaped), in either field."""
+    settings = local_settings(routing_log_path=tmp_path / "log.db")
+    with serve_app(create_app(settings, tiers=_tiers(smol))) as base:
+        for body in ({"request_id": "a\u0000b", "correct": True}, {"request_id": "x", "score": 1, "source": "h\u0000"}):
+            r = httpx.post(base + "/feedback", json=body, timeout=30)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and "NUL" in err["message"]
+
+
 def test_policies_listed_and_selectable_by_model_id(smol: LlamaCppBackend, tmp_path: Path) -> None:
     enc = load_encoder("minilm")
     texts = ["What is 2 + 2?", "What is 5 + 3?", "Prove Fermat's little theorem.", "Prove the Cauchy-Schwarz inequality."]
