@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from localroute.errors import ConfigError, MissingExtraError
+from localroute.redaction import mask_url
 
 __all__ = ["POSTGRES_MIGRATIONS", "PostgresLogStore", "is_postgres_url"]
 
@@ -206,12 +207,8 @@ class PostgresLogStore:
 
     @property
     def target(self) -> str:
-        """The URL without its password (for messages and reports)."""
-        scheme, _, rest = self.url.partition("://")
-        if "@" in rest:
-            user, host = rest.rsplit("@", 1)
-            rest = f"{user.split(':', 1)[0]}@{host}"
-        return f"{scheme}://{rest}"
+        """The URL without its passwords, in the user part or the query string (messages, reports)."""
+        return mask_url(self.url)
 
     def conn(self) -> Any:
         if self._conn is None or self._conn.closed:

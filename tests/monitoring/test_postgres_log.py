@@ -374,3 +374,11 @@ def test_shadow_evaluator_pairs_reach_postgres_through_the_writer(pg: PostgresSe
         ("chatcmpl-2", "scored", 0, 1.0),
     ]
     assert all(p["cost_usd"] > 0 for p in got)
+
+
+def test_the_store_target_never_shows_a_password() -> None:
+    from localroute.monitoring.postgres_log import PostgresLogStore
+
+    for url in ("postgresql://u:hunter2@db:5432/log", "postgresql://u@db/log?sslmode=require&password=hunter2"):
+        shown = PostgresLogStore(url, columns=(), migration_names=()).target
+        assert "hunter2" not in shown and "db" in shown
