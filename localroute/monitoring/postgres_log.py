@@ -176,6 +176,15 @@ def _psycopg() -> Any:
     return psycopg
 
 
+LOCK_TIMEOUT_MS = 5_000
+STATEMENT_TIMEOUT_MS = 60_000
+
+
+def _clean(row: Sequence[Any]) -> tuple[Any, ...]:
+    """PostgreSQL text holds no NUL character (a prompt logged with log_prompts may): U+FFFD instead."""
+    return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in row)
+
+
 class PostgresLogStore:
     """The routing log's tables in PostgreSQL. Not thread-safe: one per thread (the writer keeps
     one; feedback and reports open their own, briefly)."""
@@ -213,8 +222,12 @@ class PostgresLogStore:
     def conn(self) -> Any:
         if self._conn is None or self._conn.closed:
             psycopg = _psycopg()
+            # bounded waits: a partition DROP queued behind a long reader, or a dead link, fails
+            # (and the rows spill) instead of stalling the writer thread
             self._conn = psycopg.connect(
-                self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s))
+                self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s)),
+                options=f"-c lock_timeout={LOCK_TIMEOUT_MS} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             )
         return self._conn
 
@@ -236,10 +249,12 @@ class PostgresLogStore:
 
     def migrate(self) -> list[str]:
         conn = self.conn()
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION "
-            "NOT NULL)"
-        )
+        with conn.transaction():  # under the lock: replicas starting together create it once
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION "
+                "NOT NULL)"
+            )
         applied = []
         for name in self.migration_names:
             with conn.transaction():
@@ -323,7 +338,13 @@ class PostgresLogStore:
         )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(sql, [tuple(r) for r in rows])
+            cur.executemany(sql, [_clean(r) for r in rows])
+
+    def permanent(self, exc: BaseException) -> bool:
+        """Whether `exc` is about the rows (a value PostgreSQL refuses), not the server: those rows
+        would fail the same way on every replay."""
+        errors = _psycopg()
+        return isinstance(exc, errors.DataError | errors.IntegrityError)
 
     def insert_pairs(self, rows: Sequence[Sequence[Any]]) -> None:
         """shadow_pairs rows (`pair_columns`); one already stored (a replay) is ignored."""
@@ -335,7 +356,7 @@ class PostgresLogStore:
         )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(sql, [tuple(r) for r in rows])
+            cur.executemany(sql, [_clean(r) for r in rows])
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
         row = (

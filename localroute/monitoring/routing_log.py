@@ -231,6 +231,10 @@ class LogStore(Protocol):
 
     def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
 
+    def permanent(self, exc: BaseException) -> bool:
+        """Whether an insert's error is about its rows (refused on every retry), not the store."""
+        ...
+
     def reset(self) -> None: ...
 
     def close(self) -> None: ...
@@ -269,6 +273,9 @@ class SQLiteLogStore:
 
     def reset(self) -> None:
         self.close()
+
+    def permanent(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError)
 
     def migrate(self) -> list[str]:
         return migrate(self.conn())
@@ -400,6 +407,7 @@ class RoutingLog:
         self.spill_path = Path(spill_path) if spill_path is not None else None
         self.spilled_total = 0
         self.replayed_total = 0
+        self.rejected_total = 0  # rows the store refused for their contents (set aside, not retried)
         try:  # migrate now, so a bad target fails at start-up, not on a request
             self.applied = self.store.migrate()
             self.store.prune(self.retention_days)
@@ -548,11 +556,35 @@ class RoutingLog:
             for table, insert in (("requests", self.store.insert), ("shadow_pairs", self.store.insert_pairs)):
                 rows = by_table[table]
                 for i in range(0, len(rows), 512):
-                    insert(rows[i:i + 512])
+                    chunk = rows[i:i + 512]
+                    try:
+                        insert(chunk)
+                    except Exception as exc:
+                        if not self.store.permanent(exc):
+                            raise
+                        self.store.reset()
+                        self._one_by_one(table, insert, chunk)
                     stored[table] = min(len(rows), i + 512)
         except Exception as exc:
             exc.pending = [(t, r) for t in TABLES for r in by_table[t][stored[t]:]]  # type: ignore[attr-defined]
             raise
+
+    def _one_by_one(self, table: str, insert: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        """A batch the store refused for its contents: each row alone, and those refused again set
+        aside in `<spill file>.rejected` (or dropped, counted and logged, without a spill file),
+        so one bad row never holds up the rest, now or on every replay."""
+        for row in rows:
+            try:
+                insert([row])
+            except Exception as exc:
+                if not self.store.permanent(exc):
+                    raise
+                self.store.reset()
+                self.rejected_total += 1
+                if self.spill_path is not None:
+                    _append_lines(self.spill_path.with_name(self.spill_path.name + ".rejected"), [(table, row)])
+                log.error("routing log %s refused a %s row (%s); set aside", self.store.target, table,
+                          type(exc).__name__)
 
     def _write(self, items: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
         """Insert (after any spilled rows, to keep their order), or spill."""
@@ -648,7 +680,8 @@ class RoutingLog:
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.store.engine, "spilled_total": self.spilled_total,
-                "replayed_total": self.replayed_total, "spill_pending": self._spilled()}
+                "replayed_total": self.replayed_total, "rejected_total": self.rejected_total,
+                "spill_pending": self._spilled()}
 
 
 def _append_lines(path: Path, items: Sequence[tuple[str, Sequence[Any]]]) -> None:

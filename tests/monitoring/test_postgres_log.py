@@ -382,3 +382,26 @@ def test_the_store_target_never_shows_a_password() -> None:
     for url in ("postgresql://u:hunter2@db:5432/log", "postgresql://u@db/log?sslmode=require&password=hunter2"):
         shown = PostgresLogStore(url, columns=(), migration_names=()).target
         assert "hunter2" not in shown and "db" in shown
+
+
+def test_a_row_postgres_refuses_is_set_aside_and_never_holds_up_the_rest(pg: PostgresServer, tmp_path: Path) -> None:
+    """A value PostgreSQL refuses (an integer out of range) is not a server that is down: the
+    row goes to `<spill>.rejected`, the rest of its batch and every later row are stored, nothing
+    spills; a NUL character (text PostgreSQL cannot hold) is stored as U+FFFD."""
+    url = _fresh_db(pg, "log_refused")
+    spill = tmp_path / "spill.jsonl"
+    log = RoutingLog(url, spill_path=spill, batch_s=0.5)
+    bad = RequestRecord("chatcmpl-bad", "chat", "localroute/cascade", False, 2**40, time.perf_counter(), 0.01)
+    nul = RequestRecord("chatcmpl-\x00nul", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.01)
+    for record in (_record(0), bad, nul, _record(1)):
+        log.observe(record)
+    log.flush()
+    for i in range(2, 4):
+        log.observe(_record(i))
+    log.flush()
+    log.close()
+    ids = sorted(r["request_id"] for r in read_rows(url))
+    assert ids == sorted(["chatcmpl-0", "chatcmpl-1", "chatcmpl-2", "chatcmpl-3", "chatcmpl-\ufffdnul"])
+    assert log.rejected_total == 1 and log.spilled_total == 0 and not spill.exists()
+    rejected = (tmp_path / "spill.jsonl.rejected").read_text().splitlines()
+    assert len(rejected) == 1 and "chatcmpl-bad" in rejected[0]
