@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,8 @@ class LiveQualityRuntime:
                     await asyncio.to_thread(monitoring.routing_log.flush)
                 result = await asyncio.to_thread(calibrate_from_log, target, path, s,
                                                  s.auto_recalibrate_target, s.auto_recalibrate_delta,
-                                                 s.auto_recalibrate_min_pairs)
+                                                 s.auto_recalibrate_min_pairs,
+                                                 time.time() - s.auto_recalibrate_window_s)
             except ConfigError as exc:
                 log.warning("auto_recalibrate skipped: %s", exc.message)
                 continue
