@@ -59,7 +59,7 @@ def _beta() -> Any:
     try:
         from scipy.stats import beta
     except ImportError as exc:
-        raise MissingExtraError("scipy", "eval") from exc
+        raise MissingExtraError("scipy", "eval") from exc  # a base dependency since issue 19; kept for broken installs
     return beta
 
 
