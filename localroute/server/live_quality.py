@@ -57,8 +57,7 @@ def apply_calibration(service: Service) -> dict[str, Any]:
                                   "categories": {c: [tier.category_thresholds.get(c), v]
                                                  for c, v in categories.items()
                                                  if tier.category_thresholds.get(c) != v}}
-            tier.threshold = threshold
-            tier.category_thresholds = dict(categories)  # replaced whole: a request sees one version
+            tier.set_thresholds(threshold, categories)  # one immutable version, swapped in one assignment
     return changes
 
 
