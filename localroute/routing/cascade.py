@@ -140,6 +140,8 @@ class CascadeRouter:
         threshold given: the tier's for the request category)."""
         if request.params.top_logprobs < self._top_k:
             request = replace(request, params=replace(request.params, top_logprobs=self._top_k))
+        if request.score_labels and self.aggregator != "label_confidence":  # label scores would decide nothing
+            request = replace(request, score_labels=False)
         if tier is not None and threshold is None:
             threshold = tier.threshold_for(request.category)
         bound = self._bound(tier, threshold) if tier is not None else None

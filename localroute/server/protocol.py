@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any
 
-from localroute.backends.labels import labels_from_metadata
+from localroute.backends.labels import labels_from_metadata, labels_of
 from localroute.errors import InvalidRequestError
 from localroute.routing.base import Decision, finite
 from localroute.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -102,9 +102,12 @@ def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Se
     messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": _local_text(m)}
                      for m in body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    return GenerationRequest(messages=messages, params=_sampling(body, settings, top), request_id=request_id,
+    params = _sampling(body, settings, top)
+    labels = labels_from_metadata(data.get("metadata"))
+    labels_of(labels, params.response_format)  # too many or too long (an enum's too): 400 here, not on the engine
+    return GenerationRequest(messages=messages, params=params, request_id=request_id,
                              wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body),
-                             labels=labels_from_metadata(data.get("metadata")))
+                             labels=labels)
 
 
 def _local_text(m: ChatMessage) -> str:

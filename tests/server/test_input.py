@@ -450,3 +450,21 @@ def test_bad_config_exits_nonzero_naming_the_key(tmp_path: Path, content: str, k
     assert key in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     print(f"\nbad config ({key}) rejected in {took:.2f}s")
+
+
+def test_too_many_labels_are_a_400_naming_the_field(fake_base: str) -> None:
+    """metadata.labels (or an enum) with thousands of labels would stall the engine thread scoring
+    them: refused up front."""
+    labels = json.dumps([f"label{i}" for i in range(2000)])
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}],
+        "metadata": {"labels": json.dumps(["a", "b", "c"])}})
+    assert r.status_code == 200  # a few labels: fine
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}], "metadata": {"labels": labels}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata.labels", r.text
+    enum = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties": {
+        "label": {"type": "string", "enum": [f"l{i}" for i in range(300)]}}}}}
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}], "response_format": enum})
+    assert r.status_code == 400 and r.json()["error"]["param"].endswith("properties.label.enum"), r.text
