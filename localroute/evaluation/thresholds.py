@@ -208,15 +208,18 @@ def calibrate_run(
     seed: int = 0,
     per_category: bool = False,
     min_category_rows: int = 30,
+    tier_fields: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Fit the threshold on a random calibration split of the run, check it on the rest, and write
     (or update) the calibration file. Returns the summary printed by the CLI. `per_category`: also
-    one threshold per task category of the rows (`fit_categories`)."""
+    one threshold per task category of the rows (`fit_categories`). `tier_fields`: per tier, its
+    `confidence_fields`; field_confidence is rescored on the run's tier's, as serve computes it."""
     _check_targets(target_quality, target_escalation, holdout)
     if aggregator not in AGGREGATORS and aggregator not in SIGNALS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS) + list(SIGNALS)}",
                           param="aggregator")
-    table = RunTable(run_dir)
+    fields = (tier_fields or {}).get(str(read_meta(run_dir).get("tier")), ())
+    table = RunTable(run_dir, fields)
     if table.n < 2:
         raise ConfigError(f"run {run_dir} has {table.n} usable rows; need at least 2", param="run")
     conf = table.conf[aggregator]
