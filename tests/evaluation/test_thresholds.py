@@ -215,7 +215,11 @@ def test_nothing_certifiable_from_the_log_is_no_escalate_all_certificate(tmp_pat
     """Every shadowed answer disagrees: no threshold reaches the target. That must not be stored as a
     certified 1e9 (applied, it would stop all shadowing and stay for good): the earlier certified
     threshold stays, or the category falls back to the pooled one, flagged."""
-    from localroute.calibration_file import calibrated_category_thresholds, load_calibration, model_fingerprint
+    from localroute.calibration_file import (
+        calibrated_category_thresholds,
+        load_calibration,
+        model_fingerprint,
+    )
     from localroute.evaluation.thresholds import calibrate_from_log
 
     confs = [-0.9 + 0.8 * i / 59 for i in range(60)]
