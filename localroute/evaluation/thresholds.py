@@ -541,41 +541,41 @@ def calibrate_from_log(log_path: Path | str, out: Path, settings: Any, target_qu
         entry = cal_file.tiers.get(tier)
         if entry is None:
             continue
-        pairs = len(sample.confidence)
+        n_pairs = len(sample.confidence)
         why: str | None = None
         if (tier, cat) not in certify:
-            why = f"too few shadow pairs ({pairs}) to refit"
-            fallback = f"pooled: {pairs} shadow pairs < {min_category_rows} needed to certify"
+            why = f"too few shadow pairs ({n_pairs}) to refit"
+            fallback = f"pooled: {n_pairs} shadow pairs < {min_category_rows} needed to certify"
         else:
             fit = certify_from_log(sample, target_quality, share)
             if fit.threshold >= ESCALATE_ALL:
                 # no threshold at or above the floor reaches the target: that is no certificate to
                 # escalate everything (applied, it would stop the very shadow pairs that could lift it)
-                why = f"no threshold certifiable at quality {target_quality} from {pairs} shadow pairs"
+                why = f"no threshold certifiable at quality {target_quality} from {n_pairs} shadow pairs"
                 fallback = f"pooled: {why}"
             else:
                 cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
                                    certified_loss_upper=round(fit.loss_upper, 6),
                                    certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
-                                   n_calibration=pairs, n_holdout=0,
+                                   n_calibration=n_pairs, n_holdout=0,
                                    n_population=sample.n_population, floor=sample.floor)
-                entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert, n=pairs,
+                entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert, n=n_pairs,
                                                             source="log")
         if why is not None:
             old = entry.categories.get(cat)
             if old is not None and old.fallback is None and old.threshold < ESCALATE_ALL:
                 # certified before (an eval run, an earlier refit): kept
-                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": pairs,
+                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": n_pairs,
                                                     "population": sample.n_population, "fallback": None,
                                                     "kept": f"{why}; the earlier certified threshold stays",
                                                     "escalate_all": False,
                                                     "certificate": old.certificate.model_dump()}
                 continue
             entry.categories[cat] = CategoryCalibration(
-                threshold=entry.threshold, certificate=entry.certificate, n=pairs, source="log", fallback=fallback)
+                threshold=entry.threshold, certificate=entry.certificate, n=n_pairs, source="log", fallback=fallback)
         c = entry.categories[cat]
         result.setdefault(tier, {})[cat] = {"threshold": c.threshold, "escalate_all": c.threshold >= ESCALATE_ALL,
-                                            "pairs": pairs, "population": sample.n_population,
+                                            "pairs": n_pairs, "population": sample.n_population,
                                             "fallback": c.fallback, "certificate": c.certificate.model_dump()}
     cal_file.created_at = datetime.now(UTC).isoformat(timespec="seconds")
     write_calibration(cal_file, out)
