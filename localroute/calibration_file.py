@@ -267,7 +267,10 @@ def calibrated_category_thresholds(
         entry = cal.tiers.get(name)
         if entry is None or mismatches(entry, fp):
             continue
-        out[name] = {cat: c.threshold for cat, c in entry.categories.items() if c.fallback is None}
+        # a log refit that escalates everything is no certificate (only accepted answers are shadowed,
+        # so applying it would starve the refit of evidence for good): files written before that rule
+        out[name] = {cat: c.threshold for cat, c in entry.categories.items()
+                     if c.fallback is None and not (c.source == "log" and c.threshold >= ESCALATE_ALL)}
     return out
 
 

@@ -69,7 +69,7 @@ class Service:
         for tier in self.tiers:  # a tier's name bypasses routing
             self.routers[tier.name] = CascadeRouter(
                 [Tier(tier.name, tier.backend, None, tier.capabilities)], settings.confidence_aggregator,
-                settings.confidence_quantile_alpha, tier.name,
+                settings.confidence_quantile_alpha, tier.name, fields=cascade.fields,
             )
         from localroute.routing.prerouter import (
             build_policies,  # classifier/embedding/hybrid/verified, if configured

@@ -455,6 +455,9 @@ class Settings(BaseSettings):
     auto_recalibrate_delta: float = Field(0.05, gt=0, lt=1, description="auto_recalibrate: the certificate's delta.")
     auto_recalibrate_min_pairs: int = Field(
         30, ge=1, description="auto_recalibrate: a (tier, category) with fewer shadow pairs is not refitted.")
+    auto_recalibrate_window_s: float = Field(
+        7 * 86400.0, gt=0, description="auto_recalibrate: refit on the routing log's last this many seconds only, so "
+        "evidence (and the thresholds it was gathered under) from before a change ages out.")
     calibration_watch_s: float = Field(
         5.0, ge=0, description="`serve` re-reads calibration_path when it changes, polled this often (0: only on "
         "SIGHUP), and applies its thresholds without a restart.")

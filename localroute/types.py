@@ -86,6 +86,9 @@ class GenerationRequest:
     # the allowed answers of a choice task (a json_schema enum, eval choices, metadata.labels): a
     # local engine scores each at the chosen label's position (backends/labels.py, Generation.extra["label"])
     labels: tuple[str, ...] = ()
+    # whether the engine scores those labels: the cascade turns it off when its signal is not
+    # label_confidence (the scores would cost engine time and decide nothing)
+    score_labels: bool = True
     # set by the cascade for a non-final local tier: stop decoding once acceptance is impossible
     escalate_below: EscalationBound | None = None
 

@@ -259,10 +259,13 @@ def test_category_thresholds_are_served_only_when_certified_and_the_tier_matches
     cal.tiers["cheap"].categories = {
         "math": CategoryCalibration(threshold=-0.2, certificate=cert, n=50),
         "tiny": CategoryCalibration(threshold=-0.7, certificate=cert, n=3, fallback="pooled: 3 rows < 30"),
+        # an older log refit that "certified" escalating everything: never served (it would stop the
+        # shadowing that could ever lift it)
+        "stuck": CategoryCalibration(threshold=ESCALATE_ALL, certificate=cert, n=40, source="log"),
     }
     path = write_calibration(cal, tmp_path / "calibration.json")
     assert load_calibration(path).tiers["cheap"].categories["tiny"].fallback == "pooled: 3 rows < 30"
     assert calibrated_category_thresholds(path, "mean_logprob", 0.1, FP) == {"cheap": {"math": -0.2}}
     changed = {"cheap": {**FP["cheap"], "model_sha256": "b" * 64}}
     assert calibrated_category_thresholds(path, "mean_logprob", 0.1, changed) == {}
-    assert quality_targets(load_calibration(path)) == {"math": 0.9, "tiny": 0.9}
+    assert quality_targets(load_calibration(path)) == {"math": 0.9, "tiny": 0.9, "stuck": 0.9}

@@ -23,9 +23,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LabelSpan", "enum_field", "labels_from_metadata", "labels_of", "locate_label", "normalise"]
+from localroute.errors import InvalidRequestError
+
+__all__ = ["MAX_LABELS", "MAX_LABELS_CHARS", "LabelSpan", "check_labels", "enum_field", "labels_from_metadata",
+           "labels_of", "locate_label", "normalise"]
 
 METADATA_KEY = "labels"  # request metadata {"labels": "[\"a\", \"b\"]"} or "a|b|c"
+# Each label is a continuation the engine scores on its own thread, every other request waiting:
+# a choice task with more (or longer) labels than this is refused, not scored.
+MAX_LABELS = 256
+MAX_LABELS_CHARS = 8192
+
+
+def check_labels(labels: Sequence[str], param: str) -> tuple[str, ...]:
+    """`labels` unchanged if within MAX_LABELS labels and MAX_LABELS_CHARS characters in all, else a
+    400 invalid_request_error naming `param`."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequestError(f"{len(labels)} labels; at most {MAX_LABELS} are scored", param=param)
+    total = sum(len(x) for x in labels)
+    if total > MAX_LABELS_CHARS:
+        raise InvalidRequestError(f"labels of {total} characters in all; at most {MAX_LABELS_CHARS}", param=param)
+    return tuple(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,9 @@ def labels_from_metadata(metadata: Any) -> tuple[str, ...]:
     raw = metadata.get(METADATA_KEY)
     if not isinstance(raw, str) or not raw.strip():
         return ()
+    if len(raw) > 4 * MAX_LABELS_CHARS:  # not even worth parsing
+        raise InvalidRequestError(f"metadata.labels is {len(raw)} characters; labels of at most "
+                                  f"{MAX_LABELS_CHARS} characters in all are scored", param=f"metadata.{METADATA_KEY}")
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -69,15 +90,20 @@ def labels_from_metadata(metadata: Any) -> tuple[str, ...]:
     if not isinstance(parsed, list):
         return ()
     labels = tuple(dict.fromkeys(str(x).strip() for x in parsed if str(x).strip()))
-    return labels if len(labels) >= 2 else ()
+    return check_labels(labels, f"metadata.{METADATA_KEY}") if len(labels) >= 2 else ()
 
 
 def labels_of(labels: Sequence[str], response_format: dict[str, Any] | None) -> tuple[str, ...]:
     """The allowed labels of a request: given ones, else a json_schema enum's."""
     if labels:
-        return tuple(labels)
+        return check_labels(labels, f"metadata.{METADATA_KEY}")
     found = enum_field(response_format)
-    return found[1] if found else ()
+    return check_labels(found[1], enum_param(found[0])) if found else ()
+
+
+def enum_param(name: str) -> str:
+    """The request field of a json_schema property's enum (what a 400 about it names)."""
+    return f"response_format.json_schema.schema.properties.{name}.enum"
 
 
 def _norm(text: str) -> str:

@@ -618,7 +618,7 @@ class LlamaEngine:
         label score, never the answer."""
         gen, seq.held = seq.held, None
         assert gen is not None
-        if not seq.cancelled:
+        if not seq.cancelled and "early_exit" not in gen.extra:  # stopped early: it escalates, no score needed
             try:
                 gen.extra["label"] = self.score_labels(seq, gen)
             except Exception:
@@ -769,7 +769,7 @@ class LlamaCppBackend(EngineBridge):
         from localroute.backends.labels import labels_of
 
         fmt = request.params.response_format
-        labels = () if request.tools else labels_of(request.labels, fmt)
+        labels = () if request.tools or not request.score_labels else labels_of(request.labels, fmt)
         bound = request.escalate_below
         early = (EarlyExit(bound, common["max_new"], request.params.stop)
                  if bound is not None and EarlyExit.supports(bound) else None)

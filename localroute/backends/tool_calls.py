@@ -77,7 +77,14 @@ def tool_call_answer(gen: Generation) -> Generation:
     # the tokens the grammar left no choice (its punctuation, the rest of a name once it is
     # unambiguous) have a renormalised logprob of exactly 0: they say nothing of the model, and
     # kept they would only dilute a mean; the confidence comes from the name and argument choices
-    chosen = [t for t in gen.tokens if t.logprob != 0.0]
+    kept = [i for i, t in enumerate(gen.tokens) if t.logprob != 0.0]
+    chosen = [gen.tokens[i] for i in kept]
+    extra = dict(gen.extra)
+    if "forced_tokens" in extra:  # indexes of the unfiltered tokens: remapped onto the kept ones
+        new_index = {old: new for new, old in enumerate(kept)}
+        forced = [new_index[i] for i in extra.pop("forced_tokens") if i in new_index]
+        if forced:
+            extra["forced_tokens"] = forced
     raw = {"object": "chat.completion", "created": int(time.time()), "model": gen.model,
            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}]}
-    return replace(gen, tokens=chosen, finish_reason="tool_calls", raw=raw)
+    return replace(gen, tokens=chosen, finish_reason="tool_calls", raw=raw, extra=extra)

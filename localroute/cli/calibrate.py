@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         target_quality=args.target_quality, target_escalation=args.target_escalation,
         delta=args.delta, holdout=args.holdout, seed=args.seed,
         per_category=args.per_category, min_category_rows=args.min_category_rows,
+        tier_fields={ts.name: tuple(ts.confidence_fields) for ts in settings.ladder() if ts.confidence_fields},
     )
     if args.json:
         print_json(result)

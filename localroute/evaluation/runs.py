@@ -116,18 +116,21 @@ def row_extra(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _confidence(tokens: list[TokenLogprob], output: str, aggregator: str, alpha: float,
-                extra: dict[str, Any] | None = None) -> float:
+                extra: dict[str, Any] | None = None, fields: Sequence[str] = ()) -> float:
     """What the cascade would have computed for this answer; an answer without evidence (None) can
     only escalate, as -inf does."""
-    conf = answer_confidence(aggregator, tokens, alpha, output, extra)
+    conf = answer_confidence(aggregator, tokens, alpha, output, extra, fields)
     return float("-inf") if conf is None else conf
 
 
 class RunTable:
-    """The usable rows of a run as arrays: confidences per aggregator, cheap and frontier scores."""
+    """The usable rows of a run as arrays: confidences per aggregator, cheap and frontier scores.
+    `fields`: the fields whose confidence decides field_confidence (the tier's `confidence_fields`,
+    as serve uses them; empty: every field)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, fields: Sequence[str] = ()) -> None:
         self.out_dir = run_dir
+        self.fields = tuple(fields)
         self.meta = read_meta(run_dir)
         rows = read_rows(run_dir)
         self.usable = [r for r in rows if r.get("cheap") is not None and r.get("frontier") is not None
@@ -148,8 +151,8 @@ class RunTable:
         # the decision-carrying signals, as the cascade computes them (rows without labels or without
         # structure fall back to mean_logprob there too, so calibrate can fit either on any run)
         for name in SIGNALS:
-            self.conf[name] = np.array([_confidence(t, text, name, self.alpha, x) for t, text, x in answers],
-                                       dtype=np.float64)
+            self.conf[name] = np.array([_confidence(t, text, name, self.alpha, x, self.fields)
+                                        for t, text, x in answers], dtype=np.float64)
         self.n_labelled = sum(1 for r in self.usable if isinstance(r.get("label"), dict))
         self.n_structured = sum(1 for t, _, _ in answers if t and field_confidences(t))
         if self.usable and all("verifier_p_yes" in r for r in self.usable):  # eval --verifier TIER

@@ -59,7 +59,7 @@ def _beta() -> Any:
     try:
         from scipy.stats import beta
     except ImportError as exc:
-        raise MissingExtraError("scipy", "eval") from exc
+        raise MissingExtraError("scipy", "eval") from exc  # a base dependency since issue 19; kept for broken installs
     return beta
 
 
@@ -208,15 +208,18 @@ def calibrate_run(
     seed: int = 0,
     per_category: bool = False,
     min_category_rows: int = 30,
+    tier_fields: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Fit the threshold on a random calibration split of the run, check it on the rest, and write
     (or update) the calibration file. Returns the summary printed by the CLI. `per_category`: also
-    one threshold per task category of the rows (`fit_categories`)."""
+    one threshold per task category of the rows (`fit_categories`). `tier_fields`: per tier, its
+    `confidence_fields`; field_confidence is rescored on the run's tier's, as serve computes it."""
     _check_targets(target_quality, target_escalation, holdout)
     if aggregator not in AGGREGATORS and aggregator not in SIGNALS:
         raise ConfigError(f"unknown aggregator {aggregator!r}; one of {sorted(AGGREGATORS) + list(SIGNALS)}",
                           param="aggregator")
-    table = RunTable(run_dir)
+    fields = (tier_fields or {}).get(str(read_meta(run_dir).get("tier")), ())
+    table = RunTable(run_dir, fields)
     if table.n < 2:
         raise ConfigError(f"run {run_dir} has {table.n} usable rows; need at least 2", param="run")
     conf = table.conf[aggregator]
@@ -399,7 +402,7 @@ class LogSample:
     stratum: list[str]
     n_population: int  # requests of the category that reached the tier
     n_accepted: dict[str, int]  # of those, accepted by the tier, per stratum
-    floor: float  # the highest threshold the tier had over the window
+    floor: float  # the highest threshold the tier had over the pairs' window (their own stored thresholds)
 
 
 def certify_from_log(sample: LogSample, target: float, delta: float) -> QualityThreshold:
@@ -450,11 +453,27 @@ def certify_from_log(sample: LogSample, target: float, delta: float) -> QualityT
                             1.0, 1.0 - float(ucb[passed - 1]), n_pop)
 
 
+def fitted_row(row: dict[str, Any], aggregator: str | None) -> bool:
+    """Whether a requests row is evidence for a threshold on `aggregator`: a cascade-like policy (the
+    cascade, or a pre-router that left the query to it: signal `embedding>mean_logprob`) deciding on
+    that signal. A verifier's P(yes) or another aggregator's values are on another scale. None: any."""
+    if aggregator is None:
+        return True
+    policy, signal = str(row.get("policy") or ""), str(row.get("signal") or "")
+    return policy.startswith("localroute/") and policy != "localroute/verified" \
+        and signal.rsplit(">", 1)[-1] == aggregator
+
+
 def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin: float,
-                default_category: str = "default") -> dict[tuple[str, str], LogSample]:
-    """(tier, category) -> LogSample from the routing log's requests and shadow pairs."""
+                default_category: str = "default", aggregator: str | None = None) -> dict[tuple[str, str], LogSample]:
+    """(tier, category) -> LogSample from the routing log's requests and shadow pairs; with
+    `aggregator`, only the requests (and their pairs) that `fitted_row` keeps."""
     from localroute.monitoring.log_report import row_category
 
+    if aggregator is not None:
+        rows = [r for r in rows if fitted_row(r, aggregator)]
+        kept = {r.get("request_id") for r in rows}
+        pairs = [p for p in pairs if p.get("request_id") in kept]
     pop: dict[tuple[str, str], dict[str, Any]] = {}
     stratified = any(p.get("stratum") in ("near", "far") for p in pairs)
     for r in rows:
@@ -464,9 +483,8 @@ def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin:
         for a in r.get("attempts") or []:
             if a.get("threshold") is None or a.get("error"):
                 continue
-            e = pop.setdefault((a["tier"], cat), {"n": 0, "acc": {}, "floor": -math.inf})
+            e = pop.setdefault((a["tier"], cat), {"n": 0, "acc": {}})
             e["n"] += 1
-            e["floor"] = max(e["floor"], float(a["threshold"]))
             if a.get("accepted") and r.get("tier") == a["tier"] and not r.get("degraded"):
                 conf = a.get("confidence")
                 near = stratified and conf is not None and conf - a["threshold"] < margin
@@ -476,10 +494,14 @@ def log_samples(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], margin:
     for key, e in pop.items():
         ps = [p for p in pairs if (p["tier"], p["category"]) == key and p["status"] == "scored"
               and p.get("label") is not None and p.get("confidence") is not None]
+        # the floor: the highest threshold the pairs themselves were accepted at (each pair stores its
+        # own), not the highest ever logged: an old conservative threshold outside the pairs' window
+        # (read with `since`) would otherwise pin every later refit at or above it
+        floor = max((float(p["threshold"]) for p in ps if p.get("threshold") is not None), default=-math.inf)
         out[key] = LogSample(np.array([p["confidence"] for p in ps], dtype=np.float64),
                              np.array([float(p["label"]) for p in ps], dtype=np.float64),
                              np.array([p["sample_rate"] for p in ps], dtype=np.float64),
-                             [str(p.get("stratum") or "all") for p in ps], e["n"], e["acc"], e["floor"])
+                             [str(p.get("stratum") or "all") for p in ps], e["n"], e["acc"], floor)
     return out
 
 
@@ -500,10 +522,18 @@ def calibrate_from_log(log_path: Path | str, out: Path, settings: Any, target_qu
         raise ConfigError(f"routing log not found: {log_path}", param="routing_log_path")
     shown = shown_log(log_path)
     rows, pairs = read_rows(log_path, since), read_shadow_pairs(log_path, since)
-    samples = log_samples(rows, pairs, settings.shadow_near_threshold_margin, settings.default_category)
+    aggregator, alpha = settings.confidence_aggregator, settings.confidence_quantile_alpha
+    cal_file = load_calibration(out) if out.is_file() else None
+    if cal_file is not None and (cal_file.aggregator != aggregator or abs(cal_file.alpha - alpha) > 1e-12):
+        raise ConfigError(f"calibration file {out} is for {cal_file.aggregator} (alpha {cal_file.alpha}), the "
+                          f"settings use {aggregator} (alpha {alpha}): refit it offline (`localroute calibrate`) or "
+                          "set confidence_aggregator / confidence_quantile_alpha to match", param="confidence_aggregator")
+    samples = log_samples(rows, pairs, settings.shadow_near_threshold_margin, settings.default_category, aggregator)
     if not samples:
-        raise ConfigError(f"routing log {shown} has no cascade requests to recalibrate from", param="log")
-    cal_file = load_calibration(out) if out.is_file() else _new_calibration(settings, samples)
+        raise ConfigError(f"routing log {shown} has no cascade requests on {aggregator} to recalibrate from",
+                          param="log")
+    if cal_file is None:
+        cal_file = _new_calibration(settings, samples)
     certify = [k for k, s in samples.items() if len(s.confidence) >= min_category_rows and k[0] in cal_file.tiers]
     share = delta / max(1, len(certify))
     result: dict[str, Any] = {}
@@ -511,36 +541,47 @@ def calibrate_from_log(log_path: Path | str, out: Path, settings: Any, target_qu
         entry = cal_file.tiers.get(tier)
         if entry is None:
             continue
+        n_pairs = len(sample.confidence)
+        why: str | None = None
         if (tier, cat) not in certify:
+            why = f"too few shadow pairs ({n_pairs}) to refit"
+            fallback = f"pooled: {n_pairs} shadow pairs < {min_category_rows} needed to certify"
+        else:
+            fit = certify_from_log(sample, target_quality, share)
+            if fit.threshold >= ESCALATE_ALL:
+                # no threshold at or above the floor reaches the target: that is no certificate to
+                # escalate everything (applied, it would stop the very shadow pairs that could lift it)
+                why = f"no threshold certifiable at quality {target_quality} from {n_pairs} shadow pairs"
+                fallback = f"pooled: {why}"
+            else:
+                cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
+                                   certified_loss_upper=round(fit.loss_upper, 6),
+                                   certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
+                                   n_calibration=n_pairs, n_holdout=0,
+                                   n_population=sample.n_population, floor=sample.floor)
+                entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert, n=n_pairs,
+                                                            source="log")
+        if why is not None:
             old = entry.categories.get(cat)
-            if old is not None and old.fallback is None:  # certified before (an eval run, an earlier refit): kept
-                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": len(sample.confidence),
+            if old is not None and old.fallback is None and old.threshold < ESCALATE_ALL:
+                # certified before (an eval run, an earlier refit): kept
+                result.setdefault(tier, {})[cat] = {"threshold": old.threshold, "pairs": n_pairs,
                                                     "population": sample.n_population, "fallback": None,
-                                                    "kept": f"too few shadow pairs ({len(sample.confidence)}) to "
-                                                    "refit; the earlier certified threshold stays",
-                                                    "escalate_all": old.threshold >= ESCALATE_ALL,
+                                                    "kept": f"{why}; the earlier certified threshold stays",
+                                                    "escalate_all": False,
                                                     "certificate": old.certificate.model_dump()}
                 continue
             entry.categories[cat] = CategoryCalibration(
-                threshold=entry.threshold, certificate=entry.certificate, n=len(sample.confidence), source="log",
-                fallback=f"pooled: {len(sample.confidence)} shadow pairs < {min_category_rows} needed to certify")
-        else:
-            fit = certify_from_log(sample, target_quality, share)
-            cert = Certificate(target="quality", target_value=target_quality, delta=share, bound=fit.bound,
-                               certified_loss_upper=round(fit.loss_upper, 6),
-                               certified_quality_lower=round(fit.quality_lower, 6), frontier_quality_lower=1.0,
-                               n_calibration=len(sample.confidence), n_holdout=0,
-                               n_population=sample.n_population, floor=sample.floor)
-            entry.categories[cat] = CategoryCalibration(threshold=fit.threshold, certificate=cert,
-                                                        n=len(sample.confidence), source="log")
+                threshold=entry.threshold, certificate=entry.certificate, n=n_pairs, source="log", fallback=fallback)
         c = entry.categories[cat]
         result.setdefault(tier, {})[cat] = {"threshold": c.threshold, "escalate_all": c.threshold >= ESCALATE_ALL,
-                                            "pairs": len(sample.confidence), "population": sample.n_population,
+                                            "pairs": n_pairs, "population": sample.n_population,
                                             "fallback": c.fallback, "certificate": c.certificate.model_dump()}
     cal_file.created_at = datetime.now(UTC).isoformat(timespec="seconds")
     write_calibration(cal_file, out)
     return {"calibration_file": str(out), "log": shown, "target_quality": target_quality, "delta": delta,
-            "certified": len(certify), "tiers": result}
+            "certified": sum(1 for t in result.values() for c in t.values() if c["fallback"] is None
+                                 and "kept" not in c), "tiers": result}
 
 
 def _new_calibration(settings: Any, samples: dict[tuple[str, str], LogSample]) -> CalibrationFile:

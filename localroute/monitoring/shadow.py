@@ -126,6 +126,13 @@ class _LiveCollector(Collector):
         self.live, self.label, self.targets = live, label, targets
 
     def collect(self) -> Any:
+        """Never raises: an exception in a collector fails the whole /metrics scrape."""
+        try:
+            yield from self._families()
+        except Exception:
+            log.exception("live quality gauges unavailable this scrape")
+
+    def _families(self) -> list[GaugeMetricFamily]:
         point = GaugeMetricFamily("localroute_live_quality", "Share of shadowed local answers that agree with the "
                                   "frontier, per category (reweighted).", labels=["category"])
         lower = GaugeMetricFamily("localroute_live_quality_lower", "Clopper-Pearson 95% lower bound of "
@@ -143,7 +150,7 @@ class _LiveCollector(Collector):
             upper.add_metric([lab], hi)
         for cat, value in sorted(self.targets().items()):
             target.add_metric([self.label(cat)], value)
-        yield from (point, lower, upper, target)
+        return [point, lower, upper, target]
 
 
 class CategoryMetrics:

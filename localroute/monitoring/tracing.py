@@ -224,7 +224,8 @@ class Tracing:
 
     def instrument(self, tiers: Sequence[Tier]) -> list[Tier]:
         """The same tiers, each backend wrapped so that its calls get attempt spans."""
-        return [Tier(t.name, TracedBackend(t.backend, self, t.name), t.threshold, t.capabilities) for t in tiers]
+        return [Tier(t.name, TracedBackend(t.backend, self, t.name), t.threshold, t.capabilities, t.category_thresholds)
+                for t in tiers]
 
     def start_attempt(self, backend: TracedBackend, request: GenerationRequest) -> _Attempt | None:
         rt = _current.get()

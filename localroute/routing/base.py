@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from localroute.backends.base import Backend
@@ -12,28 +13,55 @@ from localroute.backends.capabilities import Capabilities
 from localroute.types import Generation, GenerationRequest, StreamDelta
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """A tier's pooled threshold and its per-category ones (issue 19), one immutable version: a new
+    calibration replaces the whole object in one assignment, so a request never mixes two."""
+
+    pooled: float | None = None
+    categories: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    def of(self, category: str | None) -> float | None:
+        """The threshold an answer to a request of this category must reach (None: always accepted)."""
+        if self.pooled is None:
+            return None
+        return self.categories.get(category, self.pooled) if category is not None else self.pooled
+
+
 class Tier:
     """A backend on the ladder with the threshold its confidence must reach to answer, and what it
     can serve: given, else the backend's own `capabilities`, else its kind's defaults."""
 
-    name: str
-    backend: Backend
-    threshold: float | None = None
-    capabilities: Capabilities | None = None
-    # thresholds calibrated per task category (issue 19); a category not here uses `threshold`.
-    # Replaced whole (never mutated) when a new calibration file is applied, so readers see one version.
-    category_thresholds: dict[str, float] = field(default_factory=dict)
+    __slots__ = ("backend", "capabilities", "name", "thresholds")
 
-    def __post_init__(self) -> None:
-        if self.capabilities is None:
-            self.capabilities = self.backend.capabilities
+    def __init__(self, name: str, backend: Backend, threshold: float | None = None,
+                 capabilities: Capabilities | None = None,
+                 category_thresholds: Mapping[str, float] | None = None) -> None:
+        self.name = name
+        self.backend = backend
+        self.capabilities = capabilities if capabilities is not None else backend.capabilities
+        # thresholds calibrated per task category (issue 19); a category not here uses `threshold`
+        self.thresholds = Thresholds(threshold, MappingProxyType(dict(category_thresholds or {})))
+
+    def __repr__(self) -> str:
+        return f"Tier({self.name!r}, threshold={self.threshold!r}, categories={dict(self.category_thresholds)!r})"
+
+    @property
+    def threshold(self) -> float | None:
+        return self.thresholds.pooled
+
+    @property
+    def category_thresholds(self) -> Mapping[str, float]:
+        return self.thresholds.categories
+
+    def set_thresholds(self, threshold: float | None, categories: Mapping[str, float]) -> None:
+        """Swap in a new version: a single attribute assignment, atomic for every reader."""
+        self.thresholds = Thresholds(threshold, MappingProxyType(dict(categories)))
 
     def threshold_for(self, category: str | None) -> float | None:
-        """The threshold an answer to a request of this category must reach (None: always accepted)."""
-        if self.threshold is None:
-            return None
-        return self.category_thresholds.get(category, self.threshold) if category is not None else self.threshold
+        """The threshold an answer to a request of this category must reach (None: always accepted).
+        A router reads it once per attempt and passes the value on."""
+        return self.thresholds.of(category)
 
     def lacks(self, needs: frozenset[str]) -> str | None:
         """The first of `needs` this tier cannot serve (localroute.backends.capabilities.NEEDS), or None."""

@@ -101,6 +101,11 @@ class CascadeRouter:
         self.on_budget = on_budget
         self.repetition = repetition if repetition is not None else RepetitionCheck()
 
+    @property
+    def alpha(self) -> float:
+        """The quantile aggregators' alpha (what a router sharing this one's signal needs)."""
+        return self._alpha
+
     def _confidence(self, gen: Generation, tier: Tier | None = None) -> float | None:
         """The aggregate of the answer's logprobs (`answer_confidence`, as calibration computes it).
         An answer that came without logprobs from a remote tier (a tool call, a provider's raw
@@ -127,31 +132,36 @@ class CascadeRouter:
             raise unsupported(request.needs, decision.evidence["skipped"])
         return able
 
-    def _tier_request(self, request: GenerationRequest, tier: Tier | None = None) -> GenerationRequest:
+    def _tier_request(self, request: GenerationRequest, tier: Tier | None = None,
+                      threshold: float | None = None) -> GenerationRequest:
         """What a tier is asked: at least the aggregator's top-k (it reads exactly that many, so a
         client's larger top_logprobs changes nothing), and for a non-final local tier the
-        early-escalation bound (`tier` given only for those)."""
+        early-escalation bound at `threshold`, the attempt's (`tier` given only for those; no
+        threshold given: the tier's for the request category)."""
         if request.params.top_logprobs < self._top_k:
             request = replace(request, params=replace(request.params, top_logprobs=self._top_k))
-        bound = self._bound(tier, request.category) if tier is not None else None
+        if request.score_labels and self.aggregator != "label_confidence":  # label scores would decide nothing
+            request = replace(request, score_labels=False)
+        if tier is not None and threshold is None:
+            threshold = tier.threshold_for(request.category)
+        bound = self._bound(tier, threshold) if tier is not None else None
         if bound is not None:
             request = replace(request, escalate_below=bound)
         return request
 
-    def _bound(self, tier: Tier, category: str | None = None) -> EscalationBound | None:
-        """The acceptance test a non-final local tier's engine may stop on (the request category's
-        threshold, the one `_accepts` applies); None: decode in full."""
-        threshold = tier.threshold_for(category)
+    def _bound(self, tier: Tier, threshold: float | None) -> EscalationBound | None:
+        """The acceptance test a non-final local tier's engine may stop on (the attempt's threshold:
+        the request category's, the one `_accepts` applies); None: decode in full."""
         if not self.early_escalation or threshold is None or not tier.backend.is_local:
             return None
         return EscalationBound(self.aggregator, threshold, self._alpha)
 
     def _attempt(self, tier: Tier, gen: Generation, conf: float | None, accepted: bool,
-                 category: str | None = None) -> TierAttempt:
+                 threshold: float | None = None) -> TierAttempt:
         return TierAttempt(
             tier=tier.name,
             confidence=conf,
-            threshold=tier.threshold_for(category),
+            threshold=threshold,
             accepted=accepted,
             prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.completion_tokens,
@@ -159,12 +169,13 @@ class CascadeRouter:
             ttft_s=gen.ttft_s,
         )
 
-    def _accepts(self, tier: Tier, conf: float | None, category: str | None = None) -> bool:
-        threshold = tier.threshold_for(category)  # the request category's calibrated threshold (issue 19)
+    @staticmethod
+    def _accepts(conf: float | None, threshold: float | None) -> bool:
+        """`threshold`: the attempt's, the request category's calibrated one (issue 19)."""
         return threshold is None or (conf is not None and conf >= threshold)
 
     async def _judge(
-        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
+        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision, threshold: float | None
     ) -> tuple[float | None, bool]:
         """(confidence, accepted) for a non-final tier's answer. An answer that breaks the requested
         response_format (unparsable JSON, schema violation), loops (routing.repetition) or is a tool
@@ -198,7 +209,7 @@ class CascadeRouter:
             decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
         if vetoed(decision, tier.name):
             return conf, False
-        return conf, self._accepts(tier, conf, request.category)
+        return conf, self._accepts(conf, threshold)
 
     async def _buffered(
         self, request: GenerationRequest, decision: Decision, ladder: list[Tier]
@@ -207,20 +218,21 @@ class CascadeRouter:
         last tier, and the most recent rejected answer (the degraded fallback)."""
         fallback: _Fallback = None
         for tier in ladder[:-1]:
+            threshold = tier.threshold_for(request.category)  # read once: a reload mid-attempt changes nothing
             try:
-                gen = await tier.backend.generate(self._tier_request(request, tier))
+                gen = await tier.backend.generate(self._tier_request(request, tier, threshold))
             except ContextLengthExceededError:  # the next tier may have room
                 decision.evidence.setdefault("skipped", {})[tier.name] = "context_length"
                 continue
             except InvalidRequestError:
                 raise
             except LocalrouteError as exc:
-                decision.attempts.append(TierAttempt(tier.name, None, tier.threshold, False, error=exc.message))
+                decision.attempts.append(TierAttempt(tier.name, None, threshold, False, error=exc.message))
                 if isinstance(exc, EngineDeadError):  # skipped because it is down, not because it was unsure
                     decision.degraded = decision.degraded or f"{tier.name}_{exc.code}"
                 continue
-            conf, accepted = await self._judge(tier, request, gen, decision)
-            decision.attempts.append(self._attempt(tier, gen, conf, accepted, request.category))
+            conf, accepted = await self._judge(tier, request, gen, decision, threshold)
+            decision.attempts.append(self._attempt(tier, gen, conf, accepted, threshold))
             if accepted:
                 decision.answered_by = tier.name
                 return gen, tier, None
@@ -239,7 +251,7 @@ class CascadeRouter:
             raise
         except LocalrouteError as exc:
             return self._degrade(decision, tier, exc, fallback, time.perf_counter() - t0)
-        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen, tier), True))
+        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen, tier), True, tier.threshold))
         decision.answered_by = tier.name
         return Routed(gen, decision)
 
@@ -274,7 +286,8 @@ class CascadeRouter:
             async for delta in tier.backend.stream(self._tier_request(request)):
                 if delta.final is not None:
                     final = delta.final
-                    decision.attempts.append(self._attempt(tier, final, self._confidence(final, tier), True))
+                    decision.attempts.append(self._attempt(tier, final, self._confidence(final, tier), True,
+                                                           tier.threshold))
                     decision.answered_by = tier.name
                     yield RoutedDelta(delta, decision, Routed(final, decision))
                     return

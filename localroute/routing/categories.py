@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from localroute.backends.labels import METADATA_KEY as LABELS_KEY
 from localroute.errors import InvalidRequestError
 from localroute.settings import Settings
 
@@ -28,6 +29,7 @@ __all__ = ["OTHER", "CategoryLabels", "ResolvedCategory", "resolve_category", "s
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OTHER = "other"  # the metrics label of categories over the cap
 METADATA_KEY = "localroute_category"
+OWN_KEYS = frozenset({METADATA_KEY, LABELS_KEY})  # what strip_category takes out before a provider sees it
 
 Source = Literal["client", "alias", "rule", "default"]
 
@@ -87,11 +89,12 @@ def resolve_category(settings: Settings, body: Mapping[str, Any], headers: Mappi
 
 
 def strip_category(body: dict[str, Any]) -> dict[str, Any]:
-    """The body without localroute's own metadata key (a provider may reject unknown metadata)."""
+    """The body without localroute's own metadata keys, the category and the choice task's labels (a
+    provider may reject unknown metadata, and OpenAI caps a metadata value at 512 characters)."""
     metadata = body.get("metadata")
-    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+    if not isinstance(metadata, dict) or not OWN_KEYS & metadata.keys():
         return body
-    rest = {k: v for k, v in metadata.items() if k != METADATA_KEY}
+    rest = {k: v for k, v in metadata.items() if k not in OWN_KEYS}
     out = {k: v for k, v in body.items() if k != "metadata"}
     if rest:
         out["metadata"] = rest

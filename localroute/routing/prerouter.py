@@ -87,8 +87,8 @@ class PreRouter:
         self.margin = margin
         names = [t.name for t in self.tiers]
         self._maps = [tier_mapping(m.tiers, names) for m in self.models]
-        self._single = {i: CascadeRouter([Tier(t.name, t.backend, None, t.capabilities)], cascade.signal,
-                                         policy=policy)
+        self._single = {i: CascadeRouter([Tier(t.name, t.backend, None, t.capabilities)], cascade.aggregator,
+                                         cascade.alpha, policy=policy, fields=cascade.fields)
                         for i, t in enumerate(self.tiers)}
         self.signal = "+".join(m.kind for m in self.models)
 
@@ -228,5 +228,6 @@ def build_policies(settings: Settings, tiers: Sequence[Tier], cascade: CascadeRo
             tiers, Verifier(judge.backend), settings.confidence_aggregator, settings.confidence_quantile_alpha,
             "localroute/verified", settings.verifier_mode, settings.verifier_threshold,
             on_failure=settings.escalation_failure_policy, on_budget=settings.budget_exhausted_policy,
-            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage))
+            repetition=RepetitionCheck(settings.repetition_min_repeats, settings.repetition_min_coverage),
+            early_escalation=settings.early_escalation, fields=cascade.fields)
     return policies

@@ -97,25 +97,28 @@ class VerifiedCascadeRouter(CascadeRouter):
         on_failure: str = "degrade",
         on_budget: str = "degrade",
         repetition: RepetitionCheck | None = None,
+        early_escalation: bool = True,
+        fields: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
+        """`early_escalation`, `fields`: as CascadeRouter's (early escalation applies in mode `and` only)."""
         if mode not in ("alone", "and"):
             raise ValueError("verifier mode must be 'alone' or 'and'")
         super().__init__(tiers, aggregator, alpha, policy, on_failure=on_failure, on_budget=on_budget,
-                         repetition=repetition)
+                         repetition=repetition, early_escalation=early_escalation, fields=fields)
         self.verifier = verifier
         self.mode = mode
         self.verifier_threshold = verifier_threshold
         self.signal = "verifier" if mode == "alone" else f"{aggregator}+verifier"
 
-    def _bound(self, tier: Tier, category: str | None = None) -> EscalationBound | None:
+    def _bound(self, tier: Tier, threshold: float | None) -> EscalationBound | None:
         """Early escalation only where the logprob threshold must pass too (mode `and`); alone,
         the verifier may accept an answer whatever its logprobs."""
-        return super()._bound(tier, category) if self.mode == "and" else None
+        return super()._bound(tier, threshold) if self.mode == "and" else None
 
     async def _judge(
-        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision
+        self, tier: Tier, request: GenerationRequest, gen: Generation, decision: Decision, threshold: float | None
     ) -> tuple[float | None, bool]:
-        conf, accepted = await super()._judge(tier, request, gen, decision)
+        conf, accepted = await super()._judge(tier, request, gen, decision, threshold)
         if "early_exit" in gen.extra:  # stopped early: the logprob threshold already failed
             return conf, False
         if vetoed(decision, tier.name):  # broken format or a loop: no verdict can save it

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,7 @@ def apply_calibration(service: Service) -> dict[str, Any]:
                                   "categories": {c: [tier.category_thresholds.get(c), v]
                                                  for c, v in categories.items()
                                                  if tier.category_thresholds.get(c) != v}}
-            tier.threshold = threshold
-            tier.category_thresholds = dict(categories)  # replaced whole: a request sees one version
+            tier.set_thresholds(threshold, categories)  # one immutable version, swapped in one assignment
     return changes
 
 
@@ -222,7 +222,8 @@ class LiveQualityRuntime:
                     await asyncio.to_thread(monitoring.routing_log.flush)
                 result = await asyncio.to_thread(calibrate_from_log, target, path, s,
                                                  s.auto_recalibrate_target, s.auto_recalibrate_delta,
-                                                 s.auto_recalibrate_min_pairs)
+                                                 s.auto_recalibrate_min_pairs,
+                                                 time.time() - s.auto_recalibrate_window_s)
             except ConfigError as exc:
                 log.warning("auto_recalibrate skipped: %s", exc.message)
                 continue

@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any
 
-from localroute.backends.labels import labels_from_metadata
+from localroute.backends.labels import labels_from_metadata, labels_of
 from localroute.errors import InvalidRequestError
 from localroute.routing.base import Decision, finite
 from localroute.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -94,17 +94,23 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
 
 
 def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Settings,
-                 request_id: str) -> GenerationRequest:
+                 request_id: str, labels: tuple[str, ...] | None = None) -> GenerationRequest:
     """`data`: the body as parsed JSON, `body` its validated form. Local tiers see the text of
-    each message; a request with more than text (tools, images) needs a tier that reads it."""
+    each message; a request with more than text (tools, images) needs a tier that reads it.
+    `labels`: the choice task's, when `data` no longer has them (strip_category took
+    metadata.labels out before the frontier sees the body); None: read from data's metadata."""
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
     messages = tuple({"role": "system" if m.role == "developer" else m.role, "content": _local_text(m)}
                      for m in body.messages)
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    return GenerationRequest(messages=messages, params=_sampling(body, settings, top), request_id=request_id,
+    params = _sampling(body, settings, top)
+    if labels is None:
+        labels = labels_from_metadata(data.get("metadata"))
+    labels_of(labels, params.response_format)  # too many or too long (an enum's too): 400 here, not on the engine
+    return GenerationRequest(messages=messages, params=params, request_id=request_id,
                              wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body),
-                             labels=labels_from_metadata(data.get("metadata")))
+                             labels=labels)
 
 
 def _local_text(m: ChatMessage) -> str:

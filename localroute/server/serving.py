@@ -29,6 +29,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
+from localroute.backends.labels import labels_from_metadata
 from localroute.errors import ClientDisconnectedError, LocalrouteError
 from localroute.monitoring.cost import RequestCost, cost_fields, cost_headers
 from localroute.monitoring.record import RequestRecord
@@ -171,13 +172,14 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
     try:
         policy, alias = split_model_alias(str(data.get("model", "")), svc.routers)
         category = resolve_category(svc.settings, data, request.headers, alias)
+        labels = labels_from_metadata(data.get("metadata"))  # localroute's own key: read before it is stripped
         data = strip_category(data)
         if alias is not None:
             data = {**data, "model": policy}
         if api == "chat":
             chat = validate(data, ChatCompletionRequest)
             body: ChatCompletionRequest | CompletionRequest = chat
-            req = chat_request(chat, data, svc.settings, request_id)
+            req = chat_request(chat, data, svc.settings, request_id, labels)
             if native is not None:
                 req = replace(req, native=native)
         else:

@@ -90,3 +90,22 @@ def test_label_plan_feeds_each_shared_prefix_once_and_never_one_token_alone() ->
     # card_arrival needs no step: the row after `card _` came with card_linking's
     assert feeds == [(0, (8, 9)), (1, (8, 9, 5)), (3, (8, 9, 5, 6, 3))]
     assert all(len(need) - keep >= 2 for keep, need in feeds)
+
+
+@pytest.mark.parametrize("labels,why", [([f"l{i}" for i in range(300)], "300 labels"),
+                                        (["a" * 5000, "b" * 5000], "10000 characters")])
+def test_too_many_or_too_long_labels_are_refused(labels: list[str], why: str) -> None:
+    import json
+
+    from localroute.backends.labels import MAX_LABELS, MAX_LABELS_CHARS, labels_from_metadata, labels_of
+    from localroute.errors import InvalidRequestError
+
+    assert len(labels) > MAX_LABELS or sum(map(len, labels)) > MAX_LABELS_CHARS, why
+    with pytest.raises(InvalidRequestError) as exc:
+        labels_from_metadata({"labels": json.dumps(labels)})
+    assert exc.value.param == "metadata.labels"
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"label": {"type": "string", "enum": labels}}}}}
+    with pytest.raises(InvalidRequestError) as exc:
+        labels_of((), fmt)
+    assert exc.value.param == "response_format.json_schema.schema.properties.label.enum"

@@ -334,3 +334,23 @@ def test_early_exit_gives_the_same_decision_with_less_decoding(backend: LlamaCpp
             else:
                 assert [t.token_id for t in early.tokens] == [t.token_id for t in full.tokens]
     assert stopped > 0
+
+
+def test_labels_are_scored_only_when_the_signal_needs_them(backend: LlamaCppBackend) -> None:
+    """The engine scores a choice task's labels (engine time every other request waits for) only
+    when the router decides on label_confidence, and never for an answer stopped early."""
+    from dataclasses import replace
+
+    from localroute.routing import CascadeRouter, Tier
+    from localroute.types import EscalationBound
+
+    request = _choice("What is the sentiment of: I love this phone!", SENTIMENT)
+    tier = Tier("a", backend, -1e9)
+    for aggregator, scored in (("mean_logprob", False), ("label_confidence", True)):
+        asked = CascadeRouter([tier, Tier("f", backend, None)], aggregator)._tier_request(request, tier)
+        gen = run(backend.generate(asked))
+        assert ("label" in gen.extra) is scored, aggregator
+    early = replace(request, escalate_below=EscalationBound("mean_logprob", 0.0))  # logprob 0 is out of reach
+    gen = run(backend.generate(early))
+    assert "early_exit" in gen.extra and "label" not in gen.extra
+

@@ -52,3 +52,17 @@ def test_tokens_the_grammar_forced_leave_the_confidence() -> None:
     answer = gen('{"name": "add", "arguments": {"a": 1}}')
     answer.tokens = tokens
     assert [t.token for t in tool_call_answer(answer).tokens] == ["add", "1"]
+
+
+def test_forced_token_indexes_follow_the_kept_tokens() -> None:
+    """extra['forced_tokens'] indexes gen.tokens: after the logprob-0 tokens are dropped it must
+    index the kept list (or go), never point at the wrong tokens."""
+    tokens = [TokenLogprob(1, "{", 0.0), TokenLogprob(2, "add", -0.4), TokenLogprob(3, ",", -0.01),
+              TokenLogprob(4, "1", -1.2)]
+    answer = gen('{"name": "add", "arguments": {"a": 1}}')
+    answer.tokens = tokens
+    answer.extra["forced_tokens"] = [0, 2]
+    out = tool_call_answer(answer)
+    assert [out.tokens[i].token for i in out.extra["forced_tokens"]] == [","]
+    answer.extra["forced_tokens"] = [0]
+    assert "forced_tokens" not in tool_call_answer(answer).extra

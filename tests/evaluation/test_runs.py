@@ -114,3 +114,26 @@ def test_eval_run_source_skips_malformed_rows(tmp_path: Path) -> None:
     assert data.skipped == 2 and data.ids == ["a", "b"]
     with pytest.raises(ConfigError, match="not an eval run"):
         from_eval_run(tmp_path)
+
+
+def test_field_confidence_is_rescored_on_the_tiers_confidence_fields(tmp_path: Path) -> None:
+    """serve decides field_confidence on the tier's confidence_fields; calibrate must rescore the
+    run the same way, or the threshold is fitted on another signal."""
+    from localroute.evaluation.thresholds import calibrate_run
+    from localroute.routing.confidence import field_confidence
+
+    toks = [TokenLogprob(i, t, lp) for i, (t, lp) in enumerate(
+        [('{"', 0.0), ("label", 0.0), ('": "', 0.0), ("pos", -0.1), ('", "', 0.0), ("why", 0.0), ('": "', 0.0),
+         ("meh", -3.0), ('"}', 0.0)])]
+    text = "".join(t.token for t in toks)
+    rows = [{**_row(f"r{i}", 1.0 if i % 2 else 0.0), "output": text, "tokens": tokens_to_json(toks)}
+            for i in range(6)]
+    run = _run(tmp_path, rows)
+    every, label_only = RunTable(run).conf["field_confidence"][0], RunTable(run, ("label",)).conf["field_confidence"][0]
+    assert every == field_confidence(toks) and label_only == field_confidence(toks, (), ("label",))
+    assert label_only > every  # the `why` field no longer drags it down
+    write_meta(run, {**read_meta(run), "fingerprint": {"template_sha256": "x"}})
+    out = tmp_path / "cal.json"
+    result = calibrate_run(run, out, "field_confidence", target_escalation=0.0, holdout=0.0,
+                           tier_fields={"cheap": ("label",)})
+    assert result["threshold"] == pytest.approx(label_only)

@@ -151,3 +151,27 @@ def test_clopper_pearson_is_exact_at_the_edges() -> None:
     assert clopper_pearson(0, 10)[0] == 0.0 and clopper_pearson(10, 10)[1] == 1.0
     lo, hi = clopper_pearson(5, 10)
     assert 0.18 < lo < 0.19 and 0.81 < hi < 0.82
+
+
+def test_a_failing_live_quality_gauge_never_fails_the_scrape() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from localroute.monitoring.shadow import CategoryMetrics
+
+    def targets() -> dict[str, float]:
+        raise RuntimeError("calibration file vanished mid-read")
+
+    registry = CollectorRegistry()
+    metrics = CategoryMetrics(registry, lambda c: c, targets)
+    metrics.live.add("math", 1.0, True)
+    text = generate_latest(registry).decode()  # raised before: /metrics answered 500
+    assert "localroute_category_requests" in text
+
+
+def test_the_clopper_pearson_bounds_of_serve_need_no_extra() -> None:
+    """/metrics (live quality) and auto-recalibration run in `serve`: their Beta quantiles must come
+    with a plain install (the Dockerfiles install no eval extra)."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("scipy>=") for d in project["dependencies"])

@@ -242,3 +242,41 @@ def test_the_early_escalation_bound_is_the_request_category_threshold() -> None:
     for category, threshold in (("classify", -3.0), ("default", -1.0)):
         asked = router._tier_request(GenerationRequest(prompt="x", category=category), tier)
         assert asked.escalate_below is not None and asked.escalate_below.threshold == threshold
+
+
+class _Reloading(ScriptedBackend):
+    """A local tier during whose decode a new calibration is applied (another thread's swap)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.tier: Tier | None = None
+        self.asked: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        self.asked.append(request)
+        assert self.tier is not None
+        self.tier.set_thresholds(-0.01, {"classify": -0.01})  # stricter: would reject -0.1
+        return await super().generate(request)
+
+
+def test_an_attempt_reads_its_threshold_once_even_if_a_reload_lands_mid_decode() -> None:
+    a, f = _Reloading("a", "A", [-0.1]), ScriptedBackend("f", "F", [-0.1], local=False)
+    tier = Tier("a", a, -1.0, category_thresholds={"classify": -0.5})
+    a.tier = tier
+    routed = asyncio.run(CascadeRouter([tier, Tier("f", f, None)]).route(GenerationRequest(prompt="x",
+                                                                                           category="classify")))
+    bound = a.asked[0].escalate_below
+    assert bound is not None and bound.threshold == -0.5
+    attempt = routed.decision.attempts[0]
+    assert attempt.threshold == -0.5 and attempt.accepted and routed.decision.answered_by == "a"
+    assert tier.threshold_for("classify") == -0.01  # the next request sees the new version, whole
+
+
+def test_thresholds_are_one_immutable_version() -> None:
+    tier = Tier("a", ScriptedBackend("a"), -1.0, category_thresholds={"x": -0.5})
+    before = tier.thresholds
+    with pytest.raises(TypeError):
+        tier.category_thresholds["x"] = 0.0  # type: ignore[index]
+    tier.set_thresholds(-2.0, {"y": -0.1})
+    assert (before.pooled, dict(before.categories)) == (-1.0, {"x": -0.5})  # a reader holding it is unaffected
+    assert tier.threshold_for("y") == -0.1 and tier.threshold_for("x") == -2.0

@@ -66,6 +66,10 @@ def test_model_alias_splits_only_onto_a_known_router() -> None:
 def test_strip_category_keeps_other_metadata() -> None:
     assert strip_category(body(metadata={"localroute_category": "x", "user": "u"}))["metadata"] == {"user": "u"}
     assert "metadata" not in strip_category(body(metadata={"localroute_category": "x"}))
+    # metadata.labels is localroute's too (label confidence); OpenAI caps metadata values at 512 chars
+    long = '["' + '", "'.join(f"label{i}" for i in range(100)) + '"]'
+    assert strip_category(body(metadata={"labels": long, "user": "u"}))["metadata"] == {"user": "u"}
+    assert "metadata" not in strip_category(body(metadata={"labels": "a|b", "localroute_category": "x"}))
 
 
 def test_metrics_labels_are_capped() -> None:

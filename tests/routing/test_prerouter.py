@@ -137,3 +137,19 @@ def test_hnsw_graph_is_cached_beside_the_artefact(tmp_path: Any) -> None:
     assert first.index.method == "hnsw" and len(cached) == 1
     second = EmbeddingModel(load_artifact(path), brute_force_max=100)  # loads the graph, no rebuild
     assert second.score(x[7]) == first.score(x[7])
+
+
+def test_a_chosen_tier_alone_scores_its_answer_as_the_cascade_does(minilm: Encoder) -> None:
+    """The tier a pre-router picks answers alone; its recorded confidence must be the cascade's
+    signal: the same aggregator, alpha and per-tier confidence fields."""
+    cheap, strong = (ScriptedBackend(name, f"answer from {name}", [-0.01, -2.0, -0.01, -0.01]) for name in
+                     ("cheap", "strong"))
+    tiers = [Tier("cheap", cheap, -1.0), Tier("strong", strong, None)]
+    cascade = CascadeRouter(tiers, "quantile_logprob", alpha=0.5, fields={"cheap": ("label",)})
+    router = PreRouter("localroute/embedding", [_index(minilm)], {"minilm": minilm}, tiers, cascade)
+    single = router._single[0]
+    assert single.aggregator == "quantile_logprob" and single.alpha == 0.5 and single.fields == cascade.fields
+    easy = _ask(router, "What is 4 + 4?")
+    assert easy.decision.answered_by == "cheap"
+    direct = asyncio.run(cascade.route(GenerationRequest(messages=({"role": "user", "content": "What is 4 + 4?"},))))
+    assert easy.decision.attempts[0].confidence == pytest.approx(direct.decision.attempts[0].confidence)

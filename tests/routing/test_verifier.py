@@ -59,3 +59,24 @@ def test_verifier_combined_with_logprob_needs_both(smol: LlamaCppBackend) -> Non
     routed = asyncio.run(router.route(REQ))
     assert routed.decision.escalated
     assert routed.decision.signal == "mean_logprob+verifier"
+
+
+def test_the_verified_cascade_honours_early_escalation_and_confidence_fields() -> None:
+    """serve's verified policy takes early_escalation and the tiers' confidence_fields as the cascade
+    does (before, early escalation was on in mode `and` whatever the setting, and fields ignored)."""
+    from localroute.routing.cascade import CascadeRouter
+    from localroute.routing.prerouter import build_policies
+    from localroute.settings import Settings
+    from localroute.types import GenerationRequest
+    from tests.fakes import ScriptedBackend
+
+    cheap, strong = ScriptedBackend("cheap", "A", -0.1), ScriptedBackend("strong", "B", -0.1, local=False)
+    tiers = [Tier("cheap", cheap, -1.0), Tier("strong", strong, None)]
+    cascade = CascadeRouter(tiers, "mean_logprob", fields={"cheap": ("label",)}, early_escalation=False)
+    settings = Settings(verifier_tier="cheap", verifier_mode="and", early_escalation=False,
+                        confidence_aggregator="mean_logprob")
+    verified = build_policies(settings, tiers, cascade)["localroute/verified"]
+    assert isinstance(verified, VerifiedCascadeRouter) and verified.fields == {"cheap": ("label",)}
+    assert verified._tier_request(GenerationRequest(prompt="x"), tiers[0]).escalate_below is None
+    on = VerifiedCascadeRouter(tiers, Verifier(cheap), mode="and")  # the default: on
+    assert on._tier_request(GenerationRequest(prompt="x"), tiers[0]).escalate_below is not None

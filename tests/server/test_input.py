@@ -450,3 +450,48 @@ def test_bad_config_exits_nonzero_naming_the_key(tmp_path: Path, content: str, k
     assert key in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     print(f"\nbad config ({key}) rejected in {took:.2f}s")
+
+
+def test_too_many_labels_are_a_400_naming_the_field(fake_base: str) -> None:
+    """metadata.labels (or an enum) with thousands of labels would stall the engine thread scoring
+    them: refused up front."""
+    labels = json.dumps([f"label{i}" for i in range(2000)])
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}],
+        "metadata": {"labels": json.dumps(["a", "b", "c"])}})
+    assert r.status_code == 200  # a few labels: fine
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}], "metadata": {"labels": labels}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata.labels", r.text
+    enum = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "properties": {
+        "label": {"type": "string", "enum": [f"l{i}" for i in range(300)]}}}}}
+    r = httpx.post(f"{fake_base}/chat/completions", json={
+        "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}], "response_format": enum})
+    assert r.status_code == 400 and r.json()["error"]["param"].endswith("properties.label.enum"), r.text
+
+
+def test_metadata_labels_reach_the_local_tier_but_not_the_frontier() -> None:
+    """metadata.labels is localroute's (label confidence): the local engine gets the labels, the
+    frontier a body without them (OpenAI caps metadata values at 512 characters)."""
+    from localroute.types import Generation, GenerationRequest
+
+    seen: list[GenerationRequest] = []
+
+    class Recording(ScriptedBackend):
+        async def generate(self, request: GenerationRequest) -> Generation:
+            seen.append(request)
+            return await super().generate(request)
+
+    local = Recording("local", "b", -5.0)  # unsure: escalates
+    frontier = Recording("frontier", "b", -0.1, local=False)
+    app = create_app(Settings(confidence_aggregator="mean_logprob"),
+                     tiers=[Tier("local", local, -1.0), Tier("frontier", frontier, None)])
+    labels = json.dumps([f"a-rather-long-label-number-{i}" for i in range(40)])  # > 512 characters
+    with serve_app(app) as base:
+        r = httpx.post(f"{base}/chat/completions", timeout=30, json={
+            "model": "localroute/cascade", "messages": [{"role": "user", "content": "pick"}],
+            "metadata": {"labels": labels, "user": "u"}})
+    assert r.status_code == 200 and r.json()["localroute"]["tier"] == "frontier", r.text
+    to_local, to_frontier = seen
+    assert len(to_local.labels) == 40
+    assert to_frontier.wire is not None and to_frontier.wire.body["metadata"] == {"user": "u"}

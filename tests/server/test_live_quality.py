@@ -273,7 +273,10 @@ def test_a_new_calibration_file_is_applied_without_a_restart(tmp_path: Path, wat
         assert _threshold(client, "other") == -2.0  # the pooled one, reloaded too
 
 
-def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pair_age_s", [0.0, 3600.0])
+def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path, pair_age_s: float) -> None:
+    """Pairs from before the refit window (auto_recalibrate_window_s) are no evidence: the category
+    keeps its earlier certified threshold."""
     from localroute.monitoring.record import RequestRecord
     from localroute.monitoring.routing_log import RoutingLog
     from localroute.monitoring.shadow import insert_pairs
@@ -292,13 +295,14 @@ def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path) -> None:
         writer.observe(RequestRecord(f"r{i}", "chat", "localroute/cascade", False, 200, time.perf_counter(), 0.1,
                                      decision=d))
     writer.close()
-    insert_pairs(log, [(time.time(), f"r{i}", "math", "local", conf, -1.0, 0.75, "all", "scored", "numeric", 1.0, 1,
+    insert_pairs(log, [(time.time() - pair_age_s, f"r{i}", "math", "local", conf, -1.0, 0.75, "all", "scored", "numeric", 1.0, 1,
                         None, 0.0, 0.1) for i, conf in enumerate(confs) if i % 4])
     tiers = [Tier("local", ScriptedBackend("local", "4", [-0.5]), None),
              Tier("frontier", ScriptedBackend("frontier", "4", [-0.01], local=False), None)]
     settings = Settings(calibration_path=cal, routing_log_path=log, calibration_watch_s=0, auto_recalibrate_s=0.2,
                         confidence_aggregator="mean_logprob",
-                        auto_recalibrate_target=0.9, auto_recalibrate_delta=0.1, auto_recalibrate_min_pairs=30)
+                        auto_recalibrate_target=0.9, auto_recalibrate_delta=0.1, auto_recalibrate_min_pairs=30,
+                        auto_recalibrate_window_s=600)
     app = create_app(settings, tiers=tiers)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         runtime = app.state.live_quality
@@ -308,6 +312,10 @@ def test_auto_recalibrate_applies_what_it_certifies(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert runtime.reloads >= 1
         refit = runtime.last_recalibration["tiers"]["local"]["math"]
+        if pair_age_s:
+            assert refit["pairs"] == 0 and "kept" in refit and refit["threshold"] == -0.05
+            assert _threshold(client, "math") == -0.05
+            return
         assert refit["fallback"] is None and refit["certificate"]["bound"] == "clopper-pearson (stratified)"
         assert refit["threshold"] == pytest.approx(min(c for i, c in enumerate(confs) if i % 4))
         assert _threshold(client, "math") == pytest.approx(refit["threshold"])  # applied, no restart
