@@ -146,11 +146,13 @@ def test_live_quality_from_postgres_equals_sqlite(pg: PostgresServer, tmp_path: 
 
 
 def test_calibrate_from_log_reads_postgres(
-    pg: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`localroute calibrate --from-log postgresql://...` refits from the pairs stored there, to the
     thresholds the same rows in SQLite give."""
     import json
+
+    monkeypatch.setenv("LOCALROUTE_CONFIDENCE_AGGREGATOR", "mean_logprob")  # the file's and the rows' signal
 
     from localroute.cli import main
     from tests.server.test_live_quality import _calibration
