@@ -123,7 +123,7 @@ def _flood(url: str, log: Path | None, n: int = 200, **kw: Any) -> tuple[ShadowE
 def test_a_slow_frontier_costs_the_observer_nothing_and_memory_stays_bounded() -> None:
     with FaultUpstream(Fault(delay_s=5.0)) as up:
         shadow, worst, peak = _flood(up.url, None)
-    assert worst < 0.005  # the observer never waits for the frontier
+    assert worst < 0.1  # the observer never waits for the frontier (5 s here); the margin is for a loaded CI
     assert peak <= 4  # queue_size
     assert shadow.stats["dropped"] >= 190 and shadow.stats["failed"] == shadow.stats["drawn"] - shadow.stats["dropped"]
 
@@ -132,7 +132,7 @@ def test_a_dead_frontier_fails_draws_quickly(tmp_path: Path) -> None:
     log = tmp_path / "routing.db"
     RoutingLog(log).close()
     shadow, worst, _ = _flood(refused_url(), log, n=20)
-    assert worst < 0.005
+    assert worst < 0.1
     assert shadow.stats["failed"] + shadow.stats["dropped"] == 20 and shadow.stats["scored"] == 0
     assert {r[2] for r in pairs(log)} == {"failed"}
 
