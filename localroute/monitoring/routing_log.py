@@ -323,17 +323,9 @@ class SQLiteLogStore:
     def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        conn = self.conn()
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("ts < ?")
-            args.append(until)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = _window("ts", since, until)
         try:
-            cur = conn.execute(f"SELECT * FROM requests{where} ORDER BY ts", args)
+            cur = self.conn().execute(f"SELECT * FROM requests{where} ORDER BY ts", args)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []
@@ -362,14 +354,7 @@ class SQLiteLogStore:
         feedback's `correct` on its request, or None). A log older than the table reads as none."""
         if not self.path.is_file():
             return []
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("p.ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("p.ts < ?")
-            args.append(until)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = _window("p.ts", since, until)
         try:
             cur = self.conn().execute(SHADOW_PAIRS_SQL.format(where=where), args)
         except sqlite3.OperationalError as exc:
@@ -682,6 +667,18 @@ class RoutingLog:
         return {"engine": self.store.engine, "spilled_total": self.spilled_total,
                 "replayed_total": self.replayed_total, "rejected_total": self.rejected_total,
                 "spill_pending": self._spilled()}
+
+
+def _window(column: str, since: float | None, until: float | None) -> tuple[str, list[float]]:
+    """A `WHERE` clause (or "") and its arguments for `column` in [since, until)."""
+    clauses, args = [], []
+    if since is not None:
+        clauses.append(f"{column} >= ?")
+        args.append(since)
+    if until is not None:
+        clauses.append(f"{column} < ?")
+        args.append(until)
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), args
 
 
 def _append_lines(path: Path, items: Sequence[tuple[str, Sequence[Any]]]) -> None:

@@ -22,7 +22,7 @@ from localroute.backends.capabilities import DEFAULTS, capabilities_for
 from localroute.backends.resilience import RetryPolicy
 from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.settings import Settings, TierSettings
-from localroute.types import GenerationRequest, SamplingParams, WireRequest
+from localroute.types import Generation, GenerationRequest, SamplingParams, StreamDelta, WireRequest
 from tests.fault_upstream import Fault, FaultUpstream
 
 KEY = "sk-ant-secret-key-123"
@@ -201,22 +201,40 @@ def chat_req(body: dict[str, Any], native: dict[str, Any] | None = None, max_tok
                              native=WireRequest("messages", native) if native is not None else None)
 
 
+def _generate(url: str, request: GenerationRequest, **kw: Any) -> Generation:
+    """One call of a fresh backend on `url` (its own event loop), closed after."""
+    async def go() -> Generation:
+        backend = AnthropicHTTPBackend("claude", url, "claude-test", api_key=KEY, **kw)
+        try:
+            return await backend.generate(request)
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(go())
+
+
+def _stream(url: str, request: GenerationRequest) -> list[StreamDelta]:
+    async def go() -> list[StreamDelta]:
+        backend = AnthropicHTTPBackend("claude", url, "claude-test", api_key=KEY)
+        try:
+            return [d async for d in backend.stream(request)]
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(go())
+
+
+HI = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+
+
 def test_a_native_request_is_forwarded_unchanged_and_its_answer_kept() -> None:
-    asyncio.run(_a_native_request_is_forwarded_unchanged_and_its_answer_kept())
-
-
-async def _a_native_request_is_forwarded_unchanged_and_its_answer_kept() -> None:
     native = {"model": "claude-alias", "max_tokens": 30, "system": [{"type": "text", "text": "Be brief.",
                                                                    "cache_control": {"type": "ephemeral"}}],
               "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}, "top_k": 5}
     with_system_role = {**native, "messages": [{"role": "system", "content": "No jokes."}, *native["messages"]]}
     answer = message({"type": "text", "text": "Hello."})
     with FaultUpstream(Fault(completion=answer)) as up:
-        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY)
-        try:
-            gen = await backend.generate(chat_req({"model": "x", "messages": [{"role": "user", "content": "hi"}]}, native))
-        finally:
-            await backend.aclose()
+        gen = _generate(up.url, chat_req(HI, native))
     got = up.requests[-1]
     assert got["path"] == "/v1/messages"
     assert got["headers"]["x-api-key"] == KEY and got["headers"]["anthropic-version"] == ANTHROPIC_VERSION
@@ -226,27 +244,15 @@ async def _a_native_request_is_forwarded_unchanged_and_its_answer_kept() -> None
     assert (gen.prompt_tokens, gen.completion_tokens, gen.finish_reason) == (15, 7, "stop")
     assert gen.raw is not None and gen.raw["choices"][0]["message"]["content"] == "Hello."
     with FaultUpstream(Fault(completion=answer)) as up:  # a system-role message goes where Messages takes it
-        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY)
-        try:
-            await backend.generate(chat_req({"model": "x", "messages": []}, with_system_role))
-        finally:
-            await backend.aclose()
+        _generate(up.url, chat_req({"model": "x", "messages": []}, with_system_role))
     assert up.requests[-1]["json"] == {**native, "model": "claude-test", "system": [
         *native["system"], {"type": "text", "text": "No jokes."}]}
 
 
 def test_a_chat_request_is_translated_and_its_stream_decoded() -> None:
-    asyncio.run(_a_chat_request_is_translated_and_its_stream_decoded())
-
-
-async def _a_chat_request_is_translated_and_its_stream_decoded() -> None:
     with FaultUpstream(Fault(events=text_events("Par", "is."))) as up:
-        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY)
-        try:
-            deltas = [d async for d in backend.stream(chat_req(
-                {"model": "x", "messages": [{"role": "user", "content": "Capital?"}], "stream": True}, max_tokens=20))]
-        finally:
-            await backend.aclose()
+        deltas = _stream(up.url, chat_req({"model": "x", "messages": [{"role": "user", "content": "Capital?"}],
+                                           "stream": True}, max_tokens=20))
     assert up.requests[-1]["json"] == {"model": "claude-test", "max_tokens": 20, "stream": True,
                                        "messages": [{"role": "user", "content": "Capital?"}]}
     assert "".join(d.text for d in deltas) == "Paris."
@@ -257,30 +263,21 @@ async def _a_chat_request_is_translated_and_its_stream_decoded() -> None:
 
 
 def test_errors_pass_a_400_on_retry_overload_and_never_show_the_key() -> None:
-    asyncio.run(_errors_pass_a_400_on_retry_overload_and_never_show_the_key())
-
-
-async def _errors_pass_a_400_on_retry_overload_and_never_show_the_key() -> None:
     bad = json.dumps({"type": "error", "error": {"type": "invalid_request_error",
                                                  "message": f"max_tokens: too large (key {KEY})"}})
     overloaded = json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    retry = RetryPolicy(max_retries=1, base_delay_s=0.01)
     with FaultUpstream() as up:
-        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY,
-                                       retry=RetryPolicy(max_retries=1, base_delay_s=0.01))
-        try:
-            up.script(Fault("status", status=400, body=bad))
-            with pytest.raises(InvalidRequestError) as err:
-                await backend.generate(chat_req({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))
-            assert "max_tokens: too large" in err.value.message and KEY not in err.value.message
-            up.script(Fault("status", status=529, body=overloaded), Fault(completion=message({"type": "text", "text": "ok"})))
-            gen = await backend.generate(chat_req({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))
-            assert gen.text == "ok" and len(up.requests) == 3
-            up.script(Fault("status", status=529, body=overloaded), Fault("status", status=529, body=overloaded))
-            with pytest.raises(UpstreamError) as upstream:
-                await backend.generate(chat_req({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))
-            assert upstream.value.code == "upstream_unavailable"
-            up.script(Fault(events=text_events("a", "b"), kind="cut", cut_after=4))  # no message_delta: no finish
-            with pytest.raises(UpstreamError):
-                _ = [d async for d in backend.stream(chat_req({"model": "x", "messages": [{"role": "user", "content": "hi"}]}))]
-        finally:
-            await backend.aclose()
+        up.script(Fault("status", status=400, body=bad))
+        with pytest.raises(InvalidRequestError) as err:
+            _generate(up.url, chat_req(HI), retry=retry)
+        assert "max_tokens: too large" in err.value.message and KEY not in err.value.message
+        up.script(Fault("status", status=529, body=overloaded), Fault(completion=message({"type": "text", "text": "ok"})))
+        assert _generate(up.url, chat_req(HI), retry=retry).text == "ok" and len(up.requests) == 3
+        up.script(Fault("status", status=529, body=overloaded), Fault("status", status=529, body=overloaded))
+        with pytest.raises(UpstreamError) as upstream:
+            _generate(up.url, chat_req(HI), retry=retry)
+        assert upstream.value.code == "upstream_unavailable"
+        up.script(Fault(events=text_events("a", "b"), kind="cut", cut_after=4))  # no message_delta: no finish
+        with pytest.raises(UpstreamError):
+            _stream(up.url, chat_req(HI))
