@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,6 +129,14 @@ def _buffers_variant(model: Path, mode: str, threads: int, tokens: int, words: i
     return out
 
 
+def _exit_reason(returncode: int) -> str:
+    """`-11` -> "SIGSEGV (exit -11)": how a child process ended."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"{signal.Signals(-returncode).name} (exit {returncode})"
+    return f"exit {returncode}"
+
+
 def _compare_buffers(args: argparse.Namespace) -> int:
     from localroute.backends.cpu_features import extra_buffers_choice, system_info
     from localroute.registry import resolve_model_path
@@ -136,26 +146,34 @@ def _compare_buffers(args: argparse.Namespace) -> int:
     models = args.models.split(",")
     load_before = os.getloadavg()
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, b): [] for m in models for b in modes}
-    for r in range(args.rounds):
+    crashes: dict[tuple[str, str], str] = {}  # (model, mode) -> how a process of it ended
+    for rnd in range(args.rounds):
         for model in models:
             path = resolve_model_path(model, Settings().models_dir)
-            for mode in modes if r % 2 == 0 else modes[::-1]:
+            for mode in modes if rnd % 2 == 0 else modes[::-1]:
                 done = subprocess.run([sys.executable, __file__, "--buffers-variant", mode, "--model", str(path),
                                        "--threads", str(args.threads), "--tokens", str(args.tokens),
                                        "--prompt-words", str(args.prompt_words), "--repeats", str(args.repeats)],
-                                      capture_output=True, text=True, check=True)
+                                      capture_output=True, text=True, check=False)
+                if done.returncode != 0:  # e.g. SIGSEGV with AMX buffers: a result, not the end of the bench
+                    crashes[(model, mode)] = _exit_reason(done.returncode)
+                    continue
                 runs[(model, mode)].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    rows = []
+    rows: list[dict[str, Any]] = [{"model": model, "mode": mode, "crashed": reason} for (model, mode), reason in crashes.items()
+            if not runs[(model, mode)]]
     for (model, mode), got in runs.items():
+        if not got:
+            continue
         row: dict[str, Any] = {"model": model, "mode": mode, "use_extra_bufts": got[0]["use_extra_bufts"],
-                               "prompt_tokens": got[0]["prompt_tokens"]}
+                               "prompt_tokens": got[0]["prompt_tokens"], "crashed": crashes.get((model, mode))}
         for key in ("prefill", "decode_1", "decode_4"):
             row[f"{key}_runs"] = [v for g in got for v in g[key]]
             row[f"{key}_tokens_per_s"] = statistics.median(row[f"{key}_runs"])
         row["probe"] = got[0]["probe"]
         rows.append(row)
-    for row in rows:  # each mode against the first mode of the same model
-        ref = next(r for r in rows if r["model"] == row["model"])
+    measured = [r for r in rows if "prefill_tokens_per_s" in r]
+    for row in measured:  # each mode against the first measured mode of the same model
+        ref = next(r for r in measured if r["model"] == row["model"])
         for key in ("prefill", "decode_1", "decode_4"):
             row[f"{key}_vs_{ref['mode']}"] = row[f"{key}_tokens_per_s"] / ref[f"{key}_tokens_per_s"]
         same = row["probe"]["token_ids"] == ref["probe"]["token_ids"]
@@ -172,8 +190,11 @@ def _compare_buffers(args: argparse.Namespace) -> int:
         return 0
     print(f"threads={args.threads} rounds={args.rounds}x{args.repeats} load {load_before[0]:.2f} -> "
           f"{result['loadavg_after'][0]:.2f}\n{result['system_info']}\nauto: {auto.reason}")
-    print(f"{'model':16s} {'mode':4s} {'prompt tok/s':>12s} {'decode 1':>9s} {'decode 4':>9s}  probe vs {modes[0]}")
+    print(f"{'model':16s} {'mode':4s} {'prompt tok/s':>12s} {'decode 1':>9s} {'decode 4':>9s}  probe vs the first measured mode")
     for r in rows:
+        if "prefill_tokens_per_s" not in r:
+            print(f"{r['model']:16s} {r['mode']:4s} crashed: {r['crashed']} (every process of this mode)")
+            continue
         probe = ("same tokens, max |dlogprob| " + f"{r['probe_max_logprob_diff']:.2g}" if r["probe_same_tokens"]
                  else "DIFFERENT tokens")
         print(f"{r['model']:16s} {r['mode']:4s} {r['prefill_tokens_per_s']:12.0f} {r['decode_1_tokens_per_s']:9.1f} "

@@ -3,6 +3,7 @@ official openai client."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,6 +154,23 @@ def test_concurrent_requests_all_answer_identically(client: OpenAI) -> None:
 def test_health(base_url: str) -> None:
     r = httpx.get(base_url.removesuffix("/v1") + "/health")
     assert r.status_code == 200 and r.json()["tiers"]["smollm2-135m"]["ok"] is True
+
+
+def test_startup_heap_is_frozen_while_serving(base_url: str) -> None:
+    """The server's and the engine child's start-up objects sit in the collector's permanent
+    generation (server/app.py freeze_startup_heap): oldest-generation passes skip them."""
+    assert gc.get_freeze_count() > 0  # this process runs the server
+    health = httpx.get(base_url.removesuffix("/v1") + "/health").json()
+    assert health["tiers"]["smollm2-135m"]["engine_process"]["gc_frozen"] > 0
+
+
+def test_shutdown_unfreezes_the_heap() -> None:
+    gc.unfreeze()
+    settings = local_settings(tiers=[{"name": "smollm2-135m", "kind": "llama_cpp", "model": "smollm2-135m"}],
+                              engine_isolation="thread")
+    with serve_app(create_app(settings)):
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_answer_json_takes_what_the_stdlib_took() -> None:
