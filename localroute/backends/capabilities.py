@@ -36,6 +36,9 @@ NEEDS: dict[str, tuple[str, str]] = {
     "thinking": ("thinking", "thinking"),
     "citations": ("citations", "messages"),
     "prefill": ("assistant_prefill", "messages"),
+    # OpenAI Responses features with no chat counterpart (reasoning summaries, include values,
+    # truncation, ...): only a tier set with `responses_api` serves them, from the body as sent
+    "responses_api": ("responses_api", "model"),
 }
 
 
@@ -56,6 +59,7 @@ class Capabilities:
     thinking: bool = False
     citations: bool = False
     assistant_prefill: bool = False
+    responses_api: bool = False
     context_tokens: int | None = None
 
     @classmethod
@@ -112,6 +116,8 @@ def capabilities_for(tier: TierSettings, context_tokens: int | None = None) -> C
     base = default_capabilities(tier.kind, not remote)
     if context_tokens is not None and not remote:
         base = replace(base, context_tokens=context_tokens)
+    if tier.responses_api:
+        base = replace(base, responses_api=True)
     if tier.capabilities is None:
         return base
     return replace(base, **tier.capabilities.model_dump(exclude_none=True))

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -123,6 +124,8 @@ class OpenAIHTTPBackend:
         forwarded there as sent (responses_wire.py) instead of translated to chat."""
         self.name = name
         self.responses_api = responses_api
+        if responses_api:  # it also serves what only the Responses API can say
+            self.capabilities = replace(self.capabilities, responses_api=True)
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.confidence_logprobs = confidence_logprobs
