@@ -18,7 +18,7 @@ import pytest
 from localroute.backends.anthropic_http import AnthropicHTTPBackend
 from localroute.routing.base import Tier
 from localroute.server import create_app
-from tests.backends.test_anthropic_http import message, text_events
+from tests.backends.test_anthropic_http import REDACTED, THINKING, message, text_events, thinking_events
 from tests.conftest import local_settings, serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream
@@ -136,33 +136,6 @@ def test_an_upstream_400_is_an_anthropic_shaped_400(stack: Any) -> None:
 
 # ---- thinking, stop_sequence, citations, prefill: only the Messages tier serves them ----
 
-THINKING = {"type": "thinking", "thinking": "The user wants the capital. It is Paris.", "signature": "sig-abc=="}
-REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}
-
-
-def thinking_events() -> list[dict[str, Any]]:
-    """A streamed answer as Anthropic sends one with extended thinking, ending on a stop sequence."""
-    start = message(stop="stop_sequence")
-    start.update(content=[], stop_reason=None)
-    return [
-        {"type": "message_start", "message": start},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "The user wants "}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "the capital."}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig-abc=="}},
-        {"type": "content_block_stop", "index": 0},
-        {"type": "content_block_start", "index": 1, "content_block": REDACTED},
-        {"type": "content_block_stop", "index": 1},
-        {"type": "ping"},
-        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
-        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Paris"}},
-        {"type": "content_block_stop", "index": 2},
-        {"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"},
-         "usage": {"output_tokens": 31}},
-        {"type": "message_stop"},
-    ]
-
-
 def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
     """Named SSE events as (event, data) pairs."""
     out = []
@@ -178,7 +151,7 @@ def test_a_thinking_answer_keeps_its_blocks_and_stop_sequence(stack: Any) -> Non
     answer["stop_sequence"] = "END"
     up.script(Fault(completion=answer))
     client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
-    request = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
+    request: Any = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
                "thinking": {"type": "enabled", "budget_tokens": 1024},
                "messages": [{"role": "user", "content": "Capital of France?"}]}
     raw = client.messages.with_raw_response.create(**request)
@@ -194,7 +167,7 @@ def test_a_thinking_answer_keeps_its_blocks_and_stop_sequence(stack: Any) -> Non
 
 def test_a_streamed_thinking_answer_is_the_upstream_stream_event_for_event(stack: Any) -> None:
     url, up, local = stack
-    request = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
+    request: Any = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
                "thinking": {"type": "enabled", "budget_tokens": 1024},
                "messages": [{"role": "user", "content": "Capital of France?"}]}
     up.script(Fault(events=thinking_events()))
@@ -213,7 +186,7 @@ def test_a_streamed_thinking_answer_is_the_upstream_stream_event_for_event(stack
 
     up.script(Fault(events=thinking_events()))  # the official client reads it as Anthropic's own
     client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
-    with client.messages.stream(**request) as stream:  # type: ignore[arg-type]
+    with client.messages.stream(**request) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()
     assert "thinking" in kinds and "signature" in kinds
@@ -231,7 +204,7 @@ def test_citations_prefill_and_earlier_thinking_go_to_the_messages_tier_as_sent(
     cited = {"type": "text", "text": "Paris is the capital.", "citations": [
         {"type": "char_location", "cited_text": "Paris", "document_index": 0, "document_title": None,
          "start_char_index": 0, "end_char_index": 5}]}
-    requests = [
+    requests: list[Any] = [
         # a prefill: the answer continues the assistant's turn
         {"model": "localroute/cascade", "max_tokens": 20,
          "messages": [{"role": "user", "content": "JSON for Paris?"}, {"role": "assistant", "content": "{"}]},
@@ -250,7 +223,7 @@ def test_citations_prefill_and_earlier_thinking_go_to_the_messages_tier_as_sent(
     ]
     for request in requests:
         up.script(Fault(completion=message({"type": "text", "text": '"city": "Paris"}'})))
-        out = client.messages.create(**request)  # type: ignore[call-overload]
+        out = client.messages.create(**request)
         assert up.requests[-1]["json"] == {**request, "model": "claude-test"}
         assert out.content[0].text == '"city": "Paris"}'
     assert local.calls == 0  # none of them can go to the chat-only local tier

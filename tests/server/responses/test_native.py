@@ -147,7 +147,7 @@ def test_a_responses_request_is_passed_through_and_its_response_returned_as_sent
     assert body == {**answer, "id": body["id"], "model": "gpt", "store": True, "previous_response_id": None}
     parsed = raw.parse()
     assert [item.type for item in parsed.output] == ["reasoning", "message", "function_call"]
-    assert parsed.output[2].call_id == "call_up1"  # type: ignore[union-attr]
+    assert parsed.output[2].call_id == "call_up1"
     assert parsed.usage is not None and parsed.usage.output_tokens_details.reasoning_tokens == 3
     assert client.responses.retrieve(parsed.id).model_dump(exclude_none=True)["output"] == \
         parsed.model_dump(exclude_none=True)["output"]  # stored in localroute's store
@@ -213,7 +213,7 @@ def test_a_streamed_response_is_the_upstream_stream_event_for_event(stack: Any) 
     native.script(Fault(events=text_events("Par", "is.")))  # the official client reads it as OpenAI's own
     events = list(client.responses.create(**request, stream=True))
     assert [e.type for e in events] == [e["type"] for e in sent]
-    final = events[-1].response  # type: ignore[union-attr]
+    final = events[-1].response
     assert final.output_text == "Paris." and final.usage is not None and final.usage.input_tokens == 20
     stored = client.responses.retrieve(final.id)
     assert stored.output_text == "Paris." and [i.type for i in stored.output] == ["reasoning", "message"]
