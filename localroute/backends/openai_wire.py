@@ -29,6 +29,8 @@ __all__ = ["NATIVE_EVENTS", "Answer", "ChunkReader", "as_client_asked", "ask_log
 
 # key of a decoded chat chunk: the provider's own events it came from (native requests only)
 NATIVE_EVENTS = "localroute_native_events"
+# key of a chunk of native events alone: they are generated output (for the stream's deadlines)
+_PROGRESS = "localroute_progress"
 
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 # Completions fields with no Chat Completions counterpart (logprobs is translated)
@@ -43,7 +45,7 @@ def same(chunk: dict[str, Any]) -> dict[str, Any] | None:
 def native_chunk(event: dict[str, Any], progress: bool) -> dict[str, Any]:
     """A provider event with no chat meaning, as a chunk of its own. `progress`: the event is
     generated output (a thinking or reasoning delta): it counts against no first-token deadline."""
-    return {"choices": [], NATIVE_EVENTS: [event], "progress": progress}
+    return {"choices": [], NATIVE_EVENTS: [event], _PROGRESS: progress}
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -213,7 +215,7 @@ class ChunkReader:
         opening role, tool calls, refusals, audio, a finish, or a native event that is output."""
         self.usage = chunk.get("usage") or self.usage
         self.model = chunk.get("model", self.model)
-        text, token, substance = "", None, bool(chunk.get("progress"))
+        text, token, substance = "", None, bool(chunk.get(_PROGRESS))
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             content = delta.get("content") or ""
