@@ -16,10 +16,14 @@ chat chunks into the Responses event sequence and ends with the same Response ob
   parallel_tool_calls, metadata, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
   service_tier as they are.
 
-Refused with a 400 naming the field: non-function tools, `conversation`, `prompt`, background
-mode, truncation auto, other `include` values, reasoning summaries, file ids for images, file
-URLs, annotations sent back, `phase`, tool namespaces. `store` / `previous_response_id` are the
-server's (serving.py), never the chat tier's.
+Responses-only: hosted (non-function) tools, reasoning items sent back, truncation auto,
+`max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
+Given a `needs` set (the endpoint does), they are the need "responses_api": the request goes only
+to a tier speaking the Responses API, which gets the body as sent (`native_body`), and the chat
+body leaves them out; without one, a 400 naming the field. Always refused with a 400 naming the
+field: the stateful provider features (`conversation`, stored `prompt`s, background mode), file
+ids for images, file URLs, tool namespaces, tool choices naming hosted tools. `store` /
+`previous_response_id` are the server's (serving.py), never a tier's.
 """
 
 from __future__ import annotations
@@ -119,7 +123,12 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
                 options["include_obfuscation"] = include_obfuscation
             chat["stream_options"] = options
     if body.get("tools") is not None:
-        chat["tools"] = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"])]
+        for i, t in enumerate(body["tools"]):
+            if t["type"] != "function":
+                ctx.need(f"tools.{i}", f"a {t['type']!r} tool runs at the provider")
+        functions = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"]) if t["type"] == "function"]
+        if functions or not body["tools"]:
+            chat["tools"] = functions
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     return chat
@@ -170,6 +179,9 @@ def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: 
         if kind == "message":
             ctx.refuse_set(item, f"{where}.", {"phase": ()})
             messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content", ctx)})
+        elif kind == "reasoning":  # an earlier answer's reasoning: the Responses tier reads it
+            ctx.need(where, "chat has no reasoning items")
+            continue
         elif kind == "function_call":
             refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
             call = {"id": item["call_id"], "type": "function",

@@ -190,6 +190,25 @@ def test_a_two_turn_tool_loop_keeps_the_conversation_in_localroute(stack: Any) -
         client.responses.retrieve(third.id)
 
 
+def test_a_reasoning_tool_loop_sends_the_output_back_as_is(stack: Any) -> None:
+    """The stateless loop OpenAI documents for reasoning models (`input += response.output`): the
+    reasoning item and a hosted tool go only to the Responses tier, as the client sent them."""
+    client, native, chat, _ = stack
+    tools: Any = [{"type": "web_search"}, WEATHER]
+    native.script(Fault(completion=response(REASONING, text_item("Let me check."), CALL)),
+                  Fault(completion=response(text_item("18C."))))
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
+    assert second.output_text == "18C." and chat.requests == []  # the chat tier cannot read them: skipped
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
+        {"role": "user", "content": "Weather in Paris?"}, REASONING, text_item("Let me check."), CALL,
+        {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]}
+    assert second.model_extra is not None
+    assert second.model_extra["localroute"]["evidence"]["skipped"] == {"chat": "responses_api"}
+
+
 def test_a_streamed_response_is_the_upstream_stream_event_for_event(stack: Any) -> None:
     client, native, _, url = stack
     request = {"model": "gpt", "input": "Capital of France?", "reasoning": {"effort": "low", "summary": "auto"}}
