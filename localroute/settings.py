@@ -107,6 +107,12 @@ class TierSettings(BaseModel):
     n_ctx: int | None = Field(None, description="Context length per sequence; default from settings.n_ctx.")
     gpu_memory_utilization: float = Field(0.85, description="vLLM: fraction of GPU memory to use.")
     max_model_len: int | None = Field(None, description="vLLM/transformers: maximum sequence length.")
+    responses_api: bool = Field(
+        False, description="kind=openai: the upstream serves the OpenAI Responses API (POST {base_url}/responses). "
+        "A client's /v1/responses request routed to this tier is then forwarded as sent (model replaced; "
+        "localroute keeps the conversation state: see README, Responses API) and its answer and events "
+        "returned as the provider sent them; off, it is translated to Chat Completions (many "
+        "OpenAI-compatible servers have no /v1/responses).")
     capabilities: CapabilitySettings | None = Field(
         None, description="What this tier can serve, over its engine kind's defaults (local: text only, one "
         "answer, no tools/images/logit_bias/penalties; openai: everything). A request needing what a tier "
@@ -141,6 +147,12 @@ class TierSettings(BaseModel):
         default_factory=list, description="With confidence_aggregator = field_confidence: the answer fields "
         "whose confidence decides (e.g. ['label']; nested as 'a.b'); the least confident of them is the "
         "tier's confidence. Empty: every field of the answer.")
+
+    @model_validator(mode="after")
+    def _responses_api_on_openai(self) -> TierSettings:
+        if self.responses_api and self.kind != "openai":
+            raise ValueError(f"tiers.{self.name}.responses_api: only kind=openai tiers speak the Responses API")
+        return self
 
 
 class Settings(BaseSettings):

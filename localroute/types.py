@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 # "tool_calls", "content_filter" and "function_call" come from remote tiers and pass through as sent
 FinishReason = Literal["stop", "length", "error", "cancelled", "tool_calls", "content_filter", "function_call"]
-WireApi = Literal["chat", "completions", "messages"]
+WireApi = Literal["chat", "completions", "messages", "responses"]
 
 
 @dataclass(frozen=True, slots=True)

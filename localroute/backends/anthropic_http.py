@@ -5,10 +5,11 @@ any gateway that speaks it. Everything but the wire format is the OpenAI-compati
 - A Messages request (the client spoke `/v1/messages`; `GenerationRequest.native`) is forwarded
   as the client sent it, with only `model` replaced and `stream` set for this call; the answer is
   kept as sent (`Generation.extra["native"]`) and the Messages endpoint returns it unchanged but
-  for localroute's id, model and routing block. A streamed one is translated event by event (the
-  chat path carries it) and back: the same text, tool calls and usage with localroute's ids, but
-  a `stop_sequence` stop comes back as `end_turn` with `stop_sequence` null, and thinking blocks
-  are not carried (not yet: native event passthrough). `system`-role messages (accepted by
+  for localroute's id, model and routing block. A streamed one is decoded event by event for the
+  chat path (text, tool calls, finish, usage: what the cascade and the budget read), each chunk
+  keeping the events it came from, so the Messages endpoint returns the provider's events as sent
+  (thinking and redacted_thinking blocks, signature deltas, `stop_sequence`, pings), with only
+  localroute's id, model and routing block set. `system`-role messages (accepted by
   /v1/messages for local tiers) are moved into `system`, where the Messages API takes them.
 - A Chat Completions or Completions request is translated (`messages_request`): system and
   developer messages -> `system`, tool calls and results -> `tool_use` / `tool_result` blocks,
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from localroute.backends.capabilities import DEFAULTS
 from localroute.backends.openai_http import OpenAIHTTPBackend
 from localroute.backends.openai_http import from_settings as _remote_from_settings
+from localroute.backends.openai_wire import NATIVE_EVENTS, native_chunk
 from localroute.errors import InvalidRequestError
 from localroute.types import GenerationRequest
 
@@ -281,9 +283,12 @@ class ChunkDecoder:
     """One stream's Messages events in, chat.completion.chunk dicts out (None: nothing to send).
     `message_start` opens the assistant turn, text deltas are content, a tool_use block is one tool
     call (its head at the block's start, its input JSON as argument deltas), `message_delta` the
-    finish, `message_stop` the usage chunk."""
+    finish, `message_stop` the usage chunk. `native` (the client spoke Messages): every event is
+    kept on the chunk it produced (openai_wire.NATIVE_EVENTS), and one with no chat meaning (a
+    ping, a block's end, a thinking or signature delta) is a chunk of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
+        self.native = native
         self._base: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": int(time.time()),
                                       "model": ""}
         self._usage: dict[str, Any] = {}
@@ -294,6 +299,15 @@ class ChunkDecoder:
         return {**self._base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
     def __call__(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        chunk = self._decode(event)
+        if not self.native or (chunk is not None and "error" in chunk):
+            return chunk
+        if chunk is None:
+            return native_chunk(event, progress=event.get("type") == "content_block_delta")
+        chunk[NATIVE_EVENTS] = [event]
+        return chunk
+
+    def _decode(self, event: dict[str, Any]) -> dict[str, Any] | None:
         kind = event.get("type")
         if kind == "message_start":
             message = event["message"]
@@ -384,11 +398,14 @@ class AnthropicHTTPBackend(OpenAIHTTPBackend):
             chat.pop("top_logprobs", None)
         return messages_request(chat, self.model, request.params.max_tokens, stream)
 
-    def _decode_answer(self, data: dict[str, Any]) -> dict[str, Any]:
+    def _path(self, request: GenerationRequest) -> str:
+        return self.path
+
+    def _decode_answer(self, data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
         return chat_completion(data)
 
-    def _chunk_decoder(self) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
-        return ChunkDecoder()
+    def _chunk_decoder(self, request: GenerationRequest) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+        return ChunkDecoder(native=request.native is not None and request.native.api == "messages")
 
 
 def from_settings(tier: TierSettings, settings: Settings) -> AnthropicHTTPBackend:

@@ -31,6 +31,14 @@ NEEDS: dict[str, tuple[str, str]] = {
     "penalties": ("penalties", "presence_penalty"),
     "json_schema": ("json_schema", "response_format"),
     "logprobs": ("logprobs", "logprobs"),
+    # Anthropic Messages features with no chat counterpart: only a tier speaking Messages serves
+    # them, and only for a client that spoke Messages (its body is forwarded as sent)
+    "thinking": ("thinking", "thinking"),
+    "citations": ("citations", "messages"),
+    "prefill": ("assistant_prefill", "messages"),
+    # OpenAI Responses features with no chat counterpart (reasoning summaries, include values,
+    # truncation, ...): only a tier set with `responses_api` serves them, from the body as sent
+    "responses_api": ("responses_api", "model"),
 }
 
 
@@ -48,11 +56,16 @@ class Capabilities:
     penalties: bool = False
     json_schema: bool = True
     logprobs: bool = True
+    thinking: bool = False
+    citations: bool = False
+    assistant_prefill: bool = False
+    responses_api: bool = False
     context_tokens: int | None = None
 
     @classmethod
     def everything(cls) -> Capabilities:
-        """A remote OpenAI-compatible tier: the provider decides what it accepts."""
+        """A remote OpenAI-compatible tier: the provider decides what it accepts (of what chat can
+        say: not the Messages-only needs)."""
         return cls(tools=True, images=True, audio=True, files=True, multiple_choices=True, logit_bias=True,
                    penalties=True, json_schema=True)
 
@@ -82,8 +95,10 @@ DEFAULTS: dict[str, Capabilities] = {
     "vllm": _LOCAL,
     "openai": Capabilities.everything(),
     # Anthropic Messages (backends/anthropic_http.py): tools, images, PDFs and JSON schemas; no
-    # token logprobs, one answer per call, no logit_bias, penalties or audio
-    "anthropic": Capabilities(tools=True, images=True, files=True, json_schema=True, logprobs=False),
+    # token logprobs, one answer per call, no logit_bias, penalties or audio; extended thinking,
+    # citations and assistant prefill of a request that came as Messages
+    "anthropic": Capabilities(tools=True, images=True, files=True, json_schema=True, logprobs=False,
+                              thinking=True, citations=True, assistant_prefill=True),
 }
 
 
@@ -101,6 +116,8 @@ def capabilities_for(tier: TierSettings, context_tokens: int | None = None) -> C
     base = default_capabilities(tier.kind, not remote)
     if context_tokens is not None and not remote:
         base = replace(base, context_tokens=context_tokens)
+    if tier.responses_api:
+        base = replace(base, responses_api=True)
     if tier.capabilities is None:
         return base
     return replace(base, **tier.capabilities.model_dump(exclude_none=True))

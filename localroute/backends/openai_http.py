@@ -1,11 +1,18 @@
 """Frontier backend: any OpenAI-compatible /v1/chat/completions over httpx (OpenAI, vLLM,
 llama.cpp's server, another localroute). The API key is sent as a bearer token and never logged.
 
+This module is the transport: the wire formats are openai_wire.py (Chat Completions: request
+bodies, answers and chunks read) and responses_wire.py (the Responses API, for a tier set with
+`responses_api`); a subclass speaking another API (anthropic_http.py) overrides the hooks at the
+end of the class (`_path`, `_body`, `_decode_answer`, `_chunk_decoder`).
+
 Passthrough: a Chat Completions request is forwarded as the client sent it (request.wire: every
 field, unknown ones included), with only `model` replaced, `stream` set for this call, and
 `stream_options.include_usage` added to streams (the cost and the spend budget need the usage; the
 server drops that chunk for a client that did not ask). The answer is kept as sent (`Generation.raw`,
-each chunk in `StreamDelta.raw`). A Completions request is translated to one user message.
+each chunk in `StreamDelta.raw`). A Completions request is translated to one user message. On a
+`responses_api` tier, a Responses request (request.native) goes to POST /responses as the HTTP
+edge hands it over, its answer decoded for the cascade and kept as sent (`Generation.extra["native"]`).
 
 Failure handling (see localroute/backends/resilience.py for why): every call runs under separate connect,
 first-token, idle and total deadlines; it is retried (jitter, Retry-After, capped total wait) only
@@ -26,24 +33,28 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from localroute.backends.budget import current_key_id
 from localroute.backends.capabilities import Capabilities
+from localroute.backends.openai_wire import (
+    NATIVE_EVENTS,
+    ChunkReader,
+    as_client_asked,
+    chat_body,
+    finish_reason,
+    read_answer,
+    same,
+)
 from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
+from localroute.backends.responses_wire import ResponsesChunkDecoder, chat_from_response, responses_body
 from localroute.calibration_file import model_fingerprint
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
 from localroute.redaction import redact, strip_query_strings
-from localroute.types import (
-    FinishReason,
-    Generation,
-    GenerationRequest,
-    StreamDelta,
-    TokenLogprob,
-    TopLogprob,
-)
+from localroute.types import Generation, GenerationRequest, StreamDelta
 
 if TYPE_CHECKING:
     from localroute.backends.budget import Budget
@@ -55,38 +66,7 @@ _RETRY_STATUSES = {408, 409, 425, 429}
 B = TypeVar("B", bound="OpenAIHTTPBackend")
 
 
-def _token_logprob(item: dict[str, Any]) -> TokenLogprob:
-    top = tuple(
-        TopLogprob(token=str(a.get("token", "")), logprob=float(a.get("logprob", 0.0)), bytes=_bytes(a))
-        for a in item.get("top_logprobs") or ()
-        if isinstance(a, dict)
-    )
-    return TokenLogprob(
-        token_id=-1,
-        token=str(item.get("token", "")),
-        logprob=float(item.get("logprob", 0.0)),
-        bytes=_bytes(item),
-        top_logprobs=top,
-    )
-
-
-def _bytes(item: dict[str, Any]) -> tuple[int, ...] | None:
-    raw = item.get("bytes")
-    return tuple(raw) if isinstance(raw, list) else None
-
-
-_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
-# Completions fields with no Chat Completions counterpart (logprobs is translated)
-_COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
 _CAPABILITIES = Capabilities.everything()
-
-
-def _same(chunk: dict[str, Any]) -> dict[str, Any] | None:
-    return chunk
-
-
-def _finish(reason: str | None) -> FinishReason:
-    return cast(FinishReason, reason) if reason in _FINISH_REASONS else "stop"
 
 
 def scrub(text: str, secrets: list[str]) -> str:
@@ -135,11 +115,17 @@ class OpenAIHTTPBackend:
         output_usd_per_mtok: float | None = None,
         confidence_logprobs: bool = False,
         self_hosted: bool = False,
+        responses_api: bool = False,
     ) -> None:
         """`confidence_logprobs`: a non-final tier, judged on its logprobs: they are asked for on
         every buffered call (and taken out of the answer again for a client that did not ask).
-        `self_hosted`: an engine we run (priced by GPU time, outside the frontier budget)."""
+        `self_hosted`: an engine we run (priced by GPU time, outside the frontier budget).
+        `responses_api`: the upstream serves POST /responses: a client's Responses request is
+        forwarded there as sent (responses_wire.py) instead of translated to chat."""
         self.name = name
+        self.responses_api = responses_api
+        if responses_api:  # it also serves what only the Responses API can say
+            self.capabilities = replace(self.capabilities, responses_api=True)
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.confidence_logprobs = confidence_logprobs
@@ -166,69 +152,7 @@ class OpenAIHTTPBackend:
             transport=transport,
         )
 
-    # ---- request and errors ----
-
-    def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
-        wire = request.wire
-        if wire is not None:
-            body = dict(wire.body) if wire.api == "chat" else self._from_completion(wire.body)
-            body["model"] = self.model
-            if stream:
-                body["stream"] = True
-                options = body.get("stream_options")
-                options = dict(options) if isinstance(options, dict) else {}
-                if not options.get("include_usage"):
-                    options["include_usage"] = True
-                body["stream_options"] = options
-            else:  # a buffered (non-final) call of a client's stream is not streamed
-                if "stream" in body:
-                    body["stream"] = False
-                body.pop("stream_options", None)
-                if self.confidence_logprobs:
-                    _ask_logprobs(body, request.params.top_logprobs)
-            return body
-        body = self._built_body(request, stream)
-        if self.confidence_logprobs and not stream:
-            _ask_logprobs(body, request.params.top_logprobs)
-        return body
-
-    @staticmethod
-    def _from_completion(completion: dict[str, Any]) -> dict[str, Any]:
-        """A Completions body as a Chat Completions one: the prompt as the user's message."""
-        body = {k: v for k, v in completion.items() if k not in _COMPLETION_ONLY}
-        prompt = completion.get("prompt")
-        body["messages"] = [{"role": "user", "content": prompt[0] if isinstance(prompt, list) else prompt}]
-        k = completion.get("logprobs")
-        if isinstance(k, int) and not isinstance(k, bool):
-            body["logprobs"] = True
-            if k:
-                body["top_logprobs"] = k
-        return body
-
-    def _built_body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
-        """A body from the internal request alone (no client body: `localroute ask`, evaluation)."""
-        p = request.params
-        messages = list(request.messages or [{"role": "user", "content": request.prompt or ""}])
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "stream": stream,
-        }
-        if p.seed is not None:
-            body["seed"] = p.seed
-        if p.stop:
-            body["stop"] = list(p.stop)
-        if p.top_logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = p.top_logprobs
-        if p.response_format is not None:
-            body["response_format"] = p.response_format
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
+    # ---- errors ----
 
     def _scrub(self, text: str) -> str:
         return scrub(text, [self._api_key or ""])
@@ -364,7 +288,8 @@ class OpenAIHTTPBackend:
         """Send the request; return a 200 response whose body is still unread. An error's body is
         its answer: it too must come by the first-token deadline (else it is read as empty)."""
         headers = self.trace_headers(request) if self.trace_headers is not None else None
-        req = self._client.build_request("POST", self.path, json=self._body(request, stream), headers=headers)
+        req = self._client.build_request("POST", self._path(request), json=self._body(request, stream),
+                                         headers=headers)
         try:
             resp: httpx.Response = await self._wait(self._client.send(req, stream=True), first, "first-token")
         except httpx.HTTPError as exc:
@@ -408,33 +333,26 @@ class OpenAIHTTPBackend:
             native = json.loads(bytes(raw))
             if not isinstance(native, dict):
                 raise TypeError("answer is not an object")
-            data = self._decode_answer(native)
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-            tokens = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
-            usage = data.get("usage") or {}
-            if not isinstance(text, str) or not isinstance(usage, dict):
-                raise TypeError("bad types")
-            prompt_tokens = int(usage.get("prompt_tokens", 0))
-            completion_tokens = int(usage.get("completion_tokens", len(tokens)))
+            data = self._decode_answer(native, request)
+            answer = read_answer(data)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):  # nested too deep
             raise self._fail("malformed response body", "upstream_bad_response") from None
-        state["usage"] = usage
+        state["usage"] = answer.usage
         latency = time.perf_counter() - start
         if self.confidence_logprobs:
-            data = _as_client_asked(data, request)
+            data = as_client_asked(data, request)
         yield StreamDelta(
             text="",
             final=Generation(
-                text=text,
-                tokens=tokens,
-                finish_reason=_finish(choice.get("finish_reason")),
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                text=answer.text,
+                tokens=answer.tokens,
+                finish_reason=answer.finish,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
                 latency_s=latency,
                 ttft_s=latency,
                 model=str(data.get("model", self.model)),
-                extra={"usage": usage, "upstream_id": data.get("id"),
+                extra={"usage": answer.usage, "upstream_id": data.get("id"),
                        **({"native": native} if native is not data else {})},
                 raw=data,
             ),
@@ -447,13 +365,9 @@ class OpenAIHTTPBackend:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         ttft: float | None = None
-        parts: list[str] = []
-        tokens: list[TokenLogprob] = []
-        usage: dict[str, Any] = {}
-        finish: str | None = None
-        model = self.model
+        reader = ChunkReader(self.model)
         held: list[dict[str, Any]] = []  # chunks that say nothing yet (the role), not yet handed on
-        decode = self._chunk_decoder()
+        decode = self._chunk_decoder(request)
         resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
         progress: float | None = None  # last data event after the first token
@@ -470,7 +384,7 @@ class OpenAIHTTPBackend:
                 except StopAsyncIteration:
                     break
                 if not line.startswith("data:"):
-                    continue  # comments (keep-alives) and blank lines are not progress
+                    continue  # comments (keep-alives), event names and blank lines are not progress
                 payload = line[5:].strip()
                 if payload == "[DONE]":
                     break
@@ -478,29 +392,14 @@ class OpenAIHTTPBackend:
                     event = json.loads(payload)
                     if not isinstance(event, dict):
                         raise TypeError("chunk is not an object")
-                    decoded = decode(event)
+                    chunk = decode(event)
+                    if chunk is None:
+                        continue  # an event with nothing for the chat stream (a ping, a block's end)
+                    if "error" in chunk:
+                        raise self._fail("stream ended with an error event", "upstream_error")
+                    text, token, substance = reader.feed(chunk)
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
-                if decoded is None:
-                    continue  # an event with nothing for the chat stream (a ping, a block's end)
-                chunk = decoded
-                if "error" in chunk:
-                    raise self._fail("stream ended with an error event", "upstream_error")
-                usage = chunk.get("usage") or usage
-                model = chunk.get("model", model)
-                text, token, substance = "", None, False
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content") or ""
-                    finish = choice.get("finish_reason") or finish
-                    new = [_token_logprob(t) for t in ((choice.get("logprobs") or {}).get("content") or [])]
-                    if choice.get("index", 0) == 0:  # choice 0 is the one the cascade judges
-                        tokens.extend(new)
-                        parts.append(content)
-                        text, token = text + content, new[-1] if new else token
-                    # anything besides the opening role (tool calls, refusals, audio, a finish)
-                    substance = substance or bool(content or choice.get("finish_reason")
-                                                  or any(v for k, v in delta.items() if k != "role"))
                 if substance:
                     progress = loop.time()
                     ttft = ttft if ttft is not None else time.perf_counter() - start
@@ -508,9 +407,9 @@ class OpenAIHTTPBackend:
                         yield StreamDelta(text="", raw=early)
                     held.clear()
                     yield StreamDelta(text=text, token=token, raw=chunk)
-                elif chunk.get("choices"):
+                elif chunk.get("choices") or (held and NATIVE_EVENTS in chunk):  # kept in order behind them
                     held.append(chunk)
-                else:  # the usage chunk
+                else:  # the usage chunk, or a provider event of its own (a native request's ping)
                     yield StreamDelta(text="", raw=chunk)
                 if progress is not None:
                     progress = loop.time()
@@ -518,33 +417,48 @@ class OpenAIHTTPBackend:
             raise self._transport_failure(exc) from None
         finally:
             await resp.aclose()
-        if finish is None:
+        if reader.finish is None:
             raise self._fail("stream ended without a finish_reason", "upstream_bad_response")
+        usage = reader.usage
         state["usage"] = usage
         yield StreamDelta(
             text="",
             final=Generation(
-                text="".join(parts),
-                tokens=tokens,
-                finish_reason=_finish(finish),
+                text="".join(reader.parts),
+                tokens=reader.tokens,
+                finish_reason=finish_reason(reader.finish),
                 prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", len(tokens))),
+                completion_tokens=int(usage.get("completion_tokens", len(reader.tokens))),
                 latency_s=time.perf_counter() - start,
                 ttft_s=ttft,
-                model=str(model),
+                model=str(reader.model),
                 extra={"usage": usage},
             ),
         )
 
     # ---- the provider's wire format (a subclass speaking another API overrides these) ----
 
-    def _decode_answer(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The provider's answer as a chat.completion (the identity here)."""
-        return data
+    def _native(self, request: GenerationRequest) -> bool:
+        """Whether this call forwards the client's Responses body as sent (a `responses_api` tier)."""
+        return self.responses_api and request.native is not None and request.native.api == "responses"
 
-    def _chunk_decoder(self) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    def _path(self, request: GenerationRequest) -> str:
+        """The endpoint under base_url this request is sent to."""
+        return "/responses" if self._native(request) else self.path
+
+    def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
+        if self._native(request):
+            assert request.native is not None
+            return responses_body(request.native.body, self.model, stream)
+        return chat_body(request, self.model, stream, self.confidence_logprobs)
+
+    def _decode_answer(self, data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
+        """The provider's answer as a chat.completion (the identity for chat)."""
+        return chat_from_response(data) if self._native(request) else data
+
+    def _chunk_decoder(self, request: GenerationRequest) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
         """Per stream: one provider event in, a chat.completion.chunk (or None: skip it) out."""
-        return _same
+        return ResponsesChunkDecoder() if self._native(request) else same
 
     # ---- the Backend protocol ----
 
@@ -580,40 +494,6 @@ class OpenAIHTTPBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def _ask_logprobs(body: dict[str, Any], top_logprobs: int) -> None:
-    """A non-final tier's call asks for the logprobs its confidence is computed from."""
-    body["logprobs"] = True
-    if top_logprobs > int(body.get("top_logprobs") or 0):
-        body["top_logprobs"] = top_logprobs
-
-
-def _as_client_asked(data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
-    """The answer as the client asked for it: logprobs we asked for on its behalf removed, top
-    lists cut to its own top_logprobs."""
-    wire = request.wire.body if request.wire is not None else {}
-    asked = wire.get("logprobs")
-    if request.wire is not None and request.wire.api == "completions":
-        asked = isinstance(asked, int) and not isinstance(asked, bool)
-        k = int(wire.get("logprobs") or 0) if asked else 0
-    else:
-        k = int(wire.get("top_logprobs") or 0) if asked else 0
-    if asked is True and k >= request.params.top_logprobs:
-        return data
-    choices = []
-    for choice in data.get("choices") or ():
-        if not isinstance(choice, dict):
-            choices.append(choice)
-            continue
-        lp = choice.get("logprobs")
-        if not asked:
-            lp = None
-        elif isinstance(lp, dict) and isinstance(lp.get("content"), list):
-            lp = {**lp, "content": [{**t, "top_logprobs": (t.get("top_logprobs") or [])[:k]}
-                                    if isinstance(t, dict) else t for t in lp["content"]]}
-        choices.append({**choice, "logprobs": lp})
-    return {**data, "choices": choices}
 
 
 def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]
@@ -653,4 +533,5 @@ def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIH
         output_usd_per_mtok=tier.output_usd_per_mtok,
         confidence_logprobs=not final and tier.kind == "openai",  # other APIs have no logprobs to ask for
         self_hosted=tier.gpu_hour_usd is not None,
+        responses_api=tier.responses_api,
     )

@@ -132,12 +132,14 @@ async def _respond(request: Request, api: Api) -> Response:
 
 
 async def chat_completion(request: Request, body: dict[str, Any], endpoint: str = "chat",
-                          native: WireRequest | None = None) -> ChatAnswer | ChatStream:
+                          native: WireRequest | None = None,
+                          needs: frozenset[str] = frozenset()) -> ChatAnswer | ChatStream:
     """Route a Chat Completions body (a dict, as parsed from JSON): validated as the chat endpoint
     validates it (400 naming the field), routed, answered. `endpoint` labels the request in the
     metrics and the routing log (e.g. "responses", "messages"); `native`: the client's own body,
-    for a tier that speaks its API (GenerationRequest.native)."""
-    return await _serve(request, body, "chat", endpoint, time.perf_counter(), native)
+    for a tier that speaks its API (GenerationRequest.native); `needs`: what serving the native
+    body takes beyond what the chat body says (e.g. Messages' "thinking")."""
+    return await _serve(request, body, "chat", endpoint, time.perf_counter(), native, needs)
 
 
 def sse_response(stream: ChatStream) -> StreamingResponse:
@@ -166,7 +168,8 @@ def _endpoint(api: Api) -> str:
 
 
 async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str,
-                 started: float, native: WireRequest | None = None) -> ChatAnswer | ChatStream:
+                 started: float, native: WireRequest | None = None,
+                 needs: frozenset[str] = frozenset()) -> ChatAnswer | ChatStream:
     request_id = _request_id(api)
     svc = service_of(request)
     try:
@@ -181,7 +184,7 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
             body: ChatCompletionRequest | CompletionRequest = chat
             req = chat_request(chat, data, svc.settings, request_id, labels)
             if native is not None:
-                req = replace(req, native=native)
+                req = replace(req, native=native, needs=req.needs | needs)
         else:
             completion = validate(data, CompletionRequest)
             body = completion

@@ -19,7 +19,8 @@ from localroute.backends.anthropic_http import (
     messages_request,
 )
 from localroute.backends.capabilities import DEFAULTS, capabilities_for
-from localroute.backends.resilience import RetryPolicy
+from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.resilience import Deadlines, RetryPolicy
 from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.settings import Settings, TierSettings
 from localroute.types import Generation, GenerationRequest, SamplingParams, StreamDelta, WireRequest
@@ -48,6 +49,33 @@ def text_events(*pieces: str, stop: str = "end_turn") -> list[dict[str, Any]]:
             {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
              "usage": {"output_tokens": len(pieces)}},
             {"type": "message_stop"}]
+
+
+THINKING = {"type": "thinking", "thinking": "The user wants the capital. It is Paris.", "signature": "sig-abc=="}
+REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}
+
+
+def thinking_events() -> list[dict[str, Any]]:
+    """A streamed answer as Anthropic sends one with extended thinking, ending on a stop sequence."""
+    start = message(stop="stop_sequence")
+    start.update(content=[], stop_reason=None)
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "The user wants "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "the capital."}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig-abc=="}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": REDACTED},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "ping"},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Paris"}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"},
+         "usage": {"output_tokens": 31}},
+        {"type": "message_stop"},
+    ]
 
 
 # ---- translation ----
@@ -281,3 +309,39 @@ def test_errors_pass_a_400_on_retry_overload_and_never_show_the_key() -> None:
         up.script(Fault(events=text_events("a", "b"), kind="cut", cut_after=4))  # no message_delta: no finish
         with pytest.raises(UpstreamError):
             _stream(up.url, chat_req(HI))
+
+
+def test_a_native_stream_keeps_every_event_of_the_upstream_in_order() -> None:
+    native = {"model": "claude-alias", "max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024},
+              "messages": [{"role": "user", "content": "Capital?"}], "stop_sequences": ["END"]}
+    with FaultUpstream(Fault(events=thinking_events())) as up:
+        deltas = _stream(up.url, chat_req(HI, native))
+    assert up.requests[-1]["json"] == {**native, "model": "claude-test", "stream": True}
+    carried = [e for d in deltas if d.raw is not None for e in d.raw.get(NATIVE_EVENTS, ())]
+    assert carried == thinking_events()  # each once, in order, as sent
+    final = deltas[-1].final
+    assert final is not None and final.text == "Paris" and final.completion_tokens == 31
+    with FaultUpstream(Fault(events=thinking_events())) as up:  # a chat client's stream carries none
+        plain = _stream(up.url, chat_req(HI))
+    assert not any(NATIVE_EVENTS in d.raw for d in plain if d.raw is not None)
+
+
+def test_thinking_is_output_for_the_first_token_deadline() -> None:
+    """A long thinking phase before the first text is not a stalled upstream: its deltas are tokens."""
+    native = {"model": "claude-alias", "max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024},
+              "messages": [{"role": "user", "content": "Capital?"}]}
+    events = thinking_events()
+    slow = [*events[:2], *[events[2]] * 6, *events[3:]]  # 0.2 s apart: the text starts after ~2 s
+
+    async def go() -> list[StreamDelta]:
+        backend = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=KEY,
+                                       deadlines=Deadlines(connect_s=1.0, first_token_s=0.8, idle_s=0.8, total_s=10.0))
+        try:
+            return [d async for d in backend.stream(chat_req(HI, native))]
+        finally:
+            await backend.aclose()
+
+    with FaultUpstream(Fault(events=slow, token_delay_s=0.2)) as up:
+        deltas = asyncio.run(go())
+    final = deltas[-1].final
+    assert final is not None and final.text == "Paris" and final.ttft_s is not None and final.ttft_s < 0.8

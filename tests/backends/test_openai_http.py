@@ -24,7 +24,7 @@ from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
-from localroute.types import GenerationRequest, SamplingParams
+from localroute.types import GenerationRequest, SamplingParams, WireRequest
 from tests.conftest import serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream, fault_upstream, refused_url
@@ -396,3 +396,94 @@ def test_server_client_disconnect_aborts_the_frontier_call(up: FaultUpstream) ->
                 httpx.post(f"{base}/chat/completions", timeout=1.0, json={
                     "model": "frontier", "stream": stream_flag, "messages": [{"role": "user", "content": "hi"}]})
             assert up.wait_for(lambda u, b=before: u.aborted == b + 1, timeout_s=5.0), stream_flag
+
+
+# ---- a tier speaking the Responses API (responses_api = true) ----
+
+
+def _responses_backend(url: str, **kw: Any) -> OpenAIHTTPBackend:
+    return OpenAIHTTPBackend("gpt", url, "gpt-test", api_key=KEY, responses_api=True, **kw)
+
+
+def _native_request(body: dict[str, Any]) -> GenerationRequest:
+    chat = {"model": body["model"], "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    return GenerationRequest(messages=tuple(chat["messages"]), params=SamplingParams(max_tokens=64),
+                             wire=WireRequest("chat", chat), native=WireRequest("responses", body))
+
+
+NATIVE_BODY = {"model": "gpt", "input": "Weather in Paris?", "reasoning": {"effort": "low", "summary": "auto"},
+               "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+               "store": False, "stream_options": {"include_obfuscation": False}, "stream": True}
+
+
+def test_a_responses_request_goes_to_responses_as_sent_and_its_answer_is_decoded() -> None:
+    from tests.server.responses.test_native import CALL, REASONING, response, text_item
+
+    answer = response(REASONING, text_item("Let me check."), CALL)
+
+    async def go(backend: OpenAIHTTPBackend, req: GenerationRequest) -> Any:
+        try:
+            return await backend.generate(req)
+        finally:
+            await backend.aclose()
+
+    with FaultUpstream(Fault(completion=answer)) as up:
+        gen = asyncio.run(go(_responses_backend(up.url), _native_request(NATIVE_BODY)))
+        got = up.requests[-1]
+        assert got["path"] == "/v1/responses" and got["headers"]["authorization"] == f"Bearer {KEY}"
+        # a buffered call: not streamed, no stream_options; the rest as sent
+        assert got["json"] == {k: v for k, v in NATIVE_BODY.items() if k not in ("stream", "stream_options")} | {
+            "model": "gpt-test"}
+        assert gen.text == "Let me check." and gen.finish_reason == "tool_calls" and gen.extra["native"] == answer
+        assert (gen.prompt_tokens, gen.completion_tokens) == (20, 9)
+        assert gen.raw is not None and gen.raw["choices"][0]["message"]["tool_calls"] == [
+            {"id": "call_up1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+        # the same tier answers a chat request (or one without a native body) on /chat/completions
+        plain = _native_request(NATIVE_BODY)
+        up.script(Fault(text="A chat answer."))
+        asyncio.run(go(_responses_backend(up.url), GenerationRequest(messages=plain.messages, wire=plain.wire)))
+        assert up.requests[-1]["path"] == "/v1/chat/completions"
+    with FaultUpstream() as up:  # a tier without responses_api never calls /responses
+        asyncio.run(go(OpenAIHTTPBackend("chat", up.url, "chat-test"), _native_request(NATIVE_BODY)))
+        assert up.requests[-1]["path"] == "/v1/chat/completions"
+
+
+def test_a_responses_stream_is_decoded_and_keeps_every_event() -> None:
+    from localroute.backends.openai_wire import NATIVE_EVENTS
+    from tests.server.responses.test_native import call_events, text_events
+
+    async def go(url: str) -> list[Any]:
+        backend = _responses_backend(url)
+        try:
+            return [d async for d in backend.stream(_native_request(NATIVE_BODY))]
+        finally:
+            await backend.aclose()
+
+    for events, text, finish in ((text_events("Par", "is."), "Paris.", "stop"), (call_events(), "", "tool_calls")):
+        with FaultUpstream(Fault(events=events)) as up:
+            deltas = asyncio.run(go(up.url))
+        assert up.requests[-1]["json"] == {**NATIVE_BODY, "model": "gpt-test", "stream": True}
+        assert [e for d in deltas if d.raw is not None for e in d.raw.get(NATIVE_EVENTS, ())] == events
+        final = deltas[-1].final
+        assert final is not None and final.text == text and final.finish_reason == finish
+        assert (final.prompt_tokens, final.completion_tokens) == (20, 9)
+
+
+def test_responses_api_is_a_setting_of_openai_tiers_only() -> None:
+    from pydantic import ValidationError
+
+    from localroute.backends.capabilities import capabilities_for
+    from localroute.backends.openai_http import from_settings
+    from localroute.settings import TierSettings
+
+    tier = TierSettings(name="gpt", kind="openai", model="gpt-test", base_url="http://x/v1", responses_api=True)
+    settings = Settings(tiers=[tier])
+    backend: OpenAIHTTPBackend = from_settings(tier, settings)
+    assert backend.responses_api and backend.capabilities.responses_api
+    assert capabilities_for(tier).missing(frozenset({"responses_api"})) is None
+    plain = TierSettings(name="chat", kind="openai", model="m", base_url="http://x/v1")
+    assert not plain.responses_api and capabilities_for(plain).missing(frozenset({"responses_api"})) == "responses_api"
+    assert not from_settings(plain, Settings(tiers=[plain])).responses_api
+    with pytest.raises(ValidationError, match="responses_api"):
+        TierSettings(name="claude", kind="anthropic", model="m", base_url="http://x/v1", responses_api=True)
+    asyncio.run(backend.aclose())

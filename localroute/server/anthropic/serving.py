@@ -4,6 +4,13 @@
 routing log, metrics and x-localroute-* headers), and the answer or its stream translated back.
 The routing block rides in the answer's `localroute` field (in `message_delta` when streamed).
 Errors are Anthropic-shaped (server/errors.py).
+
+A tier speaking Messages (kind="anthropic") gets the body as the client sent it (model replaced)
+and its answer, or its stream event for event, comes back as it sent it: localroute sets only
+the message id, the model and the routing block. Thinking, citations and a final assistant
+message (prefill), which chat cannot carry, are capability needs (backends/capabilities.py) such
+a tier has: routing skips the tiers that lack them, and only when none is left is it a 400
+`unsupported_capability` naming the need.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError
 from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from localroute.server.anthropic.translate import MessagesStream, message_from_chat, message_id, to_chat
@@ -32,20 +40,25 @@ __all__ = ["serve_count_tokens", "serve_messages"]
 ENDPOINT = "messages"
 
 
-async def _accept(request: Request, model: type[CountTokensRequest]) -> tuple[dict[str, Any], dict[str, Any]]:
+async def _accept(request: Request,
+                  model: type[CountTokensRequest]) -> tuple[dict[str, Any], dict[str, Any], frozenset[str]]:
+    """The body, its chat translation, and the Messages-only features it asks for (capability
+    needs only a tier speaking Messages has: it gets the body as sent)."""
     svc = service_of(request)
     started = time.perf_counter()
     try:
         body = await read_body(request, model, svc.settings.max_json_depth)
-        return body, to_chat(body)
+        needs: set[str] = set()
+        chat = to_chat(body, needs)
+        return body, chat, frozenset(needs)
     except LocalrouteError as exc:
         rejected(svc, ENDPOINT, exc, started)
         raise
 
 
 async def serve_messages(request: Request) -> Response:
-    body, chat = await _accept(request, MessagesRequest)
-    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("messages", body))
+    body, chat, needs = await _accept(request, MessagesRequest)
+    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("messages", body), needs)
     if isinstance(routed, ChatAnswer):
         try:
             message = message_from_chat(routed.payload, body["model"], _native(routed))
@@ -55,7 +68,8 @@ async def serve_messages(request: Request) -> Response:
         return routed.response(message)
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
-    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"])
+    # a tier speaking Messages streamed: its own events go out as sent (the chunks carry them)
+    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"], native=NATIVE_EVENTS in first)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -88,10 +102,11 @@ async def serve_count_tokens(request: Request) -> Response:
     """The prompt's token count by the route's first local tier that can read the request (its
     tokenizer and chat template, through one 1-token generation that is neither routed nor logged);
     a 400 when the route has none (a remote tier is never called, or paid, to count)."""
-    body, chat = await _accept(request, CountTokensRequest)
+    body, chat, needs = await _accept(request, CountTokensRequest)
     svc = service_of(request)
     try:
         gen_request = chat_request(validate(chat, ChatCompletionRequest), chat, svc.settings, "count_tokens")
+        gen_request = replace(gen_request, needs=gen_request.needs | needs)
         router: Any = svc.router(body["model"])
         local = next((t for t in getattr(router, "tiers", svc.tiers)
                       if t.backend.is_local and t.lacks(gen_request.needs) is None), None)

@@ -17,9 +17,12 @@ chunks into the Messages event sequence. Field pairs:
   are carried as same-named extension keys on the chat part, tool or tool message (a chat tier that
   forwards the body unchanged hands them on; a local tier reads only what it understands).
 
-Refused with a 400 naming the field: thinking other than disabled, citations, a final assistant
-message (prefill: chat has no "continue this turn"), text after a tool_use in one assistant turn,
-images in tool results or assistant turns, and the account-level fields (container, speed, ...).
+Messages-only features: thinking other than disabled (and thinking / redacted_thinking blocks of
+earlier turns), citations, and a final assistant message (prefill: chat has no "continue this
+turn"). Given a `needs` set (the endpoint does), they are recorded there as capability needs, so
+the request can go only to a tier speaking Messages, which gets the body as sent; without one, a 400
+naming the field. Refused with a 400 naming the field: text after a tool_use in one assistant
+turn, images in tool results or assistant turns, and the account-level fields (container, speed, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from localroute.backends.anthropic_http import blocks_from_parts, tool_choice_from_chat, tool_from_chat
+from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.server.translate import arguments_object, refuse_set, untranslatable
 
 __all__ = ["MessagesStream", "from_chat", "message_from_chat", "stop_reason", "to_chat", "usage_from_chat"]
@@ -46,20 +50,25 @@ _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "
 # ---- requests: Messages -> chat ----
 
 
-def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A validated Messages (or count_tokens) body as a Chat Completions body."""
+def to_chat(body: Mapping[str, Any], needs: set[str] | None = None) -> dict[str, Any]:
+    """A validated Messages (or count_tokens) body as a Chat Completions body. `needs`: where the
+    Messages-only features the body asks for are recorded ("thinking", "citations", "prefill":
+    backends/capabilities.py) when a tier speaking Messages may serve it from the body as sent;
+    the chat body then leaves them out (no chat tier reads them: capability routing skips those).
+    Without it they are refused (400) like any untranslatable field."""
     refuse_set(body, "", _ACCOUNT_FIELDS)
+    ctx = _Context(needs)
     thinking = body.get("thinking")
     if thinking is not None and thinking.get("type") != "disabled":
-        untranslatable("thinking", "chat tiers take no thinking budget")
+        ctx.need("thinking", "thinking", "chat tiers take no thinking budget")
     messages: list[dict[str, Any]] = []
     if body.get("system") is not None:
-        messages.append({"role": "system", "content": _text_content(body["system"], "system")})
+        messages.append({"role": "system", "content": _text_content(body["system"], "system", ctx)})
     for i, m in enumerate(body["messages"]):
-        messages.extend(_message(m, f"messages.{i}"))
+        messages.extend(_message(m, f"messages.{i}", ctx))
     if body["messages"] and body["messages"][-1]["role"] == "assistant":
-        untranslatable(f"messages.{len(body['messages']) - 1}",
-                       "a final assistant message is a prefill; chat has no way to continue a turn")
+        ctx.need("prefill", f"messages.{len(body['messages']) - 1}",
+                 "a final assistant message is a prefill; chat has no way to continue a turn")
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
     if "max_tokens" in body:
         chat["max_completion_tokens"] = body["max_tokens"]
@@ -90,23 +99,35 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     return chat
 
 
-def _text_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+class _Context:
+    """Where to_chat records the Messages-only needs (None: refuse them)."""
+
+    def __init__(self, needs: set[str] | None) -> None:
+        self.needs = needs
+
+    def need(self, need: str, param: str, why: str = "") -> None:
+        if self.needs is None:
+            untranslatable(param, why)
+        self.needs.add(need)
+
+
+def _text_part(block: Mapping[str, Any], where: str, ctx: _Context) -> dict[str, Any]:
     if block.get("citations"):
-        untranslatable(f"{where}.citations")
+        ctx.need("citations", f"{where}.citations", "chat has no citations")
     part: dict[str, Any] = {"type": "text", "text": block["text"]}
     if block.get("cache_control") is not None:
         part["cache_control"] = block["cache_control"]
     return part
 
 
-def _text_content(content: str | list[Mapping[str, Any]], where: str) -> str | list[dict[str, Any]]:
+def _text_content(content: str | list[Mapping[str, Any]], where: str, ctx: _Context) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     parts = []
     for j, block in enumerate(content):
         if block["type"] != "text":
             untranslatable(f"{where}.{j}", f"only text blocks can go here, not {block['type']}")
-        parts.append(_text_part(block, f"{where}.{j}"))
+        parts.append(_text_part(block, f"{where}.{j}", ctx))
     return parts
 
 
@@ -119,16 +140,18 @@ def _image_part(block: Mapping[str, Any]) -> dict[str, Any]:
     return part
 
 
-def _message(m: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+def _message(m: Mapping[str, Any], where: str, ctx: _Context) -> list[dict[str, Any]]:
     role, content = m["role"], m["content"]
     if role == "system":
-        return [{"role": "system", "content": _text_content(content, f"{where}.content")}]
+        return [{"role": "system", "content": _text_content(content, f"{where}.content", ctx)}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
-    return _user(content, f"{where}.content") if role == "user" else [_assistant(content, f"{where}.content")]
+    if role == "user":
+        return _user(content, f"{where}.content", ctx)
+    return [_assistant(content, f"{where}.content", ctx)]
 
 
-def _user(blocks: list[Mapping[str, Any]], where: str) -> list[dict[str, Any]]:
+def _user(blocks: list[Mapping[str, Any]], where: str, ctx: _Context) -> list[dict[str, Any]]:
     tools: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
@@ -136,9 +159,9 @@ def _user(blocks: list[Mapping[str, Any]], where: str) -> list[dict[str, Any]]:
         if kind == "tool_result":
             if parts:
                 untranslatable(f"{where}.{j}", "tool_result blocks must come before the turn's other blocks")
-            tools.append(_tool_result(block, f"{where}.{j}"))
+            tools.append(_tool_result(block, f"{where}.{j}", ctx))
         elif kind == "text":
-            parts.append(_text_part(block, f"{where}.{j}"))
+            parts.append(_text_part(block, f"{where}.{j}", ctx))
         elif kind == "image":
             parts.append(_image_part(block))
         else:
@@ -149,13 +172,13 @@ def _user(blocks: list[Mapping[str, Any]], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_result(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _tool_result(block: Mapping[str, Any], where: str, ctx: _Context) -> dict[str, Any]:
     refuse_set(block, f"{where}.", {"toolset_name": ()})
     content = block.get("content")
     if content is None:
         content = ""
     elif not isinstance(content, str):
-        content = _text_content(content, f"{where}.content")
+        content = _text_content(content, f"{where}.content", ctx)
     msg: dict[str, Any] = {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}
     for extension in ("is_error", "cache_control"):
         if block.get(extension) is not None:
@@ -163,15 +186,17 @@ def _tool_result(block: Mapping[str, Any], where: str) -> dict[str, Any]:
     return msg
 
 
-def _assistant(blocks: list[Mapping[str, Any]], where: str) -> dict[str, Any]:
+def _assistant(blocks: list[Mapping[str, Any]], where: str, ctx: _Context) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     for j, block in enumerate(blocks):
         kind = block["type"]
-        if kind == "text":
+        if kind in ("thinking", "redacted_thinking"):  # an earlier turn's thinking, sent back with it
+            ctx.need("thinking", f"{where}.{j}", "chat has no thinking blocks")
+        elif kind == "text":
             if calls:
                 untranslatable(f"{where}.{j}", "text after a tool_use in the same turn")
-            parts.append(_text_part(block, f"{where}.{j}"))
+            parts.append(_text_part(block, f"{where}.{j}", ctx))
         elif kind == "tool_use":
             refuse_set(block, f"{where}.{j}.", {"cache_control": (), "toolset_name": ()})
             caller = block.get("caller")
@@ -343,10 +368,14 @@ Event = tuple[str, dict[str, Any]]
 
 class MessagesStream:
     """Chat chunks in, Messages events out: `start()`, `feed(chunk)` per chunk, `finish()` once.
-    One content block is open at a time (text, or one tool_use per chat tool call, in order)."""
+    One content block is open at a time (text, or one tool_use per chat tool call, in order).
+    `native`: the chunks come from a tier speaking Messages and carry its events
+    (NATIVE_EVENTS): those go out as sent, but for the id and model in `message_start` and the
+    routing block added to `message_delta` (held, with what follows it, until the last chunk)."""
 
-    def __init__(self, message_id: str, model: str) -> None:
-        self.id, self.model = message_id, model
+    def __init__(self, message_id: str, model: str, native: bool = False) -> None:
+        self.id, self.model, self.native = message_id, model, native
+        self._tail: list[Event] | None = None  # native: message_delta and after, until finish()
         self._index = -1
         self._open: str | None = None  # "text" or "tool:<chat tool index>"
         self._stop: str | None = None
@@ -355,6 +384,8 @@ class MessagesStream:
         self.failed = False
 
     def start(self) -> list[Event]:
+        if self.native:
+            return []
         message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                    "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
@@ -379,7 +410,22 @@ class MessagesStream:
         events = [] if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
         return events + [self._delta({"type": "text_delta", "text": text})]
 
+    def _feed_native(self, chunk: Mapping[str, Any]) -> list[Event]:
+        if chunk.get("localroute") is not None:
+            self._routing = chunk["localroute"]
+        out: list[Event] = []
+        for event in chunk.get(NATIVE_EVENTS) or ():
+            kind = str(event.get("type", ""))
+            if kind == "message_start":
+                event = {**event, "message": {**event.get("message", {}), "id": self.id, "model": self.model}}
+            if kind == "message_delta" and self._tail is None:
+                self._tail = []
+            (out if self._tail is None else self._tail).append((kind, event))
+        return out
+
     def feed(self, chunk: Mapping[str, Any]) -> list[Event]:
+        if self.native and chunk.get("error") is None:
+            return self._feed_native(chunk)
         if chunk.get("error") is not None:
             self.failed = True
             err = chunk["error"]
@@ -415,6 +461,10 @@ class MessagesStream:
     def finish(self) -> list[Event]:
         if self.failed:
             return []
+        if self.native:
+            tail = self._tail or []
+            return [(kind, {**event, "localroute": self._routing})
+                    if kind == "message_delta" and self._routing is not None else (kind, event) for kind, event in tail]
         usage = usage_from_chat(self._usage)
         delta: dict[str, Any] = {"type": "message_delta",
                                  "delta": {"stop_reason": self._stop or "end_turn", "stop_sequence": None},

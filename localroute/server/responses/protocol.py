@@ -98,10 +98,23 @@ def _item_kind(value: Any) -> str:
     return str(kind)
 
 
+class ReasoningItem(_Wire):
+    """An earlier answer's reasoning, sent back with it (a reasoning model's tool loop): only a
+    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+
+    type: Literal["reasoning"]
+    id: str = Field(min_length=1)
+    summary: list[dict[str, Any]]
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    status: Status | None = None
+
+
 Item = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -115,6 +128,23 @@ class FunctionTool(_Wire):
     defer_loading: Any = None
     allowed_callers: Any = None
     output_schema: Any = None
+
+
+class HostedTool(BaseModel):
+    """A tool the provider runs (web_search, file_search, code_interpreter, mcp, ...): its fields
+    are the provider's to check; only a tier speaking the Responses API serves it."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(min_length=1)
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "function" if kind == "function" else "hosted"
+
+
+Tool = Annotated[Annotated[FunctionTool, Tag("function")] | Annotated[HostedTool, Tag("hosted")],
+                 Discriminator(_tool_kind)]
 
 
 class ChoiceFunction(_Wire):
@@ -165,7 +195,7 @@ class ResponsesRequest(_Wire):
     model: str = Field(min_length=1)
     input: str | list[Item]
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ChoiceFunction | ChoiceAllowed | None = None
     parallel_tool_calls: bool | None = Field(None, strict=True)
     max_output_tokens: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)

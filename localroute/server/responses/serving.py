@@ -6,6 +6,13 @@ x-localroute-* headers), and the answer or its stream translated back. The routi
 `store` and `previous_response_id` use the routing log's file (monitoring/response_store.py):
 without `routing_log_path`, `previous_response_id` and an explicit `store: true` are a 400, and
 answers say `"store": false`. Responses are stored unless the client sends `store: false`.
+
+A tier speaking the Responses API (kind="openai" with `responses_api = true`) gets the client's
+body as sent (translate.native_body: model replaced, localroute's metadata keys removed) and its
+Response, or its events, come back as it sent them, with localroute's id, model and routing block.
+Conversation state stays localroute's whichever tier answers (a later turn may go to another):
+the tier is sent `store: false`, and a `previous_response_id` is resolved here, its stored turns
+sent as input items in front of the client's own. The passthrough Response is what is stored.
 """
 
 from __future__ import annotations
@@ -18,14 +25,24 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
 from localroute.monitoring.response_store import ResponseStore
 from localroute.server.errors import error_body
 from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import ResponsesStream, assistant_turn, response_from_chat, to_chat
+from localroute.server.responses.translate import (
+    NativeResponsesStream,
+    ResponsesStream,
+    assistant_turn,
+    native_body,
+    passed_through,
+    response_from_chat,
+    to_chat,
+)
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.service import Service
+from localroute.types import WireRequest
 
 __all__ = ["get_response", "serve_responses"]
 
@@ -41,7 +58,10 @@ def _response_id(chat_id: str) -> str:
     return "resp_" + chat_id.split("-", 1)[-1]
 
 
-async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[str, Any], ResponseStore | None]:
+async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[str, Any], ResponseStore | None,
+                                                           list[dict[str, Any]], frozenset[str]]:
+    """The body, its chat translation, the store, the stored turns it continues, and whether it
+    asks for what only a Responses tier serves (the need "responses_api")."""
     started = time.perf_counter()
     try:
         body = await read_body(request, ResponsesRequest, svc.settings.max_json_depth)
@@ -60,7 +80,9 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
         if body.get("store") is True and store is None:
             raise InvalidRequestError("store: true needs the response store: set routing_log_path",
                                       param="store", code="store_disabled")
-        return body, to_chat(body, history), store
+        needs: set[str] = set()
+        chat = to_chat(body, history, needs)
+        return body, chat, store, history, frozenset(needs)
     except LocalrouteError as exc:
         rejected(svc, ENDPOINT, exc, started)
         raise
@@ -68,17 +90,22 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
 
 async def serve_responses(request: Request) -> Response:
     svc = service_of(request)
-    body, chat, store = await _accept(request, svc)
+    body, chat, store, history, needs = await _accept(request, svc)
     keep = store if body.get("store") is not False else None
     echo = {**body, "store": keep is not None}
     own = 1 if body.get("instructions") is not None else 0  # instructions are not carried over
     conversation = chat["messages"][own:]
-    routed = await chat_completion(request, chat, ENDPOINT)
+    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("responses", native_body(body, history)),
+                                   needs)
     created_at = time.time()
     if isinstance(routed, ChatAnswer):
         try:
             response_id = _response_id(str(routed.payload.get("id", "")))
-            response = response_from_chat(routed.payload, echo, response_id, created_at)
+            native = _native(routed)
+            if native is not None:
+                response = passed_through(native, echo, response_id, routed.payload.get("localroute"))
+            else:
+                response = response_from_chat(routed.payload, echo, response_id, created_at)
             if keep is not None:
                 await asyncio.to_thread(keep.put, response_id, response,
                                         [*conversation, assistant_turn(routed.payload)])
@@ -89,7 +116,9 @@ async def serve_responses(request: Request) -> Response:
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
     chat_id = str(first.get("id", ""))
-    stream = ResponsesStream(echo, _response_id(chat_id), created_at, chat_id)
+    # a tier speaking the Responses API streamed: its own events go out as sent (the chunks carry them)
+    kind = NativeResponsesStream if NATIVE_EVENTS in first else ResponsesStream
+    stream = kind(echo, _response_id(chat_id), created_at, chat_id)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -113,6 +142,13 @@ async def serve_responses(request: Request) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})
+
+
+def _native(routed: ChatAnswer) -> dict[str, Any] | None:
+    """The Response as a tier speaking the Responses API sent it, when one answered."""
+    gen = routed.record.generation
+    native = gen.extra.get("native") if gen is not None else None
+    return native if isinstance(native, dict) and native.get("object") == "response" else None
 
 
 async def get_response(request: Request, response_id: str) -> Response:

@@ -16,10 +16,14 @@ chat chunks into the Responses event sequence and ends with the same Response ob
   parallel_tool_calls, metadata, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
   service_tier as they are.
 
-Refused with a 400 naming the field: non-function tools, `conversation`, `prompt`, background
-mode, truncation auto, other `include` values, reasoning summaries, file ids for images, file
-URLs, annotations sent back, `phase`, tool namespaces. `store` / `previous_response_id` are the
-server's (serving.py), never the chat tier's.
+Responses-only: hosted (non-function) tools, reasoning items sent back, truncation auto,
+`max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
+Given a `needs` set (the endpoint does), they are the need "responses_api": the request goes only
+to a tier speaking the Responses API, which gets the body as sent (`native_body`), and the chat
+body leaves them out; without one, a 400 naming the field. Always refused with a 400 naming the
+field: the stateful provider features (`conversation`, stored `prompt`s, background mode), file
+ids for images, file URLs, tool namespaces, tool choices naming hosted tools. `store` /
+`previous_response_id` are the server's (serving.py), never a tier's.
 """
 
 from __future__ import annotations
@@ -27,16 +31,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.responses_wire import chat_from_response
+from localroute.routing.categories import strip_category
 from localroute.server.translate import refuse_set, untranslatable
 
-__all__ = ["LOGPROBS_INCLUDE", "ResponsesStream", "assistant_turn", "from_chat", "response_from_chat", "to_chat"]
+__all__ = ["LOGPROBS_INCLUDE", "NativeResponsesStream", "ResponsesStream", "assistant_turn", "from_chat",
+           "items_from_chat", "native_body", "passed_through", "response_from_chat", "to_chat"]
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "conversation": (), "prompt": (), "prompt_cache_options": (), "context_management": (), "moderation": (),
-    "max_tool_calls": (), "access_programs": (), "background_options": (), "image": (), "background": (False,),
+    "conversation": (), "prompt": (), "access_programs": (), "background_options": (), "image": (),
+    "background": (False,),
+}
+# no chat counterpart, but a Responses tier serves them from the body as sent (need "responses_api")
+_NATIVE_ONLY: dict[str, tuple[Any, ...]] = {
+    "prompt_cache_options": (), "context_management": (), "moderation": (), "max_tool_calls": (),
     "truncation": ("disabled",),
 }
+_NATIVE_REASONING = ("summary", "generate_summary", "context", "mode")
 _SAME = ("temperature", "top_p", "top_logprobs", "parallel_tool_calls", "metadata", "user", "safety_identifier",
          "prompt_cache_key", "prompt_cache_retention", "service_tier")
 
@@ -44,10 +57,33 @@ _SAME = ("temperature", "top_p", "top_logprobs", "parallel_tool_calls", "metadat
 # ---- requests: Responses -> chat ----
 
 
-def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+class _Context:
+    """Where to_chat records that the body asks for what only a Responses tier serves (None: refuse it)."""
+
+    def __init__(self, needs: set[str] | None) -> None:
+        self.needs = needs
+
+    def need(self, param: str, why: str = "") -> None:
+        if self.needs is None:
+            untranslatable(param, why)
+        self.needs.add("responses_api")
+
+    def refuse_set(self, obj: Mapping[str, Any], where: str, fields: Mapping[str, tuple[Any, ...]]) -> None:
+        for name, harmless in fields.items():
+            if name in obj and obj[name] is not None and obj[name] not in harmless:
+                self.need(f"{where}{name}")
+
+
+def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
+            needs: set[str] | None = None) -> dict[str, Any]:
     """A validated Responses body as a Chat Completions body; `history` is the chat messages of
-    the stored conversation `previous_response_id` names (instructions are not carried over)."""
+    the stored conversation `previous_response_id` names (instructions are not carried over).
+    `needs`: where a field with no chat counterpart that a Responses tier serves (reasoning
+    summaries, other `include` values, truncation, annotations sent back, ...) is recorded as the
+    need "responses_api" and left out of the chat body; without it, such a field is a 400."""
     refuse_set(body, "", _UNSUPPORTED)
+    ctx = _Context(needs)
+    ctx.refuse_set(body, "", _NATIVE_ONLY)
     messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": body["instructions"]})
@@ -55,7 +91,7 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) 
     if isinstance(body["input"], str):
         messages.append({"role": "user", "content": body["input"]})
     else:
-        _items(body["input"], messages)
+        _items(body["input"], messages, ctx)
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
@@ -65,7 +101,7 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) 
     include = body.get("include") or []
     for i, value in enumerate(include):
         if value != LOGPROBS_INCLUDE:
-            untranslatable(f"include.{i}", f"{value!r}")
+            ctx.need(f"include.{i}", f"{value!r}")
     if LOGPROBS_INCLUDE in include or (body.get("top_logprobs") or 0) > 0:
         chat["logprobs"] = True
     text = body.get("text") or {}
@@ -75,7 +111,7 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) 
         chat["verbosity"] = text["verbosity"]
     reasoning = body.get("reasoning")
     if reasoning is not None:
-        refuse_set(reasoning, "reasoning.", {"summary": (), "generate_summary": (), "context": (), "mode": ()})
+        ctx.refuse_set(reasoning, "reasoning.", {name: () for name in _NATIVE_REASONING})
         if reasoning.get("effort") is not None:
             chat["reasoning_effort"] = reasoning["effort"]
     if body.get("stream") is not None:
@@ -87,7 +123,12 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) 
                 options["include_obfuscation"] = include_obfuscation
             chat["stream_options"] = options
     if body.get("tools") is not None:
-        chat["tools"] = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"])]
+        for i, t in enumerate(body["tools"]):
+            if t["type"] != "function":
+                ctx.need(f"tools.{i}", f"a {t['type']!r} tool runs at the provider")
+        functions = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"]) if t["type"] == "function"]
+        if functions or not body["tools"]:
+            chat["tools"] = functions
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     return chat
@@ -105,12 +146,12 @@ def _format(fmt: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _part(part: Mapping[str, Any], where: str) -> dict[str, Any]:
-    refuse_set(part, f"{where}.", {"prompt_cache_breakpoint": ()})
+def _part(part: Mapping[str, Any], where: str, ctx: _Context) -> dict[str, Any]:
+    ctx.refuse_set(part, f"{where}.", {"prompt_cache_breakpoint": ()})
     kind = part["type"]
     if kind in ("input_text", "output_text"):
         if part.get("annotations"):
-            untranslatable(f"{where}.annotations")
+            ctx.need(f"{where}.annotations")
         return {"type": "text", "text": part["text"]}  # logprobs of an earlier answer: bookkeeping
     if kind == "refusal":
         return {"type": "refusal", "refusal": part["refusal"]}
@@ -127,17 +168,20 @@ def _part(part: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"type": "file", "file": file}
 
 
-def _content(content: str | list[Mapping[str, Any]], where: str) -> str | list[dict[str, Any]]:
-    return content if isinstance(content, str) else [_part(p, f"{where}.{j}") for j, p in enumerate(content)]
+def _content(content: str | list[Mapping[str, Any]], where: str, ctx: _Context) -> str | list[dict[str, Any]]:
+    return content if isinstance(content, str) else [_part(p, f"{where}.{j}", ctx) for j, p in enumerate(content)]
 
 
-def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]]) -> None:
+def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: _Context) -> None:
     for i, item in enumerate(items):
         where = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
-            refuse_set(item, f"{where}.", {"phase": ()})
-            messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content")})
+            ctx.refuse_set(item, f"{where}.", {"phase": ()})
+            messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content", ctx)})
+        elif kind == "reasoning":  # an earlier answer's reasoning: the Responses tier reads it
+            ctx.need(where, "chat has no reasoning items")
+            continue
         elif kind == "function_call":
             refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
             call = {"id": item["call_id"], "type": "function",
@@ -154,7 +198,7 @@ def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]]) -> No
                 for j, part in enumerate(output):
                     if part["type"] != "input_text":
                         untranslatable(f"{where}.output.{j}", "chat tool results carry text only")
-                output = _content(output, f"{where}.output")
+                output = _content(output, f"{where}.output", ctx)
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         if kind == "message" and item["role"] == "assistant":
             messages[-1]["_from_items"] = True
@@ -198,19 +242,7 @@ def from_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     messages = list(chat["messages"])
     if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
         body["instructions"] = messages.pop(0)["content"]
-    items: list[dict[str, Any]] = []
-    for m in messages:
-        if m["role"] == "tool":
-            out = m["content"]
-            out = out if isinstance(out, str) else [{"type": "input_text", "text": p["text"]} for p in out]
-            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": out})
-            continue
-        if m.get("content") is not None:
-            items.append({"role": m["role"], "content": _parts_back(m["content"], m["role"])})
-        for c in m.get("tool_calls") or ():
-            items.append({"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
-                          "arguments": c["function"]["arguments"]})
-    body["input"] = items
+    body["input"] = items_from_chat(messages)
     if "max_completion_tokens" in chat:
         body["max_output_tokens"] = chat["max_completion_tokens"]
     for name in _SAME:
@@ -248,6 +280,23 @@ def from_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
             body["tool_choice"] = {"type": "allowed_tools", "mode": tc["allowed_tools"]["mode"], "tools": [
                 {"type": "function", "name": t["function"]["name"]} for t in tc["allowed_tools"]["tools"]]}
     return body
+
+
+def items_from_chat(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as Responses input items (the inverse of `to_chat`'s item translation)."""
+    items: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "tool":
+            out = m["content"]
+            out = out if isinstance(out, str) else [{"type": "input_text", "text": p["text"]} for p in out]
+            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": out})
+            continue
+        if m.get("content") is not None:
+            items.append({"role": m["role"], "content": _parts_back(m["content"], m["role"])})
+        for c in m.get("tool_calls") or ():
+            items.append({"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                          "arguments": c["function"]["arguments"]})
+    return items
 
 
 def _parts_back(content: Any, role: str) -> Any:
@@ -555,3 +604,84 @@ def assistant_turn(answer: Mapping[str, Any]) -> dict[str, Any]:
         turn["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
             "name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}} for c in msg["tool_calls"]]
     return turn
+
+
+# ---- passthrough: a tier speaking the Responses API (responses_api = true) ----
+
+
+def native_body(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The body a Responses tier gets: the client's, with localroute's own metadata keys removed
+    and the conversation state localroute's: the stored turns `previous_response_id` names go in
+    front of `input` as items (the id itself, one the provider never issued, is not sent), and
+    `store` is false (localroute keeps the Response; a provider copy would sit under an id no
+    client sees)."""
+    out = strip_category(dict(body))
+    if "previous_response_id" in out:
+        del out["previous_response_id"]
+        own = [{"role": "user", "content": out["input"]}] if isinstance(out["input"], str) else list(out["input"])
+        out["input"] = [*items_from_chat(history), *own]
+    out["store"] = False
+    return out
+
+
+def passed_through(native: Mapping[str, Any], body: Mapping[str, Any], response_id: str,
+                   routing: Any) -> dict[str, Any]:
+    """A Response as the tier sent it, with localroute's id, the model the client named, its
+    `store` and `previous_response_id` (localroute's, not what the tier was sent) and the routing block."""
+    out = {**native, "id": response_id, "model": body["model"], "store": body.get("store", True),
+           "previous_response_id": body.get("previous_response_id")}
+    if routing is not None:
+        out["localroute"] = routing
+    return out
+
+
+_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+class NativeResponsesStream(ResponsesStream):
+    """The events of a tier speaking the Responses API (carried on the chunks: NATIVE_EVENTS), as
+    it sent them; each Response they carry gets `passed_through`'s id, model, store and
+    previous_response_id, and the terminal one (held until the last chunk) the routing block. An
+    error after the first byte ends it as ResponsesStream does, numbered after the tier's events."""
+
+    def __init__(self, body: Mapping[str, Any], response_id: str, created_at: float, chat_id: str) -> None:
+        super().__init__(body, response_id, created_at, chat_id)
+        self._held: list[Event] = []
+        self._final: dict[str, Any] | None = None
+
+    def start(self) -> list[Event]:
+        return []
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[Event]:
+        if chunk.get("error") is not None:
+            return self._fail(chunk["error"])
+        if chunk.get("localroute") is not None:
+            self._routing = chunk["localroute"]
+        out: list[Event] = []
+        for event in chunk.get(NATIVE_EVENTS) or ():
+            kind = str(event.get("type", ""))
+            if isinstance(event.get("sequence_number"), int):
+                self._seq = event["sequence_number"] + 1
+            if isinstance(event.get("response"), dict):
+                event = {**event, "response": passed_through(event["response"], self.body, self.response_id, None)}
+            if kind in _TERMINAL:
+                self._held.append((kind, event))
+            else:
+                out.append((kind, event))
+        return out
+
+    def finish(self) -> list[Event]:
+        if self.failed:
+            return []
+        out = []
+        for kind, event in self._held:
+            if kind in _TERMINAL:
+                response = passed_through(event["response"], self.body, self.response_id, self._routing)
+                event = {**event, "response": response}
+                self.response, self._final = response, response
+            out.append((kind, event))
+        return out
+
+    def answer(self) -> dict[str, Any]:
+        """The tier's final Response as a chat answer (what a later turn continues)."""
+        return chat_from_response(self._final) if self._final is not None else super().answer()

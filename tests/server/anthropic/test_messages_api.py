@@ -136,10 +136,13 @@ def test_x_api_key_is_required_and_the_401_is_anthropic_shaped(stack: Any) -> No
     ({"model": "local", "max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]},
      "temperature"),
     ({"model": "local", "max_tokens": 5, "bogus": 1, "messages": [{"role": "user", "content": "x"}]}, "bogus"),
+    # Messages-only features no tier of the route has: a 400 naming the capability
     ({"model": "local", "max_tokens": 5, "thinking": {"type": "enabled", "budget_tokens": 2000},
-      "messages": [{"role": "user", "content": "x"}]}, "thinking"),
+      "messages": [{"role": "user", "content": "x"}]}, "local lacks thinking"),
     ({"model": "local", "max_tokens": 5, "messages": [{"role": "user", "content": "x"},
-                                                      {"role": "assistant", "content": "{"}]}, "messages.1"),
+                                                      {"role": "assistant", "content": "{"}]}, "local lacks prefill"),
+    ({"model": "local", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "citations": [{"type": "char_location"}]}]}]}, "local lacks citations"),
     ({"model": "local", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "thinking"}]}]},
      "messages.0.content.0"),
 ])

@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
 from localroute.backends.anthropic_http import AnthropicHTTPBackend
 from localroute.routing.base import Tier
 from localroute.server import create_app
-from tests.backends.test_anthropic_http import message, text_events
+from tests.backends.test_anthropic_http import REDACTED, THINKING, message, text_events, thinking_events
 from tests.conftest import local_settings, serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream
@@ -131,3 +132,112 @@ def test_an_upstream_400_is_an_anthropic_shaped_400(stack: Any) -> None:
         client.messages.create(model="claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 400 and "bad block" in str(err.value)
     assert UPSTREAM_KEY not in str(err.value.body)
+
+
+# ---- thinking, stop_sequence, citations, prefill: only the Messages tier serves them ----
+
+def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Named SSE events as (event, data) pairs."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_a_thinking_answer_keeps_its_blocks_and_stop_sequence(stack: Any) -> None:
+    url, up, local = stack
+    answer = message(THINKING, REDACTED, {"type": "text", "text": "Paris"}, stop="stop_sequence")
+    answer["stop_sequence"] = "END"
+    up.script(Fault(completion=answer))
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    request: Any = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
+               "thinking": {"type": "enabled", "budget_tokens": 1024},
+               "messages": [{"role": "user", "content": "Capital of France?"}]}
+    raw = client.messages.with_raw_response.create(**request)
+    assert up.requests[-1]["json"] == {**request, "model": "claude-test"}
+    body = json.loads(raw.http_response.content)
+    assert body.pop("localroute")["tier"] == "claude"
+    assert {**body, "id": answer["id"], "model": answer["model"]} == answer
+    parsed = raw.parse()
+    assert [b.type for b in parsed.content] == ["thinking", "redacted_thinking", "text"]
+    assert parsed.stop_reason == "stop_sequence" and parsed.stop_sequence == "END"
+    assert local.calls == 0  # thinking: the chat-only local tier was skipped, never asked
+
+
+def test_a_streamed_thinking_answer_is_the_upstream_stream_event_for_event(stack: Any) -> None:
+    url, up, local = stack
+    request: Any = {"model": "localroute/cascade", "max_tokens": 2048, "stop_sequences": ["END"],
+               "thinking": {"type": "enabled", "budget_tokens": 1024},
+               "messages": [{"role": "user", "content": "Capital of France?"}]}
+    up.script(Fault(events=thinking_events()))
+    r = httpx.post(f"{url}/messages", headers={"x-api-key": KEY}, json={**request, "stream": True}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert up.requests[-1]["json"] == {**request, "model": "claude-test", "stream": True}
+    got = sse(r.text)
+    sent = thinking_events()
+    assert [name for name, _ in got] == [e["type"] for e in sent]
+    start = got[0][1]["message"]
+    assert start["id"].startswith("msg_") and start["id"] != "msg_upstream" and start["model"] == "localroute/cascade"
+    routing = got[-2][1].pop("localroute")
+    assert routing["tier"] == "claude" and r.headers["x-localroute-tier"] == "claude"
+    sent[0]["message"].update(id=start["id"], model="localroute/cascade")
+    assert [data for _, data in got] == sent  # exactly what the upstream sent, but for id, model, routing
+
+    up.script(Fault(events=thinking_events()))  # the official client reads it as Anthropic's own
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    with client.messages.stream(**request) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert "thinking" in kinds and "signature" in kinds
+    assert [b.type for b in final.content] == ["thinking", "redacted_thinking", "text"]
+    assert final.content[0].thinking == "The user wants the capital."  # type: ignore[union-attr]
+    assert final.content[0].signature == "sig-abc=="  # type: ignore[union-attr]
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "END"
+    assert final.usage.output_tokens == 31
+    assert local.calls == 0
+
+
+def test_citations_prefill_and_earlier_thinking_go_to_the_messages_tier_as_sent(stack: Any) -> None:
+    url, up, local = stack
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    cited = {"type": "text", "text": "Paris is the capital.", "citations": [
+        {"type": "char_location", "cited_text": "Paris", "document_index": 0, "document_title": None,
+         "start_char_index": 0, "end_char_index": 5}]}
+    requests: list[Any] = [
+        # a prefill: the answer continues the assistant's turn
+        {"model": "localroute/cascade", "max_tokens": 20,
+         "messages": [{"role": "user", "content": "JSON for Paris?"}, {"role": "assistant", "content": "{"}]},
+        # citations of an earlier answer, sent back
+        {"model": "localroute/cascade", "max_tokens": 20,
+         "messages": [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": [cited]},
+                      {"role": "user", "content": "Sure?"}]},
+        # a tool loop with thinking: the earlier turn's thinking goes back with its tool_use
+        {"model": "localroute/cascade", "max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024},
+         "tools": [WEATHER_TOOL],
+         "messages": [{"role": "user", "content": "Weather in Paris?"},
+                      {"role": "assistant", "content": [THINKING, {"type": "tool_use", "id": "toolu_1",
+                                                                   "name": "get_weather", "input": {"city": "Paris"}}]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                    "content": "18C"}]}]},
+    ]
+    for request in requests:
+        up.script(Fault(completion=message({"type": "text", "text": '"city": "Paris"}'})))
+        out = client.messages.create(**request)
+        assert up.requests[-1]["json"] == {**request, "model": "claude-test"}
+        assert out.content[0].text == '"city": "Paris"}'
+    assert local.calls == 0  # none of them can go to the chat-only local tier
+
+
+def test_a_messages_only_feature_no_tier_has_is_a_400_naming_it() -> None:
+    local = ScriptedBackend("local", text="Local answer here")
+    app = create_app(local_settings(api_keys=KEY), tiers=[Tier("local", local)])
+    with serve_app(app) as url:
+        client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as err:
+            client.messages.create(model="localroute/cascade", max_tokens=50,
+                                   thinking={"type": "enabled", "budget_tokens": 1024},
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "local lacks thinking" in err.value.body["error"]["message"]  # type: ignore[index]
+    assert local.calls == 0

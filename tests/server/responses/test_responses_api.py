@@ -158,10 +158,9 @@ def test_without_a_store_previous_response_id_is_a_400() -> None:
     ({"model": "local"}, "input"),
     ({"model": "local", "input": "x", "temperature": 3}, "temperature"),
     ({"model": "local", "input": "x", "bogus": 1}, "bogus"),
-    ({"model": "local", "input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
-    ({"model": "local", "input": [{"type": "reasoning", "summary": []}]}, "input.0"),
+    ({"model": "local", "input": "x", "tools": [{"name": "f"}]}, "tools.0.type"),
+    ({"model": "local", "input": [{"type": "reasoning", "summary": []}]}, "input.0.id"),
     ({"model": "local", "input": "x", "background": True}, "background"),
-    ({"model": "local", "input": "x", "include": ["reasoning.encrypted_content"]}, "include.0"),
     ({"model": "local", "input": [{"role": "user", "content": [{"type": "input_text"}]}]},
      "input.0.content.0.text"),
 ])
@@ -171,6 +170,22 @@ def test_bad_input_is_an_openai_shaped_400(stack: Any, body: dict[str, Any], par
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and param in err["message"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"include": ["reasoning.encrypted_content"]}, {"reasoning": {"summary": "auto"}}, {"truncation": "auto"},
+    {"tools": [{"type": "web_search"}]},
+    {"input": [{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": "x"}]}])
+def test_a_responses_only_field_no_tier_serves_is_a_400_naming_the_capability(stack: Any,
+                                                                              extra: dict[str, Any]) -> None:
+    _, up, local, url = stack  # a local and a chat-only frontier tier: neither speaks the Responses API
+    r = httpx.post(url + "/responses", headers={"authorization": f"Bearer {KEY}"},
+                   json={"model": "localroute/cascade", "input": "x", **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "unsupported_capability"
+    assert "local lacks responses_api" in err["message"] and "frontier lacks responses_api" in err["message"]
+    assert up.requests == [] and local.calls == 0
 
 
 def test_upstream_failure_mid_request_is_a_5xx_and_midstream_an_error_event(stack: Any) -> None:

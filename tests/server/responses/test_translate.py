@@ -159,6 +159,8 @@ def test_refused_fields_are_a_400_naming_them(field: str) -> None:
         {"type": "input_image", "image_url": "u", "detail": "auto"}]}]}, "input.0.output.0"),
     ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}},
      "tool_choice.tools"),
+    ({"tools": [{"type": "web_search", "search_context_size": "low"}]}, "tools.0"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"}]}, "input.0"),
 ])
 def test_untranslatable_content_is_refused(body: dict[str, Any], param: str) -> None:
     body = {"model": "m", "input": "x", **body}
@@ -168,9 +170,32 @@ def test_untranslatable_content_is_refused(body: dict[str, Any], param: str) -> 
     assert err.value.param == param
 
 
+def test_responses_only_fields_are_a_need_when_a_responses_tier_may_serve_them() -> None:
+    """Given a needs set (the endpoint's), what only a Responses tier reads is the need
+    "responses_api" and stays out of the chat body; what chat carries is translated as ever."""
+    body = {"model": "m", "include": ["reasoning.encrypted_content"], "reasoning": {"effort": "low", "summary": "auto"},
+            "truncation": "auto", "tools": [{"type": "web_search"}, TOOL],
+            "input": [{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": [
+                {"type": "input_text", "text": "x"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "y",
+                                                    "annotations": [{"type": "url_citation"}]}]}]}
+    ResponsesRequest.model_validate(body)
+    needs: set[str] = set()
+    chat = to_chat(body, (), needs)
+    assert needs == {"responses_api"}
+    assert chat == {"model": "m", "reasoning_effort": "low", "tools": [to_chat({**body, "tools": [TOOL], "input": "x",
+                                                                                 "include": None, "truncation": None,
+                                                                                 "reasoning": None})["tools"][0]],
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "y"}]}]}
+    plain: set[str] = set()
+    to_chat({"model": "m", "input": "x", "tools": [TOOL]}, (), plain)
+    assert plain == set()
+
+
 @pytest.mark.parametrize("bad", [
-    {"tools": [{"type": "web_search"}]},
-    {"input": [{"type": "reasoning", "id": "r", "summary": []}]},
+    {"tools": [{"name": "f"}]},
+    {"input": [{"type": "reasoning", "summary": []}]},
     {"unknown_field": 1},
     {"input": [{"type": "item_reference", "id": "x"}]},
 ])

@@ -1,0 +1,284 @@
+"""A remote tier that speaks the Responses API natively (`responses_api = true`), end to end: the
+official openai client's `responses.create` body reaches it as sent (model replaced, localroute's
+metadata keys removed, `store: false`, a `previous_response_id` resolved by localroute into the
+items it stands for), and its Response, or its stream, comes back as it sent it but for
+localroute's id, model, store fields and routing block. A chat-only tier on the same app still
+gets the translated chat body. The app is built from settings as `localroute serve` builds it;
+both upstreams are real recording HTTP servers on 127.0.0.1 (tests/fault_upstream.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from localroute.server import create_app
+from tests.conftest import local_settings, serve_app
+from tests.fault_upstream import Fault, FaultUpstream
+
+KEY = "sk-local-test"
+UPSTREAM_KEY = "sk-upstream-responses"
+WEATHER: Any = {"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                               "additionalProperties": False}}
+USAGE = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 9,
+         "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 29}
+
+
+def response(*output: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    """A Response as the provider returns one."""
+    return {"id": "resp_upstream", "object": "response", "created_at": 1764750000, "status": status,
+            "background": False, "error": None, "incomplete_details": None, "instructions": None,
+            "max_output_tokens": None, "model": "gpt-test-2025-01-01", "output": list(output),
+            "parallel_tool_calls": True, "previous_response_id": None,
+            "reasoning": {"effort": "low", "summary": None}, "service_tier": "default", "store": False,
+            "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+            "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "usage": USAGE, "user": None,
+            "metadata": {}}
+
+
+REASONING = {"id": "rs_up", "type": "reasoning", "summary": [{"type": "summary_text", "text": "Look it up."}]}
+
+
+def text_item(text: str) -> dict[str, Any]:
+    return {"id": "msg_up", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+CALL = {"id": "fc_up", "type": "function_call", "status": "completed", "call_id": "call_up1", "name": "get_weather",
+        "arguments": '{"city":"Paris"}'}
+
+
+def text_events(*pieces: str) -> list[dict[str, Any]]:
+    """A streamed Response with a reasoning summary and a text message, as the provider sends it."""
+    text = "".join(pieces)
+    running = {**response(), "status": "in_progress", "output": [], "usage": None}
+    done = response(REASONING, text_item(text))
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": running},
+        {"type": "response.in_progress", "response": running},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**REASONING, "summary": []}},
+        {"type": "response.reasoning_summary_part.added", "item_id": "rs_up", "output_index": 0, "summary_index": 0,
+         "part": {"type": "summary_text", "text": ""}},
+        {"type": "response.reasoning_summary_text.delta", "item_id": "rs_up", "output_index": 0, "summary_index": 0,
+         "delta": "Look it up."},
+        {"type": "response.reasoning_summary_text.done", "item_id": "rs_up", "output_index": 0, "summary_index": 0,
+         "text": "Look it up."},
+        {"type": "response.reasoning_summary_part.done", "item_id": "rs_up", "output_index": 0, "summary_index": 0,
+         "part": {"type": "summary_text", "text": "Look it up."}},
+        {"type": "response.output_item.done", "output_index": 0, "item": REASONING},
+        {"type": "response.output_item.added", "output_index": 1,
+         "item": {**text_item(""), "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", "item_id": "msg_up", "output_index": 1, "content_index": 0,
+         "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}},
+        *({"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 1, "content_index": 0,
+           "delta": p, "logprobs": []} for p in pieces),
+        {"type": "response.output_text.done", "item_id": "msg_up", "output_index": 1, "content_index": 0,
+         "text": text, "logprobs": []},
+        {"type": "response.content_part.done", "item_id": "msg_up", "output_index": 1, "content_index": 0,
+         "part": {"type": "output_text", "text": text, "annotations": [], "logprobs": []}},
+        {"type": "response.output_item.done", "output_index": 1, "item": text_item(text)},
+        {"type": "response.completed", "response": done},
+    ]
+    return [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
+
+def call_events() -> list[dict[str, Any]]:
+    """A streamed function call."""
+    running = {**response(), "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": running},
+        {"type": "response.in_progress", "response": running},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**CALL, "status": "in_progress", "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_up", "output_index": 0, "delta": '{"city":'},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_up", "output_index": 0, "delta": '"Paris"}'},
+        {"type": "response.function_call_arguments.done", "item_id": "fc_up", "output_index": 0,
+         "arguments": CALL["arguments"]},
+        {"type": "response.output_item.done", "output_index": 0, "item": CALL},
+        {"type": "response.completed", "response": response(CALL)},
+    ]
+    return [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
+
+def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+@pytest.fixture
+def stack() -> Iterator[tuple[OpenAI, FaultUpstream, FaultUpstream, str]]:
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"},
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True}])
+        with serve_app(create_app(settings)) as url:
+            yield OpenAI(base_url=url, api_key=KEY, max_retries=0), native, chat, url
+
+
+def test_a_responses_request_is_passed_through_and_its_response_returned_as_sent(stack: Any) -> None:
+    client, native, chat, _ = stack
+    answer = response(REASONING, text_item("Let me check."), CALL)
+    native.script(Fault(completion=answer))
+    request = {"model": "gpt", "instructions": "Use tools.", "input": "Weather in Paris?", "tools": [WEATHER],
+               "tool_choice": "auto", "reasoning": {"effort": "low", "summary": "auto"}, "include":
+               ["reasoning.encrypted_content"], "max_output_tokens": 300, "metadata": {"trace": "t-1"}}
+    raw = client.responses.with_raw_response.create(
+        **request, extra_body={"metadata": {"trace": "t-1", "localroute_category": "weather"}})
+    got = native.requests[-1]
+    assert got["path"] == "/v1/responses" and got["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    # as sent: model replaced, localroute's category key taken out, store false (localroute keeps it)
+    assert got["json"] == {**request, "model": "gpt-test", "store": False}
+    assert chat.requests == []
+    assert raw.headers["x-localroute-tier"] == "gpt" and raw.headers["x-localroute-category"] == "weather"
+    body = json.loads(raw.http_response.content)
+    routing = body.pop("localroute")
+    assert routing["tier"] == "gpt"
+    assert body["id"].startswith("resp_") and body["id"] != answer["id"]
+    assert body == {**answer, "id": body["id"], "model": "gpt", "store": True, "previous_response_id": None}
+    parsed = raw.parse()
+    assert [item.type for item in parsed.output] == ["reasoning", "message", "function_call"]
+    assert parsed.output[2].call_id == "call_up1"
+    assert parsed.usage is not None and parsed.usage.output_tokens_details.reasoning_tokens == 3
+    assert client.responses.retrieve(parsed.id).model_dump(exclude_none=True)["output"] == \
+        parsed.model_dump(exclude_none=True)["output"]  # stored in localroute's store
+
+
+def test_a_chat_only_tier_still_gets_the_translated_body(stack: Any) -> None:
+    client, native, chat, _ = stack
+    out = client.responses.create(model="chat", instructions="Be brief.", input="Capital of France?")
+    assert chat.requests[-1]["path"] == "/v1/chat/completions"
+    assert chat.requests[-1]["json"] == {"model": "chat-model", "logprobs": True, "messages": [  # non-final: judged
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]}
+    assert out.output_text == "Chat tier answer." and native.requests == []
+
+
+def test_a_two_turn_tool_loop_keeps_the_conversation_in_localroute(stack: Any) -> None:
+    client, native, _, _ = stack
+    native.script(Fault(completion=response(CALL)), Fault(completion=response(text_item("18C and sunny."))))
+    first = client.responses.create(model="gpt", input="Weather in Paris?", tools=[WEATHER])
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    second = client.responses.create(model="gpt", previous_response_id=first.id, tools=[WEATHER], input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 18}'}])
+    assert second.output_text == "18C and sunny." and second.previous_response_id == first.id
+    # turn 2 as the tier got it: the stored turns as items before the client's own, no localroute id
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": [WEATHER], "store": False, "input": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_up1", "output": '{"temp_c": 18}'}]}
+
+    # the same loop without stored state: the client sends the items itself, passed on as sent
+    native.script(Fault(completion=response(text_item("Still 18C."))))
+    items: Any = [{"role": "user", "content": "Weather in Paris?"},
+                  {"type": "function_call", "call_id": "call_up1", "name": "get_weather",
+                   "arguments": '{"city":"Paris"}'},
+                  {"type": "function_call_output", "call_id": "call_up1", "output": '{"temp_c": 18}'}]
+    third = client.responses.create(model="gpt", input=items, tools=[WEATHER], store=False)
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "input": items, "tools": [WEATHER], "store": False}
+    assert third.output_text == "Still 18C." and third.store is False
+    with pytest.raises(openai.NotFoundError):  # store: false: localroute kept nothing
+        client.responses.retrieve(third.id)
+
+
+def test_a_reasoning_tool_loop_sends_the_output_back_as_is(stack: Any) -> None:
+    """The stateless loop OpenAI documents for reasoning models (`input += response.output`): the
+    reasoning item and a hosted tool go only to the Responses tier, as the client sent them."""
+    client, native, chat, _ = stack
+    tools: Any = [{"type": "web_search"}, WEATHER]
+    native.script(Fault(completion=response(REASONING, text_item("Let me check."), CALL)),
+                  Fault(completion=response(text_item("18C."))))
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
+    assert second.output_text == "18C." and chat.requests == []  # the chat tier cannot read them: skipped
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
+        {"role": "user", "content": "Weather in Paris?"}, REASONING, text_item("Let me check."), CALL,
+        {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]}
+    assert second.model_extra is not None
+    assert second.model_extra["localroute"]["evidence"]["skipped"] == {"chat": "responses_api"}
+
+
+def test_a_streamed_response_is_the_upstream_stream_event_for_event(stack: Any) -> None:
+    client, native, _, url = stack
+    request = {"model": "gpt", "input": "Capital of France?", "reasoning": {"effort": "low", "summary": "auto"}}
+    native.script(Fault(events=text_events("Par", "is.")))
+    r = httpx.post(f"{url}/responses", headers={"authorization": f"Bearer {KEY}"}, json={**request, "stream": True},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert native.requests[-1]["json"] == {**request, "model": "gpt-test", "stream": True, "store": False}
+    got = sse(r.text)
+    sent = text_events("Par", "is.")
+    assert [name for name, _ in got] == [e["type"] for e in sent]
+    ours = got[0][1]["response"]["id"]
+    assert ours.startswith("resp_") and ours != "resp_upstream"
+    routing = got[-1][1]["response"].pop("localroute")
+    assert routing["tier"] == "gpt" and r.headers["x-localroute-tier"] == "gpt"
+    for event in sent:  # each Response in them: localroute's id, model and store fields
+        if "response" in event:
+            event["response"].update(id=ours, model="gpt", store=True, previous_response_id=None)
+    assert [data for _, data in got] == sent
+
+    native.script(Fault(events=text_events("Par", "is.")))  # the official client reads it as OpenAI's own
+    events = list(client.responses.create(**request, stream=True))
+    assert [e.type for e in events] == [e["type"] for e in sent]
+    final = events[-1].response
+    assert final.output_text == "Paris." and final.usage is not None and final.usage.input_tokens == 20
+    stored = client.responses.retrieve(final.id)
+    assert stored.output_text == "Paris." and [i.type for i in stored.output] == ["reasoning", "message"]
+
+
+def test_a_streamed_function_call_and_its_follow_up(stack: Any) -> None:
+    client, native, _, _ = stack
+    native.script(Fault(events=call_events()))
+    with client.responses.stream(model="gpt", input="Weather in Paris?", tools=[WEATHER]) as stream:
+        kinds = [event.type for event in stream]
+        first = stream.get_final_response()
+    assert kinds == [e["type"] for e in call_events()]
+    call = first.output[0]
+    assert call.type == "function_call" and call.arguments == '{"city":"Paris"}'
+    native.script(Fault(events=text_events("18C.")))
+    with client.responses.stream(model="gpt", previous_response_id=first.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18C"}]) as stream:
+        second = stream.get_final_response()
+    assert second.output_text == "18C."
+    assert native.requests[-1]["json"]["input"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+
+
+def test_bad_input_and_upstream_errors_are_responses_shaped_4xx(stack: Any) -> None:
+    client, native, _, url = stack
+    with pytest.raises(openai.BadRequestError) as err:  # an id localroute never issued: 400, nothing sent
+        client.responses.create(model="gpt", input="hi", previous_response_id="resp_nope")
+    assert err.value.code == "previous_response_not_found" and native.requests == []
+    r = httpx.post(f"{url}/responses", headers={"authorization": f"Bearer {KEY}"},
+                   json={"model": "gpt", "input": "hi", "bogus": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bogus" and native.requests == []
+    native.script(Fault("status", status=400, body=json.dumps(
+        {"error": {"message": "Invalid value for 'reasoning.effort'.", "type": "invalid_request_error",
+                   "param": "reasoning.effort", "code": "invalid_value"}})))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="gpt", input="hi", reasoning={"effort": "low"})
+    assert "reasoning.effort" in str(err.value) and UPSTREAM_KEY not in str(err.value.body)
+    # an error event after the first output: the stream ends Responses-style, numbered after the tier's events
+    native.script(Fault(events=[*text_events("Par")[:5],
+                                {"type": "error", "code": "server_error", "message": "boom", "param": None,
+                                 "sequence_number": 5}]))
+    r = httpx.post(f"{url}/responses", headers={"authorization": f"Bearer {KEY}"},
+                   json={"model": "gpt", "input": "hi", "stream": True}, timeout=30)
+    got = sse(r.text)
+    assert [name for name, _ in got][-2:] == ["error", "response.failed"]
+    assert [name for name, _ in got][:5] == [e["type"] for e in text_events("Par")[:5]]
+    assert got[-2][1]["sequence_number"] == 5 and got[-1][1]["response"]["status"] == "failed"
