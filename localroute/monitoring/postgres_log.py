@@ -1,7 +1,7 @@
 """The routing log in PostgreSQL (`routing_log_url = "postgresql://..."`, localroute[shared]).
 
-The same store interface as the SQLite log (routing_log.py `SQLiteLogStore`) and the same named
-migrations: `POSTGRES_MIGRATIONS` has one entry per name in routing_log's `MIGRATIONS`, and the
+The same store interface as the SQLite log (sqlite_store.py `SQLiteLogStore`) and the same named
+migrations: `POSTGRES_MIGRATIONS` has one entry per name in sqlite_store's `MIGRATIONS`, and the
 store refuses to open while one is missing (a new SQLite migration, e.g. a new table, needs its
 PostgreSQL twin here). Both record what they applied in `_migrations`.
 
@@ -36,7 +36,7 @@ SHADOW_PAIRS_SQL = (
     "{where} ORDER BY p.ts"
 )
 
-# name -> SQL, one per routing_log.MIGRATIONS name. Append only, as there.
+# name -> SQL, one per sqlite_store.MIGRATIONS name. Append only, as there.
 POSTGRES_MIGRATIONS: dict[str, str] = {
     "001_create_requests": """
         CREATE TABLE requests (

@@ -24,7 +24,7 @@ class ResponseStore:
         self.retention_days = retention_days
 
     def _conn(self) -> Any:
-        from localroute.monitoring.routing_log import connect, migrate
+        from localroute.monitoring.sqlite_store import connect, migrate
 
         conn = connect(self.path)
         migrate(conn)

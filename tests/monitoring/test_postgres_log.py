@@ -15,7 +15,8 @@ from localroute.monitoring.feedback import FeedbackRequest, FeedbackStore
 from localroute.monitoring.log_report import read_rows, read_shadow_pairs, report
 from localroute.monitoring.postgres_log import POSTGRES_MIGRATIONS, PostgresLogStore
 from localroute.monitoring.record import RequestRecord
-from localroute.monitoring.routing_log import COLUMNS, MIGRATIONS, PAIR_COLUMNS, RoutingLog, open_store
+from localroute.monitoring.routing_log import COLUMNS, PAIR_COLUMNS, RoutingLog, open_store
+from localroute.monitoring.sqlite_store import MIGRATIONS
 from tests.services import PostgresServer, postgres_server
 
 
@@ -216,7 +217,7 @@ def test_postgres_down_shadow_pairs_spill_and_replay(pg: PostgresServer, tmp_pat
 
 
 def test_every_sqlite_migration_has_its_postgres_twin() -> None:
-    """The hook for new tables: a migration added to routing_log.MIGRATIONS without its
+    """The hook for new tables: a migration added to sqlite_store.MIGRATIONS without its
     PostgreSQL version here makes this fail (and the store refuse to open)."""
     assert [n for n, _ in MIGRATIONS] == list(POSTGRES_MIGRATIONS)
     with pytest.raises(Exception, match="no PostgreSQL version of migration"):
