@@ -64,7 +64,7 @@ TABLES = ("requests", "shadow_pairs")
 
 
 class LogStore(Protocol):
-    """What the writer, feedback, reports and training need from the log's database."""
+    """What the writer, feedback, stored Responses, reports and training need from the log's database."""
 
     engine: str
 
@@ -84,6 +84,16 @@ class LogStore(Protocol):
     def add_feedback(self, ts: float, request_id: str, score: float, correct: int | None, source: str) -> int: ...
 
     def mark_review(self, request_id: str, ts: float, policy: str, tier: str | None) -> None: ...
+
+    def put_response(self, response_id: str, ts: float, response: str, messages: str,
+                     retention_days: float | None = None) -> None:
+        """Store a Responses object and its conversation's messages (JSON text, response_store.py).
+        SQLite deletes those past `retention_days` here; PostgreSQL drops their day partitions in `prune`."""
+        ...
+
+    def get_response(self, response_id: str) -> tuple[str, str] | None:
+        """The (response, messages) JSON text stored under `response_id`, or None."""
+        ...
 
     def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
 

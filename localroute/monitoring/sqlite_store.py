@@ -124,6 +124,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM shadow_pairs WHERE id NOT IN (SELECT MIN(id) FROM shadow_pairs GROUP BY request_id, ts);
         CREATE UNIQUE INDEX shadow_pairs_request_ts ON shadow_pairs(request_id, ts)
     """),
+    # stored Responses follow the log's engine (PostgreSQL: shared by replicas, the table becomes
+    # day-partitioned for retention by dropping partitions); SQLite's table stays as 006 made it
+    ("009_responses_by_day", ""),
 ]
 
 
@@ -228,6 +231,7 @@ class SQLiteLogStore:
         cutoff = time.time() - retention_days * 86400
         cur = self.conn().execute("DELETE FROM requests WHERE ts < ?", (cutoff,))
         self.conn().execute("DELETE FROM shadow_pairs WHERE ts < ?", (cutoff,))
+        self.conn().execute("DELETE FROM responses WHERE ts < ?", (cutoff,))
         return int(cur.rowcount or 0)
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
@@ -243,6 +247,27 @@ class SQLiteLogStore:
     def mark_review(self, request_id: str, ts: float, policy: str, tier: str | None) -> None:
         self.conn().execute("INSERT OR IGNORE INTO review_sample (request_id, ts, policy, tier) VALUES (?, ?, ?, ?)",
                             (request_id, ts, policy, tier))
+
+    def put_response(self, response_id: str, ts: float, response: str, messages: str,
+                     retention_days: float | None = None) -> None:
+        """Store (or replace) a Responses object and its conversation; those past `retention_days`
+        are deleted in the same transaction."""
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT OR REPLACE INTO responses (response_id, ts, response, messages) VALUES (?, ?, ?, ?)",
+                         (response_id, ts, response, messages))
+            if retention_days is not None:
+                conn.execute("DELETE FROM responses WHERE ts < ?", (ts - retention_days * 86400,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def get_response(self, response_id: str) -> tuple[str, str] | None:
+        row = self.conn().execute("SELECT response, messages FROM responses WHERE response_id = ?",
+                                  (response_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         if not self.path.is_file():

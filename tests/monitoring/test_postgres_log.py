@@ -262,11 +262,17 @@ def test_retention_drops_day_partitions(pg: PostgresServer) -> None:
     }
     store.insert([tuple(row[c] for c in COLUMNS)])
     store.insert_pairs([_pair(old, "old"), _pair(time.time(), "new")])
+    store.put_response("resp_old", old, '{"id": "resp_old"}', "[]")
+    store.put_response("resp_new", time.time(), '{"id": "resp_new"}', "[]", retention_days=5)
+    assert store.get_response("resp_old") == ('{"id": "resp_old"}', "[]")  # dropped by prune, not by a put
     before = store.partitions("requests")
     assert store.count_requests() == 1 and len(before) == 4 and len(store.partitions("shadow_pairs")) == 4
-    assert store.prune(retention_days=5) == 3  # the old day's requests, feedback and shadow_pairs partitions
+    assert len(store.partitions("responses")) == 4
+    # the old day's requests, feedback, shadow_pairs and responses partitions
+    assert store.prune(retention_days=5) == 4
     assert store.count_requests() == 0 and len(store.partitions("requests")) == 3
     assert [p["request_id"] for p in store.read_shadow_pairs()] == ["new"]
+    assert store.get_response("resp_old") is None and store.get_response("resp_new") == ('{"id": "resp_new"}', "[]")
     store.close()
 
 
