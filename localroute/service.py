@@ -77,6 +77,7 @@ class Service:
 
         self.routers.update(build_policies(settings, self.tiers, cascade))
         self.feedback: Any = None  # localroute.monitoring.feedback.FeedbackStore when the routing log is on (lifespan)
+        self.responses: Any = None  # localroute.monitoring.response_store.ResponseStore, as feedback
         self.observers: list[Observer] = []
         self.monitoring: Monitoring | None = None  # telemetry, costs, metrics, routing log (lifespan)
         self.created = int(time.time())

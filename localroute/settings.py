@@ -360,9 +360,9 @@ class Settings(BaseSettings):
 
     routing_log_path: Path | None = Field(None, description="SQLite routing log; None: no log.")
     routing_log_url: str | None = Field(
-        None, description="The routing log (with feedback and the review sample) in PostgreSQL "
+        None, description="The routing log (with feedback, the review sample and stored Responses) in PostgreSQL "
         "('postgresql://user@host:port/db', localroute[shared]) or SQLite (a path or sqlite:///path); "
-        "overrides routing_log_path for them. Stored Responses stay in routing_log_path's SQLite file.")
+        "overrides routing_log_path for them.")
     routing_log_spill_path: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "localroute" / "routing-log-spill.jsonl",
         description="PostgreSQL routing log: rows that could not be written (server down) are appended here "

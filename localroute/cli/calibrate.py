@@ -95,7 +95,7 @@ def _print_categories(categories: dict[str, Any]) -> None:
 
 def _from_log(args: argparse.Namespace, settings: Any, out: Path) -> int:
     from localroute.cli.report import parse_time
-    from localroute.evaluation.thresholds import calibrate_from_log
+    from localroute.evaluation.from_log import calibrate_from_log
 
     if args.target_quality is None:
         raise ConfigError("--from-log certifies a quality target: give --target-quality", param="target_quality")

@@ -1,11 +1,12 @@
 """The routing log in PostgreSQL (`routing_log_url = "postgresql://..."`, localroute[shared]).
 
-The same store interface as the SQLite log (routing_log.py `SQLiteLogStore`) and the same named
-migrations: `POSTGRES_MIGRATIONS` has one entry per name in routing_log's `MIGRATIONS`, and the
+The same store interface as the SQLite log (sqlite_store.py `SQLiteLogStore`) and the same named
+migrations: `POSTGRES_MIGRATIONS` has one entry per name in sqlite_store's `MIGRATIONS`, and the
 store refuses to open while one is missing (a new SQLite migration, e.g. a new table, needs its
 PostgreSQL twin here). Both record what they applied in `_migrations`.
 
-- `requests`, `feedback` and `shadow_pairs` are range-partitioned by day on `ts` (epoch seconds, as in SQLite).
+- `requests`, `feedback`, `shadow_pairs` and the stored Responses (`responses`) are
+  range-partitioned by day on `ts` (epoch seconds, as in SQLite).
   Retention drops whole day partitions older than `routing_log_retention_days`: the disk comes
   back at once, with no DELETE and no VACUUM. Partitions for today and the next two days are made
   at start-up and hourly, and for any other day a batch holds before it is written.
@@ -27,7 +28,7 @@ from localroute.redaction import mask_url
 __all__ = ["POSTGRES_MIGRATIONS", "PostgresLogStore", "is_postgres_url"]
 
 LOCK_ID = 7_262_020  # pg_advisory_xact_lock key for migrations and partition DDL
-PARTITIONED = ("requests", "feedback", "shadow_pairs")
+PARTITIONED = ("requests", "feedback", "shadow_pairs", "responses")
 
 # both engines' read of the shadow pairs, with the latest feedback's `correct` on each pair's request
 SHADOW_PAIRS_SQL = (
@@ -36,7 +37,7 @@ SHADOW_PAIRS_SQL = (
     "{where} ORDER BY p.ts"
 )
 
-# name -> SQL, one per routing_log.MIGRATIONS name. Append only, as there.
+# name -> SQL, one per sqlite_store.MIGRATIONS name. Append only, as there.
 POSTGRES_MIGRATIONS: dict[str, str] = {
     "001_create_requests": """
         CREATE TABLE requests (
@@ -156,6 +157,22 @@ POSTGRES_MIGRATIONS: dict[str, str] = {
         CREATE INDEX shadow_pairs_ts ON shadow_pairs(ts);
         CREATE INDEX shadow_pairs_category ON shadow_pairs(category, tier);
         CREATE UNIQUE INDEX shadow_pairs_request_ts ON shadow_pairs(request_id, ts)
+    """,
+    # stored Responses (response_store.py) in the log's database, so that any replica continues a
+    # response another stored: day-partitioned like the rest of the log, retention dropping
+    # partitions. 006's table is dropped, not copied: before this migration responses were stored
+    # only in SQLite, so it is empty. A partitioned table's key holds the partition column: a
+    # response id is unique by itself (it is the chat completion's id), and a get reads the newest.
+    "009_responses_by_day": """
+        DROP TABLE responses;
+        CREATE TABLE responses (
+            response_id TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            response TEXT NOT NULL,
+            messages TEXT NOT NULL,
+            PRIMARY KEY (response_id, ts)
+        ) PARTITION BY RANGE (ts);
+        CREATE INDEX responses_ts ON responses(ts)
     """,
 }
 
@@ -388,7 +405,28 @@ class PostgresLogStore:
             (request_id, ts, policy, tier),
         )
 
+    def put_response(self, response_id: str, ts: float, response: str, messages: str,
+                     retention_days: float | None = None) -> None:
+        """Store a Responses object; `retention_days` is `prune`'s to apply (dropping day partitions)."""
+        self.ensure_partitions([ts])
+        self.conn().execute(
+            "INSERT INTO responses (response_id, ts, response, messages) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            _clean((response_id, ts, response, messages)),
+        )
+
     # ---- reads ----
+
+    def get_response(self, response_id: str) -> tuple[str, str] | None:
+        row = (
+            self.conn()
+            .execute(
+                "SELECT response, messages FROM responses WHERE response_id = %s ORDER BY ts DESC LIMIT 1",
+                (response_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (row[0], row[1])
 
     def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         clauses, args = [], []

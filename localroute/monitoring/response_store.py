@@ -1,51 +1,69 @@
-"""Responses API objects stored in the routing log's SQLite file (table `responses`, migration
-`006_stored_responses`): the Response a client can fetch again (`GET /v1/responses/{id}`) and the
-chat messages of its conversation, which `previous_response_id` continues. They hold the
-conversation's text: a client that must not have it kept sends `store: false`. They are kept for
-the routing log's retention (`routing_log_retention_days`), pruned as new ones are stored.
+"""Responses API objects stored in the routing log's database (table `responses`, migrations
+`006_stored_responses` and `009_responses_by_day`), on the log's engine: the SQLite file, or
+PostgreSQL with `routing_log_url`, where every replica reads what any replica stored. A row is the
+Response a client can fetch again (`GET /v1/responses/{id}`) and the chat messages of its
+conversation, which `previous_response_id` continues. They hold the conversation's text: a client
+that must not have it kept sends `store: false`. They are kept for the routing log's retention
+(`routing_log_retention_days`): in SQLite deleted as new ones are stored, in PostgreSQL dropped with
+the log's day partitions.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from localroute.errors import BackendUnavailableError
+from localroute.monitoring.routing_log import LogStore, open_store
 
 __all__ = ["ResponseStore"]
 
+T = TypeVar("T")
+
 
 class ResponseStore:
-    """One short-lived connection per call, as the feedback store (the routing log's writer thread
-    keeps its own)."""
+    """`target`: a SQLite path or a postgresql:// URL. One connection, used under a lock, migrated
+    on first use and reconnected after an error (the routing log's writer thread keeps its own)."""
 
-    def __init__(self, path: Path, retention_days: float | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, target: str | Path, retention_days: float | None = None) -> None:
         self.retention_days = retention_days
+        self._store: LogStore = open_store(target)
+        self._lock = threading.Lock()
+        self._migrated = False
 
-    def _conn(self) -> Any:
-        from localroute.monitoring.routing_log import connect, migrate
-
-        conn = connect(self.path)
-        migrate(conn)
-        return conn
+    def _run(self, fn: Callable[[LogStore], T]) -> T:
+        with self._lock:
+            store = self._store
+            try:
+                if not self._migrated:
+                    store.migrate()
+                    self._migrated = True
+                return fn(store)
+            except sqlite3.Error:
+                raise
+            except Exception as exc:  # PostgreSQL unreachable: a clean 503, retry later
+                store.reset()
+                if store.engine != "postgresql":
+                    raise
+                logging.getLogger(__name__).warning("response store %s unavailable: %s", store.target,
+                                                    type(exc).__name__)
+                raise BackendUnavailableError(f"response store database unavailable ({type(exc).__name__})",
+                                              code="routing_log_unavailable", retry_after_s=5.0) from None
 
     def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
-        conn = self._conn()
-        now = time.time()
-        try:
-            conn.execute("INSERT OR REPLACE INTO responses (response_id, ts, response, messages) VALUES (?, ?, ?, ?)",
-                         (response_id, now, json.dumps(response), json.dumps(messages)))
-            if self.retention_days is not None:
-                conn.execute("DELETE FROM responses WHERE ts < ?", (now - self.retention_days * 86400,))
-        finally:
-            conn.close()
+        ts, body, history = time.time(), json.dumps(response), json.dumps(messages)
+        self._run(lambda s: s.put_response(response_id, ts, body, history, self.retention_days))
 
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-        conn = self._conn()
-        try:
-            row = conn.execute("SELECT response, messages FROM responses WHERE response_id = ?",
-                               (response_id,)).fetchone()
-        finally:
-            conn.close()
+        row = self._run(lambda s: s.get_response(response_id))
         return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._store.close()

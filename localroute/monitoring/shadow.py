@@ -16,7 +16,7 @@ costs the serving path nothing and holds at most `shadow_queue_size + shadow_con
 Sampling is Bernoulli per accepted answer at the category's rate; with confidence stratification
 (`shadow_near_threshold_rate`), answers whose confidence lies within the margin above the threshold
 are drawn at that rate instead. Every row stores its draw probability, so estimates are reweighted
-(Horvitz-Thompson) and recalibration (evaluation/thresholds.py `calibrate_from_log`) can tell what
+(Horvitz-Thompson) and recalibration (evaluation/from_log.py `calibrate_from_log`) can tell what
 counts toward a bound.
 """
 

@@ -101,10 +101,12 @@ def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: 
     if service.rate_limiter is not None:
         service.observers.append(_token_counter(service))
     target = settings.routing_log_target()
-    if target is not None:  # feedback and the review sample live in the routing log
+    if target is not None:  # feedback, the review sample and stored Responses live in the routing log
         from localroute.monitoring.feedback import FeedbackStore, ReviewSampler
+        from localroute.monitoring.response_store import ResponseStore
 
         service.feedback = FeedbackStore(target)
+        service.responses = ResponseStore(target, settings.routing_log_retention_days)
         if settings.review_sample_rate > 0:
             service.observers.append(ReviewSampler(service.feedback, settings.review_sample_rate))
     return service
@@ -167,6 +169,8 @@ def create_app(
             finally:
                 if service.monitoring is not None:
                     service.monitoring.close()  # after the backends: late rows still reach the log
+                if service.responses is not None:
+                    service.responses.close()
                 if tracing is not None:
                     tracing.close()
 

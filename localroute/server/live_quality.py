@@ -205,7 +205,7 @@ class LiveQualityRuntime:
     async def _auto_recalibrate(self, path: Path) -> None:
         """Refit from the log on a schedule; only certified thresholds are applied (a category with too
         few pairs keeps what it had, an uncertified one falls back to the pooled threshold)."""
-        from localroute.evaluation.thresholds import calibrate_from_log
+        from localroute.evaluation.from_log import calibrate_from_log
 
         s = self.settings
         target = s.routing_log_target()

@@ -15,7 +15,8 @@ from localroute.monitoring.feedback import FeedbackRequest, FeedbackStore
 from localroute.monitoring.log_report import read_rows, read_shadow_pairs, report
 from localroute.monitoring.postgres_log import POSTGRES_MIGRATIONS, PostgresLogStore
 from localroute.monitoring.record import RequestRecord
-from localroute.monitoring.routing_log import COLUMNS, MIGRATIONS, PAIR_COLUMNS, RoutingLog, open_store
+from localroute.monitoring.routing_log import COLUMNS, PAIR_COLUMNS, RoutingLog, open_store
+from localroute.monitoring.sqlite_store import MIGRATIONS
 from tests.services import PostgresServer, postgres_server
 
 
@@ -216,7 +217,7 @@ def test_postgres_down_shadow_pairs_spill_and_replay(pg: PostgresServer, tmp_pat
 
 
 def test_every_sqlite_migration_has_its_postgres_twin() -> None:
-    """The hook for new tables: a migration added to routing_log.MIGRATIONS without its
+    """The hook for new tables: a migration added to sqlite_store.MIGRATIONS without its
     PostgreSQL version here makes this fail (and the store refuse to open)."""
     assert [n for n, _ in MIGRATIONS] == list(POSTGRES_MIGRATIONS)
     with pytest.raises(Exception, match="no PostgreSQL version of migration"):
@@ -261,11 +262,17 @@ def test_retention_drops_day_partitions(pg: PostgresServer) -> None:
     }
     store.insert([tuple(row[c] for c in COLUMNS)])
     store.insert_pairs([_pair(old, "old"), _pair(time.time(), "new")])
+    store.put_response("resp_old", old, '{"id": "resp_old"}', "[]")
+    store.put_response("resp_new", time.time(), '{"id": "resp_new"}', "[]", retention_days=5)
+    assert store.get_response("resp_old") == ('{"id": "resp_old"}', "[]")  # dropped by prune, not by a put
     before = store.partitions("requests")
     assert store.count_requests() == 1 and len(before) == 4 and len(store.partitions("shadow_pairs")) == 4
-    assert store.prune(retention_days=5) == 3  # the old day's requests, feedback and shadow_pairs partitions
+    assert len(store.partitions("responses")) == 4
+    # the old day's requests, feedback, shadow_pairs and responses partitions
+    assert store.prune(retention_days=5) == 4
     assert store.count_requests() == 0 and len(store.partitions("requests")) == 3
     assert [p["request_id"] for p in store.read_shadow_pairs()] == ["new"]
+    assert store.get_response("resp_old") is None and store.get_response("resp_new") == ('{"id": "resp_new"}', "[]")
     store.close()
 
 

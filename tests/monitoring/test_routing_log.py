@@ -14,7 +14,8 @@ from openai import OpenAI
 from localroute.errors import InvalidRequestError
 from localroute.monitoring.log_report import read_rows
 from localroute.monitoring.record import RequestRecord
-from localroute.monitoring.routing_log import COLUMNS, MIGRATIONS, RoutingLog, migrate
+from localroute.monitoring.routing_log import COLUMNS, RoutingLog
+from localroute.monitoring.sqlite_store import MIGRATIONS, migrate
 from localroute.redaction import redact
 from localroute.routing.base import Decision, Tier, TierAttempt
 from localroute.server.app import create_app

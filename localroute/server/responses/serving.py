@@ -3,9 +3,10 @@ translated to a chat body (translate.py), routed through the chat path (serving.
 the same validation, policies, capability routing, pricing, budget, routing log, metrics and
 x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the Response's `localroute` field.
 
-`store` and `previous_response_id` use the routing log's file (monitoring/response_store.py):
-without `routing_log_path`, `previous_response_id` and an explicit `store: true` are a 400, and
-answers say `"store": false`. Responses are stored unless the client sends `store: false`.
+`store` and `previous_response_id` use the routing log's database (monitoring/response_store.py;
+with PostgreSQL, shared by every replica): without a routing log, `previous_response_id` and an
+explicit `store: true` are a 400, and answers say `"store": false`. Responses are stored unless the
+client sends `store: false`.
 
 A tier speaking the Responses API (kind="openai" with `responses_api = true`) gets the client's
 body as sent (translate.native_body: model replaced, localroute's metadata keys removed) and its
@@ -50,8 +51,8 @@ ENDPOINT = "responses"
 
 
 def _store(svc: Service) -> ResponseStore | None:
-    path = svc.settings.routing_log_path
-    return ResponseStore(path, svc.settings.routing_log_retention_days) if path is not None else None
+    store: ResponseStore | None = svc.responses  # built with the routing log (server/app.py)
+    return store
 
 
 def _response_id(chat_id: str) -> str:

@@ -1,0 +1,128 @@
+"""Stored Responses on PostgreSQL (issue 20): two apps built by create_app on one real database
+(tests/services.py), each with its own local SQLite path as a replica on its own disk would have,
+the official openai client against each. A response stored by replica A is fetched and continued
+on replica B and the other way round, streamed or not; `store: false` stores nothing; the rows are
+in PostgreSQL, none in either replica's SQLite file; with the database down a lookup is a clean
+503 in the OpenAI error shape, and it works again once the database is back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from localroute.backends.openai_http import OpenAIHTTPBackend
+from localroute.routing.base import Tier
+from localroute.server import create_app
+from tests.conftest import local_settings, serve_app
+from tests.fakes import ScriptedBackend
+from tests.fault_upstream import Fault, FaultUpstream
+from tests.services import PostgresServer, postgres_server
+
+KEY = "sk-local-test"
+TEXT = "The frontier answers: Paris."
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+def _fresh_db(pg: PostgresServer, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _replica(name: str, url: str, upstream: FaultUpstream, tmp_path: Path) -> Any:
+    """An app on the shared database, with its own SQLite path and spill file (which must stay unused)."""
+    local = ScriptedBackend("local", text="Local answer here", logprobs=-0.05)
+    frontier = OpenAIHTTPBackend("frontier", upstream.url, "frontier-model", api_key="sk-upstream")
+    settings = local_settings(api_keys=KEY, routing_log_url=url, routing_log_path=tmp_path / f"{name}.db",
+                              routing_log_spill_path=tmp_path / f"{name}-spill.jsonl", routing_log_batch_s=0.01)
+    return create_app(settings, tiers=[Tier("local", local, -1.0), Tier("frontier", frontier)])
+
+
+@pytest.fixture
+def replicas(pg: PostgresServer, tmp_path: Path,
+             request: pytest.FixtureRequest) -> Iterator[tuple[OpenAI, OpenAI, FaultUpstream, str]]:
+    url = _fresh_db(pg, f"responses_{request.node.name[5:40]}")  # one database per test
+    with ExitStack() as stack:
+        upstream = stack.enter_context(FaultUpstream(Fault(text=TEXT)))
+        url_a = stack.enter_context(serve_app(_replica("a", url, upstream, tmp_path)))
+        url_b = stack.enter_context(serve_app(_replica("b", url, upstream, tmp_path)))
+        yield (OpenAI(base_url=url_a, api_key=KEY, max_retries=0), OpenAI(base_url=url_b, api_key=KEY, max_retries=0),
+               upstream, url)
+
+
+def _stored(url: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("SELECT response_id FROM responses ORDER BY ts").fetchall()]
+
+
+def test_a_response_stored_on_one_replica_is_continued_and_fetched_on_the_other(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str], tmp_path: Path) -> None:
+    a, b, upstream, url = replicas
+    first = a.responses.create(model="frontier", instructions="Only once.", input="My name is Ada.", store=True)
+    assert getattr(first, "store", None) is True and first.output_text == TEXT  # an extra field here
+
+    fetched = b.responses.retrieve(first.id)  # GET /v1/responses/{id} on the other replica
+    assert fetched.id == first.id and fetched.output_text == TEXT and fetched.instructions == "Only once."
+
+    second = b.responses.create(model="frontier", previous_response_id=first.id, input="My name?")
+    assert second.previous_response_id == first.id
+    assert upstream.requests[-1]["json"]["messages"] == [  # A's conversation, continued by B
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": TEXT},
+        {"role": "user", "content": "My name?"}]
+
+    # and back: B's streamed answer, stored by B, continued and fetched on A
+    events = list(b.responses.create(model="frontier", previous_response_id=second.id, input="Again?", stream=True))
+    third_id = events[-1].response.id  # type: ignore[union-attr]
+    assert a.responses.retrieve(third_id).output_text == TEXT
+    a.responses.create(model="frontier", previous_response_id=third_id, input="Last.")
+    assert len(upstream.requests[-1]["json"]["messages"]) == 7
+
+    unstored = a.responses.create(model="frontier", input="x", store=False)
+    assert getattr(unstored, "store", None) is False
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(unstored.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        b.responses.create(model="frontier", previous_response_id="resp_missing", input="x")
+    assert err.value.code == "previous_response_not_found"
+
+    stored = _stored(url)
+    assert first.id in stored and second.id in stored and third_id in stored and unstored.id not in stored
+    assert len(stored) == 4
+    for name in ("a", "b"):  # the local SQLite paths are not the store (nor the log) with routing_log_url
+        assert not (tmp_path / f"{name}.db").exists()
+
+
+def test_with_the_database_down_a_lookup_is_a_clean_503_and_recovers(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str], pg: PostgresServer) -> None:
+    a, b, _, _ = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    assert b.responses.retrieve(first.id).id == first.id  # B's connection is open
+    pg.stop()
+    try:
+        calls: list[Callable[[], object]] = [
+            lambda: b.responses.retrieve(first.id),
+            lambda: b.responses.create(model="frontier", previous_response_id=first.id, input="x")]
+        for call in calls:
+            with pytest.raises(openai.APIStatusError) as err:
+                call()
+            assert err.value.status_code == 503 and err.value.code == "routing_log_unavailable"
+            assert err.value.response.headers.get("retry-after") == "5"
+    finally:
+        pg.start()
+    assert b.responses.retrieve(first.id).output_text == TEXT  # reconnected
