@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from localroute.backends.budget import SpendBudget
+from localroute.backends.budget import Budget
 from localroute.errors import LocalrouteError
 from localroute.monitoring.record import RequestRecord
 from localroute.monitoring.routing_log import PAIR_COLUMNS, open_store
@@ -188,7 +188,7 @@ class ShadowEvaluator:
                  compare: Compare, log_path: Path | str | None = None, sink: PairSink | None = None,
                  near_rate: float | None = None,
                  near_margin: float = 0.5, queue_size: int = 64, concurrency: int = 2, timeout_s: float = 30.0,
-                 budget: SpendBudget | None = None, metrics: CategoryMetrics | None = None,
+                 budget: Budget | None = None, metrics: CategoryMetrics | None = None,
                  default_category: str = "default", rng: random.Random | None = None) -> None:
         self.backend = backend
         self.local_tiers = local_tiers

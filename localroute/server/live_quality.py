@@ -10,9 +10,11 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from localroute.backends.budget import SharedSpendBudget, SpendBudget
 from localroute.calibration_file import (
     backend_fingerprint,
     calibrated_category_thresholds,
@@ -24,6 +26,8 @@ from localroute.errors import ConfigError
 from localroute.monitoring.shadow import CategoryMetrics, ShadowEvaluator
 from localroute.routing.categories import CategoryLabels
 from localroute.service import Service
+from localroute.settings import Settings
+from localroute.shared_state import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,50 @@ def targets_of(path: Path | None) -> dict[str, float]:
         return {}
 
 
+def shadow_budget(settings: Settings, state: SharedState | None) -> SpendBudget | SharedSpendBudget:
+    """The shadow calls' own cap: one across every replica when shared state (Redis) is configured,
+    in its own key space (`shadow_budget`, never the serving budget's) and under the same
+    `shared_state_failure` policy (fail_open: this process's own counters meanwhile; fail_closed: the
+    shadow call is refused, a `failed` pair, never a client's error); else this process's."""
+    if state is None or settings.shadow_budget_usd is None:  # no cap: nothing to share, no Redis to depend on
+        return SpendBudget(settings.shadow_budget_usd, None, settings.shadow_budget_period)
+    # a hold outlives no shadow call (each is cut at shadow_timeout_s); a crashed replica's expire
+    return SharedSpendBudget(state, settings.shadow_budget_usd, None, settings.shadow_budget_period,
+                             hold_ttl_s=settings.shadow_timeout_s + 30, namespace="shadow_budget")
+
+
+# What loop.add_signal_handler / remove_signal_handler can raise for SIGHUP, a valid and catchable
+# signal (asyncio docs and source, and a probe of asyncio and uvloop 0.23 on Python 3.11, main thread and not):
+# - RuntimeError: asyncio, called off the main thread (set_wakeup_fd's ValueError re-raised), or a
+#   closed loop; documented as "a problem setting up the handler";
+# - ValueError: uvloop, called off the main thread (both add and remove); asyncio documents it for
+#   an invalid or uncatchable signal number;
+# - NotImplementedError: loops without signal support (Windows' Proactor and Selector loops).
+# Tests run the app in a thread, and an embedding app may too: SIGHUP is then simply not wired
+# (request_reload() and the file watch still work). signal.SIGHUP itself is absent on Windows,
+# which is checked rather than caught, so that nothing else (an AttributeError of a bug) is hidden.
+_SIGNAL_SETUP_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+
+
+def _add_sighup(callback: Callable[[], None]) -> bool:
+    """Call `callback` on SIGHUP where the running loop can (module comment above); False if not."""
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(sighup, callback)
+    except _SIGNAL_SETUP_ERRORS as exc:
+        log.info("SIGHUP reload not available here (%s: %s); the file watch still applies changes",
+                 type(exc).__name__, exc)
+        return False
+    return True
+
+
+def _remove_sighup() -> None:
+    with contextlib.suppress(*_SIGNAL_SETUP_ERRORS):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
 class LiveQualityRuntime:
     """Started in the app's lifespan after the Service; `aclose()` before the backends close."""
 
@@ -88,6 +136,7 @@ class LiveQualityRuntime:
         self._hup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
+        self._sighup = False  # our SIGHUP handler is installed (only then is it removed)
 
     async def start(self) -> None:
         svc = self.service
@@ -117,8 +166,7 @@ class LiveQualityRuntime:
                                                                 name="localroute-auto-recalibrate")
         if path is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watcher(path), name="localroute-calibration")
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = _add_sighup(self._on_sighup)
 
     def _on_sighup(self) -> None:
         self._hup.set()
@@ -130,7 +178,6 @@ class LiveQualityRuntime:
 
     def _shadow(self) -> ShadowEvaluator | None:
         from localroute.backends.base import load_backend
-        from localroute.backends.budget import SpendBudget
         from localroute.evaluation.agreement import agreement
 
         s = self.settings
@@ -151,7 +198,7 @@ class LiveQualityRuntime:
             if price is not None:
                 backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
                                                                           price.output_usd_per_mtok)
-        budget = SpendBudget(s.shadow_budget_usd, None, s.shadow_budget_period)
+        budget = shadow_budget(s, self.service.shared_state)
         backend.budget = budget  # the shadow's own cap, never the serving budget
 
         def rate_of(category: str) -> float:
@@ -249,7 +296,8 @@ class LiveQualityRuntime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._sighup:
+            _remove_sighup()
+            self._sighup = False
         if self.shadow is not None:
             await self.shadow.aclose()
