@@ -57,8 +57,9 @@ class CategorySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scorer: Literal["choice", "exact", "numeric", "json", "spans"] = Field(
-        "exact", description="How a shadowed local answer is compared with the frontier's (evaluation/scorers.py).")
+    scorer: Literal["choice", "exact", "numeric", "json", "spans", "judge"] = Field(
+        "exact", description="How a shadowed local answer is compared with the frontier's (evaluation/scorers.py; "
+        "judge: the LLM judge, shadow_judge). Left unset in a category with a judge configured: judge.")
     choices: list[str] | None = Field(None, description="scorer 'choice': the labels an answer may name.")
     system_prompt_pattern: str | None = Field(
         None, description="Regular expression; a request whose system prompt matches it (re.search) gets this "
@@ -446,6 +447,13 @@ class Settings(BaseSettings):
         64, ge=1, description="Shadow calls waiting at most; a sample drawn while the queue is full is dropped "
         "(counted), so a slow or dead frontier never piles work up in memory.")
     shadow_timeout_s: float = Field(30.0, gt=0, description="Deadline of one shadow call, retries included.")
+    shadow_judge_tier: str | None = Field(
+        None, description="LLM judge of free-text shadow pairs: a remote (kind openai) tier of the ladder whose "
+        "endpoint is asked, e.g. the frontier itself. Judges categories whose scorer is judge or unset (and the "
+        "default category); its calls count against shadow_budget_usd. Or shadow_judge for a separate endpoint.")
+    shadow_judge: TierSettings | None = Field(
+        None, description="LLM judge of free-text shadow pairs on its own OpenAI-compatible endpoint (kind openai; "
+        "name, model, base_url, api_key, prices), as shadow_judge_tier but outside the ladder.")
     auto_recalibrate_s: float = Field(
         0.0, ge=0, description="`serve` refits the per-category thresholds from the routing log's shadow pairs this "
         "often (`calibrate --from-log` at auto_recalibrate_target / auto_recalibrate_delta) and applies those it "

@@ -23,7 +23,7 @@ from localroute.calibration_file import (
     quality_targets,
 )
 from localroute.errors import ConfigError
-from localroute.monitoring.shadow import CategoryMetrics, ShadowEvaluator
+from localroute.monitoring.shadow import CategoryMetrics, Judge, ShadowEvaluator
 from localroute.routing.categories import CategoryLabels
 from localroute.service import Service
 from localroute.settings import Settings
@@ -73,6 +73,32 @@ def targets_of(path: Path | None) -> dict[str, float]:
         return quality_targets(load_calibration(path))
     except ConfigError:
         return {}
+
+
+def scorer_of(settings: Settings, category: str, judged: bool) -> str:
+    """How a category's shadow pairs are compared: its scorer; with a judge configured, `judge` for a
+    category that names none (free text, the default category among them)."""
+    cat = settings.categories.get(category)
+    if judged and (cat is None or "scorer" not in cat.model_fields_set):
+        return "judge"
+    return cat.scorer if cat is not None else "exact"
+
+
+def _priced(backend: Any, settings: Settings, how: str) -> Any:
+    """A remote backend with prices (its own, else the price table's), so a shadow budget can be
+    enforced on its calls; none with shadow_budget_usd set is a ConfigError."""
+    if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
+        from localroute.monitoring.pricing import load_price_table
+
+        price = load_price_table(settings.price_file).with_override(backend.model, backend.input_usd_per_mtok,
+                                                                    backend.output_usd_per_mtok)
+        if price is None and settings.shadow_budget_usd is not None:
+            raise ConfigError(f"shadow_budget_usd: the model {backend.model!r} has no price; set {how}",
+                              param="shadow_budget_usd")
+        if price is not None:
+            backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
+                                                                      price.output_usd_per_mtok)
+    return backend
 
 
 def shadow_budget(settings: Settings, state: SharedState | None) -> SpendBudget | SharedSpendBudget:
@@ -186,20 +212,10 @@ class LiveQualityRuntime:
             log.warning("shadow_sample_rate is set but the top tier %s is not a remote frontier: no shadowing",
                         top.name)
             return None
-        backend: Any = load_backend(top, s)
-        if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
-            from localroute.monitoring.pricing import load_price_table
-
-            price = load_price_table(s.price_file).with_override(backend.model, backend.input_usd_per_mtok,
-                                                                 backend.output_usd_per_mtok)
-            if price is None and s.shadow_budget_usd is not None:
-                raise ConfigError(f"shadow_budget_usd: the frontier model {backend.model!r} has no price; set "
-                                  "frontier_input_usd_per_mtok/frontier_output_usd_per_mtok", param="shadow_budget_usd")
-            if price is not None:
-                backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
-                                                                          price.output_usd_per_mtok)
+        backend: Any = _priced(load_backend(top, s), s, "frontier_input_usd_per_mtok/frontier_output_usd_per_mtok")
         budget = shadow_budget(s, self.service.shared_state)
         backend.budget = budget  # the shadow's own cap, never the serving budget
+        judge = self._judge(budget)
 
         def rate_of(category: str) -> float:
             cat = s.categories.get(category)
@@ -208,7 +224,9 @@ class LiveQualityRuntime:
 
         def compare(category: str, local: str, frontier: str) -> tuple[str, tuple[float, bool] | None]:
             cat = s.categories.get(category)
-            scorer = cat.scorer if cat is not None else "exact"
+            scorer = scorer_of(s, category, judge is not None)
+            if scorer == "judge":  # the evaluator asks the judge
+                return scorer, None
             return scorer, agreement(scorer, local, frontier, cat.choices if cat is not None else None)
 
         monitoring = self.service.monitoring
@@ -222,7 +240,33 @@ class LiveQualityRuntime:
             near_rate=s.shadow_near_threshold_rate,
             near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
             concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
-            default_category=s.default_category)
+            default_category=s.default_category, judge=judge)
+
+    def _judge(self, budget: Any) -> Judge | None:
+        """The LLM judge of free text, when one is configured (shadow_judge or shadow_judge_tier)."""
+        from localroute.backends.base import load_backend
+
+        s = self.settings
+        if s.shadow_judge_tier is not None and s.shadow_judge is not None:
+            raise ConfigError("set shadow_judge_tier or shadow_judge, not both", param="shadow_judge")
+        ts = s.shadow_judge
+        if s.shadow_judge_tier is not None:
+            ts = next((t for t in s.ladder() if t.name == s.shadow_judge_tier), None)
+            if ts is None:
+                raise ConfigError(f"shadow_judge_tier {s.shadow_judge_tier!r} is not a tier", param="shadow_judge_tier")
+        if ts is None:
+            named = sorted(n for n, c in s.categories.items() if c.scorer == "judge")
+            if named:
+                raise ConfigError(f"categories {', '.join(named)} use scorer 'judge' but no judge is configured "
+                                  "(shadow_judge_tier or shadow_judge)", param="shadow_judge_tier")
+            return None
+        if ts.kind != "openai":
+            raise ConfigError(f"the shadow judge {ts.name!r} must be an OpenAI-compatible endpoint (kind openai), "
+                              f"not {ts.kind!r}", param="shadow_judge")
+        backend: Any = _priced(load_backend(ts, s), s, f"the judge tier {ts.name}'s input_usd_per_mtok/"
+                               "output_usd_per_mtok")
+        backend.budget = budget  # judge calls spend the shadow budget too
+        return Judge(backend, s.shadow_timeout_s)
 
     @staticmethod
     def _stat(path: Path) -> int | None:
