@@ -424,8 +424,16 @@ class Settings(BaseSettings):
         default_factory=dict, description="Task categories by name (scorer, choices, system-prompt rule, shadow "
         "rate). A request's category: metadata.localroute_category or category_header from the client, else a "
         "model alias such as localroute/cascade:<category>, else the first matching system_prompt_pattern, else "
-        "default_category.")
+        "the embedding router's nearest labelled neighbours (category_neighbours_k), else default_category.")
     default_category: str = Field("default", description="The category of a request nothing else places.")
+    category_neighbours_k: int = Field(
+        5, ge=0, description="With an embedding router (router_embedding_path) trained on rows that carry a "
+        "category: a request neither the client nor a rule placed takes the majority category of its this many "
+        "nearest labelled neighbours (those at or above category_neighbours_min_similarity); none: "
+        "default_category. 0: off.")
+    category_neighbours_min_similarity: float = Field(
+        0.6, ge=-1, le=1, description="Cosine similarity a labelled neighbour needs to vote on a request's "
+        "category (category_neighbours_k).")
     category_header: str = Field("x-localroute-category", description="Request header naming the category.")
     category_max_labels: int = Field(
         16, ge=1, description="At most this many distinct category labels in /metrics (configured ones first); "

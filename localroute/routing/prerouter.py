@@ -193,6 +193,25 @@ def router_scores(models: Sequence[ScoringModel], vectors: Sequence[dict[str, np
     return out
 
 
+def category_neighbours(settings: Any, routers: dict[str, Any]) -> Any:
+    """The neighbour categoriser (routing/categories.py `NeighbourCategories`) when an embedding
+    router trained on rows with categories is loaded and `category_neighbours_k` > 0; else None.
+    It shares the router's loaded index and encoder."""
+    from localroute.routing.categories import NeighbourCategories
+    from localroute.routing.embedding import EmbeddingModel
+
+    if settings.category_neighbours_k <= 0:
+        return None
+    for router in routers.values():
+        if not isinstance(router, PreRouter):
+            continue
+        for model in router.models:
+            if isinstance(model, EmbeddingModel) and model.category_neighbours is not None:
+                return NeighbourCategories(model, router.encoders[model.encoder_name], settings.category_neighbours_k,
+                                           settings.category_neighbours_min_similarity)
+    return None
+
+
 def calibrated_router_threshold(settings: Any, models: dict[str, ScoringModel]) -> float:
     """settings.router_threshold, unless the calibration file holds a router threshold fitted on
     these very artefacts (same file hashes); a stale one is ignored with a warning."""
