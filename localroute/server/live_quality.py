@@ -75,6 +75,18 @@ def targets_of(path: Path | None) -> dict[str, float]:
         return {}
 
 
+def _preload(modules: list[str]) -> None:
+    """Import `modules` now (in a worker thread at start-up), so that no first use imports them on
+    the event loop; one that is missing is left for its first use to report."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.debug("preload: %s not importable", name)
+
+
 def scorer_of(settings: Settings, category: str, judged: bool) -> str:
     """How a category's shadow pairs are compared: its scorer; with a judge configured, `judge` for a
     category that names none (free text, the default category among them)."""
@@ -181,6 +193,7 @@ class LiveQualityRuntime:
                 c.shadow_sample_rate for c in self.settings.categories.values()):
             self.shadow = self._shadow()
             if self.shadow is not None:
+                await asyncio.to_thread(_preload, self._lazy_modules())
                 self.shadow.start()
                 svc.observers.append(self.shadow)
         if path is not None and self.settings.auto_recalibrate_s > 0:
@@ -193,6 +206,15 @@ class LiveQualityRuntime:
         if path is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watcher(path), name="localroute-calibration")
             self._sighup = _add_sighup(self._on_sighup)
+
+    def _lazy_modules(self) -> list[str]:
+        """Modules the shadow path would otherwise import on the event loop at first use: scipy.stats
+        (the live quality gauges' Clopper-Pearson, computed in the async /metrics handler at the first
+        scrape after a scored pair) and jsonschema (the json scorer, run by a shadow worker)."""
+        names = ["scipy.stats"]
+        if any(c.scorer == "json" for c in self.settings.categories.values()):
+            names.append("jsonschema")
+        return names
 
     def _on_sighup(self) -> None:
         self._hup.set()
