@@ -36,6 +36,7 @@ from localroute.settings import Settings
 if TYPE_CHECKING:
     from localroute.embeddings import Encoder
     from localroute.routing.embedding import EmbeddingModel
+    from localroute.routing.prerouter import VectorMemo
     from localroute.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,16 @@ class NeighbourCategories:
     """Places a request nothing else placed by its nearest labelled neighbours in the embedding
     router's index (module docstring, step 4). The embedding runs in a worker thread."""
 
-    def __init__(self, model: EmbeddingModel, encoder: Encoder, k: int, min_similarity: float) -> None:
+    def __init__(self, model: EmbeddingModel, encoder: Encoder, k: int, min_similarity: float,
+                 memo: VectorMemo | None = None) -> None:
         self.model, self.encoder = model, encoder
         self.k, self.min_similarity = k, min_similarity
+        self.memo = memo  # shared with the embedding policies: the vector is reused when they route it
+
+    def _embed(self, text: str) -> Any:
+        if self.memo is not None:
+            return self.memo.encode(self.model.encoder_name, self.encoder, text)
+        return self.encoder.encode([text])[0]
 
     def place(self, vector: Any, fallback: ResolvedCategory) -> ResolvedCategory:
         """`fallback` (the default) unless enough similar labelled neighbours vote (no I/O, no model)."""
@@ -80,7 +88,7 @@ class NeighbourCategories:
         if not text.strip():
             return fallback
         try:
-            vector = await asyncio.to_thread(lambda: self.encoder.encode([text])[0])  # CPU work off the loop
+            vector = await asyncio.to_thread(self._embed, text)  # CPU work off the loop
         except (RuntimeError, ValueError, OSError) as exc:  # an encoder failure costs the category, not the request
             log.warning("category neighbours unavailable for this request (%s); %s", type(exc).__name__,
                         fallback.name)

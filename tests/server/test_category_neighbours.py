@@ -36,8 +36,8 @@ def test_serve_places_an_unlabelled_request_by_its_neighbours(tmp_path: Path) ->
     app = create_app(settings, tiers=tiers)
 
     def ask(client: httpx.Client, text: str, **kw: Any) -> dict[str, Any]:
-        r = client.post("/chat/completions", json={"model": "localroute/cascade", "max_tokens": 4,
-                                                   "messages": [{"role": "user", "content": text}], **kw})
+        body = {"model": "localroute/cascade", "max_tokens": 4, "messages": [{"role": "user", "content": text}], **kw}
+        r = client.post("/chat/completions", json=body)
         assert r.status_code == 200, r.text
         return dict(r.json()["localroute"])
 
@@ -48,6 +48,11 @@ def test_serve_places_an_unlabelled_request_by_its_neighbours(tmp_path: Path) ->
         assert placed["attempts"][0]["threshold"] == -0.05 and placed["escalated"]  # math's threshold applied
         named = ask(client, "What is 6 + 9?", metadata={"localroute_category": "sentiment"})
         assert named["evidence"]["category_source"] == "client" and "category_neighbours" not in named["evidence"]
+        memo = app.state.service.category_neighbours.memo
+        hits = memo.hits
+        routed = ask(client, "What is 7 + 8?", model="localroute/embedding")  # placed, then routed by the index
+        assert routed["evidence"]["category_source"] == "neighbours" and routed["policy"] == "localroute/embedding"
+        assert memo.hits == hits + 1  # the policy reused the vector the category was found with
         unrelated = ask(client, "Which river flows through Vienna?")
         assert unrelated["evidence"]["category"] == "default"
         assert unrelated["evidence"]["category_source"] == "default" and not unrelated["escalated"]
