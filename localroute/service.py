@@ -73,9 +73,12 @@ class Service:
             )
         from localroute.routing.prerouter import (
             build_policies,  # classifier/embedding/hybrid/verified, if configured
+            category_neighbours,
         )
 
         self.routers.update(build_policies(settings, self.tiers, cascade))
+        # places requests nothing else placed by the embedding index's labelled rows (categories.py)
+        self.category_neighbours = category_neighbours(settings, self.routers)
         self.feedback: Any = None  # localroute.monitoring.feedback.FeedbackStore when the routing log is on (lifespan)
         self.responses: Any = None  # localroute.monitoring.response_store.ResponseStore, as feedback
         self.observers: list[Observer] = []

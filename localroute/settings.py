@@ -57,8 +57,9 @@ class CategorySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scorer: Literal["choice", "exact", "numeric", "json", "spans"] = Field(
-        "exact", description="How a shadowed local answer is compared with the frontier's (evaluation/scorers.py).")
+    scorer: Literal["choice", "exact", "numeric", "json", "spans", "judge"] = Field(
+        "exact", description="How a shadowed local answer is compared with the frontier's (evaluation/scorers.py; "
+        "judge: the LLM judge, shadow_judge). Left unset in a category with a judge configured: judge.")
     choices: list[str] | None = Field(None, description="scorer 'choice': the labels an answer may name.")
     system_prompt_pattern: str | None = Field(
         None, description="Regular expression; a request whose system prompt matches it (re.search) gets this "
@@ -435,8 +436,16 @@ class Settings(BaseSettings):
         default_factory=dict, description="Task categories by name (scorer, choices, system-prompt rule, shadow "
         "rate). A request's category: metadata.localroute_category or category_header from the client, else a "
         "model alias such as localroute/cascade:<category>, else the first matching system_prompt_pattern, else "
-        "default_category.")
+        "the embedding router's nearest labelled neighbours (category_neighbours_k), else default_category.")
     default_category: str = Field("default", description="The category of a request nothing else places.")
+    category_neighbours_k: int = Field(
+        5, ge=0, description="With an embedding router (router_embedding_path) trained on rows that carry a "
+        "category: a request neither the client nor a rule placed takes the majority category of its this many "
+        "nearest labelled neighbours (those at or above category_neighbours_min_similarity); none: "
+        "default_category. 0: off.")
+    category_neighbours_min_similarity: float = Field(
+        0.6, ge=-1, le=1, description="Cosine similarity a labelled neighbour needs to vote on a request's "
+        "category (category_neighbours_k).")
     category_header: str = Field("x-localroute-category", description="Request header naming the category.")
     category_max_labels: int = Field(
         16, ge=1, description="At most this many distinct category labels in /metrics (configured ones first); "
@@ -458,6 +467,13 @@ class Settings(BaseSettings):
         64, ge=1, description="Shadow calls waiting at most; a sample drawn while the queue is full is dropped "
         "(counted), so a slow or dead frontier never piles work up in memory.")
     shadow_timeout_s: float = Field(30.0, gt=0, description="Deadline of one shadow call, retries included.")
+    shadow_judge_tier: str | None = Field(
+        None, description="LLM judge of free-text shadow pairs: a remote (kind openai) tier of the ladder whose "
+        "endpoint is asked, e.g. the frontier itself. Judges categories whose scorer is judge or unset (and the "
+        "default category); its calls count against shadow_budget_usd. Or shadow_judge for a separate endpoint.")
+    shadow_judge: TierSettings | None = Field(
+        None, description="LLM judge of free-text shadow pairs on its own OpenAI-compatible endpoint (kind openai; "
+        "name, model, base_url, api_key, prices), as shadow_judge_tier but outside the ladder.")
     auto_recalibrate_s: float = Field(
         0.0, ge=0, description="`serve` refits the per-category thresholds from the routing log's shadow pairs this "
         "often (`calibrate --from-log` at auto_recalibrate_target / auto_recalibrate_delta) and applies those it "

@@ -318,8 +318,12 @@ class SharedSpendBudget:
         period: Period = "day",
         hold_ttl_s: float = 150.0,
         clock: Callable[[], float] = time.time,
+        namespace: str = "budget",
     ) -> None:
+        """`namespace`: the Redis key space (and the fallback counter's part): another cap counted
+        apart from the serving budget, such as the shadow budget ("shadow_budget"), takes its own."""
         self.state = state
+        self.namespace = namespace
         self.cap_usd = cap_usd
         self.per_key_usd = per_key_usd
         self.period = period
@@ -335,7 +339,7 @@ class SharedSpendBudget:
 
     def _keys(self, label: str, key_id: str | None) -> list[str]:
         scopes = ["all"] + ([f"key:{key_id}"] if key_id is not None else [])
-        return [self.state.key("budget", label, scope, part) for scope in scopes for part in ("b", "h", "a")]
+        return [self.state.key(self.namespace, label, scope, part) for scope in scopes for part in ("b", "h", "a")]
 
     def _limits(self, key_id: str | None) -> list[int]:
         out = [int(self.cap_usd * NANO) if self.cap_usd is not None else -1]
@@ -365,7 +369,7 @@ class SharedSpendBudget:
                 # a no-op if it never ran) rather than leave it counted for hold_ttl. Under
                 # fail_open the local reservation's replayed settle of this rid does the same.
                 self.state.spawn(self._asettle(SharedReservation(self, rid, amount, key_id, label), 0.0))
-            self.state.fallback("budget", retry_after_s=None)  # fail_closed raises the 503 here
+            self.state.fallback(self.namespace, retry_after_s=None)  # fail_closed raises the 503 here
             self.fallback.seed(self._last_committed)
             local = self.fallback.reserve(amount, key_id)
             return SharedReservation(self, rid, amount, key_id, label, local=local)

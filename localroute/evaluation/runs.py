@@ -179,8 +179,9 @@ def _score(value: Any) -> float:
     return float("nan")
 
 
-def _dataset_texts(dataset: Path) -> dict[str, str]:
-    """Query text per item id, read defensively: a malformed line is left out."""
+def _dataset_texts(dataset: Path, categories: dict[str, str] | None = None) -> dict[str, str]:
+    """Query text per item id, read defensively: a malformed line is left out. With `categories`,
+    also each item's task category (`meta.localroute_category`, as a client names it) where it has one."""
     texts: dict[str, str] = {}
     if not dataset.is_file():
         return texts
@@ -189,6 +190,9 @@ def _dataset_texts(dataset: Path) -> dict[str, str]:
             item = json.loads(line)
             msgs = item.get("messages")
             texts[str(item["id"])] = request_text(tuple(msgs) if msgs else None, item.get("prompt"))
+            category = (item.get("meta") or {}).get("localroute_category")
+            if categories is not None and isinstance(category, str) and category:
+                categories[str(item["id"])] = category
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
     return texts
@@ -201,7 +205,8 @@ def from_eval_run(run_dir: Path) -> LabelledQueries:
     if not (run_dir / ROWS_FILE).is_file() or not (run_dir / META_FILE).is_file():
         raise ConfigError(f"{run_dir} is not an eval run (needs {ROWS_FILE} and {META_FILE})", param="from_eval")
     meta = read_meta(run_dir)
-    texts_by_id = _dataset_texts(Path(str(meta.get("dataset", ""))))
+    categories_by_id: dict[str, str] = {}
+    texts_by_id = _dataset_texts(Path(str(meta.get("dataset", ""))), categories_by_id)
     tiers = [str(meta.get("tier") or "cheap"), "frontier"]
     rows, skipped = _scan(run_dir)
     texts, labels, ids = [], [], []
@@ -214,5 +219,6 @@ def from_eval_run(run_dir: Path) -> LabelledQueries:
         texts.append(str(text))
         labels.append([cheap, frontier])
         ids.append(str(row["id"]))
+    categories = [categories_by_id.get(i) for i in ids] if categories_by_id else []  # an embedding router learns them
     return LabelledQueries(texts, tiers, np.asarray(labels, dtype=np.float32).reshape(-1, 2),
-                           f"eval:{run_dir}", skipped, ids)
+                           f"eval:{run_dir}", skipped, ids, categories)

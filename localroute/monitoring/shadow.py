@@ -13,6 +13,14 @@ call under `shadow_timeout_s`. A frontier that is down, slow or over its shadow 
 costs the serving path nothing and holds at most `shadow_queue_size + shadow_concurrency` draws
 (each a request and an answer text) in memory.
 
+Free text (a category whose scorer is `judge`, or one that names no scorer, when `shadow_judge` or
+`shadow_judge_tier` is configured) is compared by an LLM judge (`Judge`): an OpenAI-compatible
+endpoint of its own (its own pool; it may be the frontier's), asked the fixed prompt below
+(`JUDGE_SYSTEM`, `JUDGE_USER`) at temperature 0 for one word, `agree` or `disagree`. Its call is
+reserved against and charged to the shadow budget, and its cost is added to the pair's. A judge that
+fails, times out, is over the budget or answers anything else makes the pair `unscorable` (with the
+reason in `error`); the client's answer was sent long before, so it never affects a client.
+
 Sampling is Bernoulli per accepted answer at the category's rate; with confidence stratification
 (`shadow_near_threshold_rate`), answers whose confidence lies within the margin above the threshold
 are drawn at that rate instead. Every row stores its draw probability, so estimates are reweighted
@@ -38,22 +46,92 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from localroute.backends.budget import SpendBudget
+from localroute.backends.budget import Budget
 from localroute.errors import LocalrouteError
 from localroute.monitoring.record import RequestRecord
 from localroute.monitoring.routing_log import PAIR_COLUMNS, open_store
-from localroute.types import GenerationRequest
+from localroute.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAIR_COLUMNS", "CategoryMetrics", "Draw", "LiveQuality", "PairSink", "ShadowEvaluator", "clopper_pearson",
-           "insert_pairs"]
+__all__ = ["JUDGE_SYSTEM", "JUDGE_USER", "PAIR_COLUMNS", "CategoryMetrics", "Draw", "Judge", "JudgeVerdict",
+           "LiveQuality", "PairSink", "ShadowEvaluator", "clopper_pearson", "insert_pairs"]
 
 # (category, local answer, frontier answer) -> (scorer name, (score, agrees) or None if not comparable)
 Compare = Callable[[str, str, str], tuple[str, tuple[float, bool] | None]]
 
 # a shadow_pairs row's columns (routing_log.PAIR_COLUMNS) -> nothing; must not wait on a database
 PairSink = Callable[[list[tuple[Any, ...]]], None]
+
+
+# The judge's fixed prompt (README, Live quality): the request, then the local answer as A and the
+# frontier's as B; one word back. Temperature 0 and max_tokens JUDGE_MAX_TOKENS.
+JUDGE_SYSTEM = ("You compare two answers to the same request. Reply with exactly one word: agree if both answers "
+                "give the same answer (the same facts, result, choice or conclusion, however worded), disagree "
+                "otherwise.")
+JUDGE_USER = ("Request:\n<<<\n{request}\n>>>\n\nAnswer A:\n<<<\n{local}\n>>>\n\nAnswer B:\n<<<\n{frontier}\n>>>\n\n"
+              "Do A and B agree? Reply agree or disagree.")
+JUDGE_MAX_TOKENS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeVerdict:
+    """agrees: None when the judge gave no verdict (then `error` says why); cost_usd of its call."""
+
+    agrees: bool | None
+    cost_usd: float = 0.0
+    error: str | None = None
+
+
+class Judge:
+    """An LLM judge of free-text answers (module docstring): `backend` is an OpenAI-compatible
+    remote backend whose `budget` is the shadow budget."""
+
+    def __init__(self, backend: Any, timeout_s: float = 30.0) -> None:
+        self.backend = backend
+        if hasattr(backend, "confidence_logprobs"):
+            backend.confidence_logprobs = False  # a verdict word: no logprobs asked (a tier outside the ladder would)
+        self.timeout_s = timeout_s
+
+    @staticmethod
+    def request(draw: Draw, frontier: str) -> GenerationRequest:
+        """The judge's request for a draw (a fixed prompt: the module's JUDGE_SYSTEM / JUDGE_USER)."""
+        from localroute.embeddings import request_text
+
+        asked = request_text(draw.request.messages, draw.request.prompt)
+        user = JUDGE_USER.format(request=asked, local=draw.answer, frontier=frontier)
+        return GenerationRequest(messages=({"role": "system", "content": JUDGE_SYSTEM},
+                                           {"role": "user", "content": user}),
+                                 params=SamplingParams(max_tokens=JUDGE_MAX_TOKENS, temperature=0.0),
+                                 request_id=f"judge-{draw.request.request_id.removeprefix('shadow-')}",
+                                 category=draw.category)
+
+    @staticmethod
+    def verdict(text: str) -> bool | None:
+        """agree -> True, disagree -> False (the first word, case and punctuation aside); else None."""
+        words = text.strip().split()
+        word = words[0].strip(".,;:!\"'*`").lower() if words else ""
+        return {"agree": True, "disagree": False}.get(word)
+
+    async def __call__(self, draw: Draw, frontier: str) -> JudgeVerdict:
+        from localroute.backends.budget import BudgetExceededError
+
+        try:
+            gen = await asyncio.wait_for(self.backend.generate(self.request(draw, frontier)), self.timeout_s)
+        except BudgetExceededError:
+            return JudgeVerdict(None, 0.0, "judge_over_budget")
+        except TimeoutError:
+            return JudgeVerdict(None, 0.0, "judge_timeout")
+        except LocalrouteError as exc:
+            return JudgeVerdict(None, 0.0, f"judge_{exc.code or exc.error_type}")
+        cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
+        agrees = self.verdict(gen.text)
+        return JudgeVerdict(agrees, cost, None if agrees is not None else "judge_no_verdict")
+
+
+def _cost(backend: Any, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
+            + completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6
 
 
 def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -188,9 +266,11 @@ class ShadowEvaluator:
                  compare: Compare, log_path: Path | str | None = None, sink: PairSink | None = None,
                  near_rate: float | None = None,
                  near_margin: float = 0.5, queue_size: int = 64, concurrency: int = 2, timeout_s: float = 30.0,
-                 budget: SpendBudget | None = None, metrics: CategoryMetrics | None = None,
-                 default_category: str = "default", rng: random.Random | None = None) -> None:
+                 budget: Budget | None = None, metrics: CategoryMetrics | None = None,
+                 default_category: str = "default", rng: random.Random | None = None,
+                 judge: Judge | None = None) -> None:
         self.backend = backend
+        self.judge = judge  # compares the answers of a category whose scorer comes back as "judge"
         self.local_tiers = local_tiers
         self.rate_of = rate_of
         self.compare = compare
@@ -225,6 +305,8 @@ class ShadowEvaluator:
                 await task
         self._workers = []
         await self.backend.aclose()
+        if self.judge is not None and self.judge.backend is not self.backend:
+            await self.judge.backend.aclose()
 
     @property
     def pending(self) -> int:
@@ -325,8 +407,16 @@ class ShadowEvaluator:
         except LocalrouteError as exc:
             status, error = "failed", exc.code or exc.error_type
         else:
-            cost = self._cost(gen.prompt_tokens, gen.completion_tokens)
+            cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
             scorer, result = self.compare(draw.category, draw.answer, gen.text)
+            if scorer == "judge":
+                if self.judge is None:
+                    result, error = None, "no_judge"
+                else:
+                    verdict = await self.judge(draw, gen.text)
+                    cost += verdict.cost_usd
+                    error = verdict.error
+                    result = None if verdict.agrees is None else (float(verdict.agrees), verdict.agrees)
             if result is None:
                 status = "unscorable"
             else:
@@ -347,8 +437,3 @@ class ShadowEvaluator:
             self.sink([row])
         elif self.log_path is not None:
             await asyncio.to_thread(insert_pairs, self.log_path, [row])
-
-    def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        backend = self.backend
-        return (prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
-                + completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6

@@ -5,7 +5,14 @@ Where it comes from, first that applies:
 1. the client: `metadata.localroute_category` in the body, or the `category_header` header;
 2. a model alias: `localroute/cascade:classify` is the cascade with category `classify`;
 3. a configured rule: the first `categories.<name>.system_prompt_pattern` matching the system prompt;
-4. `default_category`.
+4. the pre-inference router's nearest labelled neighbours: with an embedding router trained on rows
+   that carry a category (`localroute train --kind embedding`), the majority category of the
+   request's `category_neighbours_k` nearest labelled rows at or above
+   `category_neighbours_min_similarity` (`NeighbourCategories`, routing/embedding.py);
+5. `default_category`.
+
+The decision's evidence names the source (`category_source`: client, alias, rule, neighbours or
+default), and for neighbours the vote (`category_neighbours`).
 
 A client-named category must be a short plain name (letters, digits, `_ . : -`, at most 64), else
 400: it becomes a metrics label and a log value. Metrics labels are capped separately
@@ -14,30 +21,79 @@ A client-named category must be a short plain name (letters, digits, `_ . : -`, 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from localroute.backends.labels import METADATA_KEY as LABELS_KEY
 from localroute.errors import InvalidRequestError
 from localroute.settings import Settings
 
-__all__ = ["OTHER", "CategoryLabels", "ResolvedCategory", "resolve_category", "split_model_alias"]
+if TYPE_CHECKING:
+    from localroute.embeddings import Encoder
+    from localroute.routing.embedding import EmbeddingModel
+    from localroute.routing.prerouter import VectorMemo
+    from localroute.types import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "resolve_category",
+           "split_model_alias"]
 
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OTHER = "other"  # the metrics label of categories over the cap
 METADATA_KEY = "localroute_category"
 OWN_KEYS = frozenset({METADATA_KEY, LABELS_KEY})  # what strip_category takes out before a provider sees it
 
-Source = Literal["client", "alias", "rule", "default"]
+Source = Literal["client", "alias", "rule", "neighbours", "default"]
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedCategory:
     name: str
     source: Source
+    evidence: dict[str, Any] = field(default_factory=dict)  # neighbours: the vote
+
+
+class NeighbourCategories:
+    """Places a request nothing else placed by its nearest labelled neighbours in the embedding
+    router's index (module docstring, step 4). The embedding runs in a worker thread."""
+
+    def __init__(self, model: EmbeddingModel, encoder: Encoder, k: int, min_similarity: float,
+                 memo: VectorMemo | None = None) -> None:
+        self.model, self.encoder = model, encoder
+        self.k, self.min_similarity = k, min_similarity
+        self.memo = memo  # shared with the embedding policies: the vector is reused when they route it
+
+    def _embed(self, text: str) -> Any:
+        if self.memo is not None:
+            return self.memo.encode(self.model.encoder_name, self.encoder, text)
+        return self.encoder.encode([text])[0]
+
+    def place(self, vector: Any, fallback: ResolvedCategory) -> ResolvedCategory:
+        """`fallback` (the default) unless enough similar labelled neighbours vote (no I/O, no model)."""
+        vote = self.model.nearest_category(vector, self.k, self.min_similarity)
+        if vote is None:
+            return fallback
+        return ResolvedCategory(vote.category, "neighbours", {"category_neighbours": vote.evidence()})
+
+    async def resolve(self, request: GenerationRequest, fallback: ResolvedCategory) -> ResolvedCategory:
+        from localroute.embeddings import request_text
+
+        text = request_text(request.messages, request.prompt)
+        if not text.strip():
+            return fallback
+        try:
+            vector = await asyncio.to_thread(self._embed, text)  # CPU work off the loop
+        except (RuntimeError, ValueError, OSError) as exc:  # an encoder failure costs the category, not the request
+            log.warning("category neighbours unavailable for this request (%s); %s", type(exc).__name__,
+                        fallback.name)
+            return fallback
+        return self.place(vector, fallback)
 
 
 def _checked(value: Any, param: str) -> str:

@@ -7,6 +7,13 @@ by `prior_weight` pseudo-neighbours (so two lucky neighbours do not make a certa
 nearest neighbour is below `novelty_similarity` (cosine) is novel: the router says so and the
 policy falls back to the cascade, which pays for a cheap answer but judges it on its own merits.
 
+Category neighbours (issue 19): rows trained with a task category (`train_embedding(categories=)`,
+stored as the `categories` array, "" for none) form a second index of their own, so a request that
+nobody placed in a category can take the majority category of its k nearest labelled neighbours
+whose cosine similarity reaches a floor (`nearest_category`; settings `category_neighbours_k`,
+`category_neighbours_min_similarity`). Majority is a plurality of those neighbours; a tie goes to
+the category whose tied neighbours are the more similar in sum. None qualifies: no category.
+
 Search: numpy brute force (one matrix-vector product) up to `BRUTE_FORCE_MAX` rows, where it stays
 under about a millisecond on a laptop-class core; above that an HNSW graph (hnswlib, the `ann`
 extra) built at load time. Without hnswlib a large index still works by brute force, slower.
@@ -15,6 +22,9 @@ extra) built at load time. Without hnswlib a large index still works by brute fo
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +98,53 @@ def _save_index(index: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True, slots=True)
+class CategoryVote:
+    """The category of a query's nearest labelled neighbours, and the vote that chose it."""
+
+    category: str
+    votes: dict[str, int] = field(default_factory=dict)
+    neighbours: int = 0  # labelled neighbours at or above the similarity floor (of the k looked at)
+    nearest_similarity: float = -1.0
+
+    def evidence(self) -> dict[str, Any]:
+        return {"votes": dict(self.votes), "neighbours": self.neighbours,
+                "nearest_similarity": round(self.nearest_similarity, 4)}
+
+
+def vote_category(categories: list[str], sims: np.ndarray, min_similarity: float) -> CategoryVote | None:
+    """The plurality category among neighbours (most similar first) at or above `min_similarity`;
+    ties to the larger summed similarity, then the name. None when no neighbour qualifies."""
+    kept = [(c, float(s)) for c, s in zip(categories, sims) if float(s) >= min_similarity and c]
+    if not kept:
+        return None
+    counts = Counter(c for c, _ in kept)
+    weight: dict[str, float] = {}
+    for c, s in kept:
+        weight[c] = weight.get(c, 0.0) + s
+    best = min(counts, key=lambda c: (-counts[c], -weight[c], c))
+    return CategoryVote(best, dict(counts), len(kept), kept[0][1])
+
+
+class CategoryNeighbours:
+    """The labelled rows of an embedding index (their vectors and categories), searched apart."""
+
+    def __init__(self, vectors: np.ndarray, categories: np.ndarray, brute_force_max: int = BRUTE_FORCE_MAX) -> None:
+        names = [str(c) for c in categories]
+        keep = np.asarray([bool(c) for c in names], dtype=bool)
+        self.categories = [c for c, k in zip(names, keep) if k]
+        self.index = EmbeddingIndex(np.asarray(vectors)[keep], brute_force_max) if self.categories else None
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def nearest_category(self, v: np.ndarray, k: int, min_similarity: float) -> CategoryVote | None:
+        if self.index is None or k <= 0:
+            return None
+        idx, sims = self.index.search(v, k)
+        return vote_category([self.categories[i] for i in idx], sims, min_similarity)
+
+
 class EmbeddingModel:
     """Similarity-weighted success per tier among the k nearest indexed queries."""
 
@@ -110,6 +167,15 @@ class EmbeddingModel:
         self._known = ~np.isnan(self._outcomes)
         self._filled = np.nan_to_num(self._outcomes)
         self._prior = art.arrays["prior"].astype(np.float32)
+        cats = art.arrays.get("categories")
+        self.category_neighbours = (CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max)
+                                    if cats is not None and cats.shape == (len(self.index),) else None)
+
+    def nearest_category(self, v: np.ndarray, k: int, min_similarity: float) -> CategoryVote | None:
+        """The category of the query's nearest labelled neighbours (module docstring), or None."""
+        if self.category_neighbours is None:
+            return None
+        return self.category_neighbours.nearest_category(v, k, min_similarity)
 
     def score(self, v: np.ndarray) -> dict[str, Any]:
         idx, sims = self.index.search(v, self.k)
@@ -139,15 +205,24 @@ def train_embedding(
     novelty_similarity: float = DEFAULT_NOVELTY,
     prior_weight: float = 1.0,
     training: dict[str, Any] | None = None,
+    categories: Sequence[str | None] | None = None,
 ) -> RouterArtifact:
-    """Index every labelled query; nothing is fitted beyond the per-tier prior success rate."""
+    """Index every labelled query; nothing is fitted beyond the per-tier prior success rate. With
+    `categories` (one per row, None for none), the rows that carry one also place unlabelled
+    requests in a category (module docstring)."""
     prior = np.asarray([np.nanmean(col) if np.any(~np.isnan(col)) else 0.5 for col in labels.T], dtype=np.float32)
+    arrays = {"vectors": np.asarray(x, dtype=np.float32), "outcomes": np.asarray(labels, dtype=np.float32),
+              "prior": prior}
+    if categories is not None and any(categories):
+        if len(categories) != len(arrays["vectors"]):
+            raise ValueError("categories must have one entry per row")
+        arrays["categories"] = np.asarray([c or "" for c in categories], dtype=str)  # unicode: no pickle on load
+        training = {**(training or {}), "category_rows": sum(1 for c in categories if c)}
     return RouterArtifact(
         kind="embedding",
         encoder=encoder,
         tiers=list(tiers),
-        arrays={"vectors": np.asarray(x, dtype=np.float32), "outcomes": np.asarray(labels, dtype=np.float32),
-                "prior": prior},
+        arrays=arrays,
         params={"k": k, "novelty_similarity": novelty_similarity, "prior_weight": prior_weight},
         training={"n_rows": len(x), **(training or {})},
     )

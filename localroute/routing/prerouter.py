@@ -63,6 +63,36 @@ def tier_mapping(model_tiers: Sequence[str], ladder: Sequence[str]) -> list[int]
     return [round(i * (m - 1) / (n - 1)) for i in range(n)]
 
 
+class VectorMemo:
+    """The last few (encoder, text) -> vector embeddings: a request placed in a category by its
+    neighbours (routing/categories.py) is embedded once, not again by the embedding policy that
+    routes it. Small and thread-safe (both embed in worker threads); a miss only costs an encode."""
+
+    def __init__(self, size: int = 64) -> None:
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = Lock()
+        self.hits = 0
+
+    def encode(self, name: str, encoder: Encoder, text: str) -> np.ndarray:
+        key = (name, text)
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return found
+        vector: np.ndarray = np.asarray(encoder.encode([text])[0])
+        with self._lock:
+            self._items[key] = vector
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return vector
+
+
 class PreRouter:
     """Decide from the query before inference; fall back to the cascade when the model abstains."""
 
@@ -75,12 +105,14 @@ class PreRouter:
         cascade: CascadeRouter,
         threshold: float = 0.5,
         margin: float = 0.0,
+        memo: VectorMemo | None = None,
     ) -> None:
         if not models:
             raise ValueError("a pre-inference router needs at least one trained model")
         self.policy = policy
         self.models = list(models)
         self.encoders = encoders
+        self.memo = memo
         self.tiers = list(tiers)
         self.cascade = cascade
         self.threshold = threshold
@@ -118,8 +150,9 @@ class PreRouter:
         return PreDecision(None, last)
 
     def _embed(self, text: str) -> dict[str, np.ndarray]:
-        return {name: enc.encode([text])[0] for name, enc in self.encoders.items()
-                if any(m.encoder_name == name for m in self.models)}
+        memo = self.memo
+        return {name: memo.encode(name, enc, text) if memo is not None else enc.encode([text])[0]
+                for name, enc in self.encoders.items() if any(m.encoder_name == name for m in self.models)}
 
     async def decide(self, request: GenerationRequest) -> PreDecision:
         text = request_text(request.messages, request.prompt)
@@ -193,6 +226,25 @@ def router_scores(models: Sequence[ScoringModel], vectors: Sequence[dict[str, np
     return out
 
 
+def category_neighbours(settings: Any, routers: dict[str, Any]) -> Any:
+    """The neighbour categoriser (routing/categories.py `NeighbourCategories`) when an embedding
+    router trained on rows with categories is loaded and `category_neighbours_k` > 0; else None.
+    It shares the router's loaded index and encoder."""
+    from localroute.routing.categories import NeighbourCategories
+    from localroute.routing.embedding import EmbeddingModel
+
+    if settings.category_neighbours_k <= 0:
+        return None
+    for router in routers.values():
+        if not isinstance(router, PreRouter):
+            continue
+        for model in router.models:
+            if isinstance(model, EmbeddingModel) and model.category_neighbours is not None:
+                return NeighbourCategories(model, router.encoders[model.encoder_name], settings.category_neighbours_k,
+                                           settings.category_neighbours_min_similarity, router.memo)
+    return None
+
+
 def calibrated_router_threshold(settings: Any, models: dict[str, ScoringModel]) -> float:
     """settings.router_threshold, unless the calibration file holds a router threshold fitted on
     these very artefacts (same file hashes); a stale one is ignored with a warning."""
@@ -211,12 +263,14 @@ def build_policies(settings: Settings, tiers: Sequence[Tier], cascade: CascadeRo
     policies: dict[str, Any] = {}
     models, encoders = load_models(settings)
     thr = calibrated_router_threshold(settings, models)
+    memo = VectorMemo()  # one for every policy and the category neighbours: a request is embedded once
     for kind, model in models.items():
-        policies[f"localroute/{kind}"] = PreRouter(f"localroute/{kind}", [model], encoders, tiers, cascade, thr)
+        policies[f"localroute/{kind}"] = PreRouter(f"localroute/{kind}", [model], encoders, tiers, cascade, thr,
+                                                   memo=memo)
     if models:
         ordered = [models[k] for k in ("embedding", "classifier") if k in models]
         policies["localroute/hybrid"] = PreRouter("localroute/hybrid", ordered, encoders, tiers, cascade, thr,
-                                                  settings.router_uncertainty_margin)
+                                                  settings.router_uncertainty_margin, memo=memo)
     if settings.verifier_tier is not None:
         from localroute.routing.repetition import RepetitionCheck
         from localroute.routing.verifier import VerifiedCascadeRouter, Verifier

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class LabelledQueries:
-    """Query texts and, per tier (cheapest first), an outcome in [0, 1] or NaN when unknown."""
+    """Query texts and, per tier (cheapest first), an outcome in [0, 1] or NaN when unknown;
+    optionally each row's task category (None: none), which an embedding router learns too."""
 
     texts: list[str]
     tiers: list[str]
@@ -34,15 +36,19 @@ class LabelledQueries:
     source: str = ""
     skipped: int = 0
     ids: list[str] = field(default_factory=list)
+    categories: Sequence[str | None] = field(default_factory=list)  # empty: no row carries one
 
     def __post_init__(self) -> None:
         if self.labels.shape != (len(self.texts), len(self.tiers)):
             raise ValueError("labels must be (n_texts, n_tiers)")
+        if self.categories and len(self.categories) != len(self.texts):
+            raise ValueError("categories must be empty or one per text")
 
     def subset(self, idx: np.ndarray | list[int]) -> LabelledQueries:
         idx = np.asarray(idx, dtype=np.int64)
         return LabelledQueries([self.texts[i] for i in idx], self.tiers, self.labels[idx], self.source, 0,
-                               [self.ids[i] for i in idx] if self.ids else [])
+                               [self.ids[i] for i in idx] if self.ids else [],
+                               [self.categories[i] for i in idx] if self.categories else [])
 
 
 def _text_key(text: str) -> bytes:
@@ -105,5 +111,6 @@ def train_router(
     if kind == "embedding":
         from localroute.routing.embedding import train_embedding
 
-        return train_embedding(x, data.labels, data.tiers, encoder.name, training=training, **params)
+        return train_embedding(x, data.labels, data.tiers, encoder.name, training=training,
+                               categories=data.categories or None, **params)
     raise ConfigError(f"unknown router kind {kind!r}: classifier or embedding", param="kind")

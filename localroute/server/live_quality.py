@@ -10,9 +10,11 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from localroute.backends.budget import SharedSpendBudget, SpendBudget
 from localroute.calibration_file import (
     backend_fingerprint,
     calibrated_category_thresholds,
@@ -21,9 +23,11 @@ from localroute.calibration_file import (
     quality_targets,
 )
 from localroute.errors import ConfigError
-from localroute.monitoring.shadow import CategoryMetrics, ShadowEvaluator
+from localroute.monitoring.shadow import CategoryMetrics, Judge, ShadowEvaluator
 from localroute.routing.categories import CategoryLabels
 from localroute.service import Service
+from localroute.settings import Settings
+from localroute.shared_state import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,88 @@ def targets_of(path: Path | None) -> dict[str, float]:
         return {}
 
 
+def _preload(modules: list[str]) -> None:
+    """Import `modules` now (in a worker thread at start-up), so that no first use imports them on
+    the event loop; one that is missing is left for its first use to report."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.debug("preload: %s not importable", name)
+
+
+def scorer_of(settings: Settings, category: str, judged: bool) -> str:
+    """How a category's shadow pairs are compared: its scorer; with a judge configured, `judge` for a
+    category that names none (free text, the default category among them)."""
+    cat = settings.categories.get(category)
+    if judged and (cat is None or "scorer" not in cat.model_fields_set):
+        return "judge"
+    return cat.scorer if cat is not None else "exact"
+
+
+def _priced(backend: Any, settings: Settings, how: str) -> Any:
+    """A remote backend with prices (its own, else the price table's), so a shadow budget can be
+    enforced on its calls; none with shadow_budget_usd set is a ConfigError."""
+    if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
+        from localroute.monitoring.pricing import load_price_table
+
+        price = load_price_table(settings.price_file).with_override(backend.model, backend.input_usd_per_mtok,
+                                                                    backend.output_usd_per_mtok)
+        if price is None and settings.shadow_budget_usd is not None:
+            raise ConfigError(f"shadow_budget_usd: the model {backend.model!r} has no price; set {how}",
+                              param="shadow_budget_usd")
+        if price is not None:
+            backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
+                                                                      price.output_usd_per_mtok)
+    return backend
+
+
+def shadow_budget(settings: Settings, state: SharedState | None) -> SpendBudget | SharedSpendBudget:
+    """The shadow calls' own cap: one across every replica when shared state (Redis) is configured,
+    in its own key space (`shadow_budget`, never the serving budget's) and under the same
+    `shared_state_failure` policy (fail_open: this process's own counters meanwhile; fail_closed: the
+    shadow call is refused, a `failed` pair, never a client's error); else this process's."""
+    if state is None or settings.shadow_budget_usd is None:  # no cap: nothing to share, no Redis to depend on
+        return SpendBudget(settings.shadow_budget_usd, None, settings.shadow_budget_period)
+    # a hold outlives no shadow call (each is cut at shadow_timeout_s); a crashed replica's expire
+    return SharedSpendBudget(state, settings.shadow_budget_usd, None, settings.shadow_budget_period,
+                             hold_ttl_s=settings.shadow_timeout_s + 30, namespace="shadow_budget")
+
+
+# What loop.add_signal_handler / remove_signal_handler can raise for SIGHUP, a valid and catchable
+# signal (asyncio docs and source, and a probe of asyncio and uvloop 0.23 on Python 3.11, main thread and not):
+# - RuntimeError: asyncio, called off the main thread (set_wakeup_fd's ValueError re-raised), or a
+#   closed loop; documented as "a problem setting up the handler";
+# - ValueError: uvloop, called off the main thread (both add and remove); asyncio documents it for
+#   an invalid or uncatchable signal number;
+# - NotImplementedError: loops without signal support (Windows' Proactor and Selector loops).
+# Tests run the app in a thread, and an embedding app may too: SIGHUP is then simply not wired
+# (request_reload() and the file watch still work). signal.SIGHUP itself is absent on Windows,
+# which is checked rather than caught, so that nothing else (an AttributeError of a bug) is hidden.
+_SIGNAL_SETUP_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+
+
+def _add_sighup(callback: Callable[[], None]) -> bool:
+    """Call `callback` on SIGHUP where the running loop can (module comment above); False if not."""
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(sighup, callback)
+    except _SIGNAL_SETUP_ERRORS as exc:
+        log.info("SIGHUP reload not available here (%s: %s); the file watch still applies changes",
+                 type(exc).__name__, exc)
+        return False
+    return True
+
+
+def _remove_sighup() -> None:
+    with contextlib.suppress(*_SIGNAL_SETUP_ERRORS):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
 class LiveQualityRuntime:
     """Started in the app's lifespan after the Service; `aclose()` before the backends close."""
 
@@ -88,6 +174,7 @@ class LiveQualityRuntime:
         self._hup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
+        self._sighup = False  # our SIGHUP handler is installed (only then is it removed)
 
     async def start(self) -> None:
         svc = self.service
@@ -106,6 +193,7 @@ class LiveQualityRuntime:
                 c.shadow_sample_rate for c in self.settings.categories.values()):
             self.shadow = self._shadow()
             if self.shadow is not None:
+                await asyncio.to_thread(_preload, self._lazy_modules())
                 self.shadow.start()
                 svc.observers.append(self.shadow)
         if path is not None and self.settings.auto_recalibrate_s > 0:
@@ -117,8 +205,16 @@ class LiveQualityRuntime:
                                                                 name="localroute-auto-recalibrate")
         if path is not None:
             self._watch = asyncio.get_running_loop().create_task(self._watcher(path), name="localroute-calibration")
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = _add_sighup(self._on_sighup)
+
+    def _lazy_modules(self) -> list[str]:
+        """Modules the shadow path would otherwise import on the event loop at first use: scipy.stats
+        (the live quality gauges' Clopper-Pearson, computed in the async /metrics handler at the first
+        scrape after a scored pair) and jsonschema (the json scorer, run by a shadow worker)."""
+        names = ["scipy.stats"]
+        if any(c.scorer == "json" for c in self.settings.categories.values()):
+            names.append("jsonschema")
+        return names
 
     def _on_sighup(self) -> None:
         self._hup.set()
@@ -130,7 +226,6 @@ class LiveQualityRuntime:
 
     def _shadow(self) -> ShadowEvaluator | None:
         from localroute.backends.base import load_backend
-        from localroute.backends.budget import SpendBudget
         from localroute.evaluation.agreement import agreement
 
         s = self.settings
@@ -139,20 +234,10 @@ class LiveQualityRuntime:
             log.warning("shadow_sample_rate is set but the top tier %s is not a remote frontier: no shadowing",
                         top.name)
             return None
-        backend: Any = load_backend(top, s)
-        if backend.input_usd_per_mtok is None or backend.output_usd_per_mtok is None:
-            from localroute.monitoring.pricing import load_price_table
-
-            price = load_price_table(s.price_file).with_override(backend.model, backend.input_usd_per_mtok,
-                                                                 backend.output_usd_per_mtok)
-            if price is None and s.shadow_budget_usd is not None:
-                raise ConfigError(f"shadow_budget_usd: the frontier model {backend.model!r} has no price; set "
-                                  "frontier_input_usd_per_mtok/frontier_output_usd_per_mtok", param="shadow_budget_usd")
-            if price is not None:
-                backend.input_usd_per_mtok, backend.output_usd_per_mtok = (price.input_usd_per_mtok,
-                                                                          price.output_usd_per_mtok)
-        budget = SpendBudget(s.shadow_budget_usd, None, s.shadow_budget_period)
+        backend: Any = _priced(load_backend(top, s), s, "frontier_input_usd_per_mtok/frontier_output_usd_per_mtok")
+        budget = shadow_budget(s, self.service.shared_state)
         backend.budget = budget  # the shadow's own cap, never the serving budget
+        judge = self._judge(budget)
 
         def rate_of(category: str) -> float:
             cat = s.categories.get(category)
@@ -161,7 +246,9 @@ class LiveQualityRuntime:
 
         def compare(category: str, local: str, frontier: str) -> tuple[str, tuple[float, bool] | None]:
             cat = s.categories.get(category)
-            scorer = cat.scorer if cat is not None else "exact"
+            scorer = scorer_of(s, category, judge is not None)
+            if scorer == "judge":  # the evaluator asks the judge
+                return scorer, None
             return scorer, agreement(scorer, local, frontier, cat.choices if cat is not None else None)
 
         monitoring = self.service.monitoring
@@ -175,7 +262,33 @@ class LiveQualityRuntime:
             near_rate=s.shadow_near_threshold_rate,
             near_margin=s.shadow_near_threshold_margin, queue_size=s.shadow_queue_size,
             concurrency=s.shadow_concurrency, timeout_s=s.shadow_timeout_s, budget=budget, metrics=self.metrics,
-            default_category=s.default_category)
+            default_category=s.default_category, judge=judge)
+
+    def _judge(self, budget: Any) -> Judge | None:
+        """The LLM judge of free text, when one is configured (shadow_judge or shadow_judge_tier)."""
+        from localroute.backends.base import load_backend
+
+        s = self.settings
+        if s.shadow_judge_tier is not None and s.shadow_judge is not None:
+            raise ConfigError("set shadow_judge_tier or shadow_judge, not both", param="shadow_judge")
+        ts = s.shadow_judge
+        if s.shadow_judge_tier is not None:
+            ts = next((t for t in s.ladder() if t.name == s.shadow_judge_tier), None)
+            if ts is None:
+                raise ConfigError(f"shadow_judge_tier {s.shadow_judge_tier!r} is not a tier", param="shadow_judge_tier")
+        if ts is None:
+            named = sorted(n for n, c in s.categories.items() if c.scorer == "judge")
+            if named:
+                raise ConfigError(f"categories {', '.join(named)} use scorer 'judge' but no judge is configured "
+                                  "(shadow_judge_tier or shadow_judge)", param="shadow_judge_tier")
+            return None
+        if ts.kind != "openai":
+            raise ConfigError(f"the shadow judge {ts.name!r} must be an OpenAI-compatible endpoint (kind openai), "
+                              f"not {ts.kind!r}", param="shadow_judge")
+        backend: Any = _priced(load_backend(ts, s), s, f"the judge tier {ts.name}'s input_usd_per_mtok/"
+                               "output_usd_per_mtok")
+        backend.budget = budget  # judge calls spend the shadow budget too
+        return Judge(backend, s.shadow_timeout_s)
 
     @staticmethod
     def _stat(path: Path) -> int | None:
@@ -249,7 +362,8 @@ class LiveQualityRuntime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._sighup:
+            _remove_sighup()
+            self._sighup = False
         if self.shadow is not None:
             await self.shadow.aclose()

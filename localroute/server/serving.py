@@ -193,6 +193,8 @@ async def _serve(request: Request, data: dict[str, Any], api: Api, endpoint: str
     except LocalrouteError as exc:
         _rejected(svc, request_id, endpoint, exc, started)
         raise
+    if category.source == "default" and svc.category_neighbours is not None:
+        category = await svc.category_neighbours.resolve(req, category)
     req = replace(req, category=category.name)
     model_named = policy if alias is None else f"{policy}:{alias}"  # answers name the model as asked
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -217,6 +219,7 @@ def _label(decision: Decision, category: ResolvedCategory) -> None:
     """The category in the decision's evidence: the answer's `localroute` block and the routing log."""
     decision.evidence["category"] = category.name
     decision.evidence["category_source"] = category.source
+    decision.evidence.update(category.evidence)
 
 
 def _rejected(svc: Service, request_id: str, endpoint: str, exc: LocalrouteError, started: float) -> None:

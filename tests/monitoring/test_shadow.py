@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from localroute.backends.budget import SpendBudget
 from localroute.backends.openai_http import from_settings
 from localroute.evaluation.agreement import agreement
@@ -175,3 +177,100 @@ def test_the_clopper_pearson_bounds_of_serve_need_no_extra() -> None:
 
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("scipy>=") for d in project["dependencies"])
+
+
+# ---- the LLM judge of free text ----
+
+
+def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | None = None) -> ShadowEvaluator:
+    """Free text: compare says `judge`, the judge (its own endpoint, at its own prices) decides."""
+    from localroute.monitoring.shadow import Judge
+
+    settings = Settings(frontier_max_retries=0, frontier_timeout_s=5)
+    budget = budget or SpendBudget(None)
+    frontier: Any = from_settings(TierSettings(name="frontier", kind="openai", model="gold", base_url=frontier_url,
+                                          input_usd_per_mtok=1.0, output_usd_per_mtok=2.0), settings)
+    judge: Any = from_settings(TierSettings(name="judge", kind="openai", model="judge-model", base_url=judge_url,
+                                       input_usd_per_mtok=10.0, output_usd_per_mtok=20.0), settings)
+    frontier.budget = judge.budget = budget
+    return ShadowEvaluator(backend=frontier, local_tiers={"local"}, rate_of=lambda c: 1.0,
+                           compare=lambda c, a, b: ("judge", None), log_path=log, budget=budget,
+                           judge=Judge(judge, timeout_s=5))
+
+
+def judge_pairs(log: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(log)
+    try:
+        return conn.execute("SELECT request_id, status, scorer, score, agrees, error, cost_usd FROM shadow_pairs "
+                            "ORDER BY request_id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_judge_compares_free_text_with_a_fixed_prompt(tmp_path: Path) -> None:
+    from localroute.monitoring.shadow import JUDGE_SYSTEM
+
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    answer = "Paris is the capital of France."
+    with FaultUpstream(Fault(text="The capital is Paris.", prompt_tokens=10, completion_tokens=5)) as frontier, \
+            FaultUpstream() as judge:
+        judge.script(Fault(text="Agree.", prompt_tokens=100, completion_tokens=1),
+                     Fault(text="disagree", prompt_tokens=100, completion_tokens=1))
+        budget = SpendBudget(1.0)
+
+        async def main() -> dict[str, int]:
+            shadow = judged(frontier.url, judge.url, log, budget)
+            shadow.start()
+            shadow.observe(record(1, answer, category="chat"))
+            await shadow.drain()
+            shadow.observe(record(2, "Lyon.", category="chat"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        sent = [r["json"] for r in judge.requests]
+    assert stats["scored"] == 2
+    assert sent[0] == {
+        "model": "judge-model", "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stream": False,
+        "messages": [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": "Request:\n<<<\nreview 1\n>>>\n\nAnswer A:\n<<<\nParis is the capital of "
+             "France.\n>>>\n\nAnswer B:\n<<<\nThe capital is Paris.\n>>>\n\nDo A and B agree? Reply agree or "
+             "disagree."}]}
+    assert JUDGE_SYSTEM.startswith("You compare two answers to the same request. Reply with exactly one word")
+    shadow_cost = (10 * 1.0 + 5 * 2.0) / 1e6
+    judge_cost = (100 * 10.0 + 1 * 20.0) / 1e6
+    got = judge_pairs(log)
+    assert [r[:6] for r in got] == [("chatcmpl-1", "scored", "judge", 1.0, 1, None),
+                                    ("chatcmpl-2", "scored", "judge", 0.0, 0, None)]
+    assert [r[6] for r in got] == [pytest.approx(shadow_cost + judge_cost)] * 2  # the judge's cost in the pair
+    assert budget.spent_usd() == pytest.approx(2 * (shadow_cost + judge_cost))  # and in the shadow budget
+
+
+def test_a_judge_that_fails_makes_the_pair_unscorable(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    with FaultUpstream(Fault(text="The capital is Paris.")) as frontier, FaultUpstream() as judge:
+        judge.script(Fault("status", status=503), Fault(text="Maybe, partly."), Fault(delay_s=3.0, text="agree"))
+
+        async def main() -> tuple[dict[str, int], float]:
+            shadow = judged(frontier.url, judge.url, log)
+            assert shadow.judge is not None
+            shadow.judge.timeout_s = 0.5
+            shadow.start()
+            started = time.perf_counter()
+            for i in (1, 2, 3):
+                shadow.observe(record(i, "Paris.", category="chat"))
+            waited = time.perf_counter() - started  # the observer never waits on the judge
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats, waited
+
+        stats, waited = asyncio.run(main())
+    assert waited < 0.05
+    assert stats["unscorable"] == 3 and stats["scored"] == 0
+    got = judge_pairs(log)
+    assert [(r[0], r[1], r[2], r[4]) for r in got] == [(f"chatcmpl-{i}", "unscorable", "judge", None) for i in (1, 2, 3)]
+    assert got[0][5].startswith("judge_") and got[1][5] == "judge_no_verdict" and got[2][5] == "judge_timeout"

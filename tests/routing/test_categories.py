@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from localroute.routing import CascadeRouter, Tier
 from localroute.routing.categories import (
     OTHER,
     CategoryLabels,
+    ResolvedCategory,
     resolve_category,
     split_model_alias,
     strip_category,
@@ -90,3 +92,81 @@ def test_the_cascade_applies_the_category_threshold() -> None:
     escalated = asyncio.run(router.route(replace(req, category="strict")))
     assert escalated.decision.answered_by == "f" and escalated.decision.attempts[0].threshold == -0.1
     assert asyncio.run(router.route(replace(req, category="unknown"))).decision.answered_by == "a"  # pooled
+
+
+# ---- categories from the embedding router's nearest labelled neighbours (hand-built vectors) ----
+
+
+def _unit(*xs: float) -> list[float]:
+    import numpy as np
+
+    v = np.asarray(xs, dtype=np.float32)
+    return list(v / np.linalg.norm(v))
+
+
+def _neighbours(k: int = 3, floor: float = 0.8) -> Any:
+    import numpy as np
+
+    from localroute.routing.categories import NeighbourCategories
+    from localroute.routing.embedding import EmbeddingModel, train_embedding
+
+    # three "math" rows around x, two "chat" rows around y, one unlabelled row right on z
+    x = np.asarray([_unit(1, 0.05, 0), _unit(1, -0.05, 0), _unit(1, 0, 0.05),
+                    _unit(0.05, 1, 0), _unit(-0.05, 1, 0), _unit(0, 0, 1)], dtype=np.float32)
+    y = np.ones((6, 2), dtype=np.float32)
+    art = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["math", "math", "math", "chat", "chat", None])
+    return NeighbourCategories(EmbeddingModel(art), encoder=None, k=k, min_similarity=floor)  # type: ignore[arg-type]
+
+
+DEFAULT = ResolvedCategory("default", "default")
+
+
+def test_an_unlabelled_request_takes_its_labelled_neighbours_majority() -> None:
+    import numpy as np
+
+    near = _neighbours()
+    got = near.place(np.asarray(_unit(1, 0.01, 0.01)), DEFAULT)
+    assert (got.name, got.source) == ("math", "neighbours")
+    assert got.evidence["category_neighbours"]["votes"] == {"math": 3}
+    assert got.evidence["category_neighbours"]["nearest_similarity"] > 0.99
+    # k = 5 over the labelled rows only: the two chat rows are too far (below the floor) to vote
+    assert near.model.nearest_category(np.asarray(_unit(1, 0.01, 0.01)), 5, 0.8).votes == {"math": 3}
+    chat = near.place(np.asarray(_unit(0.02, 1, 0)), DEFAULT)
+    assert chat.name == "chat" and chat.evidence["category_neighbours"]["votes"] == {"chat": 2}
+
+
+def test_no_neighbour_above_the_floor_leaves_the_default() -> None:
+    import numpy as np
+
+    near = _neighbours()
+    # right on the unlabelled row: it does not vote, and no labelled row is similar enough
+    assert near.place(np.asarray(_unit(0, 0, 1)), DEFAULT) is DEFAULT
+    assert near.place(np.asarray(_unit(0.7, 0.7, 0)), DEFAULT) is DEFAULT  # cos 0.74 to each: under 0.8
+    assert _neighbours(floor=0.7).place(np.asarray(_unit(0.7, 0.7, 0.1)), DEFAULT).name in ("math", "chat")
+
+
+def test_the_vote_is_a_plurality_with_ties_to_the_more_similar() -> None:
+    import numpy as np
+
+    from localroute.routing.embedding import vote_category
+
+    def winner(names: list[str], sims: list[float], floor: float) -> str | None:
+        vote = vote_category(names, np.asarray(sims), floor)
+        return None if vote is None else vote.category
+
+    sims = [0.96, 0.9, 0.85, 0.8, 0.5]
+    assert winner(["a", "b", "b", "a", "b"], sims, 0.7) == "a"  # 2-2 above 0.7: a sums 1.76 > 1.75
+    assert winner(["a", "b", "b", "c", "a"], sims, 0.0) == "b"  # 2-2-1: b sums 1.75 > a 1.46
+    assert winner(["a", "b", "b"], [0.99, 0.5, 0.5], 0.0) == "b"  # the count first, the nearest one aside
+    assert winner(["a", "", "", "", ""], sims, 0.99) is None
+
+
+def test_an_index_without_categories_places_nothing() -> None:
+    import numpy as np
+
+    from localroute.routing.embedding import EmbeddingModel, train_embedding
+
+    x = np.asarray([_unit(1, 0), _unit(0, 1)], dtype=np.float32)
+    model = EmbeddingModel(train_embedding(x, np.ones((2, 2), dtype=np.float32), ["cheap", "strong"], "hand"))
+    assert model.category_neighbours is None and model.nearest_category(x[0], 3, 0.0) is None
+    assert "categories" not in model.artifact.arrays
