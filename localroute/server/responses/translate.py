@@ -32,14 +32,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from localroute.backends.openai_wire import NATIVE_EVENTS
-from localroute.backends.responses_wire import chat_from_response
+from localroute.backends.responses_wire import LOGPROBS_INCLUDE, chat_from_response
 from localroute.routing.categories import strip_category
 from localroute.server.translate import refuse_set, untranslatable
 
 __all__ = ["LOGPROBS_INCLUDE", "NativeResponsesStream", "ResponsesStream", "assistant_turn", "from_chat",
            "items_from_chat", "native_body", "passed_through", "response_from_chat", "to_chat"]
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "conversation": (), "prompt": (), "access_programs": (), "background_options": (), "image": (),
     "background": (False,),

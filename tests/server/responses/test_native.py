@@ -282,3 +282,39 @@ def test_bad_input_and_upstream_errors_are_responses_shaped_4xx(stack: Any) -> N
     assert [name for name, _ in got][-2:] == ["error", "response.failed"]
     assert [name for name, _ in got][:5] == [e["type"] for e in text_events("Par")[:5]]
     assert got[-2][1]["sequence_number"] == 5 and got[-1][1]["response"]["status"] == "failed"
+
+
+def scored_item(text: str) -> dict[str, Any]:
+    """A message whose text came with token logprobs (three alternatives each)."""
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in (("Par", -0.01), ("Lon", -5.0),
+                                                                               ("Rom", -6.0))]
+    return {**text_item(text), "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": [
+        {"token": text, "logprob": -0.01, "bytes": list(text.encode()), "top_logprobs": top}]}]}
+
+
+def test_a_non_final_responses_tier_is_judged_on_the_logprobs_it_is_asked_for() -> None:
+    """A non-final tier is judged on its logprobs: a Responses tier's call asks for them as a chat
+    tier's does (else its confidence is unknown, and every answer is paid for, then escalated),
+    and the client gets the Response as it asked for it."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True},
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"}])
+        with serve_app(create_app(settings)) as url:
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            native.script(Fault(completion={**response(scored_item("Paris.")), "top_logprobs": 5}))
+            raw = client.responses.with_raw_response.create(model="localroute/cascade", input="Capital of France?")
+            sent = native.requests[-1]["json"]
+            assert sent["include"] == ["message.output_text.logprobs"]  # as the chat tier is asked for `logprobs`
+            assert raw.headers["x-localroute-tier"] == "gpt" and chat.requests == []  # judged and accepted
+            body = json.loads(raw.http_response.content)
+            assert body["localroute"]["attempts"][0]["confidence"] is not None
+            assert body["output"][0]["content"][0]["logprobs"] == [] and body["top_logprobs"] == 0  # not asked
+
+            native.script(Fault(completion={**response(scored_item("Paris.")), "top_logprobs": 5}))
+            out = client.responses.create(model="localroute/cascade", input="Capital of France?", top_logprobs=1,
+                                          include=["message.output_text.logprobs"])
+            assert native.requests[-1]["json"]["include"] == ["message.output_text.logprobs"]
+            logprobs = out.output[0].content[0].logprobs  # type: ignore[union-attr]
+            assert logprobs is not None and [len(t.top_logprobs) for t in logprobs] == [1] and out.top_logprobs == 1
