@@ -613,8 +613,13 @@ def native_body(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = 
     and the conversation state localroute's: the stored turns `previous_response_id` names go in
     front of `input` as items (the id itself, one the provider never issued, is not sent), and
     `store` is false (localroute keeps the Response; a provider copy would sit under an id no
-    client sees)."""
+    client sees). With nothing stored there, a reasoning item sent back without its
+    `encrypted_content` names nothing the tier has (OpenAI answers 404 "Items are not persisted
+    when `store` is set to false"): it is left out; one with it goes as sent."""
     out = strip_category(dict(body))
+    if not isinstance(out["input"], str):
+        out["input"] = [item for item in out["input"] if item.get("type") != "reasoning"
+                        or item.get("encrypted_content")]
     if "previous_response_id" in out:
         del out["previous_response_id"]
         own = [{"role": "user", "content": out["input"]}] if isinstance(out["input"], str) else list(out["input"])

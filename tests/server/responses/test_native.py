@@ -195,15 +195,17 @@ def test_a_reasoning_tool_loop_sends_the_output_back_as_is(stack: Any) -> None:
     reasoning item and a hosted tool go only to the Responses tier, as the client sent them."""
     client, native, chat, _ = stack
     tools: Any = [{"type": "web_search"}, WEATHER]
-    native.script(Fault(completion=response(REASONING, text_item("Let me check."), CALL)),
+    reasoning = {**REASONING, "encrypted_content": "gAAAAB-opaque"}  # include reasoning.encrypted_content
+    native.script(Fault(completion=response(reasoning, text_item("Let me check."), CALL)),
                   Fault(completion=response(text_item("18C."))))
-    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools,
+                                    include=["reasoning.encrypted_content"])
     items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
                   {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
     second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
     assert second.output_text == "18C." and chat.requests == []  # the chat tier cannot read them: skipped
     assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
-        {"role": "user", "content": "Weather in Paris?"}, REASONING, text_item("Let me check."), CALL,
+        {"role": "user", "content": "Weather in Paris?"}, reasoning, text_item("Let me check."), CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]}
     assert second.model_extra is not None
     assert second.model_extra["localroute"]["evidence"]["skipped"] == {"chat": "responses_api"}
@@ -318,3 +320,19 @@ def test_a_non_final_responses_tier_is_judged_on_the_logprobs_it_is_asked_for() 
             assert native.requests[-1]["json"]["include"] == ["message.output_text.logprobs"]
             logprobs = out.output[0].content[0].logprobs  # type: ignore[union-attr]
             assert logprobs is not None and [len(t.top_logprobs) for t in logprobs] == [1] and out.top_logprobs == 1
+
+
+def test_a_reasoning_item_without_its_encrypted_content_is_not_sent_to_a_tier_that_stores_nothing(stack: Any) -> None:
+    """The tier is sent `store: false`, so it has no copy of an earlier reasoning item: one sent back
+    by id alone (no `encrypted_content`) is a 404 at OpenAI ("Items are not persisted when `store`
+    is set to false"). It is left out of the tier's input; the rest goes as sent."""
+    client, native, _, _ = stack
+    native.script(Fault(completion=response(REASONING, CALL)), Fault(completion=response(text_item("18C."))))
+    first = client.responses.create(model="gpt", input="Weather in Paris?", tools=[WEATHER])
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    second = client.responses.create(model="gpt", input=items, tools=[WEATHER])
+    assert second.output_text == "18C."
+    assert native.requests[-1]["json"]["input"] == [
+        {"role": "user", "content": "Weather in Paris?"}, CALL,
+        {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
