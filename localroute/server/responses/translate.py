@@ -16,8 +16,8 @@ chat chunks into the Responses event sequence and ends with the same Response ob
   parallel_tool_calls, metadata, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
   service_tier as they are.
 
-Responses-only: hosted (non-function) tools, reasoning items sent back, truncation auto,
-`max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
+Responses-only: hosted (non-function) tools and their call items sent back, reasoning items sent
+back, truncation auto, `max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
 Given a `needs` set (the endpoint does), they are the need "responses_api": the request goes only
 to a tier speaking the Responses API, which gets the body as sent (`native_body`), and the chat
 body leaves them out; without one, a 400 naming the field. Always refused with a 400 naming the
@@ -34,6 +34,7 @@ from typing import Any
 from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.backends.responses_wire import LOGPROBS_INCLUDE, chat_from_response
 from localroute.routing.categories import strip_category
+from localroute.server.responses.protocol import PROVIDER_ITEMS
 from localroute.server.translate import refuse_set, untranslatable
 
 __all__ = ["LOGPROBS_INCLUDE", "NativeResponsesStream", "ResponsesStream", "assistant_turn", "from_chat",
@@ -180,6 +181,9 @@ def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: 
             messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content", ctx)})
         elif kind == "reasoning":  # an earlier answer's reasoning: the Responses tier reads it
             ctx.need(where, "chat has no reasoning items")
+            continue
+        elif kind in PROVIDER_ITEMS:  # an earlier answer's hosted tool call: likewise
+            ctx.need(where, f"chat has no {kind} items")
             continue
         elif kind == "function_call":
             refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})

@@ -336,3 +336,26 @@ def test_a_reasoning_item_without_its_encrypted_content_is_not_sent_to_a_tier_th
     assert native.requests[-1]["json"]["input"] == [
         {"role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+
+
+def test_a_hosted_tool_call_sent_back_goes_to_the_responses_tier_as_sent(stack: Any) -> None:
+    """`input += response.output` with a hosted tool: its call item (web_search_call) is the need
+    responses_api, like the tool itself, not a 400; a chat-only route names the need."""
+    client, native, chat, _ = stack
+    search = {"id": "ws_up", "type": "web_search_call", "status": "completed",
+              "action": {"type": "search", "query": "weather Paris"}}
+    tools: Any = [{"type": "web_search"}]
+    native.script(Fault(completion=response(search, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes, 18C."))))
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    assert [item.type for item in first.output] == ["web_search_call", "message"]
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"role": "user", "content": "Sure?"}]
+    second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
+    assert second.output_text == "Yes, 18C." and chat.requests == []
+    assert native.requests[-1]["json"]["input"] == [
+        {"role": "user", "content": "Weather in Paris?"}, search, text_item("18C in Paris."),
+        {"role": "user", "content": "Sure?"}]
+    with pytest.raises(openai.BadRequestError) as err:  # the chat tier alone cannot read it
+        client.responses.create(model="chat", input=[search, {"role": "user", "content": "Sure?"}])
+    assert err.value.code == "unsupported_capability"
