@@ -359,3 +359,27 @@ def test_a_hosted_tool_call_sent_back_goes_to_the_responses_tier_as_sent(stack: 
     with pytest.raises(openai.BadRequestError) as err:  # the chat tier alone cannot read it
         client.responses.create(model="chat", input=[search, {"role": "user", "content": "Sure?"}])
     assert err.value.code == "unsupported_capability"
+
+
+def test_the_400_for_an_api_only_need_says_which_tier_serves_it(stack: Any) -> None:
+    """No `capabilities` override can give a tier a Responses-only or Messages-only need: the 400
+    names the tier that serves it, not a setting that does not exist."""
+    import anthropic
+
+    client, _, _, url = stack
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="chat", input="Weather in Paris?", tools=[{"type": "web_search"}])
+    message = str(err.value)
+    assert err.value.code == "unsupported_capability" and "chat lacks responses_api" in message
+    assert "kind=openai tier with responses_api = true" in message and "tiers.<name>.capabilities" not in message
+    messages = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as aerr:
+        messages.messages.create(model="chat", max_tokens=50, thinking={"type": "enabled", "budget_tokens": 1024},
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert "thinking: only a kind=anthropic tier serves it" in str(aerr.value)
+    assert "tiers.<name>.capabilities" not in str(aerr.value)
+    from localroute.backends.capabilities import configure_hint
+
+    assert configure_hint(["tools", "thinking"]) == (  # both kinds of need: both pieces of advice
+        "configure a tier with these capabilities (tiers.<name>.capabilities) or a frontier tier; "
+        "thinking: only a kind=anthropic tier serves it")
