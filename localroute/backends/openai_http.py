@@ -540,7 +540,10 @@ def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIH
         ),
         input_usd_per_mtok=tier.input_usd_per_mtok,
         output_usd_per_mtok=tier.output_usd_per_mtok,
-        confidence_logprobs=not final and tier.kind == "openai",  # other APIs have no logprobs to ask for
+        # other APIs have no logprobs to ask for, nor a model set with `capabilities.logprobs = false`
+        # (a reasoning model: OpenAI refuses logprobs there with a 400)
+        confidence_logprobs=not final and tier.kind == "openai"
+        and (tier.capabilities is None or tier.capabilities.logprobs is not False),
         self_hosted=tier.gpu_hour_usd is not None,
         responses_api=tier.responses_api,
     )

@@ -487,3 +487,20 @@ def test_responses_api_is_a_setting_of_openai_tiers_only() -> None:
     with pytest.raises(ValidationError, match="responses_api"):
         TierSettings(name="claude", kind="anthropic", model="m", base_url="http://x/v1", responses_api=True)
     asyncio.run(backend.aclose())
+
+
+def test_a_non_final_tier_whose_model_gives_no_logprobs_is_not_asked_for_them() -> None:
+    """`capabilities.logprobs = false` (a reasoning model, which OpenAI answers 400 when asked for
+    logprobs): a non-final tier is then not asked for them on the client's behalf, on either API."""
+    from localroute.backends.openai_http import from_settings
+    from localroute.settings import TierSettings
+
+    reasoning = TierSettings(name="gpt5", kind="openai", model="gpt-5", base_url="http://x/v1", responses_api=True,
+                             capabilities={"logprobs": False})  # type: ignore[arg-type]
+    plain = TierSettings(name="gpt4", kind="openai", model="gpt-4.1", base_url="http://x/v1", responses_api=True)
+    last = TierSettings(name="top", kind="openai", model="m", base_url="http://x/v1")
+    settings = Settings(tiers=[reasoning, plain, last])
+    backends = [from_settings(t, settings) for t in (reasoning, plain, last)]
+    assert [b.confidence_logprobs for b in backends] == [False, True, False]
+    for b in backends:
+        asyncio.run(b.aclose())
