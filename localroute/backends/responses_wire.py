@@ -131,6 +131,19 @@ def chat_from_response(response: Mapping[str, Any]) -> dict[str, Any]:
             "usage": chat_usage(response.get("usage"))}
 
 
+def _is_output(kind: str, event: Mapping[str, Any]) -> bool:
+    """Whether an event with no chat meaning is the model at work (for the stream's first-token
+    deadline): a delta (reasoning, summaries, tool input), an output item done, a hosted tool's
+    call added or under way (web_search_call searching, code_interpreter_call interpreting, ...).
+    Not output: the lifecycle events and the opening of a message or reasoning item."""
+    if kind.endswith(".delta") or kind == "response.output_item.done":
+        return True
+    if kind == "response.output_item.added":
+        return (event.get("item") or {}).get("type") not in ("message", "reasoning")
+    parts = kind.split(".")
+    return len(parts) == 3 and parts[1].endswith("_call")
+
+
 class ResponsesChunkDecoder:
     """One stream's Responses events in, chat.completion.chunk dicts out, each carrying its event:
     `response.created` opens the turn, text and refusal deltas are content, a function_call item
@@ -150,7 +163,7 @@ class ResponsesChunkDecoder:
         kind = str(event.get("type", ""))
         chunk = self._decode(kind, event)
         if chunk is None:
-            return native_chunk(event, progress=kind.endswith(".delta"))
+            return native_chunk(event, progress=_is_output(kind, event))
         chunk[NATIVE_EVENTS] = [event]
         return chunk
 
