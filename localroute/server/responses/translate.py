@@ -129,7 +129,9 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
         functions = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"]) if t["type"] == "function"]
         if functions or not body["tools"]:
             chat["tools"] = functions
-    if body.get("tool_choice") is not None:
+    # hosted tools alone: "auto", "none" or "required" is theirs (the Responses tier reads it as sent)
+    hosted_only = bool(body.get("tools")) and "tools" not in chat
+    if body.get("tool_choice") is not None and not (hosted_only and isinstance(body["tool_choice"], str)):
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     return chat
 

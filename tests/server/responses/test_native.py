@@ -383,3 +383,19 @@ def test_the_400_for_an_api_only_need_says_which_tier_serves_it(stack: Any) -> N
     assert configure_hint(["tools", "thinking"]) == (  # both kinds of need: both pieces of advice
         "configure a tier with these capabilities (tiers.<name>.capabilities) or a frontier tier; "
         "thinking: only a kind=anthropic tier serves it")
+
+
+def test_a_tool_choice_for_hosted_tools_alone_goes_to_the_responses_tier(stack: Any) -> None:
+    """`tools=[web_search]` with `tool_choice="required"` (or "auto"): the choice is the hosted
+    tools', which the chat body leaves out, not a 400 "tool_choice needs tools"."""
+    client, native, chat, _ = stack
+    for choice in ("required", "auto"):
+        native.script(Fault(completion=response(text_item("Searched."))))
+        out = client.responses.create(model="localroute/cascade", input="News?", tools=[{"type": "web_search"}],
+                                      tool_choice=choice)  # type: ignore[arg-type]
+        assert out.output_text == "Searched." and chat.requests == []
+        assert native.requests[-1]["json"] == {"model": "gpt-test", "input": "News?", "store": False,
+                                               "tools": [{"type": "web_search"}], "tool_choice": choice}
+    with pytest.raises(openai.BadRequestError):  # a function choice with no such function is still a 400
+        client.responses.create(model="gpt", input="News?", tools=[{"type": "web_search"}],
+                                tool_choice={"type": "function", "name": "get_weather"})
