@@ -619,13 +619,14 @@ def native_body(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = 
     and the conversation state localroute's: the stored turns `previous_response_id` names go in
     front of `input` as items (the id itself, one the provider never issued, is not sent), and
     `store` is false (localroute keeps the Response; a provider copy would sit under an id no
-    client sees). With nothing stored there, a reasoning item sent back without its
-    `encrypted_content` names nothing the tier has (OpenAI answers 404 "Items are not persisted
-    when `store` is set to false"): it is left out; one with it goes as sent."""
+    client sees). With nothing stored there, a reasoning item sent back by id alone (no
+    `encrypted_content`, no reasoning `content` as open-weight servers send it) names nothing the
+    tier has (OpenAI answers 404 "Items are not persisted when `store` is set to false"): it is
+    left out; one that carries its reasoning goes as sent."""
     out = strip_category(dict(body))
     if not isinstance(out["input"], str):
         out["input"] = [item for item in out["input"] if item.get("type") != "reasoning"
-                        or item.get("encrypted_content")]
+                        or item.get("encrypted_content") or item.get("content")]
     if "previous_response_id" in out:
         del out["previous_response_id"]
         own = [{"role": "user", "content": out["input"]}] if isinstance(out["input"], str) else list(out["input"])

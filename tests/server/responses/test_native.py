@@ -336,6 +336,11 @@ def test_a_reasoning_item_without_its_encrypted_content_is_not_sent_to_a_tier_th
     assert native.requests[-1]["json"]["input"] == [
         {"role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    # reasoning text as an open-weight server (vLLM, gpt-oss) returns it: it carries itself, kept
+    own = {**REASONING, "content": [{"type": "reasoning_text", "text": "Look it up."}]}
+    native.script(Fault(completion=response(text_item("18C."))))
+    client.responses.create(model="gpt", input=[items[0], own, *items[-2:]], tools=[WEATHER])
+    assert native.requests[-1]["json"]["input"] == [items[0], own, CALL, items[-1]]
 
 
 def test_a_hosted_tool_call_sent_back_goes_to_the_responses_tier_as_sent(stack: Any) -> None:
