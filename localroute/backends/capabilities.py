@@ -9,13 +9,15 @@ OpenAI-compatible tiers can do everything the API can (the provider is the judge
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from localroute.settings import TierSettings
 
-__all__ = ["NEEDS", "REMOTE_KINDS", "Capabilities", "capabilities_for", "default_capabilities"]
+__all__ = ["API_NEEDS", "NEEDS", "REMOTE_KINDS", "Capabilities", "capabilities_for", "configure_hint",
+           "default_capabilities"]
 
 # engine kinds that are a remote API rather than an engine in this process
 REMOTE_KINDS = frozenset({"openai", "anthropic"})
@@ -40,6 +42,24 @@ NEEDS: dict[str, tuple[str, str]] = {
     # truncation, ...): only a tier set with `responses_api` serves them, from the body as sent
     "responses_api": ("responses_api", "model"),
 }
+# needs no `capabilities` override can give a tier (settings.CapabilitySettings has no field for
+# them): only a tier speaking the client's API serves them, from the body as sent
+API_NEEDS: dict[str, str] = {
+    "thinking": "a kind=anthropic tier",
+    "citations": "a kind=anthropic tier",
+    "prefill": "a kind=anthropic tier",
+    "responses_api": "a kind=openai tier with responses_api = true",
+}
+
+
+def configure_hint(lacking: Iterable[str]) -> str:
+    """What to configure so that some tier serves the `lacking` needs (the 400's advice)."""
+    lacking = set(lacking)
+    advice = [f"{', '.join(sorted(n for n in lacking if API_NEEDS.get(n) == tier))}: only {tier} serves it"
+              for tier in sorted({API_NEEDS[n] for n in lacking if n in API_NEEDS})]
+    if lacking - API_NEEDS.keys():
+        advice.insert(0, "configure a tier with these capabilities (tiers.<name>.capabilities) or a frontier tier")
+    return "; ".join(advice)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,12 @@ from localroute.backends.openai_wire import (
     same,
 )
 from localroute.backends.resilience import CircuitBreaker, Deadlines, RetryPolicy, parse_retry_after
-from localroute.backends.responses_wire import ResponsesChunkDecoder, chat_from_response, responses_body
+from localroute.backends.responses_wire import (
+    ResponsesChunkDecoder,
+    chat_from_response,
+    response_as_client_asked,
+    responses_body,
+)
 from localroute.calibration_file import model_fingerprint
 from localroute.errors import ConfigError, InvalidRequestError, UpstreamError
 from localroute.redaction import redact, strip_query_strings
@@ -341,6 +346,9 @@ class OpenAIHTTPBackend:
         latency = time.perf_counter() - start
         if self.confidence_logprobs:
             data = as_client_asked(data, request)
+            if native is not data and self._native(request):
+                assert request.native is not None
+                native = response_as_client_asked(native, request.native.body)
         yield StreamDelta(
             text="",
             final=Generation(
@@ -449,7 +457,8 @@ class OpenAIHTTPBackend:
     def _body(self, request: GenerationRequest, stream: bool) -> dict[str, Any]:
         if self._native(request):
             assert request.native is not None
-            return responses_body(request.native.body, self.model, stream)
+            asked = request.params.top_logprobs if self.confidence_logprobs and not stream else None
+            return responses_body(request.native.body, self.model, stream, asked)
         return chat_body(request, self.model, stream, self.confidence_logprobs)
 
     def _decode_answer(self, data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
@@ -531,7 +540,10 @@ def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIH
         ),
         input_usd_per_mtok=tier.input_usd_per_mtok,
         output_usd_per_mtok=tier.output_usd_per_mtok,
-        confidence_logprobs=not final and tier.kind == "openai",  # other APIs have no logprobs to ask for
+        # other APIs have no logprobs to ask for, nor a model set with `capabilities.logprobs = false`
+        # (a reasoning model: OpenAI refuses logprobs there with a 400)
+        confidence_logprobs=not final and tier.kind == "openai"
+        and (tier.capabilities is None or tier.capabilities.logprobs is not False),
         self_hosted=tier.gpu_hour_usd is not None,
         responses_api=tier.responses_api,
     )

@@ -20,12 +20,18 @@ from typing import Any
 
 from localroute.backends.openai_wire import NATIVE_EVENTS, native_chunk
 
-__all__ = ["ResponsesChunkDecoder", "chat_from_response", "chat_usage", "responses_body"]
+__all__ = ["LOGPROBS_INCLUDE", "ResponsesChunkDecoder", "chat_from_response", "chat_usage", "response_as_client_asked",
+           "responses_body"]
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
-def responses_body(body: Mapping[str, Any], model: str, stream: bool) -> dict[str, Any]:
+def responses_body(body: Mapping[str, Any], model: str, stream: bool, top_logprobs: int | None = None) -> dict[str, Any]:
     """The client's Responses body for one call to `model`: `stream` set for this call (a buffered
-    call of a streamed request is not streamed, and takes no stream_options)."""
+    call of a streamed request is not streamed, and takes no stream_options). `top_logprobs`: a
+    non-final tier's buffered call, judged on its logprobs: they are asked for (the include value
+    and at least that many alternatives), as a chat tier's call asks for them; the answer is put
+    back as the client asked (`response_as_client_asked`)."""
     out = dict(body)
     out["model"] = model
     if stream:
@@ -33,6 +39,37 @@ def responses_body(body: Mapping[str, Any], model: str, stream: bool) -> dict[st
     else:
         out.pop("stream", None)
         out.pop("stream_options", None)
+        if top_logprobs is not None:
+            include = list(out.get("include") or [])
+            if LOGPROBS_INCLUDE not in include:
+                include.append(LOGPROBS_INCLUDE)
+            out["include"] = include
+            if top_logprobs > int(out.get("top_logprobs") or 0):
+                out["top_logprobs"] = top_logprobs
+    return out
+
+
+def response_as_client_asked(response: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Response to a call `responses_body` asked logprobs for, as the client's own `body` asked:
+    the logprobs of output text taken out when it did not ask for them, the alternatives cut to its
+    own top_logprobs when it did, and its own top_logprobs echoed."""
+    asked = LOGPROBS_INCLUDE in (body.get("include") or []) or int(body.get("top_logprobs") or 0) > 0
+    k = int(body.get("top_logprobs") or 0)
+
+    def part(p: Any) -> Any:
+        if not isinstance(p, dict) or p.get("type") != "output_text" or not isinstance(p.get("logprobs"), list):
+            return p
+        if not asked:
+            return {**p, "logprobs": []}
+        return {**p, "logprobs": [{**t, "top_logprobs": list(t.get("top_logprobs") or [])[:k]}
+                                  if isinstance(t, dict) else t for t in p["logprobs"]]}
+
+    output = [{**item, "content": [part(p) for p in item["content"]]}
+              if isinstance(item, dict) and item.get("type") == "message" and isinstance(item.get("content"), list)
+              else item for item in response.get("output") or ()]
+    out = {**response, "output": output}
+    if "top_logprobs" in response:
+        out["top_logprobs"] = k
     return out
 
 
@@ -94,6 +131,19 @@ def chat_from_response(response: Mapping[str, Any]) -> dict[str, Any]:
             "usage": chat_usage(response.get("usage"))}
 
 
+def _is_output(kind: str, event: Mapping[str, Any]) -> bool:
+    """Whether an event with no chat meaning is the model at work (for the stream's first-token
+    deadline): a delta (reasoning, summaries, tool input), an output item done, a hosted tool's
+    call added or under way (web_search_call searching, code_interpreter_call interpreting, ...).
+    Not output: the lifecycle events and the opening of a message or reasoning item."""
+    if kind.endswith(".delta") or kind == "response.output_item.done":
+        return True
+    if kind == "response.output_item.added":
+        return (event.get("item") or {}).get("type") not in ("message", "reasoning")
+    parts = kind.split(".")
+    return len(parts) == 3 and parts[1].endswith("_call")
+
+
 class ResponsesChunkDecoder:
     """One stream's Responses events in, chat.completion.chunk dicts out, each carrying its event:
     `response.created` opens the turn, text and refusal deltas are content, a function_call item
@@ -113,7 +163,7 @@ class ResponsesChunkDecoder:
         kind = str(event.get("type", ""))
         chunk = self._decode(kind, event)
         if chunk is None:
-            return native_chunk(event, progress=kind.endswith(".delta"))
+            return native_chunk(event, progress=_is_output(kind, event))
         chunk[NATIVE_EVENTS] = [event]
         return chunk
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
-from localroute.backends.capabilities import NEEDS
+from localroute.backends.capabilities import NEEDS, configure_hint
 from localroute.errors import (
     ContextLengthExceededError,
     EngineDeadError,
@@ -309,5 +309,5 @@ def unsupported(needs: frozenset[str], skipped: dict[str, str]) -> UnsupportedCa
     first = next(iter(skipped.values()))
     reasons = ", ".join(f"{tier} lacks {need}" for tier, need in skipped.items())
     return UnsupportedCapabilityError(
-        f"no tier can serve this request ({reasons}); configure a tier with these capabilities "
-        f"(tiers.<name>.capabilities) or a frontier tier", param=NEEDS[first][1] if first in NEEDS else None)
+        f"no tier can serve this request ({reasons}); {configure_hint(skipped.values())}",
+        param=NEEDS[first][1] if first in NEEDS else None)

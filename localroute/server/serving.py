@@ -30,6 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from localroute.backends.labels import labels_from_metadata
+from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.errors import ClientDisconnectedError, LocalrouteError
 from localroute.monitoring.cost import RequestCost, cost_fields, cost_headers
 from localroute.monitoring.record import RequestRecord
@@ -363,7 +364,8 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
             if d.raw is not None and shape.chat:
                 role_sent = True
                 chunk = {**d.raw, "id": req.request_id, "model": shape.model}
-                if chunk.get("usage") is not None or any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                if chunk.get("usage") is not None or any(c.get("finish_reason") for c in chunk.get("choices") or ()) \
+                        or (held and NATIVE_EVENTS in chunk):  # a provider event after them keeps its place
                     held.append(chunk)
                 else:
                     ttft = ttft if ttft is not None else time.perf_counter() - started
@@ -403,7 +405,7 @@ def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, he
     raw = gen.raw if shape.chat else None
     if held or raw is not None:
         if held:  # a remote stream's closing chunks
-            out = [c for c in held if c.get("choices") or shape.include_usage]
+            out = [c for c in held if c.get("choices") or shape.include_usage or NATIVE_EVENTS in c]
         else:  # a buffered remote answer, whole, as one chunk
             assert raw is not None
             out = [{**base, "choices": [_stream_choice(c) for c in raw.get("choices") or ()]}]

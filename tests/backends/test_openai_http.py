@@ -24,7 +24,7 @@ from localroute.errors import InvalidRequestError, UpstreamError
 from localroute.routing.base import Tier
 from localroute.server.app import create_app
 from localroute.settings import Settings
-from localroute.types import GenerationRequest, SamplingParams, WireRequest
+from localroute.types import GenerationRequest, SamplingParams, StreamDelta, WireRequest
 from tests.conftest import serve_app
 from tests.fakes import ScriptedBackend
 from tests.fault_upstream import Fault, FaultUpstream, fault_upstream, refused_url
@@ -487,3 +487,50 @@ def test_responses_api_is_a_setting_of_openai_tiers_only() -> None:
     with pytest.raises(ValidationError, match="responses_api"):
         TierSettings(name="claude", kind="anthropic", model="m", base_url="http://x/v1", responses_api=True)
     asyncio.run(backend.aclose())
+
+
+def test_a_non_final_tier_whose_model_gives_no_logprobs_is_not_asked_for_them() -> None:
+    """`capabilities.logprobs = false` (a reasoning model, which OpenAI answers 400 when asked for
+    logprobs): a non-final tier is then not asked for them on the client's behalf, on either API."""
+    from localroute.backends.openai_http import from_settings
+    from localroute.settings import TierSettings
+
+    reasoning = TierSettings(name="gpt5", kind="openai", model="gpt-5", base_url="http://x/v1", responses_api=True,
+                             capabilities={"logprobs": False})  # type: ignore[arg-type]
+    plain = TierSettings(name="gpt4", kind="openai", model="gpt-4.1", base_url="http://x/v1", responses_api=True)
+    last = TierSettings(name="top", kind="openai", model="m", base_url="http://x/v1")
+    settings = Settings(tiers=[reasoning, plain, last])
+    backends = [from_settings(t, settings) for t in (reasoning, plain, last)]
+    assert [b.confidence_logprobs for b in backends] == [False, True, False]
+    for b in backends:
+        asyncio.run(b.aclose())
+
+
+def test_a_hosted_tool_at_work_is_output_for_the_first_token_deadline() -> None:
+    """A web search before the first text (its call added, searching, done) is the model at work,
+    not a stalled upstream, as a thinking phase is."""
+    from tests.server.responses.test_native import response, text_events
+
+    search = {"id": "ws_up", "type": "web_search_call", "status": "completed",
+              "action": {"type": "search", "query": "weather Paris"}}
+    text = text_events("Paris.")
+    running = {**response(), "status": "in_progress", "output": [], "usage": None}
+    events = [{"type": "response.created", "response": running},
+              {"type": "response.output_item.added", "output_index": 0, "item": {**search, "status": "in_progress"}},
+              *[{"type": "response.web_search_call.searching", "output_index": 0, "item_id": "ws_up"}] * 6,
+              {"type": "response.output_item.done", "output_index": 0, "item": search},
+              *text[8:]]  # 0.2 s apart: the text starts after ~2 s
+    events = [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
+    async def go(url: str) -> list[StreamDelta]:
+        backend = _responses_backend(url, deadlines=Deadlines(connect_s=1.0, first_token_s=0.8, idle_s=0.8,
+                                                              total_s=10.0))
+        try:
+            return [d async for d in backend.stream(_native_request(NATIVE_BODY))]
+        finally:
+            await backend.aclose()
+
+    with FaultUpstream(Fault(events=events, token_delay_s=0.2)) as up:
+        deltas = asyncio.run(go(up.url))
+    final = deltas[-1].final
+    assert final is not None and final.text == "Paris." and final.ttft_s is not None and final.ttft_s < 0.8

@@ -91,11 +91,20 @@ class FunctionCallOutputItem(_Wire):
     caller: Any = None
 
 
+# an earlier answer's items of the tools a provider runs (and their outputs), sent back with it
+PROVIDER_ITEMS = frozenset({
+    "file_search_call", "web_search_call", "computer_call", "computer_call_output", "tool_search_call",
+    "tool_search_output", "image_generation_call", "code_interpreter_call", "local_shell_call",
+    "local_shell_call_output", "shell_call", "shell_call_output", "apply_patch_call", "apply_patch_call_output",
+    "mcp_list_tools", "mcp_approval_request", "mcp_approval_response", "mcp_call", "custom_tool_call",
+    "custom_tool_call_output"})
+
+
 def _item_kind(value: Any) -> str:
     """An item's type; a message may leave it out (EasyInputMessage). Called on the body's dicts
     (validation) and on the parsed items (serialisation)."""
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return str(kind)
+    return "provider" if kind in PROVIDER_ITEMS else str(kind)
 
 
 class ReasoningItem(_Wire):
@@ -110,11 +119,21 @@ class ReasoningItem(_Wire):
     status: Status | None = None
 
 
+class ProviderItem(BaseModel):
+    """An earlier answer's hosted-tool item sent back (web_search_call, mcp_call, ...; the
+    stateless loop `input += response.output`): its fields are the provider's to check; only a
+    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 Item = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")],
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ProviderItem, Tag("provider")],
     Discriminator(_item_kind),
 ]
 

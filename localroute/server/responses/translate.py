@@ -16,8 +16,8 @@ chat chunks into the Responses event sequence and ends with the same Response ob
   parallel_tool_calls, metadata, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
   service_tier as they are.
 
-Responses-only: hosted (non-function) tools, reasoning items sent back, truncation auto,
-`max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
+Responses-only: hosted (non-function) tools and their call items sent back, reasoning items sent
+back, truncation auto, `max_tool_calls`, other `include` values, reasoning summaries, annotations sent back, `phase`.
 Given a `needs` set (the endpoint does), they are the need "responses_api": the request goes only
 to a tier speaking the Responses API, which gets the body as sent (`native_body`), and the chat
 body leaves them out; without one, a 400 naming the field. Always refused with a 400 naming the
@@ -32,14 +32,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from localroute.backends.openai_wire import NATIVE_EVENTS
-from localroute.backends.responses_wire import chat_from_response
+from localroute.backends.responses_wire import LOGPROBS_INCLUDE, chat_from_response
 from localroute.routing.categories import strip_category
+from localroute.server.responses.protocol import PROVIDER_ITEMS
 from localroute.server.translate import refuse_set, untranslatable
 
 __all__ = ["LOGPROBS_INCLUDE", "NativeResponsesStream", "ResponsesStream", "assistant_turn", "from_chat",
            "items_from_chat", "native_body", "passed_through", "response_from_chat", "to_chat"]
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "conversation": (), "prompt": (), "access_programs": (), "background_options": (), "image": (),
     "background": (False,),
@@ -129,7 +129,9 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
         functions = [_tool(t, f"tools.{i}") for i, t in enumerate(body["tools"]) if t["type"] == "function"]
         if functions or not body["tools"]:
             chat["tools"] = functions
-    if body.get("tool_choice") is not None:
+    # hosted tools alone: "auto", "none" or "required" is theirs (the Responses tier reads it as sent)
+    hosted_only = bool(body.get("tools")) and "tools" not in chat
+    if body.get("tool_choice") is not None and not (hosted_only and isinstance(body["tool_choice"], str)):
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     return chat
 
@@ -181,6 +183,9 @@ def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: 
             messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content", ctx)})
         elif kind == "reasoning":  # an earlier answer's reasoning: the Responses tier reads it
             ctx.need(where, "chat has no reasoning items")
+            continue
+        elif kind in PROVIDER_ITEMS:  # an earlier answer's hosted tool call: likewise
+            ctx.need(where, f"chat has no {kind} items")
             continue
         elif kind == "function_call":
             refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
@@ -614,8 +619,14 @@ def native_body(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = 
     and the conversation state localroute's: the stored turns `previous_response_id` names go in
     front of `input` as items (the id itself, one the provider never issued, is not sent), and
     `store` is false (localroute keeps the Response; a provider copy would sit under an id no
-    client sees)."""
+    client sees). With nothing stored there, a reasoning item sent back by id alone (no
+    `encrypted_content`, no reasoning `content` as open-weight servers send it) names nothing the
+    tier has (OpenAI answers 404 "Items are not persisted when `store` is set to false"): it is
+    left out; one that carries its reasoning goes as sent."""
     out = strip_category(dict(body))
+    if not isinstance(out["input"], str):
+        out["input"] = [item for item in out["input"] if item.get("type") != "reasoning"
+                        or item.get("encrypted_content") or item.get("content")]
     if "previous_response_id" in out:
         del out["previous_response_id"]
         own = [{"role": "user", "content": out["input"]}] if isinstance(out["input"], str) else list(out["input"])

@@ -241,3 +241,17 @@ def test_a_messages_only_feature_no_tier_has_is_a_400_naming_it() -> None:
     assert err.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "local lacks thinking" in err.value.body["error"]["message"]  # type: ignore[index]
     assert local.calls == 0
+
+
+def test_an_event_after_message_delta_keeps_its_place(stack: Any) -> None:
+    """The closing events are held until the end (the routing block goes on message_delta): an
+    event the tier sends between them (a ping) is held behind them, not sent ahead."""
+    url, up, _ = stack
+    events = text_events("Hi", " there")
+    events = [*events[:-1], {"type": "ping"}, events[-1]]  # message_delta, ping, message_stop
+    up.script(Fault(events=events))
+    r = httpx.post(f"{url}/messages", headers={"x-api-key": KEY}, timeout=30,
+                   json={"model": "claude", "max_tokens": 20, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert [name for name, _ in sse(r.text)] == [e["type"] for e in events]

@@ -195,15 +195,17 @@ def test_a_reasoning_tool_loop_sends_the_output_back_as_is(stack: Any) -> None:
     reasoning item and a hosted tool go only to the Responses tier, as the client sent them."""
     client, native, chat, _ = stack
     tools: Any = [{"type": "web_search"}, WEATHER]
-    native.script(Fault(completion=response(REASONING, text_item("Let me check."), CALL)),
+    reasoning = {**REASONING, "encrypted_content": "gAAAAB-opaque"}  # include reasoning.encrypted_content
+    native.script(Fault(completion=response(reasoning, text_item("Let me check."), CALL)),
                   Fault(completion=response(text_item("18C."))))
-    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools,
+                                    include=["reasoning.encrypted_content"])
     items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
                   {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
     second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
     assert second.output_text == "18C." and chat.requests == []  # the chat tier cannot read them: skipped
     assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
-        {"role": "user", "content": "Weather in Paris?"}, REASONING, text_item("Let me check."), CALL,
+        {"role": "user", "content": "Weather in Paris?"}, reasoning, text_item("Let me check."), CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]}
     assert second.model_extra is not None
     assert second.model_extra["localroute"]["evidence"]["skipped"] == {"chat": "responses_api"}
@@ -282,3 +284,123 @@ def test_bad_input_and_upstream_errors_are_responses_shaped_4xx(stack: Any) -> N
     assert [name for name, _ in got][-2:] == ["error", "response.failed"]
     assert [name for name, _ in got][:5] == [e["type"] for e in text_events("Par")[:5]]
     assert got[-2][1]["sequence_number"] == 5 and got[-1][1]["response"]["status"] == "failed"
+
+
+def scored_item(text: str) -> dict[str, Any]:
+    """A message whose text came with token logprobs (three alternatives each)."""
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in (("Par", -0.01), ("Lon", -5.0),
+                                                                               ("Rom", -6.0))]
+    return {**text_item(text), "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": [
+        {"token": text, "logprob": -0.01, "bytes": list(text.encode()), "top_logprobs": top}]}]}
+
+
+def test_a_non_final_responses_tier_is_judged_on_the_logprobs_it_is_asked_for() -> None:
+    """A non-final tier is judged on its logprobs: a Responses tier's call asks for them as a chat
+    tier's does (else its confidence is unknown, and every answer is paid for, then escalated),
+    and the client gets the Response as it asked for it."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True},
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"}])
+        with serve_app(create_app(settings)) as url:
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            native.script(Fault(completion={**response(scored_item("Paris.")), "top_logprobs": 5}))
+            raw = client.responses.with_raw_response.create(model="localroute/cascade", input="Capital of France?")
+            sent = native.requests[-1]["json"]
+            assert sent["include"] == ["message.output_text.logprobs"]  # as the chat tier is asked for `logprobs`
+            assert raw.headers["x-localroute-tier"] == "gpt" and chat.requests == []  # judged and accepted
+            body = json.loads(raw.http_response.content)
+            assert body["localroute"]["attempts"][0]["confidence"] is not None
+            assert body["output"][0]["content"][0]["logprobs"] == [] and body["top_logprobs"] == 0  # not asked
+
+            native.script(Fault(completion={**response(scored_item("Paris.")), "top_logprobs": 5}))
+            out = client.responses.create(model="localroute/cascade", input="Capital of France?", top_logprobs=1,
+                                          include=["message.output_text.logprobs"])
+            assert native.requests[-1]["json"]["include"] == ["message.output_text.logprobs"]
+            logprobs = out.output[0].content[0].logprobs  # type: ignore[union-attr]
+            assert logprobs is not None and [len(t.top_logprobs) for t in logprobs] == [1] and out.top_logprobs == 1
+
+
+def test_a_reasoning_item_without_its_encrypted_content_is_not_sent_to_a_tier_that_stores_nothing(stack: Any) -> None:
+    """The tier is sent `store: false`, so it has no copy of an earlier reasoning item: one sent back
+    by id alone (no `encrypted_content`) is a 404 at OpenAI ("Items are not persisted when `store`
+    is set to false"). It is left out of the tier's input; the rest goes as sent."""
+    client, native, _, _ = stack
+    native.script(Fault(completion=response(REASONING, CALL)), Fault(completion=response(text_item("18C."))))
+    first = client.responses.create(model="gpt", input="Weather in Paris?", tools=[WEATHER])
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    second = client.responses.create(model="gpt", input=items, tools=[WEATHER])
+    assert second.output_text == "18C."
+    assert native.requests[-1]["json"]["input"] == [
+        {"role": "user", "content": "Weather in Paris?"}, CALL,
+        {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
+    # reasoning text as an open-weight server (vLLM, gpt-oss) returns it: it carries itself, kept
+    own = {**REASONING, "content": [{"type": "reasoning_text", "text": "Look it up."}]}
+    native.script(Fault(completion=response(text_item("18C."))))
+    client.responses.create(model="gpt", input=[items[0], own, *items[-2:]], tools=[WEATHER])
+    assert native.requests[-1]["json"]["input"] == [items[0], own, CALL, items[-1]]
+
+
+def test_a_hosted_tool_call_sent_back_goes_to_the_responses_tier_as_sent(stack: Any) -> None:
+    """`input += response.output` with a hosted tool: its call item (web_search_call) is the need
+    responses_api, like the tool itself, not a 400; a chat-only route names the need."""
+    client, native, chat, _ = stack
+    search = {"id": "ws_up", "type": "web_search_call", "status": "completed",
+              "action": {"type": "search", "query": "weather Paris"}}
+    tools: Any = [{"type": "web_search"}]
+    native.script(Fault(completion=response(search, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes, 18C."))))
+    first = client.responses.create(model="localroute/cascade", input="Weather in Paris?", tools=tools)
+    assert [item.type for item in first.output] == ["web_search_call", "message"]
+    items: Any = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                  {"role": "user", "content": "Sure?"}]
+    second = client.responses.create(model="localroute/cascade", input=items, tools=tools)
+    assert second.output_text == "Yes, 18C." and chat.requests == []
+    assert native.requests[-1]["json"]["input"] == [
+        {"role": "user", "content": "Weather in Paris?"}, search, text_item("18C in Paris."),
+        {"role": "user", "content": "Sure?"}]
+    with pytest.raises(openai.BadRequestError) as err:  # the chat tier alone cannot read it
+        client.responses.create(model="chat", input=[search, {"role": "user", "content": "Sure?"}])
+    assert err.value.code == "unsupported_capability"
+
+
+def test_the_400_for_an_api_only_need_says_which_tier_serves_it(stack: Any) -> None:
+    """No `capabilities` override can give a tier a Responses-only or Messages-only need: the 400
+    names the tier that serves it, not a setting that does not exist."""
+    import anthropic
+
+    client, _, _, url = stack
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="chat", input="Weather in Paris?", tools=[{"type": "web_search"}])
+    message = str(err.value)
+    assert err.value.code == "unsupported_capability" and "chat lacks responses_api" in message
+    assert "kind=openai tier with responses_api = true" in message and "tiers.<name>.capabilities" not in message
+    messages = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as aerr:
+        messages.messages.create(model="chat", max_tokens=50, thinking={"type": "enabled", "budget_tokens": 1024},
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert "thinking: only a kind=anthropic tier serves it" in str(aerr.value)
+    assert "tiers.<name>.capabilities" not in str(aerr.value)
+    from localroute.backends.capabilities import configure_hint
+
+    assert configure_hint(["tools", "thinking"]) == (  # both kinds of need: both pieces of advice
+        "configure a tier with these capabilities (tiers.<name>.capabilities) or a frontier tier; "
+        "thinking: only a kind=anthropic tier serves it")
+
+
+def test_a_tool_choice_for_hosted_tools_alone_goes_to_the_responses_tier(stack: Any) -> None:
+    """`tools=[web_search]` with `tool_choice="required"` (or "auto"): the choice is the hosted
+    tools', which the chat body leaves out, not a 400 "tool_choice needs tools"."""
+    client, native, chat, _ = stack
+    for choice in ("required", "auto"):
+        native.script(Fault(completion=response(text_item("Searched."))))
+        out = client.responses.create(model="localroute/cascade", input="News?", tools=[{"type": "web_search"}],
+                                      tool_choice=choice)  # type: ignore[arg-type]
+        assert out.output_text == "Searched." and chat.requests == []
+        assert native.requests[-1]["json"] == {"model": "gpt-test", "input": "News?", "store": False,
+                                               "tools": [{"type": "web_search"}], "tool_choice": choice}
+    with pytest.raises(openai.BadRequestError):  # a function choice with no such function is still a 400
+        client.responses.create(model="gpt", input="News?", tools=[{"type": "web_search"}],
+                                tool_choice={"type": "function", "name": "get_weather"})
