@@ -34,6 +34,7 @@ import numpy as np
 from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, request_failure, sample_token
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
+from localroute.backends.label_scoring import LabelScorer
 from localroute.backends.threaded import EngineBridge, Outbox
 from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
 from localroute.errors import (
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from localroute.settings import Settings, TierSettings
 
 log = logging.getLogger(__name__)
-
 
 
 def _import_llama_cpp() -> Any:
@@ -150,6 +150,7 @@ class LlamaEngine:
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = n_parallel
+        self.n_threads = n_threads
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         # Default: one KV stream per sequence, so a sequence's logprobs are bit-identical at any batch
@@ -227,6 +228,7 @@ class LlamaEngine:
             # gauge: most decode steps a cancelled running request stayed in the batch (<= 1 by design)
             "cancel_lag_steps_max": 0,
         }
+        self._labels = LabelScorer(self)  # its scoring context is built on the first choice task
         self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
         self._thread.start()
 
@@ -627,79 +629,8 @@ class LlamaEngine:
         seq.sink(("done", gen))
 
     def score_labels(self, seq: _Seq, gen: Generation) -> dict[str, Any]:
-        """log P(chosen label) over the allowed labels, from raw logits at the label's position.
-
-        The context is the prompt plus the answer tokens before the one where the label starts; the
-        KV cache already holds it, so only its last token is fed again (its logits start every
-        label), then each label's tokens, shared label prefixes once (LabelPlan.feeds). The cache
-        is cut back to the context afterwards and the slot keeps only what it kept before.
-        `raw`: each label's log P(label | context), unnormalised (rounded to 1e-6)."""
-        from bisect import bisect_right
-
-        from localroute.backends.labels import LabelPlan, locate_label, normalise
-
-        t0 = time.perf_counter_ns()
-        info: dict[str, Any] = {"n_labels": len(seq.labels)}
-        span = locate_label(gen.text, seq.labels, seq.params.response_format)
-        if span is None:
-            return info | {"chosen": None, "logprob": None, "cost_s": (time.perf_counter_ns() - t0) / 1e9}
-        start_byte = len(gen.text[: span.start].encode("utf-8"))
-        ends = seq.token_ends[: len(gen.tokens)]
-        i = bisect_right(ends, start_byte)
-        lead = bytes(seq.out[(ends[i - 1] if i else 0):start_byte])
-        context = [*seq.prompt, *(t.token_id for t in gen.tokens[:i])]
-        root = tuple(context[-2:])
-        base = len(context) - len(root)
-        paths = tuple((label, tuple(self._llama_tokenize(lead + text.encode("utf-8"), False, False)))
-                      for label, text in span.candidates)
-        plan = LabelPlan(base=base, root=root, paths=paths)
-        children: dict[tuple[int, ...], set[int]] = {}
-        for _, path in paths:
-            full = (*root, *path)
-            for d in range(len(root), len(full)):
-                children.setdefault(full[:d], set()).add(full[d])
-        cond: dict[tuple[tuple[int, ...], int], float] = {}
-        fed = 0
-        longest = max((len(p) for _, p in paths), default=0)
-        if base + longest + 1 > self.kv_cells_per_seq or not all(p for _, p in paths):
-            return info | {"chosen": span.label, "logprob": None, "error": "no room to score the labels"}
-        try:
-            for keep, need in plan.feeds():
-                toks = need[keep:]
-                self._ll.llama_memory_seq_rm(self._mem, seq.slot, base + keep, -1)
-                for start in range(0, len(toks), self.n_batch):
-                    chunk = toks[start:start + self.n_batch]
-                    n = len(chunk)
-                    self._b_token[:n] = chunk
-                    self._b_pos[:n] = np.arange(base + keep + start, base + keep + start + n)
-                    self._b_logits[:n] = 1
-                    for j in range(n):
-                        self._batch.seq_id[j][0] = seq.slot
-                    rc = self._decode(n)
-                    if rc != 0:
-                        return info | {"chosen": span.label, "logprob": None, "error": f"decode error {rc}"}
-                    fed += n
-                    for j in range(n):
-                        prefix = need[: keep + start + j + 1]
-                        kids = children.get(prefix)
-                        if not kids:
-                            continue
-                        row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, j), shape=(self.n_vocab,))
-                        top = float(row.max())
-                        lse = top + float(np.log(np.exp(row - top, dtype=np.float64).sum()))
-                        for k in kids:
-                            cond[(prefix, k)] = float(row[k]) - lse
-        finally:
-            self._ll.llama_memory_seq_rm(self._mem, seq.slot, base, -1)
-            seq.n_past = min(seq.n_past, base)
-        raw: dict[str, float] = {}
-        for label, path in paths:
-            full = (*root, *path)
-            raw[label] = sum(cond[(full[:d], full[d])] for d in range(len(root), len(full)))
-        logprob = normalise(raw, span.label)
-        return info | {
-            "raw": {k: round(v, 6) for k, v in raw.items()},"chosen": span.label, "logprob": logprob, "tokens_fed": fed,
-                       "cost_s": round((time.perf_counter_ns() - t0) / 1e9, 6)}
+        """The answer's label confidence (backends/label_scoring.py), in `seq`'s slot before release."""
+        return self._labels.score(seq, gen)
 
     def close(self) -> None:
         """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
@@ -708,6 +639,7 @@ class LlamaEngine:
             self._cond.notify_all()
         self._thread.join(timeout=10)
         if not self._thread.is_alive() and self._ctx is not None:
+            self._labels.close()
             self._ll.llama_batch_free(self._batch)
             self._ll.llama_free(self._ctx)
             self._ll.llama_model_free(self._model)
