@@ -18,7 +18,6 @@ events, so one model is never used from two threads at once.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import threading
@@ -32,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, request_failure, sample_token
-from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.label_scoring import LabelScorer
+from localroute.backends.llama_vocab import LlamaVocab
 from localroute.backends.threaded import EngineBridge, Outbox
 from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
 from localroute.errors import (
@@ -103,7 +102,7 @@ class _Seq(DecodeState):
     labels: tuple[str, ...] = ()  # a choice task's allowed answers: scored when the answer is done
 
 
-class LlamaEngine:
+class LlamaEngine(LlamaVocab):
     """Owns one llama.cpp model + context and the thread that decodes for every request."""
 
     def __init__(
@@ -174,15 +173,7 @@ class LlamaEngine:
         self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._b_nseq[:] = 1
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._eog = np.zeros(self.n_vocab, dtype=bool)
-        self._attrs = np.zeros(self.n_vocab, dtype=np.int64)  # token attributes, for the fragment tokeniser
-        for t in range(self.n_vocab):  # one pass over the vocabulary at start-up
-            self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
-            self._attrs[t] = int(ll.llama_vocab_get_attr(self._vocab, t))
-        self._adds_special = bool(ll.llama_vocab_get_add_bos(self._vocab)) or bool(ll.llama_vocab_get_add_eos(self._vocab))
-        self._fragments = self._fragment_tokenizer()
+        self._read_vocab()
         self._work = np.empty(self.n_vocab, dtype=np.float32)
         self._top_scratch = np.empty(self.n_vocab, dtype=np.float32)
         # A newcomer takes the free slot whose cached prompt shares the longest prefix with its own,
@@ -231,61 +222,6 @@ class LlamaEngine:
         self._labels = LabelScorer(self)  # its scoring context is built on the first choice task
         self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
         self._thread.start()
-
-    # ---- tokenizer and template (thread-safe: read-only vocab) ----
-
-    def _fragment_tokenizer(self) -> FragmentTokenizer | None:
-        """Per-fragment cached tokenising for chat prompts, where it is exactly llama.cpp's
-        algorithm (backends/fragments.py); None where it is not."""
-        ll = self._ll
-        if int(ll.llama_vocab_type(self._vocab)) != ll.LLAMA_VOCAB_TYPE_BPE:
-            return None
-        special_attrs = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
-        special = np.flatnonzero(self._attrs & special_attrs)
-        if np.any(self._attrs[special] & (ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP)):
-            return None
-        specials = [(ll.llama_vocab_get_text(self._vocab, int(t)) or b"", int(t)) for t in special]
-        return FragmentTokenizer(lambda data, parse: self._llama_tokenize(data, False, parse), specials)
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8", errors="replace")
-        if parse_special and not (add_special and self._adds_special) and self._fragments is not None:
-            return self._fragments.tokenize(data)
-        return self._llama_tokenize(data, add_special, parse_special)
-
-    def _llama_tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
-        n_max = len(data) + 8
-        buf = (self._ll.llama_token * n_max)()
-        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (self._ll.llama_token * n_max)()
-            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        if not special and (cached := self._pieces.get(token)) is not None:
-            return cached
-        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
-        out = bytes(self._piece_buf.raw[: max(n, 0)])
-        if not special:
-            self._pieces[token] = out
-        return out
-
-    def chat_template(self) -> str | None:
-        raw = self._ll.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8") if raw else None
-
-    def special_text(self, token: int) -> str:
-        return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
-
-    @property
-    def bos(self) -> int:
-        return int(self._ll.llama_vocab_bos(self._vocab))
-
-    @property
-    def eos(self) -> int:
-        return int(self._ll.llama_vocab_eos(self._vocab))
 
     # ---- submission (called from the asyncio thread) ----
 
