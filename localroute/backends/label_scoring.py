@@ -38,8 +38,11 @@ import numpy as np
 from localroute.backends.labels import LabelPlan, locate_label, normalise
 
 if TYPE_CHECKING:
-    from localroute.backends.llama_cpp import LlamaEngine, _Seq
     from localroute.types import Generation
+
+# LlamaEngine and its _Seq (backends/llama_cpp.py, which imports this module): typed loosely here
+LlamaEngine = Any
+_Seq = Any
 
 __all__ = ["LabelScorer"]
 
