@@ -108,7 +108,7 @@ class LabelScorer:
         children = _children(plan)
         method: dict[str, Any] = {"method": "batched"}
         try:
-            if not self.batched:
+            if not self.batched or len(plan.feeds()) < 2:  # one feed: one llama_decode either way, no copy
                 raise _Unavailable("")
             cond, fed, calls = self._batched(plan, seq.slot, children)
         except _Unavailable as why:
@@ -228,7 +228,8 @@ class LabelScorer:
         size = int(ll.llama_state_seq_get_size(engine._ctx, slot))
         buf = (ctypes.c_uint8 * size)()
         written = int(ll.llama_state_seq_get_data(engine._ctx, buf, size, slot))
-        data = _restream(bytes(buf[:written]), slot, 1 if engine.kv_unified else engine.n_parallel, self.max_seqs)
+        state = ctypes.string_at(buf, written) if written > 0 else b""
+        data = _restream(state, slot, 1 if engine.kv_unified else engine.n_parallel, self.max_seqs)
         if data is None:
             raise _Unavailable("this model's KV state cannot be moved to the scoring context")
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
