@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 def _items(name: str, rows: int, seed: int) -> list[Any]:
     from localroute.evaluation.datasets import convert
 
-    data = Path(os.environ.get("LOCALROUTE_EVAL_DATA_DIR", ROOT.parent / "shared" / "data"))
+    near = [p / "shared" / "data" for p in (ROOT.parent, ROOT.parent.parent)]  # a checkout, or a worktree of one
+    data = Path(os.environ.get("LOCALROUTE_EVAL_DATA_DIR") or next((p for p in near if p.is_dir()), near[0]))
     return convert(name, data, limit=rows, seed=seed)
 
 

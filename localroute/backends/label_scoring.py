@@ -2,25 +2,30 @@
 context the model had when it wrote the chosen one (backends/labels.py finds the label and builds
 the `LabelPlan`; this module feeds it).
 
-Batched (the default): the request's KV stream is copied, read-only, into a small scoring context
-of its own (`llama_state_seq_get_data` / `llama_state_seq_set_data`, the same model's weights)
-whose KV buffer is unified, so one cell can belong to many sequences. There the context is shared
-by one sequence per branch of the label trie (`llama_memory_seq_cp`: metadata only in a unified
-buffer), and every trie node is one token of one batch, tagged with the sequences of the labels
-under it: a shared prefix is fed once, each label's tokens see only the context and their own
-prefix, and all labels cost one llama_decode where the trie fits one batch. The engine's own
-context is never written, so the slot's KV stream, its prefix cache and the requests decoding
-beside it are untouched.
+Sequential (the default, the reference, and the fallback of the batched path): each
+`LabelPlan.feeds()` step is one llama_decode in the slot's own stream, cut back to the context
+afterwards; a prefix shared by several labels is fed once.
 
-Why a second context rather than spare sequence ids in the engine's: the engine's KV is one
-stream per sequence (`kv_unified` off, for batch-independent logprobs), where a token cannot
-belong to two streams and `llama_memory_seq_cp` across streams copies a whole stream over another
-slot's prefix cache; and its `n_seq_max` is `n_parallel`, a few sequences where 77 labels want 77.
+Batched (`LabelScorer.batched = True`): the slot's KV stream is copied, read-only, into a scoring
+context of its own (`llama_state_seq_get_data` / `llama_state_seq_set_data`, same model weights)
+with `MAX_SEQS` KV streams, and from there to every stream (`llama_memory_seq_cp`); each branch of
+the label trie (root + a label but its last token) runs on its own stream, up to `MAX_SEQS`
+branches in one llama_decode (a wave), padded to one length so llama.cpp's equal split makes each
+wave one ubatch. The engine's own context is never written: the slot's KV stream, its prefix
+cache and the requests decoding beside it are untouched. No cell is shared between branches, so a
+shared prefix is fed once per branch: more tokens than the sequential path, in fewer calls.
 
-Sequential (the reference, and the fallback when the scoring context cannot be built or cannot
-load the stream): each `LabelPlan.feeds()` step is one llama_decode in the slot's own stream, cut
-back to the context afterwards. Both give the same numbers (tests/backends/test_llama_cpp_labels.py)
-because no llama_decode in either feeds a single token (see LabelPlan).
+Why not one unified KV buffer with trie nodes in several sequences (a shared prefix fed once): it
+was tried, and logprobs moved by up to 0.17 nats on banking77's 77 labels, against the sequential
+method. In a unified buffer a token's cells sit at other cell indices than in a stream of its own,
+so the attention sums in another order, and the model's quantised activations amplify the last-bit
+difference. With one stream per sequence (as the engine) the numbers are the sequential method's.
+Why not spare sequence ids in the engine's own context: its `n_seq_max` is `n_parallel`, every id
+a slot, and a cross-stream `llama_memory_seq_cp` overwrites another slot's prefix cache.
+
+Measured (README, scripts/bench_labels.py), batching does not pay on a 2-core CPU: there a
+token's compute, not the llama_decode call, is the cost, and banking77's trie takes 568 tokens in
+9 calls against 310 in 69, 3.2 s against 2.3 s per request. Hence the default.
 
 Everything here runs on the engine thread.
 """
@@ -61,14 +66,16 @@ class _Unavailable(Exception):
 
 
 class LabelScorer:
-    """Scores a finished answer's labels for one LlamaEngine. `batched` False: the sequential
-    reference path always (tests, scripts/bench_labels.py)."""
+    """Scores a finished answer's labels for one LlamaEngine. `batched` True: the batched path
+    (the default is the sequential one, see below and README)."""
 
     def __init__(self, engine: LlamaEngine, max_seqs: int = MAX_SEQS, room: int = ROOM) -> None:
         self.engine = engine
         self.max_seqs = max_seqs
         self.room = room
-        self.batched = True
+        # Off by default: measured slower on a 2-core CPU (scripts/bench_labels.py, README), where a
+        # token's compute, not the call, is the cost and a stream per branch loses the shared prefixes.
+        self.batched = False
         self._ctx: Any = None
         self._mem: Any = None
         self._batch: Any = None
