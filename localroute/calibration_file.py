@@ -218,6 +218,36 @@ def mismatches(entry: TierCalibration, fingerprint: dict[str, Any]) -> list[str]
     return out
 
 
+def signal_mismatch(cal: CalibrationFile, path: Path, aggregator: str, alpha: float) -> str | None:
+    """Why none of the file's thresholds applies to the configured signal, with the two fixes; None:
+    the file was fitted on this signal. (The default aggregator changed from mean_logprob to
+    label_confidence, so files written before it are the usual case.)"""
+    if cal.aggregator != aggregator:
+        return (f"{path} was calibrated for confidence_aggregator {cal.aggregator!r}, but the configured "
+                f"confidence_aggregator is {aggregator!r}, so none of its thresholds applies. Fix either: set "
+                f"confidence_aggregator = \"{cal.aggregator}\" (LOCALROUTE_CONFIDENCE_AGGREGATOR={cal.aggregator}) "
+                f"to serve this file's thresholds, or recalibrate for {aggregator!r} (`localroute eval`, then "
+                f"`localroute calibrate`)")
+    if aggregator == "quantile_logprob" and abs(cal.alpha - alpha) > 1e-12:
+        return (f"{path} was calibrated with confidence_quantile_alpha {cal.alpha:g}, but the configured one is "
+                f"{alpha:g}. Fix either: set confidence_quantile_alpha = {cal.alpha:g}, or recalibrate "
+                f"(`localroute eval`, then `localroute calibrate`)")
+    return None
+
+
+def calibration_check(path: Path, aggregator: str, alpha: float) -> dict[str, Any]:
+    """What `localroute doctor` says of a calibration file: whether it applies to the configured
+    signal, and if not why (the fingerprints of each tier are checked when `serve` loads them)."""
+    out: dict[str, Any] = {"path": str(path), "configured_aggregator": aggregator}
+    try:
+        cal = load_calibration(path)
+    except ConfigError as exc:
+        return out | {"applies": False, "problem": exc.message}
+    problem = signal_mismatch(cal, path, aggregator, alpha)
+    return out | {"aggregator": cal.aggregator, "tiers": sorted(cal.tiers), "applies": problem is None,
+                  "problem": problem}
+
+
 def calibrated_thresholds(
     path: Path, aggregator: str, alpha: float, fingerprints: dict[str, dict[str, Any]]
 ) -> dict[str, float]:
@@ -228,13 +258,9 @@ def calibrated_thresholds(
     except ConfigError as exc:
         log.warning("CALIBRATION IGNORED, using default thresholds: %s", exc.message)
         return {}
-    if cal.aggregator != aggregator:
-        log.warning("CALIBRATION IGNORED, using default thresholds: %s was calibrated for aggregator %r but "
-                    "confidence_aggregator is %r", path, cal.aggregator, aggregator)
-        return {}
-    if aggregator == "quantile_logprob" and abs(cal.alpha - alpha) > 1e-12:
-        log.warning("CALIBRATION IGNORED, using default thresholds: %s was calibrated with alpha=%g but "
-                    "confidence_quantile_alpha is %g", path, cal.alpha, alpha)
+    problem = signal_mismatch(cal, path, aggregator, alpha)
+    if problem is not None:
+        log.warning("CALIBRATION IGNORED, using default thresholds: %s", problem)
         return {}
     out: dict[str, float] = {}
     for name, fp in fingerprints.items():

@@ -164,6 +164,29 @@ def test_mismatches_warn_and_fall_back(tmp_path: Path, caplog: pytest.LogCapture
         assert calibrated_thresholds(quant, "quantile_logprob", 0.1, FP) == {"cheap": -0.7}
 
 
+def test_a_file_of_another_aggregator_is_ignored_loudly_with_both_fixes(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A file fitted on mean_logprob (the old default) under the label_confidence default: a WARNING
+    naming the file, both aggregators and the two fixes; calibration_check (doctor) says the same."""
+    from localroute.calibration_file import calibration_check
+
+    path = write_calibration(_file(aggregator="mean_logprob"), tmp_path / "old.json")
+    with caplog.at_level(logging.WARNING, logger="localroute.calibration_file"):
+        assert calibrated_thresholds(path, "label_confidence", 0.1, FP) == {}
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    text = warning[0].getMessage()
+    for part in (str(path), "'mean_logprob'", "'label_confidence'", 'confidence_aggregator = "mean_logprob"',
+                 "recalibrate", "localroute calibrate"):
+        assert part in text, part
+    check = calibration_check(path, "label_confidence", 0.1)
+    assert check["applies"] is False and check["aggregator"] == "mean_logprob" and check["problem"] == text.split(": ", 1)[1]
+    assert calibration_check(path, "mean_logprob", 0.1) | {"problem": None} == {
+        "path": str(path), "configured_aggregator": "mean_logprob", "aggregator": "mean_logprob",
+        "tiers": ["cheap"], "applies": True, "problem": None}
+    assert calibration_check(tmp_path / "absent.json", "mean_logprob", 0.1)["applies"] is False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (default_data_dir() / "routellm").is_dir(), reason="shared RouteLLM data absent")
 def test_router_threshold_from_an_eval_run_is_certified_and_served_only_for_its_artefact(

@@ -18,7 +18,6 @@ events, so one model is never used from two threads at once.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import threading
@@ -32,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, request_failure, sample_token
-from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
+from localroute.backends.label_scoring import LabelScorer
+from localroute.backends.llama_vocab import LlamaVocab
 from localroute.backends.threaded import EngineBridge, Outbox
 from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
 from localroute.errors import (
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from localroute.settings import Settings, TierSettings
 
 log = logging.getLogger(__name__)
-
 
 
 def _import_llama_cpp() -> Any:
@@ -103,7 +102,7 @@ class _Seq(DecodeState):
     labels: tuple[str, ...] = ()  # a choice task's allowed answers: scored when the answer is done
 
 
-class LlamaEngine:
+class LlamaEngine(LlamaVocab):
     """Owns one llama.cpp model + context and the thread that decodes for every request."""
 
     def __init__(
@@ -150,6 +149,7 @@ class LlamaEngine:
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = n_parallel
+        self.n_threads = n_threads
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         # Default: one KV stream per sequence, so a sequence's logprobs are bit-identical at any batch
@@ -173,15 +173,7 @@ class LlamaEngine:
         self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._b_nseq[:] = 1
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._eog = np.zeros(self.n_vocab, dtype=bool)
-        self._attrs = np.zeros(self.n_vocab, dtype=np.int64)  # token attributes, for the fragment tokeniser
-        for t in range(self.n_vocab):  # one pass over the vocabulary at start-up
-            self._eog[t] = bool(ll.llama_vocab_is_eog(self._vocab, t))
-            self._attrs[t] = int(ll.llama_vocab_get_attr(self._vocab, t))
-        self._adds_special = bool(ll.llama_vocab_get_add_bos(self._vocab)) or bool(ll.llama_vocab_get_add_eos(self._vocab))
-        self._fragments = self._fragment_tokenizer()
+        self._read_vocab()
         self._work = np.empty(self.n_vocab, dtype=np.float32)
         self._top_scratch = np.empty(self.n_vocab, dtype=np.float32)
         # A newcomer takes the free slot whose cached prompt shares the longest prefix with its own,
@@ -227,63 +219,9 @@ class LlamaEngine:
             # gauge: most decode steps a cancelled running request stayed in the batch (<= 1 by design)
             "cancel_lag_steps_max": 0,
         }
+        self._labels = LabelScorer(self)  # its scoring context is built on the first choice task
         self._thread = threading.Thread(target=self._loop, name=f"llama-engine-{model_path.name}", daemon=True)
         self._thread.start()
-
-    # ---- tokenizer and template (thread-safe: read-only vocab) ----
-
-    def _fragment_tokenizer(self) -> FragmentTokenizer | None:
-        """Per-fragment cached tokenising for chat prompts, where it is exactly llama.cpp's
-        algorithm (backends/fragments.py); None where it is not."""
-        ll = self._ll
-        if int(ll.llama_vocab_type(self._vocab)) != ll.LLAMA_VOCAB_TYPE_BPE:
-            return None
-        special_attrs = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
-        special = np.flatnonzero(self._attrs & special_attrs)
-        if np.any(self._attrs[special] & (ll.LLAMA_TOKEN_ATTR_LSTRIP | ll.LLAMA_TOKEN_ATTR_RSTRIP)):
-            return None
-        specials = [(ll.llama_vocab_get_text(self._vocab, int(t)) or b"", int(t)) for t in special]
-        return FragmentTokenizer(lambda data, parse: self._llama_tokenize(data, False, parse), specials)
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8", errors="replace")
-        if parse_special and not (add_special and self._adds_special) and self._fragments is not None:
-            return self._fragments.tokenize(data)
-        return self._llama_tokenize(data, add_special, parse_special)
-
-    def _llama_tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
-        n_max = len(data) + 8
-        buf = (self._ll.llama_token * n_max)()
-        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (self._ll.llama_token * n_max)()
-            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        if not special and (cached := self._pieces.get(token)) is not None:
-            return cached
-        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
-        out = bytes(self._piece_buf.raw[: max(n, 0)])
-        if not special:
-            self._pieces[token] = out
-        return out
-
-    def chat_template(self) -> str | None:
-        raw = self._ll.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8") if raw else None
-
-    def special_text(self, token: int) -> str:
-        return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
-
-    @property
-    def bos(self) -> int:
-        return int(self._ll.llama_vocab_bos(self._vocab))
-
-    @property
-    def eos(self) -> int:
-        return int(self._ll.llama_vocab_eos(self._vocab))
 
     # ---- submission (called from the asyncio thread) ----
 
@@ -627,79 +565,8 @@ class LlamaEngine:
         seq.sink(("done", gen))
 
     def score_labels(self, seq: _Seq, gen: Generation) -> dict[str, Any]:
-        """log P(chosen label) over the allowed labels, from raw logits at the label's position.
-
-        The context is the prompt plus the answer tokens before the one where the label starts; the
-        KV cache already holds it, so only its last token is fed again (its logits start every
-        label), then each label's tokens, shared label prefixes once (LabelPlan.feeds). The cache
-        is cut back to the context afterwards and the slot keeps only what it kept before.
-        `raw`: each label's log P(label | context), unnormalised (rounded to 1e-6)."""
-        from bisect import bisect_right
-
-        from localroute.backends.labels import LabelPlan, locate_label, normalise
-
-        t0 = time.perf_counter_ns()
-        info: dict[str, Any] = {"n_labels": len(seq.labels)}
-        span = locate_label(gen.text, seq.labels, seq.params.response_format)
-        if span is None:
-            return info | {"chosen": None, "logprob": None, "cost_s": (time.perf_counter_ns() - t0) / 1e9}
-        start_byte = len(gen.text[: span.start].encode("utf-8"))
-        ends = seq.token_ends[: len(gen.tokens)]
-        i = bisect_right(ends, start_byte)
-        lead = bytes(seq.out[(ends[i - 1] if i else 0):start_byte])
-        context = [*seq.prompt, *(t.token_id for t in gen.tokens[:i])]
-        root = tuple(context[-2:])
-        base = len(context) - len(root)
-        paths = tuple((label, tuple(self._llama_tokenize(lead + text.encode("utf-8"), False, False)))
-                      for label, text in span.candidates)
-        plan = LabelPlan(base=base, root=root, paths=paths)
-        children: dict[tuple[int, ...], set[int]] = {}
-        for _, path in paths:
-            full = (*root, *path)
-            for d in range(len(root), len(full)):
-                children.setdefault(full[:d], set()).add(full[d])
-        cond: dict[tuple[tuple[int, ...], int], float] = {}
-        fed = 0
-        longest = max((len(p) for _, p in paths), default=0)
-        if base + longest + 1 > self.kv_cells_per_seq or not all(p for _, p in paths):
-            return info | {"chosen": span.label, "logprob": None, "error": "no room to score the labels"}
-        try:
-            for keep, need in plan.feeds():
-                toks = need[keep:]
-                self._ll.llama_memory_seq_rm(self._mem, seq.slot, base + keep, -1)
-                for start in range(0, len(toks), self.n_batch):
-                    chunk = toks[start:start + self.n_batch]
-                    n = len(chunk)
-                    self._b_token[:n] = chunk
-                    self._b_pos[:n] = np.arange(base + keep + start, base + keep + start + n)
-                    self._b_logits[:n] = 1
-                    for j in range(n):
-                        self._batch.seq_id[j][0] = seq.slot
-                    rc = self._decode(n)
-                    if rc != 0:
-                        return info | {"chosen": span.label, "logprob": None, "error": f"decode error {rc}"}
-                    fed += n
-                    for j in range(n):
-                        prefix = need[: keep + start + j + 1]
-                        kids = children.get(prefix)
-                        if not kids:
-                            continue
-                        row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, j), shape=(self.n_vocab,))
-                        top = float(row.max())
-                        lse = top + float(np.log(np.exp(row - top, dtype=np.float64).sum()))
-                        for k in kids:
-                            cond[(prefix, k)] = float(row[k]) - lse
-        finally:
-            self._ll.llama_memory_seq_rm(self._mem, seq.slot, base, -1)
-            seq.n_past = min(seq.n_past, base)
-        raw: dict[str, float] = {}
-        for label, path in paths:
-            full = (*root, *path)
-            raw[label] = sum(cond[(full[:d], full[d])] for d in range(len(root), len(full)))
-        logprob = normalise(raw, span.label)
-        return info | {
-            "raw": {k: round(v, 6) for k, v in raw.items()},"chosen": span.label, "logprob": logprob, "tokens_fed": fed,
-                       "cost_s": round((time.perf_counter_ns() - t0) / 1e9, 6)}
+        """The answer's label confidence (backends/label_scoring.py), in `seq`'s slot before release."""
+        return self._labels.score(seq, gen)
 
     def close(self) -> None:
         """Stop the engine thread (requests still queued or running get a 503) and free llama.cpp."""
@@ -708,6 +575,7 @@ class LlamaEngine:
             self._cond.notify_all()
         self._thread.join(timeout=10)
         if not self._thread.is_alive() and self._ctx is not None:
+            self._labels.close()
             self._ll.llama_batch_free(self._batch)
             self._ll.llama_free(self._ctx)
             self._ll.llama_model_free(self._model)

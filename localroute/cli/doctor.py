@@ -18,7 +18,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from localroute.monitoring.telemetry import environment
 
-    env = environment(extra_buffers=settings_from(args).llama_extra_buffers)
+    settings = settings_from(args)
+    env = environment(extra_buffers=settings.llama_extra_buffers)
+    if settings.calibration_path is not None:
+        from localroute.calibration_file import calibration_check
+
+        env["calibration"] = calibration_check(settings.calibration_path, settings.confidence_aggregator,
+                                               settings.confidence_quantile_alpha)
     if args.json:
         print_json(env)
         return 0
@@ -47,4 +53,8 @@ def render(env: dict[str, Any]) -> str:
         lines.append(f"llama.cpp    {lc['system_info'] or 'reported no CPU features'}")
         state = {True: "on", False: "off", None: "unknown"}[lc["use_extra_bufts"]]
         lines.append(f"extra bufs   {state} (llama_extra_buffers={lc['mode']}): {lc['reason']}")
+    cal = env.get("calibration")
+    if cal is not None:
+        lines.append(f"calibration  {cal['path']}: " + (f"applies (aggregator {cal['aggregator']})" if cal["applies"]
+                                                       else f"IGNORED: {cal['problem']}"))
     return "\n".join(lines)

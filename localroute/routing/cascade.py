@@ -29,7 +29,13 @@ from localroute.errors import (
     UnsupportedCapabilityError,
 )
 from localroute.routing.base import Decision, Routed, RoutedDelta, Tier, TierAttempt, finite
-from localroute.routing.confidence import TOP_K_NEEDED, answer_confidence, check_signal, field_confidences
+from localroute.routing.confidence import (
+    TOP_K_NEEDED,
+    answer_confidence,
+    check_signal,
+    field_confidences,
+    signal_used,
+)
 from localroute.routing.repetition import RepetitionCheck
 from localroute.types import EscalationBound, Generation, GenerationRequest, StreamDelta
 
@@ -106,10 +112,15 @@ class CascadeRouter:
         """The quantile aggregators' alpha (what a router sharing this one's signal needs)."""
         return self._alpha
 
-    def _confidence(self, gen: Generation, tier: Tier | None = None) -> float | None:
+    def _confidence(self, gen: Generation, tier: Tier | None = None, decision: Decision | None = None) -> float | None:
         """The aggregate of the answer's logprobs (`answer_confidence`, as calibration computes it).
         An answer that came without logprobs from a remote tier (a tool call, a provider's raw
-        answer) is None: no evidence either way; an empty local answer is -inf (it escalates)."""
+        answer) is None: no evidence either way; an empty local answer is -inf (it escalates).
+        With `decision`: where the aggregator may read another signal than its own (label_confidence
+        without label scores), evidence["signal_used"][tier] says which one it read, and why."""
+        if decision is not None and tier is not None and self.aggregator == "label_confidence":
+            used, why = signal_used(self.aggregator, gen.tokens, gen.text, gen.extra)
+            decision.evidence.setdefault("signal_used", {})[tier.name] = {"signal": used, **({"why": why} if why else {})}
         if not gen.tokens and (gen.raw is not None or (tier is not None and not tier.backend.is_local)):
             return None
         fields = self.fields.get(tier.name, ()) if tier is not None else ()
@@ -182,7 +193,7 @@ class CascadeRouter:
         call cut by max_tokens escalates whatever its confidence, its evidence in decision.evidence
         (VETO_EVIDENCE). An answer the engine stopped early (gen.extra["early_exit"]: its threshold was already out
         of reach) escalates at once. Subclasses add signals here (routing.verifier.VerifiedCascadeRouter)."""
-        conf = self._confidence(gen, tier)
+        conf = self._confidence(gen, tier, decision)
         early = gen.extra.get("early_exit")
         if early is not None:
             decision.evidence.setdefault("early_exit", {})[tier.name] = early
@@ -251,7 +262,7 @@ class CascadeRouter:
             raise
         except LocalrouteError as exc:
             return self._degrade(decision, tier, exc, fallback, time.perf_counter() - t0)
-        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen, tier), True, tier.threshold))
+        decision.attempts.append(self._attempt(tier, gen, self._confidence(gen, tier, decision), True, tier.threshold))
         decision.answered_by = tier.name
         return Routed(gen, decision)
 
@@ -286,8 +297,8 @@ class CascadeRouter:
             async for delta in tier.backend.stream(self._tier_request(request)):
                 if delta.final is not None:
                     final = delta.final
-                    decision.attempts.append(self._attempt(tier, final, self._confidence(final, tier), True,
-                                                           tier.threshold))
+                    decision.attempts.append(self._attempt(tier, final, self._confidence(final, tier, decision),
+                                                           True, tier.threshold))
                     decision.answered_by = tier.name
                     yield RoutedDelta(delta, decision, Routed(final, decision))
                     return

@@ -252,6 +252,27 @@ def label_confidence(tokens: Sequence[TokenLogprob], extra: dict[str, Any] | Non
     return NEG_INF if value is None else float(value)
 
 
+def signal_used(name: str, tokens: Sequence[TokenLogprob], text: str = "",
+                extra: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """(the signal answer_confidence(name, ...) actually read, why it is not `name`; None: it is).
+
+    label_confidence reads mean_logprob when there are no label scores (the request named no
+    labels, or the tier scores none), and scores -inf ("none": the answer escalates) when labels
+    were known but the answer named none or they could not be scored."""
+    if not tokens:
+        return "none", "the answer came without token logprobs" if text else "empty answer"
+    if name != "label_confidence":
+        return name, None
+    label = (extra or {}).get("label")
+    if not isinstance(label, dict):
+        return "mean_logprob", "no label scores: the request named no labels, or this tier scores none"
+    if label.get("logprob") is None:
+        if label.get("chosen") is None:
+            return "none", "the answer names none of the allowed labels"
+        return "none", f"the labels could not be scored: {label.get('error') or 'no score'}"
+    return "label_confidence", None
+
+
 def get_aggregator(name: str) -> Aggregator:
     try:
         return AGGREGATORS[name]

@@ -58,3 +58,24 @@ def test_doctor_prints_llama_cpp_cpu_features_and_the_extra_buffer_choice(
     lc = json.loads(capsys.readouterr().out)["llama_cpp_cpu"]
     assert lc["mode"] == "off" and lc["use_extra_bufts"] is False and lc["reason"] == "llama_extra_buffers=off"
     assert isinstance(lc["amx_cpu_flags"], list) and lc["system_info"] == system_info()
+
+
+def test_doctor_reports_a_calibration_file_of_another_aggregator(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file `serve` would ignore for its aggregator is named by doctor, text and JSON, with the fixes."""
+    from localroute.calibration_file import write_calibration
+    from tests.test_calibration_file import _file
+
+    path = write_calibration(_file(aggregator="mean_logprob"), tmp_path / "calibration.json")
+    monkeypatch.setenv("LOCALROUTE_CALIBRATION_PATH", str(path))
+    monkeypatch.setenv("LOCALROUTE_CONFIDENCE_AGGREGATOR", "label_confidence")
+    assert main(["doctor", "--json"]) == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert cal["applies"] is False and cal["aggregator"] == "mean_logprob"
+    assert cal["configured_aggregator"] == "label_confidence" and "recalibrate" in cal["problem"]
+    assert main(["doctor"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("calibration"))
+    assert "IGNORED" in line and str(path) in line and 'confidence_aggregator = "mean_logprob"' in line
+    monkeypatch.setenv("LOCALROUTE_CONFIDENCE_AGGREGATOR", "mean_logprob")
+    assert main(["doctor"]) == 0
+    assert "applies (aggregator mean_logprob)" in capsys.readouterr().out

@@ -223,6 +223,31 @@ def test_label_evidence_and_label_confidence() -> None:
         CascadeRouter([Tier("a", a, -0.5)], "no_such_signal")
 
 
+@pytest.mark.parametrize(("extra", "signal", "why"), [
+    ({"label": {"chosen": "positive", "logprob": -0.1, "n_labels": 3}}, "label_confidence", None),
+    ({}, "mean_logprob", "no label scores"),
+    ({"label": {"chosen": None, "logprob": None, "n_labels": 3}}, "none", "names none of the allowed labels"),
+    ({"label": {"chosen": "positive", "logprob": None, "error": "no room to score the labels"}}, "none",
+     "no room to score the labels"),
+])
+def test_the_decision_says_which_signal_label_confidence_read(extra: dict[str, object], signal: str,
+                                                              why: str | None) -> None:
+    """label_confidence without a label score falls back (mean_logprob, or -inf); the evidence
+    names the signal each tier's confidence actually came from, and why it is not the label's."""
+    a = _Recording("a", "positive", [-2.0], extra=extra)
+    f = ScriptedBackend("f", "frontier answer", [-0.01], local=False)
+    routed = asyncio.run(CascadeRouter([Tier("a", a, -0.5), Tier("f", f, None)], "label_confidence").route(REQ))
+    used = routed.decision.evidence["signal_used"]
+    assert routed.decision.signal == "label_confidence"
+    assert used["a"]["signal"] == signal and (why is None) == ("why" not in used["a"])
+    assert why is None or why in used["a"]["why"]
+    assert routed.decision.answered_by == ("a" if signal == "label_confidence" else "f")
+    assert set(used) == {t.tier for t in routed.decision.attempts}
+    assert signal == "label_confidence" or used["f"]["signal"] == "mean_logprob"  # the frontier scores no labels
+    plain = asyncio.run(CascadeRouter([Tier("a", a, -0.5), Tier("f", f, None)]).route(REQ))
+    assert "signal_used" not in plain.decision.evidence  # mean_logprob reads what it says
+
+
 def test_a_tool_call_cut_by_max_tokens_escalates_whatever_its_confidence() -> None:
     router, a, f = ladder(-0.01)
     tools = ({"name": "get_weather", "parameters": {"type": "object"}},)

@@ -237,3 +237,19 @@ def test_served_confidence_equals_the_eval_runs_rescoring(tmp_path: Path) -> Non
                                   tuple(TopLogprob(a.token, a.logprob) for a in t.top_logprobs)) for t in content]
     for name in c.AGGREGATORS:
         assert c.confidence(name, served_tokens, table.alpha) == table.conf[name][0], name
+
+
+def test_signal_used_names_what_label_confidence_read() -> None:
+    from localroute.routing.confidence import answer_confidence, signal_used
+
+    toks = [tok(-1.0), tok(-3.0)]
+    scored = {"label": {"chosen": "a", "logprob": -0.25}}
+    assert signal_used("label_confidence", toks, "ab", scored) == ("label_confidence", None)
+    assert answer_confidence("label_confidence", toks, 0.1, "ab", scored) == -0.25
+    used, why = signal_used("label_confidence", toks, "ab", {})
+    assert used == "mean_logprob" and why and answer_confidence("label_confidence", toks, 0.1, "ab", {}) == -2.0
+    missing = {"label": {"chosen": None, "logprob": None}}
+    assert signal_used("label_confidence", toks, "ab", missing)[0] == "none"
+    assert answer_confidence("label_confidence", toks, 0.1, "ab", missing) == float("-inf")
+    assert signal_used("mean_logprob", toks, "ab", {}) == ("mean_logprob", None)
+    assert signal_used("label_confidence", [], "ab", scored)[0] == "none"  # text without logprobs
