@@ -189,6 +189,9 @@ class DecodeState:
     extra: dict[str, Any] = field(default_factory=dict)  # copied into Generation.extra
     adjuster: LogitsAdjuster | None = None  # logit_bias and penalties, when the request has any
     early_exit: EarlyExit | None = None  # the tier's acceptance bound (request.escalate_below)
+    # parallel tool calls: end the answer where a call repeats an earlier one word for word
+    # (tool_calls.repeated_call_start); the repeat is cut, the calls before it stay
+    repeat_guard: bool = False
     choice: int = 0  # the choice index of an n > 1 request (its own sampler stream, see rng)
     hold_done: bool = False  # keep the finished Generation in `held` (the engine adds label scores)
     held: Generation | None = None
@@ -264,6 +267,12 @@ class DecodeState:
             self.n_chars += len(new)
             if self.want_tokens:
                 self._unsent += new
+        if self.repeat_guard and b"}" in raw:
+            from localroute.backends.tool_calls import repeated_call_start
+
+            start = repeated_call_start(self.out.decode("utf-8", errors="replace"))
+            if start is not None:
+                return "stop", start
         if len(self.tokens) >= self.max_new:
             return "length", None
         if self.early_exit is not None and self.early_exit.lost(self.tokens, self.token_ends, len(self.out)):

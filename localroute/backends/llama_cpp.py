@@ -828,6 +828,7 @@ class LlamaCppBackend(EngineBridge):
         grammar = (constraint_for(self.engine, fmt, request.tools, request.parallel_tool_calls)
                    if fmt or request.tools else None)
         return _Seq(**common, model=self.engine.model_path.name, choice=choice,
+                    repeat_guard=bool(request.tools) and request.parallel_tool_calls,
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     grammar=grammar, labels=labels, hold_done=bool(labels), early_exit=early)
 

@@ -18,7 +18,12 @@ model rarely chooses well.
 Parallel calls: unless the client sets `parallel_tool_calls: false` or names the function, the
 grammar takes one or more calls, one per line (`calls_gbnf`): a single call is the same text as
 before, and after each call the model chooses between ending and a newline and another call.
-Each call is one `tool_calls` entry, each held to its own tool's schema by the grammar.
+Each call is one `tool_calls` entry, each held to its own tool's schema by the grammar; a call
+repeated word for word (SmolLM2 often repeats its first call, greedy too, and then goes on
+repeating it) ends the answer where it starts (DecodeState.repeat_guard), and any repeat left is
+kept once. A sampled answer that
+keeps adding calls until max_tokens is cut, no call (finish_reason "length"), and the cascade
+escalates it as any truncated call.
 
 Logprobs: OpenAI's chat logprobs cover message content only (`content` is null for a tool call);
 a local tier, like vLLM, reports the tokens it generated for the calls (every token, forced ones
@@ -37,7 +42,8 @@ from typing import Any
 
 from localroute.types import Generation
 
-__all__ = ["call_schema", "calls_gbnf", "parse_calls", "tool_call_answer", "with_tools_preamble"]
+__all__ = ["call_schema", "calls_gbnf", "parse_calls", "repeated_call_start", "tool_call_answer",
+           "with_tools_preamble"]
 
 _CALL_RULE = "localroute-call"  # the one-call grammar's root, renamed when calls may repeat
 
@@ -86,6 +92,28 @@ def parse_calls(text: str) -> list[dict[str, Any]] | None:
             return None
         calls.append(call)
     return calls or None
+
+
+def repeated_call_start(text: str) -> int | None:
+    """Where the last call of `text` starts when `text` is complete calls and that last one
+    repeats an earlier call word for word (the engine ends such an answer there); else None."""
+    decoder = json.JSONDecoder()
+    calls: list[Any] = []
+    i, end, start = 0, len(text), 0
+    while True:
+        while i < end and text[i].isspace():
+            i += 1
+        if i == end:
+            break
+        start = i
+        try:
+            call, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        calls.append(call)
+    if len(calls) > 1 and calls[-1] in calls[:-1]:
+        return start
+    return None
 
 
 def tools_preamble(tools: tuple[dict[str, Any], ...], parallel: bool = False) -> str:
@@ -137,10 +165,14 @@ def _one_answer(gen: Generation) -> Generation:
     calls = parse_calls(gen.text)
     if calls is None:  # the grammar should make this impossible
         return gen
+    unique: list[dict[str, Any]] = []
+    for call in calls:  # a small model repeats a call word for word: the same call twice is one call
+        if call not in unique:
+            unique.append(call)
     message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [{
         "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
         "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
-    } for call in calls]}
+    } for call in unique]}
     # the tokens the grammar left no choice (its punctuation, the rest of a name once it is
     # unambiguous) have a renormalised logprob of exactly 0: they say nothing of the model, and
     # kept they would only dilute a mean; the confidence comes from the name and argument choices

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from localroute.backends.tool_calls import call_schema, calls_gbnf, parse_calls, tool_call_answer, with_tools_preamble
+from localroute.backends.tool_calls import (
+    call_schema,
+    calls_gbnf,
+    parse_calls,
+    repeated_call_start,
+    tool_call_answer,
+    with_tools_preamble,
+)
 from localroute.types import Generation, TokenLogprob
 
 ADD = {"name": "add", "description": "Add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
@@ -85,6 +93,8 @@ def test_several_calls_become_several_tool_calls_entries() -> None:
     assert [c["function"]["name"] for c in calls] == ["add", "now"]
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": 1}, {}]
     assert len({c["id"] for c in calls}) == 2
+    (again,) = tool_call_answer(gen(TWO.split("\n")[0] + "\n" + TWO)).raw["choices"]  # type: ignore[index]
+    assert [c["function"]["name"] for c in again["message"]["tool_calls"]] == ["add", "now"]  # a repeat is one call
 
 
 def test_parse_calls_takes_json_objects_in_a_row_and_nothing_else() -> None:
@@ -157,3 +167,33 @@ def test_the_grammar_takes_several_calls_only_when_parallel(smollm2_path: Path) 
         assert takes(first + '\n{"name": "sub", "arguments": {}}', True)[0] is False  # no such tool
     finally:
         engine.close()
+
+
+def test_a_repeated_call_is_found_where_it_starts() -> None:
+    first = '{"name": "add", "arguments": {"a": 1}}'
+    assert repeated_call_start(first + "\n" + first) == len(first) + 1
+    assert repeated_call_start(TWO + "\n" + first) == len(TWO) + 1
+    for text in (first, TWO, first + "\n", first + "\n" + first[:-1], first + '\n{"name": "add", "arguments": {"a": 2}}'):
+        assert repeated_call_start(text) is None, text
+
+
+def test_the_decode_ends_an_answer_where_a_call_repeats() -> None:
+    """DecodeState.repeat_guard: fed a call, a newline and the same call token by token, the
+    answer ends (stop) once the repeat is complete, the repeat cut; without the guard it goes on."""
+    from localroute.backends.decoding import DecodeState
+    from localroute.types import SamplingParams
+
+    first = '{"name": "add", "arguments": {"a": 1}}'
+    pieces = [first[:9], first[9:30], first[30:], "\n", first[:20], first[20:]]
+    for guard in (True, False):
+        done: list[Any] = []
+        state = DecodeState(request_id="r", prompt=[1, 2], params=SamplingParams(max_tokens=50), max_new=50,
+                            sink=done.append, want_tokens=False, submitted_at=0.0, repeat_guard=guard)
+        reasons = [state.token(i, p.encode(), -0.5, (), 0.0) for i, p in enumerate(pieces)]
+        if guard:
+            assert reasons[-1] == "stop" and reasons[:-1] == [None] * 5
+            ((kind, answer),) = done
+            assert answer.text == first + "\n" and [t.token for t in answer.tokens] == pieces[:4]
+            assert tool_call_answer(answer).finish_reason == "tool_calls"
+        else:
+            assert reasons == [None] * 6 and not done
