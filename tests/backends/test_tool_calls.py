@@ -156,7 +156,7 @@ def test_the_grammar_takes_several_calls_only_when_parallel(smollm2_path: Path) 
                 grammar.accept(tok)
             return True, bool(grammar.mask(row)[engine.eos] > -1e29)
 
-        first, second = TWO.split("\n")
+        first = TWO.split("\n")[0]
         assert takes(TWO, True) == (True, True)
         assert takes(first, True) == (True, True)
         assert takes(first + "\n", True) == (True, False)  # a newline starts another call
@@ -192,7 +192,7 @@ def test_the_decode_ends_an_answer_where_a_call_repeats() -> None:
         reasons = [state.token(i, p.encode(), -0.5, (), 0.0) for i, p in enumerate(pieces)]
         if guard:
             assert reasons[-1] == "stop" and reasons[:-1] == [None] * 5
-            ((kind, answer),) = done
+            ((_, answer),) = done
             assert answer.text == first + "\n" and [t.token for t in answer.tokens] == pieces[:4]
             assert tool_call_answer(answer).finish_reason == "tool_calls"
         else:
