@@ -38,6 +38,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    n: int = 1  # choices to generate (a local engine decodes them as parallel sequences)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -91,6 +92,9 @@ class GenerationRequest:
     score_labels: bool = True
     # set by the cascade for a non-final local tier: stop decoding once acceptance is impossible
     escalate_below: EscalationBound | None = None
+    # with `tools`: whether the answer may hold several calls (the client's parallel_tool_calls,
+    # false for a named tool_choice)
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,9 @@ class Generation:
     # A remote tier's answer as the provider sent it (chat.completion JSON), passed through to the
     # client with only localroute's id, model and routing block set; None for local tiers.
     raw: dict[str, Any] | None = None
+    # an n > 1 answer: the other choices (index 1..n-1), this one being index 0. The prompt is counted
+    # once (prompt_tokens here); completion_tokens here is the sum over every choice
+    choices: list[Generation] = field(default_factory=list)
 
     @property
     def logprobs(self) -> list[float]:
@@ -143,3 +150,4 @@ class StreamDelta:
     token: TokenLogprob | None = None
     final: Generation | None = None
     raw: dict[str, Any] | None = None
+    index: int = 0  # the choice this text belongs to (n > 1)

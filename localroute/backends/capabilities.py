@@ -104,13 +104,14 @@ class Capabilities:
 
 # Local engines as they are today: text in, text out, one answer, the sampler's own knobs; JSON
 # schema through a grammar (llama.cpp) or the cascade's schema check. What an engine learns to do
-# (tool calling, n > 1) is switched on here, or per tier in settings.
+# (tool calling, n > 1 on llama.cpp) is switched on here, or per tier in settings.
 _LOCAL = Capabilities()
 # the llama.cpp and transformers samplers apply logit_bias and the penalties (decoding.LogitsAdjuster)
 _LOCAL_SAMPLER = replace(_LOCAL, logit_bias=True, penalties=True)
 DEFAULTS: dict[str, Capabilities] = {
-    # tool calls through a grammar from the tools' schemas (backends/tool_calls.py); n > 1 not yet
-    "llama_cpp": replace(_LOCAL_SAMPLER, tools=True),
+    # tool calls through a grammar from the tools' schemas (backends/tool_calls.py); n > 1 as
+    # parallel sequences sharing the prompt's KV cache (LlamaCppBackend._choices)
+    "llama_cpp": replace(_LOCAL_SAMPLER, tools=True, multiple_choices=True),
     "transformers": _LOCAL_SAMPLER,
     "vllm": _LOCAL,
     "openai": Capabilities.everything(),

@@ -189,6 +189,10 @@ class DecodeState:
     extra: dict[str, Any] = field(default_factory=dict)  # copied into Generation.extra
     adjuster: LogitsAdjuster | None = None  # logit_bias and penalties, when the request has any
     early_exit: EarlyExit | None = None  # the tier's acceptance bound (request.escalate_below)
+    # parallel tool calls: end the answer where a call repeats an earlier one word for word
+    # (tool_calls.repeated_call_start); the repeat is cut, the calls before it stay
+    repeat_guard: bool = False
+    choice: int = 0  # the choice index of an n > 1 request (its own sampler stream, see rng)
     hold_done: bool = False  # keep the finished Generation in `held` (the engine adds label scores)
     held: Generation | None = None
     forced: list[int] = field(default_factory=list)  # indices of tokens the grammar allowed alone
@@ -216,8 +220,13 @@ class DecodeState:
     @cached_property
     def rng(self) -> np.random.Generator:
         """The request's sampler, made on first use by the engine thread: greedy requests never
-        need one, and a seedless one reads OS entropy (~0.1 ms on the request path otherwise)."""
-        return np.random.default_rng(self.params.rng_seed)
+        need one, and a seedless one reads OS entropy (~0.1 ms on the request path otherwise).
+        Choice i > 0 of an n > 1 request draws from the stream seeded by (seed, i): distinct per
+        choice, the same for the same seed; choice 0 is the n = 1 answer's stream."""
+        seed = self.params.rng_seed
+        if self.choice and seed is not None:
+            return np.random.default_rng([seed, self.choice])
+        return np.random.default_rng(seed)
 
     def token(self, token_id: int, raw: bytes, logprob: float, top_logprobs: tuple[TopLogprob, ...],
               now: float, eos: bool = False) -> FinishReason | None:
@@ -258,6 +267,12 @@ class DecodeState:
             self.n_chars += len(new)
             if self.want_tokens:
                 self._unsent += new
+        if self.repeat_guard and b"}" in raw:
+            from localroute.backends.tool_calls import repeated_call_start
+
+            start = repeated_call_start(self.out.decode("utf-8", errors="replace"))
+            if start is not None:
+                return "stop", start
         if len(self.tokens) >= self.max_new:
             return "length", None
         if self.early_exit is not None and self.early_exit.lost(self.tokens, self.token_ends, len(self.out)):

@@ -100,13 +100,18 @@ class GrammarConstraint:
 
 
 def constraint_for(engine: Any, response_format: dict[str, Any] | None,
-                   tools: tuple[dict[str, Any], ...] = ()) -> GrammarConstraint | None:
+                   tools: tuple[dict[str, Any], ...] = (), parallel_calls: bool = False) -> GrammarConstraint | None:
     """A constraint for a LlamaEngine request, or None when the request needs none. `tools`: the
-    answer is one call of one of them (backends/tool_calls.py), whatever the response_format."""
+    answer is one call of one of them (backends/tool_calls.py), whatever the response_format;
+    with `parallel_calls` one or more calls, one per line."""
     if tools:
-        from localroute.backends.tool_calls import call_schema
+        from localroute.backends.tool_calls import call_schema, calls_gbnf
 
-        gbnf: str | None = schema_gbnf(call_schema(tools), "tools.function.parameters", "tools")
+        one = schema_gbnf(call_schema(tools), "tools.function.parameters", "tools")
+        try:
+            gbnf: str | None = calls_gbnf(one, parallel_calls)
+        except ValueError:  # a grammar shape the renaming does not know: one call, as before
+            gbnf = one
     elif not response_format:
         return None
     else:

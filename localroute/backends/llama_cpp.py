@@ -23,10 +23,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -100,6 +100,12 @@ class _Seq(DecodeState):
     reserved: int = 0
     grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
     labels: tuple[str, ...] = ()  # a choice task's allowed answers: scored when the answer is done
+    # n > 1 (LlamaCppBackend._choices): the leader (choice 0 of a wave) is submitted with its
+    # siblings; they are admitted together and each sibling waits (`copy_of` set) until the
+    # leader's prompt is in the KV cache, then gets a copy of it (llama_memory_seq_cp) and its first
+    # token from the same logits row
+    siblings: list[_Seq] = field(default_factory=list)
+    copy_of: _Seq | None = None
 
 
 class LlamaEngine(LlamaVocab):
@@ -205,6 +211,10 @@ class LlamaEngine(LlamaVocab):
             "tokens_generated_total": 0,
             "prompt_tokens_total": 0,  # prompt tokens of admitted requests
             "prompt_tokens_cached_total": 0,  # of those, taken from a slot's prefix cache (not prefilled)
+            "prompts_prefilled_total": 0,  # prompts fed to the model: one per request, one per wave of n > 1 choices
+            # prompt tokens of the choices 1.. of an n > 1 request: copied from choice 0's KV, never prefilled
+            "prompt_tokens_shared_total": 0,
+            "kv_copies_total": 0,  # llama_memory_seq_cp calls for those choices
             "decode_steps_total": 0,  # successful llama_decode calls
             "batched_rows_total": 0,  # decode rows over all steps: / decode_steps_total = mean batch
             # ubatches llama.cpp runs for the decode rows (runs of consecutive slot ids); ideally one
@@ -271,11 +281,16 @@ class LlamaEngine(LlamaVocab):
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, first come first served, while their reservation
-        (prompt + max_tokens) fits the context budget. Called with the lock held."""
+        (prompt + max_tokens) fits the context budget. Called with the lock held. A request with
+        siblings (n > 1) waits until it has a slot for each of them too (first come first served:
+        later requests wait behind it), and reserves one budget per choice."""
         while self._waiting and self._free_slots:
             seq = self._waiting[0]
             need = len(seq.prompt) + seq.max_new
-            if self._budget_used + need > self.ctx_budget and self._active:
+            width = 1 + len(seq.siblings)
+            if width > len(self._free_slots):
+                return  # wait for enough slots
+            if self._budget_used + need * width > self.ctx_budget and self._active:
                 return  # wait for a sequence to finish and return its budget
             self._waiting.popleft()
             seq.slot, reuse = self._pick_slot(seq.prompt)
@@ -289,7 +304,19 @@ class LlamaEngine(LlamaVocab):
             self._active.append(seq)
             self.stats["prompt_tokens_total"] += len(seq.prompt)
             self.stats["prompt_tokens_cached_total"] += reuse
+            self.stats["prompts_prefilled_total"] += 1
             seq.sink(("admitted", None))
+            for sib in seq.siblings:  # their KV comes from the leader's once its prompt is in (_share_prompt)
+                sib.slot = min(self._free_slots)
+                self._free_slots.remove(sib.slot)
+                self._ll.llama_memory_seq_rm(self._mem, sib.slot, -1, -1)
+                self._slot_cache[sib.slot] = _NO_TOKENS
+                sib.reserved = need
+                self._budget_used += need
+                sib.copy_of = seq
+                self._active.append(sib)
+                self.stats["prompt_tokens_shared_total"] += len(seq.prompt)
+                sib.sink(("admitted", None))
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
         """(slot, prompt tokens already in its KV stream). At least two prompt tokens are always fed
@@ -314,6 +341,10 @@ class LlamaEngine(LlamaVocab):
         self._free_slots.append(seq.slot)
         self._budget_used -= seq.reserved
         seq.slot = -1
+        for sib in seq.siblings:  # its prompt never made it in: the choices waiting for it are cancelled
+            if sib.copy_of is seq:
+                sib.copy_of = None
+                sib.cancelled = True
 
     def _loop(self) -> None:
         try:
@@ -449,8 +480,29 @@ class LlamaEngine(LlamaVocab):
         seq.n_past += take
         if last and not seq.cancelled:
             row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, take - 1), shape=(self.n_vocab,))
-            self._advance(seq, row, time.perf_counter())
+            now = time.perf_counter()
+            self._advance(seq, row, now)
+            if seq.siblings:
+                self._share_prompt(seq, row, now)
         return take
+
+    def _share_prompt(self, leader: _Seq, row: np.ndarray, now: float) -> None:
+        """The leader's prompt is in its KV stream: copy it to each waiting sibling's sequence and
+        give each its first token from the same logits row, sampled by its own sampler.
+
+        With one KV stream per sequence llama.cpp copies the whole stream buffer (cross-stream
+        seq_cp takes only the full range; the copy runs at the start of the next llama_decode,
+        before that step's rows); with a unified buffer the cells just gain the sibling's id."""
+        for sib in leader.siblings:
+            if sib.copy_of is not leader:
+                continue
+            sib.copy_of = None
+            if sib.cancelled or sib.slot < 0:
+                continue
+            self._ll.llama_memory_seq_cp(self._mem, leader.slot, sib.slot, -1, -1)
+            self.stats["kv_copies_total"] += 1
+            sib.n_past = len(sib.prompt)
+            self._advance(sib, row, now)
 
     def _step(self, active: list[_Seq]) -> None:
         """One decode round: a token for every generating sequence, then some prompt chunks.
@@ -461,7 +513,7 @@ class LlamaEngine(LlamaVocab):
         prompts take up to `n_batch` tokens, first come first served, until one of them has its first
         token; from then on it is a running stream too, and the others wait for the next round.
         """
-        decoding = [s for s in active if not s.pending and not s.cancelled]
+        decoding = [s for s in active if not s.pending and not s.cancelled and s.copy_of is None]
         prefilling = [s for s in active if s.pending and not s.cancelled]
         if decoding:
             with self.outbox.batch():
@@ -618,7 +670,7 @@ class LlamaCppBackend(EngineBridge):
             return self.engine.tokenize(request.prompt or "", add_special=True, parse_special=False)
         messages = [dict(m) for m in request.messages]
         if request.tools and not self._template_reads_tools:
-            messages = with_tools_preamble(messages, request.tools)
+            messages = with_tools_preamble(messages, request.tools, request.parallel_tool_calls)
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
             return self.engine.tokenize(text, add_special=True, parse_special=False)
@@ -633,7 +685,7 @@ class LlamaCppBackend(EngineBridge):
     def context_tokens(self) -> int:
         return self.engine.n_ctx_seq
 
-    def _state(self, request: GenerationRequest, **common: Any) -> _Seq:
+    def _state(self, request: GenerationRequest, choice: int = 0, **common: Any) -> _Seq:
         from localroute.backends.labels import labels_of
 
         fmt = request.params.response_format
@@ -641,22 +693,113 @@ class LlamaCppBackend(EngineBridge):
         bound = request.escalate_below
         early = (EarlyExit(bound, common["max_new"], request.params.stop)
                  if bound is not None and EarlyExit.supports(bound) else None)
-        return _Seq(**common, model=self.engine.model_path.name,
+        grammar = (constraint_for(self.engine, fmt, request.tools, request.parallel_tool_calls)
+                   if fmt or request.tools else None)
+        return _Seq(**common, model=self.engine.model_path.name, choice=choice,
+                    repeat_guard=bool(request.tools) and request.parallel_tool_calls,
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
-                    grammar=constraint_for(self.engine, fmt, request.tools) if fmt or request.tools else None,
-                    labels=labels, hold_done=bool(labels), early_exit=early)
+                    grammar=grammar, labels=labels, hold_done=bool(labels), early_exit=early)
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        gen = await super().generate(request)
+        if request.params.n > 1:
+            gen = await self._generate_choices(request)
+        else:
+            gen = await super().generate(request)
         return tool_call_answer(gen) if request.tools else gen
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """A tool call is streamed whole, as one delta (the server writes OpenAI's tool-call chunk)."""
+        """A tool call is streamed whole, as one delta (the server writes OpenAI's tool-call chunk).
+        n > 1: each choice's tokens as they come, tagged with its `index`, then one final delta
+        carrying every choice (Generation.choices)."""
         if request.tools:
             yield StreamDelta(text="", final=await self.generate(request))
             return
+        if request.params.n > 1:
+            gens: list[Generation | None] = [None] * request.params.n
+            async for index, kind, payload in self._choices(request, want_tokens=True):
+                if kind == "token":
+                    text, tok = payload
+                    yield StreamDelta(text=text, token=tok, index=index)
+                elif kind == "done":
+                    gens[index] = payload
+            yield StreamDelta(text="", final=_combined(gens))
+            return
         async for delta in super().stream(request):
             yield delta
+
+    async def _generate_choices(self, request: GenerationRequest) -> Generation:
+        """n > 1 without streaming: every choice, or the first one the engine stopped early (its
+        tier's threshold out of reach: the cascade escalates the whole request on it, so the
+        others are cancelled rather than finished)."""
+        gens: list[Generation | None] = [None] * request.params.n
+        async for index, kind, payload in self._choices(request, want_tokens=False):
+            if kind == "done":
+                if "early_exit" in payload.extra:
+                    return cast(Generation, payload)
+                gens[index] = payload
+        return _combined(gens)
+
+    async def _choices(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[tuple[int, str, Any]]:
+        """The events of an n > 1 request as (choice index, kind, payload).
+
+        The prompt is templated and tokenised once; the choices run as parallel sequences in waves
+        of at most `n_parallel` (all the slots there are). In a wave, choice 0 prefills the prompt
+        and the others get a copy of its KV (LlamaEngine._share_prompt), so a wave prefills the
+        prompt once and decodes its choices in the same batch. A wave waits until it has a slot
+        per choice (first come first served, within queue_timeout_s like any request); with n
+        above the slot count the waves run in turn, each after the previous one, the next wave's
+        prompt then mostly a prefix-cache hit."""
+        n = request.params.n
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # (choice index, kind, payload)
+        outbox = self.engine.outbox
+
+        def sink_for(index: int) -> Callable[[tuple[str, Any]], None]:
+            def sink(event: tuple[str, Any]) -> None:
+                try:
+                    tagged: Any = (index, *event)
+                    outbox.post(loop, queue.put_nowait, tagged)
+                except RuntimeError:  # the caller's loop is closed: nobody waits for it
+                    pass
+            return sink
+
+        first = cast(_Seq, self._job(request, sink_for(0), want_tokens))
+        common = {f: getattr(first, f) for f in ("prompt", "params", "max_new", "want_tokens", "submitted_at")}
+        jobs = [first] + [self._state(request, choice=i, request_id=f"{first.request_id}/{i}", sink=sink_for(i),
+                                      **common) for i in range(1, n)]
+        wave = max(1, self.engine.n_parallel)
+        finished: set[int] = set()
+        try:
+            for start in range(0, n, wave):
+                group = jobs[start:start + wave]
+                leader = group[0]
+                leader.siblings = group[1:]
+                self.engine.submit(leader)
+                admitted = 0
+                try:
+                    async with asyncio.timeout(self.queue_timeout_s):
+                        while admitted < len(group):
+                            index, kind, payload = await queue.get()
+                            if kind == "error":
+                                raise payload
+                            admitted += kind == "admitted"
+                except TimeoutError:
+                    raise BackendUnavailableError(
+                        f"local tier busy: no {len(group)} slots within {self.queue_timeout_s:g}s",
+                        retry_after_s=1.0) from None
+                done = 0
+                while done < len(group):
+                    index, kind, payload = await queue.get()
+                    if kind == "error":
+                        raise payload
+                    if kind == "done":
+                        finished.add(index)
+                        done += 1
+                    yield index, kind, payload
+        finally:
+            for job in jobs:
+                if job.choice not in finished:
+                    self.engine.cancel(job)
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running
@@ -665,6 +808,18 @@ class LlamaCppBackend(EngineBridge):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.engine.close)
+
+
+def _combined(gens: list[Generation | None]) -> Generation:
+    """The choices of an n > 1 answer as one Generation: choice 0 carrying the others, the prompt
+    counted once and completion_tokens summed over the choices."""
+    assert all(g is not None for g in gens)
+    done = cast(list[Generation], gens)
+    first = done[0]
+    first.choices = done[1:]
+    first.completion_tokens = sum(g.completion_tokens for g in done)
+    first.latency_s = max(g.latency_s for g in done)
+    return first
 
 
 def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:

@@ -69,8 +69,9 @@ ErrorSpec = tuple[str, str, str | None, str | None, float | None]
 # answer with 5 top logprobs took ~5 ms to pickle and unpickle, as tuples ~1 ms with the rebuild.
 TopWire = tuple[str, float, tuple[int, ...] | None]
 TokenWire = tuple[int, str, float, tuple[int, ...] | None, tuple[TopWire, ...]]
+# the last item: an n > 1 answer's other choices, as GenerationWire themselves
 GenerationWire = tuple[str, list[TokenWire], FinishReason, int, int, float, float | None, str, dict[str, Any],
-                       dict[str, Any] | None]
+                       dict[str, Any] | None, list[Any]]
 
 
 def _token_wire(tok: TokenLogprob) -> TokenWire:
@@ -85,13 +86,15 @@ def _token(wire: TokenWire) -> TokenLogprob:
 
 def _generation_wire(gen: Generation) -> GenerationWire:
     return (gen.text, [_token_wire(t) for t in gen.tokens], gen.finish_reason, gen.prompt_tokens,
-            gen.completion_tokens, gen.latency_s, gen.ttft_s, gen.model, gen.extra, gen.raw)
+            gen.completion_tokens, gen.latency_s, gen.ttft_s, gen.model, gen.extra, gen.raw,
+            [_generation_wire(c) for c in gen.choices])
 
 
 def _generation(wire: GenerationWire) -> Generation:
-    text, tokens, reason, prompt_tokens, completion_tokens, latency_s, ttft_s, model, extra, raw = wire
+    text, tokens, reason, prompt_tokens, completion_tokens, latency_s, ttft_s, model, extra, raw, choices = wire
     return Generation(text, [_token(t) for t in tokens], reason, prompt_tokens, completion_tokens, latency_s,
-                      ttft_s, model, extra, raw)  # raw: a local tool call's chat.completion
+                      ttft_s, model, extra, raw,  # raw: a local tool call's chat.completion
+                      [_generation(c) for c in choices])
 
 
 def _spec(exc: BaseException) -> ErrorSpec:
@@ -174,7 +177,7 @@ class _Child:
                         self.post(("done", rid, _generation_wire(delta.final)))
                     else:
                         tok = delta.token
-                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok)))
+                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok), delta.index))
             else:
                 self.post(("done", rid, _generation_wire(await self.backend.generate(request))))
         except asyncio.CancelledError:
@@ -456,7 +459,7 @@ class SupervisedBackend:
         async for event in self._events(request, stream=True):
             if event[0] == "delta":
                 wire = event[3]
-                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire))
+                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire), index=event[4])
             else:
                 yield StreamDelta(text="", final=_generation(event[2]))
 

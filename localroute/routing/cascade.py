@@ -58,16 +58,17 @@ def replay(gen: Generation) -> Iterator[StreamDelta]:
     whole from the final delta (tool calls, refusals, every choice)."""
     if gen.raw is not None:
         return
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    emitted = 0
-    for tok in gen.tokens:
-        raw = bytes(tok.bytes) if tok.bytes is not None else tok.token.encode()
-        piece = decoder.decode(raw)
-        piece = gen.text[emitted : emitted + len(piece)]
-        emitted += len(piece)
-        yield StreamDelta(text=piece, token=tok)
-    if emitted < len(gen.text):
-        yield StreamDelta(text=gen.text[emitted:])
+    for index, g in enumerate((gen, *gen.choices)):  # n > 1: each choice in turn, by its index
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        emitted = 0
+        for tok in g.tokens:
+            raw = bytes(tok.bytes) if tok.bytes is not None else tok.token.encode()
+            piece = decoder.decode(raw)
+            piece = g.text[emitted : emitted + len(piece)]
+            emitted += len(piece)
+            yield StreamDelta(text=piece, token=tok, index=index)
+        if emitted < len(g.text):
+            yield StreamDelta(text=g.text[emitted:], index=index)
 
 
 class CascadeRouter:
@@ -117,14 +118,20 @@ class CascadeRouter:
         An answer that came without logprobs from a remote tier (a tool call, a provider's raw
         answer) is None: no evidence either way; an empty local answer is -inf (it escalates).
         With `decision`: where the aggregator may read another signal than its own (label_confidence
-        without label scores), evidence["signal_used"][tier] says which one it read, and why."""
+        without label scores), evidence["signal_used"][tier] says which one it read, and why.
+        n > 1 (gen.choices): the lowest choice's. The client gets every choice, so the answer is
+        only as trustworthy as its weakest one: it stays on this tier only if every choice passes
+        the threshold, else the whole request escalates (the next tier answers all n)."""
         if decision is not None and tier is not None and self.aggregator == "label_confidence":
             used, why = signal_used(self.aggregator, gen.tokens, gen.text, gen.extra)
             decision.evidence.setdefault("signal_used", {})[tier.name] = {"signal": used, **({"why": why} if why else {})}
         if not gen.tokens and (gen.raw is not None or (tier is not None and not tier.backend.is_local)):
             return None
         fields = self.fields.get(tier.name, ()) if tier is not None else ()
-        return answer_confidence(self.aggregator, gen.tokens, self._alpha, gen.text, gen.extra, fields)
+        confs = [answer_confidence(self.aggregator, g.tokens, self._alpha, g.text, g.extra, fields)
+                 for g in (gen, *gen.choices)]
+        known = [c for c in confs if c is not None]
+        return min(known) if len(known) == len(confs) else None
 
     def _ladder(self, request: GenerationRequest, decision: Decision, start: int) -> list[Tier]:
         """The tiers from `start` that can serve the request, those that cannot in the evidence;
@@ -207,17 +214,18 @@ class CascadeRouter:
             per_field = field_confidences(gen.tokens, gen.extra.get("forced_tokens") or ())
             if per_field:
                 decision.evidence.setdefault("fields", {})[tier.name] = {k: round(v, 6) for k, v in per_field.items()}
-        if request.params.response_format is not None:
-            from localroute.routing.response_format import schema_violation
+        for g in (gen, *gen.choices):  # n > 1: a veto on any choice rejects the answer
+            if request.params.response_format is not None:
+                from localroute.routing.response_format import schema_violation
 
-            problem = schema_violation(request.params.response_format, gen.text)
-            if problem is not None:
-                decision.evidence.setdefault("schema_violations", {})[tier.name] = problem
-        if request.tools and gen.finish_reason == "length":  # a call cut by max_tokens is no call
-            decision.evidence.setdefault("truncated_tool_call", {})[tier.name] = gen.completion_tokens
-        loop = self.repetition.find(gen.text)
-        if loop is not None:
-            decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
+                problem = schema_violation(request.params.response_format, g.text)
+                if problem is not None:
+                    decision.evidence.setdefault("schema_violations", {})[tier.name] = problem
+            if request.tools and g.finish_reason == "length":  # a call cut by max_tokens is no call
+                decision.evidence.setdefault("truncated_tool_call", {})[tier.name] = g.completion_tokens
+            loop = self.repetition.find(g.text)
+            if loop is not None:
+                decision.evidence.setdefault("repetition", {})[tier.name] = loop.as_evidence()
         if vetoed(decision, tier.name):
             return conf, False
         return conf, self._accepts(conf, threshold)

@@ -90,6 +90,7 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, settings: Setting
         logit_bias=_logit_bias(body.logit_bias),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        n=body.n or 1,
     )
 
 
@@ -110,7 +111,7 @@ def chat_request(body: ChatCompletionRequest, data: dict[str, Any], settings: Se
     labels_of(labels, params.response_format)  # too many or too long (an enum's too): 400 here, not on the engine
     return GenerationRequest(messages=messages, params=params, request_id=request_id,
                              wire=_wire("chat", data), needs=chat_needs(body), tools=_called_tools(body),
-                             labels=labels)
+                             labels=labels, parallel_tool_calls=_parallel_calls(body))
 
 
 def _local_text(m: ChatMessage) -> str:
@@ -136,6 +137,11 @@ def _called_tools(body: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
         name = (body.tool_choice.get("function") or {}).get("name")
         fns = [f for f in fns if f["name"] == name]
     return tuple(fns)
+
+
+def _parallel_calls(body: ChatCompletionRequest) -> bool:
+    """Whether a local answer may hold several calls: unless the client said no, or named the function."""
+    return body.parallel_tool_calls is not False and not isinstance(body.tool_choice, dict)
 
 
 def completion_request(body: CompletionRequest, data: dict[str, Any], settings: Settings,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 INT32_MAX = 2**31 - 1
+MAX_N = 128  # OpenAI's own bound on `n`
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 Bias = Annotated[float, Field(ge=-100, le=100, strict=True)]
@@ -141,7 +142,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float | None = Field(None, gt=0, le=1, strict=True)
-    n: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)
+    n: int | None = Field(None, ge=1, le=MAX_N, strict=True, description="Choices to generate (OpenAI's limit, 128).")
     stop: str | list[str] | None = None
     seed: int | None = Field(
         None, ge=INT64_MIN, le=INT64_MAX, strict=True,

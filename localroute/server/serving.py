@@ -279,24 +279,42 @@ class _Shape:
         if self.chat and gen.raw is not None:  # a remote tier's answer, as the provider sent it
             out = {**gen.raw, "id": request_id, "model": self.model, "localroute": _info(decision, cost, gen)}
             out["usage"] = usage_with_cost(gen.raw.get("usage") or usage(gen), cost_usd)
+            if self.want_logprobs:
+                out["choices"] = self.call_logprobs(out.get("choices") or [], gen)
             return out
-        if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0, "message": {"role": "assistant", "content": gen.text},
-                "logprobs": chat_logprobs(gen.tokens, self.top_logprobs) if self.want_logprobs else None,
-            }
-        else:
-            choice = {"index": 0, "text": gen.text,
-                      "logprobs": completion_logprobs(gen.tokens, self.top_logprobs) if self.want_logprobs else None}
+        choices = []
+        for index, g in enumerate((gen, *gen.choices)):  # n > 1: a local answer's other choices
+            if self.chat:
+                choice: dict[str, Any] = {
+                    "index": index, "message": {"role": "assistant", "content": g.text},
+                    "logprobs": chat_logprobs(g.tokens, self.top_logprobs) if self.want_logprobs else None,
+                }
+            else:
+                choice = {"index": index, "text": g.text,
+                          "logprobs": completion_logprobs(g.tokens, self.top_logprobs) if self.want_logprobs else None}
+            choices.append({**choice, "finish_reason": g.finish_reason})
         return {
             "id": request_id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [{**choice, "finish_reason": gen.finish_reason}],
+            "choices": choices,
             "usage": usage_with_cost(usage(gen), cost_usd),
             "localroute": _info(decision, cost, gen),
         }
+
+
+    def call_logprobs(self, choices: list[Any], gen: Generation) -> list[Any]:
+        """A local tool-call answer's choices with the logprobs of the tokens generated for the
+        calls (backends/tool_calls.py: extra["call_tokens"]); a remote answer's stay as sent."""
+        gens = (gen, *gen.choices)
+        out = []
+        for i, choice in enumerate(choices):
+            tokens = gens[i].extra.get("call_tokens") if i < len(gens) else None
+            if isinstance(choice, dict) and choice.get("logprobs") is None and tokens is not None:
+                choice = {**choice, "logprobs": chat_logprobs(tokens, self.top_logprobs)}
+            out.append(choice)
+        return out
 
 
 async def _stream(svc: Service, router: Router, req: GenerationRequest, endpoint: str, shape: _Shape,
@@ -337,14 +355,15 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
     ttft: float | None = None
     outcome = RequestRecord(req.request_id, endpoint, router.policy, True, 200, started, 0.0)
     role_sent = False
+    roles: set[int] = set()  # the choices whose first chunk (the role) went out
     held: list[Chunk] = []
 
     def local(choice: dict[str, Any]) -> list[Chunk]:
-        nonlocal role_sent
         out = []
-        if shape.chat and not role_sent:
-            role_sent = True
-            out.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        index = choice["index"]
+        if shape.chat and index not in roles and not role_sent:
+            roles.add(index)
+            out.append({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
         out.append({**base, "choices": [choice]})
         return out
@@ -374,10 +393,10 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
                 tokens = [d.token] if d.token is not None else []
                 if shape.chat:
                     choice: dict[str, Any] = {
-                        "index": 0, "delta": {"content": d.text}, "finish_reason": None,
+                        "index": d.index, "delta": {"content": d.text}, "finish_reason": None,
                         "logprobs": chat_logprobs(tokens, shape.top_logprobs) if shape.want_logprobs else None}
                 else:
-                    choice = {"index": 0, "text": d.text, "finish_reason": None,
+                    choice = {"index": d.index, "text": d.text, "finish_reason": None,
                               "logprobs": completion_logprobs(tokens, shape.top_logprobs)
                               if shape.want_logprobs else None}
                 ttft = ttft if ttft is not None else time.perf_counter() - started
@@ -408,7 +427,10 @@ def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, he
             out = [c for c in held if c.get("choices") or shape.include_usage or NATIVE_EVENTS in c]
         else:  # a buffered remote answer, whole, as one chunk
             assert raw is not None
-            out = [{**base, "choices": [_stream_choice(c) for c in raw.get("choices") or ()]}]
+            choices = raw.get("choices") or []
+            if shape.want_logprobs:  # a local tool call's tokens, when asked for
+                choices = shape.call_logprobs(choices, gen)
+            out = [{**base, "choices": [_stream_choice(c) for c in choices]}]
             if shape.include_usage:
                 out.append({**base, "choices": [], "usage": raw.get("usage") or usage(gen)})
         for chunk in out:
@@ -417,12 +439,14 @@ def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, he
         if not out:
             out = [{**base, "choices": []}]
     else:
-        done: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
-        if shape.chat:
-            done["delta"] = {}
-        else:
-            done["text"] = ""
-        out = local(done)
+        out = []
+        for index, g in enumerate((gen, *gen.choices)):  # n > 1: every choice's finish
+            done: dict[str, Any] = {"index": index, "finish_reason": g.finish_reason, "logprobs": None}
+            if shape.chat:
+                done["delta"] = {}
+            else:
+                done["text"] = ""
+            out += local(done)
         if shape.include_usage:
             out.append({**base, "choices": [], "usage": usage_with_cost(usage(gen), cost_usd)})
     out[-1]["localroute"] = _info(decision, cost, gen)

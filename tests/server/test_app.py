@@ -111,7 +111,7 @@ def test_content_as_list_of_parts(client: OpenAI) -> None:
     ("kwargs", "exc", "param"),
     [
         ({"model": "nope"}, openai.NotFoundError, "model"),
-        ({"n": 2}, openai.BadRequestError, "n"),
+        ({"n": 129}, openai.BadRequestError, "n"),  # above OpenAI's bound (n > 1 itself is served locally)
         ({"temperature": 3}, openai.BadRequestError, "temperature"),
         ({"top_logprobs": 3}, openai.BadRequestError, "top_logprobs"),
         ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),

@@ -65,7 +65,7 @@ CHAT_EDGES: dict[str, list[str]] = {
     "top_p": ["0", "-1", "1.5", "NaN", "-1e400", '"0.5"', "false"],
     "max_tokens": ["0", "-1", str(2**31), str(2**63), str(2**64), "1e30", "1.5", '"10"', "true", "NaN"],
     "max_completion_tokens": ["0", str(2**63), "2.5", "true"],
-    "n": ["0", "-1", "2", str(2**63), "true", '"1"', "1.0"],
+    "n": ["0", "-1", "129", str(2**63), "true", '"1"', "1.0"],  # 2 is served (llama.cpp tiers do n > 1)
     "seed": [str(2**63), str(-(2**63) - 1), str(2**64), str(10**40), "1.5", '"7"', "true", "NaN", "1e400"],
     "logprobs": ['"yes"', "1", "0"],
     "top_logprobs": ["-1", "21", str(2**63), "true", '"3"', "1.5", "Infinity"],
