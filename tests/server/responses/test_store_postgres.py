@@ -7,6 +7,7 @@ in PostgreSQL, none in either replica's SQLite file; with the database down a lo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -126,3 +127,35 @@ def test_with_the_database_down_a_lookup_is_a_clean_503_and_recovers(
     finally:
         pg.start()
     assert b.responses.retrieve(first.id).output_text == TEXT  # reconnected
+
+
+def test_after_a_database_restart_the_first_calls_reconnect(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str], pg: PostgresServer) -> None:
+    """A restart (or anything else that closes the server's side) leaves each replica a dead
+    connection it does not know about yet: the first lookup and the first store on it reconnect
+    once and succeed, instead of a 503 for a database that is up."""
+    a, b, _, _ = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    assert b.responses.retrieve(first.id).id == first.id  # both replicas' connections are open
+    pg.stop()
+    pg.start()
+    assert b.responses.retrieve(first.id).output_text == TEXT  # B's lookup on its dead connection
+    second = a.responses.create(model="frontier", previous_response_id=first.id, input="Again?")  # A's
+    assert b.responses.retrieve(second.id).previous_response_id == first.id
+
+
+def test_a_nul_in_a_response_id_is_not_found_not_a_503(replicas: tuple[OpenAI, OpenAI, FaultUpstream, str]) -> None:
+    """PostgreSQL text cannot hold NUL: such an id names no stored response (a 404, a 400 as
+    previous_response_id), not a database outage, and the store's connection is kept."""
+    import httpx
+
+    a, b, _, _ = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    base, auth = str(b.base_url).rstrip("/"), {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(f"{base}/responses/resp_%00x", headers=auth)
+    assert r.status_code == 404, r.text
+    r = httpx.post(f"{base}/responses", headers=auth,
+                   json={"model": "frontier", "input": "x", "previous_response_id": "resp_\x00x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
+    assert b.responses.retrieve(first.id).id == first.id
+
