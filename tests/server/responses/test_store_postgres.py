@@ -159,3 +159,31 @@ def test_a_nul_in_a_response_id_is_not_found_not_a_503(replicas: tuple[OpenAI, O
     assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
     assert b.responses.retrieve(first.id).id == first.id
 
+
+def test_shutdown_closes_every_database_session(pg: PostgresServer, tmp_path: Path) -> None:
+    """The app's stores (routing log writer, feedback, stored Responses) each hold a connection:
+    once the app has shut down, none of them is left open on the server."""
+    import httpx
+    import psycopg
+
+    url = _fresh_db(pg, "responses_shutdown")
+    db = url.rsplit("/", 1)[1]
+
+    def sessions() -> int:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                               (db,)).fetchone()
+            return int(row[0]) if row is not None else 0
+
+    with FaultUpstream(Fault(text=TEXT)) as upstream, serve_app(_replica("a", url, upstream, tmp_path)) as base:
+        client = OpenAI(base_url=base, api_key=KEY, max_retries=0)
+        first = client.responses.create(model="frontier", input="Remember this.")
+        assert client.responses.retrieve(first.id).id == first.id
+        r = httpx.post(f"{base}/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"request_id": "chatcmpl-" + first.id.removeprefix("resp_"), "score": 1.0})
+        assert r.status_code == 200, r.text
+        assert sessions() >= 2  # the writer's, feedback's, the response store's
+    deadline = time.monotonic() + 5
+    while sessions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions() == 0
