@@ -32,18 +32,25 @@ class ResponseStore:
     on first use and reconnected after an error (the routing log's writer thread keeps its own).
     A PostgreSQL connection that worked before and fails now (the server restarted, an idle link
     closed) is replaced once at once: both calls are idempotent, so a database that is back up is
-    not answered as one that is down."""
+    not answered as one that is down. Calls run in worker threads (asyncio.to_thread): with
+    PostgreSQL, one waits at most `wait_s` for the connection (a call stuck on an unresponsive
+    server holds it) and is then a 503, so a stuck database does not take every worker thread of
+    the event loop's executor with it."""
 
-    def __init__(self, target: str | Path, retention_days: float | None = None) -> None:
+    def __init__(self, target: str | Path, retention_days: float | None = None, wait_s: float = 5.0) -> None:
         self.retention_days = retention_days
+        self.wait_s = wait_s
         self._store: LogStore = open_store(target)
         self._lock = threading.Lock()
         self._migrated = False
         self._connected = False  # the current connection has completed a call
 
     def _run(self, fn: Callable[[LogStore], T]) -> T:
-        with self._lock:
-            store = self._store
+        store = self._store
+        if not self._lock.acquire(timeout=self.wait_s if store.engine == "postgresql" else -1):
+            raise BackendUnavailableError("response store database busy (a call to it has not returned)",
+                                          code="routing_log_unavailable", retry_after_s=5.0)
+        try:
             while True:
                 try:
                     if not self._migrated:
@@ -65,6 +72,8 @@ class ResponseStore:
                                                         type(exc).__name__)
                     raise BackendUnavailableError(f"response store database unavailable ({type(exc).__name__})",
                                                   code="routing_log_unavailable", retry_after_s=5.0) from None
+        finally:
+            self._lock.release()
 
     def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         ts, body, history = time.time(), json.dumps(response), json.dumps(messages)

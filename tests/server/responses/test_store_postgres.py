@@ -187,3 +187,55 @@ def test_shutdown_closes_every_database_session(pg: PostgresServer, tmp_path: Pa
     while sessions() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sessions() == 0
+
+
+def test_a_stuck_database_call_does_not_hold_the_other_callers(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str]) -> None:
+    """The database's sessions frozen (SIGSTOP: the server still holds the TCP connection but
+    answers nothing): the call on the connection waits, and the calls queued behind it are a 503
+    within the store's wait (5 s) instead of each holding one of the event loop's few worker
+    threads for as long as the database stays stuck. Once it answers again, the stuck call succeeds."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+    import psycopg
+
+    a, b, _, url = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    assert b.responses.retrieve(first.id).id == first.id  # B's connection is open
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                           (url.rsplit("/", 1)[1],)).fetchall()]
+    assert pids
+    base, auth = str(b.base_url).rstrip("/"), {"Authorization": f"Bearer {KEY}"}
+    results: dict[int, tuple[object, float]] = {}
+
+    def get(i: int) -> None:
+        started = time.monotonic()
+        try:
+            status: object = httpx.get(f"{base}/responses/{first.id}", headers=auth, timeout=60).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        results[i] = (status, time.monotonic() - started)
+
+    threads = [threading.Thread(target=get, args=(i,), daemon=True) for i in range(3)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        threads[0].start()
+        time.sleep(0.5)  # the first holds the connection
+        threads[1].start()
+        threads[2].start()
+        deadline = time.monotonic() + 15
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        queued = dict(results)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert sorted(queued) == [1, 2] and all(s == 503 and d < 10 for s, d in queued.values()), (queued, results)
+    assert results[0][0] == 200, results
