@@ -86,5 +86,13 @@ class ResponseStore:
         return None if row is None else (json.loads(row[0]), json.loads(row[1]))
 
     def close(self) -> None:
-        with self._lock:
+        """Close the connection; one still held by a call stuck on the database is left to the
+        process's exit after `wait_s` (shutdown does not hang on it)."""
+        if not self._lock.acquire(timeout=self.wait_s if self._store.engine == "postgresql" else -1):
+            logging.getLogger(__name__).warning("response store %s: a call has not returned; not closed",
+                                                self._store.target)
+            return
+        try:
             self._store.close()
+        finally:
+            self._lock.release()

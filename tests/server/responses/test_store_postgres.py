@@ -239,3 +239,37 @@ def test_a_stuck_database_call_does_not_hold_the_other_callers(
         t.join(60)
     assert sorted(queued) == [1, 2] and all(s == 503 and d < 10 for s, d in queued.values()), (queued, results)
     assert results[0][0] == 200, results
+
+
+def test_close_does_not_hang_on_a_call_stuck_on_the_database(pg: PostgresServer) -> None:
+    """Shutdown closes the store: with a call stuck on a frozen session, close gives up after the
+    store's wait instead of hanging the app's shutdown."""
+    import os
+    import signal
+    import threading
+
+    import psycopg
+
+    from localroute.monitoring.response_store import ResponseStore
+
+    url = _fresh_db(pg, "responses_close_stuck")
+    store = ResponseStore(url, wait_s=1.0)
+    store.put("resp_1", {"id": "resp_1"}, [])
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                           (url.rsplit("/", 1)[1],)).fetchall()]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        stuck = threading.Thread(target=store.get, args=("resp_1",), daemon=True)
+        stuck.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        closer = threading.Thread(target=store.close, daemon=True)
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive() and time.monotonic() - started < 3
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    stuck.join(30)
+    store.close()
