@@ -171,6 +171,8 @@ def create_app(
                     service.monitoring.close()  # after the backends: late rows still reach the log
                 if service.responses is not None:
                     service.responses.close()
+                if service.feedback is not None:
+                    service.feedback.close()
                 if tracing is not None:
                     tracing.close()
 

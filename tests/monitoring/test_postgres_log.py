@@ -414,3 +414,41 @@ def test_a_row_postgres_refuses_is_set_aside_and_never_holds_up_the_rest(pg: Pos
     assert log.rejected_total == 1 and log.spilled_total == 0 and not spill.exists()
     rejected = (tmp_path / "spill.jsonl.rejected").read_text().splitlines()
     assert len(rejected) == 1 and "chatcmpl-bad" in rejected[0]
+
+
+def test_009_upgrades_a_log_at_008_once_with_replicas_migrating_together(
+        pg: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database an earlier release made (001-008: rows in requests, 006's unpartitioned and
+    unused responses table): replicas starting together apply 009 once (the advisory lock), the
+    requests rows stay, and the new responses table is day-partitioned and usable; a later open
+    applies nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = _fresh_db(pg, "upgrade_009")
+    names = [n for n, _ in MIGRATIONS]
+    with monkeypatch.context() as m:  # the earlier release: its migrations and partitioned tables
+        m.setattr("localroute.monitoring.postgres_log.PARTITIONED", ("requests", "feedback", "shadow_pairs"))
+        old = PostgresLogStore(url, COLUMNS, names[: names.index("008_shadow_pairs_through_store") + 1],
+                               PAIR_COLUMNS)
+        assert "009_responses_by_day" not in old.migrate()
+        row = {c: None for c in COLUMNS} | {"ts": time.time(), "request_id": "chatcmpl-old", "status": 200,
+                                            "stream": 0, "disconnected": 0}
+        old.insert([tuple(row[c] for c in COLUMNS)])
+        old.close()
+
+    def start(_: int) -> list[str]:
+        store = open_store(url)
+        try:
+            return store.migrate()
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(4) as pool:  # .result() raises what a replica's migrate raised
+        applied = [f.result(60) for f in [pool.submit(start, i) for i in range(4)]]
+    assert sorted(map(tuple, applied)) == [(), (), (), ("009_responses_by_day",)]
+    store = open_store(url)
+    assert isinstance(store, PostgresLogStore) and store.migrate() == []
+    assert store.count_requests() == 1 and len(store.partitions("responses")) == 3
+    store.put_response("resp_1", time.time(), '{"id": "resp_1"}', "[]")
+    assert store.get_response("resp_1") == ('{"id": "resp_1"}', "[]")
+    store.close()

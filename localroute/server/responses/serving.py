@@ -71,7 +71,8 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
         previous = body.get("previous_response_id")
         if previous is not None:
             if store is None:
-                raise InvalidRequestError("previous_response_id needs the response store: set routing_log_path",
+                raise InvalidRequestError("previous_response_id needs the response store: set routing_log_path "
+                                          "or routing_log_url",
                                           param="previous_response_id", code="store_disabled")
             found = await asyncio.to_thread(store.get, previous)
             if found is None:
@@ -79,7 +80,8 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
                                           param="previous_response_id", code="previous_response_not_found")
             history = found[1]
         if body.get("store") is True and store is None:
-            raise InvalidRequestError("store: true needs the response store: set routing_log_path",
+            raise InvalidRequestError("store: true needs the response store: set routing_log_path or "
+                                      "routing_log_url",
                                       param="store", code="store_disabled")
         needs: set[str] = set()
         chat = to_chat(body, history, needs)

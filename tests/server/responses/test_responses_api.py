@@ -149,6 +149,7 @@ def test_without_a_store_previous_response_id_is_a_400() -> None:
                 with pytest.raises(openai.BadRequestError) as err:
                     client.responses.create(model="local", input="x", **extra)  # type: ignore[call-overload]
                 assert err.value.code == "store_disabled"
+                assert "routing_log_path or routing_log_url" in err.value.message  # either engine
     finally:
         up.__exit__()
 

@@ -7,6 +7,7 @@ in PostgreSQL, none in either replica's SQLite file; with the database down a lo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -126,3 +127,149 @@ def test_with_the_database_down_a_lookup_is_a_clean_503_and_recovers(
     finally:
         pg.start()
     assert b.responses.retrieve(first.id).output_text == TEXT  # reconnected
+
+
+def test_after_a_database_restart_the_first_calls_reconnect(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str], pg: PostgresServer) -> None:
+    """A restart (or anything else that closes the server's side) leaves each replica a dead
+    connection it does not know about yet: the first lookup and the first store on it reconnect
+    once and succeed, instead of a 503 for a database that is up."""
+    a, b, _, _ = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    assert b.responses.retrieve(first.id).id == first.id  # both replicas' connections are open
+    pg.stop()
+    pg.start()
+    assert b.responses.retrieve(first.id).output_text == TEXT  # B's lookup on its dead connection
+    second = a.responses.create(model="frontier", previous_response_id=first.id, input="Again?")  # A's
+    assert b.responses.retrieve(second.id).previous_response_id == first.id
+
+
+def test_a_nul_in_a_response_id_is_not_found_not_a_503(replicas: tuple[OpenAI, OpenAI, FaultUpstream, str]) -> None:
+    """PostgreSQL text cannot hold NUL: such an id names no stored response (a 404, a 400 as
+    previous_response_id), not a database outage, and the store's connection is kept."""
+    import httpx
+
+    a, b, _, _ = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    base, auth = str(b.base_url).rstrip("/"), {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(f"{base}/responses/resp_%00x", headers=auth)
+    assert r.status_code == 404, r.text
+    r = httpx.post(f"{base}/responses", headers=auth,
+                   json={"model": "frontier", "input": "x", "previous_response_id": "resp_\x00x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found", r.text
+    assert b.responses.retrieve(first.id).id == first.id
+
+
+def test_shutdown_closes_every_database_session(pg: PostgresServer, tmp_path: Path) -> None:
+    """The app's stores (routing log writer, feedback, stored Responses) each hold a connection:
+    once the app has shut down, none of them is left open on the server."""
+    import httpx
+    import psycopg
+
+    url = _fresh_db(pg, "responses_shutdown")
+    db = url.rsplit("/", 1)[1]
+
+    def sessions() -> int:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                               (db,)).fetchone()
+            return int(row[0]) if row is not None else 0
+
+    with FaultUpstream(Fault(text=TEXT)) as upstream, serve_app(_replica("a", url, upstream, tmp_path)) as base:
+        client = OpenAI(base_url=base, api_key=KEY, max_retries=0)
+        first = client.responses.create(model="frontier", input="Remember this.")
+        assert client.responses.retrieve(first.id).id == first.id
+        r = httpx.post(f"{base}/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"request_id": "chatcmpl-" + first.id.removeprefix("resp_"), "score": 1.0})
+        assert r.status_code == 200, r.text
+        assert sessions() >= 2  # the writer's, feedback's, the response store's
+    deadline = time.monotonic() + 5
+    while sessions() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions() == 0
+
+
+def test_a_stuck_database_call_does_not_hold_the_other_callers(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str]) -> None:
+    """The database's sessions frozen (SIGSTOP: the server still holds the TCP connection but
+    answers nothing): the call on the connection waits, and the calls queued behind it are a 503
+    within the store's wait (5 s) instead of each holding one of the event loop's few worker
+    threads for as long as the database stays stuck. Once it answers again, the stuck call succeeds."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+    import psycopg
+
+    a, b, _, url = replicas
+    first = a.responses.create(model="frontier", input="Remember this.")
+    assert b.responses.retrieve(first.id).id == first.id  # B's connection is open
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                           (url.rsplit("/", 1)[1],)).fetchall()]
+    assert pids
+    base, auth = str(b.base_url).rstrip("/"), {"Authorization": f"Bearer {KEY}"}
+    results: dict[int, tuple[object, float]] = {}
+
+    def get(i: int) -> None:
+        started = time.monotonic()
+        try:
+            status: object = httpx.get(f"{base}/responses/{first.id}", headers=auth, timeout=60).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        results[i] = (status, time.monotonic() - started)
+
+    threads = [threading.Thread(target=get, args=(i,), daemon=True) for i in range(3)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        threads[0].start()
+        time.sleep(0.5)  # the first holds the connection
+        threads[1].start()
+        threads[2].start()
+        deadline = time.monotonic() + 15
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        queued = dict(results)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert sorted(queued) == [1, 2] and all(s == 503 and d < 10 for s, d in queued.values()), (queued, results)
+    assert results[0][0] == 200, results
+
+
+def test_close_does_not_hang_on_a_call_stuck_on_the_database(pg: PostgresServer) -> None:
+    """Shutdown closes the store: with a call stuck on a frozen session, close gives up after the
+    store's wait instead of hanging the app's shutdown."""
+    import os
+    import signal
+    import threading
+
+    import psycopg
+
+    from localroute.monitoring.response_store import ResponseStore
+
+    url = _fresh_db(pg, "responses_close_stuck")
+    store = ResponseStore(url, wait_s=1.0)
+    store.put("resp_1", {"id": "resp_1"}, [])
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                           (url.rsplit("/", 1)[1],)).fetchall()]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        stuck = threading.Thread(target=store.get, args=("resp_1",), daemon=True)
+        stuck.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        closer = threading.Thread(target=store.close, daemon=True)
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive() and time.monotonic() - started < 3
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    stuck.join(30)
+    store.close()
