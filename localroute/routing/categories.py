@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from localroute.backends.labels import METADATA_KEY as LABELS_KEY
 from localroute.errors import InvalidRequestError
@@ -36,10 +36,16 @@ from localroute.settings import Settings
 if TYPE_CHECKING:
     from localroute.embeddings import Encoder
     from localroute.routing.embedding import EmbeddingModel
-    from localroute.routing.prerouter import VectorMemo
     from localroute.types import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+
+class VectorMemo(Protocol):
+    """What NeighbourCategories needs of routing/prerouter.py's VectorMemo (named here, not
+    imported: prerouter imports this module)."""
+
+    def encode(self, name: str, encoder: Encoder, text: str) -> Any: ...
 
 __all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "resolve_category",
            "split_model_alias"]
