@@ -69,9 +69,9 @@ class NeighbourCategories:
         self.k, self.min_similarity = k, min_similarity
         self.memo = memo  # shared with the embedding policies: the vector is reused when they route it
 
-    def _embed(self, text: str) -> Any:
+    def _embed(self, text: str, request_id: str) -> Any:
         if self.memo is not None:
-            return self.memo.encode(self.model.encoder_name, self.encoder, text)
+            return self.memo.encode(self.model.encoder_name, self.encoder, text, request_id)
         return self.encoder.encode([text])[0]
 
     def place(self, vector: Any, fallback: ResolvedCategory) -> ResolvedCategory:
@@ -88,7 +88,7 @@ class NeighbourCategories:
         if not text.strip():
             return fallback
         try:
-            vector = await asyncio.to_thread(self._embed, text)  # CPU work off the loop
+            vector = await asyncio.to_thread(self._embed, text, request.request_id)  # CPU work off the loop
         except (RuntimeError, ValueError, OSError) as exc:  # an encoder failure costs the category, not the request
             log.warning("category neighbours unavailable for this request (%s); %s", type(exc).__name__,
                         fallback.name)

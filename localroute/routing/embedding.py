@@ -129,11 +129,18 @@ def vote_category(categories: list[str], sims: np.ndarray, min_similarity: float
 class CategoryNeighbours:
     """The labelled rows of an embedding index (their vectors and categories), searched apart."""
 
-    def __init__(self, vectors: np.ndarray, categories: np.ndarray, brute_force_max: int = BRUTE_FORCE_MAX) -> None:
+    def __init__(self, vectors: np.ndarray, categories: np.ndarray, brute_force_max: int = BRUTE_FORCE_MAX,
+                 cache: Path | None = None, whole: EmbeddingIndex | None = None) -> None:
+        """`whole`: the model's index of every row, searched as is when every row is labelled (no
+        second copy, no second HNSW build); `cache`: the HNSW file of the labelled rows' own index."""
         names = [str(c) for c in categories]
         keep = np.asarray([bool(c) for c in names], dtype=bool)
         self.categories = [c for c, k in zip(names, keep) if k]
-        self.index = EmbeddingIndex(np.asarray(vectors)[keep], brute_force_max) if self.categories else None
+        self.index: EmbeddingIndex | None = None
+        if whole is not None and len(self.categories) == len(whole) and bool(keep.all()):
+            self.index = whole
+        elif self.categories:
+            self.index = EmbeddingIndex(np.asarray(vectors)[keep], brute_force_max, cache=cache)
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -168,8 +175,13 @@ class EmbeddingModel:
         self._filled = np.nan_to_num(self._outcomes)
         self._prior = art.arrays["prior"].astype(np.float32)
         cats = art.arrays.get("categories")
-        self.category_neighbours = (CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max)
-                                    if cats is not None and cats.shape == (len(self.index),) else None)
+        neighbours = None
+        if cats is not None and cats.shape == (len(self.index),):
+            neighbours = CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max,
+                                            cache.with_name(f"{cache.name[:-5]}.categories.hnsw") if cache else None,
+                                            whole=self.index)
+        # None unless some row carries a category: then nothing embeds a request to place it
+        self.category_neighbours = neighbours if neighbours is not None and len(neighbours) else None
 
     def nearest_category(self, v: np.ndarray, k: int, min_similarity: float) -> CategoryVote | None:
         """The category of the query's nearest labelled neighbours (module docstring), or None."""
