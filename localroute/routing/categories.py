@@ -41,10 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "resolve_category",
+__all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "is_name", "resolve_category",
            "split_model_alias"]
 
-NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # whole names only (fullmatch): `$` would let "name\n" through
 OTHER = "other"  # the metrics label of categories over the cap
 METADATA_KEY = "localroute_category"
 OWN_KEYS = frozenset({METADATA_KEY, LABELS_KEY})  # what strip_category takes out before a provider sees it
@@ -96,8 +96,13 @@ class NeighbourCategories:
         return self.place(vector, fallback)
 
 
+def is_name(value: object) -> bool:
+    """A category name a client may send, and a labelled row may carry (module docstring)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
 def _checked(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise InvalidRequestError(
             f"{param} must be a category name: 1-64 letters, digits or _ . : - characters", param=param,
             code="invalid_category")

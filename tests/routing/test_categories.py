@@ -15,6 +15,7 @@ from localroute.routing.categories import (
     OTHER,
     CategoryLabels,
     ResolvedCategory,
+    is_name,
     resolve_category,
     split_model_alias,
     strip_category,
@@ -188,3 +189,19 @@ def test_labelled_rows_share_the_whole_index_and_an_empty_label_set_is_no_catego
     art = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["a", None, None])
     art.arrays["categories"] = np.asarray(["", "", ""], dtype=str)
     assert EmbeddingModel(art).category_neighbours is None
+
+
+def test_a_labelled_row_votes_only_with_a_category_name() -> None:
+    import numpy as np
+
+    from localroute.routing.embedding import EmbeddingModel, train_embedding
+
+    x = np.asarray([_unit(1, 0), _unit(1, 0.05), _unit(0, 1)], dtype=np.float32)
+    y = np.ones((3, 2), dtype=np.float32)
+    trained = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["math\n", "Stimmung für", "chat"])
+    assert list(trained.arrays["categories"]) == ["", "", "chat"] and trained.training["category_rows"] == 1
+    art = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["math", "math", "chat"])
+    art.arrays["categories"] = np.asarray(["math\n", "x" * 65, "chat"], dtype=str)  # an artefact made elsewhere
+    model = EmbeddingModel(art)
+    assert model.nearest_category(x[0], 3, -1.0).votes == {"chat": 1}  # type: ignore[union-attr]
+    assert is_name("math") and not is_name("math\n") and not is_name("x" * 65) and not is_name(None)
