@@ -85,6 +85,8 @@ class VectorMemo:
     def encode(self, name: str, encoder: Encoder, text: str, request_id: str) -> np.ndarray:
         import hashlib
 
+        if not request_id:  # a request without an id (code, evals) is nobody's to share with
+            return np.asarray(encoder.encode([text])[0])
         key = (name, request_id, hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
         with self._lock:
             found = self._items.pop(key, None)

@@ -223,6 +223,9 @@ def test_the_vector_memo_serves_one_request_keeps_no_text_and_stays_bounded(mini
     for i in range(10):
         memo.encode("minilm", enc, f"text {i}", f"r{i}")
     assert len(memo) == 4
+    memo.encode("minilm", enc, "no id", "")
+    memo.encode("minilm", enc, "no id", "")
+    assert enc.calls == 14 and memo.hits == 1  # without a request id nothing is kept or shared
 
 
 def test_no_memo_and_no_neighbours_without_labelled_rows(minilm: Encoder, tmp_path: Any) -> None:
