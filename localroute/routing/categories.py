@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from localroute.backends.labels import METADATA_KEY as LABELS_KEY
 from localroute.errors import InvalidRequestError
@@ -35,8 +35,6 @@ from localroute.settings import Settings
 
 if TYPE_CHECKING:
     from localroute.embeddings import Encoder
-    from localroute.routing.embedding import EmbeddingModel
-    from localroute.routing.prerouter import VectorMemo
     from localroute.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -59,12 +57,28 @@ class ResolvedCategory:
     evidence: dict[str, Any] = field(default_factory=dict)  # neighbours: the vote
 
 
+class _Labelled(Protocol):
+    """What the neighbour categoriser needs of an embedding model (routing/embedding.py
+    `EmbeddingModel`); a protocol, so that this module imports neither embedding nor prerouter,
+    which import it."""
+
+    encoder_name: str
+
+    def nearest_category(self, v: Any, k: int, min_similarity: float) -> Any: ...
+
+
+class _Memo(Protocol):
+    """routing/prerouter.py `VectorMemo`."""
+
+    def encode(self, name: str, encoder: Encoder, text: str, request_id: str) -> Any: ...
+
+
 class NeighbourCategories:
     """Places a request nothing else placed by its nearest labelled neighbours in the embedding
     router's index (module docstring, step 4). The embedding runs in a worker thread."""
 
-    def __init__(self, model: EmbeddingModel, encoder: Encoder, k: int, min_similarity: float,
-                 memo: VectorMemo | None = None) -> None:
+    def __init__(self, model: _Labelled, encoder: Encoder, k: int, min_similarity: float,
+                 memo: _Memo | None = None) -> None:
         self.model, self.encoder = model, encoder
         self.k, self.min_similarity = k, min_similarity
         self.memo = memo  # shared with the embedding policies: the vector is reused when they route it
