@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -99,7 +100,7 @@ class Judge:
         from localroute.embeddings import request_text
 
         asked = request_text(draw.request.messages, draw.request.prompt)
-        user = JUDGE_USER.format(request=asked, local=draw.answer, frontier=frontier)
+        user = JUDGE_USER.format(request=_fenced(asked), local=_fenced(draw.answer), frontier=_fenced(frontier))
         return GenerationRequest(messages=({"role": "system", "content": JUDGE_SYSTEM},
                                            {"role": "user", "content": user}),
                                  params=SamplingParams(max_tokens=JUDGE_MAX_TOKENS, temperature=0.0),
@@ -108,9 +109,11 @@ class Judge:
 
     @staticmethod
     def verdict(text: str) -> bool | None:
-        """agree -> True, disagree -> False (the first word, case and punctuation aside); else None."""
-        words = text.strip().split()
-        word = words[0].strip(".,;:!\"'*`").lower() if words else ""
+        """agree -> True, disagree -> False: the whole reply is that one word (case, surrounding
+        punctuation and markup aside); anything else ("agree or disagree", "I agree", "agree, but")
+        is no verdict, None, rather than a guess from its first word."""
+        words = text.split()
+        word = words[0].strip(_VERDICT_TRIM).lower() if len(words) == 1 else ""
         return {"agree": True, "disagree": False}.get(word)
 
     async def __call__(self, draw: Draw, frontier: str) -> JudgeVerdict:
@@ -127,6 +130,17 @@ class Judge:
         cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
         agrees = self.verdict(gen.text)
         return JudgeVerdict(agrees, cost, None if agrees is not None else "judge_no_verdict")
+
+
+_VERDICT_TRIM = ".,;:!?\"'*`_()[]<>"
+_FENCE = re.compile(r"<{3,}|>{3,}")
+
+
+def _fenced(text: str) -> str:
+    """`text` made safe inside the judge prompt's <<< >>> fences: a run of three or more < or > (which
+    a user's request, or an answer echoing it, could use to close its fence and write a fake
+    "Answer B" or instruction outside it) is spaced out, so only the prompt's own fences remain."""
+    return _FENCE.sub(lambda m: " ".join(m.group()), text)
 
 
 def _cost(backend: Any, prompt_tokens: int, completion_tokens: int) -> float:

@@ -35,22 +35,14 @@ from localroute.settings import Settings
 
 if TYPE_CHECKING:
     from localroute.embeddings import Encoder
-    from localroute.routing.embedding import EmbeddingModel
     from localroute.types import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-
-class VectorMemo(Protocol):
-    """What NeighbourCategories needs of routing/prerouter.py's VectorMemo (named here, not
-    imported: prerouter imports this module)."""
-
-    def encode(self, name: str, encoder: Encoder, text: str) -> Any: ...
-
-__all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "resolve_category",
+__all__ = ["OTHER", "CategoryLabels", "NeighbourCategories", "ResolvedCategory", "is_name", "resolve_category",
            "split_model_alias"]
 
-NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # whole names only (fullmatch): `$` would let "name\n" through
 OTHER = "other"  # the metrics label of categories over the cap
 METADATA_KEY = "localroute_category"
 OWN_KEYS = frozenset({METADATA_KEY, LABELS_KEY})  # what strip_category takes out before a provider sees it
@@ -65,19 +57,35 @@ class ResolvedCategory:
     evidence: dict[str, Any] = field(default_factory=dict)  # neighbours: the vote
 
 
+class _Labelled(Protocol):
+    """What the neighbour categoriser needs of an embedding model (routing/embedding.py
+    `EmbeddingModel`); a protocol, so that this module imports neither embedding nor prerouter,
+    which import it."""
+
+    encoder_name: str
+
+    def nearest_category(self, v: Any, k: int, min_similarity: float) -> Any: ...
+
+
+class _Memo(Protocol):
+    """routing/prerouter.py `VectorMemo`."""
+
+    def encode(self, name: str, encoder: Encoder, text: str, request_id: str) -> Any: ...
+
+
 class NeighbourCategories:
     """Places a request nothing else placed by its nearest labelled neighbours in the embedding
     router's index (module docstring, step 4). The embedding runs in a worker thread."""
 
-    def __init__(self, model: EmbeddingModel, encoder: Encoder, k: int, min_similarity: float,
-                 memo: VectorMemo | None = None) -> None:
+    def __init__(self, model: _Labelled, encoder: Encoder, k: int, min_similarity: float,
+                 memo: _Memo | None = None) -> None:
         self.model, self.encoder = model, encoder
         self.k, self.min_similarity = k, min_similarity
         self.memo = memo  # shared with the embedding policies: the vector is reused when they route it
 
-    def _embed(self, text: str) -> Any:
+    def _embed(self, text: str, request_id: str) -> Any:
         if self.memo is not None:
-            return self.memo.encode(self.model.encoder_name, self.encoder, text)
+            return self.memo.encode(self.model.encoder_name, self.encoder, text, request_id)
         return self.encoder.encode([text])[0]
 
     def place(self, vector: Any, fallback: ResolvedCategory) -> ResolvedCategory:
@@ -94,7 +102,7 @@ class NeighbourCategories:
         if not text.strip():
             return fallback
         try:
-            vector = await asyncio.to_thread(self._embed, text)  # CPU work off the loop
+            vector = await asyncio.to_thread(self._embed, text, request.request_id)  # CPU work off the loop
         except (RuntimeError, ValueError, OSError) as exc:  # an encoder failure costs the category, not the request
             log.warning("category neighbours unavailable for this request (%s); %s", type(exc).__name__,
                         fallback.name)
@@ -102,8 +110,13 @@ class NeighbourCategories:
         return self.place(vector, fallback)
 
 
+def is_name(value: object) -> bool:
+    """A category name a client may send, and a labelled row may carry (module docstring)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
+
+
 def _checked(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise InvalidRequestError(
             f"{param} must be a category name: 1-64 letters, digits or _ . : - characters", param=param,
             code="invalid_category")

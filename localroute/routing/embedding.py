@@ -126,14 +126,35 @@ def vote_category(categories: list[str], sims: np.ndarray, min_similarity: float
     return CategoryVote(best, dict(counts), len(kept), kept[0][1])
 
 
+def _names(categories: Sequence[str | None]) -> list[str]:
+    """Each row's category, "" for none and for one that is no category name (routing/categories.py:
+    a name becomes a response header, a metrics label and a log value, so a free-text label from a
+    dataset never votes); how many were left out is logged, not what they were."""
+    from localroute.routing.categories import is_name
+
+    names = [c or "" for c in categories]
+    bad = sum(1 for c in names if c and not is_name(c))
+    if bad:
+        log.warning("%d labelled rows carry no valid category name (1-64 letters, digits or _ . : -): left "
+                    "unlabelled", bad)
+    return [c if is_name(c) else "" for c in names]
+
+
 class CategoryNeighbours:
     """The labelled rows of an embedding index (their vectors and categories), searched apart."""
 
-    def __init__(self, vectors: np.ndarray, categories: np.ndarray, brute_force_max: int = BRUTE_FORCE_MAX) -> None:
-        names = [str(c) for c in categories]
+    def __init__(self, vectors: np.ndarray, categories: np.ndarray, brute_force_max: int = BRUTE_FORCE_MAX,
+                 cache: Path | None = None, whole: EmbeddingIndex | None = None) -> None:
+        """`whole`: the model's index of every row, searched as is when every row is labelled (no
+        second copy, no second HNSW build); `cache`: the HNSW file of the labelled rows' own index."""
+        names = _names([str(c) for c in categories])
         keep = np.asarray([bool(c) for c in names], dtype=bool)
         self.categories = [c for c, k in zip(names, keep) if k]
-        self.index = EmbeddingIndex(np.asarray(vectors)[keep], brute_force_max) if self.categories else None
+        self.index: EmbeddingIndex | None = None
+        if whole is not None and len(self.categories) == len(whole) and bool(keep.all()):
+            self.index = whole
+        elif self.categories:
+            self.index = EmbeddingIndex(np.asarray(vectors)[keep], brute_force_max, cache=cache)
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -168,8 +189,13 @@ class EmbeddingModel:
         self._filled = np.nan_to_num(self._outcomes)
         self._prior = art.arrays["prior"].astype(np.float32)
         cats = art.arrays.get("categories")
-        self.category_neighbours = (CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max)
-                                    if cats is not None and cats.shape == (len(self.index),) else None)
+        neighbours = None
+        if cats is not None and cats.shape == (len(self.index),):
+            neighbours = CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max,
+                                            cache.with_name(f"{cache.name[:-5]}.categories.hnsw") if cache else None,
+                                            whole=self.index)
+        # None unless some row carries a category: then nothing embeds a request to place it
+        self.category_neighbours = neighbours if neighbours is not None and len(neighbours) else None
 
     def nearest_category(self, v: np.ndarray, k: int, min_similarity: float) -> CategoryVote | None:
         """The category of the query's nearest labelled neighbours (module docstring), or None."""
@@ -213,11 +239,12 @@ def train_embedding(
     prior = np.asarray([np.nanmean(col) if np.any(~np.isnan(col)) else 0.5 for col in labels.T], dtype=np.float32)
     arrays = {"vectors": np.asarray(x, dtype=np.float32), "outcomes": np.asarray(labels, dtype=np.float32),
               "prior": prior}
-    if categories is not None and any(categories):
-        if len(categories) != len(arrays["vectors"]):
+    names = _names(categories) if categories is not None else []
+    if any(names):
+        if len(names) != len(arrays["vectors"]):
             raise ValueError("categories must have one entry per row")
-        arrays["categories"] = np.asarray([c or "" for c in categories], dtype=str)  # unicode: no pickle on load
-        training = {**(training or {}), "category_rows": sum(1 for c in categories if c)}
+        arrays["categories"] = np.asarray(names, dtype=str)  # unicode: no pickle on load
+        training = {**(training or {}), "category_rows": sum(1 for c in names if c)}
     return RouterArtifact(
         kind="embedding",
         encoder=encoder,

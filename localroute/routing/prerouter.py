@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,28 +64,37 @@ def tier_mapping(model_tiers: Sequence[str], ladder: Sequence[str]) -> list[int]
 
 
 class VectorMemo:
-    """The last few (encoder, text) -> vector embeddings: a request placed in a category by its
-    neighbours (routing/categories.py) is embedded once, not again by the embedding policy that
-    routes it. Small and thread-safe (both embed in worker threads); a miss only costs an encode."""
+    """One request's embeddings, by (encoder, request id, text digest): a request placed in a
+    category by its neighbours (routing/categories.py) is embedded once, not again by the embedding
+    policy that routes it. Keyed by the request, not the text alone, so no request is ever answered
+    from another's vector (no timing signal of what others asked) and no prompt text is kept; at most
+    `size` vectors, taken once. Thread-safe (both embed in worker threads); a miss only costs an encode."""
 
     def __init__(self, size: int = 64) -> None:
         from collections import OrderedDict
         from threading import Lock
 
         self.size = size
-        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, bytes], np.ndarray] = OrderedDict()
         self._lock = Lock()
         self.hits = 0
 
-    def encode(self, name: str, encoder: Encoder, text: str) -> np.ndarray:
-        key = (name, text)
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def encode(self, name: str, encoder: Encoder, text: str, request_id: str) -> np.ndarray:
+        import hashlib
+
+        if not request_id:  # a request without an id (code, evals) is nobody's to share with
+            return np.asarray(encoder.encode([text])[0])
+        key = (name, request_id, hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
         with self._lock:
-            found = self._items.get(key)
+            found = self._items.pop(key, None)
             if found is not None:
-                self._items.move_to_end(key)
                 self.hits += 1
                 return found
         vector: np.ndarray = np.asarray(encoder.encode([text])[0])
+        vector.setflags(write=False)  # shared by the request's two readers
         with self._lock:
             self._items[key] = vector
             while len(self._items) > self.size:
@@ -149,14 +158,14 @@ class PreRouter:
             last = pre.evidence
         return PreDecision(None, last)
 
-    def _embed(self, text: str) -> dict[str, np.ndarray]:
+    def _embed(self, text: str, request_id: str = "") -> dict[str, np.ndarray]:
         memo = self.memo
-        return {name: memo.encode(name, enc, text) if memo is not None else enc.encode([text])[0]
+        return {name: memo.encode(name, enc, text, request_id) if memo is not None else enc.encode([text])[0]
                 for name, enc in self.encoders.items() if any(m.encoder_name == name for m in self.models)}
 
     async def decide(self, request: GenerationRequest) -> PreDecision:
         text = request_text(request.messages, request.prompt)
-        vectors = await asyncio.to_thread(self._embed, text)  # CPU work off the event loop
+        vectors = await asyncio.to_thread(self._embed, text, request.request_id)  # CPU work off the event loop
         return self.decide_vectors(vectors)
 
     def _stamp(self, decision: Decision, pre: PreDecision) -> None:
@@ -226,6 +235,15 @@ def router_scores(models: Sequence[ScoringModel], vectors: Sequence[dict[str, np
     return out
 
 
+def _places_categories(settings: Any, models: Iterable[Any]) -> bool:
+    """Category neighbours will run: on (`category_neighbours_k` > 0) with a loaded embedding model
+    that has labelled rows."""
+    from localroute.routing.embedding import EmbeddingModel
+
+    return settings.category_neighbours_k > 0 and any(
+        isinstance(m, EmbeddingModel) and m.category_neighbours is not None for m in models)
+
+
 def category_neighbours(settings: Any, routers: dict[str, Any]) -> Any:
     """The neighbour categoriser (routing/categories.py `NeighbourCategories`) when an embedding
     router trained on rows with categories is loaded and `category_neighbours_k` > 0; else None.
@@ -263,7 +281,9 @@ def build_policies(settings: Settings, tiers: Sequence[Tier], cascade: CascadeRo
     policies: dict[str, Any] = {}
     models, encoders = load_models(settings)
     thr = calibrated_router_threshold(settings, models)
-    memo = VectorMemo()  # one for every policy and the category neighbours: a request is embedded once
+    # one for every policy and the category neighbours (a request is embedded once); none when no
+    # category neighbours will run, so the policies then pay nothing for it
+    memo = VectorMemo() if _places_categories(settings, models.values()) else None
     for kind, model in models.items():
         policies[f"localroute/{kind}"] = PreRouter(f"localroute/{kind}", [model], encoders, tiers, cascade, thr,
                                                    memo=memo)

@@ -77,7 +77,9 @@ def targets_of(path: Path | None) -> dict[str, float]:
 
 def _preload(modules: list[str]) -> None:
     """Import `modules` now (in a worker thread at start-up), so that no first use imports them on
-    the event loop; one that is missing is left for its first use to report."""
+    the event loop; one that is missing or broken is left for its first use to report: a preload
+    is an optimisation and never stops `serve` (a scipy whose import fails on an ABI mismatch
+    raises more than ImportError)."""
     import importlib
 
     for name in modules:
@@ -85,6 +87,8 @@ def _preload(modules: list[str]) -> None:
             importlib.import_module(name)
         except ImportError:
             log.debug("preload: %s not importable", name)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: whatever the import raised, serve on
+            log.warning("preload: importing %s failed (%s); left for its first use", name, type(exc).__name__)
 
 
 def scorer_of(settings: Settings, category: str, judged: bool) -> str:

@@ -15,6 +15,7 @@ from localroute.routing.categories import (
     OTHER,
     CategoryLabels,
     ResolvedCategory,
+    is_name,
     resolve_category,
     split_model_alias,
     strip_category,
@@ -170,3 +171,37 @@ def test_an_index_without_categories_places_nothing() -> None:
     model = EmbeddingModel(train_embedding(x, np.ones((2, 2), dtype=np.float32), ["cheap", "strong"], "hand"))
     assert model.category_neighbours is None and model.nearest_category(x[0], 3, 0.0) is None
     assert "categories" not in model.artifact.arrays
+
+
+def test_labelled_rows_share_the_whole_index_and_an_empty_label_set_is_no_categoriser() -> None:
+    import numpy as np
+
+    from localroute.routing.embedding import EmbeddingModel, train_embedding
+
+    x = np.asarray([_unit(1, 0), _unit(0, 1), _unit(1, 1)], dtype=np.float32)
+    y = np.ones((3, 2), dtype=np.float32)
+    every = EmbeddingModel(train_embedding(x, y, ["cheap", "strong"], "hand", categories=["a", "b", "a"]))
+    assert every.category_neighbours is not None
+    assert every.category_neighbours.index is every.index  # no second copy of the vectors, no second HNSW build
+    assert every.nearest_category(x[0], 1, 0.9).category == "a"  # type: ignore[union-attr]
+    # an artefact whose categories array names none (written by hand or another tool): nothing to
+    # vote, so no categoriser, and `serve` embeds no request for it
+    art = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["a", None, None])
+    art.arrays["categories"] = np.asarray(["", "", ""], dtype=str)
+    assert EmbeddingModel(art).category_neighbours is None
+
+
+def test_a_labelled_row_votes_only_with_a_category_name() -> None:
+    import numpy as np
+
+    from localroute.routing.embedding import EmbeddingModel, train_embedding
+
+    x = np.asarray([_unit(1, 0), _unit(1, 0.05), _unit(0, 1)], dtype=np.float32)
+    y = np.ones((3, 2), dtype=np.float32)
+    trained = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["math\n", "Stimmung für", "chat"])
+    assert list(trained.arrays["categories"]) == ["", "", "chat"] and trained.training["category_rows"] == 1
+    art = train_embedding(x, y, ["cheap", "strong"], "hand", categories=["math", "math", "chat"])
+    art.arrays["categories"] = np.asarray(["math\n", "x" * 65, "chat"], dtype=str)  # an artefact made elsewhere
+    model = EmbeddingModel(art)
+    assert model.nearest_category(x[0], 3, -1.0).votes == {"chat": 1}  # type: ignore[union-attr]
+    assert is_name("math") and not is_name("math\n") and not is_name("x" * 65) and not is_name(None)

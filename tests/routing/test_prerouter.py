@@ -192,3 +192,61 @@ def test_labelled_neighbours_place_an_unlabelled_request_real_minilm(minilm: Enc
     assert (review.name, review.source) == ("sentiment", "neighbours")
     assert set(review.evidence["category_neighbours"]["votes"]) == {"sentiment"}
     assert place("Which river flows through Vienna?") is default  # no labelled row is that similar
+
+
+class _Counting:
+    """The real MiniLM, counting its encode calls."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner, self.name, self.dim, self.calls = inner, inner.name, inner.dim, 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        return self.inner.encode(texts)
+
+
+def test_the_vector_memo_serves_one_request_keeps_no_text_and_stays_bounded(minilm: Encoder) -> None:
+    from localroute.routing.prerouter import VectorMemo
+
+    enc = _Counting(minilm)
+    memo = VectorMemo(size=4)
+    secret = "My account number is 12345678, what is my balance?"
+    first = memo.encode("minilm", enc, secret, "req-1")  # the category neighbours embed it
+    again = memo.encode("minilm", enc, secret, "req-1")  # the embedding policy routing the same request
+    assert enc.calls == 1 and memo.hits == 1 and np.array_equal(first, again)
+    assert not first.flags.writeable  # one request's readers share it: nobody may change it
+    # another request with the very same text is embedded afresh: no request is answered from
+    # another's vector (a faster answer would tell a client what someone else just asked)
+    memo.encode("minilm", enc, secret, "req-2")
+    assert enc.calls == 2 and memo.hits == 1
+    assert all(secret not in repr(key) for key in memo._items)  # no prompt text kept in memory
+    for i in range(10):
+        memo.encode("minilm", enc, f"text {i}", f"r{i}")
+    assert len(memo) == 4
+    memo.encode("minilm", enc, "no id", "")
+    memo.encode("minilm", enc, "no id", "")
+    assert enc.calls == 14 and memo.hits == 1  # without a request id nothing is kept or shared
+
+
+def test_no_memo_and_no_neighbours_without_labelled_rows(minilm: Encoder, tmp_path: Any) -> None:
+    """Without category neighbours (none trained, or k = 0) the policies pay nothing for them."""
+    from localroute.routing.artifacts import save_artifact
+    from localroute.routing.prerouter import build_policies, category_neighbours
+    from localroute.routing.training import LabelledQueries, train_router
+    from localroute.settings import Settings
+
+    cheap, strong = (ScriptedBackend(name, "a", -0.01) for name in ("cheap", "strong"))
+    tiers = [Tier("cheap", cheap, -1.0), Tier("strong", strong, None)]
+    texts = MATH_ROWS + SENTIMENT_ROWS
+    labels = np.ones((len(texts), 2), dtype=np.float32)
+    plain = save_artifact(train_router("embedding", LabelledQueries(texts, ["cheap", "strong"], labels), minilm,
+                                       cache_dir=tmp_path / "c"), tmp_path / "plain.npz")
+    named = save_artifact(train_router("embedding", LabelledQueries(texts, ["cheap", "strong"], labels,
+                                                                    categories=["math"] * 4 + ["sentiment"] * 4),
+                                       minilm, cache_dir=tmp_path / "c"), tmp_path / "named.npz")
+    for path, k, placed in ((plain, 5, False), (named, 0, False), (named, 3, True)):
+        settings = Settings(router_embedding_path=path, category_neighbours_k=k)
+        routers = build_policies(settings, tiers, CascadeRouter(tiers))
+        pre = [r for r in routers.values() if isinstance(r, PreRouter)]
+        assert pre and all((r.memo is not None) == placed for r in pre), (path.name, k)
+        assert (category_neighbours(settings, routers) is not None) == placed

@@ -56,3 +56,27 @@ def test_serve_places_an_unlabelled_request_by_its_neighbours(tmp_path: Path) ->
         unrelated = ask(client, "Which river flows through Vienna?")
         assert unrelated["evidence"]["category"] == "default"
         assert unrelated["evidence"]["category_source"] == "default" and not unrelated["escalated"]
+
+
+def test_category_names_with_a_newline_or_outside_the_name_set_never_reach_a_header(tmp_path: Path) -> None:
+    """A category becomes the x-localroute-category header, a metrics label and a log value: a
+    client's "math\\n" is a 400 in the API's error shape (a `$` that matched before a final newline
+    let it through to a 500), and labelled rows whose category is no plain name (a dataset's
+    meta.localroute_category is free text) are left out of the vote rather than break each answer."""
+    texts = MATH_ROWS + SENTIMENT_ROWS
+    data = LabelledQueries(texts, ["local", "frontier"], np.ones((len(texts), 2), dtype=np.float32),
+                           categories=["math\n"] * 4 + ["Stimmungsanalyse für Kunden"] * 4)
+    with_bad = train_router("embedding", data, load_encoder("minilm"), cache_dir=tmp_path, k=3)
+    path = save_artifact(with_bad, tmp_path / "router.npz")
+    settings = Settings(router_embedding_path=path, category_neighbours_k=3, category_neighbours_min_similarity=0.3)
+    tiers = [Tier("local", ScriptedBackend("local", "15", [-0.1]), -1.0),
+             Tier("frontier", ScriptedBackend("frontier", "15", [-0.01], local=False), None)]
+    app = create_app(settings, tiers=tiers)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert app.state.service.category_neighbours is None  # no row carries a usable name
+        body = {"model": "localroute/cascade", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "What is 6 + 9?"}]}
+        r = client.post("/chat/completions", json={**body, "metadata": {"localroute_category": "math\n"}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_category", r.text
+        r = client.post("/chat/completions", json=body)
+        assert r.status_code == 200 and r.headers["x-localroute-category"] == "default"

@@ -9,6 +9,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from localroute.settings import REPO_ROOT
 
@@ -47,3 +50,15 @@ def test_shadowing_imports_its_lazy_modules_at_start_up() -> None:
     assert on["before"] == {"scipy.stats": False, "jsonschema": False}  # the probe can tell
     assert on["after"] == {"scipy.stats": True, "jsonschema": True}
     assert probe(0.0)["after"] == {"scipy.stats": False, "jsonschema": False}  # no shadowing: no start-up cost
+
+
+def test_a_preload_that_fails_never_stops_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazily imported module that is missing, or whose import raises something else (a broken
+    scipy: an ABI mismatch, a missing shared library), is left for its first use."""
+    from localroute.server.live_quality import _preload
+
+    (tmp_path / "lr_broken_mod.py").write_text("raise OSError('libopenblas.so: cannot open shared object file')\n")
+    (tmp_path / "lr_ok_mod.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _preload(["lr_missing_mod", "lr_broken_mod", "lr_ok_mod"])
+    assert "lr_ok_mod" in sys.modules and "lr_broken_mod" not in sys.modules
