@@ -35,7 +35,7 @@ from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, r
 from localroute.backends.fragments import FragmentTokenizer
 from localroute.backends.grammar import constraint_for
 from localroute.backends.threaded import EngineBridge, Outbox
-from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
+from localroute.backends.tool_calls import local_parallel_calls, tool_call_answer, with_tools_preamble
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -802,7 +802,7 @@ class LlamaCppBackend(EngineBridge):
             return self.engine.tokenize(request.prompt or "", add_special=True, parse_special=False)
         messages = [dict(m) for m in request.messages]
         if request.tools and not self._template_reads_tools:
-            messages = with_tools_preamble(messages, request.tools, request.parallel_tool_calls)
+            messages = with_tools_preamble(messages, request.tools, local_parallel_calls(request))
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
             return self.engine.tokenize(text, add_special=True, parse_special=False)
@@ -825,10 +825,10 @@ class LlamaCppBackend(EngineBridge):
         bound = request.escalate_below
         early = (EarlyExit(bound, common["max_new"], request.params.stop)
                  if bound is not None and EarlyExit.supports(bound) else None)
-        grammar = (constraint_for(self.engine, fmt, request.tools, request.parallel_tool_calls)
-                   if fmt or request.tools else None)
+        parallel = local_parallel_calls(request)
+        grammar = constraint_for(self.engine, fmt, request.tools, parallel) if fmt or request.tools else None
         return _Seq(**common, model=self.engine.model_path.name, choice=choice,
-                    repeat_guard=bool(request.tools) and request.parallel_tool_calls,
+                    repeat_guard=parallel,
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     grammar=grammar, labels=labels, hold_done=bool(labels), early_exit=early)
 

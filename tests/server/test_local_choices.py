@@ -188,10 +188,11 @@ def calls_of(choice: Any) -> list[dict[str, Any]]:
 
 
 def test_parallel_calls_greedy_gives_both_calls(client: OpenAI) -> None:
-    """Asked two things, SmolLM2's greedy answer is two calls, one per line: two `tool_calls`
-    entries, each valid against its own tool's schema."""
+    """Asked two things with parallel_tool_calls: true, SmolLM2's greedy answer is two calls, one
+    per line: two `tool_calls` entries, each valid against its own tool's schema."""
     answer = client.chat.completions.create(model="smollm2", messages=TWO_THINGS, tools=TOOLS,
-                                            tool_choice="required", max_tokens=150, temperature=0)
+                                            tool_choice="required", max_tokens=150, temperature=0,
+                                            parallel_tool_calls=True)
     assert [c["name"] for c in calls_of(answer.choices[0])] == ["get_weather", "get_time"]
 
 
@@ -200,7 +201,8 @@ def test_parallel_calls_sampled_each_validates(client: OpenAI, seed: int) -> Non
     """Sampled: one or more calls, each valid against its tool's schema, whatever the model
     chooses (an answer cut by max_tokens is no call: it stays text, finish_reason length)."""
     answer = client.chat.completions.create(model="smollm2", messages=TWO_THINGS, tools=TOOLS,
-                                            tool_choice="required", max_tokens=150, temperature=0.7, seed=seed)
+                                            tool_choice="required", max_tokens=150, temperature=0.7, seed=seed,
+                                            parallel_tool_calls=True)
     choice = answer.choices[0]
     if choice.finish_reason == "length":
         assert choice.message.tool_calls is None and answer.usage.completion_tokens == 150
