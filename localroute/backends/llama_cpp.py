@@ -311,10 +311,11 @@ class LlamaEngine:
             # Free slots are filled by the engine thread between steps, so a burst arriving during
             # one step all lands in `_waiting`: count the slots that will absorb part of it.
             if len(self._waiting) >= self.max_queue + len(self._free_slots):
-                self.stats["rejected_total"] += 1
+                self.stats["rejected_total"] += 1 + len(seq.siblings)
                 raise RateLimitError("local tier queue is full; retry shortly", retry_after_s=1.0)
             self._waiting.append(seq)
-            self.stats["requests_total"] += 1
+            # an n > 1 wave counts as its sequences, as completed/cancelled_total count them
+            self.stats["requests_total"] += 1 + len(seq.siblings)
             self._cond.notify()
 
     def cancel(self, seq: _Seq) -> None:
@@ -325,7 +326,7 @@ class LlamaEngine:
         with self._cond:
             if seq in self._waiting:
                 self._waiting.remove(seq)
-                self.stats["cancelled_total"] += 1
+                self.stats["cancelled_total"] += 1 + len(seq.siblings)  # they never ran either
             self._cond.notify()
 
     def load(self) -> dict[str, int]:

@@ -32,7 +32,8 @@ escalates it as any truncated call.
 Logprobs: OpenAI's chat logprobs cover message content only (`content` is null for a tool call);
 a local tier, like vLLM, reports the tokens it generated for the calls (every token, forced ones
 too, so they concatenate to the calls' JSON) in `logprobs.content` when the client asks for
-logprobs. They ride in `Generation.extra["call_tokens"]`; the server writes them.
+logprobs. They ride in `Generation.extra["call_tokens"]`; the server writes them. A choice of an
+n > 1 answer cut by max_tokens (text, not a call) carries its tokens there too.
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ def tool_call_answer(gen: Generation) -> Generation:
     if not gen.choices:
         return _one_answer(gen)
     answers = [_one_answer(g) for g in (gen, *gen.choices)]
+    # a choice cut by max_tokens is text inside `raw` too: its tokens are its logprobs when asked,
+    # as they are for a cut n = 1 answer (sent as plain text)
+    answers = [a if a.raw is not None else replace(a, extra={**a.extra, "call_tokens": list(a.tokens)})
+               for a in answers]
     first = answers[0]
     choices = [_raw_choice(a, i) for i, a in enumerate(answers)]
     raw = dict(first.raw) if first.raw is not None else {

@@ -258,3 +258,18 @@ def test_tool_call_logprobs_when_asked(client: OpenAI, stream: bool) -> None:
     assert any(t.logprob < 0 for t in content)
     plain = client.chat.completions.create(**args)
     assert plain.choices[0].logprobs is None
+
+
+def test_cut_tool_choices_of_n2_keep_their_logprobs(client: OpenAI) -> None:
+    """A choice cut by max_tokens is text, not a call; asked for logprobs, each of n = 2 has them
+    as a cut n = 1 answer has (its tokens concatenate to its text), not null."""
+    args: dict[str, Any] = {"model": "smollm2", "messages": ask("Weather in Oslo, in celsius?"), "tools": [WEATHER],
+                            "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    single = client.chat.completions.create(**args).choices[0]
+    assert single.finish_reason == "length" and single.logprobs is not None
+    answer = client.chat.completions.create(**args, n=2)
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice in answer.choices:
+        assert choice.finish_reason == "length" and choice.message.tool_calls is None
+        assert choice.logprobs is not None and len(choice.logprobs.content) == 6
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content == single.message.content
