@@ -92,9 +92,9 @@ class GenerationRequest:
     score_labels: bool = True
     # set by the cascade for a non-final local tier: stop decoding once acceptance is impossible
     escalate_below: EscalationBound | None = None
-    # with `tools`: whether the answer may hold several calls (the client's parallel_tool_calls,
-    # false for a named tool_choice)
-    parallel_tool_calls: bool = True
+    # with `tools`: the client's parallel_tool_calls as sent (None: omitted; False for a named
+    # tool_choice). A local tier answers with several calls only when it is True (tool_calls.py)
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

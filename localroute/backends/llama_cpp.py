@@ -35,7 +35,7 @@ from localroute.backends.grammar import constraint_for
 from localroute.backends.label_scoring import LabelScorer
 from localroute.backends.llama_vocab import LlamaVocab
 from localroute.backends.threaded import EngineBridge, Outbox
-from localroute.backends.tool_calls import tool_call_answer, with_tools_preamble
+from localroute.backends.tool_calls import local_parallel_calls, tool_call_answer, with_tools_preamble
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -249,10 +249,11 @@ class LlamaEngine(LlamaVocab):
             # Free slots are filled by the engine thread between steps, so a burst arriving during
             # one step all lands in `_waiting`: count the slots that will absorb part of it.
             if len(self._waiting) >= self.max_queue + len(self._free_slots):
-                self.stats["rejected_total"] += 1
+                self.stats["rejected_total"] += 1 + len(seq.siblings)
                 raise RateLimitError("local tier queue is full; retry shortly", retry_after_s=1.0)
             self._waiting.append(seq)
-            self.stats["requests_total"] += 1
+            # an n > 1 wave counts as its sequences, as completed/cancelled_total count them
+            self.stats["requests_total"] += 1 + len(seq.siblings)
             self._cond.notify()
 
     def cancel(self, seq: _Seq) -> None:
@@ -263,7 +264,7 @@ class LlamaEngine(LlamaVocab):
         with self._cond:
             if seq in self._waiting:
                 self._waiting.remove(seq)
-                self.stats["cancelled_total"] += 1
+                self.stats["cancelled_total"] += 1 + len(seq.siblings)  # they never ran either
             self._cond.notify()
 
     def load(self) -> dict[str, int]:
@@ -670,7 +671,7 @@ class LlamaCppBackend(EngineBridge):
             return self.engine.tokenize(request.prompt or "", add_special=True, parse_special=False)
         messages = [dict(m) for m in request.messages]
         if request.tools and not self._template_reads_tools:
-            messages = with_tools_preamble(messages, request.tools, request.parallel_tool_calls)
+            messages = with_tools_preamble(messages, request.tools, local_parallel_calls(request))
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
             return self.engine.tokenize(text, add_special=True, parse_special=False)
@@ -693,10 +694,10 @@ class LlamaCppBackend(EngineBridge):
         bound = request.escalate_below
         early = (EarlyExit(bound, common["max_new"], request.params.stop)
                  if bound is not None and EarlyExit.supports(bound) else None)
-        grammar = (constraint_for(self.engine, fmt, request.tools, request.parallel_tool_calls)
-                   if fmt or request.tools else None)
+        parallel = local_parallel_calls(request)
+        grammar = constraint_for(self.engine, fmt, request.tools, parallel) if fmt or request.tools else None
         return _Seq(**common, model=self.engine.model_path.name, choice=choice,
-                    repeat_guard=bool(request.tools) and request.parallel_tool_calls,
+                    repeat_guard=parallel,
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     grammar=grammar, labels=labels, hold_done=bool(labels), early_exit=early)
 

@@ -15,9 +15,13 @@ forces, with a renormalised logprob of exactly 0, are left out of the answer's t
 grammar for "text or a call" would let the model's first token decide alone and a small local
 model rarely chooses well.
 
-Parallel calls: unless the client sets `parallel_tool_calls: false` or names the function, the
-grammar takes one or more calls, one per line (`calls_gbnf`): a single call is the same text as
-before, and after each call the model chooses between ending and a newline and another call.
+Parallel calls: only when the client sends `parallel_tool_calls: true` (and names no function)
+the grammar takes one or more calls, one per line (`calls_gbnf`): a single call is the same text
+as one call alone, and after each call the model chooses between ending and a newline and another
+call. Omitted (or false, or a named function) the answer is exactly one call: OpenAI's
+`parallel_tool_calls` lets a model make several calls, it does not ask for them, and a small local
+model offered the choice adds spurious ones (SmolLM2, greedy, asked whether it rains in London:
+get_weather, then get_time and add(10, 10)), so several calls are opt-in here.
 Each call is one `tool_calls` entry, each held to its own tool's schema by the grammar; a call
 repeated word for word (SmolLM2 often repeats its first call, greedy too, and then goes on
 repeating it) ends the answer where it starts (DecodeState.repeat_guard), and any repeat left is
@@ -28,7 +32,8 @@ escalates it as any truncated call.
 Logprobs: OpenAI's chat logprobs cover message content only (`content` is null for a tool call);
 a local tier, like vLLM, reports the tokens it generated for the calls (every token, forced ones
 too, so they concatenate to the calls' JSON) in `logprobs.content` when the client asks for
-logprobs. They ride in `Generation.extra["call_tokens"]`; the server writes them.
+logprobs. They ride in `Generation.extra["call_tokens"]`; the server writes them. A choice of an
+n > 1 answer cut by max_tokens (text, not a call) carries its tokens there too.
 """
 
 from __future__ import annotations
@@ -40,10 +45,10 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from localroute.types import Generation
+from localroute.types import Generation, GenerationRequest
 
-__all__ = ["call_schema", "calls_gbnf", "parse_calls", "repeated_call_start", "tool_call_answer",
-           "with_tools_preamble"]
+__all__ = ["call_schema", "calls_gbnf", "local_parallel_calls", "parse_calls", "repeated_call_start",
+           "tool_call_answer", "with_tools_preamble"]
 
 _CALL_RULE = "localroute-call"  # the one-call grammar's root, renamed when calls may repeat
 
@@ -60,6 +65,12 @@ def call_schema(tools: tuple[dict[str, Any], ...]) -> dict[str, Any]:
             "additionalProperties": False,
         })
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def local_parallel_calls(request: GenerationRequest) -> bool:
+    """Whether a local answer to `request` may hold several calls: it has tools and the client
+    sent `parallel_tool_calls: true` (GenerationRequest keeps the value as sent, None when omitted)."""
+    return bool(request.tools) and request.parallel_tool_calls is True
 
 
 def calls_gbnf(one_call: str, parallel: bool) -> str:
@@ -143,6 +154,10 @@ def tool_call_answer(gen: Generation) -> Generation:
     if not gen.choices:
         return _one_answer(gen)
     answers = [_one_answer(g) for g in (gen, *gen.choices)]
+    # a choice cut by max_tokens is text inside `raw` too: its tokens are its logprobs when asked,
+    # as they are for a cut n = 1 answer (sent as plain text)
+    answers = [a if a.raw is not None else replace(a, extra={**a.extra, "call_tokens": list(a.tokens)})
+               for a in answers]
     first = answers[0]
     choices = [_raw_choice(a, i) for i, a in enumerate(answers)]
     raw = dict(first.raw) if first.raw is not None else {

@@ -139,9 +139,10 @@ def _called_tools(body: ChatCompletionRequest) -> tuple[dict[str, Any], ...]:
     return tuple(fns)
 
 
-def _parallel_calls(body: ChatCompletionRequest) -> bool:
-    """Whether a local answer may hold several calls: unless the client said no, or named the function."""
-    return body.parallel_tool_calls is not False and not isinstance(body.tool_choice, dict)
+def _parallel_calls(body: ChatCompletionRequest) -> bool | None:
+    """The client's parallel_tool_calls, None when omitted (a local answer is then one call, see
+    backends/tool_calls.py); False when it names the function (one call of it)."""
+    return False if isinstance(body.tool_choice, dict) else body.parallel_tool_calls
 
 
 def completion_request(body: CompletionRequest, data: dict[str, Any], settings: Settings,

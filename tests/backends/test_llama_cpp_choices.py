@@ -5,6 +5,7 @@ sampler. The real SmolLM2 model; numbers compared with plain n = 1 requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,17 @@ def test_more_choices_than_slots_run_in_waves(backend: LlamaCppBackend) -> None:
     assert stats["kv_copies_total"] - before["kv_copies_total"] == 4
     cached = stats["prompt_tokens_cached_total"] - before["prompt_tokens_cached_total"]
     assert cached >= 2 * (gen.prompt_tokens - 2)
-    assert backend.engine.load()["free_slots"] == 3 and backend.engine.load()["kv_reserved"] == 0
+    settled(backend.engine)
+
+
+def settled(engine: LlamaEngine) -> None:
+    """Every slot free and no KV reserved, once the engine thread has ended its step (a choice's
+    answer reaches the caller before the step's end frees its slot)."""
+    for _ in range(100):
+        if engine.load()["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert engine.load()["free_slots"] == 3 and engine.load()["kv_reserved"] == 0
 
 
 def test_streamed_choices_carry_their_index(backend: LlamaCppBackend) -> None:
@@ -107,11 +118,17 @@ def test_a_cancelled_request_frees_every_choice_slot(backend: LlamaCppBackend) -
             await task
 
     asyncio.run(run())
-    engine = backend.engine
-    for _ in range(100):
-        if engine.load()["active"] == 0:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert engine.load()["free_slots"] == 3 and engine.load()["kv_reserved"] == 0
+    settled(backend.engine)
     gen = asyncio.run(backend.generate(request(2, max_tokens=3)))  # and the engine goes on
     assert len(every(gen)) == 2
+
+
+def test_the_counters_count_every_choice(backend: LlamaCppBackend) -> None:
+    """requests_total counts an n > 1 request's sequences, as completed_total does: n = 3 adds
+    three to each (with two waves, n = 4 too), so finished and accepted stay comparable."""
+    stats = backend.engine.stats
+    for n in (3, 4):
+        before = dict(stats)
+        asyncio.run(backend.generate(request(n, max_tokens=3)))
+        assert stats["requests_total"] - before["requests_total"] == n
+        assert stats["completed_total"] - before["completed_total"] == n

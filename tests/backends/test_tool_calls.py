@@ -197,3 +197,30 @@ def test_the_decode_ends_an_answer_where_a_call_repeats() -> None:
             assert tool_call_answer(answer).finish_reason == "tool_calls"
         else:
             assert reasons == [None] * 6 and not done
+
+
+@pytest.mark.parametrize(("sent", "value", "parallel"), [
+    ({}, None, False),
+    ({"parallel_tool_calls": None}, None, False),
+    ({"parallel_tool_calls": False}, False, False),
+    ({"parallel_tool_calls": True}, True, True),
+    ({"parallel_tool_calls": True, "tool_choice": {"type": "function", "function": {"name": "add"}}}, False, False),
+])
+def test_several_local_calls_only_when_the_client_sends_true(sent: dict[str, Any], value: bool | None,
+                                                             parallel: bool) -> None:
+    """The request keeps the client's parallel_tool_calls as sent (None: omitted), through the
+    engine process's pickle too; a local answer may hold several calls only for an explicit true
+    without a named function."""
+    import pickle
+
+    from localroute.backends.tool_calls import local_parallel_calls
+    from localroute.server.protocol import chat_request
+    from localroute.server.schemas import ChatCompletionRequest
+    from localroute.settings import Settings
+
+    data = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": ADD}], **sent}
+    req = chat_request(ChatCompletionRequest.model_validate(data), data, Settings(), "r")
+    crossed = pickle.loads(pickle.dumps(req))
+    assert req.parallel_tool_calls is value and crossed.parallel_tool_calls is value
+    assert local_parallel_calls(crossed) is parallel

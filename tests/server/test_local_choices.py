@@ -188,10 +188,11 @@ def calls_of(choice: Any) -> list[dict[str, Any]]:
 
 
 def test_parallel_calls_greedy_gives_both_calls(client: OpenAI) -> None:
-    """Asked two things, SmolLM2's greedy answer is two calls, one per line: two `tool_calls`
-    entries, each valid against its own tool's schema."""
+    """Asked two things with parallel_tool_calls: true, SmolLM2's greedy answer is two calls, one
+    per line: two `tool_calls` entries, each valid against its own tool's schema."""
     answer = client.chat.completions.create(model="smollm2", messages=TWO_THINGS, tools=TOOLS,
-                                            tool_choice="required", max_tokens=150, temperature=0)
+                                            tool_choice="required", max_tokens=150, temperature=0,
+                                            parallel_tool_calls=True)
     assert [c["name"] for c in calls_of(answer.choices[0])] == ["get_weather", "get_time"]
 
 
@@ -200,7 +201,8 @@ def test_parallel_calls_sampled_each_validates(client: OpenAI, seed: int) -> Non
     """Sampled: one or more calls, each valid against its tool's schema, whatever the model
     chooses (an answer cut by max_tokens is no call: it stays text, finish_reason length)."""
     answer = client.chat.completions.create(model="smollm2", messages=TWO_THINGS, tools=TOOLS,
-                                            tool_choice="required", max_tokens=150, temperature=0.7, seed=seed)
+                                            tool_choice="required", max_tokens=150, temperature=0.7, seed=seed,
+                                            parallel_tool_calls=True)
     choice = answer.choices[0]
     if choice.finish_reason == "length":
         assert choice.message.tool_calls is None and answer.usage.completion_tokens == 150
@@ -256,3 +258,18 @@ def test_tool_call_logprobs_when_asked(client: OpenAI, stream: bool) -> None:
     assert any(t.logprob < 0 for t in content)
     plain = client.chat.completions.create(**args)
     assert plain.choices[0].logprobs is None
+
+
+def test_cut_tool_choices_of_n2_keep_their_logprobs(client: OpenAI) -> None:
+    """A choice cut by max_tokens is text, not a call; asked for logprobs, each of n = 2 has them
+    as a cut n = 1 answer has (its tokens concatenate to its text), not null."""
+    args: dict[str, Any] = {"model": "smollm2", "messages": ask("Weather in Oslo, in celsius?"), "tools": [WEATHER],
+                            "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    single = client.chat.completions.create(**args).choices[0]
+    assert single.finish_reason == "length" and single.logprobs is not None
+    answer = client.chat.completions.create(**args, n=2)
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice in answer.choices:
+        assert choice.finish_reason == "length" and choice.message.tool_calls is None
+        assert choice.logprobs is not None and len(choice.logprobs.content) == 6
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content == single.message.content

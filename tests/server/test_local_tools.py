@@ -66,8 +66,8 @@ def test_every_call_parses_and_validates_against_its_tools_schema(client: OpenAI
     answer = raw.parse()
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    for call in choice.message.tool_calls:  # parallel calls allowed: one or more
-        valid_call(call, set(SCHEMAS))
+    (call,) = choice.message.tool_calls  # parallel_tool_calls omitted: exactly one call
+    valid_call(call, set(SCHEMAS))
     assert raw.headers["x-localroute-tier"] == "smollm2"
     assert float(raw.headers["x-localroute-confidence"]) < 0  # from the call's tokens, a real number
     assert answer.usage.completion_tokens > 5
@@ -212,3 +212,25 @@ def test_in_a_cascade_a_confident_call_is_the_local_tiers_and_an_unsure_one_esca
             else:
                 assert len(forwarded) == 1 and forwarded[0]["tools"] == [WEATHER]
                 assert forwarded[0]["tool_choice"] == "required"
+
+
+LONDON = ask("Is it raining in London right now, in fahrenheit?")
+
+
+@pytest.mark.parametrize("parallel", [None, False, True])
+def test_several_calls_only_when_the_client_sends_parallel_tool_calls_true(client: OpenAI,
+                                                                           parallel: bool | None) -> None:
+    """OpenAI's parallel_tool_calls allows several calls, it does not ask for them: omitted (or
+    false) the local answer is exactly one call; SmolLM2 offered more (true) adds spurious ones on
+    this prompt, greedy (get_weather, then get_time and add), which shows the grammar takes them.
+    The value crosses the engine process's bridge as sent (None is not True)."""
+    extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
+    answer = client.chat.completions.create(model="smollm2", messages=LONDON, tools=TOOLS, tool_choice="required",
+                                            max_tokens=150, temperature=0, **extra)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    names = [valid_call(c, set(SCHEMAS)) and c.function.name for c in choice.message.tool_calls]
+    if parallel:
+        assert len(names) >= 2 and names[0] == "get_weather", names
+    else:
+        assert names == ["get_weather"]
