@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,39 @@ def test_falls_back_to_the_sequential_method_and_says_why(backend: LlamaCppBacke
         info = _run(backend.generate(request)).extra["label"]
     assert info["method"] == "sequential" and info["fallback"] == "the scoring context could not be created"
     assert all(abs(info["raw"][k] - v) < 1e-4 for k, v in batched["raw"].items())
+
+
+def test_a_long_answer_after_the_label_is_still_scored_batched(backend: LlamaCppBackend) -> None:
+    """The slot's stream holds the whole answer, here 260 tokens past the label: more cells than
+    the context to score needs. The scoring context takes the stream whole (it cannot load a
+    stream it has no room for): batched, no fallback, the sequential numbers."""
+    request = _choice("my new card has not arrived yet.")
+    request = replace(request, params=replace(request.params, max_tokens=260, ignore_eos=True))
+    scorer = backend.engine._labels
+    with _with(scorer, batched=False):
+        ref = _run(backend.generate(request)).extra["label"]
+    assert ref["chosen"] is not None and ref["method"] == "sequential", ref
+    with _with(scorer):  # a fresh scoring context, sized for this request
+        new = _run(backend.generate(request)).extra["label"]
+    assert new["method"] == "batched" and "fallback" not in new, new
+    assert new["chosen"] == ref["chosen"]
+    assert all(abs(ref["raw"][k] - v) < 1e-4 for k, v in new["raw"].items())
+
+
+def test_batched_scoring_in_a_unified_kv_cache_on_any_slot(smollm2_path: Path) -> None:
+    """kv_unified: one KV stream holds every slot, so a slot's cells are in stream 0 whatever the
+    slot; requests on slot 0 and slot 1 at once are both scored batched (no fallback)."""
+    engine = LlamaEngine(smollm2_path, n_ctx_seq=512, n_parallel=2, n_threads=2, kv_unified=True)
+    engine._labels.batched = True
+    backend = LlamaCppBackend("smollm2-135m", engine)
+    labels = LABELS[:6]
+
+    async def together() -> list[Generation]:
+        return list(await asyncio.gather(*(backend.generate(_choice(t, labels)) for t in MESSAGES)))
+
+    try:
+        infos = [g.extra["label"] for g in _run(together())]
+    finally:
+        engine.close()
+    for info in infos:
+        assert info["chosen"] in labels and info["method"] == "batched" and "fallback" not in info, info
