@@ -174,6 +174,10 @@ class LabelScorer:
     def _batched(self, plan: LabelPlan, slot: int,
                  children: dict[tuple[int, ...], set[int]]) -> tuple[Conditionals, int, int]:
         ll = self.engine._ll
+        if self.engine.kv_unified:
+            # one stream holds every slot: llama.cpp (0.3.36) cannot load a slot > 0's state into
+            # a stream of its own (measured), and slot 0's would score apart from the others
+            raise _Unavailable("a unified KV cache (kv_unified): the slot's KV is not copied")
         chains = sorted(_chains(plan), key=len)
         # room for the slot's whole stream, not only the context: its state is copied whole, answer
         # tokens after the label included, and a stream with fewer cells cannot load it
@@ -240,9 +244,7 @@ class LabelScorer:
         buf = (ctypes.c_uint8 * size)()
         written = int(ll.llama_state_seq_get_data(engine._ctx, buf, size, slot))
         state = ctypes.string_at(buf, written) if written > 0 else b""
-        # a unified cache has one stream, the slot's cells in it (stream 0), whatever the slot
-        data = (_restream(state, 0, 1, self.max_seqs) if engine.kv_unified
-                else _restream(state, slot, engine.n_parallel, self.max_seqs))
+        data = _restream(state, slot, engine.n_parallel, self.max_seqs)
         if data is None:
             raise _Unavailable("this model's KV state cannot be moved to the scoring context")
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)

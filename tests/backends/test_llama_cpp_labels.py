@@ -174,9 +174,10 @@ def test_a_long_answer_after_the_label_is_still_scored_batched(backend: LlamaCpp
     assert all(abs(ref["raw"][k] - v) < 1e-4 for k, v in new["raw"].items())
 
 
-def test_batched_scoring_in_a_unified_kv_cache_on_any_slot(smollm2_path: Path) -> None:
-    """kv_unified: one KV stream holds every slot, so a slot's cells are in stream 0 whatever the
-    slot; requests on slot 0 and slot 1 at once are both scored batched (no fallback)."""
+def test_a_unified_kv_cache_is_scored_sequentially_on_every_slot(smollm2_path: Path) -> None:
+    """kv_unified: one KV stream holds every slot. llama.cpp cannot load a slot > 0's state into a
+    stream of its own (slot 0's it can), so batched scoring is refused up front, the same on every
+    slot: requests on slot 0 and slot 1 at once are scored sequentially and the label info says why."""
     engine = LlamaEngine(smollm2_path, n_ctx_seq=512, n_parallel=2, n_threads=2, kv_unified=True)
     engine._labels.batched = True
     backend = LlamaCppBackend("smollm2-135m", engine)
@@ -187,7 +188,28 @@ def test_batched_scoring_in_a_unified_kv_cache_on_any_slot(smollm2_path: Path) -
 
     try:
         infos = [g.extra["label"] for g in _run(together())]
+        assert engine._labels._ctx is None  # no scoring context was built
     finally:
         engine.close()
     for info in infos:
-        assert info["chosen"] in labels and info["method"] == "batched" and "fallback" not in info, info
+        assert info["chosen"] in labels and info["logprob"] is not None, info
+        assert info["method"] == "sequential" and "kv_unified" in info["fallback"], info
+
+
+def test_the_default_path_builds_no_scoring_context_and_reads_no_state(backend: LlamaCppBackend,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential by default: no scoring context (no memory), the slot's saved state never read or
+    rewritten, no fallback reported."""
+    from localroute.backends import label_scoring
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the default path touched the saved state")
+
+    monkeypatch.setattr(label_scoring, "_restream", refuse)
+    monkeypatch.setattr(LabelScorer, "_load", refuse)
+    scorer = backend.engine._labels
+    assert LabelScorer(backend.engine).batched is False
+    with _with(scorer, batched=False):
+        info = _run(backend.generate(_choice("my new card has not arrived yet."))).extra["label"]
+        assert scorer._ctx is None
+    assert info["method"] == "sequential" and "fallback" not in info and info["logprob"] is not None, info
