@@ -174,8 +174,15 @@ class LabelScorer:
     def _batched(self, plan: LabelPlan, slot: int,
                  children: dict[tuple[int, ...], set[int]]) -> tuple[Conditionals, int, int]:
         ll = self.engine._ll
+        if self.engine.kv_unified:
+            # one stream holds every slot: llama.cpp (0.3.36) cannot load a slot > 0's state into
+            # a stream of its own (measured), and slot 0's would score apart from the others
+            raise _Unavailable("a unified KV cache (kv_unified): the slot's KV is not copied")
         chains = sorted(_chains(plan), key=len)
-        self._open(plan.base + len(chains[-1]))
+        # room for the slot's whole stream, not only the context: its state is copied whole, answer
+        # tokens after the label included, and a stream with fewer cells cannot load it
+        held = int(ll.llama_memory_seq_pos_max(self.engine._mem, slot)) + 1
+        self._open(max(plan.base + len(chains[-1]), held))
         if len(chains[-1]) > self._rows:
             raise _Unavailable("a label is longer than one scoring batch")
         waves = _waves(chains, self.max_seqs, self._rows)
@@ -200,7 +207,8 @@ class LabelScorer:
 
     def _open(self, cells: int) -> None:
         """The scoring context: `max_seqs` KV streams of at least `cells` cells (rebuilt larger when
-        a context outgrows it), one stream per sequence as the engine's, so each branch's
+        a slot's stream outgrows it: up to `max_seqs` times a slot's KV memory), one stream per
+        sequence as the engine's, so each branch's
         attention runs over its own stream exactly as in the slot."""
         engine, ll = self.engine, self.engine._ll
         if self._ctx is not None and self._cells >= cells:
@@ -236,7 +244,7 @@ class LabelScorer:
         buf = (ctypes.c_uint8 * size)()
         written = int(ll.llama_state_seq_get_data(engine._ctx, buf, size, slot))
         state = ctypes.string_at(buf, written) if written > 0 else b""
-        data = _restream(state, slot, 1 if engine.kv_unified else engine.n_parallel, self.max_seqs)
+        data = _restream(state, slot, engine.n_parallel, self.max_seqs)
         if data is None:
             raise _Unavailable("this model's KV state cannot be moved to the scoring context")
         src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -289,6 +297,8 @@ def _restream(state: bytes, slot: int, n_src: int, n_dst: int) -> bytes | None:
     refuses a state whose stream count is not its own ("n_stream mismatch"), so the empty counts
     are rewritten. A cache of another kind (sliding-window pairs, recurrent state) writes more
     sections; those are not rewritten, and llama_state_seq_set_data checks what it reads."""
+    if not 0 <= slot < n_src:
+        return None
     tail = 4 * (n_src - 1 - slot)
     for at in (0, 4, 8, 12, 16):  # the header before the stream count (8 bytes in llama.cpp 0.3.36's)
         head = at + 4 + 4 * slot

@@ -258,7 +258,8 @@ def signal_used(name: str, tokens: Sequence[TokenLogprob], text: str = "",
 
     label_confidence reads mean_logprob when there are no label scores (the request named no
     labels, or the tier scores none), and scores -inf ("none": the answer escalates) when labels
-    were known but the answer named none or they could not be scored."""
+    were known but the answer named none or they could not be scored. An answer without token
+    logprobs is "none" too: -inf when empty, else no confidence (None, which meets no threshold)."""
     if not tokens:
         return "none", "the answer came without token logprobs" if text else "empty answer"
     if name != "label_confidence":

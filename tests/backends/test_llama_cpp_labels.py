@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,61 @@ def test_falls_back_to_the_sequential_method_and_says_why(backend: LlamaCppBacke
         info = _run(backend.generate(request)).extra["label"]
     assert info["method"] == "sequential" and info["fallback"] == "the scoring context could not be created"
     assert all(abs(info["raw"][k] - v) < 1e-4 for k, v in batched["raw"].items())
+
+
+def test_a_long_answer_after_the_label_is_still_scored_batched(backend: LlamaCppBackend) -> None:
+    """The slot's stream holds the whole answer, here 260 tokens past the label: more cells than
+    the context to score needs. The scoring context takes the stream whole (it cannot load a
+    stream it has no room for): batched, no fallback, the sequential numbers."""
+    request = _choice("my new card has not arrived yet.")
+    request = replace(request, params=replace(request.params, max_tokens=260, ignore_eos=True))
+    scorer = backend.engine._labels
+    with _with(scorer, batched=False):
+        ref = _run(backend.generate(request)).extra["label"]
+    assert ref["chosen"] is not None and ref["method"] == "sequential", ref
+    with _with(scorer):  # a fresh scoring context, sized for this request
+        new = _run(backend.generate(request)).extra["label"]
+    assert new["method"] == "batched" and "fallback" not in new, new
+    assert new["chosen"] == ref["chosen"]
+    assert all(abs(ref["raw"][k] - v) < 1e-4 for k, v in new["raw"].items())
+
+
+def test_a_unified_kv_cache_is_scored_sequentially_on_every_slot(smollm2_path: Path) -> None:
+    """kv_unified: one KV stream holds every slot. llama.cpp cannot load a slot > 0's state into a
+    stream of its own (slot 0's it can), so batched scoring is refused up front, the same on every
+    slot: requests on slot 0 and slot 1 at once are scored sequentially and the label info says why."""
+    engine = LlamaEngine(smollm2_path, n_ctx_seq=512, n_parallel=2, n_threads=2, kv_unified=True)
+    engine._labels.batched = True
+    backend = LlamaCppBackend("smollm2-135m", engine)
+    labels = LABELS[:6]
+
+    async def together() -> list[Generation]:
+        return list(await asyncio.gather(*(backend.generate(_choice(t, labels)) for t in MESSAGES)))
+
+    try:
+        infos = [g.extra["label"] for g in _run(together())]
+        assert engine._labels._ctx is None  # no scoring context was built
+    finally:
+        engine.close()
+    for info in infos:
+        assert info["chosen"] in labels and info["logprob"] is not None, info
+        assert info["method"] == "sequential" and "kv_unified" in info["fallback"], info
+
+
+def test_the_default_path_builds_no_scoring_context_and_reads_no_state(backend: LlamaCppBackend,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential by default: no scoring context (no memory), the slot's saved state never read or
+    rewritten, no fallback reported."""
+    from localroute.backends import label_scoring
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the default path touched the saved state")
+
+    monkeypatch.setattr(label_scoring, "_restream", refuse)
+    monkeypatch.setattr(LabelScorer, "_load", refuse)
+    scorer = backend.engine._labels
+    assert LabelScorer(backend.engine).batched is False
+    with _with(scorer, batched=False):
+        info = _run(backend.generate(_choice("my new card has not arrived yet."))).extra["label"]
+        assert scorer._ctx is None
+    assert info["method"] == "sequential" and "fallback" not in info and info["logprob"] is not None, info
