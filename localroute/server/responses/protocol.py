@@ -104,7 +104,9 @@ def _item_kind(value: Any) -> str:
     """An item's type; a message may leave it out (EasyInputMessage). Called on the body's dicts
     (validation) and on the parsed items (serialisation)."""
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return "provider" if kind in PROVIDER_ITEMS else str(kind)
+    if not isinstance(kind, str):  # e.g. {"type": {...}}: no item kind; validation then says why
+        return "message"
+    return "provider" if kind in PROVIDER_ITEMS else kind
 
 
 class ReasoningItem(_Wire):

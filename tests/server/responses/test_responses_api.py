@@ -173,6 +173,16 @@ def test_bad_input_is_an_openai_shaped_400(stack: Any, body: dict[str, Any], par
     assert err["type"] == "invalid_request_error" and err["param"] == param and param in err["message"]
 
 
+@pytest.mark.parametrize("kind", [{"a": 1}, [1], 3, None])
+def test_an_item_type_that_is_not_a_string_is_a_400(stack: Any, kind: Any) -> None:
+    """Found by schemathesis: {"type": {...}} made the item-kind lookup raise (a 500)."""
+    _, _, _, url = stack
+    r = httpx.post(url + "/responses", headers={"authorization": f"Bearer {KEY}"},
+                   json={"model": "local", "input": [{"type": kind, "role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("extra", [
     {"include": ["reasoning.encrypted_content"]}, {"reasoning": {"summary": "auto"}}, {"truncation": "auto"},
     {"tools": [{"type": "web_search"}]},
