@@ -182,8 +182,10 @@ def test_the_clopper_pearson_bounds_of_serve_need_no_extra() -> None:
 # ---- the LLM judge of free text ----
 
 
-def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | None = None) -> ShadowEvaluator:
-    """Free text: compare says `judge`, the judge (its own endpoint, at its own prices) decides."""
+def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | None = None,
+           concurrency: int = 2) -> ShadowEvaluator:
+    """Free text: compare says `judge`, the judge (its own endpoint, at its own prices) decides.
+    `concurrency` 1: draws are judged in the order they were observed (scripted judge answers)."""
     from localroute.monitoring.shadow import Judge
 
     settings = Settings(frontier_max_retries=0, frontier_timeout_s=5)
@@ -195,7 +197,7 @@ def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | N
     frontier.budget = judge.budget = budget
     return ShadowEvaluator(backend=frontier, local_tiers={"local"}, rate_of=lambda c: 1.0,
                            compare=lambda c, a, b: ("judge", None), log_path=log, budget=budget,
-                           judge=Judge(judge, timeout_s=5))
+                           judge=Judge(judge, timeout_s=5), concurrency=concurrency)
 
 
 def judge_pairs(log: Path) -> list[tuple[Any, ...]]:
@@ -256,7 +258,7 @@ def test_a_judge_that_fails_makes_the_pair_unscorable(tmp_path: Path) -> None:
         judge.script(Fault("status", status=503), Fault(text="Maybe, partly."), Fault(delay_s=3.0, text="agree"))
 
         async def main() -> tuple[dict[str, int], float]:
-            shadow = judged(frontier.url, judge.url, log)
+            shadow = judged(frontier.url, judge.url, log, concurrency=1)  # the script's order is the pairs'
             assert shadow.judge is not None
             shadow.judge.timeout_s = 0.5
             shadow.start()
