@@ -270,17 +270,8 @@ class SQLiteLogStore:
         return None if row is None else (row[0], row[1])
 
     def read_requests(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
         where, args = _window("ts", since, until)
-        try:
-            cur = self.conn().execute(f"SELECT * FROM requests{where} ORDER BY ts", args)
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []
-            raise
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        return self._dicts(f"SELECT * FROM requests{where} ORDER BY ts", args)
 
     def count_requests(self) -> int:
         return int(self.conn().execute("SELECT COUNT(*) FROM requests").fetchone()[0])
@@ -301,11 +292,15 @@ class SQLiteLogStore:
     def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """shadow_pairs rows in [since, until), oldest first, each with `feedback_correct` (the latest
         feedback's `correct` on its request, or None). A log older than the table reads as none."""
+        where, args = _window("p.ts", since, until)
+        return self._dicts(SHADOW_PAIRS_SQL.format(where=where), args)
+
+    def _dicts(self, sql: str, args: list[float]) -> list[dict[str, Any]]:
+        """A read's rows as dicts; no file, or a log older than the table read, reads as none."""
         if not self.path.is_file():
             return []
-        where, args = _window("p.ts", since, until)
         try:
-            cur = self.conn().execute(SHADOW_PAIRS_SQL.format(where=where), args)
+            cur = self.conn().execute(sql, args)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []
