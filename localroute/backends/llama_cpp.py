@@ -701,6 +701,9 @@ class LlamaCppBackend(EngineBridge):
                     adjuster=adjuster_for(request.params, self.engine.n_vocab),
                     grammar=grammar, labels=labels, hold_done=bool(labels), early_exit=early)
 
+    def takes_direct(self, request: GenerationRequest) -> bool:
+        return request.params.n == 1 and not request.tools  # else generate() adds to the engine's answer
+
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.params.n > 1:
             gen = await self._generate_choices(request)

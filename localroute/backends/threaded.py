@@ -134,6 +134,18 @@ class EngineBridge(ABC):
             submitted_at=submitted_at,
         )
 
+    def takes_direct(self, request: GenerationRequest) -> bool:
+        """Whether `generate(request)` is exactly one engine job's "done" answer, so a caller may run
+        that job itself (`direct_job`): the engine process does, skipping its event loop. Engines whose
+        `generate` does more for some requests (n > 1, tool calls) say False for those."""
+        return type(self).generate is EngineBridge.generate
+
+    def direct_job(self, request: GenerationRequest, sink: Sink) -> DecodeState:
+        """The engine job of a non-streamed request, its events going straight to `sink` (called on
+        the engine thread: "admitted", then "done" or "error"); the caller submits it to `engine`,
+        bounds the wait for "admitted" by `queue_timeout_s` and cancels it through `engine.cancel`."""
+        return self._job(request, sink, want_tokens=False)
+
     async def _events(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()

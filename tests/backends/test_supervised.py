@@ -279,3 +279,36 @@ def test_a_model_that_cannot_load_fails_at_start_with_its_error(tmp_path: Path) 
         SupervisedBackend(TierSettings(name="bad", kind="llama_cpp", model=str(bad)), settings)
     assert isinstance(info.value, BackendUnavailableError)
     assert "could not load" in info.value.message
+
+
+def test_a_direct_request_waiting_for_a_slot_times_out_as_busy() -> None:
+    """Non-streamed plain requests skip the engine process's event loop (its reader thread submits
+    them and times their wait for a slot): with the only slot taken, one is `busy` after
+    queue_timeout_s, the running one still finishes and the next one is served."""
+    settings = local_settings([SMOL], n_parallel=1, queue_timeout_s=0.5)
+    backend = SupervisedBackend(TierSettings(**SMOL), settings)
+
+    async def run() -> tuple[Any, float, Any, Any]:
+        try:
+            long = asyncio.create_task(backend.generate(_request(max_tokens=300, ignore_eos=True)))
+            while backend.health().get("active", 0) == 0:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            async with asyncio.timeout(30):
+                try:
+                    await backend.generate(_request(max_tokens=4))
+                    waited: Any = "answered"
+                except BackendUnavailableError as exc:
+                    waited = exc
+            elapsed = time.monotonic() - t0
+            async with asyncio.timeout(120):
+                first = await long
+                after = await backend.generate(_request(max_tokens=4))
+            return waited, elapsed, first, after
+        finally:
+            await backend.aclose()
+
+    waited, elapsed, first, after = asyncio.run(run())
+    assert isinstance(waited, BackendUnavailableError) and "busy" in waited.message, waited
+    assert 0.4 <= elapsed < 10, elapsed
+    assert first.completion_tokens == 300 and after.completion_tokens > 0
