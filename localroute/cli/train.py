@@ -66,8 +66,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                               else {"k": args.k, "novelty_similarity": args.novelty})
     art = train_router(args.kind, data, load_encoder(args.encoder, settings.llama_extra_buffers), progress=True, **params)
     path = save_artifact(art, args.out)
+    names = [str(c) for c in art.arrays.get("categories", []) if str(c)]
     return {"path": str(path), "kind": art.kind, "encoder": art.encoder, "tiers": art.tiers,
-            "rows": len(data.texts), "skipped": data.skipped, "source": data.source, "params": art.params}
+            "rows": len(data.texts), "skipped": data.skipped, "source": data.source, "params": art.params,
+            "categories": {c: names.count(c) for c in sorted(set(names))}}  # the category index's rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,5 +79,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{result['kind']} router ({result['encoder']}) trained on {result['rows']} rows from "
               f"{result['source']} ({result['skipped']} skipped); tiers {', '.join(result['tiers'])}")
+        cats = result["categories"]
+        print("category index: " + (", ".join(f"{c} {n}" for c, n in cats.items()) if cats else
+                                     "none (no row carries a given category)"))
         print(f"saved {result['path']}")
     return 0

@@ -16,8 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,43 +63,27 @@ class FeedbackRequest(BaseModel):
 
 class FeedbackStore:
     """Reads and writes the two tables. `target`: a SQLite path or a postgresql:// URL. One
-    connection, used under a lock (calls are rare); reconnected after an error."""
+    connection (store_calls.StoreCalls, as the Responses store: under a lock, calls are rare; a
+    dead PostgreSQL connection, after a restart, replaced once; a wait for it capped at `wait_s`,
+    then a 503)."""
 
-    def __init__(self, target: str | Path, lookup_wait_s: float = 1.0) -> None:
-        from localroute.monitoring.routing_log import open_store
+    def __init__(self, target: str | Path, lookup_wait_s: float = 1.0, wait_s: float = 5.0) -> None:
+        from localroute.monitoring.store_calls import StoreCalls
 
         self.target = target
         self.lookup_wait_s = lookup_wait_s
-        self._store: LogStore = open_store(target)
-        self._lock = threading.Lock()
-        self._migrated = False
+        self._calls = StoreCalls(target, "routing log", wait_s)
         try:  # at start-up: a bad target fails now, not on a request
             self._run(lambda s: None)
         except BackendUnavailableError:  # PostgreSQL down at start-up: serve; migrate on first use
-            logging.getLogger(__name__).warning("feedback store %s unavailable at start-up", self._store.target)
+            logging.getLogger(__name__).warning("feedback store %s unavailable at start-up", self._calls.store.target)
 
-    @contextmanager
-    def _locked(self) -> Iterator[LogStore]:
-        with self._lock:
-            yield self._store
+    @property
+    def engine(self) -> str:
+        return self._calls.engine
 
     def _run(self, fn: Callable[[LogStore], T]) -> T:
-        import sqlite3
-
-        with self._locked() as store:
-            try:
-                if not self._migrated:
-                    store.migrate()
-                    self._migrated = True
-                return fn(store)
-            except (InvalidRequestError, sqlite3.Error):
-                raise
-            except Exception as exc:  # PostgreSQL unreachable: a clean 503, retry later
-                store.reset()
-                if getattr(store, "engine", "") != "postgresql":
-                    raise
-                raise BackendUnavailableError(f"routing log database unavailable ({type(exc).__name__})",
-                                              code="routing_log_unavailable", retry_after_s=5.0) from None
+        return self._calls.run(fn)
 
     def add(self, fb: FeedbackRequest) -> dict[str, Any]:
         """Store `fb`; the request must be logged. Another replica's row may still be in its writer's
@@ -130,8 +113,7 @@ class FeedbackStore:
                 for r in rows]
 
     def close(self) -> None:
-        with self._lock:
-            self._store.close()
+        self._calls.close()
 
 
 class ReviewSampler:
@@ -146,7 +128,7 @@ class ReviewSampler:
         if rec.status_code != 200 or self.rate <= 0 or self._rng.random() >= self.rate:
             return
         tier = rec.decision.answered_by if rec.decision is not None else None
-        if getattr(self.store._store, "engine", "") != "postgresql":
+        if self.store.engine != "postgresql":
             self.store.mark_review(rec.request_id, rec.policy, tier)
             return
         # a network database: never on the event loop (a server that is down would stall every request)

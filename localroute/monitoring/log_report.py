@@ -245,8 +245,12 @@ def review_summary(path: Path | str, limit: int = 20) -> dict[str, Any]:
 def from_routing_log(db: Path | str, tiers: list[str]) -> LabelledQueries:
     """Requests with stored prompt text and at least one feedback row, for `localroute train`: the
     answering tier's outcome is the mean feedback score; the tiers that did not answer are unknown
-    (NaN). A request answered by a tier not in `tiers` is skipped and counted. `db`: a SQLite file
-    or a postgresql:// URL."""
+    (NaN). A request answered by a tier not in `tiers` is skipped and counted. Each row carries the
+    task category its request was served with when that was given (client, model alias, rule:
+    `TRAINED_CATEGORY_SOURCES`), so an embedding router trained from the log gets a category index
+    as one trained `--from-eval` does; a category the neighbours guessed or the default is none
+    (training on the index's own guesses would only echo them). `db`: a SQLite file or a
+    postgresql:// URL."""
     from localroute.monitoring.postgres_log import is_postgres_url
     from localroute.monitoring.routing_log import open_store
 
@@ -260,8 +264,8 @@ def from_routing_log(db: Path | str, tiers: list[str]) -> LabelledQueries:
     finally:
         store.close()
     index = {t: i for i, t in enumerate(tiers)}
-    texts, labels, ids, skipped = [], [], [], 0
-    for request_id, prompt_text, tier, score in rows:
+    texts, labels, ids, categories, skipped = [], [], [], [], 0
+    for request_id, prompt_text, tier, score, evidence in rows:
         if tier not in index:
             skipped += 1
             continue
@@ -270,8 +274,26 @@ def from_routing_log(db: Path | str, tiers: list[str]) -> LabelledQueries:
         texts.append(_last_user(str(prompt_text)))
         labels.append(label)
         ids.append(str(request_id))
+        categories.append(trained_category(evidence))
     return LabelledQueries(texts, list(tiers), np.asarray(labels, dtype=np.float32).reshape(-1, len(tiers)),
-                           f"log:{shown_log(db)}", skipped, ids)
+                           f"log:{shown_log(db)}", skipped, ids,
+                           categories if any(c is not None for c in categories) else [])
+
+
+TRAINED_CATEGORY_SOURCES = frozenset({"client", "alias", "rule"})  # routing/categories.py's given ones
+
+
+def trained_category(evidence: str | None) -> str | None:
+    """A logged request's category for training: its evidence's `category` when `category_source`
+    says it was given (not guessed by the neighbours, not the default), else None."""
+    try:
+        parsed = json.loads(evidence) if evidence else None
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or parsed.get("category_source") not in TRAINED_CATEGORY_SOURCES:
+        return None
+    name = parsed.get("category")
+    return name if isinstance(name, str) and name else None
 
 
 def shown_log(target: Path | str) -> str:

@@ -37,6 +37,15 @@ SHADOW_PAIRS_SQL = (
     "{where} ORDER BY p.ts"
 )
 
+# both engines' read for `train --from-log`: (request_id, prompt_text, tier, mean feedback score,
+# evidence: its category); `{evidence}` is NULL for a SQLite log older than the evidence column
+LABELLED_SQL = (
+    "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score), {evidence} FROM requests r "
+    "JOIN feedback f ON f.request_id = r.request_id "
+    "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
+    "GROUP BY r.request_id, r.prompt_text, r.tier{group}"
+)
+
 # name -> SQL, one per sqlite_store.MIGRATIONS name. Append only, as there.
 POSTGRES_MIGRATIONS: dict[str, str] = {
     "001_create_requests": """
@@ -454,18 +463,9 @@ class PostgresLogStore:
         return [tuple(r) for r in self.conn().execute(sql, (limit,)).fetchall()]
 
     def labelled(self) -> list[tuple[Any, ...]]:
-        """(request_id, prompt_text, tier, mean score) of requests with feedback, for `train --from-log`."""
-        return [
-            tuple(r)
-            for r in self.conn()
-            .execute(
-                "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
-                "JOIN feedback f ON f.request_id = r.request_id "
-                "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
-                "GROUP BY r.request_id, r.prompt_text, r.tier"
-            )
-            .fetchall()
-        ]
+        """(request_id, prompt_text, tier, mean score, evidence) of requests with feedback, for `train --from-log`."""
+        sql = LABELLED_SQL.format(evidence="r.evidence", group=", r.evidence")
+        return [tuple(r) for r in self.conn().execute(sql).fetchall()]
 
     def read_shadow_pairs(
         self, since: float | None = None, until: float | None = None

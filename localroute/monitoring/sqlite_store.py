@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localroute.monitoring.postgres_log import SHADOW_PAIRS_SQL
+from localroute.monitoring.postgres_log import LABELLED_SQL, SHADOW_PAIRS_SQL
 
 __all__ = ["MIGRATIONS", "SQLiteLogStore", "connect", "migrate"]
 
@@ -283,11 +283,11 @@ class SQLiteLogStore:
         return [tuple(r) for r in self.conn().execute(sql, (limit,))]
 
     def labelled(self) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in self.conn().execute(
-            "SELECT r.request_id, r.prompt_text, r.tier, AVG(f.score) FROM requests r "
-            "JOIN feedback f ON f.request_id = r.request_id "
-            "WHERE r.prompt_text IS NOT NULL AND r.tier IS NOT NULL AND f.score IS NOT NULL "
-            "GROUP BY r.request_id, r.prompt_text, r.tier").fetchall()]
+        conn = self.conn()
+        has_evidence = any(r[1] == "evidence" for r in conn.execute("PRAGMA table_info(requests)"))
+        sql = LABELLED_SQL.format(evidence="r.evidence", group=", r.evidence") if has_evidence else \
+            LABELLED_SQL.format(evidence="NULL", group="")
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
 
     def read_shadow_pairs(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """shadow_pairs rows in [since, until), oldest first, each with `feedback_correct` (the latest
