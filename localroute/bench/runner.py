@@ -159,14 +159,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                            "gpu": {"available": nvml.available, "reason": nvml.reason, "devices": nvml.devices()}}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in cfg.concurrency} for name, _ in targets}
     try:
-        overhead, client_overhead = _sweep(cfg, targets, prompts, runs, nvml)
+        overheads = _sweep(cfg, targets, prompts, runs, nvml)
     finally:
         nvml.close()
     for name, _ in targets:
         entry: dict[str, Any] = {"levels": [median_level(runs[name][c]) for c in cfg.concurrency]}
-        if name == "localroute":
-            entry["router_overhead"] = percentiles_ms(overhead)  # server side (Server-Timing): the target
-            entry["client_overhead"] = percentiles_ms(client_overhead)  # + both HTTP stacks and loopback
+        if name in overheads:  # every localroute target (process and thread engines alike)
+            server_side, client_side = overheads[name]
+            entry["router_overhead"] = percentiles_ms(server_side)  # server side (Server-Timing): the target
+            entry["client_overhead"] = percentiles_ms(client_side)  # + both HTTP stacks and loopback
         out["targets"][name] = entry
     out["ratios"] = ratios(out["targets"])
     out["targets_check"] = check_targets(out["targets"], out["ratios"])
@@ -182,11 +183,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _sweep(cfg: BenchConfig, targets: list[tuple[str, Callable[[int], ManagedServer] | None]], prompts: list[str],
-           runs: dict[str, dict[int, list[dict[str, Any]]]], nvml: Nvml) -> tuple[list[float], list[float]]:
+           runs: dict[str, dict[int, list[dict[str, Any]]]], nvml: Nvml) -> dict[str, tuple[list[float], list[float]]]:
     """Every level of every target, `cfg.repeats` times, targets interleaved; fills `runs` and
-    returns the router overhead samples (server side, client side)."""
-    overhead: list[float] = []
-    client_overhead: list[float] = []
+    returns each localroute target's router overhead samples (server side, client side), taken
+    once per target after its first level."""
+    overheads: dict[str, tuple[list[float], list[float]]] = {}
     for r in range(cfg.repeats):
         for c in cfg.concurrency:
             for name, factory in targets if r % 2 == 0 else targets[::-1]:
@@ -202,14 +203,14 @@ def _sweep(cfg: BenchConfig, targets: list[tuple[str, Callable[[int], ManagedSer
                     metrics, _ = _level(name, spec, pid, cfg, nvml)
                     if server is not None and (hwm := server.peak_rss()) is not None:
                         metrics["peak_rss_mb"] = max(metrics["peak_rss_mb"] or 0.0, hwm / 2**20)
-                    if name == "localroute" and not overhead and cfg.overhead_requests > 0:
-                        overhead, client_overhead = asyncio.run(router_overhead(
+                    if name.startswith("localroute") and name not in overheads and cfg.overhead_requests > 0:
+                        overheads[name] = asyncio.run(router_overhead(
                             base_url, model, prompts, cfg.overhead_requests, min(cfg.max_tokens, 32)))
                 finally:
                     if server is not None:
                         server.stop()
                 runs[name][c].append(metrics)
-    return overhead, client_overhead
+    return overheads
 
 
 def median_level(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -316,3 +316,18 @@ def test_bench_report_says_which_extra_buffers_every_engine_used(capsys: pytest.
     print_report({"targets": {}, "ratios": {}, "targets_check": [], "extra_buffers": eb,
                   "machine": {"cpus": 2, "processor": "x86_64", "loadavg_start": [0.5]}})
     assert "extra buffer types off for every llama.cpp engine" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_router_overhead_is_measured_for_the_thread_engine_target_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--vs localroute-thread` compares the router overhead as well as throughput: each localroute
+    target gets its own sweep (before, only the process-engine target had one, and setting
+    LOCALROUTE_ENGINE_ISOLATION for the command did not change the server the bench started)."""
+    code = main(["bench", "--local-model", "smollm2-135m", "--concurrency", "1", "--num-requests", "2",
+                 "--max-tokens", "4", "--overhead-requests", "3", "--threads", "2", "--vs", "localroute-thread",
+                 "--json"])
+    assert code == 0
+    targets = json.loads(capsys.readouterr().out)["targets"]
+    for name in ("localroute", "localroute-thread"):
+        overhead = targets[name]["router_overhead"]
+        assert overhead["n"] == 3 and 0 < overhead["p50_ms"] <= overhead["p99_ms"], (name, overhead)
