@@ -172,7 +172,9 @@ class EmbeddingModel:
     kind = "embedding"
 
     def __init__(self, art: RouterArtifact, novelty_similarity: float | None = None,
-                 brute_force_max: int = BRUTE_FORCE_MAX) -> None:
+                 brute_force_max: int = BRUTE_FORCE_MAX, categories: bool = True) -> None:
+        """`categories`: build the category index of rows that carry one (False where nothing
+        would ask it: `category_neighbours_k` = 0)."""
         self.artifact = art
         self.tiers = art.tiers
         self.encoder_name = art.encoder
@@ -190,7 +192,7 @@ class EmbeddingModel:
         self._prior = art.arrays["prior"].astype(np.float32)
         cats = art.arrays.get("categories")
         neighbours = None
-        if cats is not None and cats.shape == (len(self.index),):
+        if categories and cats is not None and cats.shape == (len(self.index),):
             neighbours = CategoryNeighbours(art.arrays["vectors"], cats, brute_force_max,
                                             cache.with_name(f"{cache.name[:-5]}.categories.hnsw") if cache else None,
                                             whole=self.index)

@@ -209,7 +209,8 @@ def load_models(settings: Any) -> tuple[dict[str, ScoringModel], dict[str, Encod
     models: dict[str, ScoringModel] = {}
     if settings.router_embedding_path is not None:
         art = load_artifact(settings.router_embedding_path, "embedding")
-        models["embedding"] = EmbeddingModel(art, novelty_similarity=settings.router_novelty_similarity)
+        models["embedding"] = EmbeddingModel(art, novelty_similarity=settings.router_novelty_similarity,
+                                             categories=settings.category_neighbours_k > 0)
     if settings.router_classifier_path is not None:
         models["classifier"] = ClassifierModel(load_artifact(settings.router_classifier_path, "classifier"))
     encoders = {name: load_encoder(name, settings.llama_extra_buffers)

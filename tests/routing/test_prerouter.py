@@ -250,3 +250,6 @@ def test_no_memo_and_no_neighbours_without_labelled_rows(minilm: Encoder, tmp_pa
         pre = [r for r in routers.values() if isinstance(r, PreRouter)]
         assert pre and all((r.memo is not None) == placed for r in pre), (path.name, k)
         assert (category_neighbours(settings, routers) is not None) == placed
+        built = [m.category_neighbours is not None for r in pre for m in r.models
+                 if isinstance(m, EmbeddingModel)]
+        assert built and all(b == placed for b in built), (path.name, k)  # k = 0: no category index built
