@@ -257,8 +257,10 @@ def test_a_judge_that_fails_makes_the_pair_unscorable(tmp_path: Path) -> None:
     with FaultUpstream(Fault(text="The capital is Paris.")) as frontier, FaultUpstream() as judge:
         judge.script(Fault("status", status=503), Fault(text="Maybe, partly."), Fault(delay_s=3.0, text="agree"))
 
+        budget = SpendBudget(None)
+
         async def main() -> tuple[dict[str, int], float]:
-            shadow = judged(frontier.url, judge.url, log, concurrency=1)  # the script's order is the pairs'
+            shadow = judged(frontier.url, judge.url, log, budget, concurrency=1)  # the script's order is the pairs'
             assert shadow.judge is not None
             shadow.judge.timeout_s = 0.5
             shadow.start()
@@ -276,6 +278,10 @@ def test_a_judge_that_fails_makes_the_pair_unscorable(tmp_path: Path) -> None:
     got = judge_pairs(log)
     assert [(r[0], r[1], r[2], r[4]) for r in got] == [(f"chatcmpl-{i}", "unscorable", "judge", None) for i in (1, 2, 3)]
     assert got[0][5].startswith("judge_") and got[1][5] == "judge_no_verdict" and got[2][5] == "judge_timeout"
+    # what the pairs record is what the shadow budget was charged: the timed-out judge call never got
+    # its response headers, so the frontier backend settles it as not billed (0), and so does its pair
+    assert got[1][6] > got[2][6] > 0
+    assert sum(r[6] for r in got) == pytest.approx(budget.spent_usd()), ([r[6] for r in got], budget.spent_usd())
 
 
 def test_a_judge_prompt_keeps_a_users_fences_inside_and_only_a_one_word_reply_is_a_verdict(tmp_path: Path) -> None:
