@@ -180,9 +180,15 @@ class _Child:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 msg = ("close",)
-            if msg[0] == "submit" and not msg[3] and self._submit_direct(msg[1], msg[2]):
-                continue
-            if msg[0] == "cancel" and self._cancel_direct(msg[1]):
+            try:
+                if msg[0] == "submit" and not msg[3] and self._submit_direct(msg[1], msg[2]):
+                    continue
+                if msg[0] == "cancel" and self._cancel_direct(msg[1]):
+                    continue
+                if self._next_deadline() == 0.0:  # a busy stream of messages must not starve the timeouts
+                    self._expire()
+            except Exception:  # this thread must outlive any one message, or the pipe goes unread
+                log.exception("engine process: handling a message failed")
                 continue
             try:
                 self.loop.call_soon_threadsafe(self.handle, msg)
@@ -209,11 +215,17 @@ class _Child:
             with self.direct_lock:
                 if self.direct.pop(rid, None) is None:
                     return  # timed out or cancelled meanwhile: nobody waits for it
-            self.send([("done", rid, _generation_wire(payload)) if kind == "done" else ("error", rid, _spec(payload))])
+            try:
+                self.send([("done", rid, _generation_wire(payload)) if kind == "done"
+                           else ("error", rid, _spec(payload))])
+            except Exception as exc:  # never into the engine thread; the caller gets this request's error
+                log.exception("engine process: sending an answer failed")
+                self.send([("error", rid, _spec(exc))])
 
-        entry = _Direct(None, time.monotonic() + backend.queue_timeout_s)
+        entry = _Direct(None, float("inf"))
         try:
             entry.job = backend.direct_job(request, sink)
+            entry.deadline = time.monotonic() + backend.queue_timeout_s  # from submit, as the loop path
             with self.direct_lock:
                 self.direct[rid] = entry
             backend.engine.submit(entry.job)
