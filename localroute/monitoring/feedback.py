@@ -82,8 +82,8 @@ class FeedbackStore:
     def engine(self) -> str:
         return self._calls.engine
 
-    def _run(self, fn: Callable[[LogStore], T]) -> T:
-        return self._calls.run(fn)
+    def _run(self, fn: Callable[[LogStore], T], retry: bool = True) -> T:
+        return self._calls.run(fn, retry)
 
     def add(self, fb: FeedbackRequest) -> dict[str, Any]:
         """Store `fb`; the request must be logged. Another replica's row may still be in its writer's
@@ -99,7 +99,9 @@ class FeedbackStore:
                                       code="unknown_request_id")
         ts = time.time()
         correct = None if fb.correct is None else int(fb.correct)
-        fid = self._run(lambda s: s.add_feedback(ts, fb.request_id, fb.value, correct, fb.source))
+        # not retried on a new connection: the INSERT may have committed before the old one dropped
+        # (the lookup above, through the same connection, has just replaced a stale one)
+        fid = self._run(lambda s: s.add_feedback(ts, fb.request_id, fb.value, correct, fb.source), retry=False)
         return {"object": "feedback", "id": fid, "request_id": fb.request_id, "score": fb.value,
                 "source": fb.source, "policy": row[0], "tier": row[1], "created": int(ts)}
 

@@ -44,7 +44,9 @@ class StoreCalls:
     def _acquire(self) -> bool:
         return self._lock.acquire(timeout=self.wait_s if self.engine == "postgresql" else -1)
 
-    def run(self, fn: Callable[[LogStore], T]) -> T:
+    def run(self, fn: Callable[[LogStore], T], retry: bool = True) -> T:
+        """`retry` False for a call that is not idempotent (an INSERT without a key): a connection
+        lost after the server committed would store it twice."""
         store = self.store
         if not self._acquire():
             raise BackendUnavailableError(f"{self.what} database busy (a call to it has not returned)",
@@ -65,7 +67,7 @@ class StoreCalls:
                     stale, self._connected = self._connected, False
                     if store.engine != "postgresql":
                         raise
-                    if stale:  # a connection that had worked: once more on a new one
+                    if stale and retry:  # a connection that had worked: once more on a new one
                         continue
                     logging.getLogger(__name__).warning("%s %s unavailable: %s", self.what, store.target,
                                                         type(exc).__name__)
