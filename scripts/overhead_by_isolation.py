@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,33 +22,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(isolation: str, requests: int, max_tokens: int, model: str) -> dict[str, float]:
-    import httpx
-
     from localroute.bench.loadgen import router_overhead
-    from localroute.bench.servers import free_port
+    from localroute.bench.servers import EngineSpec, localroute_server
+    from localroute.registry import resolve_model_path
+    from localroute.settings import Settings
 
-    port = free_port()
-    env = {**os.environ, "LOCALROUTE_ENGINE_ISOLATION": isolation, "LOCALROUTE_N_PARALLEL": "1",
-           "LOCALROUTE_TIERS": json.dumps([{"name": "local", "kind": "llama_cpp", "model": model}]),
-           "LOCALROUTE_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "localroute", "serve", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env)
-    base = f"http://127.0.0.1:{port}"
+    settings = Settings()
+    spec = EngineSpec(resolve_model_path(model, settings.models_dir), settings.n_threads, settings.n_ctx)
+    server = localroute_server(spec, 1, isolation=isolation)  # the bench's own server, one slot
+    server.start()
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         prompts = [f"Name a colour, number {i}." for i in range(50)]
-        asyncio.run(router_overhead(f"{base}/v1", "localroute/cascade", prompts, 10, max_tokens))  # warm-up
-        samples, _ = asyncio.run(router_overhead(f"{base}/v1", "localroute/cascade", prompts, requests, max_tokens))
+        asyncio.run(router_overhead(server.base_url, server.model, prompts, 10, max_tokens))  # warm-up
+        samples, _ = asyncio.run(router_overhead(server.base_url, server.model, prompts, requests, max_tokens))
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
     samples.sort()
     return {"n": len(samples), "p50_ms": statistics.median(samples) * 1e3,
             "p90_ms": samples[int(len(samples) * 0.9)] * 1e3, "p99_ms": samples[int(len(samples) * 0.99)] * 1e3,
