@@ -224,3 +224,30 @@ def test_every_table_of_the_log_is_one_the_migration_copies(tmp_path: Path) -> N
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     conn.close()
     assert tables - {"_migrations"} == {t.name for t in TABLES}
+
+
+def test_an_older_source_is_copied_as_it_is(pg: PostgresServer, tmp_path: Path) -> None:
+    """A log an older localroute left at migration 003 (no evidence column, no feedback or later
+    tables): its rows are copied, the columns it lacks at the target's defaults, the tables it lacks
+    counted as empty; the source is not upgraded (it is only read)."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    for name, sql in MIGRATIONS[:3]:
+        conn.executescript(sql)
+        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (name,))
+    conn.execute("INSERT INTO requests (ts, request_id, status, tier) VALUES (?, 'old1', 200, 'local')",
+                 (time.time(),))
+    conn.close()
+    url = _fresh_db(pg, "migrate_old_source")
+    done = migrate_log(path, url)
+    assert _counts(done, "copied") == {"requests": 1, "feedback": 0, "review_sample": 0, "responses": 0,
+                                       "shadow_pairs": 0}
+    import psycopg
+
+    with psycopg.connect(url) as pgc:
+        assert pgc.execute("SELECT request_id, tier, evidence, disconnected FROM requests").fetchall() == [
+            ("old1", "local", None, 0)]
+    lite = sqlite3.connect(path)
+    assert [r[0] for r in lite.execute("SELECT name FROM _migrations")] == [n for n, _ in MIGRATIONS[:3]]
+    lite.close()
