@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = lsub.add_parser("migrate", help="copy a SQLite routing log into PostgreSQL (idempotent: a rerun copies "
                         "nothing twice)")
     add_config_flag(m)
-    m.add_argument("--from", dest="source", default=None,
+    m.add_argument("--from", dest="source", default=None, metavar="PATH_OR_URL",
                    help="the SQLite routing log (a path or sqlite:///path; default: routing_log_path)")
-    m.add_argument("--to", dest="target", default=None,
+    m.add_argument("--to", dest="target", default=None, metavar="URL",
                    help="the PostgreSQL log, postgresql://... (default: routing_log_url)")
     m.add_argument("--dry-run", action="store_true", help="count what would be copied; write nothing")
     m.add_argument("--batch-size", type=int, default=1000, help="rows per read and per transaction")

@@ -89,6 +89,11 @@ def migrate_log(source: str | Path, target: str, dry_run: bool = False, batch_si
     result = MigrationResult(str(path), store.target, dry_run)
     try:
         _check_source(src, path)
+        try:
+            store.conn()
+        except Exception as exc:  # noqa: BLE001 - psycopg's reasons (refused, auth, no database) read as they are
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"cannot connect to {store.target}: {reason}", param="to") from None
         fresh = _check_target(store)
         if fresh and not dry_run:
             result.applied = store.migrate()

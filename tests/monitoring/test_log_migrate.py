@@ -191,6 +191,11 @@ def test_a_target_at_other_migrations_or_a_newer_source_is_refused(pg: PostgresS
         migrate_log(fresh, fresh)
     with pytest.raises(ConfigError, match="routing log not found"):
         migrate_log(tmp_path / "missing.db", fresh)
+    ok = tmp_path / "ok.db"
+    RoutingLog(ok).close()
+    with pytest.raises(ConfigError, match=r"cannot connect to postgresql://u:\S+@127.0.0.1:1/x: .*refused") as err:
+        migrate_log(ok, "postgresql://u:secret-pw@127.0.0.1:1/x")
+    assert "secret-pw" not in err.value.message
 
 
 def test_cli_prints_counts_and_dry_run_writes_nothing(pg: PostgresServer, tmp_path: Path,
