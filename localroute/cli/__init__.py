@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "localroute.cli.models",
     "localroute.cli.config",
     "localroute.cli.report",
+    "localroute.cli.log",
     "localroute.cli.doctor",
     "localroute.cli.data",
     "localroute.cli.eval",

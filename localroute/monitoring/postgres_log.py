@@ -25,7 +25,7 @@ from typing import Any
 from localroute.errors import ConfigError, MissingExtraError
 from localroute.redaction import mask_url
 
-__all__ = ["POSTGRES_MIGRATIONS", "PostgresLogStore", "is_postgres_url"]
+__all__ = ["POSTGRES_MIGRATIONS", "PostgresLogStore", "clean_row", "is_postgres_url"]
 
 LOCK_ID = 7_262_020  # pg_advisory_xact_lock key for migrations and partition DDL
 PARTITIONED = ("requests", "feedback", "shadow_pairs", "responses")
@@ -206,7 +206,7 @@ LOCK_TIMEOUT_MS = 5_000
 STATEMENT_TIMEOUT_MS = 60_000
 
 
-def _clean(row: Sequence[Any]) -> tuple[Any, ...]:
+def clean_row(row: Sequence[Any]) -> tuple[Any, ...]:
     """PostgreSQL text holds no NUL character (a prompt logged with log_prompts may): U+FFFD instead."""
     return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in row)
 
@@ -364,7 +364,7 @@ class PostgresLogStore:
         )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(sql, [_clean(r) for r in rows])
+            cur.executemany(sql, [clean_row(r) for r in rows])
 
     def permanent(self, exc: BaseException) -> bool:
         """Whether `exc` is about the rows (a value PostgreSQL refuses), not the server: those rows
@@ -382,7 +382,7 @@ class PostgresLogStore:
         )
         conn = self.conn()
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(sql, [_clean(r) for r in rows])
+            cur.executemany(sql, [clean_row(r) for r in rows])
 
     def latest_request(self, request_id: str) -> tuple[str | None, str | None] | None:
         row = (
@@ -421,7 +421,7 @@ class PostgresLogStore:
         self.conn().execute(
             "INSERT INTO responses (response_id, ts, response, messages) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT DO NOTHING",
-            _clean((response_id, ts, response, messages)),
+            clean_row((response_id, ts, response, messages)),
         )
 
     # ---- reads ----

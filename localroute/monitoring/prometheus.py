@@ -134,6 +134,10 @@ class Metrics:
             "localroute_router_overhead_seconds",
             "What localroute adds to a non-streaming answer: server time minus the engines' time (Server-Timing).",
             buckets=(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r)
+        self.response_store_failures = Counter(
+            "localroute_response_store_failures",
+            "Responses answers returned unstored (store: false, x-localroute-store-error): the store failed.",
+            ["reason"], registry=r)
         r.register(_LiveCollector(tiers, telemetry))
 
     def __call__(self, rec: RequestRecord) -> None:

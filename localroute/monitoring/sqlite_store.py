@@ -5,6 +5,8 @@ returns for anything but a postgresql:// URL (that one is postgres_log.py's).
 - `MIGRATIONS`: the named, ordered migrations, recorded in `_migrations`; an old log is upgraded in
   place on open. Their names are the routing log's, shared with PostgreSQL
   (postgres_log.POSTGRES_MIGRATIONS has one entry per name, each in its own dialect).
+- A new table needs its entry in log_migrate.TABLES too (with the key that makes a row the same
+  row in both engines), or `localroute log migrate` leaves its rows behind (a test checks it).
 - The row shapes it stores (the request and shadow pair columns) are the writer's
   (routing_log.COLUMNS, PAIR_COLUMNS), given to the store when it is opened.
 """

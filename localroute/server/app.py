@@ -106,7 +106,9 @@ def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: 
         from localroute.monitoring.response_store import ResponseStore
 
         service.feedback = FeedbackStore(target)
-        service.responses = ResponseStore(target, settings.routing_log_retention_days)
+        failures = service.monitoring.metrics.response_store_failures
+        service.responses = ResponseStore(target, settings.routing_log_retention_days,
+                                          on_failure=lambda reason: failures.labels(reason).inc())
         if settings.review_sample_rate > 0:
             service.observers.append(ReviewSampler(service.feedback, settings.review_sample_rate))
     return service

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from localroute.backends.openai_wire import NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
-from localroute.monitoring.response_store import ResponseStore
+from localroute.monitoring.response_store import STORE_ERROR_HEADER, ResponseStore
 from localroute.server.errors import error_body
 from localroute.server.responses.protocol import ResponsesRequest
 from localroute.server.responses.translate import (
@@ -110,8 +110,12 @@ async def serve_responses(request: Request) -> Response:
             else:
                 response = response_from_chat(routed.payload, echo, response_id, created_at)
             if keep is not None:
-                await asyncio.to_thread(keep.put, response_id, response,
-                                        [*conversation, assistant_turn(routed.payload)])
+                try:
+                    await asyncio.to_thread(keep.put, response_id, response,
+                                            [*conversation, assistant_turn(routed.payload)])
+                except Exception as exc:  # noqa: BLE001 - computed and paid for: returned, not claimed stored
+                    response = {**response, "store": False}
+                    routed.headers[STORE_ERROR_HEADER] = keep.failed(response_id, exc)
         except BaseException as exc:
             answer_failed(routed, exc)
             raise

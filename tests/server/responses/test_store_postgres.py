@@ -3,7 +3,8 @@
 the official openai client against each. A response stored by replica A is fetched and continued
 on replica B and the other way round, streamed or not; `store: false` stores nothing; the rows are
 in PostgreSQL, none in either replica's SQLite file; with the database down a lookup is a clean
-503 in the OpenAI error shape, and it works again once the database is back."""
+503 in the OpenAI error shape, and it works again once the database is back; an answer it could not
+store is returned all the same, marked unstored."""
 
 from __future__ import annotations
 
@@ -127,6 +128,37 @@ def test_with_the_database_down_a_lookup_is_a_clean_503_and_recovers(
     finally:
         pg.start()
     assert b.responses.retrieve(first.id).output_text == TEXT  # reconnected
+
+
+def test_with_the_database_down_an_answer_is_returned_unstored_not_a_503(
+        replicas: tuple[OpenAI, OpenAI, FaultUpstream, str], pg: PostgresServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The store failing after the answer was computed (and paid for): the client gets the answer,
+    marked `store: false` with the reason in x-localroute-store-error (never claimed stored: it is
+    not retrievable once the database is back), a log line without the prompt, a /metrics count."""
+    import httpx
+
+    a, _, upstream, _ = replicas
+    assert a.responses.create(model="frontier", input="Warm up.").id  # A's store connection is open
+    base, auth = str(a.base_url).rstrip("/"), {"Authorization": f"Bearer {KEY}"}
+    pg.stop()
+    try:
+        r = httpx.post(f"{base}/responses", headers=auth, timeout=60,
+                       json={"model": "frontier", "input": "Secret plan XYZZY.", "store": True})
+        metrics = httpx.get(f"{base.removesuffix('/v1')}/metrics", headers=auth).text
+    finally:
+        pg.start()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["store"] is False and body["output"][0]["content"][0]["text"] == TEXT
+    assert r.headers["x-localroute-store-error"] == "routing_log_unavailable"
+    assert 'localroute_response_store_failures_total{reason="routing_log_unavailable"} 1.0' in metrics
+    warnings = [rec.getMessage() for rec in caplog.records if rec.name == "localroute.monitoring.response_store"]
+    assert warnings == [f"response {body['id']} not stored (routing_log_unavailable): answered with store false"]
+    assert all("XYZZY" not in rec.getMessage() for rec in caplog.records)
+    assert len(upstream.requests) == 2  # answered once, not retried
+    with pytest.raises(openai.NotFoundError):
+        a.responses.retrieve(body["id"])  # database back: the answer was indeed not stored
 
 
 def test_after_a_database_restart_the_first_calls_reconnect(
