@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI Responses API (openai-python `types/responses/response_create_params.py`
 and the input item types). Unknown fields are refused (extra="forbid"), so nothing that could change
 the answer is ignored; fields that are known but have no chat counterpart are declared and refused by
-translate.py with the reason. Item `id` and `status`, which a client sends back with earlier output,
+translate_request.py with the reason. Item `id` and `status`, which a client sends back with earlier output,
 are bookkeeping: accepted, and not forwarded (they do not change the answer).
 """
 
@@ -111,7 +111,7 @@ def _item_kind(value: Any) -> str:
 
 class ReasoningItem(_Wire):
     """An earlier answer's reasoning, sent back with it (a reasoning model's tool loop): only a
-    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+    tier speaking the Responses API reads it (translate_request.py: the need "responses_api")."""
 
     type: Literal["reasoning"]
     id: str = Field(min_length=1)
@@ -124,7 +124,7 @@ class ReasoningItem(_Wire):
 class ProviderItem(BaseModel):
     """An earlier answer's hosted-tool item sent back (web_search_call, mcp_call, ...; the
     stateless loop `input += response.output`): its fields are the provider's to check; only a
-    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+    tier speaking the Responses API reads it (translate_request.py: the need "responses_api")."""
 
     model_config = ConfigDict(extra="allow")
     type: str
@@ -238,7 +238,7 @@ class ResponsesRequest(_Wire):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     user: str | None = None
-    # known, no chat counterpart: refused by translate.py when set
+    # known, no chat counterpart: refused by translate_request.py when set
     conversation: Any = None
     prompt: Any = None
     prompt_cache_options: Any = None

@@ -1,5 +1,5 @@
 """`POST /v1/responses` and `GET /v1/responses/{id}`: the Responses body validated (protocol.py),
-translated to a chat body (translate.py), routed through the chat path (serving.chat_completion:
+translated to a chat body (translate_request.py), routed through the chat path (serving.chat_completion:
 the same validation, policies, capability routing, pricing, budget, routing log, metrics and
 x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the Response's `localroute` field.
 
@@ -9,7 +9,7 @@ explicit `store: true` are a 400, and answers say `"store": false`. Responses ar
 client sends `store: false`.
 
 A tier speaking the Responses API (kind="openai" with `responses_api = true`) gets the client's
-body as sent (translate.native_body: model replaced, localroute's metadata keys removed) and its
+body as sent (translate_request.native_body: model replaced, localroute's metadata keys removed) and its
 Response, or its events, come back as it sent them, with localroute's id, model and routing block.
 Conversation state stays localroute's whichever tier answers (a later turn may go to another):
 the tier is sent `store: false`, and a `previous_response_id` is resolved here, its stored turns
@@ -31,15 +31,14 @@ from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundErro
 from localroute.monitoring.response_store import ResponseStore
 from localroute.server.errors import error_body
 from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import (
+from localroute.server.responses.translate_answer import (
     NativeResponsesStream,
     ResponsesStream,
     assistant_turn,
-    native_body,
     passed_through,
     response_from_chat,
-    to_chat,
 )
+from localroute.server.responses.translate_request import native_body, to_chat
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.service import Service

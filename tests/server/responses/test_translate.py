@@ -12,13 +12,8 @@ from pydantic import TypeAdapter
 
 from localroute.errors import InvalidRequestError
 from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import (
-    LOGPROBS_INCLUDE,
-    ResponsesStream,
-    from_chat,
-    response_from_chat,
-    to_chat,
-)
+from localroute.server.responses.translate_answer import ResponsesStream, response_from_chat
+from localroute.server.responses.translate_request import LOGPROBS_INCLUDE, from_chat, to_chat
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
