@@ -7,9 +7,11 @@ Errors are Anthropic-shaped (server/errors.py).
 
 A tier speaking Messages (kind="anthropic") gets the body as the client sent it (model replaced)
 and its answer, or its stream event for event, comes back as it sent it: localroute sets only
-the message id, the model and the routing block. Thinking, citations and a final assistant
-message (prefill), which chat cannot carry, are capability needs (backends/capabilities.py) such
-a tier has: routing skips the tiers that lack them, and only when none is left is it a 400
+the message id, the model and the routing block; the client's `anthropic-version` and
+`anthropic-beta` headers go to it as sent (a beta feature asked for is one it serves; a chat tier
+gets the translated body and no such headers). Thinking, citations and a final assistant message
+(prefill), which chat cannot carry, are capability needs (backends/capabilities.py) such a tier
+has: routing skips the tiers that lack them, and only when none is left is it a 400
 `unsupported_capability` naming the need.
 """
 
@@ -35,9 +37,10 @@ from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.types import WireRequest
 
-__all__ = ["serve_count_tokens", "serve_messages"]
+__all__ = ["FORWARDED_HEADERS", "forwarded_headers", "serve_count_tokens", "serve_messages"]
 
 ENDPOINT = "messages"
+FORWARDED_HEADERS = frozenset({"anthropic-version", "anthropic-beta"})
 
 
 async def _accept(request: Request,
@@ -58,7 +61,8 @@ async def _accept(request: Request,
 
 async def serve_messages(request: Request) -> Response:
     body, chat, needs = await _accept(request, MessagesRequest)
-    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("messages", body), needs)
+    wire = WireRequest("messages", body, forwarded_headers(request))
+    routed = await chat_completion(request, chat, ENDPOINT, wire, needs)
     if isinstance(routed, ChatAnswer):
         try:
             message = message_from_chat(routed.payload, body["model"], _native(routed))
@@ -89,6 +93,12 @@ async def serve_messages(request: Request) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})
+
+
+def forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
+    """The client's `anthropic-version` and `anthropic-beta` headers, every line as sent, in
+    order: a tier speaking Messages gets them (a beta feature asked for is one the tier serves)."""
+    return tuple((name, value) for name, value in request.headers.items() if name in FORWARDED_HEADERS)
 
 
 def _native(routed: ChatAnswer) -> dict[str, Any] | None:

@@ -255,3 +255,36 @@ def test_an_event_after_message_delta_keeps_its_place(stack: Any) -> None:
                          "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
     assert [name for name, _ in sse(r.text)] == [e["type"] for e in events]
+
+
+# ---- the client's anthropic-version and anthropic-beta headers ----
+
+BETAS = ["interleaved-thinking-2025-05-14", "fine-grained-tool-streaming-2025-05-14"]
+
+
+def test_anthropic_beta_and_version_headers_reach_the_messages_tier_as_sent(stack: Any) -> None:
+    url, up, local = stack
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0,
+                                 default_headers={"anthropic-version": "2023-06-01-test"})
+    request: Any = {"model": "claude", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    up.script(Fault(completion=message({"type": "text", "text": "Hello"})))
+    out = client.beta.messages.create(**request, betas=BETAS)
+    assert out.content[0].text == "Hello"
+    got = up.requests[-1]["headers"]
+    assert got["anthropic-beta"] == ",".join(BETAS)  # as the SDK sent it: one line, comma-joined
+    assert got["anthropic-version"] == "2023-06-01-test"  # the client's, over localroute's default
+    assert got["x-api-key"] == UPSTREAM_KEY
+
+    up.script(Fault(events=text_events("Hi", "!")))  # streamed: the same headers
+    with client.beta.messages.stream(**request, betas=BETAS[:1]) as stream:
+        assert "".join(stream.text_stream) == "Hi!"
+    got = up.requests[-1]["headers"]
+    assert got["anthropic-beta"] == BETAS[0] and got["anthropic-version"] == "2023-06-01-test"
+
+    up.script(Fault(completion=message({"type": "text", "text": "Plain"})))  # no beta asked: none sent
+    plain = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    plain.messages.create(**request)
+    got = up.requests[-1]["headers"]
+    assert "anthropic-beta" not in got and got["anthropic-version"] == plain.default_headers["anthropic-version"]
+    assert local.calls == 0
+
