@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError
 from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from localroute.server.anthropic.translate import MessagesStream, message_from_chat, message_id, to_chat
@@ -72,8 +72,10 @@ async def serve_messages(request: Request) -> Response:
         return routed.response(message)
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
-    # a tier speaking Messages streamed: its own events go out as sent (the chunks carry them)
-    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"], native=NATIVE_EVENTS in first)
+    # a tier speaking Messages answered: its own events go out as sent (the chunks carry them), or
+    # its buffered answer (a non-final tier's call) as events, every content block kept
+    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"],
+                            native=NATIVE_EVENTS in first or NATIVE_ANSWER in first)
 
     async def events() -> AsyncIterator[bytes]:
         try:

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
 from localroute.monitoring.response_store import ResponseStore
 from localroute.server.errors import error_body
@@ -118,8 +118,9 @@ async def serve_responses(request: Request) -> Response:
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
     chat_id = str(first.get("id", ""))
-    # a tier speaking the Responses API streamed: its own events go out as sent (the chunks carry them)
-    kind = NativeResponsesStream if NATIVE_EVENTS in first else ResponsesStream
+    # a tier speaking the Responses API answered: its own events go out as sent (the chunks carry
+    # them), or its buffered Response (a non-final tier's call) as events, every output item kept
+    kind = NativeResponsesStream if NATIVE_EVENTS in first or NATIVE_ANSWER in first else ResponsesStream
     stream = kind(echo, _response_id(chat_id), created_at, chat_id)
 
     async def events() -> AsyncIterator[bytes]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.backends.responses_wire import LOGPROBS_INCLUDE, chat_from_response
 from localroute.server.translate import untranslatable
 
-__all__ = ["NativeResponsesStream", "ResponsesStream", "assistant_turn", "passed_through", "response_from_chat"]
+__all__ = ["NativeResponsesStream", "ResponsesStream", "assistant_turn", "passed_through", "response_events",
+           "response_from_chat"]
 
 # ---- answers: chat -> Response ----
 
@@ -322,10 +323,92 @@ def passed_through(native: Mapping[str, Any], body: Mapping[str, Any], response_
 
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
+def _part_events(item_id: str, output_index: int, content_index: int, part: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One content part of a message item as its added / delta / done events."""
+    where = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
+    kind = part.get("type")
+    if kind == "output_text":
+        text, logprobs = str(part.get("text", "")), list(part.get("logprobs") or [])
+        empty = {**part, "text": "", "annotations": [], **({"logprobs": []} if "logprobs" in part else {})}
+        events = [{"type": "response.content_part.added", **where, "part": empty}]
+        if text:
+            events.append({"type": "response.output_text.delta", **where, "delta": text, "logprobs": logprobs})
+        events += [{"type": "response.output_text.annotation.added", **where, "annotation_index": i,
+                    "annotation": annotation} for i, annotation in enumerate(part.get("annotations") or ())]
+        events.append({"type": "response.output_text.done", **where, "text": text, "logprobs": logprobs})
+    elif kind == "refusal":
+        refusal = str(part.get("refusal", ""))
+        events = [{"type": "response.content_part.added", **where, "part": {**part, "refusal": ""}}]
+        if refusal:
+            events.append({"type": "response.refusal.delta", **where, "delta": refusal})
+        events.append({"type": "response.refusal.done", **where, "refusal": refusal})
+    else:  # a part type added later: added and done as sent
+        events = [{"type": "response.content_part.added", **where, "part": part}]
+    return [*events, {"type": "response.content_part.done", **where, "part": part}]
+
+
+def _item_events(index: int, item: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One output item as the events a Responses stream carries it in, between its
+    output_item.added (the item as it opens) and output_item.done (the item as sent)."""
+    kind, item_id = item.get("type"), str(item.get("id", ""))
+    at = {"item_id": item_id, "output_index": index}
+    opened: dict[str, Any] = {**item}
+    inner: list[dict[str, Any]] = []
+    if "status" in item:
+        opened["status"] = "in_progress"
+    if kind == "message" and isinstance(item.get("content"), list):
+        opened["content"] = []
+        for j, part in enumerate(item["content"]):
+            inner += _part_events(item_id, index, j, part)
+    elif kind == "function_call":
+        opened["arguments"] = ""
+        arguments = str(item.get("arguments", ""))
+        if arguments:
+            inner.append({"type": "response.function_call_arguments.delta", **at, "delta": arguments})
+        inner.append({"type": "response.function_call_arguments.done", **at, "name": item.get("name"),
+                      "arguments": arguments})
+    elif kind == "reasoning":
+        opened["summary"] = []
+        for j, part in enumerate(item.get("summary") or ()):
+            where = {**at, "summary_index": j}
+            text = str(part.get("text", ""))
+            inner += [{"type": "response.reasoning_summary_part.added", **where, "part": {**part, "text": ""}},
+                      *([{"type": "response.reasoning_summary_text.delta", **where, "delta": text}] if text else []),
+                      {"type": "response.reasoning_summary_text.done", **where, "text": text},
+                      {"type": "response.reasoning_summary_part.done", **where, "part": part}]
+        if isinstance(item.get("content"), list):
+            opened["content"] = []
+            for j, part in enumerate(item["content"]):
+                where = {**at, "content_index": j}
+                text = str(part.get("text", ""))
+                inner += [*([{"type": "response.reasoning_text.delta", **where, "delta": text}] if text else []),
+                          {"type": "response.reasoning_text.done", **where, "text": text}]
+    # any other item (a hosted tool's call or output, mcp, custom tool): opened and done as sent
+    else:
+        opened = dict(item)
+    return [{"type": "response.output_item.added", "output_index": index, "item": opened}, *inner,
+            {"type": "response.output_item.done", "output_index": index, "item": dict(item)}]
+
+
+def response_events(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A whole Response (a buffered answer of a tier speaking the Responses API, sent to a client
+    that streams) as the event sequence that tier would have streamed: created, in_progress, every
+    output item as sent (messages, function calls, reasoning, hosted tools' items, in order), and
+    the terminal event carrying the Response itself. Numbered from 0; for NativeResponsesStream."""
+    running = {**response, "status": "in_progress", "output": [], "usage": None}
+    events = [{"type": "response.created", "response": running}, {"type": "response.in_progress", "response": running}]
+    for i, item in enumerate(response.get("output") or ()):
+        events += _item_events(i, item)
+    status = response.get("status")
+    terminal = "response.incomplete" if status == "incomplete" else \
+        "response.failed" if status == "failed" else "response.completed"
+    events.append({"type": terminal, "response": dict(response)})
+    return [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
 
 class NativeResponsesStream(ResponsesStream):
     """The events of a tier speaking the Responses API (carried on the chunks: NATIVE_EVENTS), as
-    it sent them; each Response they carry gets `passed_through`'s id, model, store and
+    it sent them, or its buffered Response (NATIVE_ANSWER) as the events of `response_events`; each Response they carry gets `passed_through`'s id, model, store and
     previous_response_id, and the terminal one (held until the last chunk) the routing block. An
     error after the first byte ends it as ResponsesStream does, numbered after the tier's events."""
 
@@ -343,7 +426,8 @@ class NativeResponsesStream(ResponsesStream):
         if chunk.get("localroute") is not None:
             self._routing = chunk["localroute"]
         out: list[Event] = []
-        for event in chunk.get(NATIVE_EVENTS) or ():
+        answer = chunk.get(NATIVE_ANSWER)
+        for event in chunk.get(NATIVE_EVENTS) or (response_events(answer) if isinstance(answer, dict) else ()):
             kind = str(event.get("type", ""))
             if isinstance(event.get("sequence_number"), int):
                 self._seq = event["sequence_number"] + 1

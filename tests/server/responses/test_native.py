@@ -404,3 +404,61 @@ def test_a_tool_choice_for_hosted_tools_alone_goes_to_the_responses_tier(stack: 
     with pytest.raises(openai.BadRequestError):  # a function choice with no such function is still a 400
         client.responses.create(model="gpt", input="News?", tools=[{"type": "web_search"}],
                                 tool_choice={"type": "function", "name": "get_weather"})
+
+
+SEARCH = {"id": "ws_up", "type": "web_search_call", "status": "completed",
+          "action": {"type": "search", "query": "capital of France"}}
+CITATION = {"type": "url_citation", "url": "https://example.com/fr", "title": "France", "start_index": 0,
+            "end_index": 5}
+
+
+def test_a_buffered_response_streams_every_output_item_it_has() -> None:
+    """A non-final Responses tier is called buffered (its answer is judged whole); a client that
+    streams still gets every output item the tier sent (reasoning with its summary, a hosted
+    tool's call, the message with its annotations), as the events that tier would have streamed,
+    and the terminal event carries the Response as sent."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True},
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"}])
+        message = scored_item("Paris.")
+        message["content"][0]["annotations"] = [CITATION]
+        answer = {**response(REASONING, SEARCH, message), "top_logprobs": 5}
+        request: Any = {"model": "localroute/cascade", "input": "Capital of France?"}  # the chat tier may answer
+        with serve_app(create_app(settings)) as url:
+            native.script(Fault(completion=answer))
+            r = httpx.post(f"{url}/responses", headers={"authorization": f"Bearer {KEY}"},
+                           json={**request, "stream": True}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert "stream" not in native.requests[-1]["json"] and chat.requests == []  # buffered, accepted
+            got = sse(r.text)
+            names = [name for name, _ in got]
+            assert names == [
+                "response.created", "response.in_progress",
+                "response.output_item.added", "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done", "response.output_item.done",
+                "response.output_item.added", "response.output_item.done",  # the web search call
+                "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                "response.output_text.annotation.added", "response.output_text.done", "response.content_part.done",
+                "response.output_item.done", "response.completed"]
+            assert [data["sequence_number"] for _, data in got] == list(range(len(got)))
+            done = got[-1][1]["response"]
+            assert done["localroute"]["tier"] == "gpt" and done["id"].startswith("resp_")
+            sent_output = [REASONING, SEARCH, {**message, "content": [{**message["content"][0], "logprobs": []}]}]
+            assert done["output"] == sent_output  # as sent (logprobs the client did not ask for taken out)
+            assert [data["item"] for name, data in got if name == "response.output_item.done"] == sent_output
+
+            native.script(Fault(completion=answer))  # the official client's stream helper rebuilds it
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            with client.responses.stream(**request) as stream:
+                kinds = [event.type for event in stream]
+                final = stream.get_final_response()
+            assert kinds == names
+            assert [item.type for item in final.output] == ["reasoning", "web_search_call", "message"]
+            assert final.output_text == "Paris." and final.model == "localroute/cascade"
+            assert final.output[2].content[0].annotations[0].url == CITATION["url"]  # type: ignore[union-attr,index]
+            stored = client.responses.retrieve(final.id)
+            assert [item.type for item in stored.output] == ["reasoning", "web_search_call", "message"]
+
