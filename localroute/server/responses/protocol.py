@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 INT32_MAX = 2**31 - 1
 Status = Literal["in_progress", "completed", "incomplete"]
 
-__all__ = ["ResponsesRequest"]
+__all__ = ["PROVIDER_ITEMS", "ResponsesRequest", "is_item_reference"]
 
 
 class _Wire(BaseModel):
@@ -101,12 +101,21 @@ PROVIDER_ITEMS = frozenset({
 
 
 def _item_kind(value: Any) -> str:
-    """An item's type; a message may leave it out (EasyInputMessage). Called on the body's dicts
-    (validation) and on the parsed items (serialisation)."""
-    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    """An item's type; a message may leave it out (EasyInputMessage), and so may an item
+    reference (an `id` alone). Called on the body's dicts (validation) and on the parsed items
+    (serialisation)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "item_reference" if "id" in value and "role" not in value else "message")
+    else:
+        kind = "item_reference" if isinstance(value, ItemReference) else getattr(value, "type", "message")
     if not isinstance(kind, str):  # e.g. {"type": {...}}: no item kind; validation then says why
         return "message"
     return "provider" if kind in PROVIDER_ITEMS else kind
+
+
+def is_item_reference(item: Any) -> bool:
+    """Whether an input item (as read_body hands it over) refers to a stored item by its id."""
+    return _item_kind(item) == "item_reference"
 
 
 class ReasoningItem(_Wire):
@@ -119,6 +128,14 @@ class ReasoningItem(_Wire):
     content: list[dict[str, Any]] | None = None
     encrypted_content: str | None = None
     status: Status | None = None
+
+
+class ItemReference(_Wire):
+    """An earlier item by its id (openai-python `ItemReference`: `type` may be left out), resolved
+    by the server against the response store (serving.py) before anything is translated."""
+
+    type: Literal["item_reference"] | None = None
+    id: str = Field(min_length=1)
 
 
 class ProviderItem(BaseModel):
@@ -135,6 +152,7 @@ Item = Annotated[
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")]
     | Annotated[ProviderItem, Tag("provider")],
     Discriminator(_item_kind),
 ]

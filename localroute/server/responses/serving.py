@@ -13,7 +13,10 @@ body as sent (translate_request.native_body: model replaced, localroute's metada
 Response, or its events, come back as it sent them, with localroute's id, model and routing block.
 Conversation state stays localroute's whichever tier answers (a later turn may go to another):
 the tier is sent `store: false`, and a `previous_response_id` is resolved here, its stored turns
-sent as input items in front of the client's own. The passthrough Response is what is stored.
+sent as input items in front of the client's own. The passthrough Response is what is stored, and
+its conversation keeps every item as sent (input and output: reasoning, hosted tools' items), so a
+later turn to a Responses tier sends them all back; a chat tier reads what chat carries of them.
+An `item_reference` input item is resolved here too, against the store (`_resolve_references`).
 """
 
 from __future__ import annotations
@@ -30,15 +33,14 @@ from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
 from localroute.monitoring.response_store import ResponseStore
 from localroute.server.errors import error_body
-from localroute.server.responses.protocol import ResponsesRequest
+from localroute.server.responses.protocol import ResponsesRequest, is_item_reference
 from localroute.server.responses.translate_answer import (
     NativeResponsesStream,
     ResponsesStream,
-    assistant_turn,
     passed_through,
     response_from_chat,
 )
-from localroute.server.responses.translate_request import native_body, to_chat
+from localroute.server.responses.translate_request import conversation_items, native_body, to_chat
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.service import Service
@@ -82,6 +84,8 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
             raise InvalidRequestError("store: true needs the response store: set routing_log_path or "
                                       "routing_log_url",
                                       param="store", code="store_disabled")
+        if not isinstance(body["input"], str) and any(is_item_reference(item) for item in body["input"]):
+            body = {**body, "input": await _resolve_references(body["input"], store, history)}
         needs: set[str] = set()
         chat = to_chat(body, history, needs)
         return body, chat, store, history, frozenset(needs)
@@ -90,13 +94,49 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
         raise
 
 
+async def _resolve_references(items: list[dict[str, Any]], store: ResponseStore | None,
+                              history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input items with each `item_reference` replaced by the stored item it names, as stored:
+    found in the conversation `previous_response_id` names, else in the stored Response whose
+    id an item id localroute issued derives from (msg_<x>, fc_<x>_<i>: resp_<x>). A 400 naming
+    the id when it is not found, or when there is no store."""
+    out = []
+    for i, item in enumerate(items):
+        if not is_item_reference(item):
+            out.append(item)
+            continue
+        item_id = str(item["id"])
+        if store is None:
+            raise InvalidRequestError(f"item_reference {item_id!r} needs the response store: set routing_log_path or "
+                                      "routing_log_url", param=f"input.{i}.id", code="store_disabled")
+        found = _find_item(history, item_id)
+        for response_id in _issuers(item_id):
+            stored = await asyncio.to_thread(store.get, response_id) if found is None else None
+            if stored is not None:
+                found = _find_item([*stored[1], *(stored[0].get("output") or ())], item_id)
+        if found is None:
+            raise InvalidRequestError(f"Item with id {item_id!r} not found.", param=f"input.{i}.id",
+                                      code="item_not_found")
+        out.append(found)
+    return out
+
+
+def _issuers(item_id: str) -> list[str]:
+    """The ids of the stored Responses an item id localroute issued can come from (translate_answer:
+    message_item_id, call_item_id)."""
+    suffix = item_id.partition("_")[2]
+    return [f"resp_{s}" for s in dict.fromkeys((suffix, suffix.rpartition("_")[0])) if s]
+
+
+def _find_item(items: list[dict[str, Any]], item_id: str) -> dict[str, Any] | None:
+    return next((dict(item) for item in items if item.get("id") == item_id and "type" in item), None)
+
+
 async def serve_responses(request: Request) -> Response:
     svc = service_of(request)
     body, chat, store, history, needs = await _accept(request, svc)
     keep = store if body.get("store") is not False else None
     echo = {**body, "store": keep is not None}
-    own = 1 if body.get("instructions") is not None else 0  # instructions are not carried over
-    conversation = chat["messages"][own:]
     routed = await chat_completion(request, chat, ENDPOINT, WireRequest("responses", native_body(body, history)),
                                    needs)
     created_at = time.time()
@@ -110,7 +150,7 @@ async def serve_responses(request: Request) -> Response:
                 response = response_from_chat(routed.payload, echo, response_id, created_at)
             if keep is not None:
                 await asyncio.to_thread(keep.put, response_id, response,
-                                        [*conversation, assistant_turn(routed.payload)])
+                                        conversation_items(history, body, response["output"]))
         except BaseException as exc:
             answer_failed(routed, exc)
             raise
@@ -134,7 +174,7 @@ async def serve_responses(request: Request) -> Response:
                 yield sse_event(*event)
             if keep is not None and stream.response is not None:
                 await asyncio.to_thread(keep.put, stream.response_id, stream.response,
-                                        [*conversation, assistant_turn(stream.answer())])
+                                        conversation_items(history, body, stream.response["output"]))
         except LocalrouteError as exc:  # bytes already sent: an error event ends the stream
             for event in stream.feed({"error": error_body(exc.message, exc.error_type, exc.param, exc.code)["error"]}):
                 yield sse_event(*event)

@@ -1,8 +1,7 @@
 """Chat Completions answers -> Responses objects and events, as pure functions over JSON dicts
 (requests go the other way: translate_request.py). `response_from_chat` makes the Response of one
 chat answer; `ResponsesStream` turns chat chunks into the Responses event sequence and ends with
-the same Response object; `assistant_turn` is the answer as the stored turn a later request
-continues. A tier speaking the Responses API answers as it sent it (`passed_through`,
+the same Response object. A tier speaking the Responses API answers as it sent it (`passed_through`,
 `NativeResponsesStream`), with localroute's id, model, store fields and routing block.
 """
 
@@ -12,11 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
-from localroute.backends.responses_wire import LOGPROBS_INCLUDE, chat_from_response
+from localroute.backends.responses_wire import LOGPROBS_INCLUDE
 from localroute.server.translate import untranslatable
 
-__all__ = ["NativeResponsesStream", "ResponsesStream", "assistant_turn", "passed_through", "response_events",
-           "response_from_chat"]
+__all__ = ["NativeResponsesStream", "ResponsesStream", "passed_through", "response_events", "response_from_chat"]
 
 # ---- answers: chat -> Response ----
 
@@ -297,16 +295,6 @@ class ResponsesStream:
         return events + [self._event(kind, response=self.response)]
 
 
-def assistant_turn(answer: Mapping[str, Any]) -> dict[str, Any]:
-    """The answer as the chat message a later turn (previous_response_id) sends back."""
-    msg = answer["choices"][0].get("message") or {}
-    turn: dict[str, Any] = {"role": "assistant", "content": msg.get("content")}
-    if msg.get("tool_calls"):
-        turn["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
-            "name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}} for c in msg["tool_calls"]]
-    return turn
-
-
 # ---- passthrough: a tier speaking the Responses API (responses_api = true) ----
 
 
@@ -322,6 +310,7 @@ def passed_through(native: Mapping[str, Any], body: Mapping[str, Any], response_
 
 
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
 
 def _part_events(item_id: str, output_index: int, content_index: int, part: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One content part of a message item as its added / delta / done events."""
@@ -415,7 +404,6 @@ class NativeResponsesStream(ResponsesStream):
     def __init__(self, body: Mapping[str, Any], response_id: str, created_at: float, chat_id: str) -> None:
         super().__init__(body, response_id, created_at, chat_id)
         self._held: list[Event] = []
-        self._final: dict[str, Any] | None = None
 
     def start(self) -> list[Event]:
         return []
@@ -447,10 +435,7 @@ class NativeResponsesStream(ResponsesStream):
             if kind in _TERMINAL:
                 response = passed_through(event["response"], self.body, self.response_id, self._routing)
                 event = {**event, "response": response}
-                self.response, self._final = response, response
+                self.response = response
             out.append((kind, event))
         return out
 
-    def answer(self) -> dict[str, Any]:
-        """The tier's final Response as a chat answer (what a later turn continues)."""
-        return chat_from_response(self._final) if self._final is not None else super().answer()

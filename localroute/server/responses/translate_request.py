@@ -31,10 +31,11 @@ from typing import Any
 
 from localroute.backends.responses_wire import LOGPROBS_INCLUDE
 from localroute.routing.categories import strip_category
-from localroute.server.responses.protocol import PROVIDER_ITEMS
+from localroute.server.responses.protocol import PROVIDER_ITEMS, is_item_reference
 from localroute.server.translate import refuse_set, untranslatable
 
-__all__ = ["LOGPROBS_INCLUDE", "from_chat", "items_from_chat", "native_body", "to_chat"]
+__all__ = ["LOGPROBS_INCLUDE", "conversation_items", "from_chat", "input_items", "is_item_history", "items_from_chat",
+           "native_body", "to_chat"]
 
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "conversation": (), "prompt": (), "access_programs": (), "background_options": (), "image": (),
@@ -72,8 +73,11 @@ class _Context:
 
 def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
             needs: set[str] | None = None) -> dict[str, Any]:
-    """A validated Responses body as a Chat Completions body; `history` is the chat messages of
-    the stored conversation `previous_response_id` names (instructions are not carried over).
+    """A validated Responses body as a Chat Completions body; `history` is the stored conversation
+    `previous_response_id` names (`conversation_items`; instructions are not carried over): its
+    items as chat messages, less those chat cannot carry (reasoning, hosted tools' items,
+    annotations: a Responses tier gets them all, `native_body`), which neither refuse the turn nor
+    keep it off the chat tiers: they are the provider's own output, not the client's ask.
     `needs`: where a field with no chat counterpart that a Responses tier serves (reasoning
     summaries, other `include` values, truncation, annotations sent back, ...) is recorded as the
     need "responses_api" and left out of the chat body; without it, such a field is a 400."""
@@ -83,11 +87,14 @@ def to_chat(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
     messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": body["instructions"]})
-    messages.extend(dict(m) for m in history)
+    if not is_item_history(history):  # a row stored before items were: its chat messages
+        messages.extend(dict(m) for m in history)
+    else:
+        _items([_plain_turn(item) for item in history], messages, _Context(set()), "previous_response_id")
     if isinstance(body["input"], str):
         messages.append({"role": "user", "content": body["input"]})
     else:
-        _items(body["input"], messages, ctx)
+        _items(body["input"], messages, ctx, "input")
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
@@ -170,10 +177,20 @@ def _content(content: str | list[Mapping[str, Any]], where: str, ctx: _Context) 
     return content if isinstance(content, str) else [_part(p, f"{where}.{j}", ctx) for j, p in enumerate(content)]
 
 
-def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: _Context) -> None:
+def _plain_turn(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A stored assistant message of output text alone, with its text as one string (the chat
+    message a chat tier was always sent for an earlier answer)."""
+    content = item.get("content")
+    if item.get("type", "message") != "message" or item.get("role") != "assistant" or not isinstance(content, list) \
+            or not all(p.get("type") == "output_text" for p in content):
+        return item
+    return {**item, "content": "".join(p.get("text", "") for p in content)}
+
+
+def _items(items: Sequence[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: _Context, at: str) -> None:
     for i, item in enumerate(items):
-        where = f"input.{i}"
-        kind = item.get("type", "message")
+        where = f"{at}.{i}"
+        kind = "item_reference" if is_item_reference(item) else item.get("type", "message")
         if kind == "message":
             ctx.refuse_set(item, f"{where}.", {"phase": ()})
             messages.append({"role": item["role"], "content": _content(item["content"], f"{where}.content", ctx)})
@@ -183,6 +200,8 @@ def _items(items: list[Mapping[str, Any]], messages: list[dict[str, Any]], ctx: 
         elif kind in PROVIDER_ITEMS:  # an earlier answer's hosted tool call: likewise
             ctx.need(where, f"chat has no {kind} items")
             continue
+        elif kind == "item_reference":  # the server resolves them (serving.py) before translating
+            untranslatable(where, "an item_reference is resolved against the response store first")
         elif kind == "function_call":
             refuse_set(item, f"{where}.", {"namespace": (), "caller": ({"type": "direct"},)})
             call = {"id": item["call_id"], "type": "function",
@@ -331,12 +350,33 @@ def native_body(body: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = 
     tier has (OpenAI answers 404 "Items are not persisted when `store` is set to false"): it is
     left out; one that carries its reasoning goes as sent."""
     out = strip_category(dict(body))
+    if "previous_response_id" in out:
+        del out["previous_response_id"]
+        stored = history if is_item_history(history) else items_from_chat(history)
+        out["input"] = [*stored, *input_items(out["input"])]
     if not isinstance(out["input"], str):
         out["input"] = [item for item in out["input"] if item.get("type") != "reasoning"
                         or item.get("encrypted_content") or item.get("content")]
-    if "previous_response_id" in out:
-        del out["previous_response_id"]
-        own = [{"role": "user", "content": out["input"]}] if isinstance(out["input"], str) else list(out["input"])
-        out["input"] = [*items_from_chat(history), *own]
     out["store"] = False
     return out
+
+
+def input_items(value: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A request's `input` as items (a string: one user message)."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else [dict(item) for item in value]
+
+
+def conversation_items(history: Sequence[Mapping[str, Any]], body: Mapping[str, Any],
+                       output: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation a stored Response continues: the turns before it, its request's input
+    items and its output items, every one as sent (reasoning, hosted tools' items, annotations:
+    a later turn to a Responses tier sends them back), each with its `type` (is_item_history)."""
+    earlier = history if is_item_history(history) else items_from_chat(history)
+    return [{"type": "message", **item} if "type" not in item else dict(item)
+            for item in [*earlier, *input_items(body["input"]), *output]]
+
+
+def is_item_history(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a stored conversation is Responses items (each with a `type`), not the chat
+    messages (none has one) a row held before items were stored."""
+    return all("type" in m for m in history)

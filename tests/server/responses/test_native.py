@@ -171,10 +171,9 @@ def test_a_two_turn_tool_loop_keeps_the_conversation_in_localroute(stack: Any) -
     second = client.responses.create(model="gpt", previous_response_id=first.id, tools=[WEATHER], input=[
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 18}'}])
     assert second.output_text == "18C and sunny." and second.previous_response_id == first.id
-    # turn 2 as the tier got it: the stored turns as items before the client's own, no localroute id
+    # turn 2 as the tier got it: the stored turns as items, as sent, before the client's own; no localroute id
     assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": [WEATHER], "store": False, "input": [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": '{"temp_c": 18}'}]}
 
     # the same loop without stored state: the client sends the items itself, passed on as sent
@@ -255,8 +254,7 @@ def test_a_streamed_function_call_and_its_follow_up(stack: Any) -> None:
         second = stream.get_final_response()
     assert second.output_text == "18C."
     assert native.requests[-1]["json"]["input"] == [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
 
 
@@ -462,3 +460,58 @@ def test_a_buffered_response_streams_every_output_item_it_has() -> None:
             stored = client.responses.retrieve(final.id)
             assert [item.type for item in stored.output] == ["reasoning", "web_search_call", "message"]
 
+
+# ---- stored turns and item references ----
+
+
+def test_stored_turns_keep_every_output_item_as_sent(stack: Any) -> None:
+    """previous_response_id sends the Responses tier every item of the stored turns as it was
+    sent (reasoning, a hosted tool's call, the message); a chat tier continuing the same
+    conversation reads what chat carries of it (the messages), the rest neither refused nor
+    keeping it off the chat tier."""
+    client, native, chat, _ = stack
+    reasoning = {**REASONING, "encrypted_content": "gAAAAB-opaque"}
+    tools: Any = [{"type": "web_search"}]
+    native.script(Fault(completion=response(reasoning, SEARCH, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes, 18C."))))
+    first = client.responses.create(model="gpt", input="Weather in Paris?", tools=tools,
+                                    include=["reasoning.encrypted_content"])
+    second = client.responses.create(model="gpt", previous_response_id=first.id, input="Sure?", tools=tools)
+    assert second.output_text == "Yes, 18C."
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, reasoning, SEARCH,
+        text_item("18C in Paris."), {"role": "user", "content": "Sure?"}]}
+    third = client.responses.create(model="chat", previous_response_id=second.id, input="Thanks.")
+    assert third.output_text == "Chat tier answer."
+    assert chat.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "18C in Paris."},
+        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, 18C."},
+        {"role": "user", "content": "Thanks."}]
+
+
+def test_an_item_reference_is_resolved_against_the_store(stack: Any) -> None:
+    client, native, chat, _ = stack
+    first = client.responses.create(model="chat", input="Capital of France?")
+    items: Any = [{"type": "item_reference", "id": first.output[0].id}, {"role": "user", "content": "Sure?"}]
+    client.responses.create(model="chat", input=items)  # no previous_response_id: found by its own id
+    assert chat.requests[-1]["json"]["messages"] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "Chat tier answer."}]},
+        {"role": "user", "content": "Sure?"}]
+
+    # items the Responses tier named: found in the conversation previous_response_id names, `type` optional
+    native.script(Fault(completion=response(SEARCH, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes."))))
+    tools: Any = [{"type": "web_search"}]
+    turn = client.responses.create(model="gpt", input="Weather in Paris?", tools=tools)
+    refs: Any = [{"type": "item_reference", "id": "ws_up"}, {"id": "msg_up"}, {"role": "user", "content": "Sure?"}]
+    client.responses.create(model="gpt", previous_response_id=turn.id, input=refs, tools=tools)
+    assert native.requests[-1]["json"]["input"][-3:] == [SEARCH, text_item("18C in Paris."),
+                                                        {"role": "user", "content": "Sure?"}]
+
+    sent = len(chat.requests) + len(native.requests)
+    for missing in ("msg_nope", "ws_up"):  # never stored; stored only in a conversation not named
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="chat", input=[{"type": "item_reference", "id": missing}])
+        assert err.value.code == "item_not_found" and missing in err.value.message
+        assert err.value.param == "input.0.id"
+    assert len(chat.requests) + len(native.requests) == sent
