@@ -515,3 +515,32 @@ def test_an_item_reference_is_resolved_against_the_store(stack: Any) -> None:
         assert err.value.code == "item_not_found" and missing in err.value.message
         assert err.value.param == "input.0.id"
     assert len(chat.requests) + len(native.requests) == sent
+
+
+def test_a_conversation_stored_as_chat_messages_still_continues() -> None:
+    """A row stored before conversations were kept as items holds chat messages: a later turn
+    still continues it, on a chat tier as those messages and on the Responses tier as items."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"},
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True}])
+        app = create_app(settings)
+        with serve_app(app) as url:
+            legacy = [{"role": "user", "content": "Weather in Paris?"},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "call_up1", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                      {"role": "tool", "tool_call_id": "call_up1", "content": "18C"},
+                      {"role": "assistant", "content": "18C in Paris."}]
+            app.state.service.responses.put("resp_legacy", response(text_item("18C in Paris.")), legacy)
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            client.responses.create(model="chat", previous_response_id="resp_legacy", input="Sure?")
+            assert chat.requests[-1]["json"]["messages"] == [*legacy, {"role": "user", "content": "Sure?"}]
+            native.script(Fault(completion=response(text_item("Yes."))))
+            client.responses.create(model="gpt", previous_response_id="resp_legacy", input="Sure?")
+            assert native.requests[-1]["json"]["input"] == [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+                {"type": "function_call_output", "call_id": "call_up1", "output": "18C"},
+                {"role": "assistant", "content": "18C in Paris."}, {"role": "user", "content": "Sure?"}]
