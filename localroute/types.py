@@ -14,10 +14,12 @@ WireApi = Literal["chat", "completions", "messages", "responses"]
 class WireRequest:
     """The client's request body as sent (parsed JSON, every field, unknown ones included), for a
     tier that speaks the same API: a remote OpenAI-compatible tier forwards it with only `model`
-    replaced and localroute's own fields removed. Never mutated."""
+    replaced and localroute's own fields removed. `headers`: the client's API headers such a tier
+    gets as sent (Messages: `anthropic-version`, `anthropic-beta`), name and value, in order. Never mutated."""
 
     api: WireApi
     body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

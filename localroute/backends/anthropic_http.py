@@ -24,8 +24,11 @@ any gateway that speaks it. Everything but the wire format is the OpenAI-compati
   chunk (`ChunkDecoder`): text blocks -> content, `tool_use` -> tool_calls (input -> arguments
   JSON), `stop_reason` -> finish_reason, usage -> prompt/completion tokens (cache reads and writes
   counted in prompt_tokens, as chat counts them). Thinking blocks are not carried to chat clients.
-- Auth: `x-api-key` and `anthropic-version` headers. No token logprobs: as a non-final tier it has
-  no confidence, so it belongs at the top of a ladder.
+- Auth: `x-api-key` and `anthropic-version` headers. A Messages request's own `anthropic-version`
+  and `anthropic-beta` headers (`WireRequest.headers`) go to the tier as the client sent them (the
+  version over the default): a client using a beta feature gets it. A translated request carries
+  none (a chat client sent none).
+- No token logprobs: as a non-final tier it has no confidence, so it belongs at the top of a ladder.
 """
 
 from __future__ import annotations
@@ -400,6 +403,10 @@ class AnthropicHTTPBackend(OpenAIHTTPBackend):
 
     def _path(self, request: GenerationRequest) -> str:
         return self.path
+
+    def _headers(self, request: GenerationRequest) -> tuple[tuple[str, str], ...]:
+        native = request.native
+        return native.headers if native is not None and native.api == "messages" else ()
 
     def _decode_answer(self, data: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
         return chat_completion(data)

@@ -292,7 +292,8 @@ class OpenAIHTTPBackend:
                     state: dict[str, Any]) -> httpx.Response:
         """Send the request; return a 200 response whose body is still unread. An error's body is
         its answer: it too must come by the first-token deadline (else it is read as empty)."""
-        headers = self.trace_headers(request) if self.trace_headers is not None else None
+        headers = [*self._headers(request), *(self.trace_headers(request).items()
+                                              if self.trace_headers is not None else ())]
         req = self._client.build_request("POST", self._path(request), json=self._body(request, stream),
                                          headers=headers)
         try:
@@ -449,6 +450,10 @@ class OpenAIHTTPBackend:
     def _native(self, request: GenerationRequest) -> bool:
         """Whether this call forwards the client's Responses body as sent (a `responses_api` tier)."""
         return self.responses_api and request.native is not None and request.native.api == "responses"
+
+    def _headers(self, request: GenerationRequest) -> tuple[tuple[str, str], ...]:
+        """The request's own headers for this call, over the client's defaults (a subclass's hook)."""
+        return ()
 
     def _path(self, request: GenerationRequest) -> str:
         """The endpoint under base_url this request is sent to."""

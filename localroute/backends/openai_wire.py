@@ -24,11 +24,14 @@ from typing import Any, cast
 
 from localroute.types import FinishReason, GenerationRequest, TokenLogprob, TopLogprob
 
-__all__ = ["NATIVE_EVENTS", "Answer", "ChunkReader", "as_client_asked", "ask_logprobs", "built_body", "chat_body",
-           "finish_reason", "from_completion", "native_chunk", "read_answer", "same", "token_logprob"]
+__all__ = ["NATIVE_ANSWER", "NATIVE_EVENTS", "Answer", "ChunkReader", "as_client_asked", "ask_logprobs", "built_body",
+           "chat_body", "finish_reason", "from_completion", "native_chunk", "read_answer", "same", "token_logprob"]
 
 # key of a decoded chat chunk: the provider's own events it came from (native requests only)
 NATIVE_EVENTS = "localroute_native_events"
+# key of the chunk a buffered answer of a native request is streamed as: the provider's answer as
+# sent (Generation.extra["native"]), for the HTTP edge to stream as that API's events, every item kept
+NATIVE_ANSWER = "localroute_native_answer"
 # key of a chunk of native events alone: they are generated output (for the stream's deadlines)
 _PROGRESS = "localroute_progress"
 

@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from localroute.backends.labels import labels_from_metadata
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import ClientDisconnectedError, LocalrouteError
 from localroute.monitoring.cost import RequestCost, cost_fields, cost_headers
 from localroute.monitoring.record import RequestRecord
@@ -431,6 +431,8 @@ def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, he
             if shape.want_logprobs:  # a local tool call's tokens, when asked for
                 choices = shape.call_logprobs(choices, gen)
             out = [{**base, "choices": [_stream_choice(c) for c in choices]}]
+            if isinstance(gen.extra.get("native"), dict):  # the Responses / Messages edge streams it whole
+                out[0][NATIVE_ANSWER] = gen.extra["native"]
             if shape.include_usage:
                 out.append({**base, "choices": [], "usage": raw.get("usage") or usage(gen)})
         for chunk in out:

@@ -7,9 +7,11 @@ Errors are Anthropic-shaped (server/errors.py).
 
 A tier speaking Messages (kind="anthropic") gets the body as the client sent it (model replaced)
 and its answer, or its stream event for event, comes back as it sent it: localroute sets only
-the message id, the model and the routing block. Thinking, citations and a final assistant
-message (prefill), which chat cannot carry, are capability needs (backends/capabilities.py) such
-a tier has: routing skips the tiers that lack them, and only when none is left is it a 400
+the message id, the model and the routing block; the client's `anthropic-version` and
+`anthropic-beta` headers go to it as sent (a beta feature asked for is one it serves; a chat tier
+gets the translated body and no such headers). Thinking, citations and a final assistant message
+(prefill), which chat cannot carry, are capability needs (backends/capabilities.py) such a tier
+has: routing skips the tiers that lack them, and only when none is left is it a 400
 `unsupported_capability` naming the need.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError
 from localroute.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from localroute.server.anthropic.translate import MessagesStream, message_from_chat, message_id, to_chat
@@ -35,9 +37,10 @@ from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.types import WireRequest
 
-__all__ = ["serve_count_tokens", "serve_messages"]
+__all__ = ["FORWARDED_HEADERS", "forwarded_headers", "serve_count_tokens", "serve_messages"]
 
 ENDPOINT = "messages"
+FORWARDED_HEADERS = frozenset({"anthropic-version", "anthropic-beta"})
 
 
 async def _accept(request: Request,
@@ -58,7 +61,8 @@ async def _accept(request: Request,
 
 async def serve_messages(request: Request) -> Response:
     body, chat, needs = await _accept(request, MessagesRequest)
-    routed = await chat_completion(request, chat, ENDPOINT, WireRequest("messages", body), needs)
+    wire = WireRequest("messages", body, forwarded_headers(request))
+    routed = await chat_completion(request, chat, ENDPOINT, wire, needs)
     if isinstance(routed, ChatAnswer):
         try:
             message = message_from_chat(routed.payload, body["model"], _native(routed))
@@ -68,8 +72,10 @@ async def serve_messages(request: Request) -> Response:
         return routed.response(message)
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
-    # a tier speaking Messages streamed: its own events go out as sent (the chunks carry them)
-    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"], native=NATIVE_EVENTS in first)
+    # a tier speaking Messages answered: its own events go out as sent (the chunks carry them), or
+    # its buffered answer (a non-final tier's call) as events, every content block kept
+    stream = MessagesStream(message_id(str(first.get("id", ""))), body["model"],
+                            native=NATIVE_EVENTS in first or NATIVE_ANSWER in first)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -89,6 +95,12 @@ async def serve_messages(request: Request) -> Response:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**routed.headers, "Cache-Control": "no-cache"})
+
+
+def forwarded_headers(request: Request) -> tuple[tuple[str, str], ...]:
+    """The client's `anthropic-version` and `anthropic-beta` headers, every line as sent, in
+    order: a tier speaking Messages gets them (a beta feature asked for is one the tier serves)."""
+    return tuple((name, value) for name, value in request.headers.items() if name in FORWARDED_HEADERS)
 
 
 def _native(routed: ChatAnswer) -> dict[str, Any] | None:

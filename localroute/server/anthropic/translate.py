@@ -32,10 +32,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from localroute.backends.anthropic_http import blocks_from_parts, tool_choice_from_chat, tool_from_chat
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.server.translate import arguments_object, refuse_set, untranslatable
 
-__all__ = ["MessagesStream", "from_chat", "message_from_chat", "stop_reason", "to_chat", "usage_from_chat"]
+__all__ = ["MessagesStream", "from_chat", "message_events", "message_from_chat", "stop_reason", "to_chat",
+           "usage_from_chat"]
 
 _ACCOUNT_FIELDS: dict[str, tuple[Any, ...]] = {
     "cache_control": (), "speed": ("standard",), "user_profile_id": (), "workspace_id": (), "container": (),
@@ -366,11 +367,57 @@ def message_from_chat(answer: Mapping[str, Any], model: str,
 Event = tuple[str, dict[str, Any]]
 
 
+def _block_events(index: int, block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One content block as its content_block_start, deltas and content_block_stop."""
+    kind = block.get("type")
+    start: dict[str, Any] = dict(block)
+    deltas: list[dict[str, Any]] = []
+    if kind == "text":
+        start["text"] = ""
+        if block.get("text"):
+            deltas.append({"type": "text_delta", "text": block["text"]})
+        if block.get("citations") is not None:
+            start["citations"] = []
+            deltas += [{"type": "citations_delta", "citation": c} for c in block["citations"]]
+    elif kind == "tool_use":
+        start["input"] = {}
+        if block.get("input"):
+            deltas.append({"type": "input_json_delta",
+                           "partial_json": json.dumps(block["input"], ensure_ascii=False, separators=(",", ":"))})
+    elif kind == "thinking":
+        start.update(thinking="", signature="")
+        if block.get("thinking"):
+            deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+        if block.get("signature"):
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    # any other block (redacted_thinking, server_tool_use, a tool's result, ...): started as sent
+    return [{"type": "content_block_start", "index": index, "content_block": start},
+            *({"type": "content_block_delta", "index": index, "delta": d} for d in deltas),
+            {"type": "content_block_stop", "index": index}]
+
+
+def message_events(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A whole Messages answer (a buffered answer of a tier speaking Messages, sent to a client
+    that streams) as the events that tier would have streamed: message_start, every content block
+    as sent (text with its citations, tool_use, thinking with its signature, redacted_thinking,
+    server tools' blocks, in order), message_delta with the stop reason and the usage, message_stop."""
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    for i, block in enumerate(message.get("content") or ()):
+        events += _block_events(i, block)
+    delta = {k: message.get(k) for k in ("stop_reason", "stop_sequence")}
+    if "container" in message:
+        delta["container"] = message["container"]
+    events += [{"type": "message_delta", "delta": delta, "usage": message.get("usage") or {}},
+               {"type": "message_stop"}]
+    return events
+
+
 class MessagesStream:
     """Chat chunks in, Messages events out: `start()`, `feed(chunk)` per chunk, `finish()` once.
     One content block is open at a time (text, or one tool_use per chat tool call, in order).
     `native`: the chunks come from a tier speaking Messages and carry its events
-    (NATIVE_EVENTS): those go out as sent, but for the id and model in `message_start` and the
+    (NATIVE_EVENTS), or its buffered answer (NATIVE_ANSWER: as `message_events`): those go out as sent, but for the id and model in `message_start` and the
     routing block added to `message_delta` (held, with what follows it, until the last chunk)."""
 
     def __init__(self, message_id: str, model: str, native: bool = False) -> None:
@@ -414,7 +461,8 @@ class MessagesStream:
         if chunk.get("localroute") is not None:
             self._routing = chunk["localroute"]
         out: list[Event] = []
-        for event in chunk.get(NATIVE_EVENTS) or ():
+        answer = chunk.get(NATIVE_ANSWER)
+        for event in chunk.get(NATIVE_EVENTS) or (message_events(answer) if isinstance(answer, dict) else ()):
             kind = str(event.get("type", ""))
             if kind == "message_start":
                 event = {**event, "message": {**event.get("message", {}), "id": self.id, "model": self.model}}

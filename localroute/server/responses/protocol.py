@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI Responses API (openai-python `types/responses/response_create_params.py`
 and the input item types). Unknown fields are refused (extra="forbid"), so nothing that could change
 the answer is ignored; fields that are known but have no chat counterpart are declared and refused by
-translate.py with the reason. Item `id` and `status`, which a client sends back with earlier output,
+translate_request.py with the reason. Item `id` and `status`, which a client sends back with earlier output,
 are bookkeeping: accepted, and not forwarded (they do not change the answer).
 """
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 INT32_MAX = 2**31 - 1
 Status = Literal["in_progress", "completed", "incomplete"]
 
-__all__ = ["ResponsesRequest"]
+__all__ = ["PROVIDER_ITEMS", "ResponsesRequest", "is_item_reference"]
 
 
 class _Wire(BaseModel):
@@ -101,17 +101,26 @@ PROVIDER_ITEMS = frozenset({
 
 
 def _item_kind(value: Any) -> str:
-    """An item's type; a message may leave it out (EasyInputMessage). Called on the body's dicts
-    (validation) and on the parsed items (serialisation)."""
-    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    """An item's type; a message may leave it out (EasyInputMessage), and so may an item
+    reference (an `id` alone). Called on the body's dicts (validation) and on the parsed items
+    (serialisation)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "item_reference" if "id" in value and "role" not in value else "message")
+    else:
+        kind = "item_reference" if isinstance(value, ItemReference) else getattr(value, "type", "message")
     if not isinstance(kind, str):  # e.g. {"type": {...}}: no item kind; validation then says why
         return "message"
     return "provider" if kind in PROVIDER_ITEMS else kind
 
 
+def is_item_reference(item: Any) -> bool:
+    """Whether an input item (as read_body hands it over) refers to a stored item by its id."""
+    return _item_kind(item) == "item_reference"
+
+
 class ReasoningItem(_Wire):
     """An earlier answer's reasoning, sent back with it (a reasoning model's tool loop): only a
-    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+    tier speaking the Responses API reads it (translate_request.py: the need "responses_api")."""
 
     type: Literal["reasoning"]
     id: str = Field(min_length=1)
@@ -121,10 +130,18 @@ class ReasoningItem(_Wire):
     status: Status | None = None
 
 
+class ItemReference(_Wire):
+    """An earlier item by its id (openai-python `ItemReference`: `type` may be left out), resolved
+    by the server against the response store (serving.py) before anything is translated."""
+
+    type: Literal["item_reference"] | None = None
+    id: str = Field(min_length=1)
+
+
 class ProviderItem(BaseModel):
     """An earlier answer's hosted-tool item sent back (web_search_call, mcp_call, ...; the
     stateless loop `input += response.output`): its fields are the provider's to check; only a
-    tier speaking the Responses API reads it (translate.py: the need "responses_api")."""
+    tier speaking the Responses API reads it (translate_request.py: the need "responses_api")."""
 
     model_config = ConfigDict(extra="allow")
     type: str
@@ -135,6 +152,7 @@ Item = Annotated[
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")]
     | Annotated[ProviderItem, Tag("provider")],
     Discriminator(_item_kind),
 ]
@@ -238,7 +256,7 @@ class ResponsesRequest(_Wire):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     user: str | None = None
-    # known, no chat counterpart: refused by translate.py when set
+    # known, no chat counterpart: refused by translate_request.py when set
     conversation: Any = None
     prompt: Any = None
     prompt_cache_options: Any = None

@@ -1,5 +1,5 @@
 """`POST /v1/responses` and `GET /v1/responses/{id}`: the Responses body validated (protocol.py),
-translated to a chat body (translate.py), routed through the chat path (serving.chat_completion:
+translated to a chat body (translate_request.py), routed through the chat path (serving.chat_completion:
 the same validation, policies, capability routing, pricing, budget, routing log, metrics and
 x-localroute-* headers), and the answer or its stream translated back. The routing block rides in the Response's `localroute` field.
 
@@ -9,11 +9,14 @@ explicit `store: true` are a 400, and answers say `"store": false`. Responses ar
 client sends `store: false`.
 
 A tier speaking the Responses API (kind="openai" with `responses_api = true`) gets the client's
-body as sent (translate.native_body: model replaced, localroute's metadata keys removed) and its
+body as sent (translate_request.native_body: model replaced, localroute's metadata keys removed) and its
 Response, or its events, come back as it sent them, with localroute's id, model and routing block.
 Conversation state stays localroute's whichever tier answers (a later turn may go to another):
 the tier is sent `store: false`, and a `previous_response_id` is resolved here, its stored turns
-sent as input items in front of the client's own. The passthrough Response is what is stored.
+sent as input items in front of the client's own. The passthrough Response is what is stored, and
+its conversation keeps every item as sent (input and output: reasoning, hosted tools' items), so a
+later turn to a Responses tier sends them all back; a chat tier reads what chat carries of them.
+An `item_reference` input item is resolved here too, against the store (`_resolve_references`).
 """
 
 from __future__ import annotations
@@ -26,20 +29,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from localroute.backends.openai_wire import NATIVE_EVENTS
+from localroute.backends.openai_wire import NATIVE_ANSWER, NATIVE_EVENTS
 from localroute.errors import InvalidRequestError, LocalrouteError, NotFoundError
 from localroute.monitoring.response_store import STORE_ERROR_HEADER, ResponseStore
 from localroute.server.errors import error_body
-from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import (
+from localroute.server.responses.protocol import ResponsesRequest, is_item_reference
+from localroute.server.responses.translate_answer import (
     NativeResponsesStream,
     ResponsesStream,
-    assistant_turn,
-    native_body,
     passed_through,
     response_from_chat,
-    to_chat,
 )
+from localroute.server.responses.translate_request import conversation_items, native_body, to_chat
 from localroute.server.serving import ChatAnswer, chat_completion, service_of
 from localroute.server.translate import answer_failed, read_body, rejected, sse_event
 from localroute.service import Service
@@ -83,6 +84,8 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
             raise InvalidRequestError("store: true needs the response store: set routing_log_path or "
                                       "routing_log_url",
                                       param="store", code="store_disabled")
+        if not isinstance(body["input"], str) and any(is_item_reference(item) for item in body["input"]):
+            body = {**body, "input": await _resolve_references(body["input"], store, history)}
         needs: set[str] = set()
         chat = to_chat(body, history, needs)
         return body, chat, store, history, frozenset(needs)
@@ -91,13 +94,49 @@ async def _accept(request: Request, svc: Service) -> tuple[dict[str, Any], dict[
         raise
 
 
+async def _resolve_references(items: list[dict[str, Any]], store: ResponseStore | None,
+                              history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input items with each `item_reference` replaced by the stored item it names, as stored:
+    found in the conversation `previous_response_id` names, else in the stored Response whose
+    id an item id localroute issued derives from (msg_<x>, fc_<x>_<i>: resp_<x>). A 400 naming
+    the id when it is not found, or when there is no store."""
+    out = []
+    for i, item in enumerate(items):
+        if not is_item_reference(item):
+            out.append(item)
+            continue
+        item_id = str(item["id"])
+        if store is None:
+            raise InvalidRequestError(f"item_reference {item_id!r} needs the response store: set routing_log_path or "
+                                      "routing_log_url", param=f"input.{i}.id", code="store_disabled")
+        found = _find_item(history, item_id)
+        for response_id in _issuers(item_id):
+            stored = await asyncio.to_thread(store.get, response_id) if found is None else None
+            if stored is not None:
+                found = _find_item([*stored[1], *(stored[0].get("output") or ())], item_id)
+        if found is None:
+            raise InvalidRequestError(f"Item with id {item_id!r} not found.", param=f"input.{i}.id",
+                                      code="item_not_found")
+        out.append(found)
+    return out
+
+
+def _issuers(item_id: str) -> list[str]:
+    """The ids of the stored Responses an item id localroute issued can come from (translate_answer:
+    message_item_id, call_item_id)."""
+    suffix = item_id.partition("_")[2]
+    return [f"resp_{s}" for s in dict.fromkeys((suffix, suffix.rpartition("_")[0])) if s]
+
+
+def _find_item(items: list[dict[str, Any]], item_id: str) -> dict[str, Any] | None:
+    return next((dict(item) for item in items if item.get("id") == item_id and "type" in item), None)
+
+
 async def serve_responses(request: Request) -> Response:
     svc = service_of(request)
     body, chat, store, history, needs = await _accept(request, svc)
     keep = store if body.get("store") is not False else None
     echo = {**body, "store": keep is not None}
-    own = 1 if body.get("instructions") is not None else 0  # instructions are not carried over
-    conversation = chat["messages"][own:]
     routed = await chat_completion(request, chat, ENDPOINT, WireRequest("responses", native_body(body, history)),
                                    needs)
     created_at = time.time()
@@ -112,7 +151,7 @@ async def serve_responses(request: Request) -> Response:
             if keep is not None:
                 try:
                     await asyncio.to_thread(keep.put, response_id, response,
-                                            [*conversation, assistant_turn(routed.payload)])
+                                            conversation_items(history, body, response["output"]))
                 except Exception as exc:  # noqa: BLE001 - computed and paid for: returned, not claimed stored
                     response = {**response, "store": False}
                     routed.headers[STORE_ERROR_HEADER] = keep.failed(response_id, exc)
@@ -123,8 +162,9 @@ async def serve_responses(request: Request) -> Response:
     chunks = routed.chunks.__aiter__()
     first: dict[str, Any] = await anext(chunks, {"choices": []})  # routed before the first byte: ids are known
     chat_id = str(first.get("id", ""))
-    # a tier speaking the Responses API streamed: its own events go out as sent (the chunks carry them)
-    kind = NativeResponsesStream if NATIVE_EVENTS in first else ResponsesStream
+    # a tier speaking the Responses API answered: its own events go out as sent (the chunks carry
+    # them), or its buffered Response (a non-final tier's call) as events, every output item kept
+    kind = NativeResponsesStream if NATIVE_EVENTS in first or NATIVE_ANSWER in first else ResponsesStream
     stream = kind(echo, _response_id(chat_id), created_at, chat_id)
 
     async def events() -> AsyncIterator[bytes]:
@@ -138,7 +178,7 @@ async def serve_responses(request: Request) -> Response:
                 yield sse_event(*event)
             if keep is not None and stream.response is not None:
                 await asyncio.to_thread(keep.put, stream.response_id, stream.response,
-                                        [*conversation, assistant_turn(stream.answer())])
+                                        conversation_items(history, body, stream.response["output"]))
         except LocalrouteError as exc:  # bytes already sent: an error event ends the stream
             for event in stream.feed({"error": error_body(exc.message, exc.error_type, exc.param, exc.code)["error"]}):
                 yield sse_event(*event)

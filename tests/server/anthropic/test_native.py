@@ -255,3 +255,93 @@ def test_an_event_after_message_delta_keeps_its_place(stack: Any) -> None:
                          "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
     assert [name for name, _ in sse(r.text)] == [e["type"] for e in events]
+
+
+# ---- the client's anthropic-version and anthropic-beta headers ----
+
+BETAS = ["interleaved-thinking-2025-05-14", "fine-grained-tool-streaming-2025-05-14"]
+
+
+def test_anthropic_beta_and_version_headers_reach_the_messages_tier_as_sent(stack: Any) -> None:
+    url, up, local = stack
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0,
+                                 default_headers={"anthropic-version": "2023-06-01-test"})
+    request: Any = {"model": "claude", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    up.script(Fault(completion=message({"type": "text", "text": "Hello"})))
+    out = client.beta.messages.create(**request, betas=BETAS)
+    assert out.content[0].text == "Hello"
+    got = up.requests[-1]["headers"]
+    assert got["anthropic-beta"] == ",".join(BETAS)  # as the SDK sent it: one line, comma-joined
+    assert got["anthropic-version"] == "2023-06-01-test"  # the client's, over localroute's default
+    assert got["x-api-key"] == UPSTREAM_KEY
+
+    up.script(Fault(events=text_events("Hi", "!")))  # streamed: the same headers
+    with client.beta.messages.stream(**request, betas=BETAS[:1]) as stream:
+        assert "".join(stream.text_stream) == "Hi!"
+    got = up.requests[-1]["headers"]
+    assert got["anthropic-beta"] == BETAS[0] and got["anthropic-version"] == "2023-06-01-test"
+
+    up.script(Fault(completion=message({"type": "text", "text": "Plain"})))  # no beta asked: none sent
+    plain = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+    plain.messages.create(**request)
+    got = up.requests[-1]["headers"]
+    assert "anthropic-beta" not in got and got["anthropic-version"] == plain.default_headers["anthropic-version"]
+    assert local.calls == 0
+
+
+# ---- a buffered answer of the Messages tier, to a client that streams ----
+
+SEARCH_USE = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "Paris weather"}}
+SEARCH_RESULT = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+    {"type": "web_search_result", "url": "https://example.com/paris", "title": "Paris", "encrypted_content": "enc",
+     "page_age": None}]}
+CITED = {"type": "text", "text": "It is 18C.", "citations": [
+    {"type": "web_search_result_location", "url": "https://example.com/paris", "title": "Paris",
+     "encrypted_index": "idx", "cited_text": "18C"}]}
+
+
+def _no_none(value: Any) -> Any:
+    """JSON with the null fields left out, as `model_dump(exclude_none=True)` writes it."""
+    if isinstance(value, dict):
+        return {k: _no_none(v) for k, v in value.items() if v is not None}
+    return [_no_none(v) for v in value] if isinstance(value, list) else value
+
+
+def test_a_buffered_messages_answer_streams_every_block_it_has() -> None:
+    """The Messages tier first on the ladder (no threshold: it answers) is called buffered, whole;
+    a client that streams still gets every content block the tier sent (thinking with its
+    signature, redacted thinking, a server tool's use and result, text with citations, tool_use),
+    as the events that tier would have streamed, not just its text and tool calls."""
+    local = ScriptedBackend("local", text="Local answer here")
+    answer = message(THINKING, REDACTED, SEARCH_USE, SEARCH_RESULT, CITED,
+                     {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                     stop="tool_use")
+    with FaultUpstream() as up:
+        frontier = AnthropicHTTPBackend("claude", up.url, "claude-test", api_key=UPSTREAM_KEY)
+        app = create_app(local_settings(api_keys=KEY), tiers=[Tier("claude", frontier), Tier("local", local)])
+        with serve_app(app) as url:
+            # nothing only the Messages tier serves (thinking, tools): the chat-only local tier stays on the ladder
+            request: Any = {"model": "localroute/cascade", "max_tokens": 2048,
+                            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+            up.script(Fault(completion=answer))
+            r = httpx.post(f"{url}/messages", headers={"x-api-key": KEY}, json={**request, "stream": True},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+            assert "stream" not in up.requests[-1]["json"]  # a buffered call
+            got = sse(r.text)
+            names = [name for name, _ in got]
+            assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+            starts = [data["content_block"] for name, data in got if name == "content_block_start"]
+            assert [b["type"] for b in starts] == [b["type"] for b in answer["content"]]
+            assert got[-2][1]["localroute"]["tier"] == "claude"
+
+            up.script(Fault(completion=answer))  # the official client's stream helper rebuilds the answer
+            client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key=KEY, max_retries=0)
+            with client.messages.stream(**request) as stream:
+                kinds = [event.type for event in stream]
+                final = stream.get_final_message()
+    assert {"thinking", "signature", "citation", "input_json"} <= set(kinds)
+    assert final.model_dump(mode="json", exclude_none=True)["content"] == _no_none(answer["content"])
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 7
+    assert final.id.startswith("msg_") and final.id != answer["id"] and final.model == "localroute/cascade"
+    assert local.calls == 0

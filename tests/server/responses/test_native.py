@@ -171,10 +171,9 @@ def test_a_two_turn_tool_loop_keeps_the_conversation_in_localroute(stack: Any) -
     second = client.responses.create(model="gpt", previous_response_id=first.id, tools=[WEATHER], input=[
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 18}'}])
     assert second.output_text == "18C and sunny." and second.previous_response_id == first.id
-    # turn 2 as the tier got it: the stored turns as items before the client's own, no localroute id
+    # turn 2 as the tier got it: the stored turns as items, as sent, before the client's own; no localroute id
     assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": [WEATHER], "store": False, "input": [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": '{"temp_c": 18}'}]}
 
     # the same loop without stored state: the client sends the items itself, passed on as sent
@@ -255,8 +254,7 @@ def test_a_streamed_function_call_and_its_follow_up(stack: Any) -> None:
         second = stream.get_final_response()
     assert second.output_text == "18C."
     assert native.requests[-1]["json"]["input"] == [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, CALL,
         {"type": "function_call_output", "call_id": "call_up1", "output": "18C"}]
 
 
@@ -404,3 +402,145 @@ def test_a_tool_choice_for_hosted_tools_alone_goes_to_the_responses_tier(stack: 
     with pytest.raises(openai.BadRequestError):  # a function choice with no such function is still a 400
         client.responses.create(model="gpt", input="News?", tools=[{"type": "web_search"}],
                                 tool_choice={"type": "function", "name": "get_weather"})
+
+
+SEARCH = {"id": "ws_up", "type": "web_search_call", "status": "completed",
+          "action": {"type": "search", "query": "capital of France"}}
+CITATION = {"type": "url_citation", "url": "https://example.com/fr", "title": "France", "start_index": 0,
+            "end_index": 5}
+
+
+def test_a_buffered_response_streams_every_output_item_it_has() -> None:
+    """A non-final Responses tier is called buffered (its answer is judged whole); a client that
+    streams still gets every output item the tier sent (reasoning with its summary, a hosted
+    tool's call, the message with its annotations), as the events that tier would have streamed,
+    and the terminal event carries the Response as sent."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True},
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"}])
+        message = scored_item("Paris.")
+        message["content"][0]["annotations"] = [CITATION]
+        answer = {**response(REASONING, SEARCH, message), "top_logprobs": 5}
+        request: Any = {"model": "localroute/cascade", "input": "Capital of France?"}  # the chat tier may answer
+        with serve_app(create_app(settings)) as url:
+            native.script(Fault(completion=answer))
+            r = httpx.post(f"{url}/responses", headers={"authorization": f"Bearer {KEY}"},
+                           json={**request, "stream": True}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert "stream" not in native.requests[-1]["json"] and chat.requests == []  # buffered, accepted
+            got = sse(r.text)
+            names = [name for name, _ in got]
+            assert names == [
+                "response.created", "response.in_progress",
+                "response.output_item.added", "response.reasoning_summary_part.added",
+                "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+                "response.reasoning_summary_part.done", "response.output_item.done",
+                "response.output_item.added", "response.output_item.done",  # the web search call
+                "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                "response.output_text.annotation.added", "response.output_text.done", "response.content_part.done",
+                "response.output_item.done", "response.completed"]
+            assert [data["sequence_number"] for _, data in got] == list(range(len(got)))
+            done = got[-1][1]["response"]
+            assert done["localroute"]["tier"] == "gpt" and done["id"].startswith("resp_")
+            sent_output = [REASONING, SEARCH, {**message, "content": [{**message["content"][0], "logprobs": []}]}]
+            assert done["output"] == sent_output  # as sent (logprobs the client did not ask for taken out)
+            assert [data["item"] for name, data in got if name == "response.output_item.done"] == sent_output
+
+            native.script(Fault(completion=answer))  # the official client's stream helper rebuilds it
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            with client.responses.stream(**request) as stream:
+                kinds = [event.type for event in stream]
+                final = stream.get_final_response()
+            assert kinds == names
+            assert [item.type for item in final.output] == ["reasoning", "web_search_call", "message"]
+            assert final.output_text == "Paris." and final.model == "localroute/cascade"
+            assert final.output[2].content[0].annotations[0].url == CITATION["url"]  # type: ignore[union-attr,index]
+            stored = client.responses.retrieve(final.id)
+            assert [item.type for item in stored.output] == ["reasoning", "web_search_call", "message"]
+
+
+# ---- stored turns and item references ----
+
+
+def test_stored_turns_keep_every_output_item_as_sent(stack: Any) -> None:
+    """previous_response_id sends the Responses tier every item of the stored turns as it was
+    sent (reasoning, a hosted tool's call, the message); a chat tier continuing the same
+    conversation reads what chat carries of it (the messages), the rest neither refused nor
+    keeping it off the chat tier."""
+    client, native, chat, _ = stack
+    reasoning = {**REASONING, "encrypted_content": "gAAAAB-opaque"}
+    tools: Any = [{"type": "web_search"}]
+    native.script(Fault(completion=response(reasoning, SEARCH, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes, 18C."))))
+    first = client.responses.create(model="gpt", input="Weather in Paris?", tools=tools,
+                                    include=["reasoning.encrypted_content"])
+    second = client.responses.create(model="gpt", previous_response_id=first.id, input="Sure?", tools=tools)
+    assert second.output_text == "Yes, 18C."
+    assert native.requests[-1]["json"] == {"model": "gpt-test", "tools": tools, "store": False, "input": [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"}, reasoning, SEARCH,
+        text_item("18C in Paris."), {"role": "user", "content": "Sure?"}]}
+    third = client.responses.create(model="chat", previous_response_id=second.id, input="Thanks.")
+    assert third.output_text == "Chat tier answer."
+    assert chat.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "18C in Paris."},
+        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, 18C."},
+        {"role": "user", "content": "Thanks."}]
+
+
+def test_an_item_reference_is_resolved_against_the_store(stack: Any) -> None:
+    client, native, chat, _ = stack
+    first = client.responses.create(model="chat", input="Capital of France?")
+    items: Any = [{"type": "item_reference", "id": first.output[0].id}, {"role": "user", "content": "Sure?"}]
+    client.responses.create(model="chat", input=items)  # no previous_response_id: found by its own id
+    assert chat.requests[-1]["json"]["messages"] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "Chat tier answer."}]},
+        {"role": "user", "content": "Sure?"}]
+
+    # items the Responses tier named: found in the conversation previous_response_id names, `type` optional
+    native.script(Fault(completion=response(SEARCH, text_item("18C in Paris."))),
+                  Fault(completion=response(text_item("Yes."))))
+    tools: Any = [{"type": "web_search"}]
+    turn = client.responses.create(model="gpt", input="Weather in Paris?", tools=tools)
+    refs: Any = [{"type": "item_reference", "id": "ws_up"}, {"id": "msg_up"}, {"role": "user", "content": "Sure?"}]
+    client.responses.create(model="gpt", previous_response_id=turn.id, input=refs, tools=tools)
+    assert native.requests[-1]["json"]["input"][-3:] == [SEARCH, text_item("18C in Paris."),
+                                                        {"role": "user", "content": "Sure?"}]
+
+    sent = len(chat.requests) + len(native.requests)
+    for missing in ("msg_nope", "ws_up"):  # never stored; stored only in a conversation not named
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="chat", input=[{"type": "item_reference", "id": missing}])
+        assert err.value.code == "item_not_found" and missing in err.value.message
+        assert err.value.param == "input.0.id"
+    assert len(chat.requests) + len(native.requests) == sent
+
+
+def test_a_conversation_stored_as_chat_messages_still_continues() -> None:
+    """A row stored before conversations were kept as items holds chat messages: a later turn
+    still continues it, on a chat tier as those messages and on the Responses tier as items."""
+    with FaultUpstream() as native, FaultUpstream(Fault(text="Chat tier answer.")) as chat:
+        settings = local_settings(api_keys=KEY, tiers=[
+            {"name": "chat", "kind": "openai", "model": "chat-model", "base_url": chat.url, "api_key": "sk-chat"},
+            {"name": "gpt", "kind": "openai", "model": "gpt-test", "base_url": native.url, "api_key": UPSTREAM_KEY,
+             "responses_api": True}])
+        app = create_app(settings)
+        with serve_app(app) as url:
+            legacy = [{"role": "user", "content": "Weather in Paris?"},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "call_up1", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                      {"role": "tool", "tool_call_id": "call_up1", "content": "18C"},
+                      {"role": "assistant", "content": "18C in Paris."}]
+            app.state.service.responses.put("resp_legacy", response(text_item("18C in Paris.")), legacy)
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            client.responses.create(model="chat", previous_response_id="resp_legacy", input="Sure?")
+            assert chat.requests[-1]["json"]["messages"] == [*legacy, {"role": "user", "content": "Sure?"}]
+            native.script(Fault(completion=response(text_item("Yes."))))
+            client.responses.create(model="gpt", previous_response_id="resp_legacy", input="Sure?")
+            assert native.requests[-1]["json"]["input"] == [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"type": "function_call", "call_id": "call_up1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+                {"type": "function_call_output", "call_id": "call_up1", "output": "18C"},
+                {"role": "assistant", "content": "18C in Paris."}, {"role": "user", "content": "Sure?"}]

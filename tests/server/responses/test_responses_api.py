@@ -150,6 +150,10 @@ def test_without_a_store_previous_response_id_is_a_400() -> None:
                     client.responses.create(model="local", input="x", **extra)  # type: ignore[call-overload]
                 assert err.value.code == "store_disabled"
                 assert "routing_log_path or routing_log_url" in err.value.message  # either engine
+            with pytest.raises(openai.BadRequestError) as err:  # an item reference: nothing to find it in
+                client.responses.create(model="local", input=[{"type": "item_reference", "id": "msg_1"}])
+            assert err.value.code == "store_disabled" and err.value.param == "input.0.id"
+            assert "'msg_1'" in err.value.message and "routing_log_path or routing_log_url" in err.value.message
     finally:
         up.__exit__()
 

@@ -12,13 +12,8 @@ from pydantic import TypeAdapter
 
 from localroute.errors import InvalidRequestError
 from localroute.server.responses.protocol import ResponsesRequest
-from localroute.server.responses.translate import (
-    LOGPROBS_INCLUDE,
-    ResponsesStream,
-    from_chat,
-    response_from_chat,
-    to_chat,
-)
+from localroute.server.responses.translate_answer import ResponsesStream, response_from_chat
+from localroute.server.responses.translate_request import LOGPROBS_INCLUDE, from_chat, to_chat
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
@@ -197,13 +192,27 @@ def test_responses_only_fields_are_a_need_when_a_responses_tier_may_serve_them()
     {"tools": [{"name": "f"}]},
     {"input": [{"type": "reasoning", "summary": []}]},
     {"unknown_field": 1},
-    {"input": [{"type": "item_reference", "id": "x"}]},
+    {"input": [{"type": "item_reference"}]},
+    {"input": [{"type": "item_reference", "id": ""}]},
+    {"input": [{"id": "x", "extra": 1}]},
 ])
 def test_what_the_wire_model_refuses(bad: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
         ResponsesRequest.model_validate({"model": "m", "input": "x", **bad})
+
+
+def test_an_item_reference_is_read_but_never_translated_unresolved() -> None:
+    """The server resolves item references against its store before translating (serving.py):
+    one that reaches the translation is a 400 naming it, not an item dropped."""
+    for item in ({"type": "item_reference", "id": "msg_1"}, {"id": "msg_1"}):
+        body = ResponsesRequest.model_validate({"model": "m", "input": [item]}).model_dump(
+            by_alias=True, exclude_unset=True)
+        assert body["input"] == [item]
+        with pytest.raises(InvalidRequestError) as err:
+            to_chat(body, (), set())
+        assert err.value.param == "input.0"
 
 
 LOGPROBS = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
