@@ -177,8 +177,14 @@ async def serve_responses(request: Request) -> Response:
             for event in stream.finish():
                 yield sse_event(*event)
             if keep is not None and stream.response is not None:
-                await asyncio.to_thread(keep.put, stream.response_id, stream.response,
-                                        conversation_items(history, body, stream.response["output"]))
+                try:
+                    await asyncio.to_thread(keep.put, stream.response_id, stream.response,
+                                            conversation_items(history, body, stream.response["output"]))
+                except Exception as exc:  # noqa: BLE001 - any database's failure: an event says so
+                    reason = keep.failed(stream.response_id, exc)
+                    for event in stream.not_stored(f"response {stream.response_id} was answered but not stored "
+                                                   f"({reason}): it cannot be retrieved or continued"):
+                        yield sse_event(*event)
         except LocalrouteError as exc:  # bytes already sent: an error event ends the stream
             for event in stream.feed({"error": error_body(exc.message, exc.error_type, exc.param, exc.code)["error"]}):
                 yield sse_event(*event)

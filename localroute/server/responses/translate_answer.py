@@ -271,6 +271,10 @@ class ResponsesStream:
         return [self._event("error", code=code, message=message, param=err.get("param")),
                 self._event("response.failed", response=failed)]
 
+    def not_stored(self, message: str) -> list[Event]:
+        """After the terminal event: the answer stands (no response.failed), but it was not stored."""
+        return [self._event("error", code="store_failed", message=message, param=None)]
+
     def answer(self) -> dict[str, Any]:
         """The chunks gathered into one chat answer."""
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None,

@@ -309,3 +309,32 @@ def test_streamed_function_call(stack: Any) -> None:
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+
+
+
+def test_a_store_that_fails_on_sqlite_keeps_the_answer_and_says_so_streamed_or_not() -> None:
+    """The answer is computed and paid for before it is stored: a non-streamed one comes back with
+    store false and x-localroute-store-error; a stream has already sent response.completed, so an
+    error event after it says the response was not stored (never a connection closed mid-stream)."""
+    import sqlite3
+
+    app, up, _ = _stack()
+    try:
+        with serve_app(app) as url:
+            client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            client.responses.create(model="frontier", input="warm")  # the store is open and migrated
+            with sqlite3.connect(app.state.service.settings.routing_log_path) as conn:
+                conn.execute("DROP TABLE responses")  # every put now fails with sqlite3.OperationalError
+            plain = httpx.post(url + "/responses", headers={"authorization": f"Bearer {KEY}"},
+                               json={"model": "frontier", "input": "x"}, timeout=30)
+            events = list(client.responses.create(model="frontier", input="y", stream=True))
+            metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers={"x-api-key": KEY}).text
+    finally:
+        up.__exit__()
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["store"] is False and plain.json()["output"][0]["content"][0]["text"] == TEXT
+    assert plain.headers["x-localroute-store-error"] == "OperationalError"
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["response.completed", "error"] and "response.failed" not in kinds, kinds
+    assert events[-1].code == "store_failed"  # type: ignore[union-attr]
+    assert 'localroute_response_store_failures_total{reason="OperationalError"} 2.0' in metrics
