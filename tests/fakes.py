@@ -1,15 +1,21 @@
 """Every scripted stand-in of the test suite, in one place: a backend for unit tests of routing
-and server logic (never the only test of a real backend), and stand-ins for the `pynvml` module.
+and server logic (never the only test of a real backend), a thread-driven engine for the engine
+process's own logic (backends/engine_child), and stand-ins for the `pynvml` module.
 Real components run elsewhere: the engines in test_llama_cpp / test_backend_contract, NVML on a
 GPU host (test_telemetry's real-pynvml test)."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from localroute.backends.capabilities import default_capabilities
+from localroute.backends.decoding import DecodeState
+from localroute.backends.threaded import EngineBridge
 from localroute.calibration_file import model_fingerprint
 from localroute.types import (
     FinishReason,
@@ -96,6 +102,94 @@ class ScriptedBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+class ScriptedEngine:
+    """A thread-driven engine (backends.threaded.ThreadedEngine) with one slot: its thread admits
+    the waiting jobs in turn and answers each from its last message's text, "ok fine" by default:
+    "hold" keeps the slot until `release` is set, "unpicklable" answers a Generation the pipe
+    cannot pickle, "unbuildable" one the pipe's format cannot encode. Like a real engine thread it
+    does not survive an exception raised into it by a sink; `alive()` says whether it still runs.
+    `submitted` holds each job's request_id and the monotonic time it was submitted."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.submitted: dict[str, float] = {}
+        self._jobs: queue.SimpleQueue[DecodeState | None] = queue.SimpleQueue()  # None: stop
+        self._thread = threading.Thread(target=self._loop, name="scripted-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: DecodeState) -> None:
+        self.submitted[job.request_id] = time.monotonic()
+        self._jobs.put(job)
+
+    def cancel(self, job: DecodeState) -> None:
+        job.cancelled = True  # a waiting job is skipped when its turn comes
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self.release.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled:
+                continue
+            job.sink(("admitted", None))
+            job.sink(("done", self._answer(job)))
+
+    def _answer(self, job: DecodeState) -> Generation:
+        script = job.extra["script"]
+        if script == "hold":
+            self.release.wait()
+        toks = tokens(-0.1, "ok fine")
+        gen = Generation("ok fine", toks, "stop", len(job.prompt), len(toks), model="scripted")
+        if script == "unpicklable":
+            gen.extra["lock"] = threading.Lock()
+        elif script == "unbuildable":
+            gen.tokens = [None]  # type: ignore[list-item]
+        return gen
+
+
+class ScriptedEngineBridge(EngineBridge):
+    """A local backend over a ScriptedEngine, through the real EngineBridge request set-up (its
+    `direct_job` is what the engine process submits itself). A request whose last message is
+    "slow" takes `slow_s` to tokenise (the chat template and tokenising of a long prompt)."""
+
+    kind = "scripted"
+    engine: ScriptedEngine
+
+    def __init__(self, queue_timeout_s: float = 5.0, slow_s: float = 0.0) -> None:
+        self.name = "scripted-engine"
+        self.engine = ScriptedEngine()
+        self.queue_timeout_s = queue_timeout_s
+        self.slow_s = slow_s
+
+    @property
+    def context_tokens(self) -> int:
+        return 1024
+
+    @staticmethod
+    def script(request: GenerationRequest) -> str:
+        return str(request.messages[-1]["content"]) if request.messages else ""
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        text = self.script(request)
+        if text == "slow":
+            time.sleep(self.slow_s)
+        return list(range(1, len(text.split()) + 2))
+
+    def _state(self, request: GenerationRequest, **common: Any) -> DecodeState:
+        return DecodeState(**common, extra={"script": self.script(request)})
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": self.engine.alive(), "kind": self.kind}
+
+    async def aclose(self) -> None:
+        self.engine.close()
 
 
 class FakeNvml:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from localroute.backends.base import load_backend
-from localroute.backends.supervised import SupervisedBackend, _rebuild, _spec, supervised
+from localroute.backends.engine_wire import _rebuild, _spec
+from localroute.backends.supervised import SupervisedBackend, supervised
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,

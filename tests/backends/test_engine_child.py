@@ -1,0 +1,206 @@
+"""The engine process's side (backends/engine_child.py), driven as the parent drives it: the real
+`_Child` serving one end of a real multiprocessing Pipe, a scripted thread-driven engine behind it
+(tests/fakes.ScriptedEngineBridge), and this test holding the parent's end. These are the direct
+path's failure modes (a non-streamed plain request submitted by the pipe-reader thread, answered
+from the engine thread): each must end as that request's answer or error, never as a dead thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+
+from localroute.backends.engine_child import _Child
+from localroute.backends.engine_wire import Event
+from localroute.backends.supervised import SupervisedBackend
+from localroute.settings import TierSettings
+from localroute.types import Generation, GenerationRequest, SamplingParams
+from tests.conftest import local_settings
+from tests.fakes import ScriptedEngineBridge
+
+WAIT_S = 10.0  # how long a test waits for an answer that must come (a loaded 2-core machine)
+
+
+def _request(text: str, request_id: str) -> GenerationRequest:
+    return GenerationRequest(messages=({"role": "user", "content": text},), params=SamplingParams(max_tokens=8),
+                             request_id=request_id)
+
+
+@dataclass
+class _Parent:
+    """The parent's end of the pipe, with the arrival time of each request's last event."""
+
+    conn: Connection
+    child: _Child
+
+    def submit(self, rid: int, text: str, stream: bool = False) -> float:
+        sent = time.monotonic()
+        self.conn.send(("submit", rid, _request(text, f"r{rid}"), stream))
+        return sent
+
+    def answer(self, rid: int, timeout_s: float = WAIT_S) -> tuple[Event, float]:
+        """Request `rid`'s "done" or "error" event and when it arrived; fails after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0 and self.conn.poll(left):
+            for event in self.conn.recv():
+                if event[0] in ("done", "error") and event[1] == rid:
+                    return event, time.monotonic()
+        pytest.fail(f"request {rid}: no answer within {timeout_s:g}s")
+
+
+@contextmanager
+def _serving(backend: ScriptedEngineBridge) -> Iterator[_Parent]:
+    """`_Child.run` on its own thread and event loop, as `_child_main` runs it in the engine process."""
+    conn, end = Pipe(duplex=True)
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def main() -> None:
+        started["child"] = child = _Child(end, backend, health_interval_s=60.0)
+        started["loop"] = asyncio.get_running_loop()
+        ready.set()
+        await child.run({"pid": 0})
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="engine-child-main", daemon=True)
+    thread.start()
+    assert ready.wait(WAIT_S)
+    child: _Child = started["child"]
+    first = conn.recv()
+    assert first[0] == ("ready", {"pid": 0}), first
+    try:
+        yield _Parent(conn, child)
+    finally:
+        # set directly, not by a "close" message: a test that fails may have left no reader thread
+        started["loop"].call_soon_threadsafe(child.closed.set)
+        thread.join(WAIT_S)
+        conn.close()  # the reader thread, if alive, sees the pipe close and ends
+        backend.engine.close()
+
+
+@pytest.mark.parametrize("script", ["unpicklable", "unbuildable"])
+def test_an_answer_that_cannot_be_built_or_sent_is_that_requests_error(script: str) -> None:
+    """The engine thread sends a direct answer itself: an answer the pipe's format cannot encode, or
+    one pickle refuses, is that request's error (a 503 of the engine's), and the engine thread,
+    which a raise into it would end, goes on serving the next request."""
+    backend = ScriptedEngineBridge()
+    with _serving(backend) as parent:
+        parent.submit(1, script)
+        (kind, rid, spec), _ = parent.answer(1)
+        assert (kind, rid, spec[0]) == ("error", 1, "BackendUnavailableError"), spec
+        assert spec[1].startswith("local engine error: ")
+        assert ("pickle" in spec[1]) == (script == "unpicklable"), spec
+        parent.submit(2, "hello")
+        (kind, rid, wire), _ = parent.answer(2)
+        assert (kind, rid, wire[0]) == ("done", 2, "ok fine")
+        assert backend.engine.alive()
+
+
+@pytest.mark.parametrize("bad", [(), ("submit",), ("submit", 9), None, 42], ids=repr)
+def test_the_reader_thread_survives_a_malformed_message(bad: Any) -> None:
+    """One message the reader thread cannot handle is logged and skipped: the thread is the only
+    reader of the pipe, so its death would leave every later request unanswered."""
+    with _serving(ScriptedEngineBridge()) as parent:
+        parent.conn.send(bad)
+        parent.submit(1, "hello")  # direct path
+        (kind, rid, wire), _ = parent.answer(1)
+        assert (kind, rid, wire[0]) == ("done", 1, "ok fine")
+        parent.submit(2, "hello", stream=True)  # through the child's event loop
+        (kind, rid, wire), _ = parent.answer(2)
+        assert (kind, rid, wire[0]) == ("done", 2, "ok fine")
+
+
+def _framed(msg: Any) -> bytes:
+    """`msg` as a Connection writes it to its pipe (length header and pickle), captured from one."""
+    reader, writer = Pipe(duplex=False)
+    try:
+        writer.send(msg)
+        return os.read(reader.fileno(), 1 << 16)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_busy_timeout_fires_while_other_messages_keep_arriving() -> None:
+    """A direct request waits for a slot until queue_timeout_s, timed by the reader thread between
+    messages: a pipe that always holds another message must not postpone its "busy" error to the
+    end of that stream. The stream is written in blocks of many messages, so the pipe is never
+    empty while it lasts (one message per send could leave it empty between two)."""
+    timeout_s, stream_s = 0.3, 4.0
+    backend = ScriptedEngineBridge(queue_timeout_s=timeout_s)
+    with _serving(backend) as parent:
+        parent.submit(1, "hold")  # takes the only slot until released
+        block = _framed(("cancel", 10_000)) * 2000  # cancels of nothing
+        stop = threading.Event()
+
+        def chatter() -> None:  # until the answer came or stream_s passed
+            end = time.monotonic() + stream_s
+            while not stop.is_set() and time.monotonic() < end:
+                left = memoryview(block)
+                while left:
+                    left = left[os.write(parent.conn.fileno(), left):]
+            stop.set()
+
+        sender = threading.Thread(target=chatter, daemon=True)
+        try:
+            sent = parent.submit(2, "hello")
+            sender.start()
+            (kind, rid, spec), arrived = parent.answer(2)
+            still_chattering = not stop.is_set()
+        finally:
+            stop.set()
+            sender.join(WAIT_S)
+        assert (kind, rid, spec[0]) == ("error", 2, "BackendUnavailableError") and "busy" in spec[1], spec
+        assert still_chattering, f"the busy error came {arrived - sent:.2f}s after submit, after the stream"
+        assert timeout_s <= arrived - sent < timeout_s + 2.0, arrived - sent
+        backend.engine.release.set()
+        (kind, rid, wire), _ = parent.answer(1)
+        assert (kind, rid, wire[0]) == ("done", 1, "ok fine")
+
+
+def test_the_slot_wait_is_timed_from_the_engine_submit() -> None:
+    """As on the event-loop path (EngineBridge._events), the queue_timeout_s wait for a slot starts
+    when the job is submitted to the engine: building it (the chat template, tokenising a long
+    prompt) is the engine's work, not time spent waiting for a slot."""
+    timeout_s, slow_s = 0.3, 0.5
+    backend = ScriptedEngineBridge(queue_timeout_s=timeout_s, slow_s=slow_s)
+    with _serving(backend) as parent:
+        parent.submit(1, "hold")
+        sent = parent.submit(2, "slow")
+        (kind, rid, spec), arrived = parent.answer(2)
+        assert (kind, rid, spec[0]) == ("error", 2, "BackendUnavailableError") and "busy" in spec[1], spec
+        submitted = backend.engine.submitted["r2"]
+        assert submitted - sent >= slow_s  # tokenised first, then submitted
+        assert timeout_s <= arrived - submitted < timeout_s + 2.0, arrived - submitted
+        backend.engine.release.set()
+        (kind, rid, wire), _ = parent.answer(1)
+        assert (kind, rid, wire[0]) == ("done", 1, "ok fine")
+
+
+@pytest.mark.slow
+def test_the_real_engine_process_serves_on_after_a_malformed_message() -> None:
+    """The same through a real engine process (spawned, SmolLM2 on llama.cpp): a message the reader
+    thread cannot handle is skipped, and the next request, on the direct path, is answered."""
+    tier = TierSettings(name="smollm2-135m", kind="llama_cpp", model="smollm2-135m")
+    backend = SupervisedBackend(tier, local_settings())
+
+    async def run() -> Generation:
+        try:
+            backend._send(("submit",))  # no parent sends this: the child's reader must outlive it
+            async with asyncio.timeout(120):
+                return await backend.generate(GenerationRequest(
+                    messages=({"role": "user", "content": "Name three colours."},),
+                    params=SamplingParams(max_tokens=4, temperature=0.0), request_id="after"))
+        finally:
+            await backend.aclose()
+
+    gen = asyncio.run(run())
+    assert gen.completion_tokens > 0 and backend.crashes == 0
