@@ -289,7 +289,8 @@ class _Child:
                         self.post(("done", rid, _generation_wire(delta.final)))
                     else:
                         tok = delta.token
-                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok), delta.index))
+                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok), delta.index,
+                                   delta.finish_reason))
             else:
                 self.post(("done", rid, _generation_wire(await self.backend.generate(request))))
         except asyncio.CancelledError:
@@ -572,7 +573,8 @@ class SupervisedBackend:
         async for event in self._events(request, stream=True):
             if event[0] == "delta":
                 wire = event[3]
-                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire), index=event[4])
+                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire), index=event[4],
+                                  finish_reason=event[5])
             else:
                 yield StreamDelta(text="", final=_generation(event[2]))
 
