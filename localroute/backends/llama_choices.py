@@ -122,15 +122,21 @@ async def generate_choices(engine: WaveEngine, n: int, make_jobs: MakeJobs[J],
 
 async def stream_choices(engine: WaveEngine, n: int, make_jobs: MakeJobs[J],
                          queue_timeout_s: float) -> AsyncIterator[StreamDelta]:
-    """n > 1 streamed: each choice's tokens as they come, tagged with its `index`, then one final
-    delta carrying every choice (Generation.choices)."""
+    """n > 1 streamed: each choice's tokens as they come, tagged with its `index`; a choice's finish
+    delta (its finish_reason, no text) as soon as it is done, as OpenAI sends it, except for the
+    last choice to finish, whose finish the final delta carries (with every choice:
+    Generation.choices)."""
     gens: list[Generation | None] = [None] * n
+    left = n
     async for index, kind, payload in choice_events(engine, n, make_jobs, queue_timeout_s):
         if kind == "token":
             text, tok = payload
             yield StreamDelta(text=text, token=tok, index=index)
         elif kind == "done":
             gens[index] = payload
+            left -= 1
+            if left:
+                yield StreamDelta(text="", index=index, finish_reason=payload.finish_reason)
     yield StreamDelta(text="", final=combined(gens))
 
 
