@@ -146,10 +146,13 @@ class Generation:
 @dataclass(frozen=True, slots=True)
 class StreamDelta:
     """A piece of a streamed answer; the last one carries the finished Generation. `raw`: a remote
-    tier's stream chunk as the provider sent it (tool-call, refusal, audio deltas...), passed through."""
+    tier's stream chunk as the provider sent it (tool-call, refusal, audio deltas...), passed through.
+    `finish_reason`: n > 1, choice `index` has finished (no text): its finish chunk goes out now, as
+    OpenAI's does, not with the final delta (which still carries every choice, this one included)."""
 
     text: str
     token: TokenLogprob | None = None
     final: Generation | None = None
     raw: dict[str, Any] | None = None
     index: int = 0  # the choice this text belongs to (n > 1)
+    finish_reason: FinishReason | None = None

@@ -201,7 +201,8 @@ class _Child:
                         self.post(("done", rid, _generation_wire(delta.final)))
                     else:
                         tok = delta.token
-                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok), delta.index))
+                        self.post(("delta", rid, delta.text, None if tok is None else _token_wire(tok), delta.index,
+                                   delta.finish_reason))
             else:
                 self.post(("done", rid, _generation_wire(await self.backend.generate(request))))
         except asyncio.CancelledError:

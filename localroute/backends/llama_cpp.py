@@ -33,8 +33,9 @@ import numpy as np
 from localroute.backends.decoding import DecodeState, EarlyExit, adjuster_for, request_failure, sample_token
 from localroute.backends.grammar import constraint_for
 from localroute.backends.label_scoring import LabelScorer
+from localroute.backends.llama_choices import generate_choices, stream_choices
 from localroute.backends.llama_vocab import LlamaVocab
-from localroute.backends.threaded import EngineBridge, Outbox
+from localroute.backends.threaded import EngineBridge, Outbox, Sink
 from localroute.backends.tool_calls import local_parallel_calls, tool_call_answer, with_tools_preamble
 from localroute.errors import (
     BackendUnavailableError,
@@ -100,7 +101,7 @@ class _Seq(DecodeState):
     reserved: int = 0
     grammar: Any = None  # backends.grammar.GrammarConstraint when response_format asks for JSON
     labels: tuple[str, ...] = ()  # a choice task's allowed answers: scored when the answer is done
-    # n > 1 (LlamaCppBackend._choices): the leader (choice 0 of a wave) is submitted with its
+    # n > 1 (backends.llama_choices): the leader (choice 0 of a wave) is submitted with its
     # siblings; they are admitted together and each sibling waits (`copy_of` set) until the
     # leader's prompt is in the KV cache, then gets a copy of it (llama_memory_seq_cp) and its first
     # token from the same logits row
@@ -706,104 +707,35 @@ class LlamaCppBackend(EngineBridge):
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.params.n > 1:
-            gen = await self._generate_choices(request)
+            gen = await generate_choices(self.engine, request.params.n, self._choice_jobs(request, want_tokens=False),
+                                         self.queue_timeout_s)
         else:
             gen = await super().generate(request)
         return tool_call_answer(gen) if request.tools else gen
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """A tool call is streamed whole, as one delta (the server writes OpenAI's tool-call chunk).
-        n > 1: each choice's tokens as they come, tagged with its `index`, then one final delta
-        carrying every choice (Generation.choices)."""
+        n > 1: backends.llama_choices.stream_choices."""
         if request.tools:
             yield StreamDelta(text="", final=await self.generate(request))
             return
         if request.params.n > 1:
-            gens: list[Generation | None] = [None] * request.params.n
-            async for index, kind, payload in self._choices(request, want_tokens=True):
-                if kind == "token":
-                    text, tok = payload
-                    yield StreamDelta(text=text, token=tok, index=index)
-                elif kind == "done":
-                    gens[index] = payload
-            yield StreamDelta(text="", final=_combined(gens))
+            async for delta in stream_choices(self.engine, request.params.n,
+                                              self._choice_jobs(request, want_tokens=True), self.queue_timeout_s):
+                yield delta
             return
         async for delta in super().stream(request):
             yield delta
 
-    async def _generate_choices(self, request: GenerationRequest) -> Generation:
-        """n > 1 without streaming: every choice, or the first one the engine stopped early (its
-        tier's threshold out of reach: the cascade escalates the whole request on it, so the
-        others are cancelled rather than finished)."""
-        gens: list[Generation | None] = [None] * request.params.n
-        async for index, kind, payload in self._choices(request, want_tokens=False):
-            if kind == "done":
-                if "early_exit" in payload.extra:
-                    return cast(Generation, payload)
-                gens[index] = payload
-        return _combined(gens)
-
-    async def _choices(self, request: GenerationRequest, want_tokens: bool) -> AsyncIterator[tuple[int, str, Any]]:
-        """The events of an n > 1 request as (choice index, kind, payload).
-
-        The prompt is templated and tokenised once; the choices run as parallel sequences in waves
-        of at most `n_parallel` (all the slots there are). In a wave, choice 0 prefills the prompt
-        and the others get a copy of its KV (LlamaEngine._share_prompt), so a wave prefills the
-        prompt once and decodes its choices in the same batch. A wave waits until it has a slot
-        per choice (first come first served, within queue_timeout_s like any request); with n
-        above the slot count the waves run in turn, each after the previous one, the next wave's
-        prompt then mostly a prefix-cache hit."""
-        n = request.params.n
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()  # (choice index, kind, payload)
-        outbox = self.engine.outbox
-
-        def sink_for(index: int) -> Callable[[tuple[str, Any]], None]:
-            def sink(event: tuple[str, Any]) -> None:
-                try:
-                    tagged: Any = (index, *event)
-                    outbox.post(loop, queue.put_nowait, tagged)
-                except RuntimeError:  # the caller's loop is closed: nobody waits for it
-                    pass
-            return sink
-
-        first = cast(_Seq, self._job(request, sink_for(0), want_tokens))
-        common = {f: getattr(first, f) for f in ("prompt", "params", "max_new", "want_tokens", "submitted_at")}
-        jobs = [first] + [self._state(request, choice=i, request_id=f"{first.request_id}/{i}", sink=sink_for(i),
-                                      **common) for i in range(1, n)]
-        wave = max(1, self.engine.n_parallel)
-        finished: set[int] = set()
-        try:
-            for start in range(0, n, wave):
-                group = jobs[start:start + wave]
-                leader = group[0]
-                leader.siblings = group[1:]
-                self.engine.submit(leader)
-                admitted = 0
-                try:
-                    async with asyncio.timeout(self.queue_timeout_s):
-                        while admitted < len(group):
-                            index, kind, payload = await queue.get()
-                            if kind == "error":
-                                raise payload
-                            admitted += kind == "admitted"
-                except TimeoutError:
-                    raise BackendUnavailableError(
-                        f"local tier busy: no {len(group)} slots within {self.queue_timeout_s:g}s",
-                        retry_after_s=1.0) from None
-                done = 0
-                while done < len(group):
-                    index, kind, payload = await queue.get()
-                    if kind == "error":
-                        raise payload
-                    if kind == "done":
-                        finished.add(index)
-                        done += 1
-                    yield index, kind, payload
-        finally:
-            for job in jobs:
-                if job.choice not in finished:
-                    self.engine.cancel(job)
+    def _choice_jobs(self, request: GenerationRequest, want_tokens: bool) -> Callable[[list[Sink]], list[_Seq]]:
+        """The n jobs of an n > 1 request, choice i's events to sinks[i] (backends.llama_choices runs
+        them): the prompt templated and tokenised once, each choice its own sampler state."""
+        def make(sinks: list[Sink]) -> list[_Seq]:
+            first = cast(_Seq, self._job(request, sinks[0], want_tokens))
+            common = {f: getattr(first, f) for f in ("prompt", "params", "max_new", "want_tokens", "submitted_at")}
+            return [first] + [self._state(request, choice=i, request_id=f"{first.request_id}/{i}", sink=sinks[i],
+                                          **common) for i in range(1, len(sinks))]
+        return make
 
     def health(self) -> dict[str, Any]:
         ok = self.engine.error is None and self.engine._running
@@ -812,18 +744,6 @@ class LlamaCppBackend(EngineBridge):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.engine.close)
-
-
-def _combined(gens: list[Generation | None]) -> Generation:
-    """The choices of an n > 1 answer as one Generation: choice 0 carrying the others, the prompt
-    counted once and completion_tokens summed over the choices."""
-    assert all(g is not None for g in gens)
-    done = cast(list[Generation], gens)
-    first = done[0]
-    first.choices = done[1:]
-    first.completion_tokens = sum(g.completion_tokens for g in done)
-    first.latency_s = max(g.latency_s for g in done)
-    return first
 
 
 def from_settings(tier: TierSettings, settings: Settings) -> LlamaCppBackend:

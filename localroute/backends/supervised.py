@@ -272,7 +272,8 @@ class SupervisedBackend:
         async for event in self._events(request, stream=True):
             if event[0] == "delta":
                 wire = event[3]
-                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire), index=event[4])
+                yield StreamDelta(text=event[2], token=None if wire is None else _token(wire), index=event[4],
+                                  finish_reason=event[5])
             else:
                 yield StreamDelta(text="", final=_generation(event[2]))
 

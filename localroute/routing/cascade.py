@@ -54,11 +54,14 @@ def vetoed(decision: Decision, tier: str) -> bool:
 
 def replay(gen: Generation) -> Iterator[StreamDelta]:
     """A buffered answer as stream deltas, one per token, UTF-8 safe, text identical to gen.text.
-    A remote tier's answer kept as sent (gen.raw) yields nothing here: the server streams it
-    whole from the final delta (tool calls, refusals, every choice)."""
+    n > 1: each choice in turn, by its index, each but the last followed by its finish delta (the
+    last one's finish goes with the final delta). A remote tier's answer kept as sent (gen.raw)
+    yields nothing here: the server streams it whole from the final delta (tool calls, refusals,
+    every choice)."""
     if gen.raw is not None:
         return
-    for index, g in enumerate((gen, *gen.choices)):  # n > 1: each choice in turn, by its index
+    every = (gen, *gen.choices)
+    for index, g in enumerate(every):
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         emitted = 0
         for tok in g.tokens:
@@ -69,6 +72,8 @@ def replay(gen: Generation) -> Iterator[StreamDelta]:
             yield StreamDelta(text=piece, token=tok, index=index)
         if emitted < len(g.text):
             yield StreamDelta(text=g.text[emitted:], index=index)
+        if index < len(every) - 1:
+            yield StreamDelta(text="", index=index, finish_reason=g.finish_reason)
 
 
 class CascadeRouter:
@@ -121,15 +126,20 @@ class CascadeRouter:
         without label scores), evidence["signal_used"][tier] says which one it read, and why.
         n > 1 (gen.choices): the lowest choice's. The client gets every choice, so the answer is
         only as trustworthy as its weakest one: it stays on this tier only if every choice passes
-        the threshold, else the whole request escalates (the next tier answers all n)."""
+        the threshold, else the whole request escalates (the next tier answers all n); with
+        `decision`, evidence["choices"][tier] lists each choice's index, confidence and finish_reason."""
         if decision is not None and tier is not None and self.aggregator == "label_confidence":
             used, why = signal_used(self.aggregator, gen.tokens, gen.text, gen.extra)
             decision.evidence.setdefault("signal_used", {})[tier.name] = {"signal": used, **({"why": why} if why else {})}
         if not gen.tokens and (gen.raw is not None or (tier is not None and not tier.backend.is_local)):
             return None
         fields = self.fields.get(tier.name, ()) if tier is not None else ()
-        confs = [answer_confidence(self.aggregator, g.tokens, self._alpha, g.text, g.extra, fields)
-                 for g in (gen, *gen.choices)]
+        every = (gen, *gen.choices)
+        confs = [answer_confidence(self.aggregator, g.tokens, self._alpha, g.text, g.extra, fields) for g in every]
+        if gen.choices and decision is not None and tier is not None:  # which choice decided, and how each ended
+            decision.evidence.setdefault("choices", {})[tier.name] = [
+                {"index": i, "confidence": finite(c), "finish_reason": g.finish_reason}
+                for i, (g, c) in enumerate(zip(every, confs, strict=True))]
         known = [c for c in confs if c is not None]
         return min(known) if len(known) == len(confs) else None
 

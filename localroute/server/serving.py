@@ -356,6 +356,7 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
     outcome = RequestRecord(req.request_id, endpoint, router.policy, True, 200, started, 0.0)
     role_sent = False
     roles: set[int] = set()  # the choices whose first chunk (the role) went out
+    finished: set[int] = set()  # n > 1: the choices whose finish chunk went out as they finished
     held: list[Chunk] = []
 
     def local(choice: dict[str, Any]) -> list[Chunk]:
@@ -375,7 +376,7 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
                 gen, decision = item.routed.generation, item.routed.decision
                 cost = svc.monitoring.price(decision, gen, started) if svc.monitoring else None
                 outcome.extra.update(cost=cost, request=req)
-                for chunk in _closing(shape, base, gen, decision, held, local, cost):
+                for chunk in _closing(shape, base, gen, decision, held, local, cost, finished):
                     yield chunk
                 outcome.decision, outcome.generation = decision, gen
                 break
@@ -388,6 +389,10 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
                     held.append(chunk)
                 else:
                     ttft = ttft if ttft is not None else time.perf_counter() - started
+                    yield chunk
+            elif d.finish_reason is not None and not d.text:  # n > 1: one choice is done, others go on
+                finished.add(d.index)
+                for chunk in local(_finish_choice(shape, d.index, d.finish_reason)):
                     yield chunk
             elif d.text or d.token is not None:
                 tokens = [d.token] if d.token is not None else []
@@ -416,9 +421,21 @@ async def _chunks(svc: Service, router: Router, req: GenerationRequest, endpoint
         svc.record(outcome)
 
 
+def _finish_choice(shape: _Shape, index: int, reason: str) -> dict[str, Any]:
+    """A local choice's finish chunk: no text, its finish_reason."""
+    done: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": None}
+    if shape.chat:
+        done["delta"] = {}
+    else:
+        done["text"] = ""
+    return done
+
+
 def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, held: list[Chunk],
-             local: Callable[[dict[str, Any]], list[Chunk]], cost: RequestCost | None) -> list[Chunk]:
-    """The stream's last chunks, the routing block on the very last."""
+             local: Callable[[dict[str, Any]], list[Chunk]], cost: RequestCost | None,
+             finished: set[int]) -> list[Chunk]:
+    """The stream's last chunks, the routing block on the very last. `finished`: the choices
+    whose finish chunk already went out (n > 1, as each finished)."""
     cost_usd = cost.cost_usd if cost is not None else None
     out: list[Chunk]
     raw = gen.raw if shape.chat else None
@@ -442,14 +459,12 @@ def _closing(shape: _Shape, base: Chunk, gen: Generation, decision: Decision, he
             out = [{**base, "choices": []}]
     else:
         out = []
-        for index, g in enumerate((gen, *gen.choices)):  # n > 1: every choice's finish
-            done: dict[str, Any] = {"index": index, "finish_reason": g.finish_reason, "logprobs": None}
-            if shape.chat:
-                done["delta"] = {}
-            else:
-                done["text"] = ""
-            out += local(done)
+        for index, g in enumerate((gen, *gen.choices)):  # n > 1: the finish of every choice not yet sent
+            if index not in finished:
+                out += local(_finish_choice(shape, index, g.finish_reason))
         if shape.include_usage:
             out.append({**base, "choices": [], "usage": usage_with_cost(usage(gen), cost_usd)})
+        if not out:
+            out = [{**base, "choices": []}]
     out[-1]["localroute"] = _info(decision, cost, gen)
     return out

@@ -132,3 +132,35 @@ def test_the_counters_count_every_choice(backend: LlamaCppBackend) -> None:
         asyncio.run(backend.generate(request(n, max_tokens=3)))
         assert stats["requests_total"] - before["requests_total"] == n
         assert stats["completed_total"] - before["completed_total"] == n
+
+
+def test_a_streamed_choice_finishes_when_it_is_done(backend: LlamaCppBackend) -> None:
+    """n = 3 streamed, the choices ending at the first '.': each choice but the last to end gets
+    its finish delta (finish_reason, no text) as soon as it is done, while the others still
+    stream, as OpenAI sends a choice's finish_reason; the final delta carries every choice."""
+    async def run() -> tuple[list[tuple[int, str, str | None]], Generation]:
+        events: list[tuple[int, str, str | None]] = []  # (index, text, finish_reason)
+        final = None
+        async for d in backend.stream(request(3, max_tokens=48, stop=(".",), temperature=1.0, seed=3)):
+            if d.final is not None:
+                final = d.final
+            else:
+                events.append((d.index, d.text, d.finish_reason))
+        assert final is not None
+        return events, final
+
+    events, final = asyncio.run(run())
+    finishes = [(i, pos) for pos, (i, text, reason) in enumerate(events) if reason is not None]
+    assert all(not events[pos][1] for _, pos in finishes)  # a finish delta has no text
+    assert len(finishes) == 2 and len({i for i, _ in finishes}) == 2  # the last one's is the final delta
+    lengths = [len(c.tokens) for c in every(final)]
+    assert len(set(lengths)) > 1, lengths  # they do end at different steps
+    first, pos = finishes[0]
+    assert any(i != first and text for i, text, _ in events[pos + 1:])  # others streamed on after it
+    for i, p in finishes:  # nothing of a choice after its finish, and its reason is the final one's
+        assert not any(j == i for j, _, _ in events[p + 1:])
+        assert events[p][2] == every(final)[i].finish_reason
+    texts: dict[int, str] = {}
+    for i, text, _ in events:
+        texts[i] = texts.get(i, "") + text
+    assert [texts[i] for i in range(3)] == [c.text for c in every(final)]

@@ -105,6 +105,46 @@ def test_streamed_n2_has_both_indices(client: OpenAI) -> None:
     assert [pieces[0], pieces[1]] == texts(whole)
 
 
+def _stream_events(stream: Any) -> tuple[list[tuple[int, str, str | None]], dict[str, Any] | None]:
+    """A chat stream's choice events in order as (index, content, finish_reason), and the
+    `localroute` block of its last chunk."""
+    events: list[tuple[int, str, str | None]] = []
+    last = None
+    for chunk in stream:
+        last = chunk
+        for c in chunk.choices:
+            events.append((c.index, c.delta.content or "", c.finish_reason))
+    assert last is not None
+    return events, (last.model_extra or {}).get("localroute")
+
+
+def _finished_early(events: list[tuple[int, str, str | None]], n: int) -> None:
+    """Every choice has one finish chunk, nothing of it after that, and some choice's finish
+    chunk went out before another choice's later content."""
+    finishes = {i: pos for pos, (i, _, reason) in enumerate(events) if reason is not None}
+    assert sorted(finishes) == list(range(n)) and sum(r is not None for _, _, r in events) == n
+    for i, pos in finishes.items():
+        assert not any(j == i and text for j, text, _ in events[pos + 1:])
+    first, pos = min(finishes.items(), key=lambda kv: kv[1])
+    assert any(j != first and text for j, text, _ in events[pos + 1:]), events
+
+
+def test_streamed_n3_sends_each_choice_finish_when_it_is_done(client: OpenAI) -> None:
+    """The engine's stream through the server's SSE: the choices end at their first '.', each at
+    its own step; a choice's finish chunk goes out when it is done, before the others' later
+    content (OpenAI's order), and the last chunk still carries the routing block."""
+    args: dict[str, Any] = {"model": "smollm2", "messages": SEA, "n": 3, "temperature": 1.0, "seed": 3,
+                            "max_tokens": 48, "stop": ["."]}
+    events, info = _stream_events(client.chat.completions.create(**args, stream=True))
+    _finished_early(events, 3)
+    assert info is not None and info["tier"] == "smollm2"
+    whole = client.chat.completions.create(**args)
+    pieces = ["".join(t for j, t, _ in events if j == i) for i in range(3)]
+    assert pieces == texts(whole)
+    finishes = {i: r for i, _, r in events if r is not None}
+    assert [finishes[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+
+
 def test_more_choices_than_slots_still_answer(client: OpenAI, url: str) -> None:
     before = counters(url, 0)
     answer = client.chat.completions.create(model="smollm2", messages=SEA, n=2 * SLOTS + 1, temperature=1.0,
@@ -158,6 +198,16 @@ def test_cascade_keeps_n_choices_only_if_every_choice_passes() -> None:
             assert raw.headers["x-localroute-tier"] == "smollm2" and len(local.choices) == 3
             means = [_mean(ch) for ch in local.choices]
             assert math.isclose(float(raw.headers["x-localroute-confidence"]), min(means), abs_tol=1e-5)
+            # the evidence shows each choice's confidence, the decision the lowest
+            per_choice = raw.http_response.json()["localroute"]["evidence"]["choices"]["smollm2"]
+            assert [row["index"] for row in per_choice] == [0, 1, 2]
+            assert [row["finish_reason"] for row in per_choice] == [ch.finish_reason for ch in local.choices]
+            for row, m in zip(per_choice, means, strict=True):
+                assert math.isclose(row["confidence"], m, abs_tol=1e-5)
+            # streamed, the buffered local answer is replayed choice by choice, each finish after its text
+            events, info = _stream_events(c.chat.completions.create(model="localroute/cascade", stream=True, **sent))
+            _finished_early(events, 3)
+            assert info is not None and info["evidence"]["choices"]["smollm2"] == per_choice
             assert not up.requests
         assert max(means) - min(means) > 1e-3, means
         with server((min(means) + max(means)) / 2, up) as base:
