@@ -15,8 +15,10 @@ the same reason; here each thread-driven local tier (llama.cpp, transformers) ru
 A child's events are sent in batches, one pipe write per event-loop pass (a whole engine step's
 tokens for every request together), so the per-token path gains one pickle and one pipe hop, not a
 thread hand-off per token; tokens and answers cross as tuples of primitives (TokenWire,
-GenerationWire), rebuilt into dataclasses by the waiting caller. When the child dies, the reader
-thread sees the pipe close: every call in flight ends with `EngineDeadError` (the cascade escalates
+GenerationWire), rebuilt into dataclasses by the waiting caller. The serving event loop reads the
+pipe itself (`add_reader`: an answer wakes it directly, no reader thread between); the supervisor
+thread reads it only when no loop does, and watches the process. When the child dies, the pipe
+closes and the process ends: every call in flight ends with `EngineDeadError` (the cascade escalates
 past the tier, a stream that already sent bytes ends with an error event), `health()` says the tier
 is down, new calls fail fast with the same error until the engine is back, and the engine is
 restarted with exponential backoff.
