@@ -47,12 +47,12 @@ def run_set(name: str, rows: int, seed: int, data_dir: Path, bootstrap: int, con
     settings = Settings()
     tier = settings.ladder()[0].name
     folder = OUT / name / f"rows-{rows}-seed-{seed}"
+    if report_only and not (folder / "run").is_dir():
+        raise SystemExit(f"no run in {folder} to report")
     folder.mkdir(parents=True, exist_ok=True)
     dataset = folder / "items.jsonl"
     if not dataset.is_file():
         write_items(convert(name, data_dir, limit=rows, seed=seed), dataset)
-    if report_only and not (folder / "run").is_dir():
-        raise SystemExit(f"no run in {folder} to report")
     t0 = time.perf_counter()
     cfg = EvalConfig(dataset=dataset, out_dir=folder / "run", seed=seed, concurrency=concurrency,
                      frontier=RECORDED.get(name, "oracle"), verifier=tier, progress=sys.stderr.isatty())
