@@ -271,11 +271,18 @@ def test_parallel_calls_false_gives_exactly_one(client: OpenAI, temperature: flo
 def test_tool_calls_with_n2(client: OpenAI) -> None:
     """Each choice is answered as a call (or, cut by max_tokens, as text): by its index."""
     answer = client.chat.completions.create(model="smollm2", messages=ask("Weather in Rome, in celsius?"),
-                                            tools=[WEATHER], n=2, max_tokens=60, temperature=1.0, seed=3,
+                                            tools=[WEATHER], n=2, max_tokens=160, temperature=1.0, seed=3,
                                             parallel_tool_calls=False)
     assert [c.index for c in answer.choices] == [0, 1]
+    # sampled at temperature 1 the grammar allows a long string argument: which choice (if any) runs
+    # into max_tokens depends on the CPU's float rounding, so a cut one must be text, not a call
+    cut = [c for c in answer.choices if c.finish_reason == "length"]
+    for choice in cut:
+        assert choice.message.tool_calls is None and choice.message.content, choice
+    assert len(cut) < 2, "both choices cut: no call to check"
     for choice in answer.choices:
-        assert [c["name"] for c in calls_of(choice)] == ["get_weather"]
+        if choice not in cut:
+            assert [c["name"] for c in calls_of(choice)] == ["get_weather"]
 
 
 def _joined_calls(content: list[Any]) -> list[dict[str, Any]]:
