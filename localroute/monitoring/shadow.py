@@ -25,6 +25,13 @@ reserved against and charged to the shadow budget, and its cost is added to the 
 fails, times out, is over the budget or answers anything else makes the pair `unscorable` (with the
 reason in `error`); the client's answer was sent long before, so it never affects a client.
 
+What a pair costs (`cost_usd`) is what its calls were charged to the shadow budget (a
+`budget.SpendMeter` around each call): the provider's usage; for a call cut after its response
+headers, before its usage came (billed by the provider all the same), the shadow backends charge
+an estimate (`cut_charge = "estimate"`: the prompt's tokens counted locally plus the completion
+tokens received so far, at the tier's prices) rather than the worst-case reservation; nothing for a
+call that never reached the provider. The pairs' costs therefore add up to the shadow spend.
+
 Sampling is Bernoulli per accepted answer at the category's rate; with confidence stratification
 (`shadow_near_threshold_rate`), answers whose confidence lies within the margin above the threshold
 are drawn at that rate instead. Every row stores its draw probability, so estimates are reweighted
@@ -42,7 +49,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,12 +58,12 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from localroute.backends.budget import Budget
+from localroute.backends.budget import Budget, SpendMeter, current_meter
 from localroute.errors import LocalrouteError
 from localroute.monitoring.record import RequestRecord
 from localroute.monitoring.routing_log import PAIR_COLUMNS, open_store
 from localroute.settings import Settings
-from localroute.types import GenerationRequest, SamplingParams
+from localroute.types import Generation, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,7 @@ class Judge:
         self.backend = backend
         if hasattr(backend, "confidence_logprobs"):
             backend.confidence_logprobs = False  # a verdict word: no logprobs asked (a tier outside the ladder would)
+        _charge_cuts_as_estimates(backend)
         self.timeout_s = timeout_s
         self.max_chars = max_chars
 
@@ -129,17 +137,17 @@ class Judge:
     async def __call__(self, draw: Draw, frontier: str) -> JudgeVerdict:
         from localroute.backends.budget import BudgetExceededError
 
+        meter = SpendMeter()
         try:
-            gen = await asyncio.wait_for(self.backend.generate(self.request(draw, frontier)), self.timeout_s)
+            gen = await _metered(meter, self.backend.generate(self.request(draw, frontier)), self.timeout_s)
         except BudgetExceededError:
-            return JudgeVerdict(None, 0.0, "judge_over_budget")
+            return JudgeVerdict(None, meter.usd, "judge_over_budget")
         except TimeoutError:
-            return JudgeVerdict(None, 0.0, "judge_timeout")
+            return JudgeVerdict(None, meter.usd, "judge_timeout")
         except LocalrouteError as exc:
-            return JudgeVerdict(None, 0.0, f"judge_{exc.code or exc.error_type}")
-        cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
+            return JudgeVerdict(None, meter.usd, f"judge_{exc.code or exc.error_type}")
         agrees = self.verdict(gen.text)
-        return JudgeVerdict(agrees, cost, None if agrees is not None else "judge_no_verdict")
+        return JudgeVerdict(agrees, _charged(meter, self.backend, gen), None if agrees is not None else "judge_no_verdict")
 
 
 _VERDICT_TRIM = ".,;:!?\"'*`_()[]<>"
@@ -209,9 +217,29 @@ def judge_conversation(messages: tuple[dict[str, Any], ...] | None, prompt: str 
     return text, ", ".join(what)
 
 
-def _cost(backend: Any, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
-            + completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6
+def _charge_cuts_as_estimates(backend: Any) -> None:
+    """A shadow or judge backend charges a call cut after its headers an estimate (module docstring)."""
+    if hasattr(backend, "cut_charge"):
+        backend.cut_charge = "estimate"
+
+
+async def _metered(meter: SpendMeter, call: Awaitable[Generation], timeout_s: float) -> Generation:
+    """`call` under `timeout_s` with `meter` as the current one: what the backend settles the call
+    at (even when it fails or times out: wait_for waits for the cancelled call to settle) lands in it."""
+    token = current_meter.set(meter)
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    finally:
+        current_meter.reset(token)
+
+
+def _charged(meter: SpendMeter, backend: Any, gen: Generation) -> float:
+    """What a successful call cost: what its backend settled it at; a backend that meters nothing
+    (no remote budget of its own), its usage at its prices."""
+    if meter.calls:
+        return meter.usd
+    return (gen.prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
+            + gen.completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6
 
 
 def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -350,6 +378,7 @@ class ShadowEvaluator:
                  default_category: str = "default", rng: random.Random | None = None,
                  judge: Judge | None = None) -> None:
         self.backend = backend
+        _charge_cuts_as_estimates(backend)
         self.judge = judge  # compares the answers of a category whose scorer comes back as "judge"
         self.local_tiers = local_tiers
         self.rate_of = rate_of
@@ -478,8 +507,9 @@ class ShadowEvaluator:
 
         t0 = time.perf_counter()
         status, scorer, score, agrees, error, cost = "scored", None, None, None, None, None
+        meter = SpendMeter()
         try:
-            gen = await asyncio.wait_for(self.backend.generate(draw.request), self.timeout_s)
+            gen = await _metered(meter, self.backend.generate(draw.request), self.timeout_s)
         except BudgetExceededError:
             status, error = "over_budget", "budget_exceeded"
         except TimeoutError:
@@ -487,7 +517,7 @@ class ShadowEvaluator:
         except LocalrouteError as exc:
             status, error = "failed", exc.code or exc.error_type
         else:
-            cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
+            cost = _charged(meter, self.backend, gen)
             scorer, result = self.compare(draw.category, draw.answer, gen.text)
             if scorer == "judge":
                 if self.judge is None:
@@ -501,6 +531,8 @@ class ShadowEvaluator:
                 status = "unscorable"
             else:
                 score, agrees = result
+        if cost is None and meter.usd > 0:  # a failed call the provider billed (cut after its headers)
+            cost = meter.usd
         latency = time.perf_counter() - t0
         self.stats[status] += 1
         self._count(draw.category, status)

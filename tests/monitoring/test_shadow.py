@@ -413,3 +413,67 @@ def test_a_turn_too_long_for_the_cap_loses_its_middle() -> None:
         "[system]\n" + "s" * 400 + "\n\n[... earlier turns left out ...]\n\n[assistant]\n" + "b" * 400
         + "\n\n[user]\n" + "c" * 100, "its 1 oldest turn left out")
 
+
+# ---- what a call cut after its response headers costs the shadow budget ----
+
+
+def _local_estimate(messages: list[dict[str, Any]]) -> int:
+    """The prompt's tokens as the shadow backends count them without the provider: each message's
+    text at 4 UTF-8 bytes a token, rounded up, plus 4 of framing."""
+    return sum(-(-len(str(m["content"]).encode()) // 4) + 4 for m in messages)
+
+
+def test_a_shadow_call_cut_after_its_headers_is_charged_an_estimate(tmp_path: Path) -> None:
+    """The provider billed it (its headers came), its usage never came: the pair and the shadow
+    budget are charged the prompt counted here plus the tokens received (none of a cut body),
+    not the worst-case reservation (before: the budget was charged that, the pair nothing). A
+    body that stalls after its headers until the shadow deadline is settled the same way."""
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    stalled = Fault("status", status=200, body='{"id": "x", "choices": []}', stall_body=True)
+    with FaultUpstream() as up:
+        up.script(Fault("cut"), stalled)
+        budget = SpendBudget(1.0)
+
+        async def main() -> dict[str, int]:
+            shadow = evaluator(up.url, log, budget=budget, concurrency=1, timeout_s=0.5)
+            shadow.start()
+            shadow.observe(record(1))
+            shadow.observe(record(2))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        sent = [r["json"]["messages"] for r in up.requests]
+    assert stats["failed"] == 2 and len(sent) == 2
+    got = pairs(log)
+    estimate = _local_estimate(sent[0]) * 1.0 / 1e6  # "review 1": 2 + 4 tokens at $1 / Mtok
+    assert [(r[0], r[2], r[5]) for r in got] == [("chatcmpl-1", "failed", pytest.approx(estimate)),
+                                                 ("chatcmpl-2", "failed", pytest.approx(estimate))]
+    assert budget.spent_usd() == pytest.approx(2 * estimate) and budget.reserved_usd() == 0
+
+
+def test_a_judge_call_cut_after_its_headers_adds_its_estimate_to_the_pair(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    with FaultUpstream(Fault(text="The capital is Paris.", prompt_tokens=10, completion_tokens=5)) as frontier, \
+            FaultUpstream(Fault("cut")) as judge:
+        budget = SpendBudget(1.0)
+
+        async def main() -> dict[str, int]:
+            shadow = judged(frontier.url, judge.url, log, budget)
+            shadow.start()
+            shadow.observe(record(1, "Paris.", category="chat"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        judge_prompt = judge.requests[0]["json"]["messages"]
+    assert stats["unscorable"] == 1
+    shadow_cost = (10 * 1.0 + 5 * 2.0) / 1e6
+    judge_estimate = _local_estimate(judge_prompt) * 10.0 / 1e6  # the judge's input price
+    (row,) = judge_pairs(log)
+    assert row[1] == "unscorable" and row[5] == "judge_upstream_unavailable"
+    assert row[6] == pytest.approx(shadow_cost + judge_estimate) == budget.spent_usd()
