@@ -234,8 +234,8 @@ async def _metered(meter: SpendMeter, call: Awaitable[Generation], timeout_s: fl
 
 
 def _charged(meter: SpendMeter, backend: Any, gen: Generation) -> float:
-    """What a successful call cost: what its backend settled it at; a backend that meters nothing
-    (no remote budget of its own), its usage at its prices."""
+    """What a successful call cost: what its backend settled it at; from a backend that meters
+    nothing (one not over HTTP, in tests), its usage at its prices."""
     if meter.calls:
         return meter.usd
     return (gen.prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
