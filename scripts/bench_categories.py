@@ -175,11 +175,7 @@ def main() -> None:
             "placed_default": round(placed.count(fallback.name) / len(placed), 3),
         }
     out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return
-    for key, val in out.items():
-        print(f"{key:24s} {val}")
+    print(json.dumps(out, indent=2) if args.json else "\n".join(f"{key:24s} {val}" for key, val in out.items()))
 
 
 if __name__ == "__main__":
