@@ -474,6 +474,10 @@ class Settings(BaseSettings):
     shadow_judge: TierSettings | None = Field(
         None, description="LLM judge of free-text shadow pairs on its own OpenAI-compatible endpoint (kind openai; "
         "name, model, base_url, api_key, prices), as shadow_judge_tier but outside the ladder.")
+    shadow_judge_max_chars: int = Field(
+        16_000, ge=1_000, description="Characters of the conversation the judge is shown at most (system prompt, "
+        "earlier turns, tool calls and results): beyond it the oldest turns are left out first, then the middle, "
+        "and the judge prompt says so.")
     auto_recalibrate_s: float = Field(
         0.0, ge=0, description="`serve` refits the per-category thresholds from the routing log's shadow pairs this "
         "often (`calibrate --from-log` at auto_recalibrate_target / auto_recalibrate_delta) and applies those it "

@@ -50,8 +50,10 @@ __all__ = [
     "Reservation",
     "SharedSpendBudget",
     "SpendBudget",
+    "SpendMeter",
     "SpendStore",
     "current_key_id",
+    "current_meter",
 ]
 
 NANO = 1e9  # Redis keeps nano-USD integers: exact sums, no float drift across replicas
@@ -59,6 +61,24 @@ NANO = 1e9  # Redis keeps nano-USD integers: exact sums, no float drift across r
 # The key id of the request being served (None when auth is off): set by the HTTP edge's auth
 # middleware (server/auth.py), read by per-key budgets.
 current_key_id: ContextVar[str | None] = ContextVar("localroute_key_id", default=None)
+
+
+@dataclass(slots=True)
+class SpendMeter:
+    """What the remote calls made while it is `current_meter` were charged, summed (a call that
+    failed too: one billed without usage is charged what its backend settles it at). A caller
+    that must record what a call cost the budget (a shadow pair) sets one around the call; a task
+    started meanwhile (asyncio.wait_for's, on Python 3.11) shares the same meter object."""
+
+    usd: float = 0.0
+    calls: int = 0
+
+    def add(self, usd: float) -> None:
+        self.usd += usd
+        self.calls += 1
+
+
+current_meter: ContextVar[SpendMeter | None] = ContextVar("localroute_spend_meter", default=None)
 
 Period = Literal["hour", "day", "week", "month"]
 

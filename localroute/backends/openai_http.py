@@ -22,7 +22,12 @@ from each attempt's start and covers the response headers, an error's body, the 
 token, and the whole of a non-streamed answer; a half-open probe is one attempt, never retried. Every error that leaves this
 module is an UpstreamError (or InvalidRequestError for a 400) whose message is scrubbed of keys
 and URL query strings. With a spend budget attached, the worst-case cost is reserved before the
-call and reconciled with the provider's usage after it.
+call and reconciled with the provider's usage after it. A call that reached the provider (its
+response headers came) but whose usage never did (the body or stream was cut) is charged, by
+`cut_charge`, its reservation (`reserved`: the worst case; the serving budget) or an estimate
+(`estimate`: the prompt's tokens counted locally plus the completion tokens received so far, at the
+tier's prices, for each such attempt; the shadow budget). Either way the amount settled is added to
+the caller's `budget.current_meter`, if it set one.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 
-from localroute.backends.budget import current_key_id
+from localroute.backends.budget import current_key_id, current_meter
 from localroute.backends.capabilities import Capabilities
 from localroute.backends.openai_wire import (
     NATIVE_EVENTS,
@@ -46,6 +51,7 @@ from localroute.backends.openai_wire import (
     as_client_asked,
     chat_body,
     finish_reason,
+    message_text,
     read_answer,
     same,
 )
@@ -100,6 +106,8 @@ class OpenAIHTTPBackend:
 
     is_local = False
     kind = "openai"
+    # how an attempt billed without usage (cut after its response headers) is charged (module docstring)
+    cut_charge: Literal["reserved", "estimate"] = "reserved"
     capabilities = _CAPABILITIES
     path = "/chat/completions"  # under base_url
 
@@ -204,6 +212,18 @@ class OpenAIHTTPBackend:
         prompt_tokens = sum(len(str(m.get("content") or "").encode("utf-8", "replace")) + 16 for m in messages)
         return self._cost_usd(prompt_tokens, request.params.max_tokens)
 
+    @staticmethod
+    def _local_prompt_tokens(request: GenerationRequest) -> int:
+        """The prompt's tokens counted here, without the provider's tokenizer: each message's text
+        (openai_wire.message_text) at 4 UTF-8 bytes a token (a BPE tokenizer's usual rate on
+        English), rounded up, plus 4 tokens of framing a message."""
+        messages = request.messages or ({"role": "user", "content": request.prompt or ""},)
+        return sum(_local_tokens(message_text(m)) + 4 for m in messages)
+
+    def _cut_estimate_usd(self, request: GenerationRequest, received_tokens: int) -> float:
+        """What an attempt billed without usage is estimated to cost (`cut_charge = "estimate"`)."""
+        return self._cost_usd(self._local_prompt_tokens(request), received_tokens)
+
     def _cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * (self.input_usd_per_mtok or 0.0)
                 + completion_tokens * (self.output_usd_per_mtok or 0.0)) / 1e6
@@ -213,18 +233,38 @@ class OpenAIHTTPBackend:
             return None
         return await self.budget.areserve(self._worst_cost_usd(request), key_id=current_key_id.get())
 
-    async def _settle(self, reservation: Any, usage: dict[str, Any] | None, billed: bool) -> None:
-        """Reconcile: the provider's usage when known; the reservation when the call may have been
-        billed but usage is unknown (a cut stream); nothing when it never reached the model."""
-        if reservation is None:
-            return
-        if usage and "prompt_tokens" in usage:
-            actual = self._cost_usd(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-            await reservation.asettle(actual)
-        elif billed:
-            await reservation.asettle(reservation.amount_usd)
-        else:
-            await reservation.asettle(0.0)
+    def _charge_usd(self, request: GenerationRequest, reservation: Any, state: dict[str, Any]) -> float:
+        """What the call is charged: the provider's usage when known; for what was billed without
+        it, by `cut_charge`, the reservation (worst case) or the estimates of the attempts cut
+        after their headers; nothing when it never reached the model."""
+        usage = state["usage"]
+        known = bool(usage) and "prompt_tokens" in usage
+        actual = self._cost_usd(int(usage.get("prompt_tokens") or 0),
+                                int(usage.get("completion_tokens") or 0)) if known else 0.0
+        if self.cut_charge == "estimate":
+            return actual + float(state["cut_usd"])
+        if known:
+            return actual
+        if state["billed"]:
+            return float(reservation.amount_usd) if reservation is not None else self._worst_cost_usd(request)
+        return 0.0
+
+    def _cut(self, request: GenerationRequest, state: dict[str, Any]) -> None:
+        """An attempt ends: one billed whose usage never came adds its estimate (`cut_usd`)."""
+        usage = state["usage"]
+        if state["attempt_billed"] and not (usage and "prompt_tokens" in usage):
+            state["cut_usd"] += self._cut_estimate_usd(request, state["received"])
+        state["attempt_billed"] = False
+
+    async def _settle(self, request: GenerationRequest, reservation: Any, state: dict[str, Any]) -> None:
+        """Reconcile the reservation with what the call is charged (`_charge_usd`), and meter it."""
+        self._cut(request, state)
+        amount = self._charge_usd(request, reservation, state)
+        meter = current_meter.get()
+        if meter is not None:
+            meter.add(amount)
+        if reservation is not None:
+            await reservation.asettle(amount)
 
     # ---- the retry loop shared by generate and stream ----
 
@@ -235,13 +275,17 @@ class OpenAIHTTPBackend:
         deadline = loop.time() + self.deadlines.total_s
         retries, waited = 0, 0.0
         sent = False
-        state: dict[str, Any] = {"billed": False, "usage": None}
+        # billed: any attempt reached the provider; per attempt: attempt_billed, received (completion
+        # tokens so far); cut_usd: the estimates of the attempts billed without usage
+        state: dict[str, Any] = {"billed": False, "usage": None, "attempt_billed": False, "received": 0,
+                                 "cut_usd": 0.0}
         verdict = False  # the breaker got a success/failure for the probe it let through
         try:
             while True:
                 probe = self.breaker.before_call()
                 verdict = False
                 first = min(deadline, loop.time() + self.deadlines.first_token_s)
+                state["received"] = 0
                 try:
                     once = self._stream_once(request, deadline, first, state) if stream else self._generate_once(
                         request, first, state)
@@ -256,6 +300,7 @@ class OpenAIHTTPBackend:
                         await once.aclose()  # a client that left closes the upstream connection now
                     return
                 except _Failure as failure:
+                    self._cut(request, state)
                     if failure.breaker:
                         self.breaker.record_failure()
                         verdict = True
@@ -276,7 +321,7 @@ class OpenAIHTTPBackend:
         finally:
             if not verdict:
                 self.breaker.release_probe()
-            await self._settle(reservation, state["usage"], state["billed"])
+            await self._settle(request, reservation, state)
 
     async def _wait(self, aw: Any, until: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
@@ -308,7 +353,7 @@ class OpenAIHTTPBackend:
             finally:
                 await resp.aclose()
             raise self._status_failure(resp, body)
-        state["billed"] = True
+        state["billed"] = state["attempt_billed"] = True
         return resp
 
     async def _generate_once(self, request: GenerationRequest, first: float,
@@ -344,6 +389,7 @@ class OpenAIHTTPBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):  # nested too deep
             raise self._fail("malformed response body", "upstream_bad_response") from None
         state["usage"] = answer.usage
+        state["received"] = answer.completion_tokens or _local_tokens(answer.text)
         latency = time.perf_counter() - start
         if self.confidence_logprobs:
             data = as_client_asked(data, request)
@@ -380,6 +426,7 @@ class OpenAIHTTPBackend:
         resp = await self._open(request, True, first, state)
         lines = resp.aiter_lines().__aiter__()
         progress: float | None = None  # last data event after the first token
+        received_bytes = 0
         try:
             while True:
                 if progress is None:
@@ -410,6 +457,8 @@ class OpenAIHTTPBackend:
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
                 if substance:
+                    received_bytes += len(text.encode("utf-8", "replace"))
+                    state["received"] = len(reader.tokens) or -(-received_bytes // 4)  # logprobs: the provider's
                     progress = loop.time()
                     ttft = ttft if ttft is not None else time.perf_counter() - start
                     for early in held:  # the opening chunks, sent with the first that says something
@@ -426,6 +475,8 @@ class OpenAIHTTPBackend:
             raise self._transport_failure(exc) from None
         finally:
             await resp.aclose()
+            if reader.usage:  # the usage chunk came, whatever came after it
+                state["usage"] = reader.usage
         if reader.finish is None:
             raise self._fail("stream ended without a finish_reason", "upstream_bad_response")
         usage = reader.usage
@@ -508,6 +559,11 @@ class OpenAIHTTPBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _local_tokens(text: str) -> int:
+    """Tokens of `text` counted here: 4 UTF-8 bytes a token, rounded up (_local_prompt_tokens)."""
+    return -(-len(text.encode("utf-8", "replace")) // 4)
 
 
 def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]

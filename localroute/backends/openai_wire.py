@@ -25,7 +25,8 @@ from typing import Any, cast
 from localroute.types import FinishReason, GenerationRequest, TokenLogprob, TopLogprob
 
 __all__ = ["NATIVE_ANSWER", "NATIVE_EVENTS", "Answer", "ChunkReader", "as_client_asked", "ask_logprobs", "built_body",
-           "chat_body", "finish_reason", "from_completion", "native_chunk", "read_answer", "same", "token_logprob"]
+           "chat_body", "finish_reason", "from_completion", "message_text", "native_chunk", "read_answer", "same",
+           "token_logprob"]
 
 # key of a decoded chat chunk: the provider's own events it came from (native requests only)
 NATIVE_EVENTS = "localroute_native_events"
@@ -38,6 +39,41 @@ _PROGRESS = "localroute_progress"
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 # Completions fields with no Chat Completions counterpart (logprobs is translated)
 _COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
+
+
+# a content part that is not text, as it reads in a message's text view
+_PART_PLACEHOLDERS = {"image_url": "[image]", "input_audio": "[audio]", "file": "[file]"}
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """A chat message's text view: its content (text parts joined, other parts as a placeholder
+    such as `[image]`, a refusal as written) and, for an assistant turn, each tool call as
+    `[calls NAME(ARGUMENTS)]` (the legacy function_call alike). What a judge reads of a turn, and
+    what a local token estimate counts."""
+    content = message.get("content")
+    parts: list[str] = []
+    if isinstance(content, str):
+        parts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "text" or (kind is None and "text" in part):
+                parts.append(str(part.get("text") or ""))
+            elif kind == "refusal":
+                parts.append(str(part.get("refusal") or ""))
+            else:
+                parts.append(_PART_PLACEHOLDERS.get(str(kind), f"[{kind}]"))
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
+        parts.append(message["refusal"])
+    calls = [c.get("function") for c in message.get("tool_calls") or () if isinstance(c, Mapping)]
+    if isinstance(message.get("function_call"), Mapping):
+        calls.append(message["function_call"])
+    for fn in calls:
+        if isinstance(fn, Mapping):
+            parts.append(f"[calls {fn.get('name', '')}({fn.get('arguments', '')})]")
+    return "\n".join(p for p in parts if p)
 
 
 def same(chunk: dict[str, Any]) -> dict[str, Any] | None:

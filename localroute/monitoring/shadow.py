@@ -16,10 +16,21 @@ costs the serving path nothing and holds at most `shadow_queue_size + shadow_con
 Free text (a category whose scorer is `judge`, or one that names no scorer, when `shadow_judge` or
 `shadow_judge_tier` is configured) is compared by an LLM judge (`Judge`): an OpenAI-compatible
 endpoint of its own (its own pool; it may be the frontier's), asked the fixed prompt below
-(`JUDGE_SYSTEM`, `JUDGE_USER`) at temperature 0 for one word, `agree` or `disagree`. Its call is
+(`JUDGE_SYSTEM`, `JUDGE_USER`) at temperature 0 for one word, `agree` or `disagree`. The judge sees
+the conversation both answers reply to (`judge_conversation`: system prompt, earlier turns, tool
+calls and results, one `[role]` block each), within `shadow_judge_max_chars`: the oldest turns
+other than the system prompts and the last turn are left out first (a marker in their place),
+then the middle of what is left; the prompt's heading then says what was left out. Its call is
 reserved against and charged to the shadow budget, and its cost is added to the pair's. A judge that
 fails, times out, is over the budget or answers anything else makes the pair `unscorable` (with the
 reason in `error`); the client's answer was sent long before, so it never affects a client.
+
+What a pair costs (`cost_usd`) is what its calls were charged to the shadow budget (a
+`budget.SpendMeter` around each call): the provider's usage; for a call cut after its response
+headers, before its usage came (billed by the provider all the same), the shadow backends charge
+an estimate (`cut_charge = "estimate"`: the prompt's tokens counted locally plus the completion
+tokens received so far, at the tier's prices) rather than the worst-case reservation; nothing for a
+call that never reached the provider. The pairs' costs therefore add up to the shadow spend.
 
 Sampling is Bernoulli per accepted answer at the category's rate; with confidence stratification
 (`shadow_near_threshold_rate`), answers whose confidence lies within the margin above the threshold
@@ -38,7 +49,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,16 +58,18 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from localroute.backends.budget import Budget
+from localroute.backends.budget import Budget, SpendMeter, current_meter
 from localroute.errors import LocalrouteError
 from localroute.monitoring.record import RequestRecord
 from localroute.monitoring.routing_log import PAIR_COLUMNS, open_store
-from localroute.types import GenerationRequest, SamplingParams
+from localroute.settings import Settings
+from localroute.types import Generation, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JUDGE_SYSTEM", "JUDGE_USER", "PAIR_COLUMNS", "CategoryMetrics", "Draw", "Judge", "JudgeVerdict",
-           "LiveQuality", "PairSink", "ShadowEvaluator", "clopper_pearson", "insert_pairs"]
+__all__ = ["JUDGE_MAX_CHARS", "JUDGE_SYSTEM", "JUDGE_USER", "PAIR_COLUMNS", "CategoryMetrics", "Draw", "Judge",
+           "JudgeVerdict", "LiveQuality", "PairSink", "ShadowEvaluator", "clopper_pearson", "insert_pairs",
+           "judge_conversation"]
 
 # (category, local answer, frontier answer) -> (scorer name, (score, agrees) or None if not comparable)
 Compare = Callable[[str, str, str], tuple[str, tuple[float, bool] | None]]
@@ -65,14 +78,19 @@ Compare = Callable[[str, str, str], tuple[str, tuple[float, bool] | None]]
 PairSink = Callable[[list[tuple[Any, ...]]], None]
 
 
-# The judge's fixed prompt (README, Live quality): the request, then the local answer as A and the
-# frontier's as B; one word back. Temperature 0 and max_tokens JUDGE_MAX_TOKENS.
+# The judge's fixed prompt (README, Live quality): the conversation, then the local answer as A and
+# the frontier's as B; one word back. Temperature 0 and max_tokens JUDGE_MAX_TOKENS. `{shortened}` is
+# empty, or JUDGE_SHORTENED when the conversation was cut to fit the size cap.
 JUDGE_SYSTEM = ("You compare two answers to the same request. Reply with exactly one word: agree if both answers "
                 "give the same answer (the same facts, result, choice or conclusion, however worded), disagree "
                 "otherwise.")
-JUDGE_USER = ("Request:\n<<<\n{request}\n>>>\n\nAnswer A:\n<<<\n{local}\n>>>\n\nAnswer B:\n<<<\n{frontier}\n>>>\n\n"
+JUDGE_USER = ("Conversation{shortened}:\n<<<\n{conversation}\n>>>\n\n"
+              "Both answers reply to the conversation's last turn.\n\n"
+              "Answer A:\n<<<\n{local}\n>>>\n\nAnswer B:\n<<<\n{frontier}\n>>>\n\n"
               "Do A and B agree? Reply agree or disagree.")
+JUDGE_SHORTENED = " (shortened to fit the size cap: {what})"
 JUDGE_MAX_TOKENS = 3
+JUDGE_MAX_CHARS: int = Settings.model_fields["shadow_judge_max_chars"].default  # the conversation's characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,19 +106,19 @@ class Judge:
     """An LLM judge of free-text answers (module docstring): `backend` is an OpenAI-compatible
     remote backend whose `budget` is the shadow budget."""
 
-    def __init__(self, backend: Any, timeout_s: float = 30.0) -> None:
+    def __init__(self, backend: Any, timeout_s: float = 30.0, max_chars: int = JUDGE_MAX_CHARS) -> None:
         self.backend = backend
         if hasattr(backend, "confidence_logprobs"):
             backend.confidence_logprobs = False  # a verdict word: no logprobs asked (a tier outside the ladder would)
+        _charge_cuts_as_estimates(backend)
         self.timeout_s = timeout_s
+        self.max_chars = max_chars
 
-    @staticmethod
-    def request(draw: Draw, frontier: str) -> GenerationRequest:
+    def request(self, draw: Draw, frontier: str) -> GenerationRequest:
         """The judge's request for a draw (a fixed prompt: the module's JUDGE_SYSTEM / JUDGE_USER)."""
-        from localroute.embeddings import request_text
-
-        asked = request_text(draw.request.messages, draw.request.prompt)
-        user = JUDGE_USER.format(request=_fenced(asked), local=_fenced(draw.answer), frontier=_fenced(frontier))
+        conversation, shortened = judge_conversation(draw.request.messages, draw.request.prompt, self.max_chars)
+        user = JUDGE_USER.format(shortened=JUDGE_SHORTENED.format(what=shortened) if shortened else "",
+                                 conversation=conversation, local=_fenced(draw.answer), frontier=_fenced(frontier))
         return GenerationRequest(messages=({"role": "system", "content": JUDGE_SYSTEM},
                                            {"role": "user", "content": user}),
                                  params=SamplingParams(max_tokens=JUDGE_MAX_TOKENS, temperature=0.0),
@@ -119,17 +137,17 @@ class Judge:
     async def __call__(self, draw: Draw, frontier: str) -> JudgeVerdict:
         from localroute.backends.budget import BudgetExceededError
 
+        meter = SpendMeter()
         try:
-            gen = await asyncio.wait_for(self.backend.generate(self.request(draw, frontier)), self.timeout_s)
+            gen = await _metered(meter, self.backend.generate(self.request(draw, frontier)), self.timeout_s)
         except BudgetExceededError:
-            return JudgeVerdict(None, 0.0, "judge_over_budget")
+            return JudgeVerdict(None, meter.usd, "judge_over_budget")
         except TimeoutError:
-            return JudgeVerdict(None, 0.0, "judge_timeout")
+            return JudgeVerdict(None, meter.usd, "judge_timeout")
         except LocalrouteError as exc:
-            return JudgeVerdict(None, 0.0, f"judge_{exc.code or exc.error_type}")
-        cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
+            return JudgeVerdict(None, meter.usd, f"judge_{exc.code or exc.error_type}")
         agrees = self.verdict(gen.text)
-        return JudgeVerdict(agrees, cost, None if agrees is not None else "judge_no_verdict")
+        return JudgeVerdict(agrees, _charged(meter, self.backend, gen), None if agrees is not None else "judge_no_verdict")
 
 
 _VERDICT_TRIM = ".,;:!?\"'*`_()[]<>"
@@ -143,9 +161,85 @@ def _fenced(text: str) -> str:
     return _FENCE.sub(lambda m: " ".join(m.group()), text)
 
 
-def _cost(backend: Any, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
-            + completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6
+_LEFT_OUT = "[... earlier turns left out ...]"
+
+
+def _turn(message: dict[str, Any]) -> str:
+    """One turn of the judge's conversation: `[role]` (a tool result with its call id), then its
+    text (backends/openai_wire.py `message_text`: tool calls included), fenced."""
+    from localroute.backends.openai_wire import message_text
+
+    role = str(message.get("role") or "user")
+    if role in ("tool", "function"):
+        of = message.get("tool_call_id") or message.get("name")
+        role = f"tool result{f' for {of}' if of else ''}"
+    return f"[{role}]\n{_fenced(message_text(message))}"
+
+
+def judge_conversation(messages: tuple[dict[str, Any], ...] | None, prompt: str | None,
+                       max_chars: int) -> tuple[str, str]:
+    """The conversation as the judge reads it, at most about `max_chars` characters, and what was
+    left out to fit ("" when nothing). Turns go first, oldest first, except the system (and
+    developer) prompts, which say what a good answer is, and the last turn, which the answers
+    reply to; a marker stands where they were. Then, if the rest is still too long, its middle."""
+    if not messages:
+        blocks = [f"[user]\n{_fenced(prompt or '')}"]
+        keep = [True]
+    else:
+        blocks = [_turn(m) for m in messages]
+        keep = [True] * len(blocks)
+    sep = 2  # "\n\n" between blocks
+    total = sum(len(b) for b in blocks) + sep * (len(blocks) - 1)
+    dropped = 0
+    for i, m in enumerate(messages or ()):
+        if total <= max_chars:
+            break
+        if i == len(blocks) - 1 or m.get("role") in ("system", "developer"):
+            continue
+        if i == 0 or keep[i - 1]:  # a marker opens each run of left-out turns
+            total += len(_LEFT_OUT) + sep
+        keep[i] = False
+        total -= len(blocks[i]) + sep
+        dropped += 1
+    out: list[str] = []
+    for i, block in enumerate(blocks):
+        if keep[i]:
+            out.append(block)
+        elif i == 0 or keep[i - 1]:
+            out.append(_LEFT_OUT)
+    text = "\n\n".join(out)
+    what = [f"its {dropped} oldest turn{'s' if dropped != 1 else ''} left out"] if dropped else []
+    if len(text) > max_chars:
+        cut = len(text) - max_chars
+        head = max_chars // 2
+        text = f"{text[:head]}\n[... {cut} characters left out ...]\n{text[head + cut:]}"
+        what.append(f"{cut} characters cut from its middle")
+    return text, ", ".join(what)
+
+
+def _charge_cuts_as_estimates(backend: Any) -> None:
+    """A shadow or judge backend charges a call cut after its headers an estimate (module docstring)."""
+    if hasattr(backend, "cut_charge"):
+        backend.cut_charge = "estimate"
+
+
+async def _metered(meter: SpendMeter, call: Awaitable[Generation], timeout_s: float) -> Generation:
+    """`call` under `timeout_s` with `meter` as the current one: what the backend settles the call
+    at (even when it fails or times out: wait_for waits for the cancelled call to settle) lands in it."""
+    token = current_meter.set(meter)
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    finally:
+        current_meter.reset(token)
+
+
+def _charged(meter: SpendMeter, backend: Any, gen: Generation) -> float:
+    """What a successful call cost: what its backend settled it at; from a backend that meters
+    nothing (one not over HTTP, in tests), its usage at its prices."""
+    if meter.calls:
+        return meter.usd
+    return (gen.prompt_tokens * (getattr(backend, "input_usd_per_mtok", None) or 0.0)
+            + gen.completion_tokens * (getattr(backend, "output_usd_per_mtok", None) or 0.0)) / 1e6
 
 
 def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -284,6 +378,7 @@ class ShadowEvaluator:
                  default_category: str = "default", rng: random.Random | None = None,
                  judge: Judge | None = None) -> None:
         self.backend = backend
+        _charge_cuts_as_estimates(backend)
         self.judge = judge  # compares the answers of a category whose scorer comes back as "judge"
         self.local_tiers = local_tiers
         self.rate_of = rate_of
@@ -412,8 +507,9 @@ class ShadowEvaluator:
 
         t0 = time.perf_counter()
         status, scorer, score, agrees, error, cost = "scored", None, None, None, None, None
+        meter = SpendMeter()
         try:
-            gen = await asyncio.wait_for(self.backend.generate(draw.request), self.timeout_s)
+            gen = await _metered(meter, self.backend.generate(draw.request), self.timeout_s)
         except BudgetExceededError:
             status, error = "over_budget", "budget_exceeded"
         except TimeoutError:
@@ -421,7 +517,7 @@ class ShadowEvaluator:
         except LocalrouteError as exc:
             status, error = "failed", exc.code or exc.error_type
         else:
-            cost = _cost(self.backend, gen.prompt_tokens, gen.completion_tokens)
+            cost = _charged(meter, self.backend, gen)
             scorer, result = self.compare(draw.category, draw.answer, gen.text)
             if scorer == "judge":
                 if self.judge is None:
@@ -435,6 +531,8 @@ class ShadowEvaluator:
                 status = "unscorable"
             else:
                 score, agrees = result
+        if cost is None and meter.usd > 0:  # a failed call the provider billed (cut after its headers)
+            cost = meter.usd
         latency = time.perf_counter() - t0
         self.stats[status] += 1
         self._count(draw.category, status)

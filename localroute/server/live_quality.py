@@ -292,7 +292,7 @@ class LiveQualityRuntime:
         backend: Any = _priced(load_backend(ts, s), s, f"the judge tier {ts.name}'s input_usd_per_mtok/"
                                "output_usd_per_mtok")
         backend.budget = budget  # judge calls spend the shadow budget too
-        return Judge(backend, s.shadow_timeout_s)
+        return Judge(backend, s.shadow_timeout_s, s.shadow_judge_max_chars)
 
     @staticmethod
     def _stat(path: Path) -> int | None:

@@ -140,6 +140,54 @@ def test_cost_unknown_after_a_cut_stream_charges_the_reservation() -> None:
     assert budget.spent_usd() == pytest.approx(_backend("")._worst_cost_usd(_request()))
 
 
+def test_an_estimate_charges_a_cut_call_its_prompt_counted_here_and_the_tokens_received() -> None:
+    """cut_charge "estimate" (the shadow budget's): a call cut after its response headers is billed
+    by the provider, and charged the prompt's tokens counted here (30 bytes: 8 + 4 of framing)
+    plus the completion tokens received before the cut, each cut attempt once; a call that never
+    reached the provider, nothing. The caller's meter gets the same amounts."""
+    from localroute.backends.budget import SpendMeter, current_meter
+
+    prompt = 12  # ceil(30 / 4) + 4
+
+    async def case(up: FaultUpstream) -> tuple[SpendBudget, list[float]]:
+        b = _backend(up.url)
+        b.cut_charge = "estimate"
+        b.budget = SpendBudget(cap_usd=1000.0)
+        spent: list[float] = []
+        try:
+            with pytest.raises(UpstreamError):
+                async for _ in b.stream(_request()):  # two tokens, then the socket closes
+                    pass
+            spent.append(b.budget.spent_usd())
+            b.retry = RetryPolicy(max_retries=1, base_delay_s=0.01, rng=random.Random(0))
+            meter = SpendMeter()
+            token = current_meter.set(meter)
+            try:
+                with pytest.raises(UpstreamError):
+                    await b.generate(_request())  # headers and half a body, twice (retried)
+            finally:
+                current_meter.reset(token)
+            spent.append(b.budget.spent_usd())
+            spent.append(meter.usd)
+            refused = _backend("http://127.0.0.1:9/v1")
+            refused.cut_charge = "estimate"
+            refused.budget = b.budget
+            with pytest.raises(UpstreamError):
+                await refused.generate(_request())
+            await refused.aclose()
+        finally:
+            await b.aclose()
+        return b.budget, spent
+
+    with fault_upstream(Fault("cut", cut_after=2), Fault("cut"), Fault("cut")) as up:
+        budget, spent = asyncio.run(case(up))
+        assert len(up.requests) == 3
+    assert _backend("")._local_prompt_tokens(_request()) == prompt
+    assert spent[0] == pytest.approx(prompt + 2)  # the reservation (worst case) would be 46 + 16
+    assert spent[1] - spent[0] == pytest.approx(2 * prompt) == spent[2]  # nothing of a cut body decodes
+    assert budget.spent_usd() == pytest.approx(spent[1]) and budget.reserved_usd() == 0
+
+
 def test_per_key_reservation_uses_the_request_key() -> None:
     async def case(up: FaultUpstream) -> SpendBudget:
         b = _backend(up.url)

@@ -183,7 +183,7 @@ def test_the_clopper_pearson_bounds_of_serve_need_no_extra() -> None:
 
 
 def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | None = None,
-           concurrency: int = 2) -> ShadowEvaluator:
+           concurrency: int = 2, max_chars: int = 16_000) -> ShadowEvaluator:
     """Free text: compare says `judge`, the judge (its own endpoint, at its own prices) decides.
     `concurrency` 1: draws are judged in the order they were observed (scripted judge answers)."""
     from localroute.monitoring.shadow import Judge
@@ -197,7 +197,7 @@ def judged(frontier_url: str, judge_url: str, log: Path, budget: SpendBudget | N
     frontier.budget = judge.budget = budget
     return ShadowEvaluator(backend=frontier, local_tiers={"local"}, rate_of=lambda c: 1.0,
                            compare=lambda c, a, b: ("judge", None), log_path=log, budget=budget,
-                           judge=Judge(judge, timeout_s=5), concurrency=concurrency)
+                           judge=Judge(judge, timeout_s=5, max_chars=max_chars), concurrency=concurrency)
 
 
 def judge_pairs(log: Path) -> list[tuple[Any, ...]]:
@@ -238,9 +238,9 @@ def test_a_judge_compares_free_text_with_a_fixed_prompt(tmp_path: Path) -> None:
         "model": "judge-model", "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stream": False,
         "messages": [
             {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": "Request:\n<<<\nreview 1\n>>>\n\nAnswer A:\n<<<\nParis is the capital of "
-             "France.\n>>>\n\nAnswer B:\n<<<\nThe capital is Paris.\n>>>\n\nDo A and B agree? Reply agree or "
-             "disagree."}]}
+            {"role": "user", "content": "Conversation:\n<<<\n[user]\nreview 1\n>>>\n\nBoth answers reply to the "
+             "conversation's last turn.\n\nAnswer A:\n<<<\nParis is the capital of France.\n>>>\n\nAnswer B:\n<<<\n"
+             "The capital is Paris.\n>>>\n\nDo A and B agree? Reply agree or disagree."}]}
     assert JUDGE_SYSTEM.startswith("You compare two answers to the same request. Reply with exactly one word")
     shadow_cost = (10 * 1.0 + 5 * 2.0) / 1e6
     judge_cost = (100 * 10.0 + 1 * 20.0) / 1e6
@@ -310,7 +310,7 @@ def test_a_judge_prompt_keeps_a_users_fences_inside_and_only_a_one_word_reply_is
         asyncio.run(main())
         sent = judge.requests[0]["json"]["messages"][1]["content"]
     assert sent.count("<<<") == 3 and sent.count(">>>") == 3  # the prompt's own three fences, no more
-    assert sent.startswith("Request:\n<<<\nWhat is 2 + 2?\n> > >\n\nAnswer A:\n< < <\n5\n> > >")
+    assert sent.startswith("Conversation:\n<<<\n[user]\nWhat is 2 + 2?\n> > >\n\nAnswer A:\n< < <\n5\n> > >")
     got = judge_pairs(log)
     assert [(r[1], r[4], r[5]) for r in got] == [("unscorable", None, "judge_no_verdict"),
                                                  ("unscorable", None, "judge_no_verdict"), ("scored", 0, None)]
@@ -323,3 +323,157 @@ def test_the_judge_verdict_is_the_whole_reply() -> None:
         True, True, False, False, True]
     assert [Judge.verdict(t) for t in ("agree or disagree", "I agree", "agree, but", "disagree because",
                                        "agreed", "", "yes")] == [None] * 7
+
+
+# a conversation the answers reply to: a system prompt, earlier turns, an image, a tool call and its result
+TRIP: tuple[dict[str, Any], ...] = (
+    {"role": "system", "content": "You are a travel agent. Answer in one sentence."},
+    {"role": "user", "content": "I want to fly to Lisbon next week."},
+    {"role": "assistant", "content": "Which day?"},
+    {"role": "user", "content": [{"type": "text", "text": "Tuesday. What is the weather there?"},
+                                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Lisbon"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "22 C, sunny"},
+)
+
+
+def _judge_bodies(tmp_path: Path, max_chars: int) -> list[dict[str, Any]]:
+    """What the judge (a recording upstream on 127.0.0.1) was sent for one TRIP pair."""
+    from dataclasses import replace
+
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    with FaultUpstream(Fault(text="Sunny, 22 C.")) as frontier, FaultUpstream(Fault(text="agree")) as judge:
+        async def main() -> dict[str, int]:
+            shadow = judged(frontier.url, judge.url, log, max_chars=max_chars)
+            shadow.start()
+            rec = record(1, "It is sunny and 22 C in Lisbon.", category="chat")
+            rec.extra["request"] = replace(rec.extra["request"], messages=TRIP)
+            shadow.observe(rec)
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        assert asyncio.run(main())["scored"] == 1
+        assert frontier.requests[0]["json"]["messages"] == list(TRIP)  # the shadow call: the conversation as sent
+        return [r["json"] for r in judge.requests]
+
+
+def test_the_judge_reads_the_whole_conversation(tmp_path: Path) -> None:
+    """System prompt, earlier turns, a tool call and its result reach the judge, each a [role]
+    block (before: only the last user turn, so a judge could not tell what the tool said)."""
+    from localroute.monitoring.shadow import JUDGE_SYSTEM
+
+    assert _judge_bodies(tmp_path, 16_000) == [{
+        "model": "judge-model", "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stream": False,
+        "messages": [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": (
+                "Conversation:\n<<<\n"
+                "[system]\nYou are a travel agent. Answer in one sentence.\n\n"
+                "[user]\nI want to fly to Lisbon next week.\n\n"
+                "[assistant]\nWhich day?\n\n"
+                "[user]\nTuesday. What is the weather there?\n[image]\n\n"
+                '[assistant]\n[calls weather({"city": "Lisbon"})]\n\n'
+                "[tool result for call_1]\n22 C, sunny\n>>>\n\n"
+                "Both answers reply to the conversation's last turn.\n\n"
+                "Answer A:\n<<<\nIt is sunny and 22 C in Lisbon.\n>>>\n\n"
+                "Answer B:\n<<<\nSunny, 22 C.\n>>>\n\n"
+                "Do A and B agree? Reply agree or disagree.")}]}]
+
+
+def test_over_the_size_cap_the_oldest_turns_go_first_and_the_prompt_says_so(tmp_path: Path) -> None:
+    """262 characters of conversation, a cap of 230: the two oldest turns after the system prompt
+    are left out (a marker in their place), the system prompt and the last turns kept."""
+    sent = _judge_bodies(tmp_path, 230)[0]["messages"][1]["content"]
+    conversation = ("[system]\nYou are a travel agent. Answer in one sentence.\n\n"
+                    "[... earlier turns left out ...]\n\n"
+                    "[user]\nTuesday. What is the weather there?\n[image]\n\n"
+                    '[assistant]\n[calls weather({"city": "Lisbon"})]\n\n'
+                    "[tool result for call_1]\n22 C, sunny")
+    assert len(conversation) <= 230
+    assert sent == ("Conversation (shortened to fit the size cap: its 2 oldest turns left out):\n<<<\n"
+                    f"{conversation}\n>>>\n\nBoth answers reply to the conversation's last turn.\n\n"
+                    "Answer A:\n<<<\nIt is sunny and 22 C in Lisbon.\n>>>\n\nAnswer B:\n<<<\nSunny, 22 C.\n>>>\n\n"
+                    "Do A and B agree? Reply agree or disagree.")
+
+
+def test_a_turn_too_long_for_the_cap_loses_its_middle() -> None:
+    from localroute.monitoring.shadow import judge_conversation
+
+    long = ({"role": "user", "content": "x" * 3000},)
+    assert judge_conversation(long, None, 1000) == (
+        "[user]\n" + "x" * 493 + "\n[... 2007 characters left out ...]\n" + "x" * 500, "2007 characters cut from its middle")
+    assert judge_conversation(None, "Complete: 2 + 2 =", 1000) == ("[user]\nComplete: 2 + 2 =", "")
+    # the oldest turn goes first, the system prompt stays: 1341 characters, 966 without the first user turn
+    turns = ({"role": "system", "content": "s" * 400}, {"role": "user", "content": "a" * 400},
+             {"role": "assistant", "content": "b" * 400}, {"role": "user", "content": "c" * 100})
+    assert judge_conversation(turns, None, 1000) == (
+        "[system]\n" + "s" * 400 + "\n\n[... earlier turns left out ...]\n\n[assistant]\n" + "b" * 400
+        + "\n\n[user]\n" + "c" * 100, "its 1 oldest turn left out")
+
+
+# ---- what a call cut after its response headers costs the shadow budget ----
+
+
+def _local_estimate(messages: list[dict[str, Any]]) -> int:
+    """The prompt's tokens as the shadow backends count them without the provider: each message's
+    text at 4 UTF-8 bytes a token, rounded up, plus 4 of framing."""
+    return sum(-(-len(str(m["content"]).encode()) // 4) + 4 for m in messages)
+
+
+def test_a_shadow_call_cut_after_its_headers_is_charged_an_estimate(tmp_path: Path) -> None:
+    """The provider billed it (its headers came), its usage never came: the pair and the shadow
+    budget are charged the prompt counted here plus the tokens received (none of a cut body),
+    not the worst-case reservation (before: the budget was charged that, the pair nothing). A
+    body that stalls after its headers until the shadow deadline is settled the same way."""
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    stalled = Fault("status", status=200, body='{"id": "x", "choices": []}', stall_body=True)
+    with FaultUpstream() as up:
+        up.script(Fault("cut"), stalled)
+        budget = SpendBudget(1.0)
+
+        async def main() -> dict[str, int]:
+            shadow = evaluator(up.url, log, budget=budget, concurrency=1, timeout_s=0.5)
+            shadow.start()
+            shadow.observe(record(1))
+            shadow.observe(record(2))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        sent = [r["json"]["messages"] for r in up.requests]
+    assert stats["failed"] == 2 and len(sent) == 2
+    got = pairs(log)
+    estimate = _local_estimate(sent[0]) * 1.0 / 1e6  # "review 1": 2 + 4 tokens at $1 / Mtok
+    assert [(r[0], r[2], r[5]) for r in got] == [("chatcmpl-1", "failed", pytest.approx(estimate)),
+                                                 ("chatcmpl-2", "failed", pytest.approx(estimate))]
+    assert budget.spent_usd() == pytest.approx(2 * estimate) and budget.reserved_usd() == 0
+
+
+def test_a_judge_call_cut_after_its_headers_adds_its_estimate_to_the_pair(tmp_path: Path) -> None:
+    log = tmp_path / "routing.db"
+    RoutingLog(log).close()
+    with FaultUpstream(Fault(text="The capital is Paris.", prompt_tokens=10, completion_tokens=5)) as frontier, \
+            FaultUpstream(Fault("cut")) as judge:
+        budget = SpendBudget(1.0)
+
+        async def main() -> dict[str, int]:
+            shadow = judged(frontier.url, judge.url, log, budget)
+            shadow.start()
+            shadow.observe(record(1, "Paris.", category="chat"))
+            await shadow.drain()
+            await shadow.aclose()
+            return shadow.stats
+
+        stats = asyncio.run(main())
+        judge_prompt = judge.requests[0]["json"]["messages"]
+    assert stats["unscorable"] == 1
+    shadow_cost = (10 * 1.0 + 5 * 2.0) / 1e6
+    judge_estimate = _local_estimate(judge_prompt) * 10.0 / 1e6  # the judge's input price
+    (row,) = judge_pairs(log)
+    assert row[1] == "unscorable" and row[5] == "judge_upstream_unavailable"
+    assert row[6] == pytest.approx(shadow_cost + judge_estimate) == budget.spent_usd()

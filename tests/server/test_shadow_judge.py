@@ -47,7 +47,7 @@ def test_free_text_is_judged_by_the_frontier_and_scored_categories_are_not() -> 
             for category in ("default", "sentiment"):
                 r = client.post("/chat/completions", json={
                     "model": "localroute/cascade", "max_tokens": 4, "metadata": {"localroute_category": category},
-                    "messages": [{"role": "user", "content": "Say agree."}]})
+                    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say agree."}]})
                 assert r.status_code == 200
             shadow = app.state.live_quality.shadow
             deadline = time.monotonic() + 10
@@ -56,7 +56,10 @@ def test_free_text_is_judged_by_the_frontier_and_scored_categories_are_not() -> 
         assert shadow.stats["scored"] == 2
         judged = [q for q in up.requests if q["json"]["messages"][0]["content"] == JUDGE_SYSTEM]
         assert len(up.requests) == 3 and len(judged) == 1  # two shadow calls, one judge call (the default's)
-        assert "Answer A:\n<<<\nagree\n>>>" in judged[0]["json"]["messages"][1]["content"]
+        # the conversation as the client sent it, system prompt included, then the local answer as A
+        assert judged[0]["json"]["messages"][1]["content"].startswith(
+            "Conversation:\n<<<\n[system]\nBe brief.\n\n[user]\nSay agree.\n>>>\n\nBoth answers reply to the "
+            "conversation's last turn.\n\nAnswer A:\n<<<\nagree\n>>>")
 
 
 def test_scorer_of_and_a_judge_category_without_a_judge() -> None:
