@@ -10,15 +10,13 @@ the same reason; here each thread-driven local tier (llama.cpp, transformers) ru
 
     parent (server)                          child (one per local tier)
     SupervisedBackend.generate/stream  --->  ("submit", id, request, stream) -> the real backend
-    serving loop   <--- lists of events ---  ("delta" | "done" | "error", id, ...), ("health", {...})
+    reader thread  <--- lists of events ---  ("delta" | "done" | "error", id, ...), ("health", {...})
 
 A child's events are sent in batches, one pipe write per event-loop pass (a whole engine step's
 tokens for every request together), so the per-token path gains one pickle and one pipe hop, not a
 thread hand-off per token; tokens and answers cross as tuples of primitives (TokenWire,
-GenerationWire), rebuilt into dataclasses by the waiting caller. The serving event loop reads the
-pipe itself (`add_reader`: an answer wakes it directly, no reader thread between); the supervisor
-thread reads it only when no loop does, and watches the process. When the child dies, the pipe
-closes and the process ends: every call in flight ends with `EngineDeadError` (the cascade escalates
+GenerationWire), rebuilt into dataclasses by the waiting caller. When the child dies, the reader
+thread sees the pipe close: every call in flight ends with `EngineDeadError` (the cascade escalates
 past the tier, a stream that already sent bytes ends with an error event), `health()` says the tier
 is down, new calls fail fast with the same error until the engine is back, and the engine is
 restarted with exponential backoff.
@@ -106,11 +104,6 @@ class SupervisedBackend:
         self.crashes = 0
         self.last_crash: str | None = None
         self._closing = threading.Event()
-        # who reads the pipe: an adopting event loop (`_adopt`), else the supervisor thread (`_pump`)
-        self._read_lock = threading.Lock()
-        self._reader_loop: asyncio.AbstractEventLoop | None = None
-        self._reader_conn: Connection | None = None
-        self._reader_eof = threading.Event()
         conn, proc, info = self._spawn()  # the first start fails loudly, like an in-process load
         self._attach(conn, proc, info)
         self._supervisor = threading.Thread(target=self._supervise, name=f"engine-supervisor-{self.name}",
@@ -164,9 +157,8 @@ class SupervisedBackend:
             conn, proc = self._conn, self._proc
             assert conn is not None and proc is not None
             up_since = time.monotonic()
-            self._pump(conn, proc)
+            self._pump(conn)
             proc.join(5)
-            self._detach()
             if self._closing.is_set():
                 return
             reason = _exit_reason(proc)
@@ -198,112 +190,30 @@ class SupervisedBackend:
                 backoff = min(backoff * 2, self._settings.engine_restart_backoff_max_s)
                 break
 
-    def _pump(self, conn: Connection, proc: BaseProcess) -> None:
-        """Until the child's pipe closes, read it here whenever no event loop reads it itself.
-
-        The serving loop adopts the pipe (`_adopt`: `add_reader` on its fd), so an answer wakes that
-        loop directly instead of this thread and then the loop (one thread hand-off fewer per answer;
-        each costs 0.1-0.25 ms on a 2-core VM). This thread reads only before any loop has adopted the
-        pipe and after the adopting loop is closed; meanwhile it watches the process."""
-        while True:
-            loop = self._reader_loop
-            if loop is not None and not loop.is_closed():
-                if self._reader_eof.wait(0.2):
-                    return
-                if not proc.is_alive():
-                    self._reader_eof.wait(2.0)  # the loop reads what the child sent before it died, then EOF
-                    return
-                continue
-            with self._read_lock:
-                if self._reader_loop is not None and not self._reader_loop.is_closed():
-                    continue
-                self._reader_loop = self._reader_conn = None
-                try:
-                    if not conn.poll(0.02):
-                        continue
-                    batch = conn.recv()
-                except (EOFError, OSError):
-                    return
-            self._dispatch(batch, None)
-
-    def _dispatch(self, batch: list[Event], here: asyncio.AbstractEventLoop | None) -> None:
-        """Hand a batch of the child's events to the waiting calls: directly for calls on `here` (the
-        loop reading the pipe), one wake-up per other loop."""
+    def _pump(self, conn: Connection) -> None:
+        """Hand the child's event batches to the waiting calls' loops, one wake-up per loop per batch."""
         calls = self._calls
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
-        for event in batch:
-            if event[0] == "health":
-                self._health = event[1]
-                continue
-            call = calls.get(event[1])
-            if call is None:
-                continue  # cancelled meanwhile
-            if event[0] != "delta":
-                del calls[event[1]]
-            if call.loop is here:
-                call.queue.put_nowait(event)
-            else:
-                per_loop.setdefault(call.loop, []).append((call.queue, event))
-        for loop, items in per_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody is waiting
-                pass
-
-    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Make `loop` (running, in this thread) the pipe's reader, unless another running loop is."""
-        conn = self._conn
-        current = self._reader_loop
-        if conn is None or (current is not None and current is not loop and current.is_running()):
-            return  # that loop reads; this one's events come through call_soon_threadsafe
-        with self._read_lock:  # the supervisor thread is not inside a read while this is held
-            if conn is not self._conn or conn.closed:
-                return
-            loop.add_reader(conn.fileno(), self._readable, conn, loop)
-            self._reader_loop, self._reader_conn = loop, conn
-            self._reader_eof.clear()
-
-    def _readable(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        """The adopting loop's reader callback: one batch per call (the selector calls again if more)."""
-        with self._read_lock:
-            if self._reader_loop is not loop or self._reader_conn is not conn:
-                loop.remove_reader(conn.fileno())  # a loop that stopped and was replaced: not the reader now
-                return
+        while True:
             try:
                 batch = conn.recv()
             except (EOFError, OSError):
-                loop.remove_reader(conn.fileno())
-                self._reader_loop, self._reader_conn = None, None
-                self._reader_eof.set()  # the supervisor fails what is in flight and restarts
                 return
-        self._dispatch(batch, loop)
-
-    def _detach(self) -> None:
-        """Take the pipe back from its adopting loop before the pipe is closed (its fd may be reused)."""
-        with self._read_lock:
-            loop, conn = self._reader_loop, self._reader_conn
-            self._reader_loop, self._reader_conn = None, None
-        if loop is None or conn is None or loop.is_closed() or conn.closed:
-            return
-        fd = conn.fileno()
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop or not loop.is_running():
-            loop.remove_reader(fd)
-            return
-        removed = threading.Event()
-
-        def remove() -> None:
-            loop.remove_reader(fd)
-            removed.set()
-
-        try:
-            loop.call_soon_threadsafe(remove)
-        except RuntimeError:  # closed meanwhile: its selector went with it
-            return
-        removed.wait(2.0)
+            per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event], Event]]] = {}
+            for event in batch:
+                if event[0] == "health":
+                    self._health = event[1]
+                    continue
+                call = calls.get(event[1])
+                if call is None:
+                    continue  # cancelled meanwhile
+                if event[0] != "delta":
+                    del calls[event[1]]
+                per_loop.setdefault(call.loop, []).append((call.queue, event))
+            for loop, items in per_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that loop is closed: nobody is waiting
+                    pass
 
     def _fail_all(self, exc: EngineDeadError) -> None:
         spec = _spec(exc)
@@ -329,10 +239,7 @@ class SupervisedBackend:
                                   "retry shortly", retry_after_s=1.0)
         rid = next(self._ids)
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        if self._reader_loop is not loop or self._reader_conn is not self._conn:
-            self._adopt(loop)
-        self._calls[rid] = _Call(loop, queue)
+        self._calls[rid] = _Call(asyncio.get_running_loop(), queue)
         finished = False
         try:
             try:
@@ -424,7 +331,6 @@ class SupervisedBackend:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        self._detach()
         self._fail_all(EngineDeadError(f"local tier {self.name} closed"))
         if self._conn is not None:
             self._conn.close()
