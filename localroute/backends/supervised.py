@@ -203,11 +203,11 @@ class SupervisedBackend:
                 if event[0] == "health":
                     self._health = event[1]
                     continue
-                call = calls.get(event[1])
+                # a call's last event takes it out; pop, not get-then-del: the caller's own `finally`
+                # (a cancel) may pop it in between, and a KeyError here would end this reader thread
+                call = calls.get(event[1]) if event[0] == "delta" else calls.pop(event[1], None)
                 if call is None:
                     continue  # cancelled meanwhile
-                if event[0] != "delta":
-                    del calls[event[1]]
                 per_loop.setdefault(call.loop, []).append((call.queue, event))
             for loop, items in per_loop.items():
                 try:

@@ -204,3 +204,40 @@ def test_the_real_engine_process_serves_on_after_a_malformed_message() -> None:
 
     gen = asyncio.run(run())
     assert gen.completion_tokens > 0 and backend.crashes == 0
+
+
+def test_the_parent_reader_survives_a_call_cancelled_while_its_answer_is_read() -> None:
+    """The supervisor thread takes a finished call out of the table while the caller's own
+    `finally` (a cancel) may take it out too: losing that race must not end the reader thread
+    (it would leave every other call waiting forever)."""
+
+    from localroute.backends.supervised import SupervisedBackend, _Call
+
+    class Racing(dict):  # type: ignore[type-arg]
+        def get(self, key: Any, default: Any = None) -> Any:  # the caller pops right after the lookup
+            value = super().get(key, default)
+            super().pop(key, None)
+            return value
+
+    loop = asyncio.new_event_loop()
+    try:
+        other: asyncio.Queue[Any] = asyncio.Queue()
+        backend = SupervisedBackend.__new__(SupervisedBackend)
+        backend._health = {}
+        backend._calls = Racing({1: _Call(loop, asyncio.Queue()), 2: _Call(loop, other)})
+
+        class OneBatch:
+            def __init__(self) -> None:
+                self.sent = False
+
+            def recv(self) -> Any:
+                if self.sent:
+                    raise EOFError
+                self.sent = True
+                return [("delta", 1, "x", None, 0, None), ("done", 1, None), ("done", 2, None)]
+
+        backend._pump(OneBatch())  # type: ignore[arg-type]
+        loop.run_until_complete(asyncio.sleep(0))
+        assert other.qsize() == 1  # the batch's other call still got its answer
+    finally:
+        loop.close()
