@@ -5,6 +5,7 @@ translated request."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import pytest
@@ -60,3 +61,50 @@ def test_messages_answered_locally(url: str) -> None:
     count = client.messages.count_tokens(model="smollm2-135m", system="Answer in one word.",
                                          messages=[{"role": "user", "content": "What colour is the sky?"}])
     assert count.input_tokens == message.usage.input_tokens > 0
+
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                  "additionalProperties": False}
+
+
+def test_responses_tool_call_answered_locally(url: str) -> None:
+    """A function tool through /v1/responses on the local tier: the chat path's grammar-constrained
+    call, answered as a Responses `function_call` item whose arguments validate, streamed and not."""
+    import json
+
+    import jsonschema
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    tool: Any = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+                 "parameters": WEATHER_PARAMS, "strict": True}
+    raw = client.responses.with_raw_response.create(
+        model="smollm2-135m", input="What is the weather in Paris?", tools=[tool], tool_choice="required",
+        max_output_tokens=60, temperature=0)
+    assert raw.headers["x-localroute-tier"] == "smollm2-135m"
+    calls = [item for item in raw.parse().output if item.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather"], raw.parse().output
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER_PARAMS)
+    streamed = list(client.responses.create(model="smollm2-135m", input="What is the weather in Paris?",
+                                            tools=[tool], tool_choice="required", max_output_tokens=60,
+                                            temperature=0, stream=True))
+    final = [i for i in streamed[-1].response.output if i.type == "function_call"]  # type: ignore[union-attr]
+    assert [(c.name, c.arguments) for c in final] == [(calls[0].name, calls[0].arguments)]
+
+
+def test_messages_tool_use_answered_locally(url: str) -> None:
+    """`tools` with `input_schema` and tool_choice any through /v1/messages on the local tier: a
+    `tool_use` block whose input validates, stop_reason tool_use, streamed and not."""
+    import jsonschema
+
+    client = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="unused", max_retries=0)
+    tools: Any = [{"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER_PARAMS}]
+    args: Any = {"model": "smollm2-135m", "max_tokens": 60, "tools": tools, "tool_choice": {"type": "any"},
+                 "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                 "extra_body": {"temperature": 0}}
+    message = client.messages.create(**args)
+    uses = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and [u.name for u in uses] == ["get_weather"], message
+    jsonschema.validate(uses[0].input, WEATHER_PARAMS)
+    with client.messages.stream(**args) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(uses[0].name, uses[0].input)]
