@@ -75,6 +75,10 @@ class MigrationResult:
 Progress = Callable[[str, int, int], None]  # (table, rows read so far, rows in the source table)
 
 
+# the session-level advisory lock one migration into a database holds (released with its connection)
+MIGRATE_LOCK = 0x6C6F67_6D6967  # "logmig"
+
+
 def migrate_log(source: str | Path, target: str, dry_run: bool = False, batch_size: int = 1000,
                 progress: Progress | None = None) -> MigrationResult:
     """Copy the SQLite log at `source` into the PostgreSQL log at `target` (see the module's
@@ -94,6 +98,10 @@ def migrate_log(source: str | Path, target: str, dry_run: bool = False, batch_si
         except Exception as exc:  # noqa: BLE001 - psycopg's reasons (refused, auth, no database) read as they are
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ConfigError(f"cannot connect to {store.target}: {reason}", param="to") from None
+        if not dry_run and not store.conn().execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,)).fetchone()[0]:
+            raise ConfigError(f"another `localroute log migrate` is copying into {store.target}: run one at a "
+                              "time (feedback and shadow pairs have no unique key, so two would copy them twice)",
+                              param="to")
         fresh = _check_target(store)
         if fresh and not dry_run:
             result.applied = store.migrate()

@@ -256,3 +256,25 @@ def test_an_older_source_is_copied_as_it_is(pg: PostgresServer, tmp_path: Path) 
     lite = sqlite3.connect(path)
     assert [r[0] for r in lite.execute("SELECT name FROM _migrations")] == [n for n, _ in MIGRATIONS[:3]]
     lite.close()
+
+
+def test_a_second_migration_into_the_same_database_meanwhile_is_refused(pg: PostgresServer, tmp_path: Path) -> None:
+    """Two runs at once would both find a feedback row absent and both insert it (those tables have
+    no unique key): the one that comes second is refused while the first holds the database, and
+    runs once it is free; a dry run (which writes nothing) is never refused."""
+    import psycopg
+
+    from localroute.monitoring.log_migrate import MIGRATE_LOCK
+
+    path = tmp_path / "routing.db"
+    url = _fresh_db(pg, "migrate_concurrent")
+    _write_log(path, 0, 4)
+    with psycopg.connect(url, autocommit=True) as first:  # stands for a run in progress
+        first.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+        with pytest.raises(ConfigError, match="another `localroute log migrate`"):
+            migrate_log(path, url)
+        assert _counts(migrate_log(path, url, dry_run=True), "copied")["requests"] == 4
+    done = migrate_log(path, url)
+    assert _counts(done, "copied")["requests"] == 4
+    again = migrate_log(path, url)  # its own lock went with its connection
+    assert _counts(again, "copied")["requests"] == 0
