@@ -458,7 +458,7 @@ class OpenAIHTTPBackend:
                     raise self._fail("malformed stream chunk", "upstream_bad_response") from None
                 if substance:
                     received_bytes += len(text.encode("utf-8", "replace"))
-                    state["received"] = len(reader.tokens) or -(-received_bytes // 4)  # logprobs: the provider's
+                    state["received"] = len(reader.tokens) or _tokens_of_bytes(received_bytes)  # logprobs: the provider's
                     progress = loop.time()
                     ttft = ttft if ttft is not None else time.perf_counter() - start
                     for early in held:  # the opening chunks, sent with the first that says something
@@ -563,7 +563,12 @@ class OpenAIHTTPBackend:
 
 def _local_tokens(text: str) -> int:
     """Tokens of `text` counted here: 4 UTF-8 bytes a token, rounded up (_local_prompt_tokens)."""
-    return -(-len(text.encode("utf-8", "replace")) // 4)
+    return _tokens_of_bytes(len(text.encode("utf-8", "replace")))
+
+
+def _tokens_of_bytes(n: int) -> int:
+    """The local count's rate: 4 UTF-8 bytes a token, rounded up."""
+    return -(-n // 4)
 
 
 def from_settings(tier: TierSettings, settings: Settings, cls: type[B] = OpenAIHTTPBackend) -> B:  # type: ignore[assignment]
