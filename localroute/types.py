@@ -97,6 +97,11 @@ class GenerationRequest:
     # with `tools`: the client's parallel_tool_calls as sent (None: omitted; False for a named
     # tool_choice). A local tier answers with several calls only when it is True (tool_calls.py)
     parallel_tool_calls: bool | None = None
+    # when the tier was handed this request (time.perf_counter: CLOCK_MONOTONIC, the same clock in
+    # every process): an engine process's parent sets it just before its pipe write, so that the
+    # engine's time starts at the same hand-off as in-process, where the loop's waking of the engine
+    # thread is engine time too (server/timing.py); None: the engine starts the clock itself
+    handed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

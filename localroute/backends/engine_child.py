@@ -48,7 +48,7 @@ class _Child:
     of a waiting thread costs ~0.1-0.2 ms on a small VM, and the loop path took four of them
     between the pipe and the engine and back (reader -> loop -> engine -> loop), this one two."""
 
-    def __init__(self, conn: Connection, backend: Backend, health_interval_s: float) -> None:
+    def __init__(self, conn: Connection | _Duplex, backend: Backend, health_interval_s: float) -> None:
         self.conn = conn
         self.backend = backend
         self.health_interval_s = health_interval_s
@@ -235,8 +235,27 @@ class _Child:
         await self.backend.aclose()
 
 
-def _child_main(conn: Connection, tier: TierSettings, settings: Settings, health_interval_s: float) -> None:
+@dataclass(slots=True, eq=False)
+class _Duplex:
+    """The child's two pipe ends as one connection: requests read from one, events written to the other."""
+
+    requests: Connection
+    events: Connection
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self.requests.poll(timeout)
+
+    def recv(self) -> Any:
+        return self.requests.recv()
+
+    def send(self, obj: Any) -> None:
+        self.events.send(obj)
+
+
+def _child_main(requests: Connection, events: Connection, tier: TierSettings, settings: Settings,
+                health_interval_s: float) -> None:
     """Entry point of the engine process (spawned: a fresh interpreter, no inherited threads)."""
+    conn = _Duplex(requests, events)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's; it closes this process
     # as `serve` does for its own process: how long the loop thread may wait for the GIL behind the
     # engine thread (Python's default of 5 ms put that wait on every answer's way out)

@@ -119,7 +119,9 @@ class EngineBridge(ABC):
 
     def _job(self, request: GenerationRequest, sink: Sink, want_tokens: bool) -> DecodeState:
         """The engine's per-request object (tokenised prompt, sampling state, the sink)."""
-        submitted_at = time.perf_counter()  # engine time starts here: template and tokenising are its work
+        # engine time starts here (or where the tier was handed the request: an engine process's pipe);
+        # template and tokenising are its work
+        submitted_at = time.perf_counter() if request.handed_at is None else request.handed_at
         prompt = self.prompt_tokens(request)
         params = request.params
         room = prompt_room(prompt, self.context_tokens)

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from localroute import __version__
+from localroute.backends.supervised import SupervisedBackend
 from localroute.errors import InvalidRequestError
 from localroute.monitoring.feedback import FeedbackRequest
 from localroute.monitoring.prometheus import CONTENT_TYPE_LATEST
@@ -92,6 +93,10 @@ async def feedback(request: Request) -> JSONResponse:
 def _start_service(settings: Settings, tiers: Sequence[Tier] | None, observers: Sequence[Observer],
                    tracing: Tracing | None = None) -> Service:
     ladder = tiers if tiers is not None else build_tiers(settings)
+    loop = asyncio.get_running_loop()
+    for tier in ladder:  # an engine process's answers wake the serving loop itself, not a reader thread first
+        if isinstance(tier.backend, SupervisedBackend):
+            tier.backend.read_on(loop)
     service = Service(settings, tracing.instrument(ladder) if tracing is not None else ladder)
     if tracing is not None:  # first: the request's span gets its routing outcome before it ends
         service.observers.append(tracing.observe)

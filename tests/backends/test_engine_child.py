@@ -207,9 +207,9 @@ def test_the_real_engine_process_serves_on_after_a_malformed_message() -> None:
 
 
 def test_the_parent_reader_survives_a_call_cancelled_while_its_answer_is_read() -> None:
-    """The supervisor thread takes a finished call out of the table while the caller's own
-    `finally` (a cancel) may take it out too: losing that race must not end the reader thread
-    (it would leave every other call waiting forever)."""
+    """The pipe's reader takes a finished call out of the table while the caller's own `finally` (a
+    cancel) may take it out too: losing that race must not end the reader (it would leave every
+    other call waiting forever)."""
 
     from localroute.backends.supervised import SupervisedBackend, _Call
 
@@ -224,19 +224,10 @@ def test_the_parent_reader_survives_a_call_cancelled_while_its_answer_is_read() 
         other: asyncio.Queue[Any] = asyncio.Queue()
         backend = SupervisedBackend.__new__(SupervisedBackend)
         backend._health = {}
-        backend._calls = Racing({1: _Call(loop, asyncio.Queue()), 2: _Call(loop, other)})
+        backend._calls = Racing({1: _Call(loop, asyncio.Queue().put_nowait), 2: _Call(loop, other.put_nowait)})
 
-        class OneBatch:
-            def __init__(self) -> None:
-                self.sent = False
-
-            def recv(self) -> Any:
-                if self.sent:
-                    raise EOFError
-                self.sent = True
-                return [("delta", 1, "x", None, 0, None), ("done", 1, None), ("done", 2, None)]
-
-        backend._pump(OneBatch())  # type: ignore[arg-type]
+        batch = [("delta", 1, "x", None, 0, None), ("done", 1, None), ("done", 2, None)]
+        backend._dispatch(batch, None)  # as the reader thread (or the serving loop's reader) hands it on
         loop.run_until_complete(asyncio.sleep(0))
         assert other.qsize() == 1  # the batch's other call still got its answer
     finally:

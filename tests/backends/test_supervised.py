@@ -170,6 +170,7 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
         with serve_app(app) as base:
             backend = app.state.service.tiers[0].backend
             assert isinstance(backend, SupervisedBackend)
+            assert backend.pipe_reader == "loop"  # the server's loop reads the engine's answers itself
             pid = backend.pid
             assert pid is not None
 
@@ -191,6 +192,7 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             assert backend.crashes == 1
             assert _wait(lambda: backend.health()["ok"], 60), backend.health()
             assert backend.pid != pid and backend.restarts == 1
+            assert backend.health()["engine_process"]["pipe_reader"] == "loop"
             health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 200
             metrics = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
@@ -313,3 +315,160 @@ def test_a_direct_request_waiting_for_a_slot_times_out_as_busy() -> None:
     assert isinstance(waited, BackendUnavailableError) and "busy" in waited.message, waited
     assert 0.4 <= elapsed < 10, elapsed
     assert first.completion_tokens == 300 and after.completion_tokens > 0
+
+
+# ---- the serving loop reading the engine's pipe (read_on, _LoopReader) ----
+
+def _framed_bytes(msg: Any, long_header: bool = False) -> bytes:
+    """`msg` framed as multiprocessing.Connection frames it: a 4-byte length, or -1 and 8 bytes."""
+    import pickle
+    import struct
+
+    payload = pickle.dumps(msg)
+    if long_header:
+        return struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
+    return struct.pack("!i", len(payload)) + payload
+
+
+class _Table:
+    """The calls table side of a SupervisedBackend: what its readers hand events to."""
+
+    def __init__(self) -> None:
+        self.backend = SupervisedBackend.__new__(SupervisedBackend)
+        self.backend.name = "t"
+        self.backend._health = {}
+        self.backend._calls = {}
+        self.got: dict[int, list[Any]] = {}
+
+    def call(self, rid: int, loop: asyncio.AbstractEventLoop) -> None:
+        from localroute.backends.supervised import _Call
+
+        self.got[rid] = []
+        self.backend._calls[rid] = _Call(loop, self.got[rid].append)
+
+
+def _loops() -> list[Any]:
+    import uvloop
+
+    return [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_the_loop_reader_cuts_bytes_into_messages_and_never_waits_for_a_whole_one(new_loop: Any) -> None:
+    """Messages split anywhere (inside the length header, inside the pickle), several in one write,
+    a long-form header, and a message that does not unpickle: each whole message is handed on once,
+    the bad one is skipped, and while a message is half-written the loop keeps running (a blocking
+    `recv` on the loop would freeze the whole server until the child wrote the rest)."""
+    from multiprocessing import Pipe
+
+    from localroute.backends.supervised import _LoopReader
+
+    loop = new_loop()
+    table = _Table()
+    for rid in (1, 2, 3, 4):
+        table.call(rid, loop)
+    reader_end, writer_end = Pipe(duplex=False)
+    fd = writer_end.fileno()
+    first = _framed_bytes([("done", 1, "a" * 5000)])
+    rest = (_framed_bytes([("health", {"ok": True}), ("done", 2, "b")]) + b"\x00\x00\x00\x03xyz"
+            + _framed_bytes([("done", 3, "c")], long_header=True) + _framed_bytes([("done", 4, "d")]))
+
+    async def main() -> int:
+        reader = _LoopReader(table.backend, reader_end, loop)
+        reader.start()
+        ticks = 0
+        os.write(fd, first[:2])  # inside the header
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+            ticks += 1
+        os.write(fd, first[2:3000])  # inside the pickle
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert table.got[1] == []
+        os.write(fd, first[3000:] + rest)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if table.got[4]:
+                break
+        writer_end.close()
+        await asyncio.get_running_loop().run_in_executor(None, reader.lost.wait, 5)
+        assert reader.lost.is_set() and reader_end.closed
+        return ticks
+
+    try:
+        assert loop.run_until_complete(main()) == 10
+    finally:
+        loop.close()
+    assert table.got == {1: [("done", 1, "a" * 5000)], 2: [("done", 2, "b")], 3: [("done", 3, "c")],
+                         4: [("done", 4, "d")]}
+    assert table.backend._health == {"ok": True}
+    assert table.backend._calls == {}
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_a_closed_pipe_leaves_the_loop_clean_for_the_next_one(new_loop: Any) -> None:
+    """The end of a pipe (its engine died) takes its fd out of the loop's selector before closing
+    it, on the loop's thread; the restarted engine's pipe, whose fd usually has the same number,
+    is then read on the same loop (a stale selector entry would leave it unread)."""
+    from multiprocessing import Pipe
+
+    from localroute.backends.supervised import _LoopReader
+
+    loop = new_loop()
+    table = _Table()
+    fds = []
+
+    async def one(rid: int) -> None:
+        table.call(rid, asyncio.get_running_loop())
+        reader_end, writer_end = Pipe(duplex=False)
+        fds.append(reader_end.fileno())
+        reader = _LoopReader(table.backend, reader_end, asyncio.get_running_loop())
+        reader.start()
+        writer_end.send([("done", rid, "x")])
+        writer_end.close()
+        await asyncio.get_running_loop().run_in_executor(None, reader.lost.wait, 5)
+        assert reader.lost.is_set()
+
+    try:
+        for rid in range(3):
+            loop.run_until_complete(asyncio.wait_for(one(rid), 10))
+    finally:
+        loop.close()
+    assert table.got == {0: [("done", 0, "x")], 1: [("done", 1, "x")], 2: [("done", 2, "x")]}
+    assert len(set(fds)) == 1, fds  # the same fd number each time: the case that must work
+
+
+def test_read_on_a_serving_loop_answers_calls_from_it_and_from_other_loops() -> None:
+    """A real engine process whose pipe a loop (in its own thread, as uvicorn's) takes over: calls
+    on that loop and on another one both get their answers; once that loop has stopped, a call
+    from another loop is refused at once, with an error that says why (it would wait forever)."""
+    import threading
+
+    backend = SupervisedBackend(TierSettings(**SMOL), local_settings([SMOL]))
+    owner = asyncio.new_event_loop()
+    thread = threading.Thread(target=owner.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert backend.pipe_reader == "thread"
+        ask = _request(max_tokens=4)
+        before = asyncio.run(asyncio.wait_for(backend.generate(ask), 60))  # read by the supervisor thread
+        owner.call_soon_threadsafe(backend.read_on, owner)
+        assert _wait(lambda: backend.pipe_reader == "loop", 10)
+        on_owner = asyncio.run_coroutine_threadsafe(backend.generate(ask), owner).result(60)
+        elsewhere = asyncio.run(asyncio.wait_for(backend.generate(ask), 60))  # delivered across loops
+        assert before.text == on_owner.text == elsewhere.text and before.text
+
+        async def streamed() -> str:
+            return "".join([d.text async for d in backend.stream(ask) if d.final is None])
+
+        assert asyncio.run(asyncio.wait_for(streamed(), 60)) == before.text
+        owner.call_soon_threadsafe(owner.stop)
+        thread.join(10)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailableError, match="event loop that reads its engine's pipe is not running"):
+            asyncio.run(asyncio.wait_for(backend.generate(ask), 60))
+        assert time.monotonic() - started < 5
+    finally:
+        backend.close()
+        owner.close()

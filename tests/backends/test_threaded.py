@@ -53,3 +53,27 @@ def test_a_closed_loop_does_not_break_the_engine_thread() -> None:
     with box.batch():  # and the outbox still works for the next step
         box.post(loop, delivered.append, ("token", 2))
     assert box._local.pending is None
+
+
+def test_the_engine_times_a_request_from_its_hand_off_when_one_is_stamped() -> None:
+    """An engine process's parent stamps `handed_at` before its pipe write: the engine's time (and so
+    the router overhead, which is the rest) then counts that hop as the engine's, as waking an
+    in-process engine thread is. Unstamped, the engine starts its clock when it gets the request.
+    (DecodeState.finish reports `latency_s` from `submitted_at`.)"""
+    import time
+    from dataclasses import replace
+
+    from localroute.types import GenerationRequest, SamplingParams
+    from tests.fakes import ScriptedEngineBridge
+
+    backend = ScriptedEngineBridge()
+    request = GenerationRequest(messages=({"role": "user", "content": "hello"},), params=SamplingParams(max_tokens=4))
+    try:
+        before = time.perf_counter()
+        plain = backend.direct_job(request, lambda event: None)
+        handed_at = time.perf_counter() - 2.0
+        stamped = backend.direct_job(replace(request, handed_at=handed_at), lambda event: None)
+    finally:
+        backend.engine.close()
+    assert before <= plain.submitted_at <= time.perf_counter()
+    assert stamped.submitted_at == handed_at
