@@ -4,7 +4,8 @@ A small labelled set: each prompt with the tool and the arguments a right call h
 answers each (greedy, the tools given, tool_choice required); a call is right when its name is the
 expected one and every expected argument matches (strings compared case- and space-insensitively,
 numbers by value; extra optional arguments are allowed). The report gives the accuracy and, per
-confidence aggregator, the AUROC of the confidence for "right" (0.5 is chance).
+confidence aggregator, the AUROC of the confidence for "right" (0.5 is chance) with its 95%
+bootstrap interval (rows resampled; on a set this small the interval is wide).
 
     python -m localroute.evaluation.tool_calls [--model smollm2-135m] [--json]
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from localroute.evaluation.metrics import auroc
+from localroute.evaluation.metrics import auroc, bootstrap_intervals
 from localroute.routing.confidence import all_confidences
 from localroute.types import GenerationRequest, SamplingParams
 
@@ -102,10 +103,15 @@ def measure(backend: Any) -> dict[str, Any]:
     """Answer the labelled set with `backend` (a local tier) and report accuracy and AUROCs."""
     rows = asyncio.run(_answers(backend))
     right = np.array([r["right"] for r in rows], dtype=bool)
-    aurocs = {name: auroc(np.array([r["confidences"][name] for r in rows]), right)
-              for name in rows[0]["confidences"]}
+    aurocs: dict[str, float | None] = {}
+    intervals: dict[str, tuple[float, float] | None] = {}
+    cheap, frontier = right.astype(np.float64), np.ones(len(rows))  # a frontier taken as always right
+    for name in rows[0]["confidences"]:
+        conf = np.array([r["confidences"][name] for r in rows])
+        aurocs[name] = auroc(conf, right)
+        intervals[name] = bootstrap_intervals(conf, cheap, frontier, right)["auroc"]  # few rows: say how few
     return {"n": len(rows), "right": int(right.sum()), "calls": sum(r["finish_reason"] == "tool_calls" for r in rows),
-            "auroc": aurocs, "rows": rows}
+            "auroc": aurocs, "auroc_95ci": intervals, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{args.model}: {report['right']}/{report['n']} right calls ({report['calls']} parsed as calls)")
     for name, value in report["auroc"].items():
-        print(f"  AUROC {name:18s} {'n/a' if value is None else f'{value:.3f}'}")
+        ci = report["auroc_95ci"][name]
+        print(f"  AUROC {name:18s} {'n/a' if value is None else f'{value:.3f}'}"
+              f"{'' if ci is None else f'  95% CI [{ci[0]:.2f}, {ci[1]:.2f}]'}")
     for r in report["rows"]:
         print(f"  {'ok ' if r['right'] else 'BAD'} {r['confidences']['mean_logprob']:8.3f}  {r['prompt'][:40]:40s} "
               f"{json.dumps(r['call'])[:80]}")

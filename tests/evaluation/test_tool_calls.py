@@ -20,3 +20,32 @@ def test_every_label_names_a_tool_and_its_parameters() -> None:
     assert 10 <= len(LABELLED) <= 20
     for _, name, args in LABELLED:
         assert set(args) <= params[name]
+
+
+def test_the_real_tier_answers_every_labelled_prompt_with_a_call_its_schema_accepts() -> None:
+    """The measurement on the real SmolLM2 tier: every answer is a call (tool_choice required) whose
+    arguments validate against its tool's schema (the grammar's guarantee), and each aggregator's
+    AUROC comes with a bootstrap interval around it (README's figures come from this report)."""
+    import jsonschema
+    import pytest
+
+    from localroute.backends.llama_cpp import LlamaCppBackend, LlamaEngine
+    from localroute.evaluation.tool_calls import measure
+    from localroute.registry import resolve_model_path
+    from localroute.settings import Settings
+
+    settings = Settings()
+    engine = LlamaEngine(resolve_model_path("smollm2-135m", settings.models_dir), n_ctx_seq=1024, n_parallel=1,
+                         n_threads=settings.n_threads)
+    try:
+        report = measure(LlamaCppBackend("smollm2-135m", engine))
+    finally:
+        engine.close()
+    schemas = {t["name"]: t["parameters"] for t in TOOLS}
+    assert report["n"] == report["calls"] == len(LABELLED)
+    for row in report["rows"]:
+        jsonschema.validate(row["call"]["arguments"], schemas[row["call"]["name"]])
+    if 0 < report["right"] < report["n"]:  # both kinds present: every AUROC is defined
+        for name, value in report["auroc"].items():
+            low, high = report["auroc_95ci"][name] or pytest.fail(f"{name}: no interval")
+            assert 0.0 <= low <= value <= high <= 1.0, (name, value, low, high)
