@@ -80,10 +80,20 @@ class _Child:
             except RuntimeError:  # the loop is closed already
                 pass
 
+    def post_from_thread(self, event: Event) -> None:
+        """`post` from the reader thread: through the loop, never a pipe write of its own. The parent's
+        serving loop both writes requests (blocking) and reads answers; a reader thread blocked on
+        a full answers pipe would stop reading requests, the parent's write would then block, and
+        nobody would read the answers: both processes stuck for good."""
+        try:
+            self.loop.call_soon_threadsafe(self.post, event)
+        except RuntimeError:  # the loop is closed: the parent is gone
+            pass
+
     def _read(self) -> None:
         """Reader thread: the parent's messages onto the loop (or, for a direct request, onto the
         engine); it also times out direct requests still waiting for a slot. A closed pipe means the
-        parent is gone."""
+        parent is gone. It never writes the answers pipe itself (post_from_thread says why)."""
         while True:
             try:
                 if not self.conn.poll(self._next_deadline()):
@@ -146,7 +156,7 @@ class _Child:
                 self.direct.pop(rid, None)
             if not isinstance(exc, LocalrouteError):
                 log.exception("request failed in the engine process")
-            self.send([("error", rid, _spec(exc))])
+            self.post_from_thread(("error", rid, _spec(exc)))
         return True
 
     def _cancel_direct(self, rid: int) -> bool:
@@ -179,7 +189,7 @@ class _Child:
             self.backend.engine.cancel(entry.job)  # type: ignore[attr-defined]
             timeout = self.backend.queue_timeout_s  # type: ignore[attr-defined]
             busy = BackendUnavailableError(f"local tier busy: no slot within {timeout:g}s", retry_after_s=1.0)
-            self.send([("error", rid, _spec(busy))])
+            self.post_from_thread(("error", rid, _spec(busy)))
 
     def handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]

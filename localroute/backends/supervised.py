@@ -129,6 +129,7 @@ class _LoopReader:
             log.exception("local tier %s: the event loop cannot read the engine pipe", self.backend.name)
             self.end(registered=False)
         else:
+            self.backend._loop_reader = self
             self.readable()  # what arrived before the hand-over
 
     def readable(self) -> None:
@@ -154,6 +155,11 @@ class _LoopReader:
                     break
                 (size,) = _LONG.unpack_from(buf, start + 4)
                 head = 12
+            elif size < 0:  # not a header: the stream is out of step, as good as a dead engine
+                log.error("local tier %s: the engine pipe is out of step (length %d); restarting it",
+                          self.backend.name, size)
+                self.end()
+                return
             end = start + head + size
             if len(buf) < end:
                 break
@@ -167,8 +173,12 @@ class _LoopReader:
             del buf[:start]
 
     def end(self, registered: bool = True) -> None:
+        if self.lost.is_set():
+            return
         if registered:
             self.loop.remove_reader(self.fd)
+        if self.backend._loop_reader is self:
+            self.backend._loop_reader = None
         self.conn.close()
         self.lost.set()
 
@@ -190,6 +200,7 @@ class SupervisedBackend:
         self._send_lock = threading.Lock()
         self._pipes: _Pipes | None = None
         self._owner: asyncio.AbstractEventLoop | None = None  # the loop that reads the events pipe (read_on)
+        self._loop_reader: _LoopReader | None = None  # its reader, while registered there
         self._wake_r, self._wake_w = os.pipe()  # tells the supervisor's reader that a loop takes the pipe over
         os.set_blocking(self._wake_w, False)
         self._proc: BaseProcess | None = None
@@ -313,6 +324,14 @@ class SupervisedBackend:
             while not reader.lost.wait(0.5):
                 if self._closing.is_set() and not proc.is_alive():
                     return  # closed while that loop no longer runs: nobody will see the end of the pipe
+                if owner.is_closed():  # gone without closing this tier (a failed start-up, say):
+                    log.error("local tier %s: the event loop reading its engine's pipe was closed; "
+                              "restarting the engine, read by a thread from now on", self.name)
+                    self._owner = None  # nobody reads the pipe any more: the engine is restarted
+                    self._loop_reader = None
+                    pipes.events.close()  # that loop's selector is closed with it: no entry is left
+                    proc.kill()
+                    return
             return
 
     def read_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -321,6 +340,8 @@ class SupervisedBackend:
         Answers then wake the serving loop directly: one thread hand-off less per request than the
         supervisor's reader thread, which hands each batch to the loop. The loop must outlive the
         calls made on it; `aclose` (the server's shutdown) ends it."""
+        if self._closing.is_set():
+            return
         self._owner = loop
         try:
             os.write(self._wake_w, b"x")
@@ -378,7 +399,7 @@ class SupervisedBackend:
     def _fail_all(self, exc: EngineDeadError) -> None:
         spec = _spec(exc)
         doomed, self._calls = self._calls, {}
-        for rid, call in doomed.items():
+        for rid, call in list(doomed.items()):  # a loop's reader may still pop from it
             try:
                 call.loop.call_soon_threadsafe(call.put, ("error", rid, spec))
             except RuntimeError:
@@ -485,7 +506,7 @@ class SupervisedBackend:
     @property
     def pipe_reader(self) -> str:
         """Who reads the engine's answers: "loop" (the serving loop, after `read_on`) or "thread"."""
-        return "loop" if self._owner is not None else "thread"
+        return "loop" if self._loop_reader is not None else "thread"
 
     @property
     def pid(self) -> int | None:
@@ -515,6 +536,8 @@ class SupervisedBackend:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        if self._closing.is_set():
+            return  # closed already (its wake pipe's fd numbers may belong to someone else by now)
         self._closing.set()
         self.state = "closed"
         proc = self._proc
@@ -531,11 +554,9 @@ class SupervisedBackend:
         self._supervisor.join(2)  # it closes the events pipe (or the loop's reader does)
         if self._pipes is not None:
             self._pipes.requests.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if not self._supervisor.is_alive():  # else it may still select on the wake pipe: leave it
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def supervised(tier: TierSettings, settings: Settings, load: Callable[[TierSettings, Settings], Backend]) -> Backend:

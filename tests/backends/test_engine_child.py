@@ -232,3 +232,60 @@ def test_the_parent_reader_survives_a_call_cancelled_while_its_answer_is_read() 
         assert other.qsize() == 1  # the batch's other call still got its answer
     finally:
         loop.close()
+
+
+def test_a_burst_of_requests_with_errors_never_deadlocks_the_two_processes() -> None:
+    """The parent's serving loop writes requests (blocking) and reads the answers itself: if the
+    child's reader thread ever waited on a full answers pipe (to send an error of its own: a prompt
+    too long, a full queue, a slot timeout), it would stop reading requests, the parent's write
+    would then block, and nobody would read the answers again. A burst of 400 requests, 3 that
+    fail in the reader thread, and 400 more must all be answered (the real _Child and the real
+    parent's reader over two real pipes; before the fix this hung within a second)."""
+    import itertools
+    from dataclasses import replace
+
+    from localroute.backends.engine_child import _Duplex
+    from localroute.backends.supervised import _LoopReader, _Pipes
+
+    requests_in, requests_out = Pipe(duplex=False)
+    events_in, events_out = Pipe(duplex=False)
+    engine = ScriptedEngineBridge()
+    ready = threading.Event()
+    started: dict[str, Any] = {}
+
+    async def child_main() -> None:
+        started["child"] = child = _Child(_Duplex(requests_in, events_out), engine, health_interval_s=60.0)
+        started["loop"] = asyncio.get_running_loop()
+        ready.set()
+        await child.run({"pid": 0})
+
+    threading.Thread(target=asyncio.run, args=(child_main(),), daemon=True).start()
+    assert ready.wait(WAIT_S)
+    assert events_in.recv() == [("ready", {"pid": 0})]
+    backend = SupervisedBackend.__new__(SupervisedBackend)
+    backend.name, backend.state, backend._health = "t", "up", {}
+    backend._calls, backend._ids, backend._send_lock = {}, itertools.count(), threading.Lock()
+    backend._loop_reader, backend._pipes = None, _Pipes(events_in, requests_out)
+    ok = _request("hi there", "ok")
+    too_long = replace(ok, messages=({"role": "user", "content": "word " * 20000},))  # > the 1024-token context
+
+    async def burst() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        backend._owner = loop
+        _LoopReader(backend, events_in, loop).start()
+        asks = [ok] * 400 + [too_long] * 3 + [ok] * 400  # every _submit runs in one loop pass
+        return await asyncio.gather(*(backend.generate(r) for r in asks), return_exceptions=True)
+
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(out=asyncio.run(burst())), daemon=True)
+    runner.start()
+    runner.join(30.0)
+    try:
+        assert not runner.is_alive(), "deadlock: the burst got no answers within 30 s"
+        out = result["out"]
+        assert sum(isinstance(r, Generation) for r in out) == 800
+        errors = [r for r in out if not isinstance(r, Generation)]
+        assert len(errors) == 3 and all("context" in str(e).lower() or "long" in str(e).lower() for e in errors), errors
+    finally:
+        started["loop"].call_soon_threadsafe(started["child"].closed.set)
+        engine.engine.close()

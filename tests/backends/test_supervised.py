@@ -170,7 +170,8 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
         with serve_app(app) as base:
             backend = app.state.service.tiers[0].backend
             assert isinstance(backend, SupervisedBackend)
-            assert backend.pipe_reader == "loop"  # the server's loop reads the engine's answers itself
+            # the server's loop reads the engine's answers itself (once the supervisor has handed it the pipe)
+            assert _wait(lambda: backend.pipe_reader == "loop", 10)
             pid = backend.pid
             assert pid is not None
 
@@ -192,7 +193,7 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             assert backend.crashes == 1
             assert _wait(lambda: backend.health()["ok"], 60), backend.health()
             assert backend.pid != pid and backend.restarts == 1
-            assert backend.health()["engine_process"]["pipe_reader"] == "loop"
+            assert _wait(lambda: backend.health()["engine_process"]["pipe_reader"] == "loop", 10)  # the new pipe too
             health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 200
             metrics = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
@@ -338,6 +339,7 @@ class _Table:
         self.backend.name = "t"
         self.backend._health = {}
         self.backend._calls = {}
+        self.backend._loop_reader = None
         self.got: dict[int, list[Any]] = {}
 
     def call(self, rid: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -472,3 +474,100 @@ def test_read_on_a_serving_loop_answers_calls_from_it_and_from_other_loops() -> 
     finally:
         backend.close()
         owner.close()
+
+
+@pytest.mark.parametrize("size", [-4, -100])
+def test_a_length_that_is_no_header_ends_the_pipe_instead_of_spinning_the_loop(size: int) -> None:
+    """A negative length other than -1 means the stream is out of step (our child never writes one):
+    the reader ends the pipe, as a dead engine's, rather than loop forever on the same bytes."""
+    import struct
+    import threading
+    from multiprocessing import Pipe
+
+    from localroute.backends.supervised import _LoopReader
+
+    loop = asyncio.new_event_loop()
+    table = _Table()
+    reader_end, writer_end = Pipe(duplex=False)
+
+    async def main() -> bool:
+        reader = _LoopReader(table.backend, reader_end, asyncio.get_running_loop())
+        reader.start()
+        os.write(writer_end.fileno(), struct.pack("!i", size) + b"\x00" * 16)
+        for _ in range(100):
+            await asyncio.sleep(0.01)  # a spinning reader would never let this sleep return
+            if reader.lost.is_set():
+                return True
+        return False
+
+    done: dict[str, bool] = {}
+    runner = threading.Thread(target=lambda: done.update(lost=loop.run_until_complete(main())), daemon=True)
+    runner.start()
+    runner.join(10)
+    try:
+        assert not runner.is_alive(), "the loop spun on a bad header"
+        assert done["lost"] and reader_end.closed
+    finally:
+        writer_end.close()
+        if not runner.is_alive():
+            loop.close()
+
+
+def test_a_request_crosses_stamped_and_without_the_clients_body() -> None:
+    """What the parent writes for a request: `handed_at` stamped just before the write (the engine
+    times the request from there) and no client body (a local engine renders the messages)."""
+    import itertools
+    import threading
+    from multiprocessing import Pipe
+
+    from localroute.backends.supervised import _Pipes
+    from localroute.types import WireRequest
+
+    reader_end, writer_end = Pipe(duplex=False)
+    backend = SupervisedBackend.__new__(SupervisedBackend)
+    backend.name, backend.state, backend._owner, backend._calls = "t", "up", None, {}
+    backend._ids, backend._send_lock = itertools.count(), threading.Lock()
+    backend._pipes = _Pipes(reader_end, writer_end)
+    body = {"model": "x", "messages": QUESTION, "max_tokens": 4}
+    request = GenerationRequest(messages=tuple(QUESTION), params=SamplingParams(max_tokens=4),
+                                wire=WireRequest("chat", body), native=WireRequest("messages", body))
+
+    async def submit() -> tuple[float, float]:
+        before = time.perf_counter()
+        backend._submit(request, False, lambda event: None)
+        return before, time.perf_counter()
+
+    try:
+        before, after = asyncio.run(submit())
+        kind, rid, sent, stream = reader_end.recv()
+    finally:
+        reader_end.close()
+        writer_end.close()
+    assert (kind, rid, stream) == ("submit", 0, False)
+    assert sent.wire is None and sent.native is None and request.wire is not None  # the caller's is unchanged
+    assert sent.handed_at is not None and before <= sent.handed_at <= after and request.handed_at is None
+    assert sent.messages == request.messages and sent.params == request.params
+
+
+def test_a_reading_loop_closed_without_closing_the_tier_restarts_it_on_a_thread() -> None:
+    """The loop given to read_on goes away without the tier's aclose (a start-up that failed after
+    it, say): nobody would read the engine's answers or see it die. The supervisor notices, restarts
+    the engine, and its reader thread reads the new pipe; calls from any loop are answered again."""
+    import threading
+
+    backend = SupervisedBackend(TierSettings(**SMOL), local_settings([SMOL], engine_restart_backoff_s=0.2))
+    owner = asyncio.new_event_loop()
+    thread = threading.Thread(target=owner.run_forever, daemon=True)
+    thread.start()
+    try:
+        owner.call_soon_threadsafe(backend.read_on, owner)
+        assert _wait(lambda: backend.pipe_reader == "loop", 10)
+        owner.call_soon_threadsafe(owner.stop)
+        thread.join(10)
+        owner.close()
+        assert _wait(lambda: backend.restarts == 1 and backend.state == "up", 60), backend.health()
+        assert backend.pipe_reader == "thread"
+        answer = asyncio.run(asyncio.wait_for(backend.generate(_request(max_tokens=4)), 60))
+        assert answer.text
+    finally:
+        backend.close()
