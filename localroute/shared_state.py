@@ -7,7 +7,10 @@ Why it is built this way:
   limit's check-and-count, cannot interleave with another replica's. Times come from Redis
   (`TIME`), so replicas' clocks do not matter.
 - Every Redis call is bounded (`shared_state_timeout_s`, no client retries): an unreachable or
-  paused Redis costs a request at most that long, never a hang. After a failure Redis is not
+  paused Redis costs a request at most that long, never a hang. The bound is one
+  `asyncio.timeout` around the whole call (connection, command, reply); redis-py's own
+  `socket_timeout` is off, because with it each command also runs its write in a task
+  (`asyncio.wait_for`), on the request path. After a failure Redis is not
   tried again for `shared_state_retry_s`, so an outage costs one timeout per retry window, not one
   per request.
 - What a failure means is a setting, `shared_state_failure`: `fail_open` falls back to this
@@ -187,7 +190,7 @@ class SharedState:
         self.prefix = prefix
         self.client = aioredis.Redis.from_url(
             url,
-            socket_timeout=timeout_s,
+            socket_timeout=None,  # `call` bounds each call; redis-py's would add a task per command
             socket_connect_timeout=timeout_s,
             retry=None,
             retry_on_timeout=False,
@@ -226,7 +229,8 @@ class SharedState:
         from redis.exceptions import RedisError
 
         try:
-            async with asyncio.timeout(self.timeout_s * 2):  # no extra task per call, unlike wait_for
+            # one timer, no extra task (unlike wait_for); a reply cut off here closes its connection
+            async with asyncio.timeout(self.timeout_s):
                 return await factory()
         except (RedisError, OSError, TimeoutError) as exc:
             self.errors_total += 1
