@@ -81,8 +81,9 @@ def _cell(m: dict[str, Any], key: str, pct: bool = False) -> str:
 
 
 def table(reports: list[dict[str, Any]]) -> str:
-    lines = ["| set | rows | cheap right | frontier | signal | AUROC [95% CI] | APGR [95% CI] | CPT(95%) [95% CI] |",
-             "|---|---:|---:|---|---|---|---|---|"]
+    lines = [("| set | rows | cheap right | frontier | signal | AUROC [95% CI] | AUROC - mean_logprob's [paired 95% CI] "
+             "| APGR [95% CI] | CPT(95%) [95% CI] |"),
+             "|---|---:|---:|---|---|---|---|---|---|"]
     for r in reports:
         front = "oracle (upper bound)" if r.get("upper_bound") else str(r["frontier"].get("model"))
         best = r.get("best_aggregator")
@@ -95,8 +96,31 @@ def table(reports: list[dict[str, Any]]) -> str:
             if sig == "field_confidence":  # the other answers fall back to mean_logprob
                 name += f" ({r.get('n_structured', 0)} structured)"
             lines.append(f"| {r['set']} | {rows} | {100 * (r['cheap_quality'] or 0):.0f}% | {front} | {name} | "
-                         f"{_cell(m, 'auroc')} | {_cell(m, 'apgr')} | {_cell(m, 'cpt95', pct=True)} |")
+                         f"{_cell(m, 'auroc')} | {_delta(m)} | {_cell(m, 'apgr')} | {_cell(m, 'cpt95', pct=True)} |")
     return "\n".join(lines)
+
+
+def _delta(m: dict[str, Any]) -> str:
+    d = m.get("vs_mean_logprob")
+    if d is None:
+        return "-" if "vs_mean_logprob" not in m else "n/a"
+    return f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: does the set's best signal beat mean_logprob beyond its interval (issue #18's bar)?"""
+    bar = report.get("bar")
+    if bar is None:
+        return f"{report['set']}: no bar (the report has no bootstrap intervals)"
+    if not bar.get("applies"):
+        return f"{report['set']}: cheap tier right under 20% of the time: the bar does not apply"
+    best = bar.get("best")
+    if bar.get("met") is None:
+        return f"{report['set']}: no AUROC to compare"
+    if best == "mean_logprob":
+        return f"{report['set']}: mean_logprob is the best signal"
+    return (f"{report['set']}: best {best} {'beats' if bar['met'] else 'does not beat'} mean_logprob beyond "
+            f"its interval; the paired interval of the difference {'excludes' if bar['paired'] else 'includes'} 0")
 
 
 def main() -> int:
@@ -118,12 +142,14 @@ def main() -> int:
             if found:
                 reports.append(json.loads(found[-1].read_text(encoding="utf-8")))
         print(table(reports))
+        print("\n" + "\n".join(verdict(r) for r in reports))
         return 0
     if args.set is None:
         p.error("name a set, or --table")
     report = run_set(args.set, args.rows, args.seed, args.data_dir, args.bootstrap, args.concurrency,
                      args.report_only)
     print(table([report]))
+    print("\n" + verdict(report))
     if report.get("label_cost_s"):
         print(f"\nlabel scoring per request: {report['label_cost_s']}")
     print(f"wall {report['wall_s']} s")

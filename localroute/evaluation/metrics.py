@@ -201,3 +201,30 @@ def bootstrap_intervals(conf: Array, cheap: Array, frontier: Array, correct: NDA
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     return {k: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) if len(v) * 2 > n_boot else None
             for k, v in samples.items()}
+
+
+def paired_auroc_delta(conf: Array, base: Array, correct: NDArray[np.bool_], n_boot: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, tuple[float, float]] | None:
+    """AUROC(conf) - AUROC(base) on the same rows, with its paired percentile-bootstrap interval:
+    both signals rescored on each resample, so what they share (which rows are hard) cancels, and
+    the interval is of the difference itself. Two separate intervals that overlap can still hide a
+    real difference; this one excludes 0 only where one signal beats the other. None where AUROC is
+    undefined (no wrong or no right answer), or in more than half of the resamples."""
+    conf = np.asarray(conf, dtype=np.float64)
+    base = np.asarray(base, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    a, b = auroc(conf, correct), auroc(base, correct)
+    if a is None or b is None:
+        return None
+    n = len(conf)
+    rng = np.random.default_rng(seed)
+    deltas: list[float] = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        x, y = auroc(conf[idx], correct[idx]), auroc(base[idx], correct[idx])
+        if x is not None and y is not None:
+            deltas.append(x - y)
+    if len(deltas) * 2 <= n_boot:
+        return None
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return a - b, (float(np.quantile(deltas, lo)), float(np.quantile(deltas, hi)))

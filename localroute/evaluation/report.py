@@ -20,12 +20,15 @@ from localroute.evaluation.metrics import (
     bootstrap_intervals,
     curve_metrics,
     oracle_curve,
+    paired_auroc_delta,
     random_curve,
     routing_metrics,
 )
 from localroute.evaluation.runs import RunTable
 
 UPPER_BOUND_NOTE = "oracle frontier (assumed always right): an upper bound"
+BASELINE = "mean_logprob"  # the default signal every other one is compared with
+BAR_MIN_RIGHT = 0.2  # the comparison is asked of sets where the cheap tier is right this often
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -49,10 +52,15 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
         if bootstrap > 0:
             ci = bootstrap_intervals(t.conf[name], t.cheap, t.frontier, t.correct, n_boot=bootstrap)
             aggs[name]["ci"] = {k: None if v is None else [round(v[0], 4), round(v[1], 4)] for k, v in ci.items()}
+            if name != BASELINE and BASELINE in t.conf:
+                delta = paired_auroc_delta(t.conf[name], t.conf[BASELINE], t.correct, n_boot=bootstrap)
+                aggs[name]["vs_" + BASELINE] = None if delta is None else {
+                    "delta": round(delta[0], 4), "ci": [round(delta[1][0], 4), round(delta[1][1], 4)]}
     # AUROC is undefined when the cheap tier is always right or always wrong: then no signal "wins".
     ranked = [a for a in aggs if aggs[a]["auroc"] is not None]
     best = max(ranked, key=lambda a: (aggs[a]["auroc"], aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1),
                default=None)
+    bar = _bar(aggs, best, cq) if bootstrap > 0 else None
     frontier = dict(t.meta["frontier"])
     frontier["label"] = UPPER_BOUND_NOTE if t.upper_bound else (
         f"recorded outcomes of {frontier.get('model')}" if frontier["mode"] == "recorded"
@@ -77,9 +85,28 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
         "aggregators": aggs,
         "best_aggregator": best,
         "best_by": "AUROC (ties: APGR)",
+        "bar": bar,
         "random": {k: _r(v) for k, v in curve_metrics(random_curve(t.cheap, t.frontier), cq, fq).items()},
         "oracle_router": {k: _r(v) for k, v in curve_metrics(oracle_curve(t.cheap, t.frontier), cq, fq).items()},
     }
+
+
+def _bar(aggs: dict[str, Any], best: str | None, cheap_quality: float) -> dict[str, Any]:
+    """The test a signal is held to: where the cheap tier is right at least 20% of the time, the
+    best signal's AUROC beats the baseline's (`mean_logprob`) beyond the baseline's 95% interval;
+    `paired` says whether the paired interval of their difference also excludes 0."""
+    out: dict[str, Any] = {"applies": cheap_quality >= BAR_MIN_RIGHT, "best": best, "met": None, "paired": None}
+    base = aggs.get(BASELINE)
+    if best is None or base is None or not out["applies"]:
+        return out
+    if best == BASELINE:
+        out["met"] = out["paired"] = False
+        return out
+    hi = ((base.get("ci") or {}).get("auroc") or [None, None])[1]
+    out["met"] = hi is not None and aggs[best]["auroc"] > hi
+    delta = aggs[best].get("vs_" + BASELINE)
+    out["paired"] = delta is not None and delta["ci"][0] > 0
+    return out
 
 
 def _label_cost(t: RunTable) -> dict[str, float] | None:

@@ -89,3 +89,24 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_rows() -> N
     assert large["auroc"] < small["auroc"] and large["apgr"] < small["apgr"]
     none = bootstrap_intervals(np.zeros(5), np.ones(5), np.ones(5), np.ones(5, dtype=bool), n_boot=50)
     assert none["auroc"] is None and none["apgr"] is None  # all right: no AUROC, no gap to recover
+
+
+def test_the_paired_auroc_difference_cancels_what_two_signals_share() -> None:
+    from localroute.evaluation.metrics import bootstrap_intervals, paired_auroc_delta
+
+    rng = np.random.default_rng(3)
+    n = 300
+    correct = rng.random(n) < 0.5
+    shared = rng.normal(0, 1.0, n)  # what both signals see (how hard each row is)
+    base = correct * 0.5 + shared
+    better = correct * 0.6 + shared  # the same noise, a little more signal
+    same = paired_auroc_delta(base, base, correct, n_boot=200)
+    assert same is not None and same[0] == 0.0 and same[1] == (0.0, 0.0)
+    found = paired_auroc_delta(better, base, correct, n_boot=300)
+    assert found is not None
+    delta, (low, high) = found
+    assert delta == pytest.approx(auroc(better, correct) - auroc(base, correct))
+    assert 0 < low <= delta <= high  # a difference the two separate intervals would not show
+    sep = bootstrap_intervals(base, correct.astype(float), np.ones(n), correct, n_boot=300)["auroc"]
+    assert sep is not None and auroc(better, correct) < sep[1]
+    assert paired_auroc_delta(base, base, np.ones(n, dtype=bool)) is None  # no wrong answer: no AUROC
