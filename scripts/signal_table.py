@@ -95,35 +95,23 @@ def table(reports: list[dict[str, Any]]) -> str:
             name = f"**{sig}**" if sig == best else sig
             if sig == "field_confidence":  # the other answers fall back to mean_logprob
                 name += f" ({r.get('n_structured', 0)} structured)"
-            lines.append(f"| {r['set']} | {rows} | {100 * (r['cheap_quality'] or 0):.0f}% | {front} | {name} | "
+            right = r.get("cheap_right", r["cheap_quality"]) or 0  # older reports: the mean score
+            lines.append(f"| {r['set']} | {rows} | {100 * right:.1f}% | {front} | {name} | "
                          f"{_cell(m, 'auroc')} | {_delta(m)} | {_cell(m, 'apgr')} | {_cell(m, 'cpt95', pct=True)} |")
     return "\n".join(lines)
 
 
 def _delta(m: dict[str, Any]) -> str:
-    d = m.get("vs_mean_logprob")
+    from localroute.evaluation.report import BASELINE
+    d = m.get("vs_" + BASELINE)
     if d is None:
-        return "-" if "vs_mean_logprob" not in m else "n/a"
+        return "-" if "vs_" + BASELINE not in m else "n/a"
     return f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
 
 
-def verdict(report: dict[str, Any]) -> str:
-    """One line: does the set's best signal beat mean_logprob beyond its interval (issue #18's bar)?"""
-    bar = report.get("bar")
-    if bar is None:
-        return f"{report['set']}: no bar (the report has no bootstrap intervals)"
-    if not bar.get("applies"):
-        return f"{report['set']}: cheap tier right under 20% of the time: the bar does not apply"
-    best = bar.get("best")
-    if bar.get("met") is None:
-        return f"{report['set']}: no AUROC to compare"
-    if best == "mean_logprob":
-        return f"{report['set']}: mean_logprob is the best signal"
-    return (f"{report['set']}: best {best} {'beats' if bar['met'] else 'does not beat'} mean_logprob beyond "
-            f"its interval; the paired interval of the difference {'excludes' if bar['paired'] else 'includes'} 0")
-
-
 def main() -> int:
+    from localroute.evaluation.report import bar_verdict
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("set", nargs="?", choices=SETS)
     p.add_argument("--rows", type=int, default=200)
@@ -142,14 +130,14 @@ def main() -> int:
             if found:
                 reports.append(json.loads(found[-1].read_text(encoding="utf-8")))
         print(table(reports))
-        print("\n" + "\n".join(verdict(r) for r in reports))
+        print("\n" + "\n".join(bar_verdict(r) for r in reports))
         return 0
     if args.set is None:
         p.error("name a set, or --table")
     report = run_set(args.set, args.rows, args.seed, args.data_dir, args.bootstrap, args.concurrency,
                      args.report_only)
     print(table([report]))
-    print("\n" + verdict(report))
+    print("\n" + bar_verdict(report))
     if report.get("label_cost_s"):
         print(f"\nlabel scoring per request: {report['label_cost_s']}")
     print(f"wall {report['wall_s']} s")

@@ -207,9 +207,10 @@ def paired_auroc_delta(conf: Array, base: Array, correct: NDArray[np.bool_], n_b
                        level: float = 0.95, seed: int = 0) -> tuple[float, tuple[float, float]] | None:
     """AUROC(conf) - AUROC(base) on the same rows, with its paired percentile-bootstrap interval:
     both signals rescored on each resample, so what they share (which rows are hard) cancels, and
-    the interval is of the difference itself. Two separate intervals that overlap can still hide a
-    real difference; this one excludes 0 only where one signal beats the other. None where AUROC is
-    undefined (no wrong or no right answer), or in more than half of the resamples."""
+    the interval is of the difference itself: two separate intervals that overlap can still hide a
+    real difference, which this one shows. With the same `seed` and row count it draws the same
+    resamples as `bootstrap_intervals`. None where AUROC is undefined (no wrong or no right
+    answer), or in more than half of the resamples."""
     conf = np.asarray(conf, dtype=np.float64)
     base = np.asarray(base, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
