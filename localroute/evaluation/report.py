@@ -17,7 +17,6 @@ import numpy as np
 
 from localroute.evaluation.metrics import (
     as_probability,
-    auroc,
     bootstrap_intervals,
     curve_metrics,
     oracle_curve,
@@ -46,6 +45,7 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
                 "cheap_quality": None, "frontier_quality": None}
     cq, fq = float(t.cheap.mean()), float(t.frontier.mean())
     aggs: dict[str, Any] = {}
+    raw_auroc: dict[str, tuple[float | None, tuple[float, float] | None]] = {}  # unrounded, for the bar
     for name in t.conf:
         if (name == "label_confidence" and not t.n_labelled) or (name == "field_confidence" and not t.n_structured):
             continue  # no row had labels / structure: the signal would only repeat mean_logprob
@@ -53,6 +53,7 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
         aggs[name] = m.as_dict()
         if bootstrap > 0:
             ci = bootstrap_intervals(t.conf[name], t.cheap, t.frontier, t.correct, n_boot=bootstrap)
+            raw_auroc[name] = (m.auroc, ci["auroc"])
             aggs[name]["ci"] = {k: None if v is None else [round(v[0], 4), round(v[1], 4)] for k, v in ci.items()}
             if name != BASELINE and BASELINE in t.conf:
                 delta = paired_auroc_delta(t.conf[name], t.conf[BASELINE], t.correct, n_boot=bootstrap)
@@ -62,7 +63,7 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
     ranked = [a for a in aggs if aggs[a]["auroc"] is not None]
     best = max(ranked, key=lambda a: (aggs[a]["auroc"], aggs[a]["apgr"] if aggs[a]["apgr"] is not None else -1),
                default=None)
-    bar = _bar(t, aggs, best, bootstrap) if bootstrap > 0 else None
+    bar = _bar(t, aggs, raw_auroc, best, bootstrap) if bootstrap > 0 else None
     frontier = dict(t.meta["frontier"])
     frontier["label"] = UPPER_BOUND_NOTE if t.upper_bound else (
         f"recorded outcomes of {frontier.get('model')}" if frontier["mode"] == "recorded"
@@ -94,7 +95,8 @@ def build_report(out_dir: Path, bootstrap: int = 0) -> dict[str, Any]:
     }
 
 
-def _bar(t: RunTable, aggs: dict[str, Any], best: str | None, bootstrap: int) -> dict[str, Any]:
+def _bar(t: RunTable, aggs: dict[str, Any], raw_auroc: dict[str, tuple[float | None, tuple[float, float] | None]],
+         best: str | None, bootstrap: int) -> dict[str, Any]:
     """Issue #18's test of a set's best signal, decided on unrounded values. It applies where the
     cheap tier's answers are right (`correct`, not the mean score: a span F1 of 0.5 is not right)
     at least BAR_MIN_RIGHT of the time. `met`: the issue's own wording, the best signal's AUROC
@@ -113,8 +115,8 @@ def _bar(t: RunTable, aggs: dict[str, Any], best: str | None, bootstrap: int) ->
         return out
     rivals = [a for a in aggs if a != BASELINE and aggs[a]["auroc"] is not None]
     out["compared"] = len(rivals)
-    base_ci = bootstrap_intervals(t.conf[BASELINE], t.cheap, t.frontier, t.correct, n_boot=bootstrap)["auroc"]
-    best_auroc = auroc(t.conf[best], t.correct)
+    base_ci = raw_auroc[BASELINE][1]
+    best_auroc = raw_auroc[best][0]
     if base_ci is not None and best_auroc is not None:
         out["met"] = best_auroc > base_ci[1]
     level = 1 - (1 - 0.95) / len(rivals)
