@@ -14,7 +14,7 @@ from typing import Any
 from localroute.backends.base import load_backend
 from localroute.backends.budget import Budget, SharedSpendBudget, SpendBudget, SpendStore
 from localroute.backends.capabilities import capabilities_for
-from localroute.backends.supervised import supervised
+from localroute.backends.supervised import SupervisedBackend, supervised
 from localroute.errors import ConfigError, ModelNotFoundError
 from localroute.monitoring.cost import CostAccountant, RequestCost
 from localroute.monitoring.prometheus import Metrics
@@ -207,6 +207,20 @@ def attach_budget(tiers: Sequence[Tier], settings: Settings, state: SharedState 
     return budget
 
 
+def cpu_clock(tiers: Sequence[Tier]) -> Callable[[], float]:
+    """The CPU seconds local answers are priced from: this process's, plus every engine process's
+    (engine_isolation = "process", the default: the engine's work is in its own process and not in
+    this one's process_time())."""
+    engines = [t.backend for t in tiers if isinstance(t.backend, SupervisedBackend)]
+    if not engines:
+        return time.process_time
+
+    def total() -> float:
+        return time.process_time() + sum(e.engine_cpu_s() for e in engines)
+
+    return total
+
+
 class Monitoring:
     """Everything that watches a running Service: the telemetry sampler, the cost accountant, the
     Prometheus metrics and (when `routing_log_path` is set) the routing log. Built in the app's
@@ -214,7 +228,7 @@ class Monitoring:
 
     def __init__(self, settings: Settings, tiers: Sequence[Tier], nvml: Nvml | None = None,
                  shared_state: SharedState | None = None) -> None:
-        self.telemetry = Telemetry(settings.telemetry_interval_s, nvml=nvml)
+        self.telemetry = Telemetry(settings.telemetry_interval_s, nvml=nvml, cpu_clock=cpu_clock(tiers))
         self.costs = CostAccountant(settings, tiers, self.telemetry)
         self.telemetry.load = self.costs.load
         tier_list = list(tiers)

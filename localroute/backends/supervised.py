@@ -47,6 +47,7 @@ import pickle
 import selectors
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -93,6 +94,28 @@ def _exit_reason(proc: BaseProcess) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system, every thread) of another process in seconds, or None where it cannot
+    be read (the process is gone and reaped; no way to read it on this OS). On Linux the process's
+    own CPU-time clock, which clock_getcpuclockid(3) names (CPUCLOCK_SCHED, process-wide: ~pid << 3
+    | 2), read in nanoseconds; /proc's utime + stime count clock ticks (10 ms), coarser than a
+    short answer. Elsewhere psutil's reading, where psutil is installed."""
+    if sys.platform.startswith("linux"):
+        try:
+            return time.clock_gettime(((~pid) << 3) | 2)
+        except OSError:
+            return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's framing: a signed 32-bit length,
@@ -211,6 +234,10 @@ class SupervisedBackend:
         self.crashes = 0
         self.last_crash: str | None = None
         self._closing = threading.Event()
+        self._cpu_lock = threading.Lock()  # engine_cpu_s: readers on the loop and the telemetry thread
+        self._cpu_pid: int | None = None
+        self._cpu_base = 0.0  # the earlier engine processes' CPU seconds
+        self._cpu_last = 0.0  # the current one's, as last read
         conn, proc, info = self._spawn()  # the first start fails loudly, like an in-process load
         self._attach(conn, proc, info)
         self._supervisor = threading.Thread(target=self._supervise, name=f"engine-supervisor-{self.name}",
@@ -272,6 +299,7 @@ class SupervisedBackend:
             assert pipes is not None and proc is not None
             up_since = time.monotonic()
             self._read_until_closed(pipes, proc)
+            self.engine_cpu_s()  # the dying engine's last reading, while it can still be read
             proc.join(5)
             if self._closing.is_set():
                 return
@@ -507,6 +535,22 @@ class SupervisedBackend:
     def pipe_reader(self) -> str:
         """Who reads the engine's answers: "loop" (the serving loop, after `read_on`) or "thread"."""
         return "loop" if self._loop_reader is not None else "thread"
+
+    def engine_cpu_s(self) -> float:
+        """CPU seconds this tier's engine processes have used: the current one's and every earlier
+        one's (a restarted engine's clock starts at zero; its predecessors' last readings are kept).
+        The engine's work is not in the server's own process_time(): the telemetry's CPU clock adds
+        this to it, so a local answer is priced at the CPU its engine used (service.Monitoring)."""
+        proc = self._proc
+        pid = proc.pid if proc is not None else None
+        now = process_cpu_s(pid) if pid is not None else None
+        with self._cpu_lock:
+            if now is not None:
+                if pid != self._cpu_pid or now < self._cpu_last:  # another process (a reused pid too)
+                    self._cpu_base += self._cpu_last
+                    self._cpu_pid, self._cpu_last = pid, 0.0
+                self._cpu_last = now
+            return self._cpu_base + self._cpu_last
 
     @property
     def pid(self) -> int | None:

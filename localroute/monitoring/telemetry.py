@@ -1,5 +1,6 @@
-"""Hardware telemetry: NVML (GPU utilisation, memory, power, energy), process CPU time, CPU energy
-(RAPL) where readable, and how many sequences the local engines are decoding.
+"""Hardware telemetry: NVML (GPU utilisation, memory, power, energy), CPU time (the server's and its
+engine processes'), CPU energy (RAPL) where readable, and how many sequences the local engines are
+decoding.
 
 A background thread samples all of it every `interval_s` into a short history; the cost ledger
 asks for what one request's time window consumed (`Telemetry.window`). NVML is imported lazily
@@ -217,7 +218,8 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What the whole process consumed over a window, and how many sequences shared it."""
+    """What the server consumed over a window (`cpu_s`: its own process and its engine processes'),
+    and how many sequences shared it."""
 
     wall_s: float
     cpu_s: float
@@ -235,8 +237,12 @@ class Telemetry:
     """The background sampler. `load` returns (sequences active on CPU engines, on GPU engines)."""
 
     def __init__(self, interval_s: float = 0.25, nvml: Nvml | None = None, load: LoadFn | None = None,
-                 history: int = 4096, cpu_energy: Callable[[], float | None] = read_cpu_energy_j) -> None:
+                 history: int = 4096, cpu_energy: Callable[[], float | None] = read_cpu_energy_j,
+                 cpu_clock: Callable[[], float] = time.process_time) -> None:
+        """`cpu_clock`: cumulative CPU seconds of everything the local engines run in (the server
+        process, plus its engine processes where engines run in their own: service.Monitoring)."""
         self.interval_s = interval_s
+        self._cpu_clock = cpu_clock
         self.nvml = nvml if nvml is not None else Nvml()
         self.load = load
         self._cpu_energy = cpu_energy
@@ -287,8 +293,9 @@ class Telemetry:
                 active_cpu, active_gpu = self.load()
             except Exception:
                 log.exception("engine load probe failed")
+        cpu_s = self._cpu_clock()
         with self._lock:
-            s = Sample(time.perf_counter(), time.process_time(), cpu_energy, gpu_energy, active_cpu, active_gpu)
+            s = Sample(time.perf_counter(), cpu_s, cpu_energy, gpu_energy, active_cpu, active_gpu)
             self._samples.append(s)
             if gpus:
                 self._gpus = gpus

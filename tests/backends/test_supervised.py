@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 
 from localroute.backends.base import load_backend
 from localroute.backends.engine_wire import _rebuild, _spec
-from localroute.backends.supervised import SupervisedBackend, supervised
+from localroute.backends.supervised import SupervisedBackend, process_cpu_s, supervised
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -174,6 +176,8 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             assert _wait(lambda: backend.pipe_reader == "loop", 10)
             pid = backend.pid
             assert pid is not None
+            cpu_before = backend.engine_cpu_s()
+            assert cpu_before > 0  # the engine process's model load, at least
 
             async def run() -> list[tuple[str, Any]]:
                 async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -193,6 +197,8 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             assert backend.crashes == 1
             assert _wait(lambda: backend.health()["ok"], 60), backend.health()
             assert backend.pid != pid and backend.restarts == 1
+            # the new engine's CPU clock starts at 0; the tier's count keeps its predecessor's
+            assert backend.engine_cpu_s() >= cpu_before
             assert _wait(lambda: backend.health()["engine_process"]["pipe_reader"] == "loop", 10)  # the new pipe too
             health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 200
@@ -571,3 +577,42 @@ def test_a_reading_loop_closed_without_closing_the_tier_restarts_it_on_a_thread(
         assert answer.text
     finally:
         backend.close()
+
+
+def test_process_cpu_s_reads_another_process_and_none_once_it_is_gone() -> None:
+    """The engine process's CPU time, read from the server: a child that spins ~0.3 s reads about
+    that (all of its threads' user + system time), and nothing once it is reaped."""
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint(flush=True)\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # it has spun
+        spun = process_cpu_s(child.pid)
+        assert spun is not None and 0.3 <= spun < 5.0, spun
+        time.sleep(0.2)  # asleep now: its clock stands still
+        again = process_cpu_s(child.pid)
+        assert again is not None and again - spun < 0.05
+    finally:
+        child.kill()
+        child.wait()
+    assert process_cpu_s(child.pid) is None
+
+
+def test_a_local_answer_is_priced_at_its_engine_processes_cpu() -> None:
+    """With the engine in its own process (the default), the CPU a local answer is priced at is the
+    engine's: decoding keeps a core busy for most of the answer's window. The server's own
+    process_time() alone read ~0.5% of the window (0.003 s of CPU for a 0.6 s answer)."""
+    settings = local_settings([SMOL], n_parallel=1)
+    assert settings.engine_isolation == "process"
+    app = create_app(settings)
+    with serve_app(app) as base:
+        assert isinstance(app.state.service.tiers[0].backend, SupervisedBackend)
+        for _ in range(2):  # the first answer also warms the engine up
+            r = httpx.post(base + "/chat/completions", timeout=60, json={
+                "model": "smollm2-135m", "messages": QUESTION, "max_tokens": 32, "temperature": 0})
+            assert r.status_code == 200, r.text
+        (cost,) = r.json()["localroute"]["cost_inputs"]
+    assert cost["method"] == "local_cpu"
+    inputs = cost["inputs"]
+    assert inputs["process_cpu_s"] >= 0.25 * inputs["window_s"], inputs
+    assert cost["cost_usd"] > 0
