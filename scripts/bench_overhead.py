@@ -41,9 +41,8 @@ def _ms(fn: Callable[[], object], runs: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from localroute.monitoring.prometheus import Monitoring
     from localroute.monitoring.record import RequestRecord
-    from localroute.service import Service, build_tiers
+    from localroute.service import Monitoring, Service, build_tiers
     from localroute.settings import Settings
     from localroute.types import GenerationRequest, SamplingParams
 
@@ -52,8 +51,9 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        # the engine in this process: its template and tokeniser are timed here, not across a pipe
         settings = Settings(tiers=[{"name": "local", "kind": "llama_cpp", "model": "smollm2-135m"}], n_ctx=1024,
-                            routing_log_path=Path(tmp) / "routing.db")
+                            routing_log_path=Path(tmp) / "routing.db", engine_isolation="thread")
         tiers = build_tiers(settings)
         service, monitoring = Service(settings, tiers), Monitoring(settings, tiers)
         backend = tiers[0].backend
