@@ -100,8 +100,9 @@ def process_cpu_s(pid: int) -> float | None:
     """CPU time (user + system, every thread) of another process in seconds, or None where it cannot
     be read (the process is gone and reaped; no way to read it on this OS). On Linux the process's
     own CPU-time clock, which clock_getcpuclockid(3) names (CPUCLOCK_SCHED, process-wide: ~pid << 3
-    | 2), read in nanoseconds; /proc's utime + stime count clock ticks (10 ms), coarser than a
-    short answer. Elsewhere psutil's reading, where psutil is installed."""
+    | 2): the scheduler's runtime in nanoseconds (a thread running right now counts up to its last
+    scheduler tick); /proc's utime + stime count 10 ms clock ticks. Elsewhere psutil's reading,
+    where psutil is installed."""
     if sys.platform.startswith("linux"):
         try:
             return time.clock_gettime(((~pid) << 3) | 2)
@@ -116,6 +117,47 @@ def process_cpu_s(pid: int) -> float | None:
     except psutil.Error:
         return None
     return float(times.user + times.system)
+
+
+class EngineCpu:
+    """The CPU seconds of a tier's engine processes, one after another: the current one's since it
+    was attached, plus every earlier one's last reading. The first engine's start-up counts (it is
+    over before any answer is priced); a restarted engine's does not: its model load is no answer's
+    cost, and priced by interpolation it landed on the first answers after the restart (1.4 s of CPU
+    in a 0.2 s window). Read from the serving loop (pricing) and the telemetry thread: each reading
+    is taken under the lock, so one process's readings never go backwards."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None  # the engine read now (None: none, or the last one retired)
+        self._attached = False
+        self._offset = 0.0  # its clock when it was attached (0 for the first engine)
+        self._base = 0.0  # the earlier engines' CPU seconds
+        self._last = 0.0  # the current one's since it was attached, as last read
+
+    def attach(self, pid: int) -> None:
+        with self._lock:
+            self._read()
+            self._base += self._last
+            self._last = 0.0
+            self._offset = (process_cpu_s(pid) or 0.0) if self._attached else 0.0
+            self._pid, self._attached = pid, True
+
+    def retire(self) -> None:
+        """The current engine is gone (about to be reaped, after which its pid may be another
+        process's): its last reading is kept, and it is read no more."""
+        with self._lock:
+            self._read()
+            self._pid = None
+
+    def total(self) -> float:
+        with self._lock:
+            self._read()
+            return self._base + self._last
+
+    def _read(self) -> None:
+        if self._pid is not None and (now := process_cpu_s(self._pid)) is not None:
+            self._last = max(self._last, now - self._offset)
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's framing: a signed 32-bit length,
@@ -234,10 +276,7 @@ class SupervisedBackend:
         self.crashes = 0
         self.last_crash: str | None = None
         self._closing = threading.Event()
-        self._cpu_lock = threading.Lock()  # engine_cpu_s: readers on the loop and the telemetry thread
-        self._cpu_pid: int | None = None
-        self._cpu_base = 0.0  # the earlier engine processes' CPU seconds
-        self._cpu_last = 0.0  # the current one's, as last read
+        self._cpu = EngineCpu()
         conn, proc, info = self._spawn()  # the first start fails loudly, like an in-process load
         self._attach(conn, proc, info)
         self._supervisor = threading.Thread(target=self._supervise, name=f"engine-supervisor-{self.name}",
@@ -288,6 +327,8 @@ class SupervisedBackend:
                     self._health = event[1]
 
     def _attach(self, pipes: _Pipes, proc: BaseProcess, info: dict[str, Any]) -> None:
+        if proc.pid is not None:
+            self._cpu.attach(proc.pid)
         self._pipes, self._proc, self._info = pipes, proc, info
         self.state = "up"
 
@@ -299,7 +340,7 @@ class SupervisedBackend:
             assert pipes is not None and proc is not None
             up_since = time.monotonic()
             self._read_until_closed(pipes, proc)
-            self.engine_cpu_s()  # the dying engine's last reading, while it can still be read
+            self._cpu.retire()  # its last reading, while it can still be read (before it is reaped)
             proc.join(5)
             if self._closing.is_set():
                 return
@@ -537,20 +578,10 @@ class SupervisedBackend:
         return "loop" if self._loop_reader is not None else "thread"
 
     def engine_cpu_s(self) -> float:
-        """CPU seconds this tier's engine processes have used: the current one's and every earlier
-        one's (a restarted engine's clock starts at zero; its predecessors' last readings are kept).
-        The engine's work is not in the server's own process_time(): the telemetry's CPU clock adds
-        this to it, so a local answer is priced at the CPU its engine used (service.Monitoring)."""
-        proc = self._proc
-        pid = proc.pid if proc is not None else None
-        now = process_cpu_s(pid) if pid is not None else None
-        with self._cpu_lock:
-            if now is not None:
-                if pid != self._cpu_pid or now < self._cpu_last:  # another process (a reused pid too)
-                    self._cpu_base += self._cpu_last
-                    self._cpu_pid, self._cpu_last = pid, 0.0
-                self._cpu_last = now
-            return self._cpu_base + self._cpu_last
+        """CPU seconds this tier's engine processes have used (EngineCpu). The engine's work is not in
+        the server's own process_time(): the telemetry's CPU clock adds this to it, so a local answer
+        is priced at the CPU its engine used (service.cpu_clock)."""
+        return self._cpu.total()
 
     @property
     def pid(self) -> int | None:

@@ -293,9 +293,8 @@ class Telemetry:
                 active_cpu, active_gpu = self.load()
             except Exception:
                 log.exception("engine load probe failed")
-        cpu_s = self._cpu_clock()
-        with self._lock:
-            s = Sample(time.perf_counter(), cpu_s, cpu_energy, gpu_energy, active_cpu, active_gpu)
+        with self._lock:  # the clock read with the time, in order: both ascend together in the history
+            s = Sample(time.perf_counter(), self._cpu_clock(), cpu_energy, gpu_energy, active_cpu, active_gpu)
             self._samples.append(s)
             if gpus:
                 self._gpus = gpus

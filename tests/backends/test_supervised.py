@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 from localroute.backends.base import load_backend
 from localroute.backends.engine_wire import _rebuild, _spec
-from localroute.backends.supervised import SupervisedBackend, process_cpu_s, supervised
+from localroute.backends.supervised import EngineCpu, SupervisedBackend, process_cpu_s, supervised
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -197,8 +198,14 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             assert backend.crashes == 1
             assert _wait(lambda: backend.health()["ok"], 60), backend.health()
             assert backend.pid != pid and backend.restarts == 1
-            # the new engine's CPU clock starts at 0; the tier's count keeps its predecessor's
-            assert backend.engine_cpu_s() >= cpu_before
+            # the tier's count keeps its predecessor's CPU, and not the new engine's start-up (its
+            # model load, ~1 s of CPU, is no answer's cost)
+            new_pid = backend.pid
+            assert new_pid is not None
+            new_engine = process_cpu_s(new_pid)
+            total = backend.engine_cpu_s()
+            assert new_engine is not None and cpu_before <= total < cpu_before + new_engine, (cpu_before, total,
+                                                                                             new_engine)
             assert _wait(lambda: backend.health()["engine_process"]["pipe_reader"] == "loop", 10)  # the new pipe too
             health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 200
@@ -596,6 +603,82 @@ def test_process_cpu_s_reads_another_process_and_none_once_it_is_gone() -> None:
         child.kill()
         child.wait()
     assert process_cpu_s(child.pid) is None
+
+
+def _spinner(seconds: float) -> subprocess.Popen[bytes]:
+    """A process that burns `seconds` of CPU, says so on stdout, then sleeps until killed."""
+    spin = (f"import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\n"
+            "print(flush=True)\nfor line in sys.stdin:\n    t = time.process_time()\n"
+            "    while time.process_time() - t < float(line): pass\n    print(flush=True)\ntime.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    child.stdout.readline()
+    return child
+
+
+def _spin(child: subprocess.Popen[bytes], seconds: float) -> None:
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(f"{seconds}\n".encode())
+    child.stdin.flush()
+    child.stdout.readline()
+
+
+def test_engine_cpu_keeps_earlier_engines_and_leaves_out_a_restarts_start_up() -> None:
+    """Two engine processes one after the other: the first's CPU counts whole (its start-up is over
+    before anything is priced), the second's only from its attach (a restart's model load is no
+    answer's cost), and the first's last reading stays in the total once it is gone."""
+    cpu = EngineCpu()
+    first = _spinner(0.2)
+    try:
+        cpu.attach(first.pid)
+        assert cpu.total() >= 0.2
+        _spin(first, 0.2)
+        at_death = cpu.total()
+        assert at_death >= 0.4
+        cpu.retire()
+    finally:
+        first.kill()
+        first.wait()
+    assert cpu.total() == pytest.approx(at_death, abs=0.05)  # gone: its readings stay
+    second = _spinner(0.3)  # its "model load": before the attach
+    try:
+        cpu.attach(second.pid)
+        assert cpu.total() == pytest.approx(at_death, abs=0.05)
+        _spin(second, 0.2)
+        assert cpu.total() == pytest.approx(at_death + 0.2, abs=0.08)
+    finally:
+        second.kill()
+        second.wait()
+
+
+def test_engine_cpu_read_from_two_threads_never_counts_a_process_twice() -> None:
+    """Pricing (the serving loop) and the telemetry thread read the engine's clock at once. A
+    reading taken outside the lock and compared inside it looked like a new process whenever
+    another thread had stored a later one, and added the engine's whole lifetime CPU again
+    (a review's demo: 370 s reported for 4 s used)."""
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    cpu = EngineCpu()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads swap as often as they can
+    try:
+        cpu.attach(child.pid)
+        stop = time.monotonic() + 1.0
+
+        def hammer() -> None:
+            while time.monotonic() < stop:
+                cpu.total()
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        used = process_cpu_s(child.pid)
+        assert used is not None and cpu.total() <= used + 0.05, (cpu.total(), used)
+    finally:
+        sys.setswitchinterval(switch)
+        child.kill()
+        child.wait()
 
 
 def test_a_local_answer_is_priced_at_its_engine_processes_cpu() -> None:
