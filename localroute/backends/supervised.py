@@ -131,7 +131,7 @@ class EngineCpu:
         self._lock = threading.Lock()
         self._pid: int | None = None  # the engine read now (None: none, or the last one retired)
         self._attached = False
-        self._offset = 0.0  # its clock when it was attached (0 for the first engine)
+        self._offset: float | None = 0.0  # its clock when it was attached (0 for the first engine)
         self._base = 0.0  # the earlier engines' CPU seconds
         self._last = 0.0  # the current one's since it was attached, as last read
 
@@ -140,7 +140,8 @@ class EngineCpu:
             self._read()
             self._base += self._last
             self._last = 0.0
-            self._offset = (process_cpu_s(pid) or 0.0) if self._attached else 0.0
+            # a restart's clock now; None (unreadable for a moment): its first reading then
+            self._offset = process_cpu_s(pid) if self._attached else 0.0
             self._pid, self._attached = pid, True
 
     def retire(self) -> None:
@@ -157,6 +158,8 @@ class EngineCpu:
 
     def _read(self) -> None:
         if self._pid is not None and (now := process_cpu_s(self._pid)) is not None:
+            if self._offset is None:
+                self._offset = now
             self._last = max(self._last, now - self._offset)
 
 

@@ -202,10 +202,11 @@ def test_engine_crash_under_load_is_survived(sig: signal.Signals, tmp_path: Path
             # model load, ~1 s of CPU, is no answer's cost)
             new_pid = backend.pid
             assert new_pid is not None
-            new_engine = process_cpu_s(new_pid)
             total = backend.engine_cpu_s()
-            assert new_engine is not None and cpu_before <= total < cpu_before + new_engine, (cpu_before, total,
-                                                                                             new_engine)
+            new_engine = process_cpu_s(new_pid)
+            earlier = backend._cpu._base  # the killed engine's last reading
+            assert new_engine is not None and cpu_before <= earlier <= total
+            assert total - earlier < new_engine, (earlier, total, new_engine)
             assert _wait(lambda: backend.health()["engine_process"]["pipe_reader"] == "loop", 10)  # the new pipe too
             health = httpx.get(base.removesuffix("/v1") + "/health", timeout=10)
             assert health.status_code == 200
@@ -673,8 +674,9 @@ def test_engine_cpu_read_from_two_threads_never_counts_a_process_twice() -> None
             t.start()
         for t in threads:
             t.join()
-        used = process_cpu_s(child.pid)
-        assert used is not None and cpu.total() <= used + 0.05, (cpu.total(), used)
+        total = cpu.total()
+        used = process_cpu_s(child.pid)  # after: the child's clock only goes up
+        assert used is not None and total <= used, (total, used)
     finally:
         sys.setswitchinterval(switch)
         child.kill()

@@ -181,7 +181,8 @@ def test_value_at_interpolates_between_the_nearest_readings_across_gaps() -> Non
     rng = random.Random(7)
     for _ in range(300):
         n = rng.randint(0, 12)
-        t = sorted(rng.uniform(0, 10) for _ in range(n))
+        # half the histories have repeated times (a periodic and a priced sample in one tick)
+        t = sorted(rng.uniform(0, 10) if rng.random() < 0.5 else float(rng.randint(0, 4)) for _ in range(n))
         samples = [Sample(ti, ti, cpu_energy_j=None if rng.random() < 0.4 else ti * 3 + rng.random()) for ti in t]
         times = [s.t for s in samples]
         for q in [rng.uniform(-1, 11) for _ in range(5)] + times[:2]:
