@@ -12,7 +12,8 @@ Stages, in the order a request meets them:
     handler -> body read        mostly the wait for the body's bytes (Server-Timing's `body`, not router time)
     body read -> validated      JSON parse, category, pydantic validation
     validated -> tier call      the internal request, the router's choice, the cascade's checks
-    tier call -> handed over    (process) the request's pipe write: engine time, as waking an engine thread is
+    tier call -> handed over    (process) the stamp the engine's time starts from
+    handed over -> sent         (process) the request's pipe write: engine time, as waking an engine thread is
     engine done -> on the loop  (process) the answer's way back: encode, pipe, the loop's wake-up, decode
     on the loop -> tier return  (process) the waiting call's resumption and the tokens' rebuild
     tier return -> routed       the cascade's confidence, checks and decision
@@ -49,6 +50,7 @@ STAGES = [
     ("body read -> validated", "body_read", "validated"),
     ("validated -> tier call", "validated", "tier_call"),
     ("tier call -> handed over", "tier_call", "handed_at"),
+    ("handed over -> sent", "handed_at", "sent"),
     ("engine done -> on the loop", "engine_done", "on_loop"),
     ("on the loop -> tier return", "on_loop", "tier_return"),
     ("tier return -> routed", "tier_return", "routed"),
@@ -112,9 +114,9 @@ def _serve(port: int, out: str) -> None:
     send = SupervisedBackend._send
 
     def _send(self: Any, msg: tuple[Any, ...]) -> None:
-        if msg[0] == "submit":
-            cur["handed_at"] = msg[2].handed_at
         send(self, msg)
+        if msg[0] == "submit":
+            cur["handed_at"], cur["sent"] = msg[2].handed_at, time.perf_counter()
     SupervisedBackend._send = _send  # type: ignore[method-assign]
 
     middleware = timing.ServerTimingMiddleware.__call__
@@ -152,6 +154,8 @@ def _serve(port: int, out: str) -> None:
     server = uvicorn.Server(server_config(app, settings.model_copy(update={"port": port, "host": "127.0.0.1"})))
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
     finally:
         Path(out).write_text(json.dumps(rows))
 
