@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -170,39 +171,28 @@ def _drive(base: str, requests: int, max_tokens: int) -> list[float]:
 
 
 def measure(isolation: str, requests: int, max_tokens: int, model: str) -> dict[str, Any]:
-    import httpx
-
-    from localroute.bench.servers import free_port
+    from localroute.bench.servers import ManagedServer, free_port
     from localroute.registry import resolve_model_path
     from localroute.settings import Settings
 
     settings = Settings()
     tier = {"name": "local", "kind": "llama_cpp", "model": str(resolve_model_path(model, settings.models_dir))}
     port = free_port()
-    env = {**os.environ, "LOCALROUTE_ENGINE_ISOLATION": isolation, "LOCALROUTE_TIERS": json.dumps([tier]),
+    env = {"LOCALROUTE_ENGINE_ISOLATION": isolation, "LOCALROUTE_TIERS": json.dumps([tier]),
            "LOCALROUTE_N_PARALLEL": "1", "LOCALROUTE_LOG_LEVEL": "warning"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "stamps.json")
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), out], env=env, cwd=ROOT)
+        server = ManagedServer(f"localroute-{isolation}", [sys.executable, __file__, "--serve", str(port), out],
+                               "localroute/cascade", env, port)
+        server.start()
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start (exit code {proc.returncode})")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            router = _drive(f"http://127.0.0.1:{port}/v1", requests, max_tokens)
+            router = _drive(server.base_url, requests, max_tokens)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if server.proc is not None:  # Ctrl-C: uvicorn shuts down and the server writes its stamps
+                server.proc.send_signal(signal.SIGINT)  # (after a SIGTERM uvicorn re-raises it and dies)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.proc.wait(60)
+            server.stop()
         rows = json.loads(Path(out).read_text())[10:]  # after the warm-up
     stages: dict[str, float | None] = {}
     for label, a, b in STAGES:
