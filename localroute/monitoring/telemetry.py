@@ -240,7 +240,7 @@ class Telemetry:
                  history: int = 4096, cpu_energy: Callable[[], float | None] = read_cpu_energy_j,
                  cpu_clock: Callable[[], float] = time.process_time) -> None:
         """`cpu_clock`: cumulative CPU seconds of everything the local engines run in (the server
-        process, plus its engine processes where engines run in their own: service.Monitoring)."""
+        process, plus its engine processes where engines run in their own: service.cpu_clock)."""
         self.interval_s = interval_s
         self._cpu_clock = cpu_clock
         self.nvml = nvml if nvml is not None else Nvml()
@@ -328,39 +328,17 @@ class Telemetry:
                 if before >= WINDOW_MARGIN:
                     break
         samples.reverse()
-        times = [s.t for s in samples]
         t1 = max(t1, t0)
-        cpu = _delta(samples, times, t0, t1, _cpu_s) or 0.0
+        cpu = _delta(samples, t0, t1, lambda s: s.cpu_s) or 0.0
         return Usage(
             wall_s=t1 - t0,
             cpu_s=max(cpu, 0.0),
-            cpu_energy_j=_delta(samples, times, t0, t1, _cpu_energy_j),
-            gpu_energy_j=_delta(samples, times, t0, t1, _gpu_energy_j),
-            mean_active_cpu=_mean_step(samples, t0, t1, _active_cpu),
-            mean_active_gpu=_mean_step(samples, t0, t1, _active_gpu),
-            inputs={"samples": bisect.bisect_right(times, t1) - bisect.bisect_left(times, t0),
-                    "interval_s": self.interval_s},
+            cpu_energy_j=_delta(samples, t0, t1, lambda s: s.cpu_energy_j),
+            gpu_energy_j=_delta(samples, t0, t1, lambda s: s.gpu_energy_j),
+            mean_active_cpu=_mean_step(samples, t0, t1, lambda s: s.active_cpu),
+            mean_active_gpu=_mean_step(samples, t0, t1, lambda s: s.active_gpu),
+            inputs={"samples": sum(1 for s in samples if t0 <= s.t <= t1), "interval_s": self.interval_s},
         )
-
-
-def _cpu_s(s: Sample) -> float:
-    return s.cpu_s
-
-
-def _cpu_energy_j(s: Sample) -> float | None:
-    return s.cpu_energy_j
-
-
-def _gpu_energy_j(s: Sample) -> float | None:
-    return s.gpu_energy_j
-
-
-def _active_cpu(s: Sample) -> int | None:
-    return s.active_cpu
-
-
-def _active_gpu(s: Sample) -> int | None:
-    return s.active_gpu
 
 
 # Samples kept before a window's start: the interpolation needs the last reading before t0 (a few
@@ -368,27 +346,22 @@ def _active_gpu(s: Sample) -> int | None:
 WINDOW_MARGIN = 8
 
 
-def _value_at(samples: list[Sample], times: list[float], t: float,
-              get: Callable[[Sample], float | None]) -> float | None:
-    """The counter at `t`, linearly interpolated between the nearest samples that have a reading
-    (`times`: the samples' t, ascending); before the first or after the last reading, that reading."""
+def _value_at(samples: list[Sample], t: float, get: Callable[[Sample], float | None]) -> float | None:
+    pts = [(s.t, v) for s in samples if (v := get(s)) is not None]
+    if not pts:
+        return None
+    times = [p[0] for p in pts]
     i = bisect.bisect_left(times, t)
-    before = next((j for j in range(i - 1, -1, -1) if get(samples[j]) is not None), None)
-    after = next((j for j in range(i, len(samples)) if get(samples[j]) is not None), None)
-    if before is None:
-        return None if after is None else get(samples[after])
-    va = get(samples[before])
-    if after is None:
-        return va
-    vb = get(samples[after])
-    assert va is not None and vb is not None
-    ta, tb = times[before], times[after]
+    if i == 0:
+        return pts[0][1]
+    if i == len(pts):
+        return pts[-1][1]
+    (ta, va), (tb, vb) = pts[i - 1], pts[i]
     return va if tb == ta else va + (vb - va) * (t - ta) / (tb - ta)
 
 
-def _delta(samples: list[Sample], times: list[float], t0: float, t1: float,
-           get: Callable[[Sample], float | None]) -> float | None:
-    a, b = _value_at(samples, times, t0, get), _value_at(samples, times, t1, get)
+def _delta(samples: list[Sample], t0: float, t1: float, get: Callable[[Sample], float | None]) -> float | None:
+    a, b = _value_at(samples, t0, get), _value_at(samples, t1, get)
     if a is None or b is None or b < a:  # a counter reset (RAPL wrap, driver reload) is not a reading
         return None
     return b - a

@@ -7,7 +7,6 @@ import ctypes.util
 import importlib.util
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -146,48 +145,8 @@ def test_window_reads_only_the_recent_history_and_agrees_with_all_of_it() -> Non
         tel._samples.append(Sample(i * 0.25, i * 0.1, cpu_energy_j=None if i % 5 == 0 else i * 2.0,
                                    active_cpu=None if i % 7 == 0 else 1 + i % 3))
     everything = list(tel._samples)
-    times = [s.t for s in everything]
     for t0, t1 in [(1000.1, 1010.3), (1023.6, 1023.9), (0.2, 3.0), (1023.0, 1100.0)]:
         u = tel.window(t0, t1)
-        assert u.cpu_s == pytest.approx(_delta(everything, times, t0, t1, lambda s: s.cpu_s))
-        assert u.cpu_energy_j == pytest.approx(_delta(everything, times, t0, t1, lambda s: s.cpu_energy_j))
+        assert u.cpu_s == pytest.approx(_delta(everything, t0, t1, lambda s: s.cpu_s))
+        assert u.cpu_energy_j == pytest.approx(_delta(everything, t0, t1, lambda s: s.cpu_energy_j))
         assert u.mean_active_cpu == pytest.approx(_mean_step(everything, t0, t1, lambda s: s.active_cpu))
-
-
-def _interpolated(samples: list[Sample], t: float, get: Any) -> float | None:
-    """The straightforward reading: keep the samples with a value, interpolate between the two
-    around t (the first/last value outside them)."""
-    pts = [(s.t, v) for s in samples if (v := get(s)) is not None]
-    if not pts:
-        return None
-    before = [p for p in pts if p[0] < t]
-    after = [p for p in pts if p[0] >= t]
-    if not before:
-        return after[0][1]
-    if not after:
-        return before[-1][1]
-    (ta, va), (tb, vb) = before[-1], after[0]
-    return va if tb == ta else va + (vb - va) * (t - ta) / (tb - ta)
-
-
-def test_value_at_interpolates_between_the_nearest_readings_across_gaps() -> None:
-    """_value_at scans from the bisection point for the nearest samples that have a reading (no list
-    built per field per window); against the straightforward filter-then-interpolate, on histories
-    with gaps (None readings) at random places, at times before, inside and after them."""
-    import random
-
-    from localroute.monitoring.telemetry import _value_at
-
-    rng = random.Random(7)
-    for _ in range(300):
-        n = rng.randint(0, 12)
-        # half the histories have repeated times (a periodic and a priced sample in one tick)
-        t = sorted(rng.uniform(0, 10) if rng.random() < 0.5 else float(rng.randint(0, 4)) for _ in range(n))
-        samples = [Sample(ti, ti, cpu_energy_j=None if rng.random() < 0.4 else ti * 3 + rng.random()) for ti in t]
-        times = [s.t for s in samples]
-        for q in [rng.uniform(-1, 11) for _ in range(5)] + times[:2]:
-            got = _value_at(samples, times, q, lambda s: s.cpu_energy_j)
-            want = _interpolated(samples, q, lambda s: s.cpu_energy_j)
-            assert (got is None) == (want is None)
-            if want is not None:
-                assert got == pytest.approx(want)
