@@ -47,7 +47,6 @@ import pickle
 import selectors
 import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from localroute.backends.capabilities import Capabilities, default_capabilities
 from localroute.backends.engine_child import _child_main
+from localroute.backends.engine_cpu import EngineCpu
 from localroute.backends.engine_wire import Event, _generation, _rebuild, _spec, _token
 from localroute.errors import BackendUnavailableError, EngineDeadError, LocalrouteError
 from localroute.types import Generation, GenerationRequest, StreamDelta
@@ -94,73 +94,6 @@ def _exit_reason(proc: BaseProcess) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """CPU time (user + system, every thread) of another process in seconds, or None where it cannot
-    be read (the process is gone and reaped; no way to read it on this OS). On Linux the process's
-    own CPU-time clock, which clock_getcpuclockid(3) names (CPUCLOCK_SCHED, process-wide: ~pid << 3
-    | 2): the scheduler's runtime in nanoseconds (a thread running right now counts up to its last
-    scheduler tick); /proc's utime + stime count 10 ms clock ticks. Elsewhere psutil's reading,
-    where psutil is installed."""
-    if sys.platform.startswith("linux"):
-        try:
-            return time.clock_gettime(((~pid) << 3) | 2)
-        except OSError:
-            return None
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(times.user + times.system)
-
-
-class EngineCpu:
-    """The CPU seconds of a tier's engine processes, one after another: the current one's since it
-    was attached, plus every earlier one's last reading. The first engine's start-up counts (it is
-    over before any answer is priced); a restarted engine's does not: its model load is no answer's
-    cost, and priced by interpolation it landed on the first answers after the restart (1.4 s of CPU
-    in a 0.2 s window). Read from the serving loop (pricing) and the telemetry thread: each reading
-    is taken under the lock, so one process's readings never go backwards."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pid: int | None = None  # the engine read now (None: none, or the last one retired)
-        self._attached = False
-        self._offset: float | None = 0.0  # its clock when it was attached (0 for the first engine)
-        self._base = 0.0  # the earlier engines' CPU seconds
-        self._last = 0.0  # the current one's since it was attached, as last read
-
-    def attach(self, pid: int) -> None:
-        with self._lock:
-            self._read()
-            self._base += self._last
-            self._last = 0.0
-            # a restart's clock now; None (unreadable for a moment): its first reading then
-            self._offset = process_cpu_s(pid) if self._attached else 0.0
-            self._pid, self._attached = pid, True
-
-    def retire(self) -> None:
-        """The current engine is gone (about to be reaped, after which its pid may be another
-        process's): its last reading is kept, and it is read no more."""
-        with self._lock:
-            self._read()
-            self._pid = None
-
-    def total(self) -> float:
-        with self._lock:
-            self._read()
-            return self._base + self._last
-
-    def _read(self) -> None:
-        if self._pid is not None and (now := process_cpu_s(self._pid)) is not None:
-            if self._offset is None:
-                self._offset = now
-            self._last = max(self._last, now - self._offset)
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's framing: a signed 32-bit length,

@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,8 +18,9 @@ import httpx
 import pytest
 
 from localroute.backends.base import load_backend
+from localroute.backends.engine_cpu import process_cpu_s
 from localroute.backends.engine_wire import _rebuild, _spec
-from localroute.backends.supervised import EngineCpu, SupervisedBackend, process_cpu_s, supervised
+from localroute.backends.supervised import SupervisedBackend, supervised
 from localroute.errors import (
     BackendUnavailableError,
     ContextLengthExceededError,
@@ -459,7 +458,6 @@ def test_read_on_a_serving_loop_answers_calls_from_it_and_from_other_loops() -> 
     """A real engine process whose pipe a loop (in its own thread, as uvicorn's) takes over: calls
     on that loop and on another one both get their answers; once that loop has stopped, a call
     from another loop is refused at once, with an error that says why (it would wait forever)."""
-    import threading
 
     backend = SupervisedBackend(TierSettings(**SMOL), local_settings([SMOL]))
     owner = asyncio.new_event_loop()
@@ -495,7 +493,6 @@ def test_a_length_that_is_no_header_ends_the_pipe_instead_of_spinning_the_loop(s
     """A negative length other than -1 means the stream is out of step (our child never writes one):
     the reader ends the pipe, as a dead engine's, rather than loop forever on the same bytes."""
     import struct
-    import threading
     from multiprocessing import Pipe
 
     from localroute.backends.supervised import _LoopReader
@@ -531,7 +528,6 @@ def test_a_request_crosses_stamped_and_without_the_clients_body() -> None:
     """What the parent writes for a request: `handed_at` stamped just before the write (the engine
     times the request from there) and no client body (a local engine renders the messages)."""
     import itertools
-    import threading
     from multiprocessing import Pipe
 
     from localroute.backends.supervised import _Pipes
@@ -567,7 +563,6 @@ def test_a_reading_loop_closed_without_closing_the_tier_restarts_it_on_a_thread(
     """The loop given to read_on goes away without the tier's aclose (a start-up that failed after
     it, say): nobody would read the engine's answers or see it die. The supervisor notices, restarts
     the engine, and its reader thread reads the new pipe; calls from any loop are answered again."""
-    import threading
 
     backend = SupervisedBackend(TierSettings(**SMOL), local_settings([SMOL], engine_restart_backoff_s=0.2))
     owner = asyncio.new_event_loop()
@@ -585,102 +580,6 @@ def test_a_reading_loop_closed_without_closing_the_tier_restarts_it_on_a_thread(
         assert answer.text
     finally:
         backend.close()
-
-
-def test_process_cpu_s_reads_another_process_and_none_once_it_is_gone() -> None:
-    """The engine process's CPU time, read from the server: a child that spins ~0.3 s reads about
-    that (all of its threads' user + system time), and nothing once it is reaped."""
-    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nprint(flush=True)\ntime.sleep(30)"
-    child = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE)
-    try:
-        assert child.stdout is not None
-        child.stdout.readline()  # it has spun
-        spun = process_cpu_s(child.pid)
-        assert spun is not None and 0.3 <= spun < 5.0, spun
-        time.sleep(0.2)  # asleep now: its clock stands still
-        again = process_cpu_s(child.pid)
-        assert again is not None and again - spun < 0.05
-    finally:
-        child.kill()
-        child.wait()
-    assert process_cpu_s(child.pid) is None
-
-
-def _spinner(seconds: float) -> subprocess.Popen[bytes]:
-    """A process that burns `seconds` of CPU, says so on stdout, then sleeps until killed."""
-    spin = (f"import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\n"
-            "print(flush=True)\nfor line in sys.stdin:\n    t = time.process_time()\n"
-            "    while time.process_time() - t < float(line): pass\n    print(flush=True)\ntime.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert child.stdout is not None
-    child.stdout.readline()
-    return child
-
-
-def _spin(child: subprocess.Popen[bytes], seconds: float) -> None:
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write(f"{seconds}\n".encode())
-    child.stdin.flush()
-    child.stdout.readline()
-
-
-def test_engine_cpu_keeps_earlier_engines_and_leaves_out_a_restarts_start_up() -> None:
-    """Two engine processes one after the other: the first's CPU counts whole (its start-up is over
-    before anything is priced), the second's only from its attach (a restart's model load is no
-    answer's cost), and the first's last reading stays in the total once it is gone."""
-    cpu = EngineCpu()
-    first = _spinner(0.2)
-    try:
-        cpu.attach(first.pid)
-        assert cpu.total() >= 0.2
-        _spin(first, 0.2)
-        at_death = cpu.total()
-        assert at_death >= 0.4
-        cpu.retire()
-    finally:
-        first.kill()
-        first.wait()
-    assert cpu.total() == pytest.approx(at_death, abs=0.05)  # gone: its readings stay
-    second = _spinner(0.3)  # its "model load": before the attach
-    try:
-        cpu.attach(second.pid)
-        assert cpu.total() == pytest.approx(at_death, abs=0.05)
-        _spin(second, 0.2)
-        assert cpu.total() == pytest.approx(at_death + 0.2, abs=0.08)
-    finally:
-        second.kill()
-        second.wait()
-
-
-def test_engine_cpu_read_from_two_threads_never_counts_a_process_twice() -> None:
-    """Pricing (the serving loop) and the telemetry thread read the engine's clock at once. A
-    reading taken outside the lock and compared inside it looked like a new process whenever
-    another thread had stored a later one, and added the engine's whole lifetime CPU again
-    (a review's demo: 370 s reported for 4 s used)."""
-    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    cpu = EngineCpu()
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # threads swap as often as they can
-    try:
-        cpu.attach(child.pid)
-        stop = time.monotonic() + 1.0
-
-        def hammer() -> None:
-            while time.monotonic() < stop:
-                cpu.total()
-
-        threads = [threading.Thread(target=hammer) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        total = cpu.total()
-        used = process_cpu_s(child.pid)  # after: the child's clock only goes up
-        assert used is not None and total <= used, (total, used)
-    finally:
-        sys.setswitchinterval(switch)
-        child.kill()
-        child.wait()
 
 
 def test_a_local_answer_is_priced_at_its_engine_processes_cpu() -> None:
