@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """In-process cost of routing one request, without HTTP or decoding: rendering the chat template
 and tokenising (with the per-fragment token cache, and with llama.cpp's whole-text tokeniser for
-comparison; a new user text every call), pricing the answer, and running every observer
-(metrics, routing-log queue).
+comparison; a new user text every call), pricing the answer (alone, and as one of many 1-s answers
+finishing back to back), and running every observer (metrics, routing-log queue).
 
 These are parts of the router overhead (the `router` entry of Server-Timing) that localroute's own
 code adds; the rest is the ASGI stack and the hand-offs between the event loop and the engine thread.
@@ -80,6 +80,9 @@ def main() -> int:
             "template_and_tokenise": _ms(new_prompt, args.runs),
             "template_and_tokenise_whole_text": whole_text,
             "pricing": _ms(lambda: monitoring.price(routed.decision, routed.generation, started), args.runs),
+            # 1-s answers finishing back to back, as on a busy server: each window spans the others
+            "pricing_back_to_back": _ms(lambda: monitoring.price(routed.decision, routed.generation,
+                                                                 time.perf_counter() - 1.0), args.runs * 10),
             "observers": _ms(lambda: [o(record) for o in monitoring.observers], args.runs),
             "loadavg": os.getloadavg(),
         }
@@ -88,7 +91,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for name in ("template_and_tokenise", "template_and_tokenise_whole_text", "pricing", "observers"):
+        for name in ("template_and_tokenise", "template_and_tokenise_whole_text", "pricing", "pricing_back_to_back",
+                     "observers"):
             print(f"{name:24s} p50 {result[name]['p50_ms']:.3f} ms  p99 {result[name]['p99_ms']:.3f} ms")
         print(f"load average {result['loadavg'][0]:.2f}")
     return 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from localroute.monitoring.pricing import Price, PriceTable, SelfHostedPrice, load_price_table
-from localroute.monitoring.telemetry import Telemetry, Usage
+from localroute.monitoring.telemetry import Sample, Telemetry, Usage
 
 if TYPE_CHECKING:
     from localroute.routing.base import Decision, Tier, TierAttempt
@@ -195,8 +195,7 @@ class CostAccountant:
 
     def price(self, decision: Decision, generation: Generation | None, started: float, ended: float) -> RequestCost:
         """Cost of every attempt, in order; `started`/`ended` are the request's perf_counter bounds."""
-        if self.telemetry is not None:
-            self.telemetry.sample()
+        end = self.telemetry.reading() if self.telemetry is not None else None  # the windows' end
         attempts: list[AttemptCost] = []
         t = started
         answer_index = max((i for i, a in enumerate(decision.attempts) if a.tier == decision.answered_by),
@@ -204,11 +203,12 @@ class CostAccountant:
         for i, a in enumerate(decision.attempts):
             t_end = max(t, min(t + a.latency_s, ended))  # attempts run one after another
             usage = generation.extra.get("usage") if generation is not None and i == answer_index else None
-            attempts.append(self._attempt(a, t, t_end, usage if isinstance(usage, dict) else None))
+            attempts.append(self._attempt(a, t, t_end, usage if isinstance(usage, dict) else None, end))
             t = t_end
         return RequestCost(attempts, *self._counterfactual(decision, attempts, answer_index))
 
-    def _attempt(self, a: TierAttempt, t0: float, t1: float, usage: dict[str, Any] | None) -> AttemptCost:
+    def _attempt(self, a: TierAttempt, t0: float, t1: float, usage: dict[str, Any] | None,
+                 end: Sample | None = None) -> AttemptCost:
         kind = self.tier_kind.get(a.tier, "unpriced")
         if kind == "frontier_usage":
             return self._frontier(a, usage)
@@ -217,7 +217,7 @@ class CostAccountant:
         if kind in ("local_cpu", "local_gpu"):
             if self.telemetry is None:
                 return AttemptCost(a.tier, "unpriced", 0.0, inputs={"reason": "no telemetry"})
-            usage_w = self.telemetry.window(t0, t1)
+            usage_w = self.telemetry.window(t0, t1, end)
             return self._local_gpu(a, usage_w) if kind == "local_gpu" else self._local_cpu(a, usage_w)
         return AttemptCost(a.tier, "unpriced", 0.0, inputs={"reason": "unknown tier"})
 

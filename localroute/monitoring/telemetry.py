@@ -280,8 +280,19 @@ class Telemetry:
     # ---- sampling ----
 
     def sample(self, periodic: bool = False) -> Sample:
-        """Read every counter now. Non-periodic samples (taken when a request is priced) sharpen the
-        window's end but carry no load figure, since the finished request has left the engine."""
+        """Read every counter now and keep the reading in the history (the sampler thread's; a
+        non-periodic one carries no load figure)."""
+        return self._read(periodic, keep=True)
+
+    def reading(self) -> Sample:
+        """Every counter now, not kept: a priced request's window end (`window(..., end=)`). Kept,
+        one per answer, such readings crowded the history (4096 of them: 40 s at 100 answers/s, after
+        which a longer request's window lost its start and was priced too low), and every window
+        scanned all those taken during it (1.7 ms per answer at 4096). It carries no load figure:
+        the finished request has left the engine."""
+        return self._read(False, keep=False)
+
+    def _read(self, periodic: bool, keep: bool) -> Sample:
         gpus = self.nvml.read() if self.nvml.available else []
         gpu_energy = sum(g.energy_j for g in gpus if g.energy_j is not None) if gpus else None
         cpu_energy = self._cpu_energy() if self._cpu_energy_ok else None
@@ -295,7 +306,8 @@ class Telemetry:
                 log.exception("engine load probe failed")
         with self._lock:  # the clock read with the time, in order: both ascend together in the history
             s = Sample(time.perf_counter(), self._cpu_clock(), cpu_energy, gpu_energy, active_cpu, active_gpu)
-            self._samples.append(s)
+            if keep:
+                self._samples.append(s)
             if gpus:
                 self._gpus = gpus
         return s
@@ -316,9 +328,11 @@ class Telemetry:
 
     # ---- windows ----
 
-    def window(self, t0: float, t1: float) -> Usage:
+    def window(self, t0: float, t1: float, end: Sample | None = None) -> Usage:
         """Process-wide consumption over [t0, t1] (perf_counter), linearly interpolated between
-        samples, with the time-weighted number of sequences the engines were decoding meanwhile."""
+        samples, with the time-weighted number of sequences the engines were decoding meanwhile.
+        `end`: a fresh `reading()` taken at or after t1, which sharpens the window's end (ignored
+        where the sampler thread has kept a newer sample meanwhile)."""
         with self._lock:  # newest first, back to a few samples before t0: not the whole history
             samples = []
             before = 0
@@ -328,6 +342,8 @@ class Telemetry:
                 if before >= WINDOW_MARGIN:
                     break
         samples.reverse()
+        if end is not None and (not samples or end.t > samples[-1].t):
+            samples.append(end)
         t1 = max(t1, t0)
         cpu = _delta(samples, t0, t1, lambda s: s.cpu_s) or 0.0
         return Usage(

@@ -4,6 +4,7 @@ streamed and non-streamed answers read with the official openai client."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,6 +79,29 @@ def test_escalated_request_pays_both_attempts() -> None:
     assert d["counterfactual_is_estimate"] is False
     assert [a["tier"] for a in d["cost_inputs"]] == ["local", "frontier"]
     assert float(cost_headers(cost)["x-localroute-cost-usd"]) == pytest.approx(cost.cost_usd, abs=1e-9)
+
+
+def test_pricing_many_answers_keeps_a_long_requests_window_start() -> None:
+    """Each priced answer used to keep its end reading in the history: enough of them during a long
+    request pushed the reading before its start out, and it was priced from a later one, too low."""
+    cpu = [0.0]
+    tel = Telemetry(interval_s=3600, nvml=Nvml(BrokenNvml()), history=8, cpu_energy=lambda: None,
+                    cpu_clock=lambda: cpu[0])
+    acc = CostAccountant(Settings(**SETTINGS), [Tier("local", ScriptedBackend("local"), -1.0)], tel)
+
+    def price(started: float) -> float:
+        ended = time.perf_counter()
+        decision = Decision("p", "s", [TierAttempt("local", -0.1, -1.0, True, 5, 5, latency_s=ended - started)],
+                            answered_by="local")
+        return float(acc.price(decision, None, started, ended).attempts[0].inputs["cpu_s"])
+
+    started = tel.sample(periodic=True).t  # the long request starts at a kept reading: CPU 0.0
+    for _ in range(20):  # short answers finish meanwhile, 0.5 CPU-s each
+        cpu[0] += 0.5
+        price(time.perf_counter())
+    cpu[0] += 0.5
+    assert price(started) == pytest.approx(10.5, rel=0.02)  # everything since its start (it read ~3.5)
+    assert len(tel._samples) == 1
 
 
 def test_local_answer_counterfactual_is_a_labelled_estimate() -> None:

@@ -112,6 +112,21 @@ def test_cpu_window_counts_this_process_cpu_time() -> None:
         tel.stop()
 
 
+def test_a_reading_is_not_kept_and_sharpens_only_a_window_that_ends_after_the_history() -> None:
+    cpu = [0.0]
+    tel = Telemetry(interval_s=60, nvml=Nvml(BrokenNvml()), cpu_energy=lambda: None, cpu_clock=lambda: cpu[0])
+    s0 = tel.sample(periodic=True)
+    cpu[0] = 2.0
+    end = tel.reading()
+    assert list(tel._samples) == [s0]  # not kept
+    assert end.cpu_s == 2.0 and end.active_cpu is None
+    assert tel.window(s0.t, end.t, end).cpu_s == pytest.approx(2.0)
+    assert tel.window(s0.t, end.t).cpu_s == 0.0  # without it: nothing after s0 to read the end from
+    cpu[0] = 3.0
+    s1 = tel.sample(periodic=True)  # kept after the reading was taken: the newer sample wins
+    assert tel.window(s0.t, s1.t, end).cpu_s == pytest.approx(3.0)
+
+
 def test_mean_step_is_time_weighted_and_at_least_one() -> None:
     samples = [Sample(0, 0, active_cpu=4), Sample(1, 0, active_cpu=2), Sample(3, 0, active_cpu=0),
                Sample(2, 0)]  # a sample without a load reading is ignored
