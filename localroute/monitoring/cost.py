@@ -205,6 +205,8 @@ class CostAccountant:
             usage = generation.extra.get("usage") if generation is not None and i == answer_index else None
             attempts.append(self._attempt(a, t, t_end, usage if isinstance(usage, dict) else None, end))
             t = t_end
+        if end is not None and self.telemetry is not None:
+            self.telemetry.keep(end)  # after this request's windows: the next one's start
         return RequestCost(attempts, *self._counterfactual(decision, attempts, answer_index))
 
     def _attempt(self, a: TierAttempt, t0: float, t1: float, usage: dict[str, Any] | None,

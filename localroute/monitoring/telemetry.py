@@ -252,6 +252,7 @@ class Telemetry:
         self._thread: threading.Thread | None = None
         self._gpus: list[GpuReading] = []
         self._cpu_energy_ok = True
+        self._last_is_reading = False  # whether the history's newest sample is a reading (not kept for long)
 
     # ---- lifecycle ----
 
@@ -285,12 +286,24 @@ class Telemetry:
         return self._read(periodic, keep=True)
 
     def reading(self) -> Sample:
-        """Every counter now, not kept: a priced request's window end (`window(..., end=)`). Kept,
-        one per answer, such readings crowded the history (4096 of them: 40 s at 100 answers/s, after
-        which a longer request's window lost its start and was priced too low), and every window
-        scanned all those taken during it (1.7 ms per answer at 4096). It carries no load figure:
-        the finished request has left the engine."""
+        """Every counter now, not kept yet: a priced request's window end (`window(..., end=)`),
+        then `keep`. It carries no load figure: the finished request has left the engine."""
         return self._read(False, keep=False)
+
+    def keep(self, reading: Sample) -> None:
+        """Keep a priced request's reading (after its windows): it sharpens the start of the next
+        request's window. The history holds only the newest one since the last periodic sample.
+        Kept one per answer, readings crowded the history (4096 of them: 40 s at 100 answers/s,
+        after which a longer request's window lost its start and was priced too low), and every
+        window scanned all those taken during it (1.7 ms per answer at 4096)."""
+        with self._lock:
+            if self._samples and reading.t <= self._samples[-1].t:
+                return  # a newer sample is kept already
+            if self._last_is_reading:
+                self._samples[-1] = reading
+            else:
+                self._samples.append(reading)
+            self._last_is_reading = True
 
     def _read(self, periodic: bool, keep: bool) -> Sample:
         gpus = self.nvml.read() if self.nvml.available else []
@@ -308,6 +321,7 @@ class Telemetry:
             s = Sample(time.perf_counter(), self._cpu_clock(), cpu_energy, gpu_energy, active_cpu, active_gpu)
             if keep:
                 self._samples.append(s)
+                self._last_is_reading = False
             if gpus:
                 self._gpus = gpus
         return s
@@ -331,8 +345,7 @@ class Telemetry:
     def window(self, t0: float, t1: float, end: Sample | None = None) -> Usage:
         """Process-wide consumption over [t0, t1] (perf_counter), linearly interpolated between
         samples, with the time-weighted number of sequences the engines were decoding meanwhile.
-        `end`: a fresh `reading()` taken at or after t1, which sharpens the window's end (ignored
-        where the sampler thread has kept a newer sample meanwhile)."""
+        `end`: a `reading()` taken at or after t1, which sharpens the window's end."""
         with self._lock:  # newest first, back to a few samples before t0: not the whole history
             samples = []
             before = 0
@@ -342,8 +355,8 @@ class Telemetry:
                 if before >= WINDOW_MARGIN:
                     break
         samples.reverse()
-        if end is not None and (not samples or end.t > samples[-1].t):
-            samples.append(end)
+        if end is not None and not any(s is end for s in samples):  # kept already, or not (yet)
+            bisect.insort(samples, end, key=lambda s: s.t)
         t1 = max(t1, t0)
         cpu = _delta(samples, t0, t1, lambda s: s.cpu_s) or 0.0
         return Usage(

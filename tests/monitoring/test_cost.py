@@ -100,8 +100,32 @@ def test_pricing_many_answers_keeps_a_long_requests_window_start() -> None:
         cpu[0] += 0.5
         price(time.perf_counter())
     cpu[0] += 0.5
-    assert price(started) == pytest.approx(10.5, rel=0.02)  # everything since its start (it read ~3.5)
-    assert len(tel._samples) == 1
+    assert price(started) == pytest.approx(10.5, rel=0.1)  # everything since its start (it read ~3.5)
+    assert len(tel._samples) == 2  # the periodic reading and the newest priced one
+
+
+def test_back_to_back_answers_start_their_windows_at_the_previous_answers_reading() -> None:
+    """The newest priced reading stays in the history until the next periodic sample: an answer
+    right after another is priced from it, not from a periodic sample before an idle spell."""
+    cpu = [0.0]
+    tel = Telemetry(interval_s=3600, nvml=Nvml(BrokenNvml()), cpu_energy=lambda: None, cpu_clock=lambda: cpu[0])
+    acc = CostAccountant(Settings(**SETTINGS), [Tier("local", ScriptedBackend("local"), -1.0)], tel)
+
+    def price(started: float) -> float:
+        ended = time.perf_counter()
+        decision = Decision("p", "s", [TierAttempt("local", -0.1, -1.0, True, 5, 5, latency_s=ended - started)],
+                            answered_by="local")
+        return float(acc.price(decision, None, started, ended).attempts[0].inputs["cpu_s"])
+
+    tel.sample(periodic=True)
+    time.sleep(0.05)  # idle
+    first = time.perf_counter()
+    cpu[0] += 1.0
+    price(first)
+    second = time.perf_counter()  # the next answer starts as the first is priced
+    time.sleep(0.02)
+    cpu[0] += 0.2
+    assert price(second) == pytest.approx(0.2, rel=0.1)  # from the periodic sample alone: ~0.34
 
 
 def test_local_answer_counterfactual_is_a_labelled_estimate() -> None:

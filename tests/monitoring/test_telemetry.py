@@ -112,19 +112,29 @@ def test_cpu_window_counts_this_process_cpu_time() -> None:
         tel.stop()
 
 
-def test_a_reading_is_not_kept_and_sharpens_only_a_window_that_ends_after_the_history() -> None:
+def test_a_kept_reading_replaces_the_one_before_it_and_sharpens_its_own_window_end() -> None:
     cpu = [0.0]
     tel = Telemetry(interval_s=60, nvml=Nvml(BrokenNvml()), cpu_energy=lambda: None, cpu_clock=lambda: cpu[0])
     s0 = tel.sample(periodic=True)
+    cpu[0] = 1.8
+    r1 = tel.reading()
+    assert list(tel._samples) == [s0]  # not kept until `keep`
+    tel.keep(r1)
     cpu[0] = 2.0
-    end = tel.reading()
-    assert list(tel._samples) == [s0]  # not kept
-    assert end.cpu_s == 2.0 and end.active_cpu is None
-    assert tel.window(s0.t, end.t, end).cpu_s == pytest.approx(2.0)
-    assert tel.window(s0.t, end.t).cpu_s == 0.0  # without it: nothing after s0 to read the end from
+    r2 = tel.reading()
+    tel.keep(r2)
+    tel.keep(r1)  # older than the newest kept: not kept
+    assert list(tel._samples) == [s0, r2]  # only the newest reading since the periodic sample
+    assert r2.cpu_s == 2.0 and r2.active_cpu is None
+    # r1 is no longer kept, but its own window ends on it (interpolating s0 -> r2 would read ~1.0)
+    assert tel.window(s0.t, r1.t, r1).cpu_s == pytest.approx(1.8)
     cpu[0] = 3.0
-    s1 = tel.sample(periodic=True)  # kept after the reading was taken: the newer sample wins
-    assert tel.window(s0.t, s1.t, end).cpu_s == pytest.approx(3.0)
+    s1 = tel.sample(periodic=True)
+    cpu[0] = 4.0
+    r3 = tel.reading()
+    tel.keep(r3)
+    assert list(tel._samples) == [s0, r2, s1, r3]  # a periodic sample is never replaced
+    assert tel.window(s0.t, r1.t, r1).cpu_s == pytest.approx(1.8)  # put back in time order
 
 
 def test_mean_step_is_time_weighted_and_at_least_one() -> None:
