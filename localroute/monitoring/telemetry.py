@@ -299,7 +299,7 @@ class Telemetry:
         with self._lock:
             if self._samples and reading.t <= self._samples[-1].t:
                 return  # a newer sample is kept already
-            if self._last_is_reading:
+            if self._last_is_reading and self._samples:
                 self._samples[-1] = reading
             else:
                 self._samples.append(reading)
