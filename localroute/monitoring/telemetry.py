@@ -295,7 +295,8 @@ class Telemetry:
         request's window. The history holds only the newest one since the last periodic sample.
         Kept one per answer, readings crowded the history (4096 of them: 40 s at 100 answers/s,
         after which a longer request's window lost its start and was priced too low), and every
-        window scanned all those taken during it (1.7 ms per answer at 4096)."""
+        window scanned all those taken during it (`scripts/bench_overhead.py`, 1-s answers priced
+        back to back: 0.387 ms each, 0.013 ms with this)."""
         with self._lock:
             if self._samples and reading.t <= self._samples[-1].t:
                 return  # a newer sample is kept already

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -81,6 +82,14 @@ def test_escalated_request_pays_both_attempts() -> None:
     assert float(cost_headers(cost)["x-localroute-cost-usd"]) == pytest.approx(cost.cost_usd, abs=1e-9)
 
 
+def cpu_s_of_a_local_answer(acc: CostAccountant, started: float) -> float:
+    """Price a local answer that ran from `started` until now: its CPU seconds."""
+    ended = time.perf_counter()
+    decision = Decision("p", "s", [TierAttempt("local", -0.1, -1.0, True, 5, 5, latency_s=ended - started)],
+                        answered_by="local")
+    return float(acc.price(decision, None, started, ended).attempts[0].inputs["cpu_s"])
+
+
 def test_pricing_many_answers_keeps_a_long_requests_window_start() -> None:
     """Each priced answer used to keep its end reading in the history: enough of them during a long
     request pushed the reading before its start out, and it was priced from a later one, too low."""
@@ -88,12 +97,7 @@ def test_pricing_many_answers_keeps_a_long_requests_window_start() -> None:
     tel = Telemetry(interval_s=3600, nvml=Nvml(BrokenNvml()), history=8, cpu_energy=lambda: None,
                     cpu_clock=lambda: cpu[0])
     acc = CostAccountant(Settings(**SETTINGS), [Tier("local", ScriptedBackend("local"), -1.0)], tel)
-
-    def price(started: float) -> float:
-        ended = time.perf_counter()
-        decision = Decision("p", "s", [TierAttempt("local", -0.1, -1.0, True, 5, 5, latency_s=ended - started)],
-                            answered_by="local")
-        return float(acc.price(decision, None, started, ended).attempts[0].inputs["cpu_s"])
+    price = partial(cpu_s_of_a_local_answer, acc)
 
     started = tel.sample(periodic=True).t  # the long request starts at a kept reading: CPU 0.0
     for _ in range(20):  # short answers finish meanwhile, 0.5 CPU-s each
@@ -110,12 +114,7 @@ def test_back_to_back_answers_start_their_windows_at_the_previous_answers_readin
     cpu = [0.0]
     tel = Telemetry(interval_s=3600, nvml=Nvml(BrokenNvml()), cpu_energy=lambda: None, cpu_clock=lambda: cpu[0])
     acc = CostAccountant(Settings(**SETTINGS), [Tier("local", ScriptedBackend("local"), -1.0)], tel)
-
-    def price(started: float) -> float:
-        ended = time.perf_counter()
-        decision = Decision("p", "s", [TierAttempt("local", -0.1, -1.0, True, 5, 5, latency_s=ended - started)],
-                            answered_by="local")
-        return float(acc.price(decision, None, started, ended).attempts[0].inputs["cpu_s"])
+    price = partial(cpu_s_of_a_local_answer, acc)
 
     tel.sample(periodic=True)
     time.sleep(0.05)  # idle
